@@ -1,0 +1,1 @@
+"""The ``graftlab`` command line: a thin Typer layer over the library."""

@@ -1,0 +1,199 @@
+"""Direct update rules: a child optimizer's step ``w_child - w_t``, computed from its own state.
+
+Grafting needs each child's step, not its new weights. Taking ``(w_t + step) - w_t`` loses the step's
+low bits when it is tiny next to the weights (the paper reports ratios of 1e5), so for the common
+optimizers graftlab computes the step itself, with the same state tensors and the same state keys as
+``torch.optim`` (a state dict written on either path loads on the other).
+
+Each rule has one signature::
+
+    rule(group, params, grads, state, out, scratch) -> None
+
+``out[i]`` receives the step of ``params[i]`` and the optimizer state advances exactly as one
+``optimizer.step()`` would advance it; parameters are not touched. ``scratch()`` returns a second
+buffer list aligned with ``params``, allocated once, for the few settings that need two temporaries.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+Scratch = Callable[[], list[Tensor]]
+
+_UNSUPPORTED_FLAGS = ("fused", "capturable", "differentiable")
+
+
+def _cpu_step(state: dict) -> Tensor:
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+    return state["step"]
+
+
+def _advance(states: list[dict]) -> list[float]:
+    """Advance the CPU step counters and return them as floats (no device sync: they live on CPU)."""
+    steps = [_cpu_step(s) for s in states]
+    torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    return [float(s) for s in steps]
+
+
+def _load_grads(out: list[Tensor], grads: list[Tensor], params: list[Tensor], group: dict) -> None:
+    """out <- (maximize ? -g : g) + weight_decay * w (coupled weight decay)."""
+    torch._foreach_copy_(out, grads)
+    if group.get("maximize", False):
+        torch._foreach_neg_(out)
+    wd = group.get("weight_decay", 0.0)
+    if wd != 0:
+        torch._foreach_add_(out, params, alpha=wd)
+
+
+def sgd(group: dict, params, grads, state, out, scratch) -> None:
+    momentum, dampening = group["momentum"], group["dampening"]
+    _load_grads(out, grads, params, group)
+    if momentum != 0:
+        old = [i for i, s in enumerate(state) if s.get("momentum_buffer") is not None]
+        bufs = [state[i]["momentum_buffer"] for i in old]
+        if bufs:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [out[i] for i in old], alpha=1 - dampening)
+        for s, d in zip(state, out):
+            if s.get("momentum_buffer") is None:  # first step: the buffer starts as the gradient
+                s["momentum_buffer"] = d.detach().clone()
+        all_bufs = [s["momentum_buffer"] for s in state]
+        if group.get("nesterov", False):
+            torch._foreach_add_(out, all_bufs, alpha=momentum)
+        else:
+            torch._foreach_copy_(out, all_bufs)
+    torch._foreach_mul_(out, -group["lr"])
+
+
+def adam(group: dict, params, grads, state, out, scratch, *, decoupled: Optional[bool] = None) -> None:
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    if decoupled is None:
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+    amsgrad = group.get("amsgrad", False)
+    for s, p in zip(state, params):
+        if "exp_avg" not in s:
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    steps = _advance(state)
+    exp_avgs = [s["exp_avg"] for s in state]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in state]
+
+    torch._foreach_copy_(out, grads)
+    if group.get("maximize", False):
+        torch._foreach_neg_(out)
+    if wd != 0 and not decoupled:
+        torch._foreach_add_(out, params, alpha=wd)
+    torch._foreach_lerp_(exp_avgs, out, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, out, out, 1 - beta2)
+
+    second = exp_avg_sqs
+    if amsgrad:
+        second = [s["max_exp_avg_sq"] for s in state]
+        torch._foreach_maximum_(second, exp_avg_sqs)
+    # out <- -step_size * m / (sqrt(v) / sqrt(bc2) + eps), built in place to need no second buffer
+    torch._foreach_copy_(out, second)
+    torch._foreach_sqrt_(out)
+    torch._foreach_div_(out, [(1 - beta2**k) ** 0.5 for k in steps])
+    torch._foreach_add_(out, eps)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, exp_avgs)
+    torch._foreach_mul_(out, [-lr / (1 - beta1**k) for k in steps])
+    if wd != 0 and decoupled:
+        torch._foreach_add_(out, params, alpha=-lr * wd)
+
+
+def adamw(group: dict, params, grads, state, out, scratch) -> None:
+    adam(group, params, grads, state, out, scratch, decoupled=True)
+
+
+def adagrad(group: dict, params, grads, state, out, scratch) -> None:
+    lr, lr_decay, eps = group["lr"], group["lr_decay"], group["eps"]
+    for s, p in zip(state, params):
+        if "sum" not in s:
+            init = group.get("initial_accumulator_value", 0.0)
+            s["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
+    steps = _advance(state)
+    sums = [s["sum"] for s in state]
+    plain = group.get("weight_decay", 0.0) == 0 and not group.get("maximize", False)
+    g = grads if plain else scratch()
+    if not plain:
+        _load_grads(g, grads, params, group)
+    torch._foreach_addcmul_(sums, g, g, value=1)
+    torch._foreach_copy_(out, sums)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, eps)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, g)
+    torch._foreach_mul_(out, [-lr / (1 + (k - 1) * lr_decay) for k in steps])
+
+
+def rmsprop(group: dict, params, grads, state, out, scratch) -> None:
+    lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+    momentum, centered = group["momentum"], group["centered"]
+    for s, p in zip(state, params):
+        if "square_avg" not in s:
+            s["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if momentum > 0:
+                s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if centered:
+                s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    _advance(state)
+    square_avgs = [s["square_avg"] for s in state]
+    plain = group.get("weight_decay", 0.0) == 0 and not group.get("maximize", False)
+    g = grads if plain else scratch()
+    if not plain:
+        _load_grads(g, grads, params, group)
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, g, g, value=1 - alpha)
+    torch._foreach_copy_(out, square_avgs)
+    if centered:
+        grad_avgs = [s["grad_avg"] for s in state]
+        torch._foreach_lerp_(grad_avgs, g, 1 - alpha)
+        torch._foreach_addcmul_(out, grad_avgs, grad_avgs, value=-1)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, eps)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, g)
+    if momentum > 0:
+        bufs = [s["momentum_buffer"] for s in state]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, out)
+        torch._foreach_copy_(out, bufs)
+    torch._foreach_mul_(out, -lr)
+
+
+RULES: dict[type, Callable] = {
+    torch.optim.SGD: sgd,
+    torch.optim.Adam: adam,
+    torch.optim.AdamW: adamw,
+    torch.optim.Adagrad: adagrad,
+    torch.optim.RMSprop: rmsprop,
+}
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> Optional[Callable]:
+    """The direct rule for ``optimizer``, or None when only the generic path can step it.
+
+    Only exact classes qualify (a subclass may change the update), with plain float hyperparameters
+    and none of the fused / capturable / differentiable variants.
+    """
+    rule = RULES.get(type(optimizer))
+    if rule is None:
+        return None
+    for group in optimizer.param_groups:
+        if any(group.get(flag) for flag in _UNSUPPORTED_FLAGS):
+            return None
+        for key in ("lr", "betas", "weight_decay", "momentum", "eps"):
+            value = group.get(key)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, Tensor) for v in values):
+                return None
+    return rule
