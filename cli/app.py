@@ -4,6 +4,8 @@ Every :class:`graftlab.GraftlabError` becomes one ``error:`` line on stderr and 
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 from typing import Optional
 
@@ -34,6 +36,13 @@ def _root(
     ),
 ) -> None:
     """Learning-rate grafting toolkit: record -> distill -> train."""
+
+
+# One module per command under cli/, each exposing one function named like the command.
+COMMANDS = ("record", "info", "distill", "train", "plot", "demo", "experiment")
+for _name in COMMANDS:
+    if importlib.util.find_spec(f"cli.{_name}") is not None:
+        app.command(_name)(getattr(importlib.import_module(f"cli.{_name}"), _name))
 
 
 def main() -> None:
