@@ -1,0 +1,80 @@
+"""The paper's Figure 4: a learning-rate schedule discovered by global grafting.
+
+A global M#D trace (one group, ``global``) holds M's learning rate per step (the ``lr`` column) and
+the ratio ``||w_M - w_t|| / ||w_D - w_t||``: the factor D's step was rescaled by, i.e. the schedule D
+would need to take M's steps::
+
+    from graftlab import plots
+    plots.figure4("sgd_adagrad_trace").savefig("fig4.png")
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from graftlab.errors import GraftlabError
+from graftlab.plots.common import MEDIAN_WIDTH, Trace, load, new_axes, run_label, smooth, style
+
+
+def steps_per_epoch(meta: dict[str, Any]) -> Optional[int]:
+    """Steps per training epoch from a trace's metadata, where the recorder stored it."""
+    for where in (meta, meta.get("config") or {}, meta.get("task_info") or {}):
+        if not isinstance(where, dict):
+            continue
+        value = where.get("steps_per_epoch")
+        if value:
+            return int(value)
+        if where.get("train_size") and meta.get("batch_size"):
+            return int(np.ceil(where["train_size"] / meta["batch_size"]))
+    return None
+
+
+def schedule(trace: Trace, *, width: Optional[int] = MEDIAN_WIDTH) -> pd.DataFrame:
+    """Figure 4's data, indexed by step: M's ``lr`` and the ``correction`` (ratio, median-filtered)."""
+    df = load(trace)
+    groups = pd.unique(df["group"])
+    if len(groups) != 1:
+        raise GraftlabError(f"figure 4 needs a global trace (one group); this one has {len(groups)} groups")
+    if "lr" not in df.columns:
+        raise GraftlabError("figure 4 needs the magnitude optimizer's learning rate (an 'lr' column) in the trace")
+    df = df.sort_values("step")
+    ratio = df.set_index("step")["ratio"].astype("float64")
+    ratio = ratio.where(np.isfinite(ratio))
+    correction = smooth(ratio.to_frame(), width).iloc[:, 0]
+    return pd.DataFrame({"lr": df.set_index("step")["lr"].astype("float64"), "correction": correction})
+
+
+def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[int] = MEDIAN_WIDTH,
+            ax: Optional[Axes] = None, fig: Optional[Figure] = None) -> Figure:
+    """Figure 4: M's learning-rate schedule and the correction grafting discovered for D, against epochs.
+
+    ``per_epoch`` (steps per epoch) defaults to the one the trace's metadata records; without it the
+    x axis is in iterations.
+    """
+    df = load(trace)
+    data = schedule(df, width=width)
+    meta = df.attrs.get("graftlab", {})
+    per_epoch = per_epoch or steps_per_epoch(meta)
+    x = data.index.to_numpy(dtype="float64")
+    xlabel = "Training iterations"
+    if per_epoch:
+        x = x / per_epoch
+        xlabel = "Training epochs"
+    m = (meta.get("magnitude") or {}).get("class", "M")
+    d = (meta.get("direction") or {}).get("class", "D")
+    with style():
+        fig, ax = new_axes(ax, fig)
+        ok = data["lr"].notna().to_numpy()
+        ax.plot(x[ok], data["lr"].to_numpy()[ok], lw=2, label=f"lr schedule for {m}", gid="lr")
+        ok = data["correction"].notna().to_numpy()
+        ax.plot(x[ok], data["correction"].to_numpy()[ok], lw=1.5, label=f"correction for {d}", gid="correction")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(x.min(), x.max())
+        ax.legend(loc="best")
+        ax.set_title(run_label(df))
+    return fig

@@ -1,0 +1,259 @@
+"""Figures 4-8 and the corrections chart, checked on their data: lines, values, scales, labels, legends."""
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+from graftlab import plots  # noqa: E402
+from graftlab.errors import GraftlabError  # noqa: E402
+from graftlab.kinds import KIND_LABELS  # noqa: E402
+from graftlab.trace import METADATA_KEY, SCHEMA, read_trace  # noqa: E402
+
+# A two-block BERT-like layer-wise partition: (name, kind, ffn, block, numel, base ratio)
+BLOCK = [
+    ("attention.self.query.weight", "Q", None, 64 * 64, 8.0),
+    ("attention.self.query.bias", "Q", None, 64, 30.0),
+    ("attention.self.key.weight", "K", None, 64 * 64, 7.0),
+    ("attention.self.value.weight", "V", None, 64 * 64, 0.8),
+    ("attention.output.dense.weight", "attn_out", None, 64 * 64, 0.9),
+    ("intermediate.dense.weight", "ffn", "fc1", 64 * 256, 0.7),
+    ("output.dense.weight", "ffn", "fc2", 256 * 64, 0.6),
+    ("output.LayerNorm.weight", "norm", None, 64, 0.09),
+]
+TOP = [
+    ("embeddings.word_embeddings.weight", "embedding", None, None, 2000 * 64, 0.075),
+    ("embeddings.position_embeddings.weight", "embedding", None, None, 128 * 64, 0.035),
+    ("cls.predictions.bias", "output", None, None, 2000, 0.025),
+]
+
+
+def groups_spec(n_blocks: int = 2):
+    out = list(TOP[:2])
+    for b in range(n_blocks):
+        out += [(f"encoder.layer.{b}.{n}", k, f, b, numel, base * (1 + b)) for n, k, f, numel, base in BLOCK]
+    out.append(TOP[2])
+    return out
+
+
+def write_trace(path, *, steps: int, spec=None, granularity="layer", batch_size=32, lr=None, nan_steps=(),
+                part_size=500, extra_meta=None, every=1):
+    """A trace in the exact contract format (part files with the graftlab metadata and a sidecar)."""
+    spec = spec if spec is not None else groups_spec()
+    meta = {
+        "format": "graftlab.trace/1",
+        "granularity": granularity,
+        "groups": [{"name": n, "kind": k, "ffn": f, "block": b, "shape": [numel], "numel": numel, "members": [n]}
+                   for n, k, f, b, numel, _ in spec],
+        "magnitude": {"class": "Adam", "hyperparameters": {"lr": 1e-3}},
+        "direction": {"class": "SGD", "hyperparameters": {"lr": 1.0}},
+        "task": "bert", "batch_size": batch_size, "seed": 0, "device": "cpu", "every": every,
+        "versions": {"graftlab": "0.1.0", "torch": "2"}, "config": {},
+    }
+    meta.update(extra_meta or {})
+    path.mkdir()
+    (path / "_graftlab.json").write_text(json.dumps(meta))
+    step = np.arange(0, steps, every, dtype=np.int64)
+    rows = []
+    for gi, (name, _, _, _, _, base) in enumerate(spec):
+        # a smooth drift plus seeded +-20% noise that the median filter removes
+        noise = np.random.default_rng(gi).uniform(-0.2, 0.2, size=step.size)
+        r = base * np.exp(-step / max(steps, 1)) * (1 + noise)
+        r = r.astype(np.float32)
+        for s in nan_steps:
+            r[step == s] = np.inf
+        rows.append(pd.DataFrame({"step": step, "group": name, "norm_m": r, "norm_d": np.ones_like(r), "ratio": r}))
+    df = pd.concat(rows).sort_values("step", kind="stable")
+    if lr is not None:
+        df["lr"] = lr(df["step"].to_numpy()).astype(np.float32)
+    schema = SCHEMA
+    if lr is not None:
+        schema = schema.append(pa.field("lr", pa.float32()))
+    schema = schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    for start in range(0, steps, part_size):
+        part = df[(df["step"] >= start) & (df["step"] < start + part_size)]
+        table = pa.Table.from_pandas(part, schema=schema, preserve_index=False)
+        pq.write_table(table, path / f"part-{start:012d}.parquet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def layer_traces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("traces")
+    a = write_trace(root / "bs32", steps=600, batch_size=32, nan_steps=(5,))
+    b = write_trace(root / "bs128", steps=300, batch_size=128)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def global_trace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("global")
+    spec = [("global", "other", None, None, 1000, 0.05)]
+
+    def lr(step):  # step decay at epochs 3 and 6 with 50 steps per epoch
+        return 0.1 * 0.1 ** ((step >= 150).astype(float) + (step >= 300).astype(float))
+
+    return write_trace(root / "g", steps=400, spec=spec, granularity="global", lr=lr,
+                       extra_meta={"task": "resnet", "config": {"steps_per_epoch": 50},
+                                   "magnitude": {"class": "SGD", "hyperparameters": {}},
+                                   "direction": {"class": "Adagrad", "hyperparameters": {}}})
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def _lines(ax):
+    return [ln for ln in ax.get_lines() if ln.get_gid()]
+
+
+def _legend_labels(legend):
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_figure5_one_line_per_group_coloured_by_kind(layer_traces):
+    path, _ = layer_traces
+    fig = plots.figure5(path, steps=400)
+    ax = fig.axes[0]
+    lines = _lines(ax)
+    df = read_trace(path)
+    assert [ln.get_gid() for ln in lines] == list(pd.unique(df["group"]))
+    assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "Training iterations"
+    kinds = {g["name"]: g["kind"] for g in df.attrs["graftlab"]["groups"]}
+    for ln in lines:
+        assert ln.get_color() == plots.kind_color(kinds[ln.get_gid()]) or \
+            matplotlib.colors.to_rgb(ln.get_color()) == matplotlib.colors.to_rgb(plots.kind_color(kinds[ln.get_gid()]))
+    # first 400 steps, the non-finite step 5 dropped, values are the raw ratios
+    q = next(ln for ln in lines if ln.get_gid() == "encoder.layer.0.attention.self.query.weight")
+    x, y = q.get_data()
+    assert x.min() == 0 and x.max() == 399 and 5 not in set(x) and len(x) == 399
+    raw = df[df["group"] == q.get_gid()].set_index("step")["ratio"]
+    np.testing.assert_allclose(y, raw.loc[x].to_numpy(), rtol=1e-6)
+    # legend: one entry per kind, in the paper's wording and order
+    labels = _legend_labels(ax.get_legend())
+    assert labels == ["self-attention Q", "self-attention K", "self-attention V", "self-attention out",
+                      "feedforward", "softmax / output", "embeddings", "misc (LayerNorm, ...)"]
+    assert set(labels) <= set(KIND_LABELS.values())
+
+
+def test_figure5_from_dataframe_matches_path(layer_traces):
+    path, _ = layer_traces
+    a = _lines(plots.figure5(path, steps=100).axes[0])
+    b = _lines(plots.figure5(read_trace(path), steps=100).axes[0])
+    assert len(a) == len(b)
+    for la, lb in zip(a, b):
+        np.testing.assert_array_equal(la.get_ydata(), lb.get_ydata())
+
+
+def test_figure6_median_filter_width_51_two_runs(layer_traces):
+    a, b = layer_traces
+    fig = plots.figure6(a, b, steps=(400, 200))
+    ax1, ax2 = fig.axes[:2]
+    assert ax1.get_yscale() == ax2.get_yscale() == "log"
+    assert "batch size 32" in ax1.get_title() and "batch size 128" in ax2.get_title()
+    assert ax1.get_title().startswith("(a)") and ax2.get_title().startswith("(b)")
+    assert max(ln.get_xdata().max() for ln in _lines(ax1)) == 399
+    assert max(ln.get_xdata().max() for ln in _lines(ax2)) == 199
+    # filtered values: a centred running median of width 51 over the finite ratios, in float64
+    df = read_trace(a, steps=(0, 400))
+    g = "encoder.layer.1.attention.self.key.weight"
+    raw = df[df["group"] == g].sort_values("step")["ratio"].to_numpy(np.float64)
+    raw[~np.isfinite(raw)] = np.nan
+    ref = np.array([np.nanmedian(raw[max(0, i - 25): i + 26]) for i in range(len(raw))])
+    line = next(ln for ln in _lines(ax1) if ln.get_gid() == g)
+    np.testing.assert_allclose(line.get_ydata(), ref, rtol=1e-12)
+    # the +-20% alternation is gone after filtering: neighbours differ by far less than 40%
+    y = line.get_ydata()
+    assert np.max(np.abs(np.diff(np.log(y[30:-30])))) < 0.05
+    # one shared legend on the figure
+    assert len(fig.legends) == 1
+    assert "self-attention Q" in _legend_labels(fig.legends[0])
+
+
+def test_figure7_all_iterations(layer_traces):
+    a, b = layer_traces
+    fig = plots.figure7(a, b)
+    assert max(ln.get_xdata().max() for ln in _lines(fig.axes[0])) == 599
+    assert max(ln.get_xdata().max() for ln in _lines(fig.axes[1])) == 299
+    one = plots.figure7(a)
+    assert len([ax for ax in one.axes if _lines(ax)]) == 1
+
+
+def test_figure8_panels_one_line_per_block(layer_traces):
+    a, b = layer_traces
+    fig = plots.figure8(a, b, steps=(400, 200))
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len(axes) == 16
+    titles = [ax.get_title() for ax in axes[:8]]
+    assert titles == [t for t, _, _ in plots.PANELS]
+    by_title = {ax.get_title(): ax for ax in axes[:8]}
+    q = _lines(by_title["Attention Q"])
+    # the weight of each block, not the (smaller) bias
+    assert [ln.get_gid() for ln in q] == ["encoder.layer.0.attention.self.query.weight",
+                                          "encoder.layer.1.attention.self.query.weight"]
+    assert [ln.get_label() for ln in q] == ["block 0", "block 1"]
+    assert [ln.get_gid() for ln in _lines(by_title["Attention FC2"])] == \
+        [f"encoder.layer.{b}.output.dense.weight" for b in range(2)]
+    assert {ln.get_gid() for ln in _lines(by_title["Embeddings"])} == \
+        {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"}
+    others = {ln.get_gid() for ln in _lines(by_title["Others"])}
+    assert "encoder.layer.0.attention.self.query.bias" in others and "cls.predictions.bias" in others
+    # every group is drawn exactly once per run
+    drawn = [ln.get_gid() for ax in axes[:8] for ln in _lines(ax)]
+    assert sorted(drawn) == sorted(pd.unique(read_trace(a)["group"]))
+    assert all(ax.get_yscale() == "log" for ax in axes)
+
+
+def test_figure4_schedule_against_epochs(global_trace):
+    fig = plots.figure4(global_trace)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "Training epochs"
+    lr, corr = _lines(ax)
+    assert lr.get_gid() == "lr" and corr.get_gid() == "correction"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lr schedule for SGD", "correction for Adagrad"]
+    x, y = lr.get_data()
+    assert x[-1] == pytest.approx(399 / 50)
+    np.testing.assert_allclose(y[x < 3], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(y[(x >= 3) & (x < 6)], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(y[x >= 6], 0.001, rtol=1e-5)
+    raw = read_trace(global_trace)["ratio"].to_numpy(np.float64)
+    ref = np.array([np.median(raw[max(0, i - 25): i + 26]) for i in range(len(raw))])
+    np.testing.assert_allclose(corr.get_ydata(), ref, rtol=1e-12)
+    # without steps per epoch the x axis is iterations
+    fig = plots.figure4(global_trace, per_epoch=None, width=None)
+    assert plots.steps_per_epoch({"config": {}}) is None
+
+
+def test_figure4_needs_a_global_trace(layer_traces):
+    with pytest.raises(GraftlabError, match="global trace"):
+        plots.figure4(layer_traces[0])
+
+
+def test_draws_on_given_axes(layer_traces):
+    fig, (ax1, ax2) = plt.subplots(1, 2)
+    out = plots.figure5(layer_traces[0], steps=50, ax=ax2)
+    assert out is fig and _lines(ax2) and not _lines(ax1)
+
+
+def test_bad_inputs(tmp_path, layer_traces):
+    with pytest.raises(GraftlabError, match="no such trace"):
+        plots.figure5(tmp_path / "missing")
+    with pytest.raises(GraftlabError):
+        plots.figure5(layer_traces[0], steps=0)
+    with pytest.raises(GraftlabError, match="metadata"):
+        plots.figure5(pd.DataFrame({"step": [0], "group": ["a"], "ratio": [1.0]}))
+    with pytest.raises(GraftlabError, match="step count"):
+        plots.figure6(layer_traces[0], layer_traces[1], steps=(1, 2, 3))
