@@ -1,0 +1,314 @@
+"""Pure functions that turn per-group ratio series into corrections (the paper's Section 5).
+
+Everything here works on plain arrays or on the long trace DataFrame of :mod:`graftlab.trace`
+(columns ``step``, ``group``, ``ratio``, ...) and reads no files, so each function can be checked
+against a direct reference. :mod:`graftlab.distill` strings them together::
+
+    df = read_trace(path, steps=(0, 2000))
+    med = window_medians(df, 2000)                      # group, median, n_finite, n_nonfinite
+    med["factor"] = round_dbeta(med.set_index("group")["median"], 500.0, in_block).values
+
+Conventions:
+
+- Non-finite ratios (D's step was zero, or overflow) are skipped and counted, never propagated.
+- Medians are plain medians of the finite values (the mean of the two middle values for an even
+  count), as ``numpy.median`` and ``statistics.median`` compute them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from graftlab.errors import GraftlabError
+
+# D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
+POW10_RANGE = (0.1, 100.0)
+
+# A group whose median ratio exceeds this many times the median over all groups is flagged
+# degenerate: its D step is float noise (e.g. the attention K bias, whose true gradient is zero).
+OUTLIER = 1000.0
+
+FLAG_DEGENERATE = "degenerate"
+FLAG_ZERO = "zero M step"
+FLAG_EMPTY = "no finite ratio"
+
+Values = Union[Mapping[str, float], pd.Series]
+
+
+# --------------------------------------------------------------------------- filtering
+
+def median_filter(values, width: int) -> np.ndarray:
+    """Centred running median of odd ``width``; the output has the length of the input.
+
+    Edge rule: the window shrinks at the ends (``out[i]`` is the median of
+    ``values[max(0, i - h) : i + h + 1]`` with ``h = width // 2``), so the series is not shortened
+    and no values are invented. Non-finite values are ignored inside each window; a window with no
+    finite value gives NaN. ``width=1`` returns the finite values unchanged (non-finite -> NaN).
+
+    >>> median_filter([1.0, 5.0, 2.0, float("nan"), 3.0], 3).tolist()
+    [3.0, 2.0, 3.5, 2.5, 3.0]
+    """
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or width % 2 == 0:
+        raise GraftlabError(f"median filter width must be a positive odd integer, got {width!r}")
+    x = np.asarray(values, dtype=np.float64).copy()
+    if x.ndim != 1:
+        raise GraftlabError(f"median filter expects a 1-D series, got shape {x.shape}")
+    x[~np.isfinite(x)] = np.nan
+    h = int(width) // 2
+    if h == 0 or x.size == 0:
+        return x
+    # NaN padding + nanmedian is exactly the shrinking window.
+    padded = np.concatenate([np.full(h, np.nan), x, np.full(h, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width)
+    out = np.full(x.size, np.nan)
+    has = np.isfinite(windows).any(axis=1)
+    if has.any():
+        out[has] = np.nanmedian(windows[has], axis=1)
+    return out
+
+
+def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
+    """``df`` with each group's ``ratio`` series (in step order) median-filtered by ``width``.
+
+    The unfiltered values move to ``ratio_raw``. Positions whose raw ratio was not finite stay NaN,
+    so the counts of skipped steps in :func:`window_medians` still describe the recording.
+    """
+    out = df.copy()
+    raw = out["ratio"].to_numpy(dtype=np.float64)
+    steps = out["step"].to_numpy()
+    filtered = np.full_like(raw, np.nan)
+    for idx in out.groupby("group", sort=False).indices.values():
+        idx = idx[np.argsort(steps[idx], kind="stable")]
+        filtered[idx] = median_filter(raw[idx], width)
+    filtered[~np.isfinite(raw)] = np.nan
+    out["ratio_raw"] = raw
+    out["ratio"] = filtered
+    return out
+
+
+# --------------------------------------------------------------------------- medians
+
+def _group_order(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["group"].astype(str)))
+
+
+def _medians(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    ratio = df["ratio"].to_numpy(dtype=np.float64)
+    finite = np.isfinite(ratio)
+    g = df["group"].astype(str).to_numpy()
+    rows = []
+    for name in groups:
+        sel = g == name
+        vals = ratio[sel & finite]
+        rows.append(
+            (name, float(np.median(vals)) if vals.size else math.nan, int(vals.size), int(sel.sum() - vals.size))
+        )
+    return pd.DataFrame(rows, columns=["group", "median", "n_finite", "n_nonfinite"])
+
+
+def window_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:
+    """Median of each group's ratios over steps ``[start, start + window)``.
+
+    Returns one row per group (in order of first appearance in ``df``) with columns ``group``,
+    ``median`` (NaN when the window holds no finite ratio), ``n_finite`` (ratios used) and
+    ``n_nonfinite`` (rows skipped).
+    """
+    _check_window(window)
+    sel = df[(df["step"] >= start) & (df["step"] < start + window)]
+    return _medians(sel, _group_order(df))
+
+
+def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:
+    """:func:`window_medians` for consecutive windows ``[start + k*window, start + (k+1)*window)``.
+
+    Long format, columns ``start``, ``group``, ``median``, ``n_finite``, ``n_nonfinite``; windows run
+    up to the last step in ``df`` (the last one may be partial).
+    """
+    _check_window(window)
+    groups = _group_order(df)
+    if df.empty:
+        return pd.DataFrame(columns=["start", "group", "median", "n_finite", "n_nonfinite"])
+    last = int(df["step"].max())
+    k = ((df["step"].to_numpy() - start) // window).astype(np.int64)
+    parts = []
+    for i in range(0, (last - start) // window + 1):
+        part = _medians(df[k == i], groups)
+        part.insert(0, "start", start + i * window)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def piecewise(table: pd.DataFrame, value: str = "median") -> dict[str, list[list]]:
+    """Per-group piecewise-constant schedules ``[[start, factor], ...]`` from a windowed table.
+
+    Windows without a value (no finite ratio) keep the previous factor (the first defined factor
+    for leading ones); consecutive equal factors are merged. The first start is always 0 so the
+    schedule covers the whole run. Groups with no value in any window are left out.
+    """
+    out: dict[str, list[list]] = {}
+    for name, part in table.groupby("group", sort=False):
+        part = part.sort_values("start")
+        vals = part[value].to_numpy(dtype=np.float64)
+        ok = np.isfinite(vals)
+        if not ok.any():
+            continue
+        filled = pd.Series(np.where(ok, vals, np.nan)).ffill().bfill().to_numpy()
+        pieces: list[list] = []
+        for s, f in zip(part["start"].to_numpy(), filled):
+            if not pieces or f != pieces[-1][1]:
+                pieces.append([int(s), float(f)])
+        pieces[0][0] = 0
+        out[str(name)] = pieces
+    return out
+
+
+def schedule_medians(df: pd.DataFrame, window: int) -> dict[str, list[list]]:
+    """Consecutive-window medians as per-group schedules ``{group: [[start_step, factor], ...]}``."""
+    return piecewise(windowed_medians(df, window))
+
+
+def _check_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
+
+
+# --------------------------------------------------------------------------- rounding
+
+def round_pow10(x: float) -> float:
+    """Round a positive finite ``x`` DOWN to a power of ten: 18.8 -> 10, 0.45 -> 0.1, 100 -> 100."""
+    x = float(x)
+    if not math.isfinite(x) or x <= 0:
+        raise GraftlabError(f"cannot round {x!r} to a power of ten: it must be positive and finite")
+    e = math.floor(math.log10(x))
+    # log10 is not exact near powers of ten: fix the exponent so that 10**e <= x < 10**(e+1).
+    if 10.0 ** (e + 1) <= x:
+        e += 1
+    elif 10.0 ** e > x:
+        e -= 1
+    return float(10.0 ** e) if e < 0 else float(10 ** e)
+
+
+def round_dbeta(medians: Values, beta: float, in_block: Values) -> pd.Series:
+    """The paper's ``D_beta`` rounding (Section 5, Table 6b).
+
+    Groups with ``in_block[group]`` true are tied to ``beta``; every other group is rounded down to
+    a power of ten and clipped into ``{0.1, 1, 10, 100}``. With beta=500 the Table 5 medians give
+    position embeddings 18.8 -> 10, word embeddings 312.9 -> 100, MLM pre-LN weights 62.8 -> 10, and
+    500 for every group of the transformer layers.
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    tied = pd.Series(in_block).reindex(med.index).fillna(False).astype(bool)
+    lo, hi = POW10_RANGE
+    out = {}
+    for name, m in med.items():
+        out[name] = float(beta) if tied[name] else min(max(round_pow10(m), lo), hi)
+    return pd.Series(out, dtype=np.float64).reindex(med.index)
+
+
+def parse_round(spec: str) -> tuple[str, Optional[float]]:
+    """Parse a rounding spec: ``"none"``, ``"pow10"`` or ``"D<beta>"`` (beta positive, finite).
+
+    >>> parse_round("D500")
+    ('dbeta', 500.0)
+    """
+    s = str(spec).strip()
+    if s.lower() in ("none", "pow10"):
+        return s.lower(), None
+    m = re.fullmatch(r"[Dd](.+)", s)
+    if m:
+        try:
+            beta = float(m.group(1))
+        except ValueError:
+            beta = math.nan
+        if math.isfinite(beta) and beta > 0:
+            return "dbeta", beta
+        raise GraftlabError(f"bad rounding {spec!r}: D<beta> needs a positive finite beta, e.g. D500")
+    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10 or D<beta> (e.g. D500)")
+
+
+def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -> pd.Series:
+    """Round ``medians`` by a parsed-or-text spec (see :func:`parse_round`)."""
+    mode, beta = parse_round(spec)
+    med = pd.Series(medians, dtype=np.float64)
+    if mode == "none":
+        return med.copy()
+    if mode == "pow10":
+        return med.map(round_pow10)
+    return round_dbeta(med, beta, in_block if in_block is not None else pd.Series(False, index=med.index))
+
+
+# --------------------------------------------------------------------------- groups
+
+# The paper ties "all the parameter groups in the attention layers": in its Table 5 every parameter
+# of a transformer layer (Q/K/V/out, FC1/FC2, the two LayerNorms, their biases) is named
+# "Attention ...", and Table 6b sends layer-1 and layer-24 Q, K, V to beta. So every group with a
+# transformer block index is tied, whatever its kind; embeddings, the MLM/NSP heads, the pooler
+# and the embedding LayerNorm sit outside the blocks and are rounded.
+
+def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = None) -> pd.Series:
+    """Which groups ``D_beta`` ties to beta: those with a block index in the trace metadata.
+
+    ``table`` is :func:`graftlab.trace.group_table` of the metadata. ``tie`` (a regex searched in
+    each group name) replaces the metadata rule.
+    """
+    if tie is not None:
+        try:
+            rx = re.compile(tie)
+        except re.error as err:
+            raise GraftlabError(f"bad --tie regex {tie!r}: {err}") from None
+        return pd.Series([bool(rx.search(g)) for g in groups], index=groups, dtype=bool)
+    block = table["block"] if "block" in table.columns else pd.Series(dtype=object)
+    out = []
+    for g in groups:
+        b = block.get(g) if g in block.index else None
+        out.append(b is not None and not (isinstance(b, float) and math.isnan(b)))
+    return pd.Series(out, index=groups, dtype=bool)
+
+
+def group_kinds(groups: list[str], table: pd.DataFrame) -> pd.Series:
+    """Each group's kind from the metadata (``other`` where the metadata does not say)."""
+    kind = table["kind"] if "kind" in table.columns else pd.Series(dtype=object)
+    return pd.Series([str(kind.get(g) or "other") if g in kind.index else "other" for g in groups],
+                     index=groups, dtype=object)
+
+
+def flag_groups(medians: Values, outlier: Optional[float] = OUTLIER) -> pd.Series:
+    """Flag groups whose median cannot serve as a correction; ``""`` where fine.
+
+    - ``"no finite ratio"``: D never moved the group inside the window.
+    - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
+    - ``"degenerate"``: median above ``outlier`` times the median over all groups' medians (needs
+      at least 3 groups). Only norms are recorded, so "D's step is negligible" is read off the
+      ratio: with M=Adam the ratio is about lr_M / (D's per-coordinate step), and a group whose
+      true gradient is zero (the attention K bias) sits 3-4 orders of magnitude above the rest
+      (Table 5: 154101 against a median near 100; 1e4 against about 0.1 on small BERTs), while
+      real groups stay within about 100x of the median. ``outlier=None`` or 0 turns this check off.
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    flags = pd.Series("", index=med.index, dtype=object)
+    flags[~np.isfinite(med)] = FLAG_EMPTY
+    flags[np.isfinite(med) & (med <= 0)] = FLAG_ZERO
+    good = med[np.isfinite(med) & (med > 0)]
+    if outlier and len(good) >= 3:
+        ref = float(np.median(good.to_numpy()))
+        flags[good.index[good > outlier * ref]] = FLAG_DEGENERATE
+    return flags
+
+
+def fallback_factors(medians: Values, kinds: Values, flags: Values) -> pd.Series:
+    """Stand-in medians for flagged groups: the median over unflagged groups of the same kind,
+    or 1.0 (D's recorded learning rate unchanged) when the kind has none. Unflagged groups keep
+    their own median."""
+    med = pd.Series(medians, dtype=np.float64)
+    kind = pd.Series(kinds).reindex(med.index)
+    flag = pd.Series(flags).reindex(med.index).fillna("")
+    ok = flag == ""
+    out = med.copy()
+    for name in med.index[~ok]:
+        peers = med[ok & (kind == kind[name]) & np.isfinite(med) & (med > 0)]
+        out[name] = float(np.median(peers.to_numpy())) if len(peers) else 1.0
+    return out
