@@ -90,6 +90,19 @@ def _decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
     return meta
 
 
+def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list[Path]:
+    """Part files that can hold steps in [start, stop): parts are named by first step, in order."""
+    firsts = [part_first_step(f) for f in files]
+    keep = []
+    for i, f in enumerate(files):
+        if stop is not None and firsts[i] >= stop:
+            continue
+        if start is not None and i + 1 < len(files) and firsts[i + 1] <= start:
+            continue  # every step of this part is below the next part's first step
+        keep.append(f)
+    return keep or files[:1]  # an empty range still reads one footer for the schema
+
+
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The run metadata of a trace (from its first part file)."""
     first = _files(Path(path))[0]
@@ -117,12 +130,15 @@ def read_trace(
     meta = read_metadata(path)
     files = _files(path)
     start, stop = steps if steps is not None else (None, None)
-    if stop is not None and path.is_dir():
-        files = [f for f in files if int(f.stem.split("-")[1]) < stop]
+    if path.is_dir():
+        files = _prune(files, start, stop)
     cols = list(dict.fromkeys(list(REQUIRED) + list(columns))) if columns is not None else None
     try:
-        dataset = ds.dataset([str(f) for f in files], format="parquet")
-    except (pa.ArrowInvalid, OSError) as err:
+        # parts may differ in their extra columns (a scalar first logged late): read their union
+        schemas = [pq.read_schema(f) for f in files]
+        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else (schemas[0] if schemas else None)
+        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise GraftlabError(f"{path}: not a readable trace ({err})") from None
     missing = [c for c in REQUIRED if c not in dataset.schema.names]
     if missing:
@@ -136,7 +152,13 @@ def read_trace(
     if groups is not None:
         cond = ds.field("group").isin(list(groups))
         flt = cond if flt is None else flt & cond
-    table = dataset.to_table(columns=cols, filter=flt)
+    unknown = [c for c in (cols or []) if c not in dataset.schema.names]
+    if unknown:
+        raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
+    try:
+        table = dataset.to_table(columns=cols, filter=flt)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise GraftlabError(f"{path}: not a readable trace ({err})") from None
     df = table.to_pandas()
     df["group"] = df["group"].astype(str)
     order = {g["name"]: i for i, g in enumerate(meta.get("groups") or [])}
@@ -155,3 +177,93 @@ def group_table(meta: dict[str, Any]) -> pd.DataFrame:
     if not groups:
         return pd.DataFrame(columns=["kind", "ffn", "block", "numel"]).rename_axis("group")
     return pd.DataFrame(groups).set_index("name").rename_axis("group")
+
+
+# -- writing ----------------------------------------------------------------------------------
+# Per-row cost matters (one row per step and group): floats are byte-stream-split before zstd (their
+# exponent bytes then compress well), step and group repeat in runs and go through dictionary + RLE.
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 3
+FLOAT_ENCODING = "BYTE_STREAM_SPLIT"
+
+
+def metadata_bytes(meta: dict[str, Any]) -> bytes:
+    """The metadata as stored under :data:`METADATA_KEY` (and in the sidecar)."""
+    return json.dumps(meta, default=str).encode()
+
+
+def build_table(
+    steps: "Any",
+    group_names: Iterable[str],
+    stats: "Any",
+    scalars: Optional[dict[str, "Any"]] = None,
+    meta: Optional[dict[str, Any]] = None,
+) -> pa.Table:
+    """A trace table from ``steps`` (n,), ``stats`` (n, 3, G) ``[norm_m, norm_d, ratio]`` per step and
+    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step)."""
+    import numpy as np
+
+    names = list(group_names)
+    steps = np.asarray(steps, dtype=np.int64)
+    stats = np.asarray(stats, dtype=np.float32)
+    n, g = len(steps), len(names)
+    if stats.shape != (n, 3, g):
+        raise ValueError(f"stats must have shape ({n}, 3, {g}), got {stats.shape}")
+    indices = pa.array(np.tile(np.arange(g, dtype=np.int32), n))
+    columns = {
+        "step": pa.array(np.repeat(steps, g)),
+        "group": pa.DictionaryArray.from_arrays(indices, pa.array(names, type=pa.string())),
+        "norm_m": pa.array(stats[:, 0, :].reshape(-1)),
+        "norm_d": pa.array(stats[:, 1, :].reshape(-1)),
+        "ratio": pa.array(stats[:, 2, :].reshape(-1)),
+    }
+    fields = list(SCHEMA)
+    for key, values in (scalars or {}).items():
+        if key in columns:
+            raise ValueError(f"scalar column {key!r} clashes with a trace column")
+        values = np.asarray(values)
+        kind = pa.float64() if values.dtype == np.float64 else pa.float32()
+        columns[key] = pa.array(np.repeat(values.astype(kind.to_pandas_dtype()), g))
+        fields.append(pa.field(key, kind))
+    schema = pa.schema(fields, metadata={METADATA_KEY: metadata_bytes(meta)} if meta is not None else None)
+    return pa.table(list(columns.values()), schema=schema)
+
+
+def write_table(table: pa.Table, path: PathLike) -> None:
+    """Write ``table`` to ``path`` atomically: under a hidden name first, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio")]
+    others = [f.name for f in table.schema if f.name not in floats]
+    pq.write_table(
+        table,
+        tmp,
+        compression=COMPRESSION,
+        compression_level=COMPRESSION_LEVEL,
+        use_dictionary=others,
+        column_encoding={c: FLOAT_ENCODING for c in floats},
+        write_statistics=True,
+    )
+    os.replace(tmp, path)
+
+
+def write_part(directory: PathLike, table: pa.Table) -> Path:
+    """Write one part file of a trace directory; its name comes from its first step."""
+    first = int(table.column("step")[0].as_py())
+    path = Path(directory) / part_name(first)
+    write_table(table, path)
+    return path
+
+
+def write_sidecar(directory: PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``_graftlab.json`` (atomically) into a trace directory."""
+    path = Path(directory) / SIDECAR
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def part_first_step(path: PathLike) -> int:
+    """The first step of a part file, from its name."""
+    return int(Path(path).stem.split("-")[1])

@@ -1,0 +1,416 @@
+"""Stream a :class:`~graftlab.Graft` optimizer's per-group ratios to a Parquet trace.
+
+The training loop changes only by creating and closing the recorder::
+
+    opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
+    with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
+        for batch in loader:
+            loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
+            rec.log(loss=loss.detach(), lr=sched.get_last_lr()[0])   # optional per-step scalars
+
+How it stays out of the way of training (see :mod:`graftlab.trace` for the file format):
+
+- a step post-hook copies ``graft.last_stats`` (3 x G, on the parameters' device) into a
+  preallocated device ring buffer; tensors passed to :meth:`Recorder.log` go to device buffers too.
+  Nothing per step reads a value back to the host.
+- every ``flush_every`` recorded steps the buffer goes to the host in one batched copy (pinned
+  memory and ``non_blocking`` on CUDA) and a background thread writes it as one Parquet part file,
+  renamed into place when complete. A process killed at any moment leaves a readable trace that lacks
+  at most the rows not yet flushed.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import queue
+import shutil
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from graftlab import trace
+from graftlab.errors import GraftlabError
+from graftlab.graft import Graft
+from graftlab.kinds import GroupKind, Overrides, classify_names, group_kind, to_dict
+
+DEFAULT_FLUSH_EVERY = 100
+
+_OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_recorders() -> None:
+    # An interpreter that exits without close() still gets its buffered rows written.
+    for rec in list(_OPEN):
+        try:
+            rec.close()
+        except Exception:  # noqa: BLE001 - nothing sensible to do at exit
+            pass
+
+
+def _describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    try:
+        from graftlab.optimizers import describe
+    except ImportError:  # pragma: no cover - older layouts
+        describe = None
+    if describe is not None:
+        return describe(opt)
+    group = opt.param_groups[0]
+    hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))}
+    return {"class": type(opt).__name__, "hyperparameters": hyper}
+
+
+def _versions() -> dict[str, str]:
+    import graftlab
+
+    return {"graftlab": graftlab.__version__, "torch": torch.__version__}
+
+
+def _is_trace_dir(path: Path) -> bool:
+    return (path / trace.SIDECAR).exists() or any(path.glob(trace.PART_GLOB))
+
+
+def _prepare_path(path: Path, overwrite: bool, resume: bool) -> None:
+    if path.exists() and path.is_file():
+        if not overwrite:
+            raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        path.unlink()
+    elif path.exists():
+        entries = [p for p in path.iterdir()]
+        if entries and not resume:
+            if not overwrite:
+                raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+            if not _is_trace_dir(path):
+                raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
+            shutil.rmtree(path)
+        elif resume and entries and not _is_trace_dir(path):
+            raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_from(path: Path, start_step: int) -> None:
+    """Drop rows with ``step >= start_step`` from an existing trace (a resumed run redoes them)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for part in sorted(path.glob(trace.PART_GLOB)):
+        if trace.part_first_step(part) >= start_step:
+            part.unlink()
+            continue
+        table = pq.read_table(part)
+        steps = table.column("step").to_numpy()
+        if steps.size and steps.max() >= start_step:
+            trace.write_table(table.filter(pc.less(table.column("step"), start_step)), part)
+    for tmp in path.glob(".part-*.tmp"):  # half-written parts of the killed run
+        tmp.unlink()
+
+
+class _Writer(threading.Thread):
+    """Background thread: waits for each flushed host buffer and writes it as one part file."""
+
+    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any]) -> None:
+        super().__init__(name="graftlab-trace-writer", daemon=True)
+        self.directory = directory
+        self.group_names = group_names
+        self.meta = meta
+        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
+        self.error: Optional[BaseException] = None
+        self.parts: list[Path] = []
+
+    def run(self) -> None:
+        g = len(self.group_names)
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so the training loop never blocks on a dead writer
+            steps, host, event, dev_keys, host_scalars = job
+            try:
+                if event is not None:
+                    event.synchronize()
+                arr = host.numpy()
+                n = len(steps)
+                stats = arr[:, : 3 * g].reshape(n, 3, g)
+                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
+                scalars.update(host_scalars)
+                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                self.parts.append(trace.write_part(self.directory, table))
+            except BaseException as err:  # noqa: BLE001 - reported on the training thread
+                self.error = err
+
+
+class Recorder:
+    """Record ``graft``'s per-group ``norm_m, norm_d, ratio`` every ``every``-th step to ``path``.
+
+    Args:
+        graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook).
+        path: trace directory to create (see :mod:`graftlab.trace`).
+        every: record steps whose number is a multiple of ``every``.
+        flush_every: recorded steps per part file; at most this many are lost if the process dies.
+        metadata: extra run metadata (task, batch_size, seed, config, ...), merged over the defaults.
+        model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
+        kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
+            ``param name -> kind | None`` (see :func:`graftlab.kinds.classify_names`).
+        overwrite: replace an existing trace at ``path`` (never a directory that holds anything else).
+        start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
+        resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
+    """
+
+    def __init__(
+        self,
+        graft: Graft,
+        path: Union[str, Path],
+        *,
+        every: int = 1,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        metadata: Optional[Mapping[str, Any]] = None,
+        model: Optional[nn.Module] = None,
+        kinds: Overrides = None,
+        overwrite: bool = False,
+        start_step: Optional[int] = None,
+        resume: bool = False,
+    ) -> None:
+        if not isinstance(graft, Graft):
+            raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(graft).__name__}")
+        if int(every) < 1 or int(flush_every) < 1:
+            raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
+        self.graft = graft
+        self.path = Path(path)
+        self.every = int(every)
+        self.flush_every = int(flush_every)
+        self._next_step = graft.steps if start_step is None else int(start_step)
+        if self._next_step < 0:
+            raise GraftlabError(f"start_step must be >= 0, got {start_step}")
+        self.group_kinds = self._group_kinds(model, kinds)
+        self.metadata = self._metadata(metadata or {})
+
+        existing = None
+        if resume and self.path.exists() and _is_trace_dir(self.path):
+            existing = self._check_resumable()
+        _prepare_path(self.path, overwrite, resume)
+        if existing is not None:
+            _truncate_from(self.path, self._next_step)
+            self.metadata = existing  # every part of one trace carries the same metadata
+        else:
+            trace.write_sidecar(self.path, self.metadata)
+
+        self._writer = _Writer(self.path, list(graft.group_names), self.metadata)
+        self._writer.start()
+        self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
+        self._rows = 0
+        self._last_row: Optional[int] = None
+        self._dev_cols: dict[str, Tensor] = {}
+        self._host_cols: dict[str, np.ndarray] = {}
+        self.rows_flushed = 0  # recorded steps handed to the writer
+        self._closed = False
+        self._hook = graft.register_step_post_hook(self._on_step)
+        _OPEN.add(self)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
+        part = self.graft.partition
+        modules: dict[str, nn.Module] = {}
+        if model is not None:
+            from graftlab.kinds import _owners
+
+            modules = _owners(model)
+        per_param = classify_names(part.param_names, kinds, modules)
+        out = []
+        for gi, name in enumerate(part.group_names):
+            members = [per_param[n] for n, k in zip(part.param_names, part.tensor_group) if k == gi]
+            kind = group_kind(members)
+            if isinstance(kinds, Mapping) and name in kinds and name not in per_param:
+                from graftlab.kinds import _as_kind
+
+                kind = _as_kind(kinds[name], kind)  # a custom or global group named in the overrides
+            out.append(kind)
+        return out
+
+    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        g = self.graft
+        part = g.partition
+        params = g.params
+        groups = []
+        for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
+            idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
+            numel = int(sum(params[i].numel() for i in idx))
+            shape = list(params[idx[0]].shape) if len(idx) == 1 else None
+            groups.append(
+                {"name": name, **to_dict(kind), "shape": shape, "numel": numel,
+                 "members": [part.param_names[i] for i in idx]}
+            )
+        meta: dict[str, Any] = {
+            "format": trace.FORMAT,
+            "granularity": part.granularity,
+            "groups": groups,
+            "magnitude": _describe_optimizer(g.magnitude),
+            "direction": _describe_optimizer(g.direction),
+            "task": None,
+            "batch_size": None,
+            "seed": None,
+            "device": str(params[0].device),
+            "every": self.every,
+            "flush_every": self.flush_every,
+            "start_step": self._next_step,
+            "versions": _versions(),
+            "config": None,
+        }
+        reserved = {"format", "groups", "granularity"}
+        clash = sorted(reserved & set(user))
+        if clash:
+            raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
+        meta.update(user)
+        return meta
+
+    def _check_resumable(self) -> dict[str, Any]:
+        try:
+            old = trace.read_metadata(self.path) if any(self.path.glob(trace.PART_GLOB)) else None
+        except GraftlabError:
+            old = None
+        if old is None:
+            import json
+
+            try:
+                old = json.loads((self.path / trace.SIDECAR).read_text())
+            except (OSError, ValueError) as err:
+                raise GraftlabError(f"{self.path}: cannot resume, unreadable metadata ({err})") from None
+        names = [grp["name"] for grp in old.get("groups") or []]
+        if names != list(self.graft.group_names):
+            raise GraftlabError(f"{self.path}: cannot resume, the trace was recorded with different groups")
+        return old
+
+    # -- recording (hot path: no host sync) ------------------------------------------------------
+    def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        step = self._next_step
+        self._next_step += 1
+        if self._rows == self.flush_every:
+            self.flush()  # deferred from the last step so that log() could still fill its row
+        if step % self.every:
+            self._last_row = None
+            return
+        stats = self.graft.last_stats
+        if self._stats is None:
+            self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
+        r = self._rows
+        self._stats[r].copy_(stats)
+        self._step_of_row[r] = step
+        self._rows = r + 1
+        self._last_row = r
+
+    def log(self, **scalars: Union[Tensor, float, int]) -> None:
+        """Attach per-step scalars (``loss=tensor``, ``lr=float``) to the step just taken.
+
+        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing. Tensors
+        stay on their device until the next flush. Log the same keys from the first step on:
+        ``pandas.read_parquet`` takes its columns from the first part file.
+        """
+        r = self._last_row
+        if r is None or self._closed:
+            return
+        for key, value in scalars.items():
+            if key in trace.REQUIRED:
+                raise GraftlabError(f"cannot log {key!r}: it is a trace column")
+            if isinstance(value, Tensor):
+                col = self._dev_cols.get(key)
+                if col is None:
+                    col = self._new_device_col(key, value)
+                col[r].copy_(value.detach().reshape(()))
+            else:
+                col = self._dev_cols.get(key)
+                if col is not None:
+                    col[r].fill_(float(value))
+                    continue
+                host = self._host_cols.get(key)
+                if host is None:
+                    host = self._host_cols[key] = np.full(self.flush_every, np.nan)
+                host[r] = float(value)
+
+    def _new_device_col(self, key: str, value: Tensor) -> Tensor:
+        if value.numel() != 1:
+            raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
+        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+        col = torch.full((self.flush_every,), math.nan, dtype=dtype, device=value.device)
+        old = self._host_cols.pop(key, None)
+        if old is not None:  # a key that was a float before: keep the earlier rows
+            col.copy_(torch.from_numpy(old).to(dtype))
+        self._dev_cols[key] = col
+        return col
+
+    # -- flushing -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer: one device-to-host copy, written in the background."""
+        self._raise_writer_error()
+        n = self._rows
+        if n == 0 or self._stats is None:
+            return
+        stats = self._stats[:n].reshape(n, -1)
+        dev_keys = list(self._dev_cols)
+        if dev_keys:
+            cols = [c[:n].to(device=stats.device, dtype=stats.dtype).unsqueeze(1) for c in self._dev_cols.values()]
+            staging = torch.cat([stats, *cols], dim=1)
+        else:
+            staging = stats
+        event = None
+        if staging.device.type == "cuda":
+            host = torch.empty(staging.shape, dtype=staging.dtype, pin_memory=True)
+            host.copy_(staging, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = staging.to("cpu", copy=True)
+        host_scalars = {k: v[:n].copy() for k, v in self._host_cols.items()}
+        self._writer.jobs.put((self._step_of_row[:n].copy(), host, event, dev_keys, host_scalars))
+        self.rows_flushed += n
+        self._rows = 0
+        self._last_row = None
+        for col in self._dev_cols.values():
+            col.fill_(math.nan)  # queued after the copy on the same stream
+        for col in self._host_cols.values():
+            col.fill(np.nan)
+
+    def _raise_writer_error(self) -> None:
+        err = self._writer.error
+        if err is not None:
+            raise GraftlabError(f"{self.path}: writing the trace failed ({err})") from err
+
+    def close(self) -> None:
+        """Flush, wait for the writer, and detach from the optimizer. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hook.remove()
+        _OPEN.discard(self)
+        try:
+            if self._writer.error is None:
+                self.flush()
+        finally:
+            self._writer.jobs.put(None)
+            self._writer.join()
+        self._raise_writer_error()
+
+    @property
+    def next_step(self) -> int:
+        """Number the next optimizer step will be recorded under."""
+        return self._next_step
+
+    @property
+    def parts(self) -> list[Path]:
+        """Part files written so far."""
+        return list(self._writer.parts)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Recorder({str(self.path)!r}, groups={len(self.graft.group_names)}, every={self.every}, "
+                f"flush_every={self.flush_every}, next_step={self._next_step})")
