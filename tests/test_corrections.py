@@ -1,0 +1,168 @@
+"""The corrections file contract: save/load round trip, validation, and apply() to a model."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from graftlab.corrections import FORMAT, Corrections, apply, load_corrections, save
+from graftlab.errors import GraftlabError
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def corr(**kw):
+    mult = {"0.weight": 500.0, "0.bias": 10.0, "2.weight": 0.1, "2.bias": 1.0}
+    src = {"direction_lr": 0.1, "groups": {n: {"kind": "ffn"} for n in NAMES}}
+    return Corrections(multipliers=kw.get("multipliers", mult), schedule=kw.get("schedule", {}), source=src)
+
+
+def test_json_round_trip_and_no_overwrite(tmp_path):
+    c = corr(schedule={"global": [[0, 0.5], [10, 2.0]]})
+    p = save(c, tmp_path / "c.json")
+    data = json.loads(p.read_text())
+    assert data["format"] == FORMAT
+    back = load_corrections(p)
+    assert back.multipliers == c.multipliers and back.schedule == c.schedule and back.direction_lr == 0.1
+    before = p.read_text()
+    with pytest.raises(GraftlabError, match="already exists; pass --overwrite"):
+        save(corr(multipliers={"0.weight": 1.0}), p)
+    assert p.read_text() == before
+    save(corr(multipliers={"0.weight": 2.0}), p, overwrite=True)
+    assert load_corrections(p).multipliers == {"0.weight": 2.0}
+    assert [f.name for f in tmp_path.iterdir()] == ["c.json"]  # no temporary files left
+
+
+def test_csv_export(tmp_path):
+    p = save(corr(), tmp_path / "c.csv", format="csv")
+    lines = p.read_text().splitlines()
+    assert lines[0] == "group,kind,factor"
+    assert lines[1] == "0.weight,ffn,500.0"
+    with pytest.raises(GraftlabError, match="CSV export"):
+        load_corrections(p)
+    p2 = save(corr(schedule={"global": [[0, 0.5], [10, 2.0]]}), tmp_path / "s.csv", format="csv")
+    assert p2.read_text().splitlines()[0] == "group,kind,start,factor"
+    assert "global,other,10,2.0" in p2.read_text()
+
+
+@pytest.mark.parametrize("payload,msg", [
+    ({"format": FORMAT, "multipliers": {"a": float("nan")}}, "finite and positive"),
+    ({"format": FORMAT, "multipliers": {"a": -1.0}}, "finite and positive"),
+    ({"format": FORMAT, "multipliers": {"a": 0}}, "finite and positive"),
+    ({"format": FORMAT, "multipliers": {"a": "3"}}, "not a number"),
+    ({"format": FORMAT, "multipliers": {"a": float("inf")}}, "finite and positive"),
+    ({"format": "graftlab.corrections/9", "multipliers": {"a": 1.0}}, "not one this graftlab reads"),
+    ({"format": "graftlab.trace/1"}, "not a graftlab corrections file"),
+    ({"multipliers": {"a": 1.0}}, "not a graftlab corrections file"),
+    ({"format": FORMAT}, "neither multipliers nor a schedule"),
+    ({"format": FORMAT, "schedule": {"g": [[5, 1.0]]}}, "must start at step 0"),
+    ({"format": FORMAT, "schedule": {"g": [[0, 1.0], [5, 2.0], [5, 3.0]]}}, "starts must increase"),
+    ({"format": FORMAT, "schedule": {"g": [[0, 1.0], [2.5, 2.0]]}}, "not a step number"),
+    ({"format": FORMAT, "schedule": {"g": []}}, "non-empty list"),
+    ({"format": FORMAT, "schedule": {"g": [[0, 1.0, 3]]}}, "expected \\[start, factor\\]"),
+    ({"format": FORMAT, "schedule": {"g": [[0, -2.0]]}}, "finite and positive"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_load_rejects(tmp_path, payload, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(payload))  # json writes NaN/Infinity, as a careless tool would
+    with pytest.raises(GraftlabError, match=msg) as err:
+        load_corrections(p)
+    assert "\n" not in str(err.value) and str(p) in str(err.value)
+
+
+def test_load_rejects_missing_and_garbage(tmp_path):
+    with pytest.raises(GraftlabError, match="no such corrections file"):
+        load_corrections(tmp_path / "nope.json")
+    (tmp_path / "g.json").write_text("{not json")
+    with pytest.raises(GraftlabError, match="not valid JSON"):
+        load_corrections(tmp_path / "g.json")
+
+
+def test_save_rejects_invalid(tmp_path):
+    with pytest.raises(GraftlabError, match="finite and positive"):
+        save(Corrections(multipliers={"a": math.nan}), tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_apply_static_multipliers():
+    m = model()
+    a = apply(corr(), list(m.named_parameters()), 0.2)
+    assert [g["name"] for g in a.param_groups] == NAMES
+    assert [g["lr"] for g in a.param_groups] == pytest.approx([100.0, 2.0, 0.02, 0.2], rel=1e-15)
+    assert all(len(g["params"]) == 1 for g in a.param_groups)
+    assert a.lr_factor is None and a.group_lr_factors is None and a.missing == []
+    opt = torch.optim.SGD(a.param_groups, lr=0.2, momentum=0.9)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([100.0, 2.0, 0.02, 0.2])
+
+
+def test_apply_global_schedule_with_lambda_lr():
+    m = model()
+    c = Corrections(schedule={"global": [[0, 0.5], [3, 2.0], [5, 0.25]]})
+    a = apply(c, list(m.named_parameters()), 0.1)
+    assert a.lr_factor is not None and a.group_lr_factors is None
+    assert [a.lr_factor(s) for s in range(7)] == [0.5, 0.5, 0.5, 2.0, 2.0, 0.25, 0.25]
+    opt = torch.optim.SGD(a.param_groups, lr=0.1)
+    run = lambda s: 1.0 / (1 + s)  # noqa: E731 - the run's own schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, a.lr_lambda(run))
+    seen = []
+    for step in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.1 * a.lr_factor(s) * run(s) for s in range(7)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    sched.state_dict()  # picklable pieces, not lambdas
+
+
+def test_apply_per_group_schedules():
+    m = model()
+    c = Corrections(
+        multipliers={"0.weight": 10.0, "0.bias": 1.0, "2.weight": 1.0, "2.bias": 1.0},
+        schedule={"0.weight": [[0, 1.0], [2, 3.0]], "global": [[0, 2.0]]},
+    )
+    a = apply(c, list(m.named_parameters()), 0.1)
+    assert a.lr_factor is None and len(a.group_lr_factors) == 4
+    assert a.factor_at(0) == [20.0, 2.0, 2.0, 2.0]
+    assert a.factor_at(5) == [60.0, 2.0, 2.0, 2.0]
+    opt = torch.optim.SGD(a.param_groups, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, a.lr_lambda())
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * f for f in a.factor_at(3)])
+
+
+def test_apply_custom_partition_members():
+    m = model()
+    c = Corrections(multipliers={"first": 3.0, "second": 5.0},
+                    source={"groups": {"first": {"members": ["0.weight", "0.bias"]},
+                                       "second": {"members": ["2.weight", "2.bias"]}}})
+    a = apply(c, list(m.named_parameters()), 1.0)
+    assert [g["lr"] for g in a.param_groups] == [3.0, 3.0, 5.0, 5.0]
+
+
+def test_apply_unknown_and_missing_groups():
+    m = model()
+    other = Corrections(multipliers={"encoder.layer.0.attention.self.query.weight": 500.0, "emb.weight": 10.0})
+    with pytest.raises(GraftlabError, match="another model.*encoder.layer.0") as err:
+        apply(other, list(m.named_parameters()), 0.1)
+    assert "\n" not in str(err.value)
+    partial = Corrections(multipliers={"0.weight": 5.0, "stray": 2.0})
+    with pytest.raises(GraftlabError, match="stray"):
+        apply(partial, list(m.named_parameters()), 0.1)
+    only = Corrections(multipliers={"0.weight": 5.0})
+    with pytest.raises(GraftlabError, match="3 model parameter.*0.bias, 2.weight, 2.bias"):
+        apply(only, list(m.named_parameters()), 0.1)
+    a = apply(partial, list(m.named_parameters()), 0.1, allow_missing=True)
+    assert a.missing == ["0.bias", "2.weight", "2.bias"] and a.unknown == ["stray"]
+    assert [g["lr"] for g in a.param_groups] == pytest.approx([0.5, 0.1, 0.1, 0.1])
+    with pytest.raises(GraftlabError, match="base learning rate"):
+        apply(only, list(m.named_parameters()), float("nan"), allow_missing=True)
