@@ -1,0 +1,233 @@
+"""Recorder: rows equal the optimizer's own statistics, every-k, metadata, safety, resume, kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import graftlab
+from graftlab import trace
+from graftlab.errors import GraftlabError
+from graftlab.record import Recorder
+from tests import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup(dtype=torch.float32, granularity="layer"):
+    torch.set_num_threads(1)
+    model = models.make("block", dtype=dtype)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, graftlab.Graft(adam, sgd, granularity=granularity, names=model)
+
+
+def train(model, opt, n, rec=None, seed=1):
+    seen = []
+    for x, y in models.batches("block", n, dtype=next(model.parameters()).dtype, seed=seed):
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append((opt.last_stats.clone(), loss.detach().clone()))
+        if rec is not None:
+            rec.log(loss=loss.detach(), lr=opt.magnitude.param_groups[0]["lr"])
+    return seen
+
+
+def test_rows_equal_last_stats(tmp_path):
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=4, model=model) as rec:
+        seen = train(model, opt, 10, rec)
+    df = trace.read_trace(tmp_path / "t")
+    g = len(opt.group_names)
+    assert len(df) == 10 * g
+    assert list(df.group[:g]) == list(opt.group_names) == [n for n, _ in model.named_parameters()]
+    want = torch.stack([s for s, _ in seen]).numpy()  # (steps, 3, G)
+    for row, col in enumerate(("norm_m", "norm_d", "ratio")):
+        np.testing.assert_array_equal(df[col].to_numpy().reshape(10, g), want[:, row])
+    losses = df.groupby("step")["loss"].first().to_numpy()
+    np.testing.assert_array_equal(losses, np.array([float(l) for _, l in seen], dtype=np.float32))
+    assert (df["lr"] == 1e-2).all()
+    assert sorted(p.name for p in (tmp_path / "t").glob("part-*")) == [
+        "part-000000000000.parquet", "part-000000000004.parquet", "part-000000000008.parquet"]
+
+
+def test_float64_parameters_and_pandas_agree(tmp_path):
+    model, opt = setup(dtype=torch.float64)
+    with Recorder(opt, tmp_path / "t", flush_every=3) as rec:
+        seen = train(model, opt, 5, rec)
+    df = trace.read_trace(tmp_path / "t")
+    pdf = pd.read_parquet(tmp_path / "t")
+    assert len(pdf) == len(df)
+    np.testing.assert_allclose(df.ratio.to_numpy().reshape(5, -1), torch.stack([s for s, _ in seen])[:, 2].numpy(),
+                               rtol=1e-6)
+    assert np.array_equal(np.sort(pdf.ratio.to_numpy()), np.sort(df.ratio.to_numpy()))
+
+
+def test_every_k(tmp_path):
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", every=3, flush_every=2) as rec:
+        seen = train(model, opt, 10, rec)
+    df = trace.read_trace(tmp_path / "t")
+    assert sorted(df.step.unique()) == [0, 3, 6, 9]
+    got = df[df.step == 6].ratio.to_numpy()
+    np.testing.assert_array_equal(got, seen[6][0][2].numpy())
+    assert df.groupby("step")["loss"].first().loc[9] == pytest.approx(float(seen[9][1]))
+    assert trace.read_metadata(tmp_path / "t")["every"] == 3
+
+
+def test_metadata(tmp_path):
+    model, opt = setup()
+    user = {"task": "block", "batch_size": 4, "seed": 7, "config": {"steps": 3}}
+    with Recorder(opt, tmp_path / "t", model=model, metadata=user, flush_every=2) as rec:
+        train(model, opt, 3, rec)
+    meta = trace.read_metadata(tmp_path / "t")
+    assert meta == json.loads((tmp_path / "t" / trace.SIDECAR).read_text())
+    assert meta["format"] == trace.FORMAT and meta["granularity"] == "layer"
+    assert meta["task"] == "block" and meta["batch_size"] == 4 and meta["seed"] == 7
+    assert meta["config"] == {"steps": 3} and meta["every"] == 1 and meta["device"] == "cpu"
+    assert meta["versions"] == {"graftlab": graftlab.__version__, "torch": torch.__version__}
+    assert meta["magnitude"]["class"].endswith("Adam") and meta["direction"]["class"].endswith("SGD")
+    assert meta["magnitude"]["hyperparameters"]["lr"] == 1e-2
+    assert meta["direction"]["hyperparameters"]["momentum"] == 0.9
+    groups = {g["name"]: g for g in meta["groups"]}
+    assert list(groups) == [n for n, _ in model.named_parameters()]
+    q = groups["query.weight"]
+    assert (q["kind"], q["shape"], q["numel"], q["members"]) == ("Q", [8, 8], 64, ["query.weight"])
+    assert groups["norm1.bias"]["kind"] == "norm" and groups["fc2.weight"]["ffn"] == "fc2"
+    assert [groups[f"{n}.bias"]["kind"] for n in ("key", "value", "fc1")] == ["K", "V", "ffn"]
+
+
+def test_global_and_custom_groups(tmp_path):
+    model, opt = setup(granularity="global")
+    with Recorder(opt, tmp_path / "g") as rec:
+        train(model, opt, 2, rec)
+    meta = trace.read_metadata(tmp_path / "g")
+    (g,) = meta["groups"]
+    assert g["name"] == "global" and g["kind"] == "other" and g["block"] is None and g["shape"] is None
+    assert g["numel"] == sum(p.numel() for p in model.parameters()) and len(g["members"]) == 16
+
+    model, _ = setup()
+    opt = graftlab.Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1),
+                         granularity=lambda n: n.split(".")[0], names=model)
+    with Recorder(opt, tmp_path / "c", kinds={"out": "attn_out"}) as rec:
+        train(model, opt, 2, rec)
+    groups = {g["name"]: g for g in trace.read_metadata(tmp_path / "c")["groups"]}
+    assert groups["query"]["kind"] == "Q" and groups["fc1"]["ffn"] == "fc1" and groups["out"]["kind"] == "attn_out"
+    assert groups["query"]["members"] == ["query.weight", "query.bias"]
+
+
+def test_refuses_existing_path_and_overwrites_only_traces(tmp_path):
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t") as rec:
+        train(model, opt, 2, rec)
+    with pytest.raises(GraftlabError, match="exists"):
+        Recorder(opt, tmp_path / "t")
+    assert len(trace.read_trace(tmp_path / "t")) == 2 * 16  # untouched
+    with Recorder(opt, tmp_path / "t", overwrite=True, start_step=0) as rec:
+        train(model, opt, 1, rec)
+    assert len(trace.read_trace(tmp_path / "t")) == 16
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(GraftlabError, match="does not hold a graftlab trace"):
+        Recorder(opt, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+    f = tmp_path / "file.parquet"
+    f.write_text("x")
+    with pytest.raises(GraftlabError, match="exists"):
+        Recorder(opt, f)
+
+
+def test_close_twice_detaches_hook(tmp_path):
+    model, opt = setup()
+    rec = Recorder(opt, tmp_path / "t")
+    train(model, opt, 2, rec)
+    rec.close()
+    rec.close()
+    train(model, opt, 2)
+    assert sorted(trace.read_trace(tmp_path / "t").step.unique()) == [0, 1]
+    assert not opt._optimizer_step_post_hooks
+
+
+def test_resume_continues_numbering(tmp_path):
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=4) as rec:
+        train(model, opt, 6, rec)
+    state = opt.state_dict()  # checkpoint at step 6
+    with Recorder(opt, tmp_path / "t", flush_every=4, resume=True) as rec:
+        train(model, opt, 3, rec, seed=2)  # steps 6..8
+    df = trace.read_trace(tmp_path / "t")
+    assert list(df.step.unique()) == list(range(9))
+    # restart from an earlier checkpoint: the trace drops the steps that are redone
+    model, opt2 = setup()
+    opt2.load_state_dict(state)
+    with Recorder(opt2, tmp_path / "t", flush_every=4, resume=True, start_step=5) as rec:
+        train(model, opt2, 2, rec)
+    df = trace.read_trace(tmp_path / "t")
+    assert list(df.groupby("step").size().index) == list(range(7)) and (df.groupby("step").size() == 16).all()
+
+
+def test_rejects_bad_arguments(tmp_path):
+    model, opt = setup()
+    with pytest.raises(GraftlabError):
+        Recorder(opt.magnitude, tmp_path / "a")
+    with pytest.raises(GraftlabError):
+        Recorder(opt, tmp_path / "b", every=0)
+    with Recorder(opt, tmp_path / "c") as rec:
+        train(model, opt, 1)
+        with pytest.raises(GraftlabError, match="trace column"):
+            rec.log(ratio=1.0)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    import graftlab
+    from graftlab.record import Recorder
+    from tests import models
+    torch.set_num_threads(1)
+    model = models.make("block", dtype=torch.float32)
+    opt = graftlab.Graft(torch.optim.Adam(model.parameters(), lr=1e-3),
+                         torch.optim.SGD(model.parameters(), lr=0.1), names=model)
+    rec = Recorder(opt, sys.argv[1], flush_every=5)
+    x, y = models.batches("block", 1, dtype=torch.float32)[0]
+    while True:
+        loss = (model(x) - y).pow(2).mean(); loss.backward(); opt.step(); opt.zero_grad()
+        rec.log(loss=loss.detach())
+    """
+)
+
+
+def test_sigkill_leaves_readable_prefix(tmp_path):
+    script = tmp_path / "rec.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT)))
+    out = tmp_path / "t"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("part-*"))) < 4:
+            time.sleep(0.02)
+        assert proc.poll() is None, "recording process ended early"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    df = trace.read_trace(out)
+    per_step = df.groupby("step").size()
+    n = len(per_step)
+    assert n >= 20 and n % 5 == 0  # whole flushes only
+    assert list(per_step.index) == list(range(n)) and (per_step == 16).all()
+    assert np.isfinite(df[["norm_m", "norm_d", "loss"]].to_numpy()).all()
+    assert len(pd.read_parquet(out)) == len(df)  # half-written parts stay invisible to pandas too
