@@ -257,3 +257,60 @@ def test_bad_inputs(tmp_path, layer_traces):
         plots.figure5(pd.DataFrame({"step": [0], "group": ["a"], "ratio": [1.0]}))
     with pytest.raises(GraftlabError, match="step count"):
         plots.figure6(layer_traces[0], layer_traces[1], steps=(1, 2, 3))
+
+
+def test_corrections_bars_median_and_rounded(layer_traces):
+    from graftlab.distill import distill
+
+    path, _ = layer_traces
+    fig = plots.corrections_bars(path, window=200, round="D500")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    corr = distill(path, window=200, round="D500")
+    table = corr.summary()
+    med = [p for p in ax.patches if p.get_gid() == "median"] or ax.containers[0].patches
+    fac = [p for p in ax.patches if p.get_gid() == "factor"] or ax.containers[1].patches
+    assert len(ax.containers) == 2 and len(ax.containers[0]) == len(table) == len(ax.containers[1])
+    ends_med = [p.get_x() + p.get_width() for p in ax.containers[0]]
+    ends_fac = [p.get_x() + p.get_width() for p in ax.containers[1]]
+    np.testing.assert_allclose(ends_med, table["median"].to_numpy(np.float64), rtol=1e-9)
+    np.testing.assert_allclose(ends_fac, table["factor"].to_numpy(np.float64), rtol=1e-9)
+    # block groups are tied to beta; the rest rounded down to a power of ten within [0.1, 100]
+    for g, f in zip(table["group"], table["factor"]):
+        assert f == 500.0 if g.startswith("encoder.layer.") else f in (0.1, 1.0, 10.0, 100.0)
+    # the float64 median of the first 200 steps of one group
+    df = read_trace(path, steps=(0, 200))
+    g = "embeddings.word_embeddings.weight"
+    vals = df[df["group"] == g]["ratio"].to_numpy(np.float64)
+    assert len(vals) == 200 and np.isfinite(vals).sum() == 199  # step 5 is not finite: skipped
+    assert table.set_index("group").at[g, "median"] == pytest.approx(float(np.median(vals[np.isfinite(vals)])),
+                                                                     rel=1e-12)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == list(table["group"])  # in trace order, the first at the top
+    assert len(med) == len(fac) == len(table)
+
+
+def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    a, b = layer_traces
+    runner = CliRunner()
+    out = tmp_path / "f5.png"
+    res = runner.invoke(app, ["plot", str(a), "--figure", "5", "--steps", "100", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["plot", str(a), "--figure", "5", "-o", str(out)])
+    assert res.exit_code != 0 and "exists" in str(res.exception)
+    figs = tmp_path / "all"
+    res = runner.invoke(app, ["plot", str(a), str(b), "--figure", "all", "--window", "200", "-o", str(figs)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in figs.iterdir()) == \
+        ["corrections.png", "figure5.png", "figure6.png", "figure7.png", "figure8.png"]
+    g = tmp_path / "g"
+    res = runner.invoke(app, ["plot", str(global_trace), "-o", str(g)])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in g.iterdir()] == ["figure4.png"]
+    res = runner.invoke(app, ["plot", str(a), str(b), "--figure", "5", "-o", str(tmp_path / "x.png")])
+    assert "one trace" in str(res.exception)

@@ -18,3 +18,6 @@ __all__ = [
     "figure4", "figure5", "figure6", "figure7", "figure8",
     "kind_color", "panel_groups", "ratios", "schedule", "steps_per_epoch",
 ]
+from graftlab.plots.corrections import corrections_bars, corrections_table  # noqa: E402
+
+__all__ += ["corrections_bars", "corrections_table"]

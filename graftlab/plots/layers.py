@@ -175,7 +175,7 @@ def _draw_panels(axes: np.ndarray, trace: Trace, *, steps: Optional[int], width:
             if kind is not None and kind != "embedding":
                 color, label = shades[block], f"block {block}"
             elif kind == "embedding":
-                color, label = distinct[i], str(group)
+                color, label = distinct[i], str(group).removesuffix(".weight").split(".")[-1]
             else:
                 color, label = kind_color(kinds.at[group, "kind"]), str(group)
             ax.plot(col.index.to_numpy(), col.to_numpy(), color=color, lw=0.9, label=label, gid=str(group))

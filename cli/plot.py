@@ -1,0 +1,28 @@
+"""``graftlab plot``: render the paper's figures from traces."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def plot(
+    traces: List[Path] = typer.Argument(..., help="One trace, or two runs (e.g. two batch sizes) for figures 6-8."),
+    figure: str = typer.Option("all", "--figure", "-f",
+                               help="4, 5, 6, 7, 8, corrections, or all (the ones the traces can draw)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (one figure) or directory (--figure all)."),
+    steps: Optional[List[int]] = typer.Option(
+        None, "--steps", help="First N iterations for figures 5, 6, 8 (repeat once per trace; default 2000)."),
+    width: Optional[int] = typer.Option(
+        None, "--width", help="Median filter width (odd; 1 turns it off; default: 51 for figures 4, 6, 8)."),
+    window: int = typer.Option(2000, "--window", help="Corrections chart: median over the first WINDOW steps."),
+    round: str = typer.Option("pow10", "--round", help="Corrections chart: none, pow10 or D<beta>."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),
+) -> None:
+    """Render Figures 4-8 (and the distilled corrections) from traces, e.g. --figure 5 -o fig5.png."""
+    from graftlab.plots.render import render
+
+    for path in render(traces, figure, out, steps=steps, width=width, window=window, round=round,
+                       overwrite=overwrite):
+        typer.echo(str(path))

@@ -1,0 +1,101 @@
+"""Distilled corrections as a bar chart: each group's median ratio and the factor it was rounded to.
+
+The chart to look at before training with a corrections file (the paper's Table 5, drawn)::
+
+    from graftlab import plots
+    plots.corrections_bars("trace_bs32", window=2000, round="D10").savefig("corrections.png")
+    plots.corrections_bars("trace_bs32.corrections.json")        # an existing corrections file
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from graftlab.errors import GraftlabError
+from graftlab.kinds import KIND_LABELS, KINDS
+from graftlab.plots.common import LABEL_COLORS, Trace, kind_legend, style
+
+Source = Union[Trace, "Corrections"]  # noqa: F821
+
+
+def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10",
+                      filter: Optional[int] = None) -> pd.DataFrame:
+    """One row per group: ``group``, ``kind``, ``median``, ``factor``, ``flags``, ``later_median``.
+
+    ``source`` is a :class:`~graftlab.corrections.Corrections`, a corrections JSON file, or a trace
+    (distilled here with ``window``, ``round`` and ``filter`` as ``graftlab distill`` does).
+    """
+    from graftlab.corrections import Corrections, load_corrections
+
+    if isinstance(source, Corrections):
+        corr = source
+    elif isinstance(source, pd.DataFrame):
+        raise GraftlabError("the corrections chart needs a trace path, a corrections file or a Corrections object")
+    elif Path(source).is_file() and Path(source).suffix == ".json":
+        corr = load_corrections(source)
+    else:
+        from graftlab.distill import distill
+
+        corr = distill(source, window=window, round=round, filter=filter)
+    table = corr.summary()
+    info = corr.source.get("groups") or {}
+    table["later_median"] = [(info.get(g) or {}).get("later_median") for g in table["group"]]
+    for col in ("median", "factor", "later_median"):
+        table[col] = pd.to_numeric(table[col], errors="coerce").astype("float64")
+    if corr.schedule and table["factor"].isna().all():
+        # a schedule: show each group's first factor
+        table["factor"] = [float(corr.schedule[g][0][1]) if g in corr.schedule else math.nan for g in table["group"]]
+    table["kind"] = [k if k in KINDS else "other" for k in table["kind"]]
+    table["flags"] = table["flags"].fillna("").astype(str)
+    return table
+
+
+def corrections_bars(source: Source, *, window: int = 2000, round: str = "pow10", filter: Optional[int] = None,
+                     ax: Optional[Axes] = None, fig: Optional[Figure] = None) -> Figure:
+    """Per group: the median ratio (bar, coloured by kind) and the rounded factor (grey bar), log scale.
+
+    Flagged groups (degenerate, no finite ratio, ...) are hatched and named with their flag: their
+    factor is a stand-in, not their own median.
+    """
+    table = corrections_table(source, window=window, round=round, filter=filter)
+    n = len(table)
+    if n == 0:
+        raise GraftlabError("no groups to chart")
+    with style():
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            fig = fig or plt.figure(figsize=(8, 1.2 + 0.24 * n), layout="constrained")
+            ax = fig.add_subplot()
+        fig = ax.figure
+        y = np.arange(n)[::-1].astype(float)  # first group at the top
+        colors = [LABEL_COLORS[KIND_LABELS[k]] for k in table["kind"]]
+        med = table["median"].to_numpy()
+        fac = table["factor"].to_numpy()
+        finite = np.concatenate([med[np.isfinite(med) & (med > 0)], fac[np.isfinite(fac) & (fac > 0)]])
+        lo = float(finite.min()) / 3 if finite.size else 1e-3
+        ax.set_xscale("log")
+        hatches = ["//" if f else None for f in table["flags"]]
+        # bars run from the axis' left edge to the value (a log axis has no zero)
+        ax.barh(y + 0.2, np.nan_to_num(med, nan=lo) - lo, height=0.4, left=lo, color=colors, hatch=hatches,
+                edgecolor="white", gid="median", label="median")
+        ax.barh(y - 0.2, np.nan_to_num(fac, nan=lo) - lo, height=0.4, left=lo, color="0.15", gid="factor",
+                label="rounded")
+        labels = [g + (f"  [{f}]" if f else "") for g, f in zip(table["group"], table["flags"])]
+        ax.set_yticks(y, labels, fontsize="x-small")
+        ax.set_ylim(-0.7, n - 0.3)
+        ax.set_xlim(left=lo)
+        ax.set_xlabel(r"correction on D's learning rate ($\|w_M - w_t\| / \|w_D - w_t\|$)")
+        kind_legend(ax.figure, [KIND_LABELS[k] for k in table["kind"]], loc="outside lower center", ncol=4,
+                    fontsize="x-small")
+        from matplotlib.patches import Patch
+
+        ax.figure.legend([Patch(color="0.6"), Patch(color="0.15")], ["median (colour: layer kind)", "rounded factor"],
+                         loc="outside upper right", fontsize="x-small", ncol=2)
+    return fig
