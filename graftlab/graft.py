@@ -111,6 +111,7 @@ class Graft(Optimizer):
         self._abs_m: Optional[list[Tensor]] = None
         self._scratch: Optional[list[Tensor]] = None
         self._stats: Optional[Tensor] = None
+        self._layout = None  # a graftlab.distributed.ShardLayout when parameters are DTensors
         super().__init__([{"params": params}], defaults={})
         self._slot = {id(p): i for i, p in enumerate(params)}
 
@@ -158,7 +159,9 @@ class Graft(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_buffers()
-        if self._rules is None:
+        if self._layout is not None:
+            self._step_sharded()
+        elif self._rules is None:
             self._step_generic()
         else:
             self._step_direct()
@@ -200,18 +203,27 @@ class Graft(Optimizer):
         if self._buf is not None:
             return
         params = self.params
+        self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
+            from graftlab.distributed import shard_layout
+
+            self._layout = shard_layout(
+                params, self.partition.tensor_group, len(self.group_names), self._norm_dtype
+            )
+            if self._layout is not None:  # buffers hold this rank's pieces of sharded tensors
+                params = self._layout.locals(params)
         self._buf = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         if self.partition.elementwise:
             self._abs_m = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         device = params[0].device
-        self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         n_groups = len(self.group_names)
         self._stats = torch.full((3, n_groups), float("nan"), device=device, dtype=self._norm_dtype)
         self._index = torch.tensor(self.partition.tensor_group, device=device)
 
     def _get_scratch(self) -> list[Tensor]:
         if self._scratch is None:
-            self._scratch = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+            params = self.params if self._layout is None else self._layout.locals(self.params)
+            self._scratch = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         return self._scratch
 
     def _group_norms(self, steps: list[Tensor]) -> Tensor:
@@ -295,3 +307,58 @@ class Graft(Optimizer):
         else:
             torch._foreach_mul_(step, factors)
         torch._foreach_add_(params, step)
+
+    # -- sharded parameters (FSDP2 / DTensor); see graftlab.distributed -----------------------
+    def _child_step_sharded(self, opt: Optimizer, rule: Callable, out: list[Tensor]) -> None:
+        """:meth:`_child_step` on each rank's local pieces; optimizer state stays DTensor."""
+        slot = self._slot
+        for group in opt.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if len(ps) != len(group["params"]):
+                for p in group["params"]:
+                    if p.grad is None:
+                        out[slot[id(p)]].zero_()
+            if not ps:
+                continue
+            idx = [slot[id(p)] for p in ps]
+            self._layout.run_rule(
+                rule,
+                group,
+                ps,
+                [opt.state[p] for p in ps],
+                [out[i] for i in idx],
+                lambda: [self._get_scratch()[i] for i in idx],
+            )
+        opt._opt_called = True
+
+    def _step_sharded(self) -> None:
+        """Both paths with sharded parameters: foreach math on local pieces, whole-tensor norms from
+        one all-reduce of the squared local norms (``2 x n_groups`` values) per step."""
+        layout, buf, generic = self._layout, self._buf, self._rules is None
+        params = layout.locals(self.params)  # fetched per step: FSDP may swap the local tensors
+        if generic:
+            torch._foreach_copy_(buf, params)
+            self.magnitude.step()
+            torch._foreach_sub_(params, buf)  # params now hold M's step, buf holds w_t
+            step = params
+        else:
+            self._child_step_sharded(self.magnitude, self._rules[0], buf)
+            step = buf
+        sq_m = layout.group_sq(step)
+        if self.partition.elementwise:
+            torch._foreach_copy_(self._abs_m, step)
+            torch._foreach_abs_(self._abs_m)
+        if generic:
+            torch._foreach_copy_(params, buf)
+            self.direction.step()
+            torch._foreach_sub_(params, buf)  # params now hold D's step
+        else:
+            self._child_step_sharded(self.direction, self._rules[1], buf)
+        sq_d = layout.group_sq(step)
+        factors = self._record(*layout.norms(sq_m, sq_d))
+        if self.partition.elementwise:
+            torch._foreach_sign_(step)
+            torch._foreach_mul_(step, self._abs_m)
+        else:
+            torch._foreach_mul_(step, factors)
+        torch._foreach_add_(params, buf)

@@ -1,0 +1,170 @@
+"""Grafting under torch.distributed (2 ranks, gloo, CPU) against one-process references.
+
+One ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py`` run (module fixture) trains a
+float64 MLP under DDP and under FSDP2 ``fully_shard`` with several M#D pairs, partitions and both
+paths; every test compares its results with the same run in this process on the full global batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graftlab
+from graftlab import distributed as gd
+from graftlab.errors import GraftlabError
+from tests import dist_worker as w
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_SCENARIOS = ("direct_layer", "generic_layer", "direct_custom", "generic_global", "direct_coordinate")
+TOL = dict(rtol=1e-12, atol=1e-14)  # float64 runs: only the summation order differs
+
+
+@pytest.fixture(scope="module")
+def dist_out(tmp_path_factory) -> Path:
+    if not torch.distributed.is_available():
+        pytest.skip("this PyTorch build has no torch.distributed")
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return out
+
+
+def _load(out: Path, name: str) -> dict:
+    return torch.load(out / f"{name}.pt", weights_only=False)
+
+
+def _assert_same_run(got: dict, ref: dict) -> None:
+    assert tuple(got["groups"]) == tuple(ref["groups"])
+    assert got["stats"].shape == ref["stats"].shape == (w.STEPS, 3, len(ref["groups"]))
+    assert torch.isfinite(ref["stats"]).all()
+    torch.testing.assert_close(got["stats"], ref["stats"], **TOL)
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name in ref["weights"]:
+        torch.testing.assert_close(got["weights"][name], ref["weights"][name], **TOL, msg=name)
+
+
+def test_ddp_stats_on_rank0_equal_single_process(dist_out):
+    got = _load(dist_out, "ddp-direct_layer")
+    _assert_same_run(got, w.run_single("direct_layer"))
+    # only rank 0 got a real consumer; the other rank a no-op stand-in
+    assert got["consumer_type"] == "list"
+    assert (dist_out / "rank1-ddp-direct_layer.txt").read_text() == "_Nothing"
+    # replicated parameters: grafting adds no collective to the step
+    assert got["comm"]["step"] == ({}, {})
+    assert got["expected_step_comm"]["collectives"] == 0
+
+
+@pytest.mark.parametrize("scenario", FSDP_SCENARIOS)
+def test_fsdp_ratios_and_weights_equal_single_process(dist_out, scenario):
+    got = _load(dist_out, f"fsdp-{scenario}")
+    _assert_same_run(got, w.run_single(scenario))
+    assert (dist_out / f"rank1-fsdp-{scenario}.txt").read_text() == "_Nothing"
+
+
+@pytest.mark.parametrize("scenario", FSDP_SCENARIOS)
+def test_fsdp_step_is_one_all_reduce_of_two_rows_per_group(dist_out, scenario):
+    got = _load(dist_out, f"fsdp-{scenario}")
+    calls, nbytes = got["comm"]["step"]
+    n_groups = len(got["groups"])
+    assert calls == {"allreduce_": 1}, calls  # no per-parameter collective, no FSDP collective
+    assert nbytes == {"allreduce_": 2 * n_groups * 8}  # float64 here; float32 for float32 models
+    assert got["expected_step_comm"] == {
+        "collectives": 1, "op": "all_reduce", "numel": 2 * n_groups, "bytes": 2 * n_groups * 8,
+        "dtype": "torch.float64",
+    }
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(dist_out):
+    """Saved by 2 sharded ranks after CKPT_AT steps, resumed by one plain process: same end state."""
+    ckpt = dist_out / "ckpt-fsdp"
+    meta = json.loads((ckpt / gd.CHECKPOINT_META).read_text())
+    assert meta["world_size"] == 2 and meta["extra"] == {"step": w.CKPT_AT}
+    model = w.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = w.make_graft(model, "direct_layer")
+    loaded = gd.load_checkpoint(ckpt, model, opt)
+    assert opt.steps == w.CKPT_AT == loaded["graft"]["steps"]
+    resumed = w.run_single("direct_layer", model=model, opt=opt, start=w.CKPT_AT)
+    got = _load(dist_out, "fsdp-direct_layer")
+    torch.testing.assert_close(resumed["stats"], got["stats"][w.CKPT_AT:], **TOL)
+    for name, value in got["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, **TOL, msg=name)
+
+
+# -- one-process behaviour of the helpers ---------------------------------------------------------
+def test_one_process_env_and_helpers(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    env = gd.init_from_env(device="cpu")
+    assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
+    model = w.build_model()
+    assert gd.wrap_model(model, env, mode="fsdp") is model
+    x = torch.arange(6.0)
+    assert gd.local_rows((x, {"y": x}), env)[0] is x
+    assert gd.main_only(list) == []
+    with pytest.raises(GraftlabError, match="parallel mode"):
+        gd.wrap_model(model, env, mode="zero3")
+    opt = w.make_graft(model, "direct_layer")
+    assert gd.step_communication(opt)["collectives"] == 0
+    assert opt._layout is None  # plain tensors keep the plain path
+
+
+def test_local_rows_splits_the_global_batch():
+    env = gd.DistEnv(rank=1, world_size=2, backend="gloo")
+    x = torch.arange(8).reshape(4, 2)
+    torch.testing.assert_close(gd.local_rows({"x": x}, env)["x"], x[2:])
+    with pytest.raises(GraftlabError, match="not divisible"):
+        gd.local_rows(torch.zeros(3, 2), env)
+
+
+def test_checkpoint_round_trip_one_process_and_refusals(tmp_path):
+    model = w.build_model()
+    opt = w.make_graft(model, "direct_layer")
+    env = gd.DistEnv()
+    for t in range(2):
+        w.train_step(model, opt, t, env)
+    path = gd.save_checkpoint(tmp_path / "ck", model, opt, extra={"step": 2})
+    with pytest.raises(GraftlabError, match="exists"):
+        gd.save_checkpoint(path, model, opt)
+    ref = w.run_single("direct_layer", model=model, opt=opt, start=2)
+
+    fresh = w.build_model()
+    fresh_opt = w.make_graft(fresh, "direct_layer")
+    assert gd.load_checkpoint(path, fresh, fresh_opt)["extra"] == {"step": 2}
+    again = w.run_single("direct_layer", model=fresh, opt=fresh_opt, start=2)
+    torch.testing.assert_close(again["stats"], ref["stats"], rtol=0, atol=0)
+
+    other = w.make_graft(w.build_model(), "generic_global")
+    with pytest.raises(GraftlabError, match="different grafting partition"):
+        gd.load_checkpoint(path, w.build_model(), other)
+    plain = torch.optim.SGD(w.build_model().parameters(), lr=0.1)
+    with pytest.raises(GraftlabError, match="optimizer parts"):
+        gd.load_checkpoint(path, w.build_model(), plain)
+    with pytest.raises(GraftlabError, match="not a complete graftlab checkpoint"):
+        gd.load_checkpoint(tmp_path, model, opt)
+
+
+def test_plain_optimizer_checkpoint(tmp_path):
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    gd.save_checkpoint(tmp_path / "ck", model, opt)
+    fresh = nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    gd.load_checkpoint(tmp_path / "ck", fresh, fresh_opt)
+    torch.testing.assert_close(fresh.weight, model.weight)
+    torch.testing.assert_close(fresh_opt.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
