@@ -267,3 +267,37 @@ def write_sidecar(directory: PathLike, meta: dict[str, Any]) -> Path:
 def part_first_step(path: PathLike) -> int:
     """The first step of a part file, from its name."""
     return int(Path(path).stem.split("-")[1])
+
+
+def trace_info(path: PathLike) -> dict[str, Any]:
+    """What a trace holds, from the Parquet footers only (no data pages are read).
+
+    Returns ``{"metadata", "parts", "rows", "first_step", "last_step", "steps", "columns", "bytes"}``;
+    ``steps`` counts distinct recorded steps (rows / groups).
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    rows, first, last, size = 0, None, None, 0
+    columns: list[str] = []
+    files = _files(path)
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise GraftlabError(f"{f}: not a readable Parquet file ({err})") from None
+        md = pf.metadata
+        size += f.stat().st_size
+        rows += md.num_rows
+        for name in pf.schema_arrow.names:
+            if name not in columns:
+                columns.append(name)
+        idx = pf.schema_arrow.get_field_index("step")
+        for rg in range(md.num_row_groups):
+            st = md.row_group(rg).column(idx).statistics
+            if st is None or not st.has_min_max or md.row_group(rg).num_rows == 0:
+                continue
+            first = st.min if first is None else min(first, st.min)
+            last = st.max if last is None else max(last, st.max)
+    n_groups = len(meta.get("groups") or []) or 1
+    return {"metadata": meta, "parts": len(files), "rows": rows, "first_step": first, "last_step": last,
+            "steps": rows // n_groups, "columns": columns, "bytes": size}

@@ -1,0 +1,54 @@
+"""``graftlab info TRACE``: a trace's metadata, groups (with kinds), step range and row count."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return "-" if value is None else str(value)
+
+
+def info(
+    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
+    groups: bool = typer.Option(True, "--groups/--no-groups", help="List every group with its kind."),
+) -> None:
+    """Describe a grafting trace without reading its data."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from graftlab.trace import trace_info
+
+    t = trace_info(trace)
+    meta = t["metadata"]
+    console = Console()
+    head = Table(title=str(trace), show_header=False)
+    head.add_column("key", style="bold")
+    head.add_column("value", overflow="fold")
+    for key in ("format", "granularity", "task", "batch_size", "seed", "device", "every"):
+        head.add_row(key, _fmt(meta.get(key)))
+    for role in ("magnitude", "direction"):
+        opt = meta.get(role) or {}
+        head.add_row(role, f"{opt.get('class', '-')} {_fmt(opt.get('hyperparameters'))}")
+    head.add_row("versions", _fmt(meta.get("versions")))
+    head.add_row("steps", f"{_fmt(t['first_step'])} .. {_fmt(t['last_step'])} ({t['steps']} recorded)")
+    head.add_row("rows", f"{t['rows']} in {t['parts']} part file(s), {t['bytes'] / max(t['rows'], 1):.1f} bytes/row")
+    head.add_row("columns", ", ".join(t["columns"]))
+    extra = {k: v for k, v in meta.items() if k not in {
+        "format", "granularity", "task", "batch_size", "seed", "device", "every", "magnitude", "direction",
+        "versions", "groups"}}
+    for key, value in extra.items():
+        head.add_row(key, _fmt(value))
+    console.print(head)
+    if groups:
+        table = Table(title=f"{len(meta.get('groups') or [])} groups")
+        for col in ("group", "kind", "ffn", "block", "shape", "numel"):
+            table.add_column(col, justify="right" if col in ("block", "numel") else "left", overflow="fold")
+        for g in meta.get("groups") or []:
+            table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
+                          _fmt(g.get("shape")), _fmt(g.get("numel")))
+        console.print(table)
