@@ -1,0 +1,70 @@
+"""``graftlab distill TRACE``: windowed medians of a trace's ratios -> a corrections file."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _num(v, fmt: str = "{:.4g}") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def distill(
+    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
+    window: int = typer.Option(2000, "--window", "-w", help="Steps per median window (paper: 2000 at batch 8K, 500 at 32K)."),
+    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, or D<beta> (e.g. D500)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
+    schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
+    filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first (paper's figures: 51)."),
+    tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
+    start: int = typer.Option(0, "--start", help="First step of the window."),
+    outlier: float = typer.Option(1000.0, "--outlier", help="Flag groups whose median exceeds this many times the median over groups (0: off)."),
+    format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Distill per-group learning-rate corrections from a grafting trace."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from graftlab.corrections import save
+    from graftlab.distill import default_output
+    from graftlab.distill import distill as run
+    from graftlab.errors import GraftlabError
+
+    if format not in ("json", "csv"):
+        raise GraftlabError(f"--format must be json or csv, not {format!r}")
+    out = output if output is not None else default_output(trace, format)
+    if out.exists() and not overwrite:  # fail before reading a large trace
+        raise GraftlabError(f"{out} already exists; pass --overwrite to replace it")
+    corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
+               outlier=outlier or None)
+    save(corr, out, format=format, overwrite=overwrite)
+
+    src = corr.source
+    mode = src["mode"]
+    table = Table(title=f"{trace}: steps {start}..{start + window - 1}, round {round}, {mode}"
+                  + (f", filter {filter}" if filter else ""))
+    table.add_column("group", overflow="fold")
+    for col in ("kind", "median", "factor", "finite", "drift", "flags"):
+        table.add_column(col, justify="right" if col in ("median", "factor", "finite", "drift") else "left")
+    for g, d in src["groups"].items():
+        total = d["n_finite"] + d["n_nonfinite"]
+        factor = _num(d["factor"], "{:g}")
+        if mode == "schedule" and len(corr.schedule.get(g, [])) > 1:
+            factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
+        table.add_row(g, d["kind"], _num(d["median"]), factor, f"{d['n_finite']}/{total}",
+                      _num(d["drift"], "{:.3g}x"),
+                      ", ".join(f for f in (d["flags"], "tied" if d["tied"] and round.upper().startswith("D") else "") if f))
+    longest = max((len(g) for g in src["groups"]), default=10)
+    console = Console(width=max(Console().width, longest + 80))
+    console.print(table)
+    for g, flag in src["flagged"].items():
+        console.print(f"flagged {g} ({flag}): uses the stand-in median {_num(src['groups'][g].get('stand_in'))} "
+                      f"({src['fallback']}) before rounding")
+    if src["later_window_start"] is not None:
+        console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
+    lr = src.get("direction_lr")
+    console.print(f"factors are relative to D's recorded lr ({_num(lr, '{:g}')}); wrote {out}")
