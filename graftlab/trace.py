@@ -235,15 +235,22 @@ def write_table(table: pa.Table, path: PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio")]
     others = [f.name for f in table.schema if f.name not in floats]
-    pq.write_table(
-        table,
+    meta = (table.schema.metadata or {}).get(METADATA_KEY)
+    # store_schema=False: the Arrow schema copy would hold the metadata JSON a second time in every
+    # footer. Readers then see ``group`` as plain strings, which read_trace returns anyway.
+    with pq.ParquetWriter(
         tmp,
+        table.schema,
         compression=COMPRESSION,
         compression_level=COMPRESSION_LEVEL,
         use_dictionary=others,
         column_encoding={c: FLOAT_ENCODING for c in floats},
         write_statistics=True,
-    )
+        store_schema=False,
+    ) as writer:
+        writer.write_table(table)
+        if meta is not None:
+            writer.add_key_value_metadata({METADATA_KEY: meta})
     os.replace(tmp, path)
 
 

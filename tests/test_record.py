@@ -177,6 +177,8 @@ def test_resume_continues_numbering(tmp_path):
         train(model, opt2, 2, rec)
     df = trace.read_trace(tmp_path / "t")
     assert list(df.groupby("step").size().index) == list(range(7)) and (df.groupby("step").size() == 16).all()
+    for part in (tmp_path / "t").glob("part-*"):  # rewritten parts keep the run metadata
+        assert trace.read_metadata(part)["groups"] == df.attrs["graftlab"]["groups"]
 
 
 def test_rejects_bad_arguments(tmp_path):
