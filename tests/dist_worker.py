@@ -8,6 +8,7 @@ The test computes the same runs in one process with :func:`run_single` and compa
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import graftlab
 from graftlab import distributed as gd
+from graftlab.record import Recorder
 
 STEPS = 5
 CKPT_AT = 3  # the checkpoint scenario saves after this many steps
@@ -133,28 +135,33 @@ def _tensors(x):
             yield from _tensors(y)
 
 
-def run_distributed(mode: str, scenario: str, env: gd.DistEnv, out: Path, ckpt: Path | None = None) -> None:
+def run_distributed(
+    mode: str, scenario: str, env: gd.DistEnv, out: Path, ckpt: Path | None = None, trace: Path | None = None
+) -> None:
     model = gd.wrap_model(build_model(), env, mode=mode)
     opt = make_graft(model, scenario)
     recorded = []
     consumer = gd.main_only(lambda: recorded)  # rank 0 keeps rows; the others a no-op stand-in
+    recorder = contextlib.nullcontext()
+    if trace is not None:  # the real Recorder, on rank 0 only
+        recorder = gd.main_only(Recorder, opt, trace, model=gd.unwrap(model), flush_every=2)
     comm = {}
-    for t in range(STEPS):
-        if t == 1:  # after the first step: buffers and optimizer state exist
-            fb, st = CollectiveLog(), CollectiveLog()
-            x, y = gd.local_rows(batch(t), env)
-            with fb:
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-            with st:
-                opt.step()
-            opt.zero_grad()
-            comm = {"forward_backward": (dict(fb.calls), dict(fb.bytes)), "step": (dict(st.calls), dict(st.bytes))}
-        else:
-            train_step(model, opt, t, env)
-        consumer.append(opt.last_stats.clone())
-        if ckpt is not None and t + 1 == CKPT_AT:
-            gd.save_checkpoint(ckpt, model, opt, extra={"step": t + 1})
+    with recorder:
+        for t in range(STEPS):
+            if t == 1:  # after the first step: buffers and optimizer state exist
+                fb, st = CollectiveLog(), CollectiveLog()
+                x, y = gd.local_rows(batch(t), env)
+                with fb:
+                    nn.functional.mse_loss(model(x), y).backward()
+                with st:
+                    opt.step()
+                opt.zero_grad()
+                comm = {"forward_backward": (dict(fb.calls), dict(fb.bytes)), "step": (dict(st.calls), dict(st.bytes))}
+            else:
+                train_step(model, opt, t, env)
+            consumer.append(opt.last_stats.clone())
+            if ckpt is not None and t + 1 == CKPT_AT:
+                gd.save_checkpoint(ckpt, model, opt, extra={"step": t + 1})
     weights = full_weights(model)  # collective under FSDP: every rank calls it
     if env.is_main:
         torch.save(
@@ -177,8 +184,8 @@ def main(out: str) -> None:
     out = Path(out)
     env = gd.init_from_env(device="cpu")
     try:
-        run_distributed("ddp", "direct_layer", env, out)
-        run_distributed("fsdp", "direct_layer", env, out, ckpt=out / "ckpt-fsdp")
+        run_distributed("ddp", "direct_layer", env, out, trace=out / "trace-ddp")
+        run_distributed("fsdp", "direct_layer", env, out, ckpt=out / "ckpt-fsdp", trace=out / "trace-fsdp")
         for scenario in ("generic_layer", "direct_custom", "generic_global", "direct_coordinate"):
             run_distributed("fsdp", scenario, env, out)
     finally:

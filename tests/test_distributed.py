@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -102,6 +103,23 @@ def test_fsdp_checkpoint_resumes_on_one_process(dist_out):
     torch.testing.assert_close(resumed["stats"], got["stats"][w.CKPT_AT:], **TOL)
     for name, value in got["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], value, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_rank0_trace_equals_single_process_trace(dist_out, tmp_path, mode):
+    from graftlab.record import Recorder
+    from graftlab.trace import read_trace
+
+    model = w.build_model()
+    opt = w.make_graft(model, "direct_layer")
+    with Recorder(opt, tmp_path / "ref", model=model, flush_every=2):
+        w.run_single("direct_layer", model=model, opt=opt)
+    ref, got = read_trace(tmp_path / "ref"), read_trace(dist_out / f"trace-{mode}")
+    assert len(got) == w.STEPS * len(opt.group_names)
+    assert got["step"].tolist() == ref["step"].tolist()
+    assert got["group"].astype(str).tolist() == ref["group"].astype(str).tolist()
+    for col in ("norm_m", "norm_d", "ratio"):  # float32 columns of float64 runs
+        np.testing.assert_allclose(got[col].to_numpy(), ref[col].to_numpy(), rtol=1e-6, err_msg=col)
 
 
 # -- one-process behaviour of the helpers ---------------------------------------------------------
