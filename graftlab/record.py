@@ -160,6 +160,8 @@ class Recorder:
         overwrite: replace an existing trace at ``path`` (never a directory that holds anything else).
         start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
+        record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
+            at each recorded step, read just before the step (after it an LR scheduler has moved on).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Recorder:
         overwrite: bool = False,
         start_step: Optional[int] = None,
         resume: bool = False,
+        record_lr: bool = True,
     ) -> None:
         if not isinstance(graft, Graft):
             raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(graft).__name__}")
@@ -210,7 +213,10 @@ class Recorder:
         self._host_cols: dict[str, np.ndarray] = {}
         self.rows_flushed = 0  # recorded steps handed to the writer
         self._closed = False
-        self._hook = graft.register_step_post_hook(self._on_step)
+        self._lr: Any = None
+        self._hooks = [graft.register_step_post_hook(self._on_step)]
+        if record_lr:
+            self._hooks.append(graft.register_step_pre_hook(self._before_step))
         _OPEN.add(self)
 
     # -- metadata ---------------------------------------------------------------------------
@@ -287,6 +293,9 @@ class Recorder:
         return old
 
     # -- recording (hot path: no host sync) ------------------------------------------------------
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._lr = self.graft.magnitude.param_groups[0].get("lr")
+
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
@@ -303,6 +312,8 @@ class Recorder:
         self._step_of_row[r] = step
         self._rows = r + 1
         self._last_row = r
+        if self._lr is not None:
+            self.log(lr=self._lr)
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
         """Attach per-step scalars (``loss=tensor``, ``lr=float``) to the step just taken.
@@ -385,7 +396,8 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         _OPEN.discard(self)
         try:
             if self._writer.error is None:

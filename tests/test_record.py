@@ -41,7 +41,7 @@ def train(model, opt, n, rec=None, seed=1):
         opt.zero_grad()
         seen.append((opt.last_stats.clone(), loss.detach().clone()))
         if rec is not None:
-            rec.log(loss=loss.detach(), lr=opt.magnitude.param_groups[0]["lr"])
+            rec.log(loss=loss.detach())
     return seen
 
 
@@ -73,6 +73,19 @@ def test_float64_parameters_and_pandas_agree(tmp_path):
     np.testing.assert_allclose(df.ratio.to_numpy().reshape(5, -1), torch.stack([s for s, _ in seen])[:, 2].numpy(),
                                rtol=1e-6)
     assert np.array_equal(np.sort(pdf.ratio.to_numpy()), np.sort(df.ratio.to_numpy()))
+
+
+def test_lr_column_is_the_lr_each_step_used(tmp_path):
+    model, opt = setup()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.magnitude, lambda s: 1.0 / (s + 1))
+    with Recorder(opt, tmp_path / "t") as rec:
+        for x, y in models.batches("block", 4, dtype=torch.float32):
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    lrs = trace.read_trace(tmp_path / "t").groupby("step")["lr"].first().to_numpy()
+    np.testing.assert_allclose(lrs, [1e-2 / (s + 1) for s in range(4)])
 
 
 def test_every_k(tmp_path):
