@@ -1,6 +1,7 @@
 """Multi-process grafting runs for tests/test_distributed.py, and their one-process references.
 
-Started by the tests as ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT``. Every
+Started by the tests as ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT`` (gloo on
+CPU; with ``GRAFTLAB_DIST_DEVICE=cuda`` on two GPUs, NCCL). Every
 scenario trains the same small float64 MLP on the same global batches (each rank keeps its rows) and
 writes, from rank 0, the per-step ``last_stats``, the final whole weights and the collectives seen
 during one ``graft.step()`` (and during one forward/backward) to ``OUT/<scenario>.pt``.
@@ -9,6 +10,7 @@ The test computes the same runs in one process with :func:`run_single` and compa
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -85,7 +87,7 @@ def make_graft(model: nn.Module, scenario: str) -> graftlab.Graft:
 
 
 def train_step(model, opt, step: int, env: gd.DistEnv) -> None:
-    x, y = gd.local_rows(batch(step), env)
+    x, y = gd.local_rows(tuple(t.to(env.device) for t in batch(step)), env)
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     opt.zero_grad()
@@ -94,7 +96,7 @@ def train_step(model, opt, step: int, env: gd.DistEnv) -> None:
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole tensors by name (gathers sharded ones)."""
     model = gd.unwrap(model)
-    return {n: (p.full_tensor() if isinstance(p, gd.DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    return {n: (p.full_tensor() if isinstance(p, gd.DTensor) else p).detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def run_single(scenario: str, steps: int = STEPS, model=None, opt=None, start: int = 0) -> dict:
@@ -138,7 +140,7 @@ def _tensors(x):
 def run_distributed(
     mode: str, scenario: str, env: gd.DistEnv, out: Path, ckpt: Path | None = None, trace: Path | None = None
 ) -> None:
-    model = gd.wrap_model(build_model(), env, mode=mode)
+    model = gd.wrap_model(build_model().to(env.device), env, mode=mode)
     opt = make_graft(model, scenario)
     recorded = []
     consumer = gd.main_only(lambda: recorded)  # rank 0 keeps rows; the others a no-op stand-in
@@ -150,7 +152,7 @@ def run_distributed(
         for t in range(STEPS):
             if t == 1:  # after the first step: buffers and optimizer state exist
                 fb, st = CollectiveLog(), CollectiveLog()
-                x, y = gd.local_rows(batch(t), env)
+                x, y = gd.local_rows(tuple(v.to(env.device) for v in batch(t)), env)
                 with fb:
                     nn.functional.mse_loss(model(x), y).backward()
                 with st:
@@ -166,7 +168,7 @@ def run_distributed(
     if env.is_main:
         torch.save(
             {
-                "stats": torch.stack(recorded),
+                "stats": torch.stack(recorded).cpu(),
                 "weights": weights,
                 "groups": opt.group_names,
                 "comm": comm,
@@ -182,7 +184,7 @@ def run_distributed(
 def main(out: str) -> None:
     torch.set_num_threads(1)
     out = Path(out)
-    env = gd.init_from_env(device="cpu")
+    env = gd.init_from_env(device=os.environ.get("GRAFTLAB_DIST_DEVICE", "cpu"))  # cuda: NCCL
     try:
         run_distributed("ddp", "direct_layer", env, out, trace=out / "trace-ddp")
         run_distributed("fsdp", "direct_layer", env, out, ckpt=out / "ckpt-fsdp", trace=out / "trace-fsdp")

@@ -1,5 +1,7 @@
 """Grafting under torch.distributed (2 ranks, gloo, CPU) against one-process references.
 
+Set ``GRAFTLAB_DIST_DEVICE=cuda`` on a machine with two GPUs to run the same checks over NCCL.
+
 One ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py`` run (module fixture) trains a
 float64 MLP under DDP and under FSDP2 ``fully_shard`` with several M#D pairs, partitions and both
 paths; every test compares its results with the same run in this process on the full global batch.
@@ -33,6 +35,8 @@ def dist_out(tmp_path_factory) -> Path:
         pytest.skip("this PyTorch build has no torch.distributed")
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if env.get("GRAFTLAB_DIST_DEVICE", "cpu") == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("GRAFTLAB_DIST_DEVICE=cuda needs two GPUs")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "dist_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
