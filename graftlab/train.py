@@ -305,6 +305,17 @@ class _Progress:
             self.bar.stop()
 
 
+class _Scaled:
+    """``schedule(step) * factor(step)``; an object rather than a lambda so LambdaLR can save it."""
+
+    def __init__(self, schedule: Callable[[int], float], factor: Optional[Callable[[int], float]]):
+        self.schedule, self.factor = schedule, factor
+
+    def __call__(self, step: int) -> float:
+        f = self.schedule(step)
+        return f if self.factor is None else f * self.factor(step)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -316,7 +327,7 @@ def fit(
     optimizer: Optimizer,
     *,
     schedule_owner: Optimizer,
-    lr_factor: Optional[Callable[[int], float]] = None,
+    lr_factor: Optional[Callable[[int], float] | list[Callable[[int], float]]] = None,
     on_step: Optional[Callable[[int, Tensor], None]] = None,
     metrics_path: Optional[str | os.PathLike] = None,
     progress: bool = True,
@@ -326,7 +337,8 @@ def fit(
     """Train ``task.model`` with ``optimizer`` for the config's steps; evaluate; write metrics.
 
     ``schedule_owner`` gets a ``LambdaLR`` of ``config.schedule`` (times ``lr_factor(step)`` when
-    given): the plain optimizer, or a ``Graft``'s magnitude child. ``on_step(step, loss)`` runs after
+    given; a list gives one factor per param group of ``schedule_owner``, as per-group corrections
+    schedules need): the plain optimizer, or a ``Graft``'s magnitude child. ``on_step(step, loss)`` runs after
     every optimizer step with the loss as a device tensor (0-based ``step``). Losses stay on the device
     and are read every ``config.log_every`` steps; a non-finite mean loss there stops the run
     (``diverged_at``). Evaluation runs every ``config.eval_every`` steps and at the end; an eval
@@ -344,9 +356,16 @@ def fit(
     schedule = make_schedule(
         config.schedule, steps, config.warmup, power=config.power, milestones=config.milestones, gamma=config.gamma
     )
-    factor = schedule if lr_factor is None else (lambda s: schedule(s) * lr_factor(s))
+    if isinstance(lr_factor, (list, tuple)):
+        if len(lr_factor) != len(schedule_owner.param_groups):
+            raise GraftlabError(
+                f"{len(lr_factor)} lr factors for {len(schedule_owner.param_groups)} param groups of the optimizer"
+            )
+        factor, lambdas = schedule, [_Scaled(schedule, f) for f in lr_factor]
+    else:
+        factor = lambdas = _Scaled(schedule, lr_factor)
     base_lr = float(schedule_owner.defaults["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(schedule_owner, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(schedule_owner, lambdas)
 
     device, model = task.device, task.model
     torch.manual_seed(config.seed)  # dropout and anything else drawing from the global generator
@@ -451,15 +470,18 @@ def train(
         from graftlab.corrections import apply, load_corrections
 
         applied = apply(load_corrections(corrections), named, config.lr, allow_missing=allow_missing)
-        params, lr_factor = applied.param_groups, applied.lr_factor
-        missing = list(applied.missing)
-        if missing and progress:
+        params = applied.param_groups
+        group_factors = getattr(applied, "group_lr_factors", None)
+        lr_factor = group_factors if group_factors is not None else applied.lr_factor
+        missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))
+        if (missing or unknown) and progress:
             from rich.console import Console
 
             Console(stderr=True).print(
-                f"{len(missing)} of {len(named)} parameter tensors are not in the corrections file and keep factor 1"
+                f"corrections: {len(missing)} of {len(named)} parameter tensors are not in the file and keep "
+                f"factor 1; {len(unknown)} file group(s) match no parameter"
             )
-        extra["corrections"] = {"path": str(Path(corrections).resolve()), "missing": missing}
+        extra["corrections"] = {"path": str(Path(corrections).resolve()), "missing": missing, "unknown": unknown}
     optimizer = make_optimizer(config.optimizer, params, config.lr, **config.hparams)
     return fit(
         config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor,

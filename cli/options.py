@@ -1,0 +1,37 @@
+"""Command-line options shared by ``graftlab train`` and ``graftlab record``, defined once.
+
+Every option defaults to None so a value from ``--config FILE`` is only replaced when the option is
+given on the command line (``graftlab.train.make_config`` applies the non-None ones)::
+
+    def record(task: options.Task = None, steps: options.Steps = None, ...):
+        cfg = make_config(config, RecordConfig, task=task, steps=steps, ...)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Task = Annotated[Optional[str], typer.Option("--task", help="Built-in task: bert (masked LM on the KJV) or resnet (Fashion-MNIST) (default: bert).")]
+Size = Annotated[Optional[str], typer.Option("--size", help="Model size: tiny (CPU, ~1 min), small, base (default: tiny).")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Your data instead of the bundled set: .txt file/folder (bert), IDX folder or .npz (resnet).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: 300 unless --epochs).")]
+Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training set (instead of --steps).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default: 32).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the task's default for the optimizer).")]
+Hparam = Annotated[Optional[list[str]], typer.Option("--hparam", help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. momentum=0.9, betas=0.9,0.98).")]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant, poly, step or cosine (default: bert poly, resnet step).")]
+Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Warmup steps (>= 1) or fraction of the run (< 1) (default: task's).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto (default: auto).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and masking (default: 0).")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file of settings; command-line options override it.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on held-out data every N steps, 0 = only at the end (default: 100).")]
+Metrics = Annotated[Optional[Path], typer.Option("--metrics", help="Parquet file for per-step loss, lr and eval metrics.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+def path_str(path: Optional[Path]) -> Optional[str]:
+    """Config fields hold paths as strings."""
+    return None if path is None else str(path)

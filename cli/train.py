@@ -1,0 +1,60 @@
+"""``graftlab train``: plain training of a built-in task, optionally with a corrections file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import options
+
+
+def train(
+    task: options.Task = None,
+    size: options.Size = None,
+    data: options.Data = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: adam).")] = None,
+    lr: options.Lr = None,
+    hparam: options.Hparam = None,
+    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule).")] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
+    steps: options.Steps = None,
+    epochs: options.Epochs = None,
+    batch_size: options.BatchSize = None,
+    schedule: options.Schedule = None,
+    warmup: options.Warmup = None,
+    device: options.Device = None,
+    seed: options.Seed = None,
+    eval_every: options.EvalEvery = None,
+    metrics: options.Metrics = None,
+    config: options.Config = None,
+    overwrite: options.Overwrite = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from graftlab.train import make_config
+    from graftlab.train import train as run
+
+    cfg = make_config(
+        config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
+        steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, device=device,
+        seed=seed, eval_every=eval_every, metrics=options.path_str(metrics),
+    )
+    result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
+
+    table = Table(title=f"{cfg.task}/{cfg.size} {cfg.optimizer}" + (f" + {corrections}" if corrections else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.final.items():
+        table.add_row(f"held-out {key}", f"{value:.4f}")
+    table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
+    table.add_row("steps", str(result.steps) + (f" (diverged at {result.diverged_at})" if result.diverged_at is not None else ""))
+    table.add_row("steps/s", f"{result.steps_per_second:.1f}")
+    table.add_row("wall time", f"{result.wall_time:.1f} s")
+    console = Console()
+    console.print(table)
+    if result.path:
+        console.print(f"metrics: {result.path}")
