@@ -93,21 +93,25 @@ def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
 # --------------------------------------------------------------------------- medians
 
 def _group_order(df: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(df["group"].astype(str)))
+    return [str(g) for g in pd.unique(df["group"])]
 
 
 def _medians(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
     ratio = df["ratio"].to_numpy(dtype=np.float64)
     finite = np.isfinite(ratio)
-    g = df["group"].astype(str).to_numpy()
-    rows = []
-    for name in groups:
-        sel = g == name
-        vals = ratio[sel & finite]
-        rows.append(
-            (name, float(np.median(vals)) if vals.size else math.nan, int(vals.size), int(sel.sum() - vals.size))
-        )
-    return pd.DataFrame(rows, columns=["group", "median", "n_finite", "n_nonfinite"])
+    codes, names = pd.factorize(df["group"])
+    frame = pd.DataFrame({"g": codes, "r": np.where(finite, ratio, np.nan), "fin": finite})
+    # groupby's median skips NaN: the median of the finite values
+    agg = frame.groupby("g", sort=False).agg(median=("r", "median"), n_finite=("fin", "sum"), n=("fin", "size"))
+    agg.index = [str(names[i]) for i in agg.index]
+    agg = agg.reindex(groups)
+    n_finite = agg["n_finite"].fillna(0).astype(int).to_numpy()
+    return pd.DataFrame({
+        "group": groups,
+        "median": agg["median"].to_numpy(dtype=np.float64),
+        "n_finite": n_finite,
+        "n_nonfinite": agg["n"].fillna(0).astype(int).to_numpy() - n_finite,
+    })
 
 
 def window_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:

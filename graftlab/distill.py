@@ -167,10 +167,9 @@ def distill(
         df = read_trace(path, steps=(start, start + window))
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
-    meta_groups = list(table.index)
-    groups = [g for g in meta_groups if g in set(df["group"])] + [
-        g for g in dict.fromkeys(df["group"]) if g not in set(meta_groups)
-    ]
+    present = analysis._group_order(df)
+    known = set(table.index)
+    groups = [g for g in table.index if g in set(present)] + [g for g in present if g not in known]
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
 
