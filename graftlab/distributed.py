@@ -97,7 +97,7 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     if want.type == "cuda" and not torch.cuda.is_available():
         raise GraftlabError("--device cuda was asked for but no CUDA device is available")
     if not launched_by_torchrun():
-        return DistEnv(device=want)
+        return _set_current(DistEnv(device=want))
     if not _AVAILABLE:
         raise GraftlabError("this PyTorch build has no torch.distributed support")
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -110,13 +110,29 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     if not dist.is_initialized():
         kwargs = {"device_id": want} if want.type == "cuda" else {}
         dist.init_process_group(backend, **kwargs)
-    return DistEnv(rank, world, local, want, backend)
+    return _set_current(DistEnv(rank, world, local, want, backend))
 
 
-def shutdown(env: DistEnv) -> None:
+_CURRENT = DistEnv()
+
+
+def _set_current(env: DistEnv) -> DistEnv:
+    global _CURRENT
+    _CURRENT = env
+    return env
+
+
+def current() -> DistEnv:
+    """The :class:`DistEnv` of the last :func:`init_from_env` (one CPU process before any)."""
+    return _CURRENT
+
+
+def shutdown(env: Optional[DistEnv] = None) -> None:
     """Leave the process group joined by :func:`init_from_env` (a no-op for one process)."""
+    env = env or _CURRENT
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    _set_current(DistEnv())
 
 
 def wrap_model(
@@ -142,6 +158,8 @@ def wrap_model(
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if env.device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is GPU-only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.device_mesh import init_device_mesh
@@ -193,9 +211,36 @@ def local_rows(batch: Any, env: DistEnv) -> Any:
     return batch
 
 
-def global_mean(value: Tensor, env: DistEnv) -> Tensor:
-    """Mean of a per-rank scalar (a local loss) over all ranks: one async-friendly all-reduce,
-    no host sync. With equal local batch sizes this is the global-batch mean."""
+def distribute_task(task: Any, mode: str = "ddp", env: Optional[DistEnv] = None) -> nn.Module:
+    """Make a built-in task (:mod:`graftlab.tasks`) data-parallel, in place; returns the user's module.
+
+    ``task.model`` becomes the wrapped model (build the optimizers on it after this call) and
+    ``task.train_batches()`` yields this rank's rows of the same global batches, so the run sees
+    what a one-process run with ``task.batch_size`` sees. Name groups and kinds after the returned
+    module (``Graft(..., names=distribute_task(task))``). A one-process env changes nothing.
+    """
+    env = env or _CURRENT
+    inner = unwrap(task.model)
+    if mode == "none" or not env.distributed:
+        wrap_model(inner, env, mode)  # validates mode
+        return inner
+    if task.batch_size % env.world_size:
+        raise GraftlabError(f"batch size {task.batch_size} is not divisible by the {env.world_size} processes")
+    task.model = wrap_model(inner, env, mode)
+    global_batches = task.train_batches
+
+    def train_batches():
+        for b in global_batches():
+            yield local_rows(b, env)
+
+    task.train_batches = train_batches
+    return inner
+
+
+def global_mean(value: Tensor, env: Optional[DistEnv] = None) -> Tensor:
+    """Mean over ranks of a per-rank tensor (local losses): one all-reduce, no host sync.
+    With equal local batch sizes this is the global-batch mean. Every rank must call it."""
+    env = env or _CURRENT
     if not env.distributed:
         return value
     out = value.detach().clone()
@@ -229,6 +274,11 @@ def main_only(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     FSDP2 the all-reduce makes them equal, so rank 0's trace is the run's trace.
     """
     return factory(*args, **kwargs) if is_main() else _Nothing()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for one process)."""
+    _barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,3 +536,82 @@ def _one_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+class Checkpoints:
+    """Periodic checkpoints of a run in ``directory/step-<8 digits>``, and resuming from the newest.
+
+    Usage in a training loop (every rank makes the same calls)::
+
+        ckpt = Checkpoints("runs/ckpt", model, opt, scheduler, every=500)
+        start = ckpt.resume() if resume else 0     # steps already done (0: nothing to resume)
+        for step in range(start, steps):
+            ...; opt.step(); scheduler.step()
+            ckpt.maybe_save(step + 1)
+
+    The scheduler (a ``LambdaLR`` or any scheduler that derives the lr from ``last_epoch``) is put
+    back at the saved step; the optimizer's learning rates come back with its state. Only the
+    ``keep`` newest checkpoints are kept. A checkpoint saved by N processes resumes on any number.
+    """
+
+    def __init__(
+        self,
+        directory: PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        every: int = 0,
+        keep: int = 2,
+    ) -> None:
+        if every < 0 or keep < 1:
+            raise GraftlabError(f"checkpoint every must be >= 0 and keep >= 1, got {every} and {keep}")
+        self.directory = Path(directory)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.every, self.keep = int(every), int(keep)
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step-{step:08d}"
+
+    def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("step-*") if (p / CHECKPOINT_META).is_file())
+
+    def latest(self) -> Optional[Path]:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, extra: Optional[dict] = None) -> Path:
+        last_epoch = getattr(self.scheduler, "last_epoch", None)
+        path = save_checkpoint(
+            self.path(step), self.model, self.optimizer,
+            extra={"step": int(step), "scheduler_last_epoch": last_epoch, **(extra or {})}, overwrite=True,
+        )
+        if is_main():
+            for old in self.all()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return path
+
+    def maybe_save(self, done: int) -> Optional[Path]:
+        """Save when ``done`` (steps completed) is a multiple of ``every``."""
+        if self.every and done % self.every == 0:
+            return self.save(done)
+        return None
+
+    def resume(self, path: Optional[PathLike] = None) -> int:
+        """Load ``path`` (default: the newest checkpoint) and return the steps it had done; 0 when
+        there is nothing to resume from."""
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            return 0
+        meta = load_checkpoint(path, self.model, self.optimizer)
+        extra = meta.get("extra") or {}
+        step = int(extra.get("step", 0))
+        last_epoch = extra.get("scheduler_last_epoch")
+        if self.scheduler is not None and last_epoch is not None:
+            self.scheduler.last_epoch = int(last_epoch)
+            self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
+        return step

@@ -190,3 +190,33 @@ def test_plain_optimizer_checkpoint(tmp_path):
     gd.load_checkpoint(tmp_path / "ck", fresh, fresh_opt)
     torch.testing.assert_close(fresh.weight, model.weight)
     torch.testing.assert_close(fresh_opt.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_checkpoints_resume_continues_identically(tmp_path):
+    """Periodic checkpoints with an lr schedule on M: a resumed run matches an uninterrupted one."""
+
+    def run(steps, ckdir=None, resume=False):
+        model = w.build_model()
+        opt = w.make_graft(model, "direct_layer")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt.magnitude, lambda k: 1.0 / (1 + k))
+        ck = gd.Checkpoints(ckdir, model, opt, sched, every=2, keep=2) if ckdir else None
+        start = ck.resume() if resume else 0
+        stats = []
+        for t in range(start, steps):
+            w.train_step(model, opt, t, gd.DistEnv())
+            sched.step()
+            stats.append(opt.last_stats.clone())
+            if ck:
+                ck.maybe_save(t + 1)
+        return start, torch.stack(stats), w.full_weights(model), opt.magnitude.param_groups[0]["lr"]
+
+    _, full_stats, full_w, full_lr = run(6)
+    run(5, tmp_path / "ck")  # checkpoints after steps 2 and 4; the run "dies" after step 5
+    assert [p.name for p in gd.Checkpoints(tmp_path / "ck", None, None).all()] == ["step-00000002", "step-00000004"]
+    start, stats, weights, lr = run(6, tmp_path / "ck", resume=True)
+    assert start == 4
+    torch.testing.assert_close(stats, full_stats[4:], rtol=0, atol=0)
+    assert lr == full_lr
+    for name in full_w:
+        torch.testing.assert_close(weights[name], full_w[name], rtol=0, atol=0)
+    assert gd.Checkpoints(tmp_path / "none", None, None).resume() == 0
