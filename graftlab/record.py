@@ -426,3 +426,125 @@ class Recorder:
     def __repr__(self) -> str:
         return (f"Recorder({str(self.path)!r}, groups={len(self.graft.group_names)}, every={self.every}, "
                 f"flush_every={self.flush_every}, next_step={self._next_step})")
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole recording run of a built-in task: what `graftlab record` does.
+
+import dataclasses  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+
+@dataclass
+class RecordConfig:
+    """Everything a recording run needs; the shared training fields mean what they mean in TrainConfig."""
+
+    # --- what to train ---
+    task: str = "bert"  # built-in task: bert | resnet
+    size: str = "tiny"  # tiny | small | base
+    data: Optional[str] = None  # None: bundled data; else a user's file or folder
+    steps: Optional[int] = None  # optimizer steps; None: from `epochs`, or 300 when neither is set
+    epochs: Optional[float] = None
+    batch_size: int = 32
+    # --- the grafted optimizer M#D ---
+    magnitude: str = "adam"  # M: gives the step size (the schedule is attached here)
+    direction: str = "sgd"  # D: gives the direction
+    magnitude_lr: Optional[float] = None  # None: the task's default for M's optimizer
+    direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
+    m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
+    d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
+    granularity: str = "layer"  # layer | global | coordinate
+    # --- schedule of M's lr ---
+    schedule: Optional[str] = None  # constant | poly | step | cosine; None: the task's default
+    warmup: Optional[float] = None
+    power: float = 1.0
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    # --- system ---
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 100
+    eval_size: Optional[int] = None
+    log_every: int = 50
+    metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics
+    # --- the trace ---
+    out: Optional[str] = None  # trace directory
+    every: int = 1  # record every k-th step
+    flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
+
+
+@dataclass
+class RecordResult:
+    trace: Path  # the trace directory
+    fit: Any  # graftlab.train.FitResult of the run
+    summary: pd.DataFrame  # kind_summary of the trace
+    groups: int  # number of groups recorded
+
+
+def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+    """Per kind: number of groups and the median, min and max over groups of each group's median ratio.
+
+    Non-finite ratios (D's step was zero) are skipped. ``meta`` defaults to ``df.attrs["graftlab"]``.
+    """
+    meta = meta if meta is not None else df.attrs.get("graftlab", {})
+    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
+    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
+    per_group = finite.groupby("group", sort=False)["ratio"].median()
+    frame = pd.DataFrame({"median": per_group, "kind": [kinds.get(g, "other") for g in per_group.index]})
+    out = frame.groupby("kind", sort=False)["median"].agg(["count", "median", "min", "max"])
+    out = out.rename(columns={"count": "groups"})
+    from graftlab.kinds import KINDS
+
+    return out.reindex([k for k in KINDS if k in out.index])
+
+
+def check_out(out: Union[str, Path, None], overwrite: bool) -> Path:
+    """The trace path of a run; an existing one is a GraftlabError unless ``overwrite``."""
+    if out is None:
+        raise GraftlabError("give the trace directory to write (--out)")
+    path = Path(out).expanduser()
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise GraftlabError(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
+def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = True) -> RecordResult:
+    """Train ``config.task`` with M#D for the configured steps, recording every group's ratios.
+
+        >>> res = record(RecordConfig(task="bert", magnitude="adam", direction="sgd", steps=300, out="t"))
+        >>> res.summary.loc["Q", "median"]
+    """
+    from graftlab.optimizers import make_optimizer
+    from graftlab.tasks import get_task, resolve_device
+    from graftlab.train import resolve_config
+
+    path = check_out(config.out, overwrite)  # before the task is built: fail fast
+    if config.granularity not in ("layer", "global", "coordinate"):
+        raise GraftlabError(f"unknown granularity {config.granularity!r}: choose layer, global or coordinate")
+    task = get_task(config.task, size=config.size, data=config.data, batch_size=config.batch_size,
+                    seed=config.seed, device=resolve_device(config.device), eval_size=config.eval_size)
+    config = resolve_config(config, task)
+    m_lr = config.magnitude_lr if config.magnitude_lr is not None else task.default_lr(config.magnitude)
+    d_lr = config.direction_lr if config.direction_lr is not None else task.default_lr(config.direction)
+    config = dataclasses.replace(config, magnitude_lr=m_lr, direction_lr=d_lr)
+    model = task.model
+    m_opt = make_optimizer(config.magnitude, model.parameters(), m_lr, **config.m_hparams)
+    d_opt = make_optimizer(config.direction, model.parameters(), d_lr, **config.d_hparams)
+    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=model)
+    info = task.info()
+    meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
+            "config": dataclasses.asdict(config), "task_info": info}
+    recorder = Recorder(graft, path, every=config.every, flush_every=config.flush_every, metadata=meta,
+                        model=model, overwrite=overwrite)
+    from graftlab.train import fit
+
+    try:
+        result = fit(config, task, graft, schedule_owner=m_opt,
+                     on_step=lambda step, loss: recorder.log(loss=loss), progress=progress,
+                     overwrite=overwrite, metadata={"trace": str(path)})
+    finally:
+        recorder.close()
+    df = trace.read_trace(path, columns=["ratio"])
+    return RecordResult(path, result, kind_summary(df), len(graft.group_names))
