@@ -94,7 +94,7 @@ def split_documents(corpus: Corpus) -> tuple[list[str], list[str]]:
 
 
 def train_tokenizer(documents: list[str], vocab_size: int):
-    """A lower-cased WordPiece tokenizer trained on ``documents`` (deterministic)."""
+    """A lower-cased WordPiece tokenizer trained on ``documents``, with reproducible token ids."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -102,6 +102,11 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tok.train_from_iterator(documents, trainer=trainer)
+    # The trainer's token ids depend on hash-map order, which changes between processes; the token
+    # set does not. Renumber canonically (special tokens first, then sorted) so ids are reproducible.
+    learned = sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
+    vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + learned)}
+    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]")
     return tok
 
 
