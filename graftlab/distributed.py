@@ -28,6 +28,7 @@ Without torchrun the same calls give a one-process run: ``init_from_env`` return
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -93,7 +94,8 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     available). The backend defaults to NCCL on CUDA and gloo on CPU. Outside torchrun this joins
     nothing and returns a one-process :class:`DistEnv`.
     """
-    want = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = device in (None, "auto")
+    want = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(device)
     if want.type == "cuda" and not torch.cuda.is_available():
         raise GraftlabError("--device cuda was asked for but no CUDA device is available")
     if not launched_by_torchrun():
@@ -110,6 +112,7 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     if not dist.is_initialized():
         kwargs = {"device_id": want} if want.type == "cuda" else {}
         dist.init_process_group(backend, **kwargs)
+        atexit.register(_leave)
     return _set_current(DistEnv(rank, world, local, want, backend))
 
 
@@ -120,6 +123,27 @@ def _set_current(env: DistEnv) -> DistEnv:
     global _CURRENT
     _CURRENT = env
     return env
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """This process's device; under torchrun also joins the process group (once).
+
+    The one call a training entry point needs before building its model: ``"auto"``/``"cuda"``
+    become ``cuda:<LOCAL_RANK>`` under torchrun, and everything else in this module then sees the
+    group through :func:`current`. Outside torchrun it is :func:`graftlab.tasks.resolve_device`.
+    """
+    from graftlab.tasks import resolve_device
+
+    dev = resolve_device(device)
+    if not launched_by_torchrun():
+        return dev
+    env = _CURRENT if _CURRENT.distributed else init_from_env(dev.type)
+    return env.device
 
 
 def current() -> DistEnv:
