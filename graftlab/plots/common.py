@@ -123,11 +123,17 @@ def metadata(df: pd.DataFrame) -> dict[str, Any]:
     return df.attrs.get("graftlab", {})
 
 
+def optimizer_name(meta: dict[str, Any], role: str, default: str) -> str:
+    """The class name of M or D as the metadata records it (``torch.optim.adam.Adam`` -> ``Adam``)."""
+    name = (meta.get(role) or {}).get("class") or default
+    return str(name).rsplit(".", 1)[-1]
+
+
 def run_label(df: pd.DataFrame) -> str:
     """A short title for a trace: its task, M#D and batch size."""
     meta = metadata(df)
-    m = (meta.get("magnitude") or {}).get("class", "M")
-    d = (meta.get("direction") or {}).get("class", "D")
+    m = optimizer_name(meta, "magnitude", "M")
+    d = optimizer_name(meta, "direction", "D")
     parts = [str(meta["task"])] if meta.get("task") else []
     parts.append(f"{m}#{d}")
     if meta.get("batch_size"):

@@ -83,9 +83,12 @@ def figure5(trace: Trace, *, steps: Optional[int] = 2000, width: Optional[int] =
     ``width`` median-filters each line (the paper's Figure 5 is unfiltered).
     """
     with style():
-        fig, ax = new_axes(ax, fig)
+        own = ax is None
+        fig, ax = new_axes(ax, fig, figsize=(7.0, 5.2))
         df = first_steps(trace, steps)
-        _draw_layers(ax, df, steps=None, width=width, title=run_label(df), legend=True)
+        drawn = _draw_layers(ax, df, steps=None, width=width, title=run_label(df), legend=not own)
+        if own:  # the paper's layout: the kinds listed under the plot
+            kind_legend(fig, drawn, loc="outside lower center", ncol=4)
     return fig
 
 

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from graftlab.errors import GraftlabError
-from graftlab.plots.common import MEDIAN_WIDTH, Trace, load, new_axes, run_label, smooth, style
+from graftlab.plots.common import MEDIAN_WIDTH, Trace, load, new_axes, optimizer_name, run_label, smooth, style
 
 
 def steps_per_epoch(meta: dict[str, Any]) -> Optional[int]:
@@ -64,8 +64,8 @@ def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[in
     if per_epoch:
         x = x / per_epoch
         xlabel = "Training epochs"
-    m = (meta.get("magnitude") or {}).get("class", "M")
-    d = (meta.get("direction") or {}).get("class", "D")
+    m = optimizer_name(meta, "magnitude", "M")
+    d = optimizer_name(meta, "direction", "D")
     with style():
         fig, ax = new_axes(ax, fig)
         ok = data["lr"].notna().to_numpy()

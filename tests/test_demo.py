@@ -1,0 +1,83 @@
+"""``graftlab demo --quick``: the whole pipeline end to end, checked on what it writes and prints."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from graftlab.corrections import load_corrections
+from graftlab.demo import DemoConfig, choose_beta, format_table, new_folder
+from graftlab.errors import GraftlabError
+from graftlab.trace import read_trace
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections", "adam"]
+    assert table["steps"].tolist() == [40] * 4
+    assert table["mlm_accuracy"].between(0, 1).all() and (table["mlm_loss"] > 0).all()
+    # the printed table is the written one
+    for r in table.itertuples():
+        assert f"| {r.run} |" in res.output and f"{r.mlm_loss:.4f}" in res.output
+    summary = json.loads((out / "demo.json").read_text())
+    df = read_trace(out / "trace")
+    assert df["step"].max() == 39 and summary["window"] == 20
+    # beta was chosen from this run: the median of the block groups' medians over the window
+    corr = load_corrections(out / "corrections.json")
+    assert summary["round"] == f"D{summary['beta']:g}" == corr.source["round"]
+    tied = [g for g, d in corr.source["groups"].items() if d["tied"]]
+    assert tied and all(corr.multipliers[g] == summary["beta"] for g in tied)
+    meds = sorted(d["median"] for d in corr.source["groups"].values() if d["tied"] and not d["flags"])
+    ref = pd.Series(meds).median()
+    assert summary["beta"] == pytest.approx(ref, rel=0.05)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == \
+        ["corrections.png", "figure5.png", "figure6.png", "figure7.png", "figure8.png"]
+    # never overwrites: the same folder again is an error line and exit code 2
+    again = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--out", str(out)])
+    assert again.exit_code != 0 and "exists" in str(again.exception)
+
+
+def test_new_folder_never_reuses(tmp_path):
+    a = new_folder(root=tmp_path)
+    b = new_folder(root=tmp_path)
+    assert a != b and a.name.startswith("demo-") and b.name.startswith(a.name)
+    with pytest.raises(GraftlabError, match="exists"):
+        new_folder(a)
+
+
+def test_choose_beta_two_significant_digits():
+    class C:
+        source = {"groups": {
+            "a": {"tied": True, "flags": "", "median": 4.56},
+            "b": {"tied": True, "flags": "", "median": 7.0},
+            "c": {"tied": True, "flags": "", "median": 1.0},
+            "k": {"tied": True, "flags": "degenerate", "median": 1e5},
+            "e": {"tied": False, "flags": "", "median": 0.03},
+        }}
+    assert choose_beta(C()) == 4.6
+    C.source["groups"]["d"] = {"tied": True, "flags": "", "median": 1234.0}
+    assert choose_beta(C()) == pytest.approx(5.8)  # median of 1, 4.56, 7, 1234 = 5.78
+    assert choose_beta(type("E", (), {"source": {"groups": {}}})()) is None
+
+
+def test_format_table_marks_divergence():
+    t = pd.DataFrame([{"run": "sgd", "optimizer": "sgd", "lr": "0.1", "mlm_accuracy": 0.1, "mlm_loss": 5.0,
+                       "diverged_at": 12.0}, {"run": "adam", "optimizer": "adam", "lr": "0.001",
+                                              "mlm_accuracy": 0.2, "mlm_loss": 4.0, "diverged_at": math.nan}])
+    text = format_table(t)
+    assert "sgd (diverged at step 12)" in text and "| adam | adam | 0.001 | 0.2000 | 4.0000 |" in text
+
+
+def test_quick_config_is_small():
+    q = DemoConfig.quick()
+    assert q.steps <= 60 and q.batch_size <= 8 and q.window <= q.steps
+    assert DemoConfig.quick(window=10).window == 10
