@@ -74,11 +74,13 @@ def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
     """
     out = df.copy()
     raw = out["ratio"].to_numpy(dtype=np.float64)
-    steps = out["step"].to_numpy()
+    codes, _ = pd.factorize(out["group"])
+    order = np.lexsort((out["step"].to_numpy(), codes))  # by group, then step
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
     filtered = np.full_like(raw, np.nan)
-    for idx in out.groupby("group", sort=False).indices.values():
-        idx = idx[np.argsort(steps[idx], kind="stable")]
-        filtered[idx] = median_filter(raw[idx], width)
+    for idx in np.split(order, bounds):
+        if idx.size:
+            filtered[idx] = median_filter(raw[idx], width)
     filtered[~np.isfinite(raw)] = np.nan
     out["ratio_raw"] = raw
     out["ratio"] = filtered
@@ -92,30 +94,30 @@ def _group_order(df: pd.DataFrame) -> list[str]:
 
 
 def _medians(df: pd.DataFrame, groups: list[str], window_of: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Per-group (and, with ``window_of``, per-window) medians of the finite ratios, with counts."""
+    """Per-group (and, with ``window_of``, per-window 0..max) medians of the finite ratios, with
+    counts; every (window, group) pair gets a row, NaN median where it holds no finite ratio."""
     ratio = df["ratio"].to_numpy(dtype=np.float64)
     finite = np.isfinite(ratio)
     codes, names = pd.factorize(df["group"])
-    keys = {"g": codes} if window_of is None else {"w": window_of, "g": codes}
-    frame = pd.DataFrame({**keys, "r": np.where(finite, ratio, np.nan), "fin": finite})
+    # map codes onto positions in ``groups`` (groups absent from df get no rows)
+    pos = {str(n): i for i, n in enumerate(groups)}
+    gidx = np.array([pos[str(n)] for n in names], dtype=np.int64)[codes] if len(codes) else codes
+    w = np.zeros_like(gidx) if window_of is None else np.asarray(window_of, dtype=np.int64)
+    n_win = int(w.max()) + 1 if w.size else 1
+    key = w * len(groups) + gidx
+    frame = pd.DataFrame({"k": key, "r": np.where(finite, ratio, np.nan), "fin": finite})
     # groupby's median skips NaN: the median of the finite values
-    agg = frame.groupby(list(keys), sort=False).agg(median=("r", "median"), n_finite=("fin", "sum"), n=("fin", "size"))
-    name_of = np.array([str(n) for n in names] + [""], dtype=object)
-    if window_of is None:
-        agg.index = name_of[agg.index.to_numpy()]
-        agg = agg.reindex(groups)
-    else:
-        w = agg.index.get_level_values("w").to_numpy()
-        agg.index = pd.MultiIndex.from_arrays([w, name_of[agg.index.get_level_values("g").to_numpy()]])
-    n_finite = agg["n_finite"].fillna(0).astype(int).to_numpy()
+    agg = frame.groupby("k", sort=False).agg(median=("r", "median"), n_finite=("fin", "sum"), n=("fin", "size"))
+    agg = agg.reindex(np.arange(n_win * len(groups)))
+    n_finite = agg["n_finite"].fillna(0).to_numpy().astype(np.int64)
     out = pd.DataFrame({
-        "group": agg.index.to_numpy() if window_of is None else agg.index.get_level_values(1).to_numpy(),
+        "group": np.tile(np.array(groups, dtype=object), n_win),
         "median": agg["median"].to_numpy(dtype=np.float64),
         "n_finite": n_finite,
-        "n_nonfinite": agg["n"].fillna(0).astype(int).to_numpy() - n_finite,
+        "n_nonfinite": agg["n"].fillna(0).to_numpy().astype(np.int64) - n_finite,
     })
     if window_of is not None:
-        out.insert(0, "window", agg.index.get_level_values(0).to_numpy())
+        out.insert(0, "window", np.repeat(np.arange(n_win), len(groups)))
     return out
 
 
@@ -143,13 +145,7 @@ def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFr
         return pd.DataFrame(columns=["start", "group", "median", "n_finite", "n_nonfinite"])
     sel = df[df["step"] >= start]
     k = ((sel["step"].to_numpy() - start) // window).astype(np.int64)
-    last = int(k.max()) if k.size else 0
     out = _medians(sel, groups, window_of=k)
-    # every window from the first to the last, also those without rows
-    full = pd.MultiIndex.from_product([range(last + 1), groups], names=["window", "group"])
-    out = out.set_index(["window", "group"]).reindex(full).reset_index()
-    out["n_finite"] = out["n_finite"].fillna(0).astype(int)
-    out["n_nonfinite"] = out["n_nonfinite"].fillna(0).astype(int)
     out.insert(0, "start", start + out.pop("window").to_numpy() * window)
     return out
 

@@ -21,6 +21,7 @@ divided by the first window's median (``drift``), so overshooting static correct
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from pathlib import Path
@@ -42,7 +43,13 @@ PathLike = Union[str, os.PathLike]
 def trace_extent(path: PathLike) -> tuple[int, int]:
     """``(first_step, last_step)`` of a trace from Parquet footers only (no data pages read)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob(PART_GLOB))
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        # sorting names, not Path objects: a long run has thousands of parts
+        files = [path / n for n in sorted(n for n in os.listdir(path) if fnmatch.fnmatchcase(n, PART_GLOB))]
+    else:
+        raise GraftlabError(f"{path}: no such trace")
     if not files:
         raise GraftlabError(f"{path}: the trace is empty (no part files)")
     try:
@@ -66,24 +73,6 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
     if lo is None or hi is None:
         raise GraftlabError(f"{path}: the trace is empty (no recorded steps)")
     return lo, hi
-
-
-def read_tail(path: PathLike, start: int) -> pd.DataFrame:
-    """Rows with ``step >= start``, opening only the part files that can hold them.
-
-    Part names carry their first step, so a part can hold such steps only if the next part starts
-    after ``start``; each part is itself a readable trace file.
-    """
-    path = Path(path)
-    if path.is_file():
-        return read_trace(path, steps=(start, None))
-    files = sorted(path.glob(PART_GLOB))
-    firsts = [int(f.stem.split("-")[1]) for f in files]
-    keep = [f for f, nxt in zip(files, firsts[1:] + [None]) if nxt is None or nxt > start]
-    parts = [read_trace(f, steps=(start, None)) for f in keep]
-    df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    df.attrs = parts[0].attrs
-    return df
 
 
 def _step_stat(f: Path, pick: str) -> Optional[int]:
@@ -112,14 +101,6 @@ def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
     hp = ((meta.get("direction") or {}).get("hyperparameters") or {})
     lr = hp.get("lr")
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
-
-
-def _stats(
-    df: pd.DataFrame, window: int, start: int, filter: Optional[int]
-) -> pd.DataFrame:
-    if filter:
-        df = analysis.filter_groups(df, filter)
-    return analysis.window_medians(df, window, start)
 
 
 def distill(
@@ -161,10 +142,9 @@ def distill(
         )
     table = group_table(meta)
 
-    if schedule:
-        df = read_trace(path, steps=(start, None))
-    else:
-        df = read_trace(path, steps=(start, start + window))
+    # read_trace opens only the part files and row groups that can hold the steps asked for
+    df = read_trace(path, steps=(start, None if schedule else start + window))
+    df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is in ``meta``
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
     present = analysis._group_order(df)
@@ -173,14 +153,20 @@ def distill(
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
 
-    first_win = _stats(df, window, start, filter).set_index("group").reindex(groups)
+    if filter:  # once, over everything read: windows then see the filtered series
+        df = analysis.filter_groups(df, filter)
+    first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
     flags = analysis.flag_groups(first_win["median"], outlier)
     later = pd.Series(math.nan, index=groups)
     later_start = None
     if drift and length - start >= 2 * window:
         later_start = length - window
-        tail = df if schedule else read_tail(path, later_start)
-        later = _stats(tail, window, later_start, filter).set_index("group").reindex(groups)["median"]
+        if schedule:
+            tail = df
+        else:
+            tail = read_trace(path, steps=(later_start, None))
+            tail = analysis.filter_groups(tail, filter) if filter else tail
+        later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
 
     def factors(medians: pd.Series) -> pd.Series:
         # NaN where a window gives an unflagged group no usable median (the schedule carries over).
@@ -193,8 +179,7 @@ def distill(
     multipliers: dict[str, float] = {}
     sched: dict[str, list[list]] = {}
     if schedule:
-        filtered = analysis.filter_groups(df, filter) if filter else df
-        wins = analysis.windowed_medians(filtered, window, start)
+        wins = analysis.windowed_medians(df, window, start)
         rows = []
         for s, part in wins.groupby("start", sort=True):
             med = part.set_index("group")["median"].reindex(groups)

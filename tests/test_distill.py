@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from graftlab.corrections import load_corrections
-from graftlab.distill import default_output, distill, read_tail, trace_extent
+from graftlab.distill import default_output, distill, trace_extent
+from graftlab.trace import read_trace
 from graftlab.errors import GraftlabError
 from tests.trace_builder import metadata, write_trace
 
@@ -217,7 +218,7 @@ def test_every_n_steps_trace_and_start(tmp_path):
     assert distill(trace, window=2000).multipliers == {"a": 16.5, "b": 16.5}  # 1990 + every covers 2000
     assert distill(trace, window=1000).multipliers == {"a": 3.0, "b": 3.0}
     assert distill(trace, window=500, start=1000).multipliers == {"a": 30.0, "b": 30.0}
-    assert read_tail(trace, 1950)["step"].unique().tolist() == [1950, 1960, 1970, 1980, 1990]
+    assert read_trace(trace, steps=(1950, None))["step"].unique().tolist() == [1950, 1960, 1970, 1980, 1990]
 
 
 def test_window_reads_only_the_parts_it_needs(tmp_path):
