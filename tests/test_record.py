@@ -246,3 +246,50 @@ def test_sigkill_leaves_readable_prefix(tmp_path):
     assert list(per_step.index) == list(range(n)) and (per_step == 16).all()
     assert np.isfinite(df[["norm_m", "norm_d", "loss"]].to_numpy()).all()
     assert len(pd.read_parquet(out)) == len(df)  # half-written parts stay invisible to pandas too
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=600)
+
+
+@pytest.mark.slow
+def test_record_cli_bert_end_to_end(tmp_path):
+    out = tmp_path / "t"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("batch_size: 8\neval_every: 0\neval_size: 8\nd_hparams: {momentum: 0.9}\n")
+    res = run_cli("record", "--task", "bert", "--magnitude", "adam", "--direction", "sgd", "--granularity", "layer",
+                  "--steps", "30", "--out", str(out), "--config", str(cfg), "--direction-lr", "0.5",
+                  "--flush-every", "8", "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert f"trace written to {out}" in " ".join(res.stdout.split())
+    assert "Q (self-attention Q)" in res.stdout
+    df = trace.read_trace(out)
+    meta = df.attrs["graftlab"]
+    from graftlab.tasks.bert import BertConfig, BertMLM
+
+    # same parameter names as the task's model, in named_parameters() order
+    model = BertMLM(BertConfig(vocab_size=meta["task_info"]["vocab_size"]))
+    names = [n for n, _ in model.named_parameters()]
+    assert [g["name"] for g in meta["groups"]] == names
+    assert sorted(df.step.unique()) == list(range(30)) and len(df) == 30 * len(names)
+    w = df[df.group.str.endswith(".weight")]
+    assert np.isfinite(w.ratio).all() and (w.ratio > 0).all()
+    assert meta["batch_size"] == 8 and meta["direction"]["hyperparameters"]["momentum"] == 0.9
+    assert meta["direction"]["hyperparameters"]["lr"] == 0.5 and meta["config"]["flush_every"] == 8
+    assert np.isfinite(df.loss).all() and (df.lr > 0).all()
+
+    info = run_cli("info", str(out))
+    assert info.returncode == 0 and "0 .. 29 (30 recorded)" in info.stdout and "blocks.0.attn.query.weight" in info.stdout
+
+    again = run_cli("record", "--task", "bert", "--steps", "2", "--out", str(out))
+    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "--overwrite" in again.stderr
+    assert len(trace.read_trace(out)) == len(df)
+
+
+def test_info_bad_path(tmp_path):
+    res = run_cli("info", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nothing'}: no such trace"
+    (tmp_path / "x.parquet").write_text("junk")
+    res = run_cli("info", str(tmp_path / "x.parquet"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
