@@ -143,7 +143,8 @@ def test_figure5_one_line_per_group_coloured_by_kind(layer_traces):
     raw = df[df["group"] == q.get_gid()].set_index("step")["ratio"]
     np.testing.assert_allclose(y, raw.loc[x].to_numpy(), rtol=1e-6)
     # legend: one entry per kind, in the paper's wording and order
-    labels = _legend_labels(ax.get_legend())
+    assert ax.get_legend() is None and len(fig.legends) == 1  # under the plot, as in the paper
+    labels = _legend_labels(fig.legends[0])
     assert labels == ["self-attention Q", "self-attention K", "self-attention V", "self-attention out",
                       "feedforward", "softmax / output", "embeddings", "misc (LayerNorm, ...)"]
     assert set(labels) <= set(KIND_LABELS.values())
@@ -246,6 +247,7 @@ def test_draws_on_given_axes(layer_traces):
     fig, (ax1, ax2) = plt.subplots(1, 2)
     out = plots.figure5(layer_traces[0], steps=50, ax=ax2)
     assert out is fig and _lines(ax2) and not _lines(ax1)
+    assert "self-attention Q" in _legend_labels(ax2.get_legend())
 
 
 def test_bad_inputs(tmp_path, layer_traces):
