@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from graftlab import distributed as gd
 from graftlab.errors import GraftlabError
 from graftlab.optimizers import describe, make_optimizer, parse_hparams
 from graftlab.schedules import make_schedule
@@ -66,6 +67,7 @@ class TrainConfig:
     gamma: float = 0.1  # step schedule decay factor
     # --- system ---
     device: str = "auto"  # cpu | cuda | auto
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
     seed: int = 0  # seeds model init, data order, masking and dropout
     # --- evaluation and logging ---
     eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
@@ -83,6 +85,7 @@ class FitResult:
     steps: int  # steps run (fewer than asked when the loss diverged)
     diverged_at: Optional[int] = None  # first logging step whose mean loss was not finite
     path: Optional[str] = None  # metrics file written, if any
+    optimizer: Optional[Optimizer] = field(default=None, repr=False)  # the trained optimizer (state, lrs)
 
 
 C = TypeVar("C")
@@ -374,7 +377,7 @@ def fit(
     losses = torch.zeros(steps, dtype=torch.float32, device=device)
     lrs = np.empty(steps, dtype=np.float64)
     evals: dict[int, dict[str, float]] = {}
-    bar = _Progress(steps, progress, f"{task.name}/{task.size} {type(optimizer).__name__}")
+    bar = _Progress(steps, progress and gd.is_main(), f"{task.name}/{task.size} {type(optimizer).__name__}")
     diverged_at: Optional[int] = None
     eval_time, logged = 0.0, 0
     start = time.perf_counter()
@@ -394,7 +397,8 @@ def fit(
             done = step + 1
             bar.advance()
             if done % config.log_every == 0 or done == steps:
-                mean = losses[logged:done].mean().item()  # the one host sync per logging interval
+                # the one host sync per logging interval; the mean over ranks, so all stop together
+                mean = gd.global_mean(losses[logged:done].mean()).item()
                 logged = done
                 rate = done / max(time.perf_counter() - start - eval_time, 1e-9)
                 bar.update(mean, rate)
@@ -415,6 +419,7 @@ def fit(
         bar.close()
     wall = time.perf_counter() - start
 
+    losses = gd.global_mean(losses)  # per-step global-batch losses under torchrun
     frame = pd.DataFrame({"step": np.arange(done, dtype=np.int64), "loss": losses[:done].cpu().numpy(), "lr": lrs[:done]})
     for key in final:
         column = np.full(done, np.nan)
@@ -422,8 +427,8 @@ def fit(
             column[s] = values.get(key, np.nan)
         frame[f"eval_{key}"] = column
     rate = done / max(train_time, 1e-9)
-    result = FitResult(final, frame, wall, rate, done, diverged_at, str(path) if path else None)
-    if path is not None:
+    result = FitResult(final, frame, wall, rate, done, diverged_at, str(path) if path else None, optimizer)
+    if path is not None and gd.is_main():
         import graftlab
 
         meta = {
@@ -461,10 +466,10 @@ def train(
     _check_output(config.metrics, overwrite)  # fail before building anything
     task = get_task(
         config.task, size=config.size, data=config.data, batch_size=config.batch_size, seed=config.seed,
-        device=resolve_device(config.device), eval_size=config.eval_size,
+        device=gd.setup(config.device), eval_size=config.eval_size,
     )
     config = resolve_config(config, task)
-    named = list(task.model.named_parameters())
+    named = list(gd.distribute_task(task, config.parallel).named_parameters())  # torchrun: DDP or FSDP2
     lr_factor, extra, params = None, {}, [p for _, p in named]
     if corrections is not None:
         from graftlab.corrections import apply, load_corrections

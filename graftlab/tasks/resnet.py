@@ -27,6 +27,24 @@ WIDTHS = {"tiny": 8, "small": 32, "base": 64}
 EVAL_IMAGES = {"tiny": 2000, "small": 5000, "base": None}  # None: the whole held-out set
 
 
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of ``(N, C, H, W)`` images, as float32.
+
+    uint8 images go through a 256-bin histogram per channel: exact, and without a float copy of
+    the whole data set.
+    """
+    if x.dtype == torch.uint8:
+        values = torch.arange(256, dtype=torch.float64)
+        hist = torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])]).double()
+        n = hist.sum(1)
+        mean = (hist * values).sum(1) / n
+        var = (hist * (values - mean[:, None]) ** 2).sum(1) / n
+    else:
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+        mean, var = flat.mean(1), flat.var(1, correction=0)
+    return mean.float(), var.sqrt().float()
+
+
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -84,11 +102,8 @@ class ResNetTask(Task):
         if self.num_train < batch_size:
             raise GraftlabError(f"batch size {batch_size} exceeds the {self.num_train} training images")
         self.steps_per_epoch = self.num_train // batch_size
-        x = d.x_train.float()
-        # Per-channel statistics of the training set (0..255 scale for uint8 images).
-        self._mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1).to(device)
-        self._std = x.std(dim=(0, 2, 3)).clamp_min(1e-6).view(1, -1, 1, 1).to(device)
-        del x
+        mean, std = channel_stats(d.x_train)
+        self._mean, self._std = mean.view(1, -1, 1, 1).to(device), std.clamp_min(1e-6).view(1, -1, 1, 1).to(device)
         self._x_train, self._y_train = d.x_train.to(device), d.y_train.to(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -1,0 +1,288 @@
+"""The shared training loop, configs, metrics files and the plain trainer (with corrections)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graftlab import Graft
+from graftlab.errors import GraftlabError
+from graftlab.optimizers import make_optimizer
+from graftlab.schedules import make_schedule
+from graftlab.tasks import get_task
+from graftlab.tasks.base import Task
+from graftlab.train import (
+    TrainConfig, fit, load_config, make_config, read_metrics, resolve_config, total_steps, train,
+)
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ToyTask(Task):
+    """Linear regression on fixed data: the loop's logic without a real model's cost."""
+
+    name, size, default_schedule, default_warmup = "toy", "tiny", "poly", 0.0
+
+    def __init__(self, seed=0, batch_size=8):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(64, 5, generator=g)
+        self.y = self.x @ torch.randn(5, 1, generator=g)
+        self.batch_size, self.seed, self.device, self.num_train = batch_size, seed, torch.device("cpu"), 64
+        self.steps_per_epoch = 64 // batch_size
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(5, 1)
+
+    def make_batch(self, index, gen):
+        return self.x[index], self.y[index]
+
+    def loss(self, model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def eval_batches(self):
+        return [(self.x, self.y)]
+
+    def correct(self, model, batch):
+        err = (model(batch[0]) - batch[1]).pow(2)
+        return err.sum(), (err < 0.1).sum(), torch.tensor(err.numel())
+
+    def info(self):
+        return {"task": "toy"}
+
+
+def toy_fit(tmp_path=None, **cfg):
+    config = TrainConfig(**{"steps": 20, "eval_every": 10, "log_every": 5, "lr": 0.05, "optimizer": "sgd", **cfg})
+    task = ToyTask(seed=config.seed)
+    opt = make_optimizer(config.optimizer, task.model.parameters(), config.lr)
+    return fit(config, task, opt, schedule_owner=opt, progress=False), task
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+def test_metrics_frame_lr_and_eval_rows(tmp_path):
+    out = tmp_path / "m.parquet"
+    result, task = toy_fit(metrics=str(out), schedule="poly", warmup=4)
+    df = result.metrics
+    assert list(df.columns) == ["step", "loss", "lr", "eval_loss", "eval_accuracy"]
+    assert df["step"].tolist() == list(range(20)) and df["step"].dtype == np.int64
+    sched = make_schedule("poly", 20, 4)
+    assert df["lr"].to_numpy() == pytest.approx([0.05 * sched(s) for s in range(20)])
+    evaluated = df.index[df["eval_loss"].notna()].tolist()
+    assert evaluated == [9, 19]
+    assert df["eval_loss"].iloc[19] == pytest.approx(result.final["loss"])
+    assert result.final == task.evaluate(task.model)
+    assert df["loss"].iloc[-5:].mean() < df["loss"].iloc[:5].mean()
+
+    frame, meta = read_metrics(out)
+    assert frame.equals(df)
+    assert meta["format"] == "graftlab.metrics/1" and meta["config"]["schedule"] == "poly"
+    assert meta["config"]["lr"] == 0.05 and meta["config"]["steps"] == 20 and meta["steps"] == 20
+    assert meta["optimizer"]["class"] == "torch.optim.sgd.SGD" and meta["task"] == {"task": "toy"}
+    assert meta["final"] == pytest.approx(result.final)
+
+
+def test_existing_metrics_file_is_kept(tmp_path):
+    out = tmp_path / "m.parquet"
+    out.write_bytes(b"precious")
+    with pytest.raises(GraftlabError, match="already exists"):
+        toy_fit(metrics=str(out))
+    assert out.read_bytes() == b"precious"
+    config = TrainConfig(steps=3, eval_every=0, optimizer="sgd", lr=0.1)
+    task = ToyTask()
+    opt = make_optimizer("sgd", task.model.parameters(), 0.1)
+    fit(config, task, opt, schedule_owner=opt, metrics_path=out, overwrite=True, progress=False)
+    assert len(read_metrics(out)[0]) == 3
+
+
+def test_schedule_owner_is_the_magnitude_child_of_a_graft():
+    task = ToyTask()
+    adam = torch.optim.Adam(task.model.parameters(), lr=0.01)
+    sgd = torch.optim.SGD(task.model.parameters(), lr=0.5)
+    graft = Graft(adam, sgd, names=task.model)
+    seen = []
+    config = TrainConfig(steps=8, schedule="step", warmup=0, milestones=[0.5], eval_every=0, log_every=4)
+    fit(config, task, graft, schedule_owner=adam, on_step=lambda s, loss: seen.append((s, loss)), progress=False)
+    assert [s for s, _ in seen] == list(range(8))
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad for _, loss in seen)
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.001)  # x0.1 after half the run
+    assert sgd.param_groups[0]["lr"] == 0.5  # D's lr is untouched
+    assert graft.steps == 8
+
+
+def test_lr_factor_per_group_and_global():
+    task = ToyTask()
+    opt = make_optimizer("sgd", [{"params": [task.model.weight]}, {"params": [task.model.bias], "lr": 0.2}], 0.1)
+    config = TrainConfig(steps=4, schedule="constant", warmup=0, eval_every=0)
+    half_later = lambda s: 1.0 if s < 2 else 0.5  # noqa: E731
+    result = fit(config, task, opt, schedule_owner=opt, lr_factor=[lambda s: 1.0, half_later], progress=False)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.1])  # after the last step (factor at 4)
+    assert result.metrics["lr"].tolist() == pytest.approx([0.1] * 4)
+    task2 = ToyTask()
+    opt2 = make_optimizer("sgd", task2.model.parameters(), 0.1)
+    result = fit(config, task2, opt2, schedule_owner=opt2, lr_factor=half_later, progress=False)
+    assert result.metrics["lr"].tolist() == pytest.approx([0.1, 0.1, 0.05, 0.05])
+    with pytest.raises(GraftlabError, match="param groups"):
+        fit(config, task2, opt2, schedule_owner=opt2, lr_factor=[half_later] * 3, progress=False)
+
+
+def test_divergence_stops_the_run():
+    result, _ = toy_fit(lr=1e3, schedule="constant", warmup=0, steps=200, eval_every=0)
+    assert result.diverged_at is not None and result.steps < 200 and result.steps % 5 == 0
+    assert len(result.metrics) == result.steps
+
+
+def test_steps_from_epochs_and_defaults():
+    task = ToyTask()
+    assert total_steps(TrainConfig(epochs=2.5), task) == 20
+    assert total_steps(TrainConfig(), task) == 300
+    with pytest.raises(GraftlabError, match="either steps or epochs"):
+        total_steps(TrainConfig(steps=3, epochs=1), task)
+    with pytest.raises(GraftlabError):
+        total_steps(TrainConfig(steps=0), task)
+    cfg = resolve_config(TrainConfig(optimizer="sgd", epochs=1), task)
+    assert (cfg.steps, cfg.epochs, cfg.schedule, cfg.warmup) == (8, None, "poly", 0.0)
+
+
+# --- real tasks -------------------------------------------------------------------------------------
+
+def real_fit(task_name, steps, eval_size=32, **cfg):
+    config = TrainConfig(task=task_name, steps=steps, eval_every=0, log_every=steps, batch_size=16, device="cpu", **cfg)
+    task = get_task(task_name, size="tiny", batch_size=16, seed=config.seed, device="cpu", eval_size=eval_size)
+    config = resolve_config(config, task)
+    opt = make_optimizer(config.optimizer, task.model.parameters(), config.lr, **config.hparams)
+    before = task.evaluate(task.model)
+    return fit(config, task, opt, schedule_owner=opt, progress=False), before
+
+
+def test_same_config_twice_gives_identical_runs():
+    a, _ = real_fit("bert", 4, optimizer="sgd", lr=0.5, hparams={"momentum": 0.9})
+    b, _ = real_fit("bert", 4, optimizer="sgd", lr=0.5, hparams={"momentum": 0.9})
+    assert a.metrics["loss"].tolist() == b.metrics["loss"].tolist()
+    assert a.final == b.final
+    c, _ = real_fit("bert", 4, optimizer="sgd", lr=0.5, hparams={"momentum": 0.9}, seed=1)
+    assert c.metrics["loss"].tolist() != a.metrics["loss"].tolist()
+
+
+def test_a_short_fit_lowers_the_loss_bert():
+    result, before = real_fit("bert", 16, optimizer="adam", lr=3e-3, schedule="constant", warmup=0)
+    losses = result.metrics["loss"].to_numpy()
+    assert losses[-4:].mean() < losses[:4].mean() - 0.5
+    assert result.final["loss"] < before["loss"] - 0.5
+    assert result.steps_per_second > 0
+
+
+def test_a_short_fit_lowers_the_loss_resnet():
+    # BatchNorm's running statistics lag the weights early on, so the held-out check is accuracy.
+    result, before = real_fit("resnet", 20, eval_size=256, optimizer="adam", lr=1e-3, schedule="constant", warmup=0)
+    losses = result.metrics["loss"].to_numpy()
+    assert losses[-4:].mean() < losses[:4].mean() - 0.2
+    assert result.final["accuracy"] > before["accuracy"] + 0.1
+
+
+# --- the plain trainer ------------------------------------------------------------------------------
+
+def corrections_file(path, multipliers=None, schedule=None):
+    data = {"format": "graftlab.corrections/1", "source": {"direction_lr": 0.1}}
+    if multipliers:
+        data["multipliers"] = multipliers
+    if schedule:
+        data["schedule"] = schedule
+    path.write_text(json.dumps(data))
+    return path
+
+
+def small_train_config(**kw):
+    return TrainConfig(**{"task": "resnet", "steps": 3, "eval_every": 0, "eval_size": 16, "batch_size": 8,
+                          "device": "cpu", "optimizer": "sgd", "lr": 0.1, "schedule": "constant", "warmup": 0, **kw})
+
+
+def test_train_with_static_multipliers(tmp_path):
+    names = [n for n, _ in get_task("resnet", batch_size=8, device="cpu", eval_size=16).model.named_parameters()]
+    mult = {n: (10.0 if "conv" in n else 0.5) for n in names}
+    corr = corrections_file(tmp_path / "c.json", multipliers=mult)
+    out = tmp_path / "m.parquet"
+    result = train(small_train_config(metrics=str(out)), corrections=corr, progress=False)
+    groups = result.optimizer.param_groups
+    assert [g["name"] for g in groups] == names
+    assert [g["lr"] for g in groups] == pytest.approx([0.1 * mult[n] for n in names])
+    meta = read_metrics(out)[1]
+    assert meta["corrections"]["missing"] == [] and meta["optimizer"]["lr_max"] == pytest.approx(1.0)
+
+    partial = corrections_file(tmp_path / "p.json", multipliers={names[0]: 2.0})
+    with pytest.raises(GraftlabError, match="allow-missing"):
+        train(small_train_config(), corrections=partial, progress=False)
+    result = train(small_train_config(), corrections=partial, allow_missing=True, progress=False)
+    assert [g["lr"] for g in result.optimizer.param_groups[:2]] == pytest.approx([0.2, 0.1])
+
+
+def test_train_follows_a_global_schedule(tmp_path):
+    corr = corrections_file(tmp_path / "s.json", schedule={"global": [[0, 1.0], [2, 0.5], [4, 0.25]]})
+    result = train(small_train_config(optimizer="adagrad", steps=6, lr=0.05), corrections=corr, progress=False)
+    assert result.metrics["lr"].tolist() == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
+
+
+def test_train_baseline_refuses_existing_metrics_before_building(tmp_path):
+    out = tmp_path / "m.parquet"
+    out.write_text("x")
+    with pytest.raises(GraftlabError, match="already exists"):
+        train(small_train_config(metrics=str(out), task="nonexistent"))
+    with pytest.raises(GraftlabError, match="unknown optimizer"):
+        train(small_train_config(optimizer="lbfgs"))
+    with pytest.raises(GraftlabError, match="no hyperparameter"):
+        train(small_train_config(hparams={"betas": (0.9, 0.99)}))
+
+
+# --- configs ----------------------------------------------------------------------------------------
+
+def test_load_config_yaml_and_toml(tmp_path):
+    (tmp_path / "c.yaml").write_text("task: resnet\nsteps: 50\nlr: 0.1\nhparams: {momentum: 0.9, betas: [0.9, 0.98]}\n"
+                                     "milestones: [0.3, 0.6]\nwarmup: 5\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.task, cfg.steps, cfg.lr, cfg.warmup, cfg.milestones) == ("resnet", 50, 0.1, 5.0, [0.3, 0.6])
+    assert cfg.hparams == {"momentum": 0.9, "betas": (0.9, 0.98)}
+    (tmp_path / "c.toml").write_text('task = "bert"\noptimizer = "sgd"\nhparams = ["momentum=0.9", "nesterov=true"]\n')
+    cfg = load_config(tmp_path / "c.toml")
+    assert cfg.optimizer == "sgd" and cfg.hparams == {"momentum": 0.9, "nesterov": True}
+
+
+@pytest.mark.parametrize(
+    "name,text,match",
+    [("c.yaml", "stepz: 3\n", "unknown config key"), ("c.yaml", "steps: many\n", "steps"),
+     ("c.yaml", "- 1\n- 2\n", "mapping"), ("c.toml", "steps = \n", "cannot parse"), ("c.json", "{}", ".toml")],
+)
+def test_bad_config_files(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(GraftlabError, match=match):
+        load_config(tmp_path / name)
+
+
+def test_make_config_layers_command_line_over_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("task: resnet\nsteps: 50\nhparams: {momentum: 0.9}\n")
+    cfg = make_config(tmp_path / "c.yaml", steps=7, lr=None, hparams=["nesterov=true"])
+    assert (cfg.task, cfg.steps, cfg.lr) == ("resnet", 7, None)
+    assert cfg.hparams == {"momentum": 0.9, "nesterov": True}
+    assert make_config(None, task="bert").steps is None
+
+
+def test_cli_train_and_refusal(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    (tmp_path / "c.yaml").write_text("eval_size: 16\neval_every: 0\nbatch_size: 8\n")
+    out = tmp_path / "m.parquet"
+    args = ["train", "--task", "resnet", "--optimizer", "sgd", "--lr", "0.05", "--hparam", "momentum=0.9",
+            "--steps", "2", "--device", "cpu", "--config", str(tmp_path / "c.yaml"), "--metrics", str(out), "--quiet"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "held-out accuracy" in run.output and out.exists()
+    meta = read_metrics(out)[1]
+    assert meta["config"]["hparams"] == {"momentum": 0.9} and meta["config"]["batch_size"] == 8
+    # The installed entry point turns the error into one line and exit code 2, leaving the file alone.
+    before = out.read_bytes()
+    again = subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr and out.read_bytes() == before
