@@ -9,7 +9,7 @@ import typer
 
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A sub-minute version (40 steps, batch 8)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 500; quick: 40]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 300; quick: 40]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 16; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
     round: Optional[str] = typer.Option(None, "--round", help="none, pow10 or D<beta> [default: D<beta>, beta from the run]."),

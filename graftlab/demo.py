@@ -35,7 +35,7 @@ RUNS = Path("runs")
 
 @dataclass
 class DemoConfig:
-    steps: int = 500  # steps of every run (the recording and the three trainings)
+    steps: int = 300  # steps of every run (the recording and the three trainings)
     batch_size: int = 16
     size: str = "tiny"
     window: Optional[int] = None  # distill window; None: the first half of the recording

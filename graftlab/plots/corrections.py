@@ -26,7 +26,7 @@ Source = Union[Trace, "Corrections"]  # noqa: F821
 
 def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10",
                       filter: Optional[int] = None) -> pd.DataFrame:
-    """One row per group: ``group``, ``kind``, ``median``, ``factor``, ``flags``, ``later_median``.
+    """One row per group: ``group``, ``kind``, ``median``, ``factor``, ``flags``, ``later_median``, ``tied``.
 
     ``source`` is a :class:`~graftlab.corrections.Corrections`, a corrections JSON file, or a trace
     (distilled here with ``window``, ``round`` and ``filter`` as ``graftlab distill`` does).
@@ -46,6 +46,7 @@ def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10
     table = corr.summary()
     info = corr.source.get("groups") or {}
     table["later_median"] = [(info.get(g) or {}).get("later_median") for g in table["group"]]
+    table["tied"] = [bool((info.get(g) or {}).get("tied")) for g in table["group"]]
     for col in ("median", "factor", "later_median"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype("float64")
     if corr.schedule and table["factor"].isna().all():
