@@ -1,0 +1,115 @@
+"""The benchmark scripts under bench/ keep working: each runs at its smallest size (nothing is timed
+against a target here; bench/RESULTS.md holds the measured figures)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _script(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _results(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAFTLAB_BENCH_RESULTS", str(tmp_path / "results"))
+    threads = torch.get_num_threads()
+    yield tmp_path / "results"
+    torch.set_num_threads(threads)  # the scripts pin one thread
+
+
+def test_layouts_match_named_sizes():
+    layouts = _script("layouts")
+    shapes = layouts.bert_shapes(**layouts.PRESETS["cpu"])
+    assert 24e6 < layouts.numel(shapes) < 28e6 and len(shapes) == 138
+    names = [n for n, _ in shapes]
+    assert len(set(names)) == len(names) and "encoder.layer.7.attention.self.query.weight" in names
+
+
+def test_step_cost_quick(_results):
+    out = _script("step_cost").main(["--quick", "--pairs", "Adam#SGD", "SGD#AdaGrad"])
+    rows = out["timing"]
+    assert {(r["pair"], r["granularity"], r["path"]) for r in rows} >= {("SGD#AdaGrad", "layer", "direct")}
+    assert all(r["ratio"]["median"] > 0 for r in rows)
+    mem = out["memory"][0]
+    assert mem["graft_buffers"] == pytest.approx(1.0)  # one parameter-sized buffer, counted exactly
+    saved = json.loads((_results / "step_cost.quick.json").read_text())
+    assert saved["quick"] and saved["timing"][0]["pair"] == "Adam#SGD"
+
+
+def test_distill_cost_quick(tmp_path):
+    mod = _script("distill_cost")
+    out = mod.main(["--quick", "--steps", "600", "--groups", "12", "--window", "100", "--data", str(tmp_path / "data")])
+    assert out["rows"] == 600 * 12
+    res = out["results"]
+    assert res["window_long"]["median"] > 0 and res["schedule"]["max_rss_mb"] > 0
+    # the synthetic trace is a valid trace: the library reads it back whole
+    from graftlab.trace import read_trace
+
+    df = read_trace(tmp_path / "data" / "synthetic-600x12")
+    assert len(df) == 600 * 12 and df["step"].max() == 599 and df["group"].nunique() == 12
+
+
+def test_distill_synthetic_names_are_bert_large():
+    names = _script("distill_cost").group_names(400)
+    assert len(names) == len(set(names)) == 400
+    assert "encoder.layer.23.output.LayerNorm.bias" in names
+
+
+@pytest.mark.slow
+def test_record_cost_quick():
+    row = _script("record_cost").main(["--quick", "--block", "4", "--repeats", "2"])
+    assert row["recorded_steps"] == 8 and row["groups"] > 40
+    assert row["plain_steps_per_s"] > 0 and row["recorded_steps_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_trace_size_quick():
+    out = _script("trace_size").main(["--quick", "--steps", "6"])
+    fresh = out["traces"][-1]
+    assert fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recorded_step_never_syncs_with_the_host(tmp_path):
+    """A grafted, recorded training step (forward, backward, Graft.step, Recorder.log) raises under
+    torch.cuda.set_sync_debug_mode("error") if anything in it waits for the GPU."""
+    from graftlab import Graft
+    from graftlab.record import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)).cuda()
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")
+    for m_cls, d_cls in ((torch.optim.Adam, torch.optim.SGD), (torch.optim.SGD, torch.optim.Adagrad)):
+        graft = Graft(m_cls(model.parameters(), lr=1e-3), d_cls(model.parameters(), lr=1e-2), names=model)
+        rec = Recorder(graft, tmp_path / f"{m_cls.__name__}-{d_cls.__name__}", flush_every=1000)
+
+        def step():
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            graft.step()
+            graft.zero_grad()
+            rec.log(loss=loss.detach())
+
+        step()  # the first step allocates state, buffers and the recorder's ring buffer
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rec.close()
+        assert rec.rows_flushed == 6
