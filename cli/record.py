@@ -6,36 +6,39 @@ from typing import List, Optional
 
 import typer
 
+from cli import options
+
 
 def record(
-    task: Optional[str] = typer.Option(None, "--task", help="Built-in task: bert or resnet [default: bert]."),
-    magnitude: Optional[str] = typer.Option(None, "--magnitude", "-m", help="M, the step size: sgd, adam, adamw, adagrad, rmsprop [default: adam]."),
-    direction: Optional[str] = typer.Option(None, "--direction", "-d", help="D, the direction: sgd, adam, adamw, adagrad, rmsprop [default: sgd]."),
-    granularity: Optional[str] = typer.Option(None, "--granularity", "-g", help="layer (one group per tensor), global or coordinate [default: layer]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: 300]."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training data (instead of --steps)."),
+    task: options.Task = None,
+    magnitude: Optional[str] = typer.Option(None, "--magnitude", "-m", help="M, the step size: sgd, adam, adamw, adagrad, rmsprop (default: adam)."),
+    direction: Optional[str] = typer.Option(None, "--direction", "-d", help="D, the direction: sgd, adam, adamw, adagrad, rmsprop (default: sgd)."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", "-g", help="layer (one group per tensor), global or coordinate (default: layer)."),
+    steps: options.Steps = None,
+    epochs: options.Epochs = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Trace directory to write."),
-    magnitude_lr: Optional[float] = typer.Option(None, "--magnitude-lr", "--lr", help="M's peak learning rate [default: the task's for M]."),
-    direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="D's learning rate [default: the task's for D]."),
-    m_hparam: Optional[List[str]] = typer.Option(None, "--m-hparam", help="M hyperparameter key=value (repeatable), e.g. betas=0.9,0.98."),
-    d_hparam: Optional[List[str]] = typer.Option(None, "--d-hparam", help="D hyperparameter key=value (repeatable), e.g. momentum=0.9."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="M's lr schedule: constant, poly, step, cosine [default: the task's]."),
-    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warmup steps (>= 1) or fraction of the run (< 1)."),
-    power: Optional[float] = typer.Option(None, "--power", help="poly decay power."),
+    magnitude_lr: Optional[float] = typer.Option(None, "--magnitude-lr", "--lr", help="M's peak learning rate, the step size (default: the task's for M)."),
+    direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="D's learning rate (default: the task's for D)."),
+    m_hparam: Optional[List[str]] = typer.Option(None, "--m-hparam", help="M hyperparameter NAME=VALUE, repeatable (e.g. betas=0.9,0.98)."),
+    d_hparam: Optional[List[str]] = typer.Option(None, "--d-hparam", help="D hyperparameter NAME=VALUE, repeatable (e.g. momentum=0.9)."),
+    schedule: options.Schedule = None,
+    warmup: options.Warmup = None,
+    power: Optional[float] = typer.Option(None, "--power", help="poly decay power (1: BERT's linear decay)."),
     milestones: Optional[str] = typer.Option(None, "--milestones", help="step schedule: comma-separated fractions of the run."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="step schedule decay factor."),
-    size: Optional[str] = typer.Option(None, "--size", help="Model size: tiny, small, base [default: tiny]."),
-    data: Optional[str] = typer.Option(None, "--data", help="Your own data (text file/folder for bert; IDX folder or .npz for resnet)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Batch size [default: 32]."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto [default: auto]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for model, data order and masking [default: 0]."),
-    every: Optional[int] = typer.Option(None, "--every", help="Record every k-th step [default: 1]."),
-    flush_every: Optional[int] = typer.Option(None, "--flush-every", help="Recorded steps per part file (at most this many are lost if the run dies)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Also write per-step loss/lr/eval metrics to this Parquet file."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or TOML file of these settings (options override it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    size: options.Size = None,
+    data: options.Data = None,
+    batch_size: options.BatchSize = None,
+    device: options.Device = None,
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)."),
+    seed: options.Seed = None,
+    every: Optional[int] = typer.Option(None, "--every", help="Record every k-th step (default: 1)."),
+    flush_every: Optional[int] = typer.Option(None, "--flush-every", help="Recorded steps per part file; at most this many are lost if the run dies (default: 100)."),
+    eval_every: options.EvalEvery = None,
+    metrics: options.Metrics = None,
+    config: options.Config = None,
+    overwrite: options.Overwrite = False,
+    quiet: options.Quiet = False,
 ) -> None:
     """Record per-group grafting ratios ||M step|| / ||D step|| of a training run."""
     from rich.console import Console
@@ -51,14 +54,18 @@ def record(
     m_hp = {**base.m_hparams, **parse_hparams(m_hparam)} if m_hparam else None
     d_hp = {**base.d_hparams, **parse_hparams(d_hparam)} if d_hparam else None
     cfg = make_config(
-        config, RecordConfig, task=task, size=size, data=data, steps=steps, epochs=epochs, batch_size=batch_size,
+        config, RecordConfig, task=task, size=size, data=options.path_str(data), steps=steps, epochs=epochs, batch_size=batch_size,
         magnitude=magnitude, direction=direction, magnitude_lr=magnitude_lr, direction_lr=direction_lr,
         m_hparams=m_hp, d_hparams=d_hp, granularity=granularity, schedule=schedule, warmup=warmup, power=power,
-        milestones=milestones, gamma=gamma, device=device, seed=seed, eval_every=eval_every, metrics=metrics,
-        out=str(out) if out is not None else None, every=every, flush_every=flush_every,
+        milestones=milestones, gamma=gamma, device=device, seed=seed, eval_every=eval_every, metrics=options.path_str(metrics),
+        out=str(out) if out is not None else None, every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
     )
     check_out(cfg.out, overwrite)
     res = run(cfg, overwrite=overwrite, progress=not quiet)
+    from graftlab.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
 
     console = Console()
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())

@@ -223,7 +223,7 @@ class Recorder:
     def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
         part = self.graft.partition
         modules: dict[str, nn.Module] = {}
-        if model is not None:
+        if isinstance(model, nn.Module):
             from graftlab.kinds import _owners
 
             modules = _owners(model)
@@ -464,6 +464,7 @@ class RecordConfig:
     gamma: float = 0.1
     # --- system ---
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
     seed: int = 0
     eval_every: int = 100
     eval_size: Optional[int] = None
@@ -520,31 +521,38 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     from graftlab.tasks import get_task, resolve_device
     from graftlab.train import resolve_config
 
+    from graftlab import distributed as gd
+
+    device = gd.setup(config.device)  # under torchrun: joins the process group, this rank's device
     path = check_out(config.out, overwrite)  # before the task is built: fail fast
+    gd.barrier()  # every rank checked before rank 0 creates the trace
     if config.granularity not in ("layer", "global", "coordinate"):
         raise GraftlabError(f"unknown granularity {config.granularity!r}: choose layer, global or coordinate")
     task = get_task(config.task, size=config.size, data=config.data, batch_size=config.batch_size,
-                    seed=config.seed, device=resolve_device(config.device), eval_size=config.eval_size)
+                    seed=config.seed, device=device, eval_size=config.eval_size)
     config = resolve_config(config, task)
     m_lr = config.magnitude_lr if config.magnitude_lr is not None else task.default_lr(config.magnitude)
     d_lr = config.direction_lr if config.direction_lr is not None else task.default_lr(config.direction)
     config = dataclasses.replace(config, magnitude_lr=m_lr, direction_lr=d_lr)
+    names = gd.distribute_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, row split
     model = task.model
     m_opt = make_optimizer(config.magnitude, model.parameters(), m_lr, **config.m_hparams)
     d_opt = make_optimizer(config.direction, model.parameters(), d_lr, **config.d_hparams)
-    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=model)
+    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
     info = task.info()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": info}
-    recorder = Recorder(graft, path, every=config.every, flush_every=config.flush_every, metadata=meta,
-                        model=model, overwrite=overwrite)
+    recorder = gd.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
+                            metadata=meta, model=names, overwrite=overwrite)  # rank 0 writes the trace
     from graftlab.train import fit
 
     try:
         result = fit(config, task, graft, schedule_owner=m_opt,
-                     on_step=lambda step, loss: recorder.log(loss=loss), progress=progress,
+                     on_step=lambda step, loss: recorder.log(loss=gd.global_mean(loss)), progress=progress,
                      overwrite=overwrite, metadata={"trace": str(path)})
     finally:
         recorder.close()
+    if not gd.is_main():
+        return RecordResult(path, result, pd.DataFrame(), len(graft.group_names))
     df = trace.read_trace(path, columns=["ratio"])
     return RecordResult(path, result, kind_summary(df), len(graft.group_names))
