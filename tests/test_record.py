@@ -293,3 +293,23 @@ def test_info_bad_path(tmp_path):
     (tmp_path / "x.parquet").write_text("junk")
     res = run_cli("info", str(tmp_path / "x.parquet"))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pinned_flush_matches_last_stats(tmp_path):
+    model = models.make("block", dtype=torch.float32).cuda()
+    opt = graftlab.Graft(torch.optim.Adam(model.parameters(), lr=1e-2),
+                         torch.optim.SGD(model.parameters(), lr=0.1), names=model)
+    seen = []
+    with Recorder(opt, tmp_path / "t", flush_every=3, model=model) as rec:
+        for x, y in models.batches("block", 7, dtype=torch.float32):
+            loss = (model(x.cuda()) - y.cuda()).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=loss.detach())
+            seen.append((opt.last_stats.cpu(), loss.item()))
+    df = trace.read_trace(tmp_path / "t")
+    np.testing.assert_array_equal(df.ratio.to_numpy().reshape(7, -1), torch.stack([s for s, _ in seen])[:, 2].numpy())
+    np.testing.assert_allclose(df.groupby("step")["loss"].first().to_numpy(), [l for _, l in seen], rtol=1e-6)
+    assert trace.read_metadata(tmp_path / "t")["device"].startswith("cuda")
