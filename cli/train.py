@@ -30,6 +30,7 @@ def train(
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)."),
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
     from rich.console import Console
@@ -41,9 +42,13 @@ def train(
     cfg = make_config(
         config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
         steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, device=device,
-        seed=seed, eval_every=eval_every, metrics=options.path_str(metrics),
+        seed=seed, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
     )
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
+    from graftlab.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
 
     table = Table(title=f"{cfg.task}/{cfg.size} {cfg.optimizer}" + (f" + {corrections}" if corrections else ""))
     table.add_column("metric")
