@@ -5,8 +5,11 @@ two feed-forward layers, else None) and a transformer ``block`` index (None outs
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+from torch import nn
 
 KINDS = ("Q", "K", "V", "attn_out", "ffn", "embedding", "output", "norm", "conv", "other")
 
@@ -65,11 +68,6 @@ class GroupKind:
 # ``overrides``. Hugging Face's ``Conv1D`` is a linear layer despite its name and is classified by
 # name, not as a convolution.
 # ---------------------------------------------------------------------------------------------
-
-import re  # noqa: E402
-from typing import Any, Callable, Iterable, Mapping, Union  # noqa: E402
-
-from torch import nn  # noqa: E402
 
 BLOCK_CONTAINERS = frozenset({"layer", "layers", "h", "blocks", "block", "resblocks", "encoder_layers", "decoder_layers"})
 HEADS = frozenset(

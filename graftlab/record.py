@@ -21,15 +21,18 @@ How it stays out of the way of training (see :mod:`graftlab.trace` for the file 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import queue
 import shutil
 import threading
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -430,12 +433,6 @@ class Recorder:
 
 # ---------------------------------------------------------------------------------------------
 # A whole recording run of a built-in task: what `graftlab record` does.
-
-import dataclasses  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
 
 @dataclass
 class RecordConfig:
