@@ -1,0 +1,126 @@
+"""record -> distill -> train from the command line, on the built-in tasks at tiny sizes."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import graftlab.train as train_module
+from cli.app import app
+from graftlab.corrections import load_corrections
+from graftlab.trace import read_trace
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def invoke(*args):
+    res = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, f"{args[0]} failed: {res.exception!r}\n{res.output}"
+    return res
+
+
+def small_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("batch_size: 4\neval_every: 0\neval_size: 8\n")
+    return cfg
+
+
+@pytest.mark.slow
+def test_bert_adam_sgd_layer_trace_to_corrected_sgd(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path)
+    trace = tmp_path / "bert.trace"
+    invoke("record", "--task", "bert", "--magnitude", "adam", "--direction", "sgd", "--granularity", "layer",
+           "--steps", 12, "--out", trace, "--config", cfg, "--device", "cpu", "--quiet")
+    res = invoke("distill", trace, "--window", 6, "--round", "D500")
+    assert "degenerate" in res.output  # the attention K bias of every block
+    corr_path = tmp_path / "bert.trace.corrections.json"
+    corr = load_corrections(corr_path)
+    names = [g["name"] for g in read_trace(trace, steps=(0, 1)).attrs["graftlab"]["groups"]]
+    assert list(corr.multipliers) == names
+    info = corr.source["groups"]
+    for n in names:
+        if info[n]["flags"] and info[n]["block"] is None:
+            continue  # a stand-in median; checked in test_distill
+        want = 500.0 if info[n]["block"] is not None else min(max(10.0 ** np.floor(np.log10(info[n]["median"])), 0.1), 100.0)
+        assert corr.multipliers[n] == pytest.approx(want, rel=1e-12), n
+    assert any(d["flags"] == "degenerate" and ".key.bias" in n for n, d in info.items())
+
+    built = []
+    real = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    base = corr.direction_lr
+    metrics = tmp_path / "sgd.parquet"
+    invoke("train", "--task", "bert", "--optimizer", "sgd", "--lr", base, "--corrections", corr_path,
+           "--steps", 3, "--schedule", "constant", "--warmup", 0, "--config", cfg, "--device", "cpu",
+           "--metrics", metrics, "--quiet")
+    (opt,) = built
+    assert [g["name"] for g in opt.param_groups] == names
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(base * corr.multipliers[g["name"]], rel=1e-12)
+        assert g["initial_lr"] == pytest.approx(base * corr.multipliers[g["name"]], rel=1e-12)
+    df = pd.read_parquet(metrics)
+    assert len(df) == 3 and np.isfinite(df["loss"]).all()
+
+
+@pytest.mark.slow
+def test_resnet_global_sgd_adagrad_schedule_followed_step_by_step(tmp_path):
+    cfg = small_config(tmp_path)
+    trace = tmp_path / "resnet.trace"
+    steps, window = 12, 3
+    invoke("record", "--task", "resnet", "--magnitude", "sgd", "--direction", "adagrad", "--granularity", "global",
+           "--steps", steps, "--out", trace, "--config", cfg, "--device", "cpu", "--quiet")
+    invoke("distill", trace, "--window", window)  # a global trace gives a schedule by default
+    corr = load_corrections(tmp_path / "resnet.trace.corrections.json")
+    assert corr.multipliers == {} and list(corr.schedule) == ["global"]
+    # the schedule is the windowed medians of the recorded ratios (consecutive equal ones merged)
+    df = read_trace(trace)
+    ratio = df["ratio"].to_numpy(dtype=np.float64)
+    want = []
+    for s in range(0, steps, window):
+        w = ratio[s:s + window]
+        m = float(np.median(w[np.isfinite(w)]))
+        if not want or want[-1][1] != m:
+            want.append([s, m])
+    assert corr.schedule["global"] == want
+
+    metrics = tmp_path / "adagrad.parquet"
+    base = corr.direction_lr
+    invoke("train", "--task", "resnet", "--optimizer", "adagrad", "--lr", base, "--corrections",
+           tmp_path / "resnet.trace.corrections.json", "--steps", steps, "--schedule", "constant", "--warmup", 0,
+           "--config", cfg, "--device", "cpu", "--metrics", metrics, "--quiet")
+    lr = pd.read_parquet(metrics)["lr"].to_numpy()
+    starts = [s for s, _ in want]
+    expect = [base * want[np.searchsorted(starts, t, side="right") - 1][1] for t in range(steps)]
+    np.testing.assert_allclose(lr, expect, rtol=1e-12)
+
+
+def test_train_rejects_bad_corrections(tmp_path):
+    """Bad corrections files stop `graftlab train` before it trains, with one error line."""
+    import json
+
+    from graftlab.errors import GraftlabError
+
+    cfg = small_config(tmp_path)
+    cases = {
+        "nan.json": ({"format": "graftlab.corrections/1", "multipliers": {"conv1.weight": float("nan")}}, "finite and positive"),
+        "neg.json": ({"format": "graftlab.corrections/1", "multipliers": {"conv1.weight": -2.0}}, "finite and positive"),
+        "other.json": ({"format": "graftlab.corrections/1",
+                        "multipliers": {"blocks.0.attn.query.weight": 500.0, "embed.word.weight": 100.0}},
+                       "another model"),
+    }
+    for name, (payload, msg) in cases.items():
+        p = tmp_path / name
+        p.write_text(json.dumps(payload))
+        res = runner.invoke(app, ["train", "--task", "resnet", "--optimizer", "sgd", "--corrections", str(p),
+                                  "--steps", "1", "--config", str(cfg), "--device", "cpu", "--quiet"])
+        assert res.exit_code != 0
+        assert isinstance(res.exception, GraftlabError), res.output
+        assert msg in str(res.exception) and "\n" not in str(res.exception)
