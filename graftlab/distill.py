@@ -200,7 +200,7 @@ def distill(
     for g in groups:
         d = {
             "kind": kinds[g],
-            "block": _py(table["block"].get(g)) if "block" in table.columns and g in table.index else None,
+            "block": _block(table["block"].get(g)) if "block" in table.columns and g in table.index else None,
             "tied": bool(tied[g]),
             "median": _py(first_win.at[g, "median"]),
             "factor": _py(first_factor[g]),
@@ -245,6 +245,12 @@ def _py(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _block(v: Any) -> Optional[int]:
+    """A block index from the metadata table (pandas turns int columns with None into floats)."""
+    v = _py(v)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def default_output(trace_path: PathLike, format: str = "json") -> Path:

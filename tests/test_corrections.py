@@ -166,3 +166,9 @@ def test_apply_unknown_and_missing_groups():
     assert [g["lr"] for g in a.param_groups] == pytest.approx([0.5, 0.1, 0.1, 0.1])
     with pytest.raises(GraftlabError, match="base learning rate"):
         apply(only, list(m.named_parameters()), float("nan"), allow_missing=True)
+
+
+def test_apply_global_static_multiplier():
+    m = model()
+    a = apply(Corrections(multipliers={"global": 0.25}), list(m.named_parameters()), 0.4)
+    assert [g["lr"] for g in a.param_groups] == [0.1] * 4 and a.missing == []

@@ -132,6 +132,8 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     # the K bias is the only degenerate group (the paper's 154101 artifact)
     flagged = {n for n, d in info.items() if d["flags"]}
     assert flagged == {f"bert.encoder.layer.{b}.attention.self.key.bias" for b in BLOCKS}
+    assert info["bert.encoder.layer.23.attention.self.query.weight"]["block"] == 23
+    assert info["bert.embeddings.word_embeddings.weight"]["block"] is None
     assert corr.source["direction_lr"] == 0.05 and corr.source["round"] == "D500"
     assert corr.source["window"] == 2000 and corr.source["mode"] == "static"
     # drift: median of the last 2000 steps (about 1000x higher) over the first window's
