@@ -1,0 +1,1 @@
+"""Experiments that reproduce the paper's protocol at small scale; see docs/results.md."""

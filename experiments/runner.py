@@ -1,0 +1,317 @@
+"""What every experiment script shares: resumable runs, corrections files, tables and timing.
+
+An experiment is a list of runs, each identified by a name and written to
+``<out>/runs/<name>.parquet`` (the metrics file of :func:`graftlab.train.fit`, config and final
+held-out metrics in its metadata). A run whose metrics file exists is skipped and read back, so an
+interrupted experiment continues where it stopped::
+
+    ex = Experiment("runs/transformer", quick=False)
+    res = ex.train("sgd_lr0.1_s0", TrainConfig(task="bert", optimizer="sgd", lr=0.1, ...))
+    rec = ex.record("graft_s0", RecordConfig(task="bert", magnitude="adam", direction="sgd", ...))
+    corr = ex.corrections("median", lambda: distill(rec.trace, window=50))
+    ex.write_table(frame, "results.md")
+
+Metrics files are written atomically at the end of a run; a grafted run's trace directory without
+its metrics file is an interrupted run and is recorded again from scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from graftlab.corrections import Corrections, load_corrections, save
+from graftlab.errors import GraftlabError
+
+
+@dataclass
+class Settings:
+    """Knobs every experiment takes from the command line (None: the experiment's default)."""
+
+    out: Optional[str] = None  # output directory (default: runs/experiments/<name>, or <name>-quick)
+    quick: bool = False  # a few steps, one seed, tiny grids: checks that the script works
+    steps: Optional[int] = None  # optimizer steps per run
+    size: Optional[str] = None  # task size: tiny | small | base
+    batch_size: Optional[int] = None
+    seeds: Optional[int] = None  # seeds for the final comparison (the grid runs on seed 0)
+    device: str = "cpu"  # cpu | cuda | auto
+    eval_size: Optional[int] = None  # held-out sequences/images per evaluation
+    threads: Optional[int] = None  # torch CPU threads (default: 1, best on a shared machine)
+    progress: bool = False  # per-run progress bars
+
+    @classmethod
+    def from_argv(cls, name: str, description: str, argv: Optional[Sequence[str]] = None) -> "Settings":
+        p = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
+        p.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
+        p.add_argument("--quick", action="store_true", help="a few steps, one seed, tiny grids")
+        p.add_argument("--steps", type=int, help="optimizer steps per run")
+        p.add_argument("--size", choices=["tiny", "small", "base"], help="task size")
+        p.add_argument("--batch-size", type=int, dest="batch_size")
+        p.add_argument("--seeds", type=int, help="seeds for the final comparison")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+        p.add_argument("--eval-size", type=int, dest="eval_size", help="held-out examples per evaluation")
+        p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+        p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+        return cls(**vars(p.parse_args(argv)))
+
+    def pick(self, name: str, full: Any, quick: Any) -> Any:
+        """The user's value for ``name`` if given, else the quick or the full default."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return quick if self.quick else full
+
+
+@dataclass
+class Run:
+    """One finished run, read back from its metrics file."""
+
+    name: str
+    metrics: pd.DataFrame
+    meta: dict[str, Any]
+    skipped: bool  # True when the file already existed (resumed experiment)
+    trace: Optional[Path] = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {k: (float(v) if v is not None else math.nan) for k, v in (self.meta.get("final") or {}).items()}
+
+    @property
+    def diverged(self) -> bool:
+        return self.meta.get("diverged_at") is not None or not all(math.isfinite(v) for v in self.final.values())
+
+    def evals(self, key: str = "loss") -> pd.Series:
+        """Held-out ``key`` by step (steps counted from 1: the value after that many steps)."""
+        col = f"eval_{key}"
+        if col not in self.metrics:
+            return pd.Series(dtype=float)
+        rows = self.metrics.dropna(subset=[col])
+        return pd.Series(rows[col].to_numpy(), index=rows["step"].to_numpy() + 1, name=self.name)
+
+
+@dataclass
+class Experiment:
+    """The output directory of one experiment and the runs in it (see the module docstring)."""
+
+    name: str
+    out: Path
+    settings: Settings
+    runs: dict[str, Run] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def open(cls, name: str, settings: Settings) -> "Experiment":
+        out = Path(settings.out or f"runs/experiments/{name}{'-quick' if settings.quick else ''}").expanduser()
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        (out / "traces").mkdir(exist_ok=True)
+        (out / "corrections").mkdir(exist_ok=True)
+        torch.set_num_threads(settings.threads or 1)
+        return cls(name, out, settings)
+
+    # ---------------------------------------------------------------------------------- runs
+    def metrics_path(self, name: str) -> Path:
+        return self.out / "runs" / f"{name}.parquet"
+
+    def _done(self, name: str) -> Optional[Run]:
+        if name in self.runs:  # asked again in this process (a grid run reused as a baseline)
+            return self.runs[name]
+        path = self.metrics_path(name)
+        if not path.exists():
+            return None
+        from graftlab.train import read_metrics
+
+        frame, meta = read_metrics(path)
+        trace = self.out / "traces" / name
+        run = Run(name, frame, meta, True, trace if trace.exists() else None)
+        self.runs[name] = run
+        self.say(f"skip  {name}: done ({_fmt_final(run)})")
+        return run
+
+    def train(self, name: str, config: Any, corrections: Optional[Path] = None, **extra: Any) -> Run:
+        """A plain run (:func:`graftlab.train.train`); skipped when its metrics file exists."""
+        done = self._done(name)
+        if done is not None:
+            return done
+        from graftlab.train import read_metrics, train
+
+        cfg = dataclasses.replace(config, metrics=str(self.metrics_path(name)))
+        self.say(f"run   {name} ...")
+        train(cfg, corrections=corrections, progress=self.settings.progress)
+        frame, meta = read_metrics(self.metrics_path(name))
+        run = Run(name, frame, meta, False)
+        self.runs[name] = run
+        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
+        return run
+
+    def record(self, name: str, config: Any) -> Run:
+        """A grafted run (:func:`graftlab.record.record`) writing ``traces/<name>``; resumable."""
+        done = self._done(name)
+        if done is not None:
+            return done
+        from graftlab.record import record
+        from graftlab.train import read_metrics
+
+        trace = self.out / "traces" / name
+        cfg = dataclasses.replace(config, out=str(trace), metrics=str(self.metrics_path(name)))
+        self.say(f"run   {name} (grafted, trace) ...")
+        # a trace without its metrics file is an interrupted run: record it again from scratch
+        record(cfg, overwrite=True, progress=self.settings.progress)
+        frame, meta = read_metrics(self.metrics_path(name))
+        run = Run(name, frame, meta, False, trace)
+        self.runs[name] = run
+        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
+        return run
+
+    def corrections(self, name: str, make: Callable[[], Corrections]) -> Path:
+        """``corrections/<name>.json`` from ``make()``, computed once and kept."""
+        path = self.out / "corrections" / f"{name}.json"
+        if not path.exists():
+            save(make(), path)
+        return path
+
+    def load(self, name: str) -> Corrections:
+        return load_corrections(self.out / "corrections" / f"{name}.json")
+
+    # ------------------------------------------------------------------------------- output
+    def say(self, text: str) -> None:
+        line = f"[{self.name} {time.time() - self.started:7.0f}s] {text}"
+        self.log.append(line)
+        print(line, flush=True)
+
+    def write(self, filename: str, text: str) -> Path:
+        path = self.out / filename
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    def save_figure(self, fig: Any, filename: str) -> Path:
+        path = self.out / filename
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return path
+
+    def run_table(self) -> pd.DataFrame:
+        """Every run of the experiment: final held-out metrics, steps, divergence, wall time."""
+        rows = []
+        for name, run in self.runs.items():
+            cfg = run.meta.get("config") or {}
+            rows.append({
+                "run": name, **{f"eval_{k}": v for k, v in run.final.items()},
+                "steps": run.meta.get("steps"), "diverged_at": run.meta.get("diverged_at"),
+                "wall_s": run.meta.get("wall_time"), "steps_per_s": run.meta.get("steps_per_second"),
+                "seed": cfg.get("seed"), "batch_size": cfg.get("batch_size"),
+            })
+        return pd.DataFrame(rows)
+
+    def finish(self, body: str, settings_used: dict[str, Any]) -> Path:
+        """Write ``runs.csv``, ``settings.json`` and ``results.md`` (``body`` plus run list, machine)."""
+        table = self.run_table()
+        table.to_csv(self.out / "runs.csv", index=False)
+        wall = float(np.nansum(table["wall_s"].to_numpy(dtype=float))) if len(table) else 0.0
+        info = {"experiment": self.name, **settings_used, "machine": machine(), "run_wall_s_total": wall}
+        self.write("settings.json", json.dumps(info, indent=1, default=str) + "\n")
+        text = (
+            f"{body}\n\n## Runs\n\n{markdown(table, floatfmt='.4g')}\n\n"
+            f"Sum of run wall times: {wall / 60:.1f} min on {info['machine']}.\n"
+        )
+        return self.write("results.md", text)
+
+
+def _fmt_final(run: Run) -> str:
+    out = ", ".join(f"{k} {v:.4f}" for k, v in run.final.items())
+    return out + (f" (diverged at {run.meta.get('diverged_at')})" if run.meta.get("diverged_at") is not None else "")
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model and cores, or the GPU, plus torch."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        dev = f"{model}, {os.cpu_count()} cores"
+    return f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A DataFrame as a GitHub Markdown table (no tabulate dependency)."""
+    cols = list(frame.columns)
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, (float, np.floating)):
+            return format(float(v), floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    columns = [frame[c].tolist() for c in cols]  # per column: a row of mixed types stays as it is
+    for row in zip(*columns):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def best(runs: dict[str, Run], key: str = "loss") -> str:
+    """Name of the run with the lowest final held-out ``key`` (diverged runs last)."""
+    def score(name: str) -> float:
+        v = runs[name].final.get(key, math.nan)
+        return v if math.isfinite(v) and not runs[name].diverged else math.inf
+
+    return min(runs, key=score)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(np.mean(arr)), float(np.std(arr, ddof=1)) if arr.size > 1 else math.nan
+
+
+def pm(mean: float, std: float, fmt: str = ".4f") -> str:
+    if not math.isfinite(mean):
+        return "diverged" if math.isinf(mean) or math.isnan(mean) else "-"
+    return format(mean, fmt) + ("" if not math.isfinite(std) else f" ± {format(std, fmt)}")
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def quarter_medians(df: pd.DataFrame, steps: int, kinds: dict[str, str], normalise_lr: bool = False) -> pd.DataFrame:
+    """Per kind and quarter of training: the median over groups of each group's median ratio.
+
+    With ``normalise_lr`` every ratio is divided by M's lr at that step relative to its peak, so
+    what remains is the drift that the run's own lr schedule does not explain. Non-finite ratios
+    are skipped; flagged (degenerate) groups should be removed by the caller.
+    """
+    df = df[np.isfinite(df["ratio"].to_numpy(dtype=float))].copy()
+    if normalise_lr and "lr" in df:
+        lr = df["lr"].to_numpy(dtype=float)
+        df["ratio"] = df["ratio"] / (lr / np.nanmax(lr))
+    df["quarter"] = np.minimum(df["step"].to_numpy() * 4 // max(steps, 1), 3) + 1
+    per_group = df.groupby(["quarter", "group"])["ratio"].median().reset_index()
+    per_group["kind"] = per_group["group"].map(lambda g: kinds.get(g, "other"))
+    table = per_group.groupby(["kind", "quarter"])["ratio"].median().unstack("quarter")
+    table.columns = [f"Q{c}" for c in table.columns]
+    return table
