@@ -5,10 +5,28 @@ The pipeline, one module per stage::
     graft.py (M#D optimizer) -> record.py (Recorder) -> trace.py (the trace contract)
       -> distill.py (trace -> corrections) -> corrections.py (the corrections contract) -> train.py
 """
-from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
-from graftlab.partition import Partition
-
 __version__ = "0.1.0"
 
-__all__ = ["Graft", "GraftlabError", "Partition", "__version__"]
+from graftlab.corrections import Applied, Corrections, apply, load_corrections, save  # noqa: E402
+from graftlab.distill import distill  # noqa: E402
+from graftlab.errors import GraftlabError  # noqa: E402
+from graftlab.graft import Graft  # noqa: E402
+from graftlab.partition import Partition  # noqa: E402
+from graftlab.record import Recorder  # noqa: E402
+from graftlab.trace import read_metadata, read_trace  # noqa: E402
+
+__all__ = [
+    "Applied",
+    "Corrections",
+    "Graft",
+    "GraftlabError",
+    "Partition",
+    "Recorder",
+    "__version__",
+    "apply",
+    "distill",
+    "load_corrections",
+    "read_metadata",
+    "read_trace",
+    "save",
+]
