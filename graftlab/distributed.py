@@ -190,6 +190,8 @@ def wrap_model(
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # FSDP2 warns at every forward whose output is a view; graftlab's tasks never write into outputs
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     units = [m for m in model.modules() if m is not model and shard(m)] if shard else _default_units(model)
     for unit in units:
         fully_shard(unit, mesh=mesh)
