@@ -30,6 +30,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existin
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on held-out data every N steps, 0 = only at the end (default: 100).")]
 Metrics = Annotated[Optional[Path], typer.Option("--metrics", help="Parquet file for per-step loss, lr and eval metrics.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP).")]
+CheckpointDir = Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Save torch.distributed.checkpoint directories here (step-N).")]
+CheckpointEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints (default: only at the end).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --checkpoint-dir, on any number of processes.")]
 
 
 def path_str(path: Optional[Path]) -> Optional[str]:

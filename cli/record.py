@@ -30,7 +30,10 @@ def record(
     data: options.Data = None,
     batch_size: options.BatchSize = None,
     device: options.Device = None,
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)."),
+    fsdp: options.Fsdp = False,
+    checkpoint_dir: options.CheckpointDir = None,
+    checkpoint_every: options.CheckpointEvery = None,
+    resume: options.Resume = False,
     seed: options.Seed = None,
     every: Optional[int] = typer.Option(None, "--every", help="Record every k-th step (default: 1)."),
     flush_every: Optional[int] = typer.Option(None, "--flush-every", help="Recorded steps per part file; at most this many are lost if the run dies (default: 100)."),
@@ -59,8 +62,9 @@ def record(
         m_hparams=m_hp, d_hparams=d_hp, granularity=granularity, schedule=schedule, warmup=warmup, power=power,
         milestones=milestones, gamma=gamma, device=device, seed=seed, eval_every=eval_every, metrics=options.path_str(metrics),
         out=str(out) if out is not None else None, every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
+        checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
-    check_out(cfg.out, overwrite)
+    check_out(cfg.out, overwrite or cfg.resume)  # a resumed run appends to its trace
     res = run(cfg, overwrite=overwrite, progress=not quiet)
     from graftlab.distributed import is_main
 

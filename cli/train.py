@@ -30,7 +30,10 @@ def train(
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)."),
+    fsdp: options.Fsdp = False,
+    checkpoint_dir: options.CheckpointDir = None,
+    checkpoint_every: options.CheckpointEvery = None,
+    resume: options.Resume = False,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
     from rich.console import Console
@@ -43,6 +46,7 @@ def train(
         config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
         steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, device=device,
         seed=seed, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
+        checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
     from graftlab.distributed import is_main

@@ -621,9 +621,9 @@ class Checkpoints:
         _barrier()
         return path
 
-    def maybe_save(self, done: int) -> Optional[Path]:
-        """Save when ``done`` (steps completed) is a multiple of ``every``."""
-        if self.every and done % self.every == 0:
+    def maybe_save(self, done: int, last: bool = False) -> Optional[Path]:
+        """Save when ``done`` (steps completed) is a multiple of ``every``, or on the ``last`` step."""
+        if (self.every and done % self.every == 0) or last:
             return self.save(done)
         return None
 
@@ -641,3 +641,34 @@ class Checkpoints:
             self.scheduler.last_epoch = int(last_epoch)
             self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
         return step
+
+
+def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+    """``(Checkpoints or None, steps already done)`` for a run configured with ``checkpoint_dir``,
+    ``checkpoint_every`` and ``resume`` (the fields of ``TrainConfig`` / ``RecordConfig``); loads
+    the newest checkpoint when resuming. Without ``checkpoint_dir``: ``(None, 0)``."""
+    directory = getattr(config, "checkpoint_dir", None)
+    every = int(getattr(config, "checkpoint_every", 0) or 0)
+    resume = bool(getattr(config, "resume", False))
+    if directory is None:
+        if every or resume:
+            raise GraftlabError("--checkpoint-every and --resume need --checkpoint-dir")
+        return None, 0
+    ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)
+    first = ckpt.resume() if resume else 0
+    steps = getattr(config, "steps", None)
+    if steps is not None and first >= steps:
+        raise GraftlabError(f"{ckpt.latest()} has done {first} steps already: the run asks for {steps}")
+    return ckpt, first
+
+
+def resume_step(config: Any) -> int:
+    """Steps done by the newest checkpoint a resumed run would load (0 when not resuming or none);
+    reads only ``graftlab.json``, so a recorder can be opened at the right step before the run."""
+    directory = getattr(config, "checkpoint_dir", None)
+    if directory is None or not getattr(config, "resume", False):
+        return 0
+    latest = Checkpoints(directory, None, None).latest()
+    if latest is None:
+        return 0
+    return int((json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}).get("step", 0))

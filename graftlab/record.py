@@ -462,6 +462,9 @@ class RecordConfig:
     # --- system ---
     device: str = "auto"
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
+    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
+    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir; the trace is appended to
     seed: int = 0
     eval_every: int = 100
     eval_size: Optional[int] = None
@@ -521,7 +524,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     from graftlab import distributed as gd
 
     device = gd.setup(config.device)  # under torchrun: joins the process group, this rank's device
-    path = check_out(config.out, overwrite)  # before the task is built: fail fast
+    path = check_out(config.out, overwrite or config.resume)  # before the task is built: fail fast
     gd.barrier()  # every rank checked before rank 0 creates the trace
     if config.granularity not in ("layer", "global", "coordinate"):
         raise GraftlabError(f"unknown granularity {config.granularity!r}: choose layer, global or coordinate")
@@ -540,7 +543,8 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": info}
     recorder = gd.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite)  # rank 0 writes the trace
+                            metadata=meta, model=names, overwrite=overwrite,  # rank 0 writes the trace
+                            start_step=gd.resume_step(config), resume=config.resume)
     from graftlab.train import fit
 
     try:

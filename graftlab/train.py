@@ -68,6 +68,9 @@ class TrainConfig:
     # --- system ---
     device: str = "auto"  # cpu | cuda | auto
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
+    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
+    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
     seed: int = 0  # seeds model init, data order, masking and dropout
     # --- evaluation and logging ---
     eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
@@ -374,16 +377,19 @@ def fit(
     torch.manual_seed(config.seed)  # dropout and anything else drawing from the global generator
     model.train()
     batches = task.train_batches()
+    ckpt, first = gd.checkpoints_for(config, model, optimizer, scheduler)  # first > 0: resumed
+    for _ in range(first):
+        next(batches)  # the data order of the uninterrupted run
     losses = torch.zeros(steps, dtype=torch.float32, device=device)
     lrs = np.empty(steps, dtype=np.float64)
     evals: dict[int, dict[str, float]] = {}
     bar = _Progress(steps, progress and gd.is_main(), f"{task.name}/{task.size} {type(optimizer).__name__}")
     diverged_at: Optional[int] = None
-    eval_time, logged = 0.0, 0
+    eval_time, logged = 0.0, first
     start = time.perf_counter()
-    done = 0
+    done = first
     try:
-        for step in range(steps):
+        for step in range(first, steps):
             lrs[step] = base_lr * factor(step)
             loss = task.loss(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
@@ -395,12 +401,14 @@ def fit(
             if on_step is not None:
                 on_step(step, loss)
             done = step + 1
+            if ckpt is not None:
+                ckpt.maybe_save(done, last=done == steps)
             bar.advance()
             if done % config.log_every == 0 or done == steps:
                 # the one host sync per logging interval; the mean over ranks, so all stop together
                 mean = gd.global_mean(losses[logged:done].mean()).item()
                 logged = done
-                rate = done / max(time.perf_counter() - start - eval_time, 1e-9)
+                rate = (done - first) / max(time.perf_counter() - start - eval_time, 1e-9)
                 bar.update(mean, rate)
                 if not math.isfinite(mean):
                     diverged_at = step
@@ -420,13 +428,14 @@ def fit(
     wall = time.perf_counter() - start
 
     losses = gd.global_mean(losses)  # per-step global-batch losses under torchrun
-    frame = pd.DataFrame({"step": np.arange(done, dtype=np.int64), "loss": losses[:done].cpu().numpy(), "lr": lrs[:done]})
+    frame = pd.DataFrame({"step": np.arange(first, done, dtype=np.int64), "loss": losses[first:done].cpu().numpy(),
+                          "lr": lrs[first:done]})
     for key in final:
-        column = np.full(done, np.nan)
+        column = np.full(done - first, np.nan)
         for s, values in evals.items():
-            column[s] = values.get(key, np.nan)
+            column[s - first] = values.get(key, np.nan)
         frame[f"eval_{key}"] = column
-    rate = done / max(train_time, 1e-9)
+    rate = (done - first) / max(train_time, 1e-9)
     result = FitResult(final, frame, wall, rate, done, diverged_at, str(path) if path else None, optimizer)
     if path is not None and gd.is_main():
         import graftlab

@@ -253,3 +253,29 @@ def test_graftlab_record_under_torchrun_fsdp_equals_one_process(tmp_path):
     for col in ("norm_m", "norm_d", "ratio"):  # float32 runs, different summation order
         np.testing.assert_allclose(dist[col].to_numpy()[keep], one[col].to_numpy()[keep], rtol=2e-4, err_msg=col)
     np.testing.assert_allclose(dist["loss"].to_numpy(), one["loss"].to_numpy(), rtol=1e-5)
+
+
+def test_record_resumes_from_checkpoint(tmp_path):
+    """`record` with --checkpoint-dir, stopped after 2 of 4 steps, then --resume: the trace and the
+    end state equal an uninterrupted 4-step run (constant lr, so the 2-step run is its prefix)."""
+    from dataclasses import replace
+
+    from graftlab.record import RecordConfig, record
+    from graftlab.trace import read_trace
+
+    torch.set_num_threads(1)
+    base = RecordConfig(task="bert", steps=4, batch_size=4, eval_every=0, eval_size=4, log_every=1, device="cpu",
+                        schedule="constant", warmup=0.0)
+    full = record(replace(base, out=str(tmp_path / "full")), progress=False)
+    ck = str(tmp_path / "ck")
+    record(replace(base, steps=2, out=str(tmp_path / "part"), checkpoint_dir=ck), progress=False)
+    assert [p.name for p in gd.Checkpoints(ck, None, None).all()] == ["step-00000002"]
+    resumed = record(replace(base, out=str(tmp_path / "part"), checkpoint_dir=ck, resume=True), progress=False)
+    assert resumed.fit.metrics["step"].tolist() == [2, 3]
+    a, b = read_trace(tmp_path / "full"), read_trace(tmp_path / "part")
+    assert b["step"].tolist() == a["step"].tolist()
+    for col in ("norm_m", "norm_d", "ratio", "loss", "lr"):
+        np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), rtol=1e-6, err_msg=col)
+    assert resumed.fit.final == pytest.approx(full.fit.final, rel=1e-6)
+    with pytest.raises(GraftlabError, match="need --checkpoint-dir"):
+        record(replace(base, out=str(tmp_path / "x"), resume=True), progress=False)
