@@ -124,7 +124,7 @@ class Experiment:
     def metrics_path(self, name: str) -> Path:
         return self.out / "runs" / f"{name}.parquet"
 
-    def _done(self, name: str) -> Optional[Run]:
+    def _done(self, name: str, config: Any) -> Optional[Run]:
         if name in self.runs:  # asked again in this process (a grid run reused as a baseline)
             return self.runs[name]
         path = self.metrics_path(name)
@@ -133,6 +133,7 @@ class Experiment:
         from graftlab.train import read_metrics
 
         frame, meta = read_metrics(path)
+        _check_same(name, path, meta.get("config") or {}, config)
         trace = self.out / "traces" / name
         run = Run(name, frame, meta, True, trace if trace.exists() else None)
         self.runs[name] = run
@@ -141,7 +142,7 @@ class Experiment:
 
     def train(self, name: str, config: Any, corrections: Optional[Path] = None, **extra: Any) -> Run:
         """A plain run (:func:`graftlab.train.train`); skipped when its metrics file exists."""
-        done = self._done(name)
+        done = self._done(name, config)
         if done is not None:
             return done
         from graftlab.train import read_metrics, train
@@ -157,7 +158,7 @@ class Experiment:
 
     def record(self, name: str, config: Any) -> Run:
         """A grafted run (:func:`graftlab.record.record`) writing ``traces/<name>``; resumable."""
-        done = self._done(name)
+        done = self._done(name, config)
         if done is not None:
             return done
         from graftlab.record import record
@@ -230,6 +231,25 @@ class Experiment:
             f"Sum of run wall times: {wall / 60:.1f} min on {info['machine']}.\n"
         )
         return self.write("results.md", text)
+
+
+# Settings that make a finished run a different run; a mismatch means the out dir holds another experiment.
+_IDENTITY = ("task", "size", "steps", "batch_size", "seed", "optimizer", "lr", "magnitude", "direction",
+             "magnitude_lr", "direction_lr", "granularity", "schedule")
+
+
+def _check_same(name: str, path: Path, stored: dict[str, Any], config: Any) -> None:
+    wanted = dataclasses.asdict(config)
+    for key in _IDENTITY:
+        if key not in wanted or key not in stored or wanted[key] is None:
+            continue
+        a, b = stored[key], wanted[key]
+        same = math.isclose(a, b, rel_tol=1e-12) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else a == b
+        if not same:
+            raise GraftlabError(
+                f"{path} was run with {key}={a!r}, this experiment asks for {b!r}: use another --out "
+                "(finished runs are only reused when their settings match)"
+            )
 
 
 def _fmt_final(run: Run) -> str:

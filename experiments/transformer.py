@@ -1,7 +1,7 @@
 """Transformer experiment (the paper's Table 6b at small scale): can SGD with distilled corrections
 train the ``bert`` masked LM as well as Adam?
 
-    python experiments/transformer.py            # full: bert/small, 3 seeds (2 shared CPU cores: ~25 min)
+    python experiments/transformer.py            # full: bert/small, 3 seeds (2 shared CPU cores: ~30 min)
     python experiments/transformer.py --quick    # a few steps, one seed: checks the script
     graftlab experiment transformer --steps 3000 --size small --device cuda   # scaled up
 
@@ -53,14 +53,14 @@ LABELS = {
 
 
 def defaults(s: Settings) -> dict[str, Any]:
-    steps = s.pick("steps", 150, 8)
+    steps = s.pick("steps", 300, 8)
     return {
         "size": s.pick("size", "small", "tiny"),
         "batch_size": s.pick("batch_size", 16, 8),
         "steps": steps,
         "seeds": s.pick("seeds", 3, 1),
         "eval_size": s.pick("eval_size", 128, 16),
-        "eval_every": max(steps // 3, 1),
+        "eval_every": max(steps // 6, 1),
         "adam_lrs": [1e-3] if s.quick else [1e-3, 3e-3],
         "sgd_lrs": [0.1] if s.quick else [0.1, 0.3],
         "momentum": 0.9,

@@ -144,3 +144,14 @@ def test_quarter_medians_and_markdown():
     assert norm.loc["Q"].tolist() == [1.0, 2.0, 6.0, 8.0]
     text = markdown(pd.DataFrame({"step": [10, 20], "x": [0.5, float("nan")]}))
     assert text.splitlines()[2] == "| 10 | 0.5000 |" and text.splitlines()[3] == "| 20 | - |"
+
+
+def test_finished_run_with_other_settings_is_an_error(tmp_path):
+    from experiments.runner import _check_same
+    from graftlab.errors import GraftlabError
+    from graftlab.train import TrainConfig
+
+    stored = {"task": "bert", "steps": 300, "lr": 0.1, "seed": 0}
+    _check_same("r", tmp_path / "r.parquet", stored, TrainConfig(task="bert", steps=300, lr=0.1 + 1e-16))
+    with pytest.raises(GraftlabError, match="steps=300"):
+        _check_same("r", tmp_path / "r.parquet", stored, TrainConfig(task="bert", steps=150, lr=0.1))
