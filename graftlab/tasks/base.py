@@ -47,6 +47,12 @@ class Task:
             for start in range(0, n - self.batch_size + 1, self.batch_size):
                 yield self.make_batch(order[start : start + self.batch_size], gen)
 
+    def to_device(self, t: Tensor) -> Tensor:
+        """Copy a fresh CPU tensor to ``device`` without making the host wait for the GPU."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def default_lr(self, optimizer: str) -> float:
         return self.default_lrs.get(optimizer, 1e-3)
 

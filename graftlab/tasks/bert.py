@@ -205,7 +205,7 @@ class BertTask(Task):
         self.eval_size = n_eval
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: self.to_device(v) for k, v in batch.items()}
 
     def make_batch(self, index: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         return self._to_device(mask_tokens(self.data.train[index], self.config.vocab_size, gen))

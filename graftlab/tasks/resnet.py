@@ -122,7 +122,7 @@ class ResNetTask(Task):
 
     def make_batch(self, index: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         flip = torch.rand(len(index), generator=gen) < 0.5
-        index, flip = index.to(self.device, non_blocking=True), flip.to(self.device, non_blocking=True)
+        index, flip = self.to_device(index), self.to_device(flip)
         x = self._normalise(self._x_train[index])
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self._y_train[index]
