@@ -12,7 +12,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 300; quick: 40]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 16; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
-    round: Optional[str] = typer.Option(None, "--round", help="none, pow10 or D<beta> [default: D<beta>, beta from the run]."),
+    round: Optional[str] = typer.Option(None, "--round", help="none, pow10, D<beta>, or Dauto (beta from the run) [default: none]."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum in D and the SGD runs [default: 0]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     seed: int = typer.Option(0, "--seed"),

@@ -19,7 +19,7 @@ from graftlab.trace import read_trace
 def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--out", str(out)])
+    res = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--round", "Dauto", "--out", str(out)])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out / "results.csv")
     assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections", "adam"]
@@ -79,5 +79,5 @@ def test_format_table_marks_divergence():
 
 def test_quick_config_is_small():
     q = DemoConfig.quick()
-    assert q.steps <= 60 and q.batch_size <= 8 and q.window <= q.steps
+    assert q.steps <= 60 and q.batch_size <= 8 and q.window <= q.steps and q.round == "none"
     assert DemoConfig.quick(window=10).window == 10
