@@ -76,11 +76,18 @@ def record(
     console.print(f"{cfg.magnitude}#{cfg.direction} on {cfg.task}: {res.fit.steps} steps, {res.groups} groups, "
                   f"{res.fit.steps_per_second:.1f} steps/s; held-out {final}")
     table = Table(title="median ratio ||M step|| / ||D step|| per kind (median over groups of each group's median)")
-    for col in ("kind", "groups", "median", "min", "max"):
+    for col in ("kind", "groups", "median", "min", "max", "flagged"):
         table.add_column(col, justify="left" if col == "kind" else "right")
+
+    def num(v: float) -> str:
+        return "-" if v != v else f"{v:.4g}"
+
     for kind, row in res.summary.iterrows():
-        table.add_row(f"{kind} ({KIND_LABELS.get(kind, kind)})", str(int(row["groups"])),
-                      f"{row['median']:.4g}", f"{row['min']:.4g}", f"{row['max']:.4g}")
+        table.add_row(f"{kind} ({KIND_LABELS.get(kind, kind)})", str(int(row["groups"])), num(row["median"]),
+                      num(row["min"]), num(row["max"]), str(int(row["flagged"])) if row["flagged"] else "")
     console.print(table)
+    flagged = res.summary.attrs.get("flagged") or {}
+    if flagged:
+        console.print("kept out of the summary: " + ", ".join(f"{g} ({why})" for g, why in flagged.items()))
     console.print(f"trace written to {res.trace} (read it with graftlab.read_trace or pandas.read_parquet; "
                   f"`graftlab info {res.trace}`)")

@@ -485,20 +485,31 @@ class RecordResult:
 
 
 def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
-    """Per kind: number of groups and the median, min and max over groups of each group's median ratio.
+    """Per kind: groups, and the median, min and max over groups of each group's median ratio.
 
-    Non-finite ratios (D's step was zero) are skipped. ``meta`` defaults to ``df.attrs["graftlab"]``.
+    Non-finite ratios (D's step was zero) are skipped, and groups that
+    :func:`graftlab.analysis.flag_groups` flags (no finite ratio, or degenerate: the attention K
+    bias, whose true gradient is zero) are kept out of the statistics and counted in ``flagged``;
+    ``out.attrs["flagged"]`` maps them to the reason. ``meta`` defaults to ``df.attrs["graftlab"]``.
     """
-    meta = meta if meta is not None else df.attrs.get("graftlab", {})
-    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
-    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
-    per_group = finite.groupby("group", sort=False)["ratio"].median()
-    frame = pd.DataFrame({"median": per_group, "kind": [kinds.get(g, "other") for g in per_group.index]})
-    out = frame.groupby("kind", sort=False)["median"].agg(["count", "median", "min", "max"])
-    out = out.rename(columns={"count": "groups"})
+    from graftlab.analysis import flag_groups
     from graftlab.kinds import KINDS
 
-    return out.reindex([k for k in KINDS if k in out.index])
+    meta = meta if meta is not None else df.attrs.get("graftlab", {})
+    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
+    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
+    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
+    medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
+    flags = flag_groups(medians)
+    frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
+                          "flagged": flags != ""})
+    stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])
+    by_kind = frame.groupby("kind", sort=False)
+    out = by_kind.size().to_frame("groups").join(stats)  # a kind with only flagged groups gets NaN
+    out["flagged"] = by_kind["flagged"].sum().astype(int)
+    out = out.reindex([k for k in KINDS if k in out.index])
+    out.attrs["flagged"] = {g: f for g, f in flags.items() if f}
+    return out
 
 
 def check_out(out: Union[str, Path, None], overwrite: bool) -> Path:

@@ -313,3 +313,20 @@ def test_cuda_pinned_flush_matches_last_stats(tmp_path):
     np.testing.assert_array_equal(df.ratio.to_numpy().reshape(7, -1), torch.stack([s for s, _ in seen])[:, 2].numpy())
     np.testing.assert_allclose(df.groupby("step")["loss"].first().to_numpy(), [l for _, l in seen], rtol=1e-6)
     assert trace.read_metadata(tmp_path / "t")["device"].startswith("cuda")
+
+
+def test_kind_summary_keeps_degenerate_groups_out():
+    from graftlab.record import kind_summary
+
+    groups = [("q0", "Q"), ("q1", "Q"), ("kb", "K"), ("kw", "K"), ("v", "V"), ("n", "norm")]
+    meta = {"groups": [{"name": g, "kind": k} for g, k in groups]}
+    ratios = {"q0": [1.0, 3.0, 2.0], "q1": [4.0, 4.0, np.inf], "kb": [1e5, 2e5, 3e5], "kw": [2.0, 2.0, 2.0],
+              "v": [0.5, 0.5, 0.5], "n": [np.nan, np.nan, np.nan]}
+    df = pd.DataFrame([(s, g, r) for g, rs in ratios.items() for s, r in enumerate(rs)],
+                      columns=["step", "group", "ratio"])
+    out = kind_summary(df, meta)
+    assert list(out.index) == ["Q", "K", "V", "norm"]
+    assert out.loc["Q", "median"] == 3.0 and out.loc["Q", "min"] == 2.0 and out.loc["Q", "max"] == 4.0
+    assert out.loc["K", "median"] == 2.0 and out.loc["K", "flagged"] == 1 and out.loc["K", "groups"] == 2
+    assert np.isnan(out.loc["norm", "median"]) and out.loc["norm", "flagged"] == 1
+    assert out.attrs["flagged"] == {"kb": "degenerate", "n": "no finite ratio"}
