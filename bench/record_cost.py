@@ -5,7 +5,7 @@ row per parameter tensor and step), on the same fixed batches; one copy has a
 :class:`graftlab.Recorder` that records every step and logs the loss. Blocks of steps alternate
 between the two, and the figure is the median over repeats of the per-block time ratio::
 
-    python bench/record_cost.py             # bert tiny, 7 repeats x 100-step blocks
+    python bench/record_cost.py             # bert tiny, batch 16, 5 repeats x 50-step blocks
     python bench/record_cost.py --quick     # a few short blocks (the smoke test)
 
 Target: at most 2% slower. On CPU the clock is process CPU time (it counts the recorder's
@@ -79,18 +79,18 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", default="tiny")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--granularity", default="layer", choices=["layer", "global"])
-    ap.add_argument("--block", type=int, help="steps per timed block and per part file (default 100, the "
-                    "recorder's default flush interval)")
+    ap.add_argument("--block", type=int, help="steps per timed block; the recorder flushes one part file per block "
+                    "(default 50: every flush is inside the timed steps)")
     ap.add_argument("--repeats", type=int, help="interleaved repeats (default 7)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    block = args.block or (10 if args.quick else 100)
-    repeats = args.repeats or (2 if args.quick else 7)
+    block = args.block or (10 if args.quick else 50)
+    repeats = args.repeats or (2 if args.quick else 5)
     batch_size = 4 if args.quick else args.batch_size
 
     task = get_task("bert", size=args.size, batch_size=batch_size, seed=0, device=args.device)

@@ -3,7 +3,7 @@
 Rows are (step, group) pairs. The table also splits each trace's bytes by column (compressed column
 chunks from the Parquet footers) and names the rest (footers: schema, run metadata, statistics)::
 
-    python bench/trace_size.py            # sample traces + a 300-step bert tiny recording
+    python bench/trace_size.py            # sample traces + a 200-step bert tiny recording
     python bench/trace_size.py --quick    # a 20-step recording only
 
 Target: under 6 bytes per row.
@@ -67,10 +67,10 @@ def record_fresh(out: Path, steps: int, batch_size: int, eval_size=None) -> Path
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, help="steps of the fresh recording (default 300; quick 20)")
+    ap.add_argument("--steps", type=int, help="steps of the fresh recording (default 200; quick 20)")
     ap.add_argument("--samples", type=Path, default=ROOT / "sample_traces")
     args = ap.parse_args(argv)
-    steps = args.steps or (20 if args.quick else 300)
+    steps = args.steps or (20 if args.quick else 200)
 
     rows = []
     if args.samples.is_dir() and not args.quick:
