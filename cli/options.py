@@ -24,6 +24,7 @@ Hparam = Annotated[Optional[list[str]], typer.Option("--hparam", help="Optimizer
 Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant, poly, step or cosine (default: bert poly, resnet step).")]
 Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Warmup steps (>= 1) or fraction of the run (< 1) (default: task's).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto (default: auto).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch (default: PyTorch's own; 1 is much faster on a shared machine).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and masking (default: 0).")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file of settings; command-line options override it.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]

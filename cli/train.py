@@ -25,6 +25,7 @@ def train(
     warmup: options.Warmup = None,
     device: options.Device = None,
     seed: options.Seed = None,
+    threads: options.Threads = None,
     eval_every: options.EvalEvery = None,
     metrics: options.Metrics = None,
     config: options.Config = None,
@@ -45,7 +46,7 @@ def train(
     cfg = make_config(
         config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
         steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, device=device,
-        seed=seed, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
+        seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
