@@ -286,3 +286,14 @@ def test_cli_train_and_refusal(tmp_path):
     again = subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "already exists" in again.stderr
     assert "Traceback" not in again.stderr and out.read_bytes() == before
+
+
+def test_threads_setting():
+    before = torch.get_num_threads()
+    try:
+        toy_fit(threads=1, steps=2, eval_every=0)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(GraftlabError, match="threads"):
+            toy_fit(threads=0, steps=2)
+    finally:
+        torch.set_num_threads(before)
