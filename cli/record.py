@@ -35,6 +35,7 @@ def record(
     checkpoint_every: options.CheckpointEvery = None,
     resume: options.Resume = False,
     seed: options.Seed = None,
+    threads: options.Threads = None,
     every: Optional[int] = typer.Option(None, "--every", help="Record every k-th step (default: 1)."),
     flush_every: Optional[int] = typer.Option(None, "--flush-every", help="Recorded steps per part file; at most this many are lost if the run dies (default: 100)."),
     eval_every: options.EvalEvery = None,
@@ -60,7 +61,7 @@ def record(
         config, RecordConfig, task=task, size=size, data=options.path_str(data), steps=steps, epochs=epochs, batch_size=batch_size,
         magnitude=magnitude, direction=direction, magnitude_lr=magnitude_lr, direction_lr=direction_lr,
         m_hparams=m_hp, d_hparams=d_hp, granularity=granularity, schedule=schedule, warmup=warmup, power=power,
-        milestones=milestones, gamma=gamma, device=device, seed=seed, eval_every=eval_every, metrics=options.path_str(metrics),
+        milestones=milestones, gamma=gamma, device=device, seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics),
         out=str(out) if out is not None else None, every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )

@@ -466,6 +466,7 @@ class RecordConfig:
     checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir; the trace is appended to
     seed: int = 0
+    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
     eval_every: int = 100
     eval_size: Optional[int] = None
     log_every: int = 50
