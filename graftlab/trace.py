@@ -105,7 +105,10 @@ def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The run metadata of a trace (from its first part file)."""
-    first = _files(Path(path))[0]
+    return _metadata_of(_files(Path(path))[0])
+
+
+def _metadata_of(first: Path) -> dict[str, Any]:
     try:
         schema = pq.read_schema(first)
     except (pa.ArrowInvalid, OSError) as err:
@@ -127,8 +130,8 @@ def read_trace(
     read the same way. Rows come sorted by step, then group order of the metadata.
     """
     path = Path(path)
-    meta = read_metadata(path)
     files = _files(path)
+    meta = _metadata_of(files[0])
     start, stop = steps if steps is not None else (None, None)
     if path.is_dir():
         files = _prune(files, start, stop)
@@ -163,7 +166,11 @@ def read_trace(
     df["group"] = df["group"].astype(str)
     order = {g["name"]: i for i, g in enumerate(meta.get("groups") or [])}
     if order:
-        df = df.assign(_g=df["group"].map(order)).sort_values(["step", "_g"], kind="stable").drop(columns="_g")
+        rank = df["group"].map(order).to_numpy()
+        step = df["step"].to_numpy()
+        ds_, dg = step[1:] - step[:-1], rank[1:] - rank[:-1]
+        if not ((ds_ > 0) | ((ds_ == 0) & (dg >= 0))).all():  # recorded traces are already in order
+            df = df.assign(_g=rank).sort_values(["step", "_g"], kind="stable").drop(columns="_g")
     else:
         df = df.sort_values(["step", "group"], kind="stable")
     df = df.reset_index(drop=True)
