@@ -1,6 +1,6 @@
 """Run every benchmark, then refresh the tables in ``bench/RESULTS.md`` from their JSON results.
 
-    python bench/run_all.py            # full sizes: ~15-25 minutes on a busy 2-core machine
+    python bench/run_all.py            # full sizes: ~40 minutes on a busy 2-core machine today
     python bench/run_all.py --quick    # smallest sizes (RESULTS.md is left alone)
     python bench/run_all.py --only step_cost record_cost
 
@@ -52,7 +52,9 @@ def tables_block() -> str:
                          f"{(res.get('timing') or [{}])[0].get('clock', '?')}.",
             "record_cost": f"{res.get('repeats')} interleaved repeats x {res.get('block')} steps.",
             "distill_cost": f"{res.get('trace_bytes', 0) / 1e6:.0f} MB on disk ({res.get('bytes_per_row', 0):.2f} "
-                            f"bytes/row); {res.get('repeats')} interleaved repeats, each in a fresh process.",
+                            f"bytes/row); {res.get('repeats')} interleaved repeats of the window distills, "
+                            f"{res.get('slow_repeats', 3)} of the whole-trace schedule and reads, 1 of the schedule "
+                            "command; each in a fresh process.",
         }
         if name in notes:
             out += [notes[name], ""]

@@ -126,3 +126,10 @@ def test_proto_read_matches_read_trace(tmp_path):
     path = _script("distill_cost").make_trace(tmp_path / "t", 300, 9)
     out = _script("proto_read").main([str(path), "--stop", "200", "--repeats", "1"])  # asserts equal frames
     assert len(out["read_trace"]) == 1
+
+
+def test_proto_size_reencodes_a_trace(tmp_path):
+    path = _script("distill_cost").make_trace(tmp_path / "t", 300, 9)
+    out = _script("proto_size").main([str(path)])["variants"]
+    sizes = dict(out)
+    assert sizes["+ no ratio column"] < sizes["metadata in the first part only"] <= sizes["as written"]
