@@ -303,10 +303,9 @@ class Graft(Optimizer):
         factors = self._record(norm_m, norm_d)
         if self.partition.elementwise:
             torch._foreach_sign_(step)
-            torch._foreach_mul_(step, self._abs_m)
+            torch._foreach_addcmul_(params, step, self._abs_m)
         else:
-            torch._foreach_mul_(step, factors)
-        torch._foreach_add_(params, step)
+            torch._foreach_addcmul_(params, step, factors)  # w += factor * step in one pass
 
     # -- sharded parameters (FSDP2 / DTensor); see graftlab.distributed -----------------------
     def _child_step_sharded(self, opt: Optimizer, rule: Callable, out: list[Tensor]) -> None:

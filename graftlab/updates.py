@@ -39,6 +39,38 @@ def _advance(states: list[dict]) -> list[float]:
     return [float(s) for s in steps]
 
 
+def _plain(group: dict) -> bool:
+    """True when the rule may read the gradients as they are (no coupled weight decay, no maximize)."""
+    return group.get("weight_decay", 0.0) == 0 and not group.get("maximize", False)
+
+
+# On CPU the step is bound by memory bandwidth: an out= op per tensor writes the buffer once, where a
+# foreach copy followed by an in-place op reads and writes it twice. On accelerators the foreach
+# forms keep the kernel launches per step independent of the number of tensors.
+def _per_tensor(out: list[Tensor]) -> bool:
+    return out[0].device.type == "cpu"
+
+
+def _sqrt_into(out: list[Tensor], src: list[Tensor]) -> None:
+    """out <- sqrt(src)."""
+    if _per_tensor(out):
+        for o, x in zip(out, src):
+            torch.sqrt(x, out=o)
+    else:
+        torch._foreach_copy_(out, src)
+        torch._foreach_sqrt_(out)
+
+
+def _div_into(out: list[Tensor], num: list[Tensor]) -> None:
+    """out <- num / out."""
+    if _per_tensor(out):
+        for o, n in zip(out, num):
+            torch.div(n, o, out=o)
+    else:
+        torch._foreach_reciprocal_(out)
+        torch._foreach_mul_(out, num)
+
+
 def _load_grads(out: list[Tensor], grads: list[Tensor], params: list[Tensor], group: dict) -> None:
     """out <- (maximize ? -g : g) + weight_decay * w (coupled weight decay)."""
     torch._foreach_copy_(out, grads)
@@ -50,23 +82,30 @@ def _load_grads(out: list[Tensor], grads: list[Tensor], params: list[Tensor], gr
 
 
 def sgd(group: dict, params, grads, state, out, scratch) -> None:
-    momentum, dampening = group["momentum"], group["dampening"]
-    _load_grads(out, grads, params, group)
+    momentum, dampening, lr = group["momentum"], group["dampening"], group["lr"]
+    g = grads
+    if momentum == 0 or not _plain(group) or group.get("nesterov", False):
+        _load_grads(out, grads, params, group)
+        g = out
     if momentum != 0:
         old = [i for i, s in enumerate(state) if s.get("momentum_buffer") is not None]
         bufs = [state[i]["momentum_buffer"] for i in old]
         if bufs:
             torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [out[i] for i in old], alpha=1 - dampening)
-        for s, d in zip(state, out):
+            torch._foreach_add_(bufs, [g[i] for i in old], alpha=1 - dampening)
+        for s, d in zip(state, g):
             if s.get("momentum_buffer") is None:  # first step: the buffer starts as the gradient
                 s["momentum_buffer"] = d.detach().clone()
         all_bufs = [s["momentum_buffer"] for s in state]
         if group.get("nesterov", False):
             torch._foreach_add_(out, all_bufs, alpha=momentum)
+        elif _per_tensor(out):
+            for o, b in zip(out, all_bufs):
+                torch.mul(b, -lr, out=o)
+            return
         else:
             torch._foreach_copy_(out, all_bufs)
-    torch._foreach_mul_(out, -group["lr"])
+    torch._foreach_mul_(out, -lr)
 
 
 def adam(group: dict, params, grads, state, out, scratch, *, decoupled: Optional[bool] = None) -> None:
@@ -85,26 +124,27 @@ def adam(group: dict, params, grads, state, out, scratch, *, decoupled: Optional
     exp_avgs = [s["exp_avg"] for s in state]
     exp_avg_sqs = [s["exp_avg_sq"] for s in state]
 
-    torch._foreach_copy_(out, grads)
-    if group.get("maximize", False):
-        torch._foreach_neg_(out)
-    if wd != 0 and not decoupled:
-        torch._foreach_add_(out, params, alpha=wd)
-    torch._foreach_lerp_(exp_avgs, out, 1 - beta1)
+    g = grads
+    if group.get("maximize", False) or (wd != 0 and not decoupled):
+        torch._foreach_copy_(out, grads)
+        if group.get("maximize", False):
+            torch._foreach_neg_(out)
+        if wd != 0 and not decoupled:
+            torch._foreach_add_(out, params, alpha=wd)
+        g = out
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, out, out, 1 - beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
 
     second = exp_avg_sqs
     if amsgrad:
         second = [s["max_exp_avg_sq"] for s in state]
         torch._foreach_maximum_(second, exp_avg_sqs)
     # out <- -step_size * m / (sqrt(v) / sqrt(bc2) + eps), built in place to need no second buffer
-    torch._foreach_copy_(out, second)
-    torch._foreach_sqrt_(out)
+    _sqrt_into(out, second)
     torch._foreach_div_(out, [(1 - beta2**k) ** 0.5 for k in steps])
     torch._foreach_add_(out, eps)
-    torch._foreach_reciprocal_(out)
-    torch._foreach_mul_(out, exp_avgs)
+    _div_into(out, exp_avgs)
     torch._foreach_mul_(out, [-lr / (1 - beta1**k) for k in steps])
     if wd != 0 and decoupled:
         torch._foreach_add_(out, params, alpha=-lr * wd)
@@ -122,16 +162,13 @@ def adagrad(group: dict, params, grads, state, out, scratch) -> None:
             s["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
     steps = _advance(state)
     sums = [s["sum"] for s in state]
-    plain = group.get("weight_decay", 0.0) == 0 and not group.get("maximize", False)
-    g = grads if plain else scratch()
-    if not plain:
+    g = grads if _plain(group) else scratch()
+    if g is not grads:
         _load_grads(g, grads, params, group)
     torch._foreach_addcmul_(sums, g, g, value=1)
-    torch._foreach_copy_(out, sums)
-    torch._foreach_sqrt_(out)
+    _sqrt_into(out, sums)
     torch._foreach_add_(out, eps)
-    torch._foreach_reciprocal_(out)
-    torch._foreach_mul_(out, g)
+    _div_into(out, g)
     torch._foreach_mul_(out, [-lr / (1 + (k - 1) * lr_decay) for k in steps])
 
 
@@ -147,9 +184,8 @@ def rmsprop(group: dict, params, grads, state, out, scratch) -> None:
                 s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     _advance(state)
     square_avgs = [s["square_avg"] for s in state]
-    plain = group.get("weight_decay", 0.0) == 0 and not group.get("maximize", False)
-    g = grads if plain else scratch()
-    if not plain:
+    g = grads if _plain(group) else scratch()
+    if g is not grads:
         _load_grads(g, grads, params, group)
     torch._foreach_mul_(square_avgs, alpha)
     torch._foreach_addcmul_(square_avgs, g, g, value=1 - alpha)
@@ -160,8 +196,7 @@ def rmsprop(group: dict, params, grads, state, out, scratch) -> None:
         torch._foreach_addcmul_(out, grad_avgs, grad_avgs, value=-1)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, eps)
-    torch._foreach_reciprocal_(out)
-    torch._foreach_mul_(out, g)
+    _div_into(out, g)
     if momentum > 0:
         bufs = [s["momentum_buffer"] for s in state]
         torch._foreach_mul_(bufs, momentum)
