@@ -465,6 +465,20 @@ def fit(
     return result
 
 
+def _correction_notes(corrections, config: TrainConfig) -> list[str]:
+    """What a user should know before training with ``corrections`` under ``config``."""
+    notes = []
+    base = corrections.direction_lr
+    if base is not None and not math.isclose(base, config.lr, rel_tol=1e-9):
+        notes.append(f"factors are relative to lr {base:g} (D's lr when recorded); this run's base lr is {config.lr:g}")
+    if corrections.schedule and config.schedule != "constant":
+        notes.append(
+            "the file holds schedules, which already contain the recorded run's warmup and decay; "
+            f"this run also applies its own '{config.schedule}' schedule (use --schedule constant to follow them alone)"
+        )
+    return notes
+
+
 def train(
     config: TrainConfig,
     corrections: Optional[str | os.PathLike] = None,
@@ -489,8 +503,16 @@ def train(
     if corrections is not None:
         from graftlab.corrections import apply, load_corrections
 
-        applied = apply(load_corrections(corrections), named, config.lr, allow_missing=allow_missing)
+        loaded = load_corrections(corrections)
+        applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
         params = applied.param_groups
+        notes = _correction_notes(loaded, config)
+        if notes and progress:
+            from rich.console import Console
+
+            for note in notes:
+                Console(stderr=True).print(f"corrections: {note}")
+        extra["correction_notes"] = notes
         group_factors = getattr(applied, "group_lr_factors", None)
         lr_factor = group_factors if group_factors is not None else applied.lr_factor
         missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))

@@ -297,3 +297,16 @@ def test_threads_setting():
             toy_fit(threads=0, steps=2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_correction_notes_warn_about_base_lr_and_double_schedules():
+    from graftlab.corrections import Corrections
+    from graftlab.train import TrainConfig, _correction_notes
+
+    sched = Corrections(schedule={"global": [[0, 0.1], [50, 0.2]]}, source={"direction_lr": 0.05})
+    notes = _correction_notes(sched, TrainConfig(lr=0.1, schedule="step"))
+    assert len(notes) == 2
+    assert "relative to lr 0.05" in notes[0] and "base lr is 0.1" in notes[0]
+    assert "--schedule constant" in notes[1]
+    static = Corrections(multipliers={"fc.weight": 10.0}, source={"direction_lr": 0.1})
+    assert _correction_notes(static, TrainConfig(lr=0.1, schedule="poly")) == []
