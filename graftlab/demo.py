@@ -17,7 +17,9 @@ Steps, in one process (the task's data and tokenizer are built once):
    plain SGD: at this scale Q and K need about 200x the correction of the other block groups,
    which one tied beta cannot give;
 3. train, from the same initialisation and data order: SGD at D's recorded learning rate, SGD with
-   the corrections (a static per-layer multiplier on that rate), and Adam at M's rate;
+   the corrections (a static per-layer multiplier on that rate), SGD with a per-layer *schedule*
+   (``distill(schedule=True)``: the median of each group's ratios over each eighth of the recording,
+   which follows the drift of the ratios that a static factor cannot), and Adam at M's rate;
 4. write the results table (``results.csv``), the trace's figures (``figures/``) and print the table.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ import pandas as pd
 from graftlab.errors import GraftlabError
 
 RUNS = Path("runs")
+SCHEDULE_PIECES = 8  # windows of the per-layer schedule over the recording
 
 
 @dataclass
@@ -152,15 +155,20 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str],
     corr = distill(rec.trace, window=window, round=spec)
     corr_path = save(corr, folder / "corrections.json")
     echo(f"[2/4] distilled the first {window} steps with --round {spec} -> {corr_path}")
+    pieces = max(1, config.steps // SCHEDULE_PIECES)
+    sched_path = save(distill(rec.trace, window=pieces, schedule=True), folder / "corrections-schedule.json")
+    echo(f"      and a per-layer schedule (medians of every {pieces} steps over the whole run) -> {sched_path}")
     flagged = corr.source.get("flagged") or {}
     if flagged:
         echo(f"      flagged (use their kind's median): {', '.join(f'{g} ({f})' for g, f in flagged.items())}")
 
     # 3. train
-    def run(name: str, optimizer: str, lr: float, hparams: dict, corrections: Optional[Path] = None, **extra: Any):
+    def run(name: str, optimizer: str, lr: float, hparams: dict, corrections: Optional[Path] = None,
+            schedule: Optional[str] = None, warmup: Optional[float] = None, **extra: Any):
         echo(f"[3/4] training {name}")
         cfg = TrainConfig(task="bert", size=config.size, steps=config.steps, batch_size=config.batch_size,
-                          optimizer=optimizer, lr=lr, hparams=hparams, device=config.device, seed=config.seed,
+                          optimizer=optimizer, lr=lr, hparams=hparams, schedule=schedule, warmup=warmup,
+                          device=config.device, seed=config.seed,
                           eval_every=0, eval_size=config.eval_size, metrics=str(folder / f"metrics-{name}.parquet"))
         return _row(name, optimizer, f"{lr:g}", train(cfg, corrections=corrections, progress=progress), **extra)
 
@@ -168,6 +176,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str],
         _row("Adam#SGD (recorded)", "adam#sgd", f"{m_lr:g}#{d_lr:g}", rec.fit),
         run("sgd", "sgd", d_lr, sgd),
         run("sgd+corrections", "sgd", d_lr, sgd, corrections=corr_path),
+        # the schedule's pieces already carry Adam's warmup and decay, so the run adds none of its own
+        run("sgd+schedule", "sgd", d_lr, sgd, corrections=sched_path, schedule="constant", warmup=0.0),
         run("adam", "adam", m_lr, {}),
     ]
     table = pd.DataFrame(rows)

@@ -471,10 +471,11 @@ def _correction_notes(corrections, config: TrainConfig) -> list[str]:
     base = corrections.direction_lr
     if base is not None and not math.isclose(base, config.lr, rel_tol=1e-9):
         notes.append(f"factors are relative to lr {base:g} (D's lr when recorded); this run's base lr is {config.lr:g}")
-    if corrections.schedule and config.schedule != "constant":
+    if corrections.schedule and (config.schedule != "constant" or config.warmup):
         notes.append(
             "the file holds schedules, which already contain the recorded run's warmup and decay; "
-            f"this run also applies its own '{config.schedule}' schedule (use --schedule constant to follow them alone)"
+            f"this run also applies its own '{config.schedule}' schedule with warmup {config.warmup or 0:g} "
+            "(use --schedule constant --warmup 0 to follow them alone)"
         )
     return notes
 

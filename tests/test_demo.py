@@ -22,8 +22,8 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--round", "Dauto", "--out", str(out)])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out / "results.csv")
-    assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections", "adam"]
-    assert table["steps"].tolist() == [40] * 4
+    assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections", "sgd+schedule", "adam"]
+    assert table["steps"].tolist() == [40] * 5
     assert table["mlm_accuracy"].between(0, 1).all() and (table["mlm_loss"] > 0).all()
     # the printed table is the written one
     for r in table.itertuples():
@@ -39,6 +39,12 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     meds = sorted(d["median"] for d in corr.source["groups"].values() if d["tied"] and not d["flags"])
     ref = pd.Series(meds).median()
     assert summary["beta"] == pytest.approx(ref, rel=0.05)
+    # the per-layer schedule: eight 5-step pieces per group, followed with no schedule of the run's own
+    sched = load_corrections(out / "corrections-schedule.json")
+    assert set(sched.schedule) == set(df["group"]) and not sched.multipliers
+    assert all([s for s, _ in pieces] == list(range(0, 40, 5)) for pieces in sched.schedule.values())
+    lr = pd.read_parquet(out / "metrics-sgd+schedule.parquet")["lr"].dropna()
+    assert (lr == lr.iloc[0]).all()  # constant run schedule: the per-group factors do the scheduling
     assert sorted(p.name for p in (out / "figures").iterdir()) == \
         ["corrections.png", "figure5.png", "figure6.png", "figure7.png", "figure8.png"]
     # never overwrites: the same folder again is an error line and exit code 2
