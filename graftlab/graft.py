@@ -266,8 +266,12 @@ class Graft(Optimizer):
             torch._foreach_mul_(params, factors)
         torch._foreach_add_(params, w0)
 
-    def _child_step(self, opt: Optimizer, rule: Callable, out: list[Tensor]) -> None:
-        """out <- the step ``opt`` would take now; advances ``opt``'s state, not the weights."""
+    def _child_step(self, opt: Optimizer, rule: Callable, out: list[Tensor], sharded: bool = False) -> None:
+        """out <- the step ``opt`` would take now; advances ``opt``'s state, not the weights.
+
+        With ``sharded`` the rule runs on each rank's local pieces (see graftlab.distributed) and the
+        optimizer state stays DTensor.
+        """
         slot = self._slot
         for group in opt.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -277,17 +281,15 @@ class Graft(Optimizer):
                         out[slot[id(p)]].zero_()
             if not ps:
                 continue
+            idx = [slot[id(p)] for p in ps]
+            states, outs = [opt.state[p] for p in ps], [out[i] for i in idx]
+            scratch = lambda: [self._get_scratch()[i] for i in idx]  # noqa: E731
+            if sharded:
+                self._layout.run_rule(rule, group, ps, states, outs, scratch)
+                continue
             if any(p.grad.is_sparse for p in ps):
                 raise ValueError("sparse gradients need path='generic'")
-            idx = [slot[id(p)] for p in ps]
-            rule(
-                group,
-                ps,
-                [p.grad for p in ps],
-                [opt.state[p] for p in ps],
-                [out[i] for i in idx],
-                lambda: [self._get_scratch()[i] for i in idx],
-            )
+            rule(group, ps, [p.grad for p in ps], states, outs, scratch)
         # the child's own step() did not run: tell its LR scheduler that it stepped, as step() would
         opt._opt_called = True
 
@@ -308,28 +310,6 @@ class Graft(Optimizer):
             torch._foreach_addcmul_(params, step, factors)  # w += factor * step in one pass
 
     # -- sharded parameters (FSDP2 / DTensor); see graftlab.distributed -----------------------
-    def _child_step_sharded(self, opt: Optimizer, rule: Callable, out: list[Tensor]) -> None:
-        """:meth:`_child_step` on each rank's local pieces; optimizer state stays DTensor."""
-        slot = self._slot
-        for group in opt.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if len(ps) != len(group["params"]):
-                for p in group["params"]:
-                    if p.grad is None:
-                        out[slot[id(p)]].zero_()
-            if not ps:
-                continue
-            idx = [slot[id(p)] for p in ps]
-            self._layout.run_rule(
-                rule,
-                group,
-                ps,
-                [opt.state[p] for p in ps],
-                [out[i] for i in idx],
-                lambda: [self._get_scratch()[i] for i in idx],
-            )
-        opt._opt_called = True
-
     def _step_sharded(self) -> None:
         """Both paths with sharded parameters: foreach math on local pieces, whole-tensor norms from
         one all-reduce of the squared local norms (``2 x n_groups`` values) per step."""
@@ -341,7 +321,7 @@ class Graft(Optimizer):
             torch._foreach_sub_(params, buf)  # params now hold M's step, buf holds w_t
             step = params
         else:
-            self._child_step_sharded(self.magnitude, self._rules[0], buf)
+            self._child_step(self.magnitude, self._rules[0], buf, sharded=True)
             step = buf
         sq_m = layout.group_sq(step)
         if self.partition.elementwise:
@@ -352,7 +332,7 @@ class Graft(Optimizer):
             self.direction.step()
             torch._foreach_sub_(params, buf)  # params now hold D's step
         else:
-            self._child_step_sharded(self.direction, self._rules[1], buf)
+            self._child_step(self.direction, self._rules[1], buf, sharded=True)
         sq_d = layout.group_sq(step)
         factors = self._record(*layout.norms(sq_m, sq_d))
         if self.partition.elementwise:

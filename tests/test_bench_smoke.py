@@ -116,18 +116,6 @@ def test_recorded_step_never_syncs_with_the_host(tmp_path):
         assert rec.rows_flushed == 6
 
 
-def test_proto_direct_takes_the_same_steps_as_graft():
-    rows = _script("proto_direct").check_equivalence(steps=2)
-    assert len(rows) == 9
-    assert all(r["max_rel_param_diff"] < 1e-12 and r["states_equal"] for r in rows)
-
-
-def test_proto_read_matches_read_trace(tmp_path):
-    path = _script("distill_cost").make_trace(tmp_path / "t", 300, 9)
-    out = _script("proto_read").main([str(path), "--stop", "200", "--repeats", "1"])  # asserts equal frames
-    assert len(out["read_trace"]) == 1
-
-
 def test_proto_size_reencodes_a_trace(tmp_path):
     path = _script("distill_cost").make_trace(tmp_path / "t", 300, 9)
     out = _script("proto_size").main([str(path)])["variants"]
