@@ -22,6 +22,9 @@ def train(
     epochs: options.Epochs = None,
     batch_size: options.BatchSize = None,
     schedule: options.Schedule = None,
+    power: options.Power = None,
+    milestones: options.Milestones = None,
+    gamma: options.Gamma = None,
     warmup: options.Warmup = None,
     device: options.Device = None,
     seed: options.Seed = None,
@@ -45,7 +48,8 @@ def train(
 
     cfg = make_config(
         config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
-        steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, device=device,
+        steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, power=power,
+        milestones=milestones, gamma=gamma, device=device,
         seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )

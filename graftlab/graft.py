@@ -239,7 +239,7 @@ class Graft(Optimizer):
         self._stats[0].copy_(norm_m)
         self._stats[1].copy_(norm_d)
         torch.div(norm_m, norm_d, out=self._stats[2])
-        factor = torch.where(norm_d > 0, self._stats[2], torch.zeros_like(norm_d))
+        factor = torch.where(norm_d > 0, self._stats[2], 0.0)
         if not self.partition.one_tensor_per_group:
             factor = factor[self._index]
         return list(factor.unbind())

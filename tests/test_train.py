@@ -311,3 +311,18 @@ def test_correction_notes_warn_about_base_lr_and_double_schedules():
     assert len(_correction_notes(sched, TrainConfig(lr=0.05, schedule="constant", warmup=0.0))) == 0
     static = Corrections(multipliers={"fc.weight": 10.0}, source={"direction_lr": 0.1})
     assert _correction_notes(static, TrainConfig(lr=0.1, schedule="poly")) == []
+
+
+def test_cli_train_takes_the_step_schedule_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    out = tmp_path / "m.parquet"
+    res = CliRunner().invoke(app, ["train", "--task", "resnet", "--optimizer", "sgd", "--lr", "0.1", "--steps", "8",
+                                   "--schedule", "step", "--milestones", "0.25,0.5", "--gamma", "0.5", "--warmup", "0",
+                                   "--eval-every", "0", "--metrics", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    assert pd.read_parquet(out)["lr"].round(6).tolist() == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.025, 0.025]
