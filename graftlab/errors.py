@@ -1,9 +1,22 @@
 """The one exception type graftlab raises for a user's mistake.
 
-The CLI turns a ``GraftlabError`` into one error line and a non-zero exit; anything else is a bug
-and keeps its traceback.
+``GraftlabError`` subclasses ``ValueError``, so code that already catches ``ValueError`` around
+torch.optim-style validation keeps working. Messages are worded in API terms (argument names,
+paths); the CLI turns a ``GraftlabError`` into one ``error:`` line and exit code 2, translating
+API names to its options where they differ. Anything else is a bug and keeps its traceback.
 """
+from __future__ import annotations
+
+import os
 
 
-class GraftlabError(Exception):
+class GraftlabError(ValueError):
     """A problem with the user's input (file, option, model) that graftlab can explain in one line."""
+
+
+class OutputExistsError(GraftlabError):
+    """An output path exists and the caller did not ask to replace it (``overwrite=False``)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "output"):
+        self.path = os.fspath(path)
+        super().__init__(f"{what} {self.path!r} already exists; pass overwrite=True to replace it")
