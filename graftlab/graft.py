@@ -205,7 +205,7 @@ class Graft(Optimizer):
         params = self.params
         self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
-            from graftlab.distributed import shard_layout
+            from graftlab.distributed.shards import shard_layout
 
             self._layout = shard_layout(
                 params, self.partition.tensor_group, len(self.group_names), self._norm_dtype

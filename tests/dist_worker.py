@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import graftlab
@@ -96,7 +97,7 @@ def train_step(model, opt, step: int, env: gd.DistEnv) -> None:
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole tensors by name (gathers sharded ones)."""
     model = gd.unwrap(model)
-    return {n: (p.full_tensor() if isinstance(p, gd.DTensor) else p).detach().cpu().clone() for n, p in model.named_parameters()}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def run_single(scenario: str, steps: int = STEPS, model=None, opt=None, start: int = 0) -> dict:

@@ -1,0 +1,62 @@
+"""Grafting under ``torch.distributed``: replicated (DDP) and sharded (FSDP2) parameters.
+
+Under DDP every rank holds whole, identical parameters and averaged gradients, so :class:`Graft`
+runs unchanged and every rank computes the same per-group ratios; only rank 0 records. Under FSDP2
+(``torch.distributed.fsdp.fully_shard``) each rank holds a shard of every tensor as a ``DTensor``;
+``Graft`` then does its foreach math on the local shards and gets the norms of the WHOLE tensors
+from one all-reduce per step of the squared local norms (``2 x n_groups`` values), so the ratios
+are the ones a single process would compute.
+
+Usage in a training script started with ``torchrun --nproc-per-node 2 train.py``::
+
+    from graftlab import distributed as gd
+
+    env = gd.init_from_env()                       # process group from torchrun's variables
+    model = gd.wrap_model(build_model().to(env.device), env, mode="fsdp")   # or "ddp"
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = graftlab.Graft(adam, sgd, names=gd.unwrap(model))
+    with gd.main_only(Recorder, opt, "trace/"):   # rank 0 writes, the others get a no-op
+        for x, y in batches:                      # the same global batch on every rank
+            x, y = gd.local_rows(x, env), gd.local_rows(y, env)
+            loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+    gd.save_checkpoint("ckpt/step-1000", model, opt)   # torch.distributed.checkpoint
+    gd.shutdown(env)
+
+Without torchrun the same calls give a one-process run: ``init_from_env`` returns world size 1,
+``wrap_model`` returns the model, ``main_only`` builds the recorder.
+"""
+from graftlab.distributed.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_META,
+    Checkpoints,
+    checkpoints_for,
+    load_checkpoint,
+    resume_step,
+    save_checkpoint,
+)
+from graftlab.distributed.env import (
+    MODES,
+    DistEnv,
+    barrier,
+    current,
+    distribute_task,
+    global_mean,
+    init_from_env,
+    is_main,
+    launched_by_torchrun,
+    local_rows,
+    main_only,
+    setup,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
+from graftlab.distributed.shards import ShardLayout, shard_layout, step_communication
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "CHECKPOINT_META", "Checkpoints", "checkpoints_for", "load_checkpoint", "resume_step",
+    "save_checkpoint", "MODES", "DistEnv", "barrier", "current", "distribute_task", "global_mean",
+    "init_from_env", "is_main", "launched_by_torchrun", "local_rows", "main_only", "setup", "shutdown",
+    "unwrap", "wrap_model", "ShardLayout", "shard_layout", "step_communication",
+]
