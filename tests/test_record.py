@@ -249,7 +249,7 @@ def test_sigkill_leaves_readable_prefix(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=600)
 
 
