@@ -147,3 +147,20 @@ def test_cli_says_library_parameter_names_as_its_flags():
     # names that are not the command's options stay as they are
     assert in_cli_terms("checkpoint_dir and overwrite=True", commands["info"].params) == "checkpoint_dir and overwrite=True"
 
+
+
+def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
+    """cli/ installs as graftlab.cli (not a top-level ``cli`` that other projects clash with)."""
+    import tomllib
+    from pathlib import Path
+
+    import graftlab.cli
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    tool = conf["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "graftlab").rglob("__init__.py")}
+    assert set(tool["packages"]) == on_disk | {"graftlab.cli"}
+    assert tool["package-dir"] == {"graftlab.cli": "cli"}
+    assert conf["project"]["scripts"]["graftlab"] == "graftlab.cli.app:main"
+    assert Path(graftlab.cli.__file__).resolve().parent == root / "cli"

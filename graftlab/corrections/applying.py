@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from graftlab.corrections.files import GLOBAL, Corrections
 from graftlab.errors import GraftlabError
@@ -101,7 +101,7 @@ def _schedules(corrections: Corrections, targets: dict[str, list[int]], n: int, 
 
 def apply(
     corrections: Corrections,
-    named_params: Sequence[tuple[str, Any]],
+    named_params: Iterable[tuple[str, Any]],
     base_lr: float,
     *,
     allow_missing: bool = False,
