@@ -295,7 +295,7 @@ def test_corrections_bars_median_and_rounded(layer_traces):
 def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     a, b = layer_traces
     runner = CliRunner()

@@ -269,7 +269,7 @@ def test_record_config_errors_leave_the_trace_alone(tmp_path, extra, match):
     """Every config mistake is found before the trace (or anything else) is touched."""
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     model, opt = setup()
     out = tmp_path / "t"
@@ -302,7 +302,7 @@ def test_record_library_refuses_a_resume_without_checkpoints(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=600)
 
 
