@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.optim import Optimizer
