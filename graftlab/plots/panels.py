@@ -149,8 +149,8 @@ def figure8(trace: Trace, trace2: Optional[Trace] = None, *, steps: Steps = 2000
     with style():
         fig = new_figure(fig, figsize=(14, 5.4 * len(traces) + 0.4))
         subfigs = fig.subfigures(len(traces), 1, squeeze=False)[:, 0]
-        for i, (sub, trace, n) in enumerate(zip(subfigs, traces, counts)):
-            df = first_steps(trace, n)
+        for i, (sub, run, n) in enumerate(zip(subfigs, traces, counts)):
+            df = first_steps(run, n)
             _draw_run(sub, df, width=width)
             prefix = f"({'ab'[i]}) " if len(traces) > 1 else ""
             figure_title(sub, f"{prefix}{run_label(df)}: {span_text(df, n)}", fontsize="medium")
