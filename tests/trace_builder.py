@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from graftlab.trace import FORMAT, METADATA_KEY, SCHEMA, SIDECAR, part_name
+from graftlab.trace import FORMAT, FORMAT_1, METADATA_KEY, SCHEMA, SIDECAR, part_marker, part_name
 
 
 def metadata(groups: Sequence[dict[str, Any]], *, granularity: str = "layer", d_lr: float = 0.1, every: int = 1,
@@ -35,22 +35,26 @@ def metadata(groups: Sequence[dict[str, Any]], *, granularity: str = "layer", d_
 
 def write_trace(path: Path, meta: dict[str, Any], steps: np.ndarray, ratios: np.ndarray, *,
                 part_steps: int = 500, row_group_steps: int = 100, norm_d: Optional[np.ndarray] = None,
-                drop: Sequence[str] = ()) -> Path:
+                drop: Sequence[str] = (), fmt: str = FORMAT_1) -> Path:
     """Write a trace directory: ``ratios`` is (n_steps, n_groups) in metadata group order.
 
     ``norm_m = ratio * norm_d`` (``norm_d`` defaults to 1; 0 where the ratio is not finite, as a
-    zero D step gives). ``drop`` leaves columns out (to build malformed traces).
+    zero D step gives). ``drop`` leaves columns out (to build malformed traces). ``fmt`` is the trace
+    format: ``/1`` (default) stores ``ratios`` exactly as given; ``/2`` stores the norms only (with
+    the default ``norm_d`` of 1 the ratios read back exactly too).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
+    meta = {**meta, "format": fmt}
     (path / SIDECAR).write_text(json.dumps(meta))
     names = [g["name"] for g in meta["groups"]]
     n_steps, n_groups = ratios.shape
     if norm_d is None:
         norm_d = np.where(np.isfinite(ratios), 1.0, 0.0)
     norm_m = np.where(np.isfinite(ratios), np.nan_to_num(ratios, posinf=0.0) * norm_d, 1.0)
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    keep = [f.name for f in schema if f.name not in drop]
+    key = json.dumps(meta).encode() if fmt == FORMAT_1 else part_marker(fmt)
+    schema = SCHEMA.with_metadata({METADATA_KEY: key})
+    keep = [f.name for f in schema if f.name not in drop and (fmt == FORMAT_1 or f.name != "ratio")]
     schema = pa.schema([schema.field(c) for c in keep], metadata=schema.metadata)
     for lo in range(0, n_steps, part_steps):
         hi = min(lo + part_steps, n_steps)
@@ -63,5 +67,6 @@ def write_trace(path: Path, meta: dict[str, Any], steps: np.ndarray, ratios: np.
             "ratio": pa.array(ratios[lo:hi].ravel().astype(np.float32)),
         }
         table = pa.table({c: cols[c] for c in keep}, schema=schema)
-        pq.write_table(table, path / part_name(int(steps[lo])), row_group_size=row_group_steps * n_groups)
+        pq.write_table(table, path / part_name(int(steps[lo])), row_group_size=row_group_steps * n_groups,
+                       write_page_checksum=True)
     return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Union
 
@@ -10,12 +11,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
+from graftlab.fsutil import temporary_name
 
-FORMAT = "graftlab.trace/1"
+FORMAT = "graftlab.trace/2"
+FORMAT_1 = "graftlab.trace/1"
+READABLE_FORMATS = (FORMAT_1, FORMAT)
 METADATA_KEY = b"graftlab"
 SIDECAR = "_graftlab.json"
 PART_GLOB = "part-*.parquet"
+PART_NAME = re.compile(r"part-(\d{12})\.parquet")
 REQUIRED = ("step", "group", "norm_m", "norm_d", "ratio")
+# What each format stores: /2 leaves ``ratio`` out (read_trace computes it from the norms, exactly).
+STORED = {FORMAT_1: REQUIRED, FORMAT: ("step", "group", "norm_m", "norm_d")}
+FLOAT_COLUMNS = ("norm_m", "norm_d", "ratio")
 
 SCHEMA = pa.schema(
     [
@@ -29,6 +37,12 @@ SCHEMA = pa.schema(
 
 PathLike = Union[str, os.PathLike]
 
+__all__ = [
+    "FLOAT_COLUMNS", "FORMAT", "FORMAT_1", "METADATA_KEY", "PART_GLOB", "PART_NAME", "READABLE_FORMATS", "REQUIRED",
+    "SCHEMA", "SIDECAR", "STORED", "PathLike", "is_trace", "part_files", "part_first_step", "part_name",
+    "temporary_name", "trace_files",
+]
+
 
 def part_name(first_step: int) -> str:
     """The file name of the part whose first step is ``first_step``: name order is step order."""
@@ -36,42 +50,52 @@ def part_name(first_step: int) -> str:
 
 
 def part_first_step(path: PathLike) -> int:
-    """The first step of a part file, from its name."""
-    return int(Path(path).stem.split("-")[1])
-
-
-def temporary_name(path: PathLike) -> Path:
-    """The hidden name a trace file is written under before it is renamed to ``path``.
-
-    Hidden (a leading dot) so that neither ``pandas.read_parquet`` nor :data:`PART_GLOB` sees a
-    half-written part.
-    """
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
+    """The first step of a part file, from its name; GraftlabError for a name graftlab does not write."""
+    m = PART_NAME.fullmatch(Path(path).name)
+    if m is None:
+        raise GraftlabError(f"{path}: not a part file name graftlab writes (part-<12 digits>.parquet)")
+    return int(m.group(1))
 
 
 def part_files(directory: PathLike) -> list[Path]:
-    """The part files of a trace directory, in step order."""
+    """The files of a trace directory that look like parts (:data:`PART_GLOB`), in name order.
+
+    The list includes stray names such as a copy ``part-000000000025 (1).parquet`` that
+    ``pandas.read_parquet`` would read too; :func:`trace_files` refuses those.
+    """
     directory = Path(directory)
     # sorting names, not Path objects: a long run has thousands of parts
     return [directory / n for n in sorted(n for n in os.listdir(directory) if fnmatch.fnmatchcase(n, PART_GLOB))]
 
 
 def trace_files(path: Path) -> list[Path]:
-    """The Parquet files of a trace (the file itself, or a directory's parts); GraftlabError if none."""
+    """The Parquet files of a trace (the file itself, or a directory's parts in step order).
+
+    Raises :class:`GraftlabError` when there are none, or when a directory holds a file that looks like
+    a part but is not named like one (a copy made by a file manager, a renamed part): its rows would be
+    read twice, by graftlab and by ``pandas.read_parquet``.
+    """
     if not path.exists():
         raise GraftlabError(f"{path}: no such trace")
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise GraftlabError(f"{path}: not a trace (neither a file nor a directory)")
     files = part_files(path)
     if not files:
         raise GraftlabError(f"{path}: not a trace (no {PART_GLOB} files; an empty or interrupted recording?)")
+    stray = [f.name for f in files if PART_NAME.fullmatch(f.name) is None]
+    if stray:
+        raise GraftlabError(
+            f"{path}: {stray[0]!r} is not a part name graftlab writes (a copy of a part?); move it out of "
+            f"the trace so its steps are not read twice" + (f" ({len(stray)} such files)" if len(stray) > 1 else "")
+        )
     return files
 
 
 def is_trace(path: PathLike) -> bool:
     """Whether ``path`` holds a trace: a directory with the sidecar or part files (a recording that
-    has not flushed yet has only the sidecar), or a Parquet file with the required columns."""
+    has not flushed yet has only the sidecar), or a Parquet file with the stored columns of a format."""
     path = Path(path)
     if path.is_dir():
         return (path / SIDECAR).exists() or bool(part_files(path))
@@ -79,6 +103,6 @@ def is_trace(path: PathLike) -> bool:
         return False
     try:
         names = pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError):
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
         return False
-    return all(c in names for c in REQUIRED)
+    return any(all(c in names for c in cols) for cols in STORED.values())

@@ -1,7 +1,6 @@
-"""Reading a trace: its metadata, its rows as a DataFrame, and its extent from the Parquet footers."""
+"""Reading a trace: its metadata, its rows as an Arrow table or a DataFrame, its extent from the footers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -10,24 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
-from graftlab.trace.layout import FORMAT, METADATA_KEY, REQUIRED, PathLike, part_first_step, trace_files
-
-
-def _decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
-    if not raw:
-        raise GraftlabError(f"{where}: not a graftlab trace (no graftlab metadata)")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise GraftlabError(f"{where}: graftlab metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("graftlab.trace/"):
-        raise GraftlabError(f"{where}: unknown trace format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if meta["format"] != FORMAT:
-        raise GraftlabError(f"{where}: trace format {meta['format']} is newer than this graftlab reads ({FORMAT})")
-    return meta
+from graftlab.trace.layout import FORMAT_1, REQUIRED, STORED, PathLike, part_first_step, trace_files
+from graftlab.trace.parts import (
+    LOCAL, PARQUET, READ_ERRORS, Part, check_part, check_sequence, describe, open_part, step_bounds, trace_metadata,
+)
 
 
 def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list[Path]:
@@ -44,16 +31,158 @@ def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The run metadata of a trace (from its first part file)."""
-    return _metadata_of(trace_files(Path(path))[0])
+    """The run metadata of a trace (``_graftlab.json`` of a ``/2`` directory, else the first part's footer).
+
+    Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable graftlab trace.
+    """
+    path = Path(path)
+    return trace_metadata(path, open_part(trace_files(path)[0]))[1]
 
 
-def _metadata_of(first: Path) -> dict[str, Any]:
+def _open(path: Path, steps: Optional[tuple[Optional[int], Optional[int]]]) -> tuple[str, dict, list[Part]]:
+    """The trace's format, metadata and the checked parts that can hold ``steps``."""
+    files = trace_files(path)
+    first = open_part(files[0])
+    fmt, meta = trace_metadata(path, first)
+    if path.is_dir() and steps is not None:
+        files = _prune(files, *steps)
+    parts = [first if f == first.path else open_part(f) for f in files]
+    for p in parts:
+        check_part(p, fmt, first.key)
+    if path.is_dir():
+        check_sequence(parts)
+    return fmt, meta, parts
+
+
+def read_table(
+    path: PathLike,
+    *,
+    steps: Optional[tuple[Optional[int], Optional[int]]] = None,
+    groups: Optional[Iterable[str]] = None,
+    columns: Optional[Iterable[str]] = None,
+    required: Iterable[str] = REQUIRED,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """:func:`read_trace` as an Arrow table, and the run metadata: the engine under the DataFrame.
+
+    ``group`` is ``dictionary<int32, string>`` whose dictionary is the metadata's group order (then
+    names the metadata lacks, in order of appearance), the same in every chunk; rows are in step,
+    then group order. ``required`` narrows the required columns returned (``("step", "group",
+    "ratio")`` reads a ``/1`` trace's norms not at all). Same arguments and errors as :func:`read_trace`.
+    """
+    path = Path(path)
+    fmt, meta, parts = _open(path, steps)
+    required = list(required)
+    start, stop = steps if steps is not None else (None, None)
+    stored = [c for c in STORED[fmt] if c in required or (c in ("norm_m", "norm_d") and "ratio" in required)]
     try:
-        schema = pq.read_schema(first)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{first}: not a readable Parquet file ({err})") from None
-    return _decode((schema.metadata or {}).get(METADATA_KEY), first)
+        schemas = [p.schema for p in parts]
+        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else schemas[0]
+    except READ_ERRORS as err:
+        raise GraftlabError(f"{path}: parts disagree on column types ({describe(err)})") from None
+    # a /2 ratio is norm_m / norm_d by definition: one a writer stored anyway is not read
+    extras = [c for c in schema.names if c not in REQUIRED]
+    if columns is not None:
+        wanted = list(dict.fromkeys(columns))
+        unknown = [c for c in wanted if c not in schema.names and c not in REQUIRED]
+        if unknown:
+            raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
+        extras = [c for c in extras if c in wanted]
+    flt = None
+    if start is not None:
+        flt = ds.field("step") >= start
+    if stop is not None:
+        cond = ds.field("step") < stop
+        flt = cond if flt is None else flt & cond
+    dataset = ds.FileSystemDataset([p.fragment for p in parts], schema, PARQUET, LOCAL)
+    try:
+        table = dataset.to_table(columns=stored + extras, filter=flt)
+    except READ_ERRORS as err:
+        raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
+    names = [g["name"] for g in meta.get("groups") or []]
+    table = _in_order(table, names, path)
+    if groups is not None:
+        keep = set(groups)
+        group = table.column("group")
+        dictionary = group.chunk(0).dictionary.to_pylist() if group.num_chunks else []
+        codes = pa.array([i for i, g in enumerate(dictionary) if g in keep], pa.int32())
+        table = table.filter(pc.is_in(_indices(group), value_set=codes))
+    if "ratio" in required and "ratio" not in table.column_names:
+        # /2: the ratio is the float32 quotient of the stored norms, as the Graft computed it
+        ratio = pc.divide(table.column("norm_m"), table.column("norm_d"))
+        table = table.add_column(table.column_names.index("norm_d") + 1, "ratio", ratio)
+    order = [c for c in REQUIRED if c in required] + extras
+    return table.select(order), meta
+
+
+def _indices(group: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pa.chunked_array([c.indices for c in group.chunks], pa.int32())
+
+
+def _unified_groups(group: pa.ChunkedArray, names: list[str], path: Path) -> pa.ChunkedArray:
+    """``group`` with one dictionary in every chunk: ``names``, then unknown names as they come."""
+    names = list(names)
+    position = {n: i for i, n in enumerate(names)}
+    reference = pa.array(names, pa.string())
+    out = []
+    for chunk in group.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        if chunk.null_count:
+            raise GraftlabError(f"{path}: column group has missing names")
+        d = chunk.dictionary
+        if d.type != pa.string():
+            d = d.cast(pa.string())
+        if d.equals(reference):
+            out.append(chunk.indices.cast(pa.int32()))
+            continue
+        pos = []
+        for name in d.to_pylist():
+            if name not in position:
+                position[name] = len(names)
+                names.append(name)
+            pos.append(position[name])
+        out.append(pc.take(pa.array(pos, pa.int32()), chunk.indices))
+    dictionary = pa.array(names, pa.string())
+    kind = pa.dictionary(pa.int32(), pa.string())
+    return pa.chunked_array([pa.DictionaryArray.from_arrays(i, dictionary) for i in out], kind)
+
+
+def _in_order(table: pa.Table, names: list[str], path: Path) -> pa.Table:
+    """Rows sorted by step, then by group order; a (step, group) held twice is an error.
+
+    A recorded trace is already in this order, which one pass over each chunk confirms; only
+    otherwise are the rows sorted.
+    """
+    if table.column("step").null_count:
+        raise GraftlabError(f"{path}: column step has missing values")
+    group = _unified_groups(table.column("group"), names, path)
+    table = table.set_column(table.column_names.index("group"), "group", group)
+    step_chunks = table.column("step").chunks
+    ordered, last = True, None
+    for s_chunk, g_chunk in zip(step_chunks, group.chunks):
+        if len(s_chunk) == 0:
+            continue
+        s, g = s_chunk.to_numpy(), g_chunk.indices.to_numpy()
+        if last is not None and not (s[0] > last[0] or (s[0] == last[0] and g[0] > last[1])):
+            ordered = False
+            break
+        ds_, dg = np.diff(s), np.diff(g)
+        if not ((ds_ > 0) | ((ds_ == 0) & (dg > 0))).all():
+            ordered = False
+            break
+        last = (s[-1], g[-1])
+    if ordered:
+        return table
+    step = table.column("step").to_numpy()
+    code = _indices(group).to_numpy()
+    order = np.lexsort((code, step))
+    s, g = step[order], code[order]
+    dup = np.flatnonzero((np.diff(s) == 0) & (np.diff(g) == 0))
+    if dup.size:
+        name = group.chunk(0).dictionary[int(g[dup[0]])].as_py()
+        raise GraftlabError(f"{path}: step {int(s[dup[0]])} of group {name!r} appears more than once "
+                            "(a duplicated part, or rows written twice?)")
+    return table.take(pa.array(order))
 
 
 def read_trace(
@@ -65,78 +194,35 @@ def read_trace(
 ) -> pd.DataFrame:
     """Read a trace as one long DataFrame, one row per recorded (step, group).
 
-    Columns: ``step`` (int64, 0-based optimizer step), ``group`` (str), ``norm_m`` and ``norm_d``
-    (float32, Euclidean norms ``||w_M - w_t||`` and ``||w_D - w_t||`` of M's and D's steps on the
-    group, in the parameters' units), ``ratio`` (float32, ``norm_m / norm_d``, dimensionless: the
-    implicit learning-rate correction of the paper's Algorithm 1 that Section 5 distills; not finite
-    where D's step was zero), then the extra per-step columns the trace holds (``lr``, ``loss``, ...).
-    A whole trace has (recorded steps) x (groups) rows, sorted by step, then by the metadata's group
-    order. The run metadata (see :mod:`graftlab.trace`) is in ``df.attrs["graftlab"]``.
+    Columns: ``step`` (int64, 0-based optimizer step), ``group`` (pandas Categorical of the group
+    names, categories in the metadata's group order: compare, filter and group by it as strings),
+    ``norm_m`` and ``norm_d`` (float32, Euclidean norms ``||w_M - w_t||`` and ``||w_D - w_t||`` of
+    M's and D's steps on the group, in the parameters' units), ``ratio`` (float32, ``norm_m /
+    norm_d``, dimensionless: the implicit learning-rate correction of the paper's Algorithm 1 that
+    Section 5 distills; not finite where D's step was zero; a ``graftlab.trace/2`` trace stores the
+    norms only and this is their float32 quotient, bit-identical to what the Graft computed), then
+    the extra per-step columns the trace holds (``lr``, ``loss``, ...). A whole trace has (recorded
+    steps) x (groups) rows, sorted by step, then by the metadata's group order. The run metadata
+    (see :mod:`graftlab.trace`) is in ``df.attrs["graftlab"]``.
 
     ``steps=(start, stop)`` keeps ``start <= step < stop`` (either end may be None) and reads only
     the part files and row groups that can hold those steps. ``groups`` (names) and ``columns``
     (extra columns; the required ones always come) narrow the read the same way.
 
-    Raises :class:`~graftlab.errors.GraftlabError` when ``path`` does not exist, holds no part files,
-    is not readable Parquet, has no graftlab metadata or a newer format, lacks a required column, or
-    lacks a column named in ``columns``.
+    Raises :class:`~graftlab.errors.GraftlabError` when ``path`` does not exist, holds no part files
+    or a stray copy of one, is not readable Parquet (a damaged footer, or a data page whose checksum
+    fails), has no graftlab metadata or a format this graftlab does not read, has a part that lacks a
+    required column or holds one of the wrong type, holds a step twice, or lacks a column named in
+    ``columns``.
     """
-    path = Path(path)
-    files = trace_files(path)
-    meta = _metadata_of(files[0])
-    start, stop = steps if steps is not None else (None, None)
-    if path.is_dir():
-        files = _prune(files, start, stop)
-    cols = list(dict.fromkeys(list(REQUIRED) + list(columns))) if columns is not None else None
-    try:
-        # parts may differ in their extra columns (a scalar first logged late): read their union
-        schemas = [pq.read_schema(f) for f in files]
-        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else (schemas[0] if schemas else None)
-        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
-        raise GraftlabError(f"{path}: not a readable trace ({err})") from None
-    missing = [c for c in REQUIRED if c not in dataset.schema.names]
-    if missing:
-        raise GraftlabError(f"{path}: trace lacks required column(s) {', '.join(missing)}")
-    flt = None
-    if start is not None:
-        flt = ds.field("step") >= start
-    if stop is not None:
-        cond = ds.field("step") < stop
-        flt = cond if flt is None else flt & cond
+    table, meta = read_table(path, steps=steps, groups=groups, columns=columns)
+    # self_destruct: Arrow buffers are released column by column as pandas takes them over
+    df = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
     if groups is not None:
-        cond = ds.field("group").isin(list(groups))
-        flt = cond if flt is None else flt & cond
-    unknown = [c for c in (cols or []) if c not in dataset.schema.names]
-    if unknown:
-        raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
-    try:
-        table = dataset.to_table(columns=cols, filter=flt)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{path}: not a readable trace ({err})") from None
-    table = _in_step_and_group_order(table, [g["name"] for g in meta.get("groups") or []])
-    df = table.to_pandas()
-    df["group"] = df["group"].astype(str)
-    df = df.reset_index(drop=True)
+        df["group"] = df["group"].cat.remove_unused_categories()
     df.attrs["graftlab"] = meta
     return df
-
-
-def _in_step_and_group_order(table: pa.Table, names: list[str]) -> pa.Table:
-    """Rows sorted by step, then by the metadata's group order (names not in it go last).
-
-    The ranking runs in Arrow (one hash lookup per row); a recorded trace is already in this order,
-    so usually nothing is moved.
-    """
-    group = table.column("group")
-    if pa.types.is_dictionary(group.type):
-        group = group.cast(pa.string())
-    rank = pc.index_in(group, value_set=pa.array(names, pa.string())).fill_null(len(names)).to_numpy()
-    step = table.column("step").to_numpy()
-    ds_, dg = np.diff(step), np.diff(rank)
-    if ((ds_ > 0) | ((ds_ == 0) & (dg >= 0))).all():
-        return table
-    return table.take(pa.array(np.lexsort((rank, step))))
 
 
 def group_table(meta: dict[str, Any]) -> pd.DataFrame:
@@ -147,37 +233,11 @@ def group_table(meta: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(groups).set_index("name").rename_axis("group")
 
 
-def _footer(f: Path) -> pq.FileMetaData:
-    try:
-        return pq.read_metadata(f)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{f}: not a readable Parquet file ({err})") from None
-
-
-def _step_bounds(f: Path, md: pq.FileMetaData) -> Optional[tuple[int, int]]:
-    """``(min, max)`` of a part's ``step`` column from its row-group statistics (the column itself
-    is read only where a writer left them out); None for a part without rows or ``step``."""
-    names = [md.schema.column(i).name for i in range(md.num_columns)]
-    if "step" not in names or md.num_rows == 0:
-        return None
-    col = names.index("step")
-    lo, hi = [], []
-    for rg in range(md.num_row_groups):
-        r = md.row_group(rg)
-        if r.num_rows == 0:
-            continue
-        st = r.column(col).statistics
-        if st is None or not st.has_min_max:
-            steps = pq.read_table(f, columns=["step"]).column("step").to_numpy()
-            return (int(steps.min()), int(steps.max())) if steps.size else None
-        lo.append(st.min)
-        hi.append(st.max)
-    return (int(min(lo)), int(max(hi))) if lo else None
-
-
-def _first_bounds(files: Iterable[Path]) -> Optional[tuple[int, int]]:
+def _first_bounds(path: Path, files: Iterable[Path], fmt: str, key: Optional[bytes]) -> Optional[tuple[int, int]]:
     for f in files:
-        bounds = _step_bounds(f, _footer(f))
+        part = open_part(f)
+        check_part(part, fmt, key)
+        bounds = step_bounds(part)
         if bounds is not None:
             return bounds
     return None
@@ -187,44 +247,42 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
     """``(first_step, last_step)`` recorded in a trace, from Parquet footers only.
 
     Only the footers of the first and last parts that hold rows are read, so this costs the same on
-    a trace of thousands of parts, and no graftlab metadata is needed. Raises
-    :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace, lacks a required
-    column, or holds no rows.
+    a trace of thousands of parts. Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is
+    not a readable trace, lacks a required column, or holds no rows.
     """
     path = Path(path)
     files = trace_files(path)
-    names = _footer(files[0]).schema.to_arrow_schema().names
-    missing = [c for c in REQUIRED if c not in names]
-    if missing:
-        raise GraftlabError(f"{path}: trace lacks required column(s) {', '.join(missing)}")
-    first, last = _first_bounds(files), _first_bounds(reversed(files))
-    if first is None or last is None:
+    first = open_part(files[0])
+    fmt, _ = trace_metadata(path, first)
+    lo = _first_bounds(path, files, fmt, first.key)
+    hi = _first_bounds(path, reversed(files), fmt, first.key)
+    if lo is None or hi is None:
         raise GraftlabError(f"{path}: the trace is empty (no recorded steps)")
-    return first[0], last[1]
+    return lo[0], hi[1]
 
 
 def trace_info(path: PathLike) -> dict[str, Any]:
     """What a trace holds, from the Parquet footers only (no data pages are read).
 
-    Returns ``{"metadata", "parts", "rows", "first_step", "last_step", "steps", "columns", "bytes"}``;
-    ``steps`` counts distinct recorded steps (rows / groups).
+    Returns ``{"metadata", "format", "parts", "rows", "first_step", "last_step", "steps", "columns",
+    "bytes"}``; ``steps`` counts recorded steps (rows / groups). Every part's footer is checked as
+    :func:`read_trace` checks it, so a duplicated or damaged part is an error here too.
     """
     path = Path(path)
-    meta = read_metadata(path)
-    rows, first, last, size = 0, None, None, 0
+    fmt, meta, parts = _open(path, None)
+    if not path.is_dir():
+        parts[0].bounds = step_bounds(parts[0])
     columns: list[str] = []
-    files = trace_files(path)
-    for f in files:
-        md = _footer(f)
-        size += f.stat().st_size
-        rows += md.num_rows
-        for name in md.schema.to_arrow_schema().names:
+    for p in parts:
+        for name in p.schema.names:
             if name not in columns:
                 columns.append(name)
-        b = _step_bounds(f, md)
-        if b is not None:
-            first = b[0] if first is None else min(first, b[0])
-            last = b[1] if last is None else max(last, b[1])
+    if fmt != FORMAT_1 and "ratio" not in columns:
+        columns.insert(columns.index("norm_d") + 1, "ratio")  # computed on read
+    bounds = [p.bounds for p in parts if p.bounds is not None]
+    rows = sum(p.rows for p in parts)
     n_groups = len(meta.get("groups") or []) or 1
-    return {"metadata": meta, "parts": len(files), "rows": rows, "first_step": first, "last_step": last,
-            "steps": rows // n_groups, "columns": columns, "bytes": size}
+    return {"metadata": meta, "format": fmt, "parts": len(parts), "rows": rows,
+            "first_step": min(b[0] for b in bounds) if bounds else None,
+            "last_step": max(b[1] for b in bounds) if bounds else None,
+            "steps": rows // n_groups, "columns": columns, "bytes": sum(p.path.stat().st_size for p in parts)}

@@ -1,9 +1,8 @@
 """Writing a trace: tables in the contract's schema, part files and the sidecar, each written under
-a temporary name and renamed; preparing a directory to record into, and truncating it to resume."""
+a temporary name and renamed durably; preparing a directory to record into, and truncating it to resume."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -14,12 +13,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.fsutil import atomic_path, atomic_write, fsync_directory
 from graftlab.trace.layout import (
-    METADATA_KEY, PART_GLOB, SCHEMA, SIDECAR, PathLike, is_trace, part_files, part_first_step, part_name, temporary_name,
+    FLOAT_COLUMNS, FORMAT, FORMAT_1, METADATA_KEY, PART_GLOB, READABLE_FORMATS, SCHEMA, SIDECAR, PathLike, is_trace,
+    part_files, part_first_step, part_name, temporary_name,
 )
 
 # Per-row cost matters (one row per step and group): floats are byte-stream-split before zstd (their
-# exponent bytes then compress well), step and group repeat in runs and go through dictionary + RLE.
+# exponent bytes then compress well; the low mantissa bits are noise and stay ~3 bytes a value),
+# step and group repeat in runs and go through dictionary + RLE. Higher zstd levels gain 1-2% on
+# recorded traces at 2-5x the write time (bench/RESULTS.md).
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
 FLOAT_ENCODING = "BYTE_STREAM_SPLIT"
@@ -30,6 +33,18 @@ def metadata_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, default=str).encode()
 
 
+def part_marker(fmt: str = FORMAT) -> bytes:
+    """What a ``/2`` part holds under :data:`METADATA_KEY`: its format, and where the metadata is."""
+    return json.dumps({"format": fmt, "metadata": SIDECAR}).encode()
+
+
+def _format_of(meta: Optional[dict[str, Any]]) -> str:
+    fmt = (meta or {}).get("format", FORMAT)
+    if fmt not in READABLE_FORMATS:
+        raise GraftlabError(f"cannot write trace format {fmt!r} (this graftlab writes {', '.join(READABLE_FORMATS)})")
+    return fmt
+
+
 def build_table(
     steps: "Any",
     group_names: Iterable[str],
@@ -38,7 +53,15 @@ def build_table(
     meta: Optional[dict[str, Any]] = None,
 ) -> pa.Table:
     """A trace table from ``steps`` (n,), ``stats`` (n, 3, G) ``[norm_m, norm_d, ratio]`` per step and
-    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step)."""
+    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step).
+
+    The layout follows ``meta["format"]`` (default :data:`FORMAT`), so a resumed ``/1`` trace stays
+    ``/1``: ``graftlab.trace/2`` stores the norms as float32 and no ``ratio`` column (readers compute
+    ``norm_m / norm_d`` in float32: bit-identical to the ratio a float32 :class:`~graftlab.Graft`
+    records); ``graftlab.trace/1`` stores ``stats[:, 2]`` as ``ratio`` too. ``meta`` goes into the
+    table's schema metadata in full (:func:`write_part` keeps only a marker in each part).
+    """
+    fmt = _format_of(meta)
     names = list(group_names)
     steps = np.asarray(steps, dtype=np.int64)
     stats = np.asarray(stats, dtype=np.float32)
@@ -54,8 +77,11 @@ def build_table(
         "ratio": pa.array(stats[:, 2, :].reshape(-1)),
     }
     fields = list(SCHEMA)
+    if fmt != FORMAT_1:
+        del columns["ratio"]
+        fields = [f for f in fields if f.name != "ratio"]
     for key, values in (scalars or {}).items():
-        if key in columns:
+        if key in columns or key == "ratio":
             raise GraftlabError(f"scalar column {key!r} clashes with a trace column")
         values = np.asarray(values)
         kind = pa.float64() if values.dtype == np.float64 else pa.float32()
@@ -65,46 +91,64 @@ def build_table(
     return pa.table(list(columns.values()), schema=schema)
 
 
+def _table_format(table: pa.Table) -> str:
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return FORMAT_1 if "ratio" in table.column_names else FORMAT
+    try:
+        return _format_of(json.loads(raw))
+    except ValueError:
+        raise GraftlabError("the table's graftlab metadata is not valid JSON") from None
+
+
 def write_table(table: pa.Table, path: PathLike) -> None:
-    """Write ``table`` to ``path`` atomically: under a hidden name first, then renamed."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio")]
+    """Write ``table`` to ``path`` atomically and durably: under a hidden name, fsynced, renamed.
+
+    Data pages carry CRC32 checksums (``write_page_checksum``), which the readers verify.
+    """
+    fmt = _table_format(table)
+    floats = [f.name for f in table.schema if f.name in FLOAT_COLUMNS]
     others = [f.name for f in table.schema if f.name not in floats]
     meta = (table.schema.metadata or {}).get(METADATA_KEY)
-    # store_schema=False: the Arrow schema copy would hold the metadata JSON a second time in every
-    # footer. Readers then see ``group`` as plain strings, which read_trace returns anyway.
-    with pq.ParquetWriter(
-        tmp,
-        table.schema,
-        compression=COMPRESSION,
-        compression_level=COMPRESSION_LEVEL,
-        use_dictionary=others,
-        column_encoding={c: FLOAT_ENCODING for c in floats},
-        write_statistics=True,
-        store_schema=False,
-    ) as writer:
-        writer.write_table(table)
-        if meta is not None:
-            writer.add_key_value_metadata({METADATA_KEY: meta})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        # /1 kept the Arrow schema out of the footer (it would hold the full metadata a second time);
+        # /2 stores it (a marker only): readers then get ``group`` back as a dictionary (categorical).
+        with pq.ParquetWriter(
+            tmp,
+            table.schema,
+            compression=COMPRESSION,
+            compression_level=COMPRESSION_LEVEL,
+            use_dictionary=others,
+            column_encoding={c: FLOAT_ENCODING for c in floats},
+            write_statistics=True,
+            store_schema=fmt != FORMAT_1,
+            write_page_checksum=True,
+        ) as writer:
+            writer.write_table(table)
+            if meta is not None and fmt == FORMAT_1:
+                writer.add_key_value_metadata({METADATA_KEY: meta})
 
 
 def write_part(directory: PathLike, table: pa.Table) -> Path:
-    """Write one part file of a trace directory; its name comes from its first step."""
+    """Write one part file of a trace directory; its name comes from its first step.
+
+    A ``/2`` part keeps only :func:`part_marker` as its metadata: the run metadata is stored once, in
+    the directory's sidecar (:func:`write_sidecar`, written before the first part).
+    """
     first = int(table.column("step")[0].as_py())
     path = Path(directory) / part_name(first)
+    if _table_format(table) != FORMAT_1:
+        table = table.replace_schema_metadata({METADATA_KEY: part_marker()})
     write_table(table, path)
     return path
 
 
 def write_sidecar(directory: PathLike, meta: dict[str, Any]) -> Path:
-    """Write ``_graftlab.json`` (atomically) into a trace directory."""
-    path = Path(directory) / SIDECAR
-    tmp = temporary_name(path)
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write ``_graftlab.json`` (atomically and durably) into a trace directory.
+
+    For a ``graftlab.trace/2`` directory this is the only copy of the run metadata.
+    """
+    return atomic_write(Path(directory) / SIDECAR, json.dumps(meta, indent=1, default=str))
 
 
 def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -130,6 +174,7 @@ def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool =
         elif resume and entries and not is_trace(path):
             raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
     path.mkdir(parents=True, exist_ok=True)
+    fsync_directory(path.parent if str(path.parent) else Path("."))
     return path
 
 
@@ -141,9 +186,13 @@ def truncate(path: PathLike, start_step: int) -> None:
         if part_first_step(part) >= start_step:
             part.unlink()
             continue
-        table = pq.read_table(part)
+        try:
+            table = pq.read_table(part, page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as err:
+            raise GraftlabError(f"{part}: not a readable Parquet file ({err}); cannot resume into this trace") from None
         steps = table.column("step").to_numpy()
         if steps.size and steps.max() >= start_step:
             write_table(table.filter(pc.less(table.column("step"), start_step)), part)
     for tmp in path.glob(temporary_name(PART_GLOB).name):
         tmp.unlink()
+    fsync_directory(path)
