@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 import pandas as pd
 
+from graftlab import medians as engine
 from graftlab.errors import GraftlabError
 
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
@@ -48,22 +49,26 @@ def median_filter(values, width: int) -> np.ndarray:
     ``values[max(0, i - h) : i + h + 1]`` with ``h = width // 2``), so the series is not shortened
     and no values are invented. Non-finite values are ignored inside each window; a window with no
     finite value gives NaN. ``width=1`` returns the finite values unchanged (non-finite -> NaN).
+    Computed by :func:`graftlab.medians.running_median` (exact, O(n log width)).
 
     >>> median_filter([1.0, 5.0, 2.0, float("nan"), 3.0], 3).tolist()
     [3.0, 2.0, 3.5, 2.5, 3.0]
     """
-    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or width % 2 == 0:
-        raise GraftlabError(f"median filter width must be a positive odd integer, got {width!r}")
+    width = engine.check_width(width)
     x = np.asarray(values, dtype=np.float64).copy()
     if x.ndim != 1:
         raise GraftlabError(f"median filter expects a 1-D series, got shape {x.shape}")
     x[~np.isfinite(x)] = np.nan
-    h = int(width) // 2
-    if h == 0 or x.size == 0:
-        return x
-    # pandas' centred rolling median with min_periods=1 skips NaN and shrinks at the ends: exactly
-    # the rule above, in O(n log width) (checked against a direct reference in the tests).
-    return pd.Series(x).rolling(int(width), center=True, min_periods=1).median().to_numpy()
+    return engine.running_median(x, width)
+
+
+def _grid(df: pd.DataFrame) -> tuple[engine.Grid, np.ndarray, np.ndarray]:
+    """``df``'s ratios as a :class:`~graftlab.medians.Grid` (groups in order of first appearance),
+    and each row's group index and step column in it."""
+    codes, names = pd.factorize(df["group"])
+    step = df["step"].to_numpy()
+    g = engine.grid(step, codes, df["ratio"].to_numpy(dtype=np.float64), [str(n) for n in names])
+    return g, codes, np.searchsorted(g.steps, step)
 
 
 def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
@@ -72,16 +77,14 @@ def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
     The unfiltered values move to ``ratio_raw``. Positions whose raw ratio was not finite stay NaN,
     so the counts of skipped steps in :func:`window_medians` still describe the recording.
     """
+    width = engine.check_width(width)
     out = df.copy()
     raw = out["ratio"].to_numpy(dtype=np.float64)
-    codes, _ = pd.factorize(out["group"])
-    order = np.lexsort((out["step"].to_numpy(), codes))  # by group, then step
-    bounds = np.flatnonzero(np.diff(codes[order])) + 1
-    filtered = np.full_like(raw, np.nan)
-    for idx in np.split(order, bounds):
-        if idx.size:
-            filtered[idx] = median_filter(raw[idx], width)
-    filtered[~np.isfinite(raw)] = np.nan
+    if len(out):
+        g, rows, cols = _grid(out)
+        filtered = g.filtered(width).values[rows, cols]
+    else:
+        filtered = raw.copy()
     out["ratio_raw"] = raw
     out["ratio"] = filtered
     return out
@@ -94,44 +97,20 @@ def group_order(df: pd.DataFrame) -> list[str]:
     return [str(g) for g in pd.unique(df["group"])]
 
 
-def _medians(df: pd.DataFrame, groups: list[str], window_of: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Per-group (and, with ``window_of``, per-window 0..max) medians of the finite ratios, with
-    counts; every (window, group) pair gets a row, NaN median where it holds no finite ratio."""
-    ratio = df["ratio"].to_numpy(dtype=np.float64)
-    finite = np.isfinite(ratio)
-    codes, names = pd.factorize(df["group"])
-    # map codes onto positions in ``groups`` (groups absent from df get no rows)
-    pos = {str(n): i for i, n in enumerate(groups)}
-    gidx = np.array([pos[str(n)] for n in names], dtype=np.int64)[codes] if len(codes) else codes
-    w = np.zeros_like(gidx) if window_of is None else np.asarray(window_of, dtype=np.int64)
-    n_win = int(w.max()) + 1 if w.size else 1
-    key = w * len(groups) + gidx
-    frame = pd.DataFrame({"k": key, "r": np.where(finite, ratio, np.nan), "fin": finite})
-    # groupby's median skips NaN: the median of the finite values
-    agg = frame.groupby("k", sort=False).agg(median=("r", "median"), n_finite=("fin", "sum"), n=("fin", "size"))
-    agg = agg.reindex(np.arange(n_win * len(groups)))
-    n_finite = agg["n_finite"].fillna(0).to_numpy().astype(np.int64)
-    out = pd.DataFrame({
-        "group": np.tile(np.array(groups, dtype=object), n_win),
-        "median": agg["median"].to_numpy(dtype=np.float64),
-        "n_finite": n_finite,
-        "n_nonfinite": agg["n"].fillna(0).to_numpy().astype(np.int64) - n_finite,
-    })
-    if window_of is not None:
-        out.insert(0, "window", np.repeat(np.arange(n_win), len(groups)))
-    return out
-
-
 def window_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:
     """Median of each group's ratios over steps ``[start, start + window)``.
 
     Returns one row per group (in order of first appearance in ``df``) with columns ``group``,
     ``median`` (NaN when the window holds no finite ratio), ``n_finite`` (ratios used) and
-    ``n_nonfinite`` (rows skipped).
+    ``n_nonfinite`` (rows skipped). Medians are exact (:meth:`graftlab.medians.Grid.window`).
     """
     _check_window(window)
-    sel = df[(df["step"] >= start) & (df["step"] < start + window)]
-    return _medians(sel, group_order(df))
+    groups = group_order(df)
+    if df.empty:
+        return pd.DataFrame({"group": groups, "median": np.nan, "n_finite": 0, "n_nonfinite": 0})
+    g, _, _ = _grid(df)
+    med, fin, non = g.window(start, start + window)
+    return pd.DataFrame({"group": g.groups, "median": med, "n_finite": fin, "n_nonfinite": non})
 
 
 def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:
@@ -141,14 +120,23 @@ def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFr
     up to the last step in ``df`` (the last one may be partial).
     """
     _check_window(window)
-    groups = group_order(df)
     if df.empty:
         return pd.DataFrame(columns=["start", "group", "median", "n_finite", "n_nonfinite"])
-    sel = df[df["step"] >= start]
-    k = ((sel["step"].to_numpy() - start) // window).astype(np.int64)
-    out = _medians(sel, groups, window_of=k)
-    out.insert(0, "start", start + out.pop("window").to_numpy() * window)
-    return out
+    g, _, _ = _grid(df)
+    return windows_frame(g, window, start)
+
+
+def windows_frame(grid: engine.Grid, window: int, start: int = 0) -> pd.DataFrame:
+    """:func:`windowed_medians` of a :class:`~graftlab.medians.Grid` (long format)."""
+    starts, med, fin, non = grid.windows(window, start)
+    n_groups = len(grid.groups)
+    return pd.DataFrame({
+        "start": np.repeat(starts, n_groups),
+        "group": np.tile(np.array(grid.groups, dtype=object), len(starts)),
+        "median": med.reshape(-1),
+        "n_finite": fin.reshape(-1),
+        "n_nonfinite": non.reshape(-1),
+    })
 
 
 def piecewise(table: pd.DataFrame, value: str = "median") -> dict[str, list[list]]:

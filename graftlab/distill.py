@@ -30,11 +30,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis
+from graftlab import analysis, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
-from graftlab.trace import group_table, read_metadata, read_trace, trace_extent
+from graftlab.trace import group_table, read_metadata, trace_extent
 
 PathLike = Union[str, os.PathLike]
 
@@ -89,24 +89,24 @@ def distill(
         )
     table = group_table(meta)
 
-    # read_trace opens only the part files and row groups that can hold the steps asked for
-    df = _read(path, start, None if schedule else start + window, filter)
-    if df.empty:
+    # the engine reads only the part files and row groups that can hold the steps asked for
+    grid = _read(path, start, None if schedule else start + window, filter)
+    if not grid.groups:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
-    groups = _groups(df, table)
+    groups = _groups(grid.groups, table)
     rule = _Rule(round, analysis.group_kinds(groups, table), analysis.tied_groups(groups, table, tie))
-    first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
+    first_win = _window(grid, start, start + window, groups)
     rule.flags = analysis.flag_groups(first_win["median"], outlier)
     later_start = length - window if drift and length - start >= 2 * window else None
     later = pd.Series(math.nan, index=groups)
     if later_start is not None:
-        tail = df if schedule else _read(path, later_start, None, filter)
-        later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
+        tail = grid if schedule else _read(path, later_start, None, filter)
+        later = _window(tail, later_start, later_start + window, groups)["median"]
 
     multipliers: dict[str, float] = {}
     sched: dict[str, list[list]] = {}
     if schedule:
-        sched = _schedules(df, window, start, groups, rule, first_win["median"])
+        sched = _schedules(grid, window, start, groups, rule, first_win["median"])
         first_factor = pd.Series({g: sched[g][0][1] for g in groups})
     else:
         first_factor = rule.factors(first_win["median"])
@@ -152,15 +152,21 @@ def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
     return extent[1] + (every if isinstance(every, int) and every > 0 else 1)
 
 
-def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) -> pd.DataFrame:
-    df = read_trace(path, steps=(start, stop))
-    df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is read separately
-    return analysis.filter_groups(df, filter) if filter else df
+def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) -> medians.Grid:
+    """The ratios of steps [start, stop) as a (groups, steps) grid, median-filtered by ``filter``."""
+    grid, _ = medians.read_grid(path, steps=(start, stop))
+    return grid.filtered(filter) if filter else grid
 
 
-def _groups(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+def _window(grid: medians.Grid, lo: int, hi: int, groups: list[str]) -> pd.DataFrame:
+    """Per group (index) over steps [lo, hi): ``median``, ``n_finite``, ``n_nonfinite``."""
+    med, fin, non = grid.window(lo, hi)
+    frame = pd.DataFrame({"median": med, "n_finite": fin, "n_nonfinite": non}, index=grid.groups)
+    return frame.reindex(groups)
+
+
+def _groups(present: list[str], table: pd.DataFrame) -> list[str]:
     """The groups read, in the metadata's order, then any the metadata does not list."""
-    present = analysis.group_order(df)
     known, seen = set(table.index), set(present)
     return [g for g in table.index if g in seen] + [g for g in present if g not in known]
 
@@ -186,14 +192,15 @@ class _Rule:
         return out
 
 
-def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rule: _Rule,
+def _schedules(grid: medians.Grid, window: int, start: int, groups: list[str], rule: _Rule,
                first_medians: pd.Series) -> dict[str, list[list]]:
     """Per-group piecewise-constant schedules from consecutive windows (Figure 4)."""
     rows = []
-    for s, part in analysis.windowed_medians(df, window, start).groupby("start", sort=True):
+    starts, med, _, _ = grid.windows(window, start)
+    for s, m in zip(starts, med):
         # a window where a group has no finite ratio keeps the previous factor (piecewise)
-        f = rule.factors(part.set_index("group")["median"].reindex(groups))
-        rows.append(pd.DataFrame({"start": s, "group": groups, "factor": f.to_numpy()}))
+        f = rule.factors(pd.Series(m, index=grid.groups).reindex(groups))
+        rows.append(pd.DataFrame({"start": int(s), "group": groups, "factor": f.to_numpy()}))
     sched = analysis.piecewise(pd.concat(rows, ignore_index=True), "factor")
     fallback = rule.factors(first_medians)
     for g in groups:  # groups with no finite ratio anywhere: their fallback factor throughout
