@@ -7,30 +7,69 @@ The pipeline, one module per stage::
 
 The command line (``graftlab.cli``, kept in ``cli/`` of the source tree) only parses options and
 calls these.
+
+The names below are imported on first use (PEP 562): ``import graftlab`` does not import torch, so
+reading and distilling traces (``graftlab info``, ``distill``, ``plot``) starts in well under a second.
 """
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save  # noqa: E402
-from graftlab.distill import distill  # noqa: E402
-from graftlab.errors import GraftlabError  # noqa: E402
-from graftlab.graft import Graft  # noqa: E402
-from graftlab.partition import Partition  # noqa: E402
-from graftlab.record import Recorder  # noqa: E402
-from graftlab.trace import read_metadata, read_trace  # noqa: E402
+# public name -> the module that defines it
+_LAZY = {
+    "Applied": "graftlab.corrections",
+    "Corrections": "graftlab.corrections",
+    "GroupSource": "graftlab.corrections",
+    "apply": "graftlab.corrections",
+    "load_corrections": "graftlab.corrections",
+    "save": "graftlab.corrections",
+    "distill": "graftlab.distill",
+    "GraftlabError": "graftlab.errors",
+    "Graft": "graftlab.graft",
+    "Partition": "graftlab.partition",
+    "Recorder": "graftlab.record",
+    "read_metadata": "graftlab.trace",
+    "read_trace": "graftlab.trace",
+}
 
-__all__ = [
-    "Applied",
-    "Corrections",
-    "Graft",
-    "GraftlabError",
-    "GroupSource",
-    "Partition",
-    "Recorder",
-    "__version__",
-    "apply",
-    "distill",
-    "load_corrections",
-    "read_metadata",
-    "read_trace",
-    "save",
-]
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save
+    from graftlab.distill import distill
+    from graftlab.errors import GraftlabError
+    from graftlab.graft import Graft
+    from graftlab.partition import Partition
+    from graftlab.record import Recorder
+    from graftlab.trace import read_metadata, read_trace
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graftlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """``graftlab.distill`` is the function, as when it was imported eagerly: the import system binds
+    each submodule on its package once imported, which must not replace a function of that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and value.__name__ == _LAZY[name]:
+            value = getattr(value, name)  # the submodule of the same name: bind its function instead
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def _nn() -> Any:
+    # torch is imported only when modules are given: naming kinds from trace names needs no torch
+    from torch import nn
+
+    return nn
 
 KINDS = ("Q", "K", "V", "attn_out", "ffn", "embedding", "output", "norm", "conv", "other")
 
@@ -113,6 +121,7 @@ def _block_index(parts: list[str]) -> Optional[int]:
 def _is_norm_module(module: Optional[nn.Module]) -> bool:
     if module is None:
         return False
+    nn = _nn()
     norms: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
     norms += (nn.modules.batchnorm._NormBase,)
     if hasattr(nn, "RMSNorm"):
@@ -122,7 +131,7 @@ def _is_norm_module(module: Optional[nn.Module]) -> bool:
 
 
 def _is_conv_module(module: Optional[nn.Module]) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd)
+    return module is not None and isinstance(module, _nn().modules.conv._ConvNd)
 
 
 def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
@@ -157,7 +166,7 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
         return kind("norm")
     if _is_conv_module(module):
         return kind("conv")
-    if isinstance(module, nn.Embedding):
+    if module is not None and isinstance(module, _nn().Embedding):
         return kind("embedding")
 
     if module is None:
@@ -168,7 +177,7 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
             return kind("norm")
         if _CONV_NAME.match(own) or own in ("downsample", "shortcut"):
             return kind("conv")
-    elif _NORM_NAME.search(own) and not isinstance(module, (nn.Linear, nn.Embedding)):
+    elif _NORM_NAME.search(own) and not isinstance(module, (_nn().Linear, _nn().Embedding)):
         return kind("norm")
 
     if any(_EMBED_NAME.search(m) for m in low) or _EMBED_NAME.search(tensor):

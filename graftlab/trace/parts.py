@@ -17,26 +17,18 @@ Data pages are checked when read: the scan verifies their CRC32 checksums
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
 from graftlab.trace.layout import FORMAT, FORMAT_1, METADATA_KEY, READABLE_FORMATS, SIDECAR, STORED, part_first_step
 
-# ``group`` comes back dictionary-encoded from every part (a /1 part has no Arrow schema saying so),
-# and every data page's checksum is verified as it is read.
-PARQUET = ds.ParquetFileFormat(
-    read_options=ds.ParquetReadOptions(dictionary_columns=["group"]),
-    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True),
-)
-LOCAL = pafs.LocalFileSystem()
 READ_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError)
 
 
@@ -46,12 +38,28 @@ def describe(err: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
+@functools.lru_cache(maxsize=None)
+def parquet_format() -> Any:
+    """How the scans read parts: ``group`` dictionary-encoded from every part (a /1 part has no Arrow
+    schema saying so), and every data page's checksum verified as it is read.
+
+    Built on first use: ``pyarrow.dataset`` imports pandas, which footer-only commands never need.
+    """
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    fmt = ds.ParquetFileFormat(
+        read_options=ds.ParquetReadOptions(dictionary_columns=["group"]),
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True),
+    )
+    return fmt, pafs.LocalFileSystem()
+
+
 @dataclass
 class Part:
-    """One Parquet file of a trace, its footer read: ``fragment`` scans it without reading that again."""
+    """One Parquet file of a trace, its footer read and checked."""
 
     path: Path
-    fragment: Any
     footer: pq.FileMetaData
     schema: pa.Schema
     key: Optional[bytes]  # the raw value under METADATA_KEY, if any
@@ -61,13 +69,17 @@ class Part:
     def rows(self) -> int:
         return self.footer.num_rows
 
+    def fragment(self) -> Any:
+        """A dataset fragment that scans this part (with checksum verification)."""
+        fmt, fs = parquet_format()
+        return fmt.make_fragment(str(self.path.absolute()), fs)
+
 
 def open_part(path: Path) -> Part:
     """Read ``path``'s footer; GraftlabError if it is not readable Parquet or its schema is damaged."""
     try:
-        fragment = PARQUET.make_fragment(str(Path(path).absolute()), LOCAL)
-        footer = fragment.metadata
-        schema = fragment.physical_schema
+        footer = pq.read_metadata(path)
+        schema = footer.schema.to_arrow_schema()
         names = list(schema.names)
         kv = dict(footer.metadata or {})
         parquet_names = list(footer.schema.names)
@@ -84,7 +96,7 @@ def open_part(path: Path) -> Part:
                                 f"stored schema's {list(arrow_names)})")
     if len(set(names)) != len(names):
         raise GraftlabError(f"{path}: damaged Parquet footer (a column name appears twice: {names})")
-    return Part(Path(path), fragment, footer, schema, kv.get(METADATA_KEY))
+    return Part(Path(path), footer, schema, kv.get(METADATA_KEY))
 
 
 def decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:

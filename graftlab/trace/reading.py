@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from graftlab.errors import GraftlabError
 from graftlab.trace.layout import FORMAT_1, REQUIRED, STORED, PathLike, part_first_step, trace_files
+if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: `graftlab info` never needs it
+    import pandas as pd
+
 from graftlab.trace.parts import (
-    LOCAL, PARQUET, READ_ERRORS, Part, check_part, check_sequence, describe, open_part, step_bounds, trace_metadata,
+    READ_ERRORS, Part, check_part, check_sequence, describe, open_part, parquet_format, step_bounds, trace_metadata,
 )
 
 
@@ -79,6 +80,9 @@ def read_table(
         schema = pa.unify_schemas(schemas) if len(schemas) > 1 else schemas[0]
     except READ_ERRORS as err:
         raise GraftlabError(f"{path}: parts disagree on column types ({describe(err)})") from None
+    # every part's group is read dictionary-encoded (parquet_format); the scan keeps it so
+    i = schema.get_field_index("group")
+    schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), pa.string())))
     # a /2 ratio is norm_m / norm_d by definition: one a writer stored anyway is not read
     extras = [c for c in schema.names if c not in REQUIRED]
     if columns is not None:
@@ -87,14 +91,17 @@ def read_table(
         if unknown:
             raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
         extras = [c for c in extras if c in wanted]
+    import pyarrow.dataset as ds
+
     flt = None
     if start is not None:
         flt = ds.field("step") >= start
     if stop is not None:
         cond = ds.field("step") < stop
         flt = cond if flt is None else flt & cond
-    dataset = ds.FileSystemDataset([p.fragment for p in parts], schema, PARQUET, LOCAL)
     try:
+        fmt_, fs = parquet_format()
+        dataset = ds.FileSystemDataset([p.fragment() for p in parts], schema, fmt_, fs)
         table = dataset.to_table(columns=stored + extras, filter=flt)
     except READ_ERRORS as err:
         raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
@@ -111,7 +118,7 @@ def read_table(
         ratio = pc.divide(table.column("norm_m"), table.column("norm_d"))
         table = table.add_column(table.column_names.index("norm_d") + 1, "ratio", ratio)
     order = [c for c in REQUIRED if c in required] + extras
-    return table.select(order), meta
+    return table.select(order).replace_schema_metadata(None), meta
 
 
 def _indices(group: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -227,6 +234,8 @@ def read_trace(
 
 def group_table(meta: dict[str, Any]) -> pd.DataFrame:
     """The metadata's groups as a DataFrame indexed by group name (kind, ffn, block, numel, ...)."""
+    import pandas as pd
+
     groups = meta.get("groups") or []
     if not groups:
         return pd.DataFrame(columns=["kind", "ffn", "block", "numel"]).rename_axis("group")

@@ -1,0 +1,60 @@
+"""Commands that do not train start without torch: `import graftlab.cli.app`, `info`, `distill`, `plot`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_traces" / "bert-adam-sgd-bs16"
+
+RUN = """
+import sys
+sys.argv = ["graftlab", *{args!r}]
+from graftlab.cli.app import main
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+heavy = [m for m in ("torch", "transformers", "graftlab.graft", "graftlab.record") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+
+
+def run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_importing_the_cli_and_the_package_does_not_import_torch():
+    out = run("import sys, graftlab, graftlab.cli.app, graftlab.trace, graftlab.distill, graftlab.kinds\n"
+              "print('HEAVY', [m for m in ('torch',) if m in sys.modules])")
+    assert "HEAVY []" in out
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],
+    ["info", str(SAMPLE)],
+    ["distill", str(SAMPLE), "--window", "500", "-o", "{tmp}/c.json"],
+    ["plot", str(SAMPLE), "--figure", "5", "--steps", "200", "-o", "{tmp}/f5.png"],
+], ids=["help", "info", "distill", "plot"])
+def test_commands_that_do_not_train_do_not_import_torch(tmp_path, args):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert "HEAVY []" in run(RUN.format(args=args))
+
+
+def test_lazy_public_names_still_work():
+    out = run("import sys, graftlab\nassert 'torch' not in sys.modules\n"
+              "print(graftlab.Graft.__name__, graftlab.Recorder.__name__, graftlab.distill.__name__,\n"
+              "      graftlab.read_trace.__name__, 'Graft' in dir(graftlab), 'torch' in sys.modules)")
+    assert out.split() == ["Graft", "Recorder", "distill", "read_trace", "True", "True"]
+
+
+def test_distill_stays_the_function_after_its_module_is_imported():
+    import graftlab
+    import graftlab.distill  # noqa: F401 - the import system binds submodules on the package
+
+    assert callable(graftlab.distill) and graftlab.distill.__module__ == "graftlab.distill"
