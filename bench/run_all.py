@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, results_dir  # noqa: E402
 
-SCRIPTS = ("step_cost", "record_cost", "distill_cost", "trace_size")
+SCRIPTS = ("step_cost", "record_cost", "distill_cost", "median_engines", "trace_size", "cli_start", "bitflip")
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- tables:begin (bench/run_all.py writes this block) -->", "<!-- tables:end -->"
 
@@ -28,7 +28,10 @@ SECTIONS = {
     "step_cost": ("Step cost: `Graft(M, D).step()` / `M.step(); D.step()`", ["timing", "memory"]),
     "record_cost": ("Recording cost: bert training steps with / without a Recorder", ["record"]),
     "distill_cost": ("Distill cost on a 100,000-step x 400-group trace (40M rows)", ["distill"]),
-    "trace_size": ("Trace size on disk", ["size"]),
+    "median_engines": ("Exact per-group medians: engines compared (in memory, no file reading)", ["engines"]),
+    "trace_size": ("Trace size on disk, and what not storing `ratio` costs on read", ["size", "lossless", "read"]),
+    "cli_start": ("Command start-up against `python -c \"import pandas, pyarrow.parquet\"`", ["cli_start"]),
+    "bitflip": ("One flipped bit per part file: caught, harmless, or altered data", ["bitflip"]),
 }
 
 
@@ -56,6 +59,8 @@ def tables_block() -> str:
                             f"{res.get('slow_repeats', 3)} of the whole-trace schedule and reads, 1 of the schedule "
                             "command; each in a fresh process.",
         }
+        notes["median_engines"] = (f"{res.get('steps', 0):,} steps x {res.get('groups')} groups, median of "
+                                   f"{res.get('repeats')} interleaved repeats; window 2000, filter width 51.")
         if name in notes:
             out += [notes[name], ""]
         for k in keys:

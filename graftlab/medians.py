@@ -152,15 +152,14 @@ def grid(step: np.ndarray, code: np.ndarray, ratio: np.ndarray, names: list[str]
     ``ratio`` (N,) floats. Groups without rows are left out. Raises GraftlabError where a
     (step, group) pair appears twice."""
     step = np.asarray(step, dtype=np.int64)
-    code = np.asarray(code, dtype=np.int64)
+    code = np.asarray(code)
     n, g = len(step), len(names)
     if g and n and n % g == 0:
         s2, c2 = step.reshape(-1, g), code.reshape(-1, g)
         # a dense grid in step then group order: every recorded trace, checked in two passes
         if (c2 == np.arange(g)).all() and (s2 == s2[:, :1]).all() and (np.diff(s2[:, 0]) > 0).all():
-            values = np.asarray(ratio).reshape(-1, g).T.astype(np.float64, order="C")
-            values[~np.isfinite(values)] = np.nan
-            return Grid(list(names), s2[:, 0].copy(), values)
+            return _dense_grid(names, s2[:, 0].copy(), np.asarray(ratio))
+    code = code.astype(np.int64)
     present = np.flatnonzero(np.bincount(code, minlength=g)) if n else np.array([], np.int64)
     remap = np.full(max(g, 1), -1, np.int64)
     remap[present] = np.arange(len(present))
@@ -177,23 +176,69 @@ def grid(step: np.ndarray, code: np.ndarray, ratio: np.ndarray, names: list[str]
     return Grid([names[i] for i in present], steps, values, None if recorded.all() else recorded)
 
 
-def grid_of_table(table: pa.Table) -> Grid:
-    """A :class:`Grid` of an Arrow trace table (``graftlab.trace.read_table``'s: one group dictionary)."""
-    group = table.column("group")
-    if group.num_chunks == 0 or table.num_rows == 0:
-        return Grid([], np.array([], np.int64), np.empty((0, 0)))
-    names = group.chunk(0).dictionary.to_pylist()
-    code = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in group.chunks])
-    return grid(table.column("step").to_numpy(), code, table.column("ratio").to_numpy(), names)
+def _dense(batches: Any, n_groups: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(steps (S,), ratios (S*G,) float32)`` when the streamed rows form a dense grid in step then
+    group order (rows ``j*G .. j*G+G-1`` are step ``steps[j]``, groups 0..G-1), else None.
+
+    Checked batch by batch (a batch may begin or end inside a step), so no long column is ever held
+    whole; ``n_groups()`` is read once the first batch has named the groups.
+    """
+    steps_out: list[np.ndarray] = []
+    ratios: list[np.ndarray] = []
+    o, g, last = 0, None, None  # rows so far, groups, (block, step) of the last row
+    for s, c, r in batches:
+        g = n_groups() if g is None else g
+        m = len(s)
+        rows = np.arange(o, o + m)
+        if g == 0 or not np.array_equal(c, rows % g):
+            return None
+        block = rows // g
+        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]]))
+        firsts = s[starts]
+        if not np.array_equal(s, np.repeat(firsts, np.diff(np.concatenate([starts, [m]])))):
+            return None  # a step's rows hold different step numbers
+        if last is not None and block[0] == last[0] and firsts[0] != last[1]:
+            return None
+        heads = rows[starts] % g == 0
+        steps_out.append(firsts[heads])
+        ratios.append(np.asarray(r, np.float32))
+        last = (block[-1], s[-1])
+        o += m
+    if g is None or o % g:
+        return None
+    steps = np.concatenate(steps_out) if steps_out else np.array([], np.int64)
+    if len(steps) > 1 and not (np.diff(steps) > 0).all():
+        return None
+    return steps.astype(np.int64), np.concatenate(ratios) if ratios else np.array([], np.float32)
+
+
+def _dense_grid(names: list[str], steps: np.ndarray, ratio: np.ndarray) -> Grid:
+    values = ratio.reshape(len(steps), len(names)).T.astype(np.float64, order="C")
+    values[~np.isfinite(values)] = np.nan
+    return Grid(list(names), steps, values)
 
 
 def read_grid(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = None) -> tuple[Grid, dict[str, Any]]:
     """The ratios of a trace (or of ``steps=(start, stop)``) as a :class:`Grid`, and its metadata.
 
     Reads only ``step``, ``group`` and the ratio (a ``/2`` trace's norms), and only the parts that
-    can hold ``steps``. Raises what :func:`graftlab.trace.read_trace` raises.
+    can hold ``steps``, streamed batch by batch into the grid (a dense trace is never held as long
+    columns); a trace that is not a dense grid is read whole instead. Raises what
+    :func:`graftlab.trace.read_trace` raises.
     """
     from graftlab.trace import read_table
+    from graftlab.trace.reading import scan_ratios
 
+    batches, codes, meta = scan_ratios(path, steps=steps)
+    dense = _dense(batches, lambda: len(codes.names))
+    if dense is not None:
+        if len(dense[0]) == 0:
+            return Grid([], np.array([], np.int64), np.empty((0, 0))), meta
+        return _dense_grid(codes.names, *dense), meta
     table, meta = read_table(path, steps=steps, columns=[], required=("step", "group", "ratio"))
-    return grid_of_table(table), meta
+    group = table.column("group")
+    if group.num_chunks == 0 or table.num_rows == 0:
+        return Grid([], np.array([], np.int64), np.empty((0, 0))), meta
+    names = group.chunk(0).dictionary.to_pylist()  # read_table gives every chunk this dictionary
+    code = np.concatenate([c.indices.to_numpy() for c in group.chunks])
+    return grid(table.column("step").to_numpy(), code, table.column("ratio").to_numpy(), names), meta

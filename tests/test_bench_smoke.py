@@ -76,11 +76,6 @@ def test_record_cost_quick():
     assert row["plain_steps_per_s"] > 0 and row["recorded_steps_per_s"] > 0
 
 
-@pytest.mark.slow
-def test_trace_size_quick():
-    out = _script("trace_size").main(["--quick", "--steps", "6"])
-    fresh = out["traces"][-1]
-    assert fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -121,3 +116,30 @@ def test_proto_size_reencodes_a_trace(tmp_path):
     out = _script("proto_size").main([str(path)])["variants"]
     sizes = dict(out)
     assert sizes["+ no ratio column"] < sizes["metadata in the first part only"] <= sizes["as written"]
+
+
+def test_median_engines_quick(_results):
+    out = _script("median_engines").main(["--quick"])
+    grid = out["graftlab grid (bottleneck)"]
+    assert grid["max_rel_diff"] == {"windows": 0.0, "filter": 0.0}  # the engine is exact
+    assert out["pandas"]["max_rel_diff"]["windows"] == 0.0
+
+
+def test_bitflip_quick(_results):
+    out = _script("bitflip").main(["--quick", "--n", "40"])
+    assert out["checksums (as written)"]["altered"] == 0
+    assert sum(out["no page checksums"][k] for k in ("error", "same", "altered")) == 40
+
+
+@pytest.mark.slow
+def test_cli_start_quick(_results):
+    out = _script("cli_start").main(["--quick", "--repeats", "1"])
+    assert out["graftlab info"]["imports_torch"] is False and out["graftlab distill --window 500"]["imports_torch"] is False
+
+
+@pytest.mark.slow
+def test_trace_size_quick(_results):
+    out = _script("trace_size").main(["--quick", "--steps", "6", "--repeats", "1"])
+    fresh = out["traces"][-1]
+    assert fresh["format"] == "graftlab.trace/2" and fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
+    assert out["read_cost"]["wall"]["/2"]["median"] > 0

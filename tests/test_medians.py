@@ -83,3 +83,45 @@ def test_grid_refuses_duplicates_and_bad_widths():
     for bad in (0, 2, -1, 2.5, True):
         with pytest.raises(GraftlabError, match="positive odd integer"):
             medians.running_median(np.ones(5), bad)
+
+
+def write(path, parts, names_of=lambda lo: None):
+    from graftlab import trace
+
+    groups = [f"g{i}" for i in range(400)]
+    meta = {"format": trace.FORMAT, "granularity": "layer",
+            "groups": [{"name": n, "kind": "other", "ffn": None, "block": None, "shape": None, "numel": 1,
+                        "members": [n]} for n in groups]}
+    path.mkdir()
+    trace.write_sidecar(path, meta)
+    rng = np.random.default_rng(1)
+    for lo, hi in parts:
+        names = names_of(lo) or groups
+        steps = np.arange(lo, hi)
+        stats = rng.lognormal(size=(len(steps), 3, len(names))).astype(np.float32)
+        stats[:, 1, ::37] = 0.0  # some zero D steps: inf ratios
+        trace.write_part(path, trace.build_table(steps, names, stats, meta=meta))
+    return path
+
+
+def grid_via_frame(path, steps=None):
+    from graftlab.trace import read_trace
+
+    df = read_trace(path, steps=steps)
+    codes = df["group"].cat.codes.to_numpy()
+    return medians.grid(df["step"].to_numpy(), codes, df["ratio"].to_numpy(), list(df["group"].cat.categories))
+
+
+@pytest.mark.parametrize("kind", ["batches split inside a step", "a part lacks groups"])
+def test_read_grid_streams_the_same_grid_as_the_frame(tmp_path, kind):
+    if kind.startswith("batches"):  # 160,000 rows in one part: Arrow's 131,072-row batches end mid-step
+        path = write(tmp_path / "t", [(0, 400)])
+    else:
+        path = write(tmp_path / "t", [(0, 50), (50, 90)], lambda lo: [f"g{i}" for i in range(0, 400, 2)] if lo else None)
+    got, meta = medians.read_grid(path, steps=(10, None))
+    want = grid_via_frame(path, steps=(10, None))
+    assert got.groups == want.groups and np.array_equal(got.steps, want.steps)
+    assert np.array_equal(got.values, want.values, equal_nan=True)
+    assert (got.recorded is None) == kind.startswith("batches")
+    if got.recorded is not None:
+        assert np.array_equal(got.recorded, want.recorded)

@@ -64,6 +64,7 @@ class Part:
     schema: pa.Schema
     key: Optional[bytes]  # the raw value under METADATA_KEY, if any
     bounds: Optional[tuple[int, int]] = field(default=None)
+    scan: Any = field(default=None, repr=False)  # a dataset fragment holding the footer already read
 
     @property
     def rows(self) -> int:
@@ -71,14 +72,26 @@ class Part:
 
     def fragment(self) -> Any:
         """A dataset fragment that scans this part (with checksum verification)."""
-        fmt, fs = parquet_format()
-        return fmt.make_fragment(str(self.path.absolute()), fs)
+        if self.scan is None:
+            fmt, fs = parquet_format()
+            self.scan = fmt.make_fragment(str(self.path.absolute()), fs)
+        return self.scan
 
 
-def open_part(path: Path) -> Part:
-    """Read ``path``'s footer; GraftlabError if it is not readable Parquet or its schema is damaged."""
+def open_part(path: Path, scan: bool = False) -> Part:
+    """Read ``path``'s footer; GraftlabError if it is not readable Parquet or its schema is damaged.
+
+    ``scan``: read it through a dataset fragment, which the scan of the rows then reuses (the footer
+    is read once); without, only ``pyarrow.parquet`` is needed.
+    """
+    fragment = None
     try:
-        footer = pq.read_metadata(path)
+        if scan:
+            fmt, fs = parquet_format()
+            fragment = fmt.make_fragment(str(Path(path).absolute()), fs)
+            footer = fragment.metadata
+        else:
+            footer = pq.read_metadata(path)
         schema = footer.schema.to_arrow_schema()
         names = list(schema.names)
         kv = dict(footer.metadata or {})
@@ -96,7 +109,7 @@ def open_part(path: Path) -> Part:
                                 f"stored schema's {list(arrow_names)})")
     if len(set(names)) != len(names):
         raise GraftlabError(f"{path}: damaged Parquet footer (a column name appears twice: {names})")
-    return Part(Path(path), footer, schema, kv.get(METADATA_KEY))
+    return Part(Path(path), footer, schema, kv.get(METADATA_KEY), scan=fragment)
 
 
 def decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:

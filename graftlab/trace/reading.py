@@ -1,8 +1,9 @@
 """Reading a trace: its metadata, its rows as an Arrow table or a DataFrame, its extent from the footers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,14 +41,16 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     return trace_metadata(path, open_part(trace_files(path)[0]))[1]
 
 
-def _open(path: Path, steps: Optional[tuple[Optional[int], Optional[int]]]) -> tuple[str, dict, list[Part]]:
-    """The trace's format, metadata and the checked parts that can hold ``steps``."""
+def _open(path: Path, steps: Optional[tuple[Optional[int], Optional[int]]],
+          scan: bool = False) -> tuple[str, dict, list[Part]]:
+    """The trace's format, metadata and the checked parts that can hold ``steps`` (``scan``: ready to
+    be scanned, see :func:`~graftlab.trace.parts.open_part`)."""
     files = trace_files(path)
-    first = open_part(files[0])
+    first = open_part(files[0], scan)
     fmt, meta = trace_metadata(path, first)
     if path.is_dir() and steps is not None:
         files = _prune(files, *steps)
-    parts = [first if f == first.path else open_part(f) for f in files]
+    parts = [first if f == first.path else open_part(f, scan) for f in files]
     for p in parts:
         check_part(p, fmt, first.key)
     if path.is_dir():
@@ -55,24 +58,27 @@ def _open(path: Path, steps: Optional[tuple[Optional[int], Optional[int]]]) -> t
     return fmt, meta, parts
 
 
-def read_table(
-    path: PathLike,
-    *,
-    steps: Optional[tuple[Optional[int], Optional[int]]] = None,
-    groups: Optional[Iterable[str]] = None,
-    columns: Optional[Iterable[str]] = None,
-    required: Iterable[str] = REQUIRED,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """:func:`read_trace` as an Arrow table, and the run metadata: the engine under the DataFrame.
+@dataclass
+class _Scan:
+    """What a read needs once the footers are checked: the dataset, its filter, the columns."""
 
-    ``group`` is ``dictionary<int32, string>`` whose dictionary is the metadata's group order (then
-    names the metadata lacks, in order of appearance), the same in every chunk; rows are in step,
-    then group order. ``required`` narrows the required columns returned (``("step", "group",
-    "ratio")`` reads a ``/1`` trace's norms not at all). Same arguments and errors as :func:`read_trace`.
-    """
-    path = Path(path)
-    fmt, meta, parts = _open(path, steps)
-    required = list(required)
+    path: Path
+    fmt: str
+    meta: dict[str, Any]
+    dataset: Any
+    filter: Any
+    stored: list[str]
+    extras: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [g["name"] for g in self.meta.get("groups") or []]
+
+
+def _scanner(path: Path, steps, columns, required: list[str]) -> _Scan:
+    import pyarrow.dataset as ds
+
+    fmt, meta, parts = _open(path, steps, scan=True)
     start, stop = steps if steps is not None else (None, None)
     stored = [c for c in STORED[fmt] if c in required or (c in ("norm_m", "norm_d") and "ratio" in required)]
     try:
@@ -91,22 +97,40 @@ def read_table(
         if unknown:
             raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
         extras = [c for c in extras if c in wanted]
-    import pyarrow.dataset as ds
-
     flt = None
     if start is not None:
         flt = ds.field("step") >= start
     if stop is not None:
         cond = ds.field("step") < stop
         flt = cond if flt is None else flt & cond
+    fmt_, fs = parquet_format()
+    dataset = ds.FileSystemDataset([p.fragment() for p in parts], schema, fmt_, fs)
+    return _Scan(path, fmt, meta, dataset, flt, stored, extras)
+
+
+def read_table(
+    path: PathLike,
+    *,
+    steps: Optional[tuple[Optional[int], Optional[int]]] = None,
+    groups: Optional[Iterable[str]] = None,
+    columns: Optional[Iterable[str]] = None,
+    required: Iterable[str] = REQUIRED,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """:func:`read_trace` as an Arrow table, and the run metadata: the engine under the DataFrame.
+
+    ``group`` is ``dictionary<int32, string>`` whose dictionary is the metadata's group order (then
+    names the metadata lacks, in order of appearance), the same in every chunk; rows are in step,
+    then group order. ``required`` narrows the required columns returned (``("step", "group",
+    "ratio")`` reads a ``/1`` trace's norms not at all). Same arguments and errors as :func:`read_trace`.
+    """
+    path = Path(path)
+    required = list(required)
+    scan = _scanner(path, steps, columns, required)
     try:
-        fmt_, fs = parquet_format()
-        dataset = ds.FileSystemDataset([p.fragment() for p in parts], schema, fmt_, fs)
-        table = dataset.to_table(columns=stored + extras, filter=flt)
+        table = scan.dataset.to_table(columns=scan.stored + scan.extras, filter=scan.filter)
     except READ_ERRORS as err:
         raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
-    names = [g["name"] for g in meta.get("groups") or []]
-    table = _in_order(table, names, path)
+    table = _in_order(table, scan.names, path)
     if groups is not None:
         keep = set(groups)
         group = table.column("group")
@@ -117,8 +141,71 @@ def read_table(
         # /2: the ratio is the float32 quotient of the stored norms, as the Graft computed it
         ratio = pc.divide(table.column("norm_m"), table.column("norm_d"))
         table = table.add_column(table.column_names.index("norm_d") + 1, "ratio", ratio)
-    order = [c for c in REQUIRED if c in required] + extras
-    return table.select(order).replace_schema_metadata(None), meta
+    order = [c for c in REQUIRED if c in required] + scan.extras
+    return table.select(order).replace_schema_metadata(None), scan.meta
+
+
+class GroupCodes:
+    """Maps each batch's group dictionary to positions in one list of names: the metadata's order,
+    then names it lacks as they come."""
+
+    def __init__(self, names: list[str], path: Path) -> None:
+        self.names = list(names)
+        self.position = {n: i for i, n in enumerate(self.names)}
+        self.reference = pa.array(self.names, pa.string())
+        self.path = path
+
+    def __call__(self, chunk: pa.Array) -> pa.Array:
+        """int32 positions of ``chunk``'s names (a dictionary or string array)."""
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        if chunk.null_count:
+            raise GraftlabError(f"{self.path}: column group has missing names")
+        d = chunk.dictionary
+        if d.type != pa.string():
+            d = d.cast(pa.string())
+        if d.equals(self.reference):
+            return chunk.indices.cast(pa.int32())
+        pos = []
+        for name in d.to_pylist():
+            if name not in self.position:
+                self.position[name] = len(self.names)
+                self.names.append(name)
+            pos.append(self.position[name])
+        return pc.take(pa.array(pos, pa.int32()), chunk.indices)
+
+
+def scan_ratios(
+    path: PathLike, *, steps: Optional[tuple[Optional[int], Optional[int]]] = None,
+) -> tuple[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], GroupCodes, dict[str, Any]]:
+    """Stream a trace's ``(step, group position, ratio)`` as numpy arrays, one record batch at a time.
+
+    For engines that fill their own arrays (:mod:`graftlab.medians`): the whole trace is never held
+    as columns. Batches come in part order; rows are as stored (the caller checks their order). The
+    footers are checked as for :func:`read_trace`; ``codes.names`` lists the groups (metadata order,
+    then unknown names as met). Returns ``(batches, codes, metadata)``.
+    """
+    path = Path(path)
+    scan = _scanner(path, steps, [], ["step", "group", "ratio"])
+    codes = GroupCodes(scan.names, path)
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        try:
+            for batch in scan.dataset.to_batches(columns=scan.stored, filter=scan.filter):
+                if batch.num_rows == 0:
+                    continue
+                if batch.column("step").null_count:
+                    raise GraftlabError(f"{path}: column step has missing values")
+                if "ratio" in scan.stored:
+                    ratio = batch.column("ratio")
+                else:
+                    ratio = pc.divide(batch.column("norm_m"), batch.column("norm_d"))
+                yield (batch.column("step").to_numpy(), codes(batch.column("group")).to_numpy(),
+                       ratio.to_numpy(zero_copy_only=False))
+        except READ_ERRORS as err:
+            raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
+
+    return batches(), codes, scan.meta
 
 
 def _indices(group: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -127,29 +214,9 @@ def _indices(group: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _unified_groups(group: pa.ChunkedArray, names: list[str], path: Path) -> pa.ChunkedArray:
     """``group`` with one dictionary in every chunk: ``names``, then unknown names as they come."""
-    names = list(names)
-    position = {n: i for i, n in enumerate(names)}
-    reference = pa.array(names, pa.string())
-    out = []
-    for chunk in group.chunks:
-        if not pa.types.is_dictionary(chunk.type):
-            chunk = chunk.dictionary_encode()
-        if chunk.null_count:
-            raise GraftlabError(f"{path}: column group has missing names")
-        d = chunk.dictionary
-        if d.type != pa.string():
-            d = d.cast(pa.string())
-        if d.equals(reference):
-            out.append(chunk.indices.cast(pa.int32()))
-            continue
-        pos = []
-        for name in d.to_pylist():
-            if name not in position:
-                position[name] = len(names)
-                names.append(name)
-            pos.append(position[name])
-        out.append(pc.take(pa.array(pos, pa.int32()), chunk.indices))
-    dictionary = pa.array(names, pa.string())
+    codes = GroupCodes(names, path)
+    out = [codes(chunk) for chunk in group.chunks]
+    dictionary = pa.array(codes.names, pa.string())
     kind = pa.dictionary(pa.int32(), pa.string())
     return pa.chunked_array([pa.DictionaryArray.from_arrays(i, dictionary) for i in out], kind)
 
@@ -223,13 +290,35 @@ def read_trace(
     ``columns``.
     """
     table, meta = read_table(path, steps=steps, groups=groups, columns=columns)
-    # self_destruct: Arrow buffers are released column by column as pandas takes them over
-    df = table.to_pandas(split_blocks=True, self_destruct=True)
-    del table
+    df = _to_pandas(table)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
     df.attrs["graftlab"] = meta
     return df
+
+
+def _to_pandas(table: pa.Table) -> "pd.DataFrame":
+    """One numpy array per column and a Categorical from the group codes, without consolidating
+    columns into blocks (pyarrow's generic conversion costs several times the read on long traces).
+    Each Arrow column is released once converted."""
+    import pandas as pd
+
+    names = table.column_names
+    cols: dict[str, Any] = {}
+    for name in names:
+        col = table.column(0)
+        table = table.drop_columns([name])
+        if name == "group":
+            categories = col.chunk(0).dictionary.to_pylist() if col.num_chunks else []
+            codes = (np.concatenate([c.indices.to_numpy() for c in col.chunks]) if col.num_chunks
+                     else np.array([], np.int32))
+            cols[name] = pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))
+        elif pa.types.is_floating(col.type) or (pa.types.is_integer(col.type) and col.null_count == 0):
+            cols[name] = col.to_numpy()
+        else:
+            cols[name] = col.to_pandas()
+        del col
+    return pd.DataFrame(cols, copy=False)
 
 
 def group_table(meta: dict[str, Any]) -> pd.DataFrame:

@@ -1,0 +1,95 @@
+"""Command start-up: commands that do not train, against importing pandas and pyarrow.
+
+Each command runs as a fresh process, start to exit (wall clock and process CPU time), interleaved
+with the baseline ``python -c "import pandas, pyarrow.parquet"``; every figure is the median over
+repeats of the per-repeat ratio::
+
+    python bench/cli_start.py             # 9 repeats
+    python bench/cli_start.py --quick     # 2 repeats
+
+Target (issue 13): ``graftlab info`` and ``graftlab distill --window 500`` on
+``sample_traces/bert-adam-sgd-bs16`` under 1 s on this machine, i.e. (the baseline takes about
+0.45 s on an idle core) a ratio of about 2x; and none of them imports torch (checked here too).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, quantiles, table, write_result  # noqa: E402
+
+SAMPLE = ROOT / "sample_traces" / "bert-adam-sgd-bs16"
+BIN = Path(sys.executable).parent
+
+
+def timed(cmd: list[str]) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=dict(os.environ, COLUMNS="200"))
+    _, status, rusage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err}")
+    return {"seconds": wall, "cpu_seconds": rusage.ru_utime + rusage.ru_stime}
+
+
+def imports_torch(args: list[str]) -> bool:
+    code = ("import sys\nsys.argv = ['graftlab', *%r]\nfrom graftlab.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)" % (args,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 9; quick 2)")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 9)
+    graftlab = str(BIN / "graftlab")
+    with tempfile.TemporaryDirectory(prefix="graftlab-bench-") as tmp:
+        commands = {
+            "baseline": [sys.executable, "-c", "import pandas, pyarrow.parquet"],
+            "graftlab --help": [graftlab, "--help"],
+            "graftlab info": [graftlab, "info", str(SAMPLE)],
+            "graftlab distill --window 500": [graftlab, "distill", str(SAMPLE), "--window", "500", "-o",
+                                              f"{tmp}/c.json", "--overwrite"],
+        }
+        runs: dict[str, list[dict]] = {k: [] for k in commands}
+        for r in range(repeats):
+            for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+                runs[name].append(timed(commands[name]))
+        torch = {name: imports_torch(cmd[1:]) for name, cmd in commands.items() if name != "baseline"}
+    rows, results = [], {}
+    base = runs["baseline"]
+    for name, rs in runs.items():
+        wall = quantiles([x["seconds"] for x in rs])
+        cpu = quantiles([x["cpu_seconds"] for x in rs])
+        ratio = quantiles([x["seconds"] / b["seconds"] for x, b in zip(rs, base)])
+        cpu_ratio = quantiles([x["cpu_seconds"] / b["cpu_seconds"] for x, b in zip(rs, base)])
+        results[name] = {"wall": wall, "cpu": cpu, "ratio": ratio, "cpu_ratio": cpu_ratio,
+                         "imports_torch": torch.get(name)}
+        rows.append([name, wall["median"], f"{wall['min']:.2f}..{wall['max']:.2f}", cpu["median"],
+                     f"{ratio['median']:.2f}x", f"{ratio['min']:.2f}..{ratio['max']:.2f}",
+                     f"{cpu_ratio['median']:.2f}x", "-" if name == "baseline" else ("yes" if torch[name] else "no")])
+    tab = table(["command", "wall s (median)", "spread s", "CPU s", "wall ratio", "spread", "CPU ratio",
+                 "imports torch"], rows)
+    print(tab)
+    load = os.getloadavg()
+    print(f"\nload average {load[0]:.1f}; target: info and distill under 1 s, no torch")
+    path = write_result("cli_start", {"repeats": repeats, "results": results, "tables": {"cli_start": tab}},
+                        args.quick)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
