@@ -69,6 +69,7 @@ class _Scan:
     filter: Any
     stored: list[str]
     extras: list[str]
+    rows: int  # rows of the parts scanned: a bound on what the filter keeps
 
     @property
     def names(self) -> list[str]:
@@ -105,7 +106,7 @@ def _scanner(path: Path, steps, columns, required: list[str]) -> _Scan:
         flt = cond if flt is None else flt & cond
     fmt_, fs = parquet_format()
     dataset = ds.FileSystemDataset([p.fragment() for p in parts], schema, fmt_, fs)
-    return _Scan(path, fmt, meta, dataset, flt, stored, extras)
+    return _Scan(path, fmt, meta, dataset, flt, stored, extras, sum(p.rows for p in parts))
 
 
 def read_table(
@@ -289,12 +290,75 @@ def read_trace(
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
     ``columns``.
     """
-    table, meta = read_table(path, steps=steps, groups=groups, columns=columns)
-    df = _to_pandas(table)
+    path = Path(path)
+    df = None
+    if groups is None:
+        scan = _scanner(path, steps, columns, list(REQUIRED))
+        df = _stream_to_pandas(scan)
+        meta = scan.meta
+    if df is None:  # rows out of order (or a groups filter): read whole, sort, convert
+        table, meta = read_table(path, steps=steps, groups=groups, columns=columns)
+        df = _to_pandas(table)
+        del table
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
     df.attrs["graftlab"] = meta
     return df
+
+
+def _stream_to_pandas(scan: _Scan) -> "Optional[pd.DataFrame]":
+    """The scan's rows as a DataFrame, copied batch by batch into one preallocated array per column
+    (each Arrow batch is released once copied: one pass, one copy). None when the rows are not in
+    step and group order (then the caller sorts)."""
+    import pandas as pd
+
+    n, names = scan.rows, scan.stored + scan.extras
+    types = {f.name: f.type for f in scan.dataset.schema}
+    codes = GroupCodes(scan.names, scan.path)
+    out: dict[str, Any] = {"step": np.empty(n, np.int64), "group": np.empty(n, np.int32)}
+    for c in ("norm_m", "norm_d", "ratio"):
+        out[c] = np.empty(n, np.float32)
+    for c in scan.extras:
+        out[c] = np.empty(n, types[c].to_pandas_dtype()) if pa.types.is_floating(types[c]) else []
+    o, last = 0, None
+    try:
+        for batch in scan.dataset.to_batches(columns=names, filter=scan.filter):
+            m = batch.num_rows
+            if m == 0:
+                continue
+            step = batch.column("step")
+            if step.null_count:
+                raise GraftlabError(f"{scan.path}: column step has missing values")
+            s, g = step.to_numpy(), codes(batch.column("group")).to_numpy()
+            if last is not None and not (s[0] > last[0] or (s[0] == last[0] and g[0] > last[1])):
+                return None
+            ds_, dg = np.diff(s), np.diff(g)
+            if not ((ds_ > 0) | ((ds_ == 0) & (dg > 0))).all():
+                return None
+            last = (s[-1], g[-1])
+            out["step"][o:o + m] = s
+            out["group"][o:o + m] = g
+            for c in names[2:]:
+                col = batch.column(c)
+                if isinstance(out[c], list):
+                    out[c].append(col.to_pandas())
+                else:
+                    out[c][o:o + m] = col.to_numpy(zero_copy_only=False)
+            if "ratio" not in scan.stored:  # /2: the float32 quotient, as the Graft computed it
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    np.divide(out["norm_m"][o:o + m], out["norm_d"][o:o + m], out=out["ratio"][o:o + m])
+            o += m
+    except READ_ERRORS as err:
+        raise GraftlabError(f"{scan.path}: not a readable trace ({describe(err)})") from None
+    cols: dict[str, Any] = {}
+    for c in [*REQUIRED, *scan.extras]:
+        if c == "group":
+            cols[c] = pd.Categorical.from_codes(out[c][:o], categories=pd.Index(codes.names, dtype=object))
+        elif isinstance(out[c], list):
+            cols[c] = (pd.concat(out[c], ignore_index=True) if out[c] else pd.Series([], dtype=object)).to_numpy()
+        else:
+            cols[c] = out[c][:o]
+    return pd.DataFrame(cols, copy=False)
 
 
 def _to_pandas(table: pa.Table) -> "pd.DataFrame":
