@@ -15,7 +15,6 @@ Target (issue 13): at most 7.5 bytes per row, lossless, as ``graftlab.trace/2``.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

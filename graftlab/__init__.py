@@ -40,7 +40,7 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
-    from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save
+    from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save  # noqa: F401
     from graftlab.distill import distill
     from graftlab.errors import GraftlabError
     from graftlab.graft import Graft

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import bottleneck as bn
 import numpy as np
-import pyarrow as pa
 
 from graftlab.errors import GraftlabError
 
@@ -227,7 +226,7 @@ def read_grid(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = 
     :func:`graftlab.trace.read_trace` raises.
     """
     from graftlab.trace import read_table
-    from graftlab.trace.reading import scan_ratios
+    from graftlab.trace.scanning import scan_ratios
 
     batches, codes, meta = scan_ratios(path, steps=steps)
     dense = _dense(batches, lambda: len(codes.names))

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
-from graftlab.trace.layout import FORMAT, FORMAT_1, METADATA_KEY, READABLE_FORMATS, SIDECAR, STORED, part_first_step
+from graftlab.trace.layout import FORMAT, METADATA_KEY, READABLE_FORMATS, SIDECAR, STORED, part_first_step
 
 READ_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError)
 
