@@ -126,6 +126,10 @@ class GroupCodes:
         d = chunk.dictionary
         if d.type != pa.string():
             d = d.cast(pa.string())
+        if len(chunk):
+            bounds = pc.min_max(chunk.indices)
+            if bounds["min"].as_py() < 0 or bounds["max"].as_py() >= len(d):
+                raise GraftlabError(f"{self.path}: damaged group column (a name index outside its dictionary)")
         if d.equals(self.reference):
             return chunk.indices.cast(pa.int32())
         pos = []
@@ -260,7 +264,7 @@ def _stream_to_pandas(scan: _Scan) -> "Optional[pd.DataFrame]":
                 else:
                     out[c][o:o + m] = col.to_numpy(zero_copy_only=False)
             if "ratio" not in scan.stored:  # /2: the float32 quotient, as the Graft computed it
-                with np.errstate(divide="ignore", invalid="ignore"):
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     np.divide(out["norm_m"][o:o + m], out["norm_d"][o:o + m], out=out["ratio"][o:o + m])
             o += m
     except READ_ERRORS as err:
