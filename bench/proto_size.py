@@ -3,8 +3,9 @@
     python bench/proto_size.py [TRACE]      # default: sample_traces/bert-adam-sgd-bs16
 
 All variants write the same rows, 100 steps per part, with the library's float encoding
-(byte-stream-split + zstd 3) and report bytes per row:
-- as written (metadata JSON in every part footer),
+(byte-stream-split + zstd 3) and report bytes per row (this is the exploration that led to
+``graftlab.trace/2``, which is "metadata once + no ratio column"; ``bench/trace_size.py`` measures it):
+- as ``graftlab.trace/1`` writes it (metadata JSON in every part footer),
 - metadata in the first part only (the sidecar holds it anyway),
 - without the ``ratio`` column (it is ``norm_m / norm_d``, recomputable on read),
 - norms rounded to 12 mantissa bits (relative error < 1.3e-4; lossy, for medians of noisy ratios).
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, table, write_result  # noqa: E402
@@ -59,9 +59,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace", nargs="?", type=Path, default=ROOT / "sample_traces" / "bert-adam-sgd-bs16")
     args = ap.parse_args(argv)
-    files = sorted(args.trace.glob(trace.PART_GLOB))
-    tb = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    meta = trace.metadata_bytes(trace.read_metadata(args.trace))
+    # the rows as read_trace gives them (ratio included), re-encoded in the /1 layout and its variants
+    tb, meta = trace.read_table(args.trace)
+    meta = trace.metadata_bytes({**meta, "format": trace.FORMAT_1})
     tb = tb.replace_schema_metadata({trace.METADATA_KEY: meta})
     tb = tb.set_column(tb.column_names.index("group"), "group", tb.column("group").cast(pa.string()).dictionary_encode())
     rows = tb.num_rows
