@@ -123,8 +123,10 @@ def build(graft: Any) -> None:
     graft._buf = buffers("_buf", locals_, True)  # D's step (direct) or w_t (generic)
     graft._abs_m = buffers("_abs_m", locals_, partition.elementwise)
     graft._scratch = buffers("_scratch", locals_, scratch)
-    # the children's copies of g_t on the generic path: shaped as the parameters (DTensors if sharded)
-    graft._grads = buffers("_grads", params, rules is None or getattr(graft, "_grads", None) is not None)
+    # copies of g_t for a child that may edit p.grad, on the generic path: shaped as the parameters
+    # (DTensors if sharded)
+    copies = not all(map(child_steps.keeps_gradients, children))
+    graft._grads = buffers("_grads", params, copies and (rules is None or getattr(graft, "_grads", None) is not None))
     graft._params = params
     graft._slot = {id(p): i for i, p in enumerate(params)}
     graft._signature = signature(graft)

@@ -4,10 +4,11 @@
   from the child's own state; the weights are not touched. The child's ``step()`` does not run, so
   its step hooks (and the global optimizer hooks) are fired here, as ``step()`` would fire them.
 - :func:`generic`: the child's own ``step()`` moves the weights from ``w_t`` and the step is read
-  back as ``w - w_t``. Each child steps on its own copy of ``g_t`` (:func:`save` keeps the loop's
-  gradient tensors and :func:`restore_grads` puts them back), so a child that edits ``p.grad`` in
-  place (clipping or centralisation inside ``step``) changes neither the other child's gradient
-  nor the training loop's.
+  back as ``w - w_t``. A child that may edit ``p.grad`` in place (clipping or centralisation
+  inside its ``step``: any ``step`` not defined by torch.optim, whose optimizers only read
+  gradients) steps on its own copy of ``g_t``, so that it changes neither the other child's
+  gradient nor the training loop's; :func:`save` keeps the loop's gradient tensors and
+  :func:`restore_grads` puts them back.
 """
 from __future__ import annotations
 
@@ -93,12 +94,26 @@ def _give_grads(graft: Any, grads: list[Optional[Tensor]]) -> None:
             p.grad = copy
 
 
+def keeps_gradients(opt: Optimizer) -> bool:
+    """Whether ``opt.step()`` leaves ``p.grad`` as it found it: torch.optim's own ``step``
+    implementations (and subclasses that keep them) only read gradients; a Graft puts them back."""
+    own = getattr(opt, "_keeps_gradients", None)
+    if own is not None:
+        return bool(own)
+    owner = next((c for c in type(opt).__mro__ if "step" in vars(c)), None)
+    return owner is not None and owner.__module__.startswith("torch.optim.")
+
+
 def generic(graft: Any, opt: Optimizer, params: list[Tensor], *, first: bool, grads) -> list[Tensor]:
-    """Let ``opt`` step from ``w_t`` on its own copy of ``g_t``; ``params`` then hold its step."""
+    """Let ``opt`` step from ``w_t`` on ``g_t`` (its own copy if it may edit it); ``params`` then
+    hold its step."""
     w0 = graft._buf
     if not first:
         torch._foreach_copy_(params, w0)
-    _give_grads(graft, grads)
+    if keeps_gradients(opt):
+        restore_grads(graft._params, grads)  # the loop's tensors, if the other child had copies
+    else:
+        _give_grads(graft, grads)
     opt.step()
     torch._foreach_sub_(params, w0)
     return params
@@ -144,8 +159,8 @@ def takes_direct_path(graft: Any) -> bool:
         return graft._rules is not None
     if graft._path_choice == "direct":
         raise GraftlabError("sparse gradients need path='generic' or path='auto'")
-    if graft._grads is None:  # the generic path's gradient copies, first needed now
-        _allocate(graft, "_grads", graft._params)
+    if graft._grads is None and not all(map(keeps_gradients, (graft.magnitude, graft.direction))):
+        _allocate(graft, "_grads", graft._params)  # the generic path's gradient copies, first needed now
     return False
 
 

@@ -54,12 +54,15 @@ class Graft(Optimizer):
     - step hooks, state-dict hooks and load-state-dict hooks registered on the Graft fire; the
       children's own step hooks fire on both paths; ``copy.deepcopy`` and ``pickle`` work;
       ``torch.compile(graft.step)`` works from the first step (buffers exist from construction).
-    - each child sees the same ``g_t``: on the generic path each steps on its own copy of the
-      gradients, and ``p.grad`` is left as the training loop set it.
+    - each child sees the same ``g_t``, and ``p.grad`` is left as the training loop set it: on
+      the generic path a child whose ``step`` may edit gradients steps on its own copy.
 
-    Memory: one parameter-sized buffer (two at coordinate granularity, one more on the generic
-    path for the children's gradient copies), allocated at construction. A step does no
-    host-device synchronisation and allocates nothing parameter-sized.
+    Parameters may have any shape and a floating (float16/bfloat16/float32/float64) or complex
+    dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
+    parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
+    child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
+    construction. A step does no host-device synchronisation and allocates nothing
+    parameter-sized.
 
     Attributes:
         last_stats: ``(3, n_groups)`` tensor, rows ``norm_m``, ``norm_d``, ``ratio`` of the last
@@ -68,18 +71,29 @@ class Graft(Optimizer):
             dimensionless and not finite where D's step was zero (the weights are then kept).
         group_names: the names of the ``last_stats`` columns (parameter names at ``"layer"``
             and ``"coordinate"`` granularity, ``"global"``, or the labels of a function).
+        steps: the number of grafted steps taken.
 
-    ``state_dict()`` holds both children and the partition::
+    Usage (only the optimizer changes in a training loop; the scheduler may sit on the Graft or
+    on M), and ``state_dict()``, which holds both children in torch.optim's format::
 
-        >>> opt = Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1),
-        ...             names=model)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Graft(torch.optim.Adam(model.parameters(), lr=1e-3),
+        ...             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), names=model)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+        >>> opt.param_groups[0]["lr"]                 # M's lr
+        0.001
+        >>> model(torch.ones(3, 4)).sum().backward(); opt.step(); opt.zero_grad(); sched.step()
+        >>> opt.param_groups is opt.magnitude.param_groups, opt.param_groups[0]["lr"]
+        (True, 0.0005)
+        >>> opt.last_stats.shape, opt.group_names
+        (torch.Size([3, 2]), ('weight', 'bias'))
         >>> sd = opt.state_dict()
         >>> sd.keys()
         dict_keys(['magnitude', 'direction', 'graft'])
-        >>> sd["magnitude"]["param_groups"][0]["lr"], sd["magnitude"]["state"]   # torch.optim format
-        (0.001, {})
+        >>> sorted(sd["magnitude"]["state"][0]), sorted(sd["direction"]["state"][0])
+        (['exp_avg', 'exp_avg_sq', 'step'], ['momentum_buffer'])
         >>> sd["graft"]
-        {'granularity': 'layer', 'groups': ['fc.weight', 'fc.bias'], 'steps': 0}
+        {'granularity': 'layer', 'groups': ['weight', 'bias'], 'steps': 1}
 
     Raises:
         GraftlabError: a child that is not an optimizer, the same optimizer twice, children over
@@ -90,6 +104,8 @@ class Graft(Optimizer):
             a child's own ``step()`` raises on the generic path, the weights and ``p.grad`` are
             put back and the error propagates (what the child did to its own state is its own).
     """
+
+    _keeps_gradients = True  # as another Graft's child: p.grad is left as it was found
 
     def __init__(
         self,

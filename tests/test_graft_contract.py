@@ -325,3 +325,17 @@ def test_group_added_to_one_child_only_is_refused_before_anything_moves(path):
         g.step()
     assert torch.equal(flat(model), before) and g.steps == 0
     assert not any(g.magnitude.state.values()) and not any(g.direction.state.values())
+
+
+def test_graft_docstring_example_runs_as_written():
+    import doctest
+
+    import graftlab.graft
+
+    finder = doctest.DocTestFinder()
+    tests = [t for t in finder.find(graftlab.graft.Graft, "Graft", globs={"torch": torch, "Graft": Graft}) if t.examples]
+    assert tests
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize(verbose=False).failed == 0

@@ -58,7 +58,9 @@ def test_buffers_exist_before_the_first_step():
     assert len(g._buf) == len(g._abs_m) == len(g._scratch) == n  # the Adagrad rule with decay needs scratch
     assert g.last_stats.shape == (3, n) and torch.isnan(g.last_stats).all()
     generic = Graft(torch.optim.Adadelta(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
-    assert generic._grads is not None and len(generic._grads) == n  # the children's gradient copies
+    assert generic._grads is None  # torch.optim's steps only read gradients: no copies needed
+    editing = Graft(CenteredSGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert editing._grads is not None and len(editing._grads) == n  # copies for a step that edits them
 
 
 # -- complex parameters ---------------------------------------------------------------------------
