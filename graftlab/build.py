@@ -48,6 +48,31 @@ def importable(fn: Any) -> bool:
     return "<" not in getattr(fn, "__qualname__", "<")
 
 
+def children_groups(graft: Any, param_group: Any, direction: dict) -> tuple[dict, dict]:
+    """The groups :meth:`Graft.add_param_group` gives M (``param_group``) and D (the same tensors
+    with ``direction``'s options); raises GraftlabError for a malformed group or tensors the
+    optimizers already hold. ``(name, tensor)`` pairs name the tensors."""
+    if not isinstance(param_group, dict) or "params" not in param_group:
+        raise GraftlabError("param_group must be a dict with a 'params' entry")
+    params = param_group["params"]
+    if isinstance(params, set):
+        raise GraftlabError("param_group['params'] must be an ordered collection, not a set")
+    params = [params] if isinstance(params, Tensor) else list(params)
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    held = {id(p) for p in graft._params}
+    if any(id(t) in held for t in tensors):
+        raise GraftlabError("param_group holds tensors the optimizers already hold")
+    graft._names.add(p for p in params if isinstance(p, tuple))
+
+    def group(opt: Optimizer, options: dict) -> dict:
+        # torch.optim wants (name, tensor) pairs exactly where the optimizer's groups have names
+        named = bool(opt.param_groups) and "param_names" in opt.param_groups[0]
+        names = graft._names.names_for(tensors) if named else None
+        return {**options, "params": list(zip(names, tensors)) if named else list(tensors)}
+
+    return group(graft.magnitude, param_group), group(graft.direction, direction)
+
+
 def _partition(graft: Any, params: list[Tensor]) -> Partition:
     given = {}
     for group in graft.magnitude.param_groups:  # torch.optim keeps (name, tensor) pairs' names here

@@ -206,25 +206,7 @@ class Graft(Optimizer):
         groups at layer granularity. Raises GraftlabError for a malformed group or tensors the
         optimizers already hold; nothing changes then.
         """
-        if not isinstance(param_group, dict) or "params" not in param_group:
-            raise GraftlabError("param_group must be a dict with a 'params' entry")
-        params = param_group["params"]
-        if isinstance(params, set):
-            raise GraftlabError("param_group['params'] must be an ordered collection, not a set")
-        params = [params] if isinstance(params, Tensor) else list(params)
-        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
-        held = {id(p) for p in self._params}
-        if any(id(t) in held for t in tensors):
-            raise GraftlabError("param_group holds tensors the optimizers already hold")
-        self._names.add(p for p in params if isinstance(p, tuple))
-
-        def own(opt: Optimizer, options: dict) -> dict:
-            # torch.optim wants (name, tensor) pairs exactly where the optimizer's groups have names
-            named = bool(opt.param_groups) and "param_names" in opt.param_groups[0]
-            names = self._names.names_for(tensors) if named else None
-            return {**options, "params": list(zip(names, tensors)) if named else list(tensors)}
-
-        m_group, d_group = own(self.magnitude, param_group), own(self.direction, direction or {})
+        m_group, d_group = build.children_groups(self, param_group, direction or {})
         self.magnitude.add_param_group(m_group)
         try:
             self.direction.add_param_group(d_group)
