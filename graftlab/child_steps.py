@@ -30,13 +30,14 @@ def real_views(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
-# -- direct path -----------------------------------------------------------------------------------
 @torch._disable_dynamo  # eager: compiled code would drop the attribute update
 def _allocate(graft: Any, name: str, like: list[Tensor]) -> list[Tensor]:
+    """A buffer list first needed after construction (rare: options or gradients changed kind)."""
     setattr(graft, name, [torch.empty_like(t, memory_format=torch.preserve_format) for t in like])
     return getattr(graft, name)
 
 
+# -- direct path -----------------------------------------------------------------------------------
 def _scratch(graft: Any) -> list[Tensor]:
     if graft._scratch is None:  # a group's options changed after construction to need it
         return _allocate(graft, "_scratch", graft._norms.locals(graft._params))
@@ -98,10 +99,7 @@ def keeps_gradients(opt: Optimizer) -> bool:
     """Whether ``opt.step()`` leaves ``p.grad`` as it found it: torch.optim's own ``step``
     implementations (and subclasses that keep them) only read gradients; a Graft puts them back."""
     own = getattr(opt, "_keeps_gradients", None)
-    if own is not None:
-        return bool(own)
-    owner = next((c for c in type(opt).__mro__ if "step" in vars(c)), None)
-    return owner is not None and owner.__module__.startswith("torch.optim.")
+    return bool(own) if own is not None else updates.step_owner(opt) is not None
 
 
 def generic(graft: Any, opt: Optimizer, params: list[Tensor], *, first: bool, grads) -> list[Tensor]:

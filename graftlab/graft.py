@@ -265,7 +265,9 @@ class Graft(Optimizer):
         state = {
             "magnitude": self.magnitude.state_dict(),
             "direction": self.direction.state_dict(),
-            "graft": {"granularity": self.partition.granularity, "groups": list(self.group_names), "steps": self._steps},
+            "graft": {
+                "granularity": self.partition.granularity, "groups": list(self.group_names), "steps": self._steps,
+            },
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, state)
@@ -312,7 +314,8 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_names": self._names, "_step_count": self._step_count, "state": self.state,
+            "_path_choice": self._path_choice, "_names": self._names, "_step_count": self._step_count,
+            "state": self.state,
             "_stats": self._stats,
         }
 

@@ -53,12 +53,7 @@ class PlainNorms:
         return part_m, part_d
 
     @staticmethod
-    def run_rule(
-        rule: Callable,
-        group: dict,
-        params: list[Tensor],
-        states: list[dict],
-        out: list[Tensor],
-        scratch: Callable[[], list[Tensor]],
-    ) -> None:
+    def run_rule(rule: Callable, group: dict, params: list[Tensor], states: list[dict], out: list[Tensor],
+                 scratch: Callable[[], list[Tensor]]) -> None:
+        """Run a direct update rule (:mod:`graftlab.updates`) on the whole tensors."""
         rule(group, params, [p.grad for p in params], states, out, scratch)

@@ -271,6 +271,13 @@ def needs_scratch(rule: Optional[Callable], groups: list[dict]) -> bool:
     return rule in (adagrad, rmsprop) and not all(_plain(g) for g in groups)
 
 
+def step_owner(optimizer: torch.optim.Optimizer) -> Optional[type]:
+    """The torch.optim class whose ``step`` ``optimizer`` runs (its own class or a base whose
+    ``step`` a subclass keeps), or None when the ``step`` is defined outside torch.optim."""
+    owner = next((c for c in type(optimizer).__mro__ if "step" in vars(c)), None)
+    return owner if owner is not None and owner.__module__.startswith("torch.optim.") else None
+
+
 _SPARSE_STEPS = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)
 
 
@@ -282,8 +289,8 @@ def gradient_refusal(optimizer: torch.optim.Optimizer, sparse: bool, dense: bool
     after earlier parameter groups have already moved; asking first keeps a refused step from
     changing anything.
     """
-    owner = next((c for c in type(optimizer).__mro__ if "step" in vars(c)), None)
-    if owner is None or not owner.__module__.startswith("torch.optim"):
+    owner = step_owner(optimizer)
+    if owner is None:
         return None
     if owner is torch.optim.SparseAdam:
         return "takes sparse gradients only" if dense else None

@@ -15,6 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from graftlab import Graft, GraftlabError
 from tests.models import batches, loss_fn, make
+from tests.test_graft import flat, trajectory
 
 torch.set_num_threads(1)
 
@@ -28,7 +29,8 @@ PAIRS = {
     ),
     "adadelta#sgd": (lambda p: torch.optim.Adadelta(p, lr=1.0), lambda p: torch.optim.SGD(p, lr=0.1)),
 }
-CASES = [(pair, path) for pair in PAIRS for path in ("direct", "generic") if not (pair == "adadelta#sgd" and path == "direct")]
+CASES = [(pair, path) for pair in PAIRS for path in ("direct", "generic")
+         if not (pair == "adadelta#sgd" and path == "direct")]
 GRANULARITIES = ("layer", "global", "coordinate")
 
 
@@ -38,21 +40,13 @@ def graft(model: nn.Module, pair: str, path: str, granularity="layer") -> Graft:
                  path=path)
 
 
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 def run(model, opt, data, sched=None, lrs=None) -> list[torch.Tensor]:
+    """The weights after each step; ``lrs`` collects the lr the optimizer reads after each step."""
     out = []
     for batch in data:
-        opt.zero_grad()
-        loss_fn(model, batch).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+        out += trajectory(model, opt, [batch], sched)
         if lrs is not None:
             lrs.append(opt.param_groups[0]["lr"])
-        out.append(flat(model))
     return out
 
 
@@ -148,7 +142,8 @@ def test_step_hooks_fire_on_graft_and_children_on_both_paths(pair, path):
     assert [(w, k) for w, k, _ in calls] == one * 2
     who = {"graft": g, "M": g.magnitude, "D": g.direction}
     assert all(o is who[w] for w, _, o in calls)
-    assert [id(o) for o in global_calls] == [id(o) for o in (g, g.magnitude, g.magnitude, g.direction, g.direction, g)] * 2
+    order = (g, g.magnitude, g.magnitude, g.direction, g.direction, g)
+    assert [id(o) for o in global_calls] == [id(o) for o in order] * 2
 
 
 @pytest.mark.parametrize("pair,path", CASES)
@@ -333,7 +328,8 @@ def test_graft_docstring_example_runs_as_written():
     import graftlab.graft
 
     finder = doctest.DocTestFinder()
-    tests = [t for t in finder.find(graftlab.graft.Graft, "Graft", globs={"torch": torch, "Graft": Graft}) if t.examples]
+    found = finder.find(graftlab.graft.Graft, "Graft", globs={"torch": torch, "Graft": Graft})
+    tests = [t for t in found if t.examples]
     assert tests
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for t in tests:

@@ -10,12 +10,9 @@ from torch import nn
 
 from graftlab import Graft, GraftlabError, updates
 from tests.models import batches, loss_fn, make
+from tests.test_graft import flat
 
 torch.set_num_threads(1)
-
-
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 # -- torch.compile --------------------------------------------------------------------------------
@@ -65,7 +62,9 @@ def test_buffers_exist_before_the_first_step():
 
 # -- complex parameters ---------------------------------------------------------------------------
 COMPLEX = {
-    "sgd": lambda p, **k: torch.optim.SGD(p, **{"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, **k}),
+    "sgd": lambda p, **k: torch.optim.SGD(
+        p, **{"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, **k}
+    ),
     "adam": lambda p, **k: torch.optim.Adam(p, **{"lr": 1e-2, "weight_decay": 1e-2, **k}),
     "adamw": lambda p, **k: torch.optim.AdamW(p, **{"lr": 1e-2, "amsgrad": True, "maximize": True, **k}),
     "adagrad": lambda p, **k: torch.optim.Adagrad(p, **{"lr": 0.05, "weight_decay": 1e-2, **k}),
@@ -194,39 +193,32 @@ def test_sparse_gradients_take_the_generic_path_with_auto():
     assert torch.isfinite(g2.last_stats).all() and g2.steps == 4
 
 
-def _assert_untouched(model, g, weights, grads):
+REFUSED = {
+    # Adam refuses sparse gradients inside its step, after earlier groups moved: the Graft asks first
+    "adam-auto": (lambda m: torch.optim.Adam([{"params": m.out.parameters()}, {"params": m.emb.parameters()}], lr=0.1),
+                  "auto", "magnitude optimizer Adam does not take sparse gradients"),
+    "adam-generic": (lambda m: torch.optim.Adam([{"params": m.out.parameters()}, {"params": m.emb.parameters()}]),
+                     "generic", "magnitude optimizer Adam does not take sparse gradients"),
+    "sgd-direct": (lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "direct", "path='generic' or path='auto'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_sparse_step_changes_nothing(case):
+    make_m, path, message = REFUSED[case]
+    model = SparseModel()
+    g = Graft(make_m(model), torch.optim.SGD(model.parameters(), lr=0.2), names=model, path=path)
+    model(torch.tensor([1, 2])).sum().backward()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: (p.grad, p.grad.to_dense().clone()) for n, p in model.named_parameters()}
+    with pytest.raises(GraftlabError, match=message):
+        g.step()
     assert all(torch.equal(weights[n], p.detach()) for n, p in model.named_parameters())
     for n, p in model.named_parameters():
         assert p.grad is grads[n][0] and torch.equal(p.grad.to_dense(), grads[n][1]), n
     assert g.steps == 0 and torch.isnan(g.last_stats).all()
     for child in (g.magnitude, g.direction):
         assert not any(child.state[p] for p in model.parameters())
-
-
-@pytest.mark.parametrize("path", ["auto", "generic", "direct"])
-def test_refused_sparse_step_changes_nothing(path):
-    """Adam refuses sparse gradients inside its step after earlier groups moved; the Graft asks first."""
-    model = SparseModel()
-    m = torch.optim.Adam([{"params": model.out.parameters()}, {"params": model.emb.parameters()}], lr=0.1)
-    g = Graft(m, torch.optim.SGD(model.parameters(), lr=0.1), names=model, path="generic" if path == "generic" else path)
-    model(torch.tensor([1, 2])).sum().backward()
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: (p.grad, p.grad.to_dense().clone()) for n, p in model.named_parameters()}
-    with pytest.raises(GraftlabError, match="magnitude optimizer Adam does not take sparse gradients"):
-        g.step()
-    _assert_untouched(model, g, weights, grads)
-
-
-def test_sparse_gradients_with_path_direct_are_refused():
-    model = SparseModel()
-    g = Graft(torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.2),
-              names=model, path="direct")
-    model(torch.tensor([1, 2])).sum().backward()
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: (p.grad, p.grad.to_dense().clone()) for n, p in model.named_parameters()}
-    with pytest.raises(GraftlabError, match="path='generic' or path='auto'"):
-        g.step()
-    _assert_untouched(model, g, weights, grads)
 
 
 def test_sparse_adam_child_refuses_dense_gradients_first():
