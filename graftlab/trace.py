@@ -118,6 +118,17 @@ def _metadata_of(first: Path) -> dict[str, Any]:
     return _decode((schema.metadata or {}).get(METADATA_KEY), first)
 
 
+def _parts_schema(files: list[Path]) -> pa.Schema:
+    """One schema for all part files: the union of their columns, each at its widest type.
+
+    Parts may lack a column (a scalar first logged late) or store it at another width (traces of
+    graftlab 0.1 wrote a scalar logged first as a Python float as float64, then as float32 once it
+    was logged as a tensor): float32 and float64 read as float64, as do ints mixed with floats.
+    """
+    schemas = [pq.read_schema(f) for f in files]
+    return pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
+
+
 def read_trace(
     path: PathLike,
     *,
@@ -139,10 +150,7 @@ def read_trace(
         files = _prune(files, start, stop)
     cols = list(dict.fromkeys(list(REQUIRED) + list(columns))) if columns is not None else None
     try:
-        # parts may differ in their extra columns (a scalar first logged late): read their union
-        schemas = [pq.read_schema(f) for f in files]
-        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else (schemas[0] if schemas else None)
-        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
+        dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_parts_schema(files))
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise GraftlabError(f"{path}: not a readable trace ({err})") from None
     missing = [c for c in REQUIRED if c not in dataset.schema.names]
