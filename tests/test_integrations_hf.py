@@ -95,8 +95,11 @@ def test_trainer_records_a_full_trace_and_its_schedule_moves_m_lr(tmp_path):
     np.testing.assert_allclose(per_step["grad_norm"].to_numpy()[1::2], [h["grad_norm"] for h in logs], rtol=1e-6)
     np.testing.assert_allclose(per_step["lr"].to_numpy()[1::2], [h["learning_rate"] for h in logs], rtol=1e-12)
     assert per_step["loss"].iloc[0::2].isna().all()
-    ratios = df.ratio.to_numpy()
-    assert np.isfinite(ratios).mean() > 0.9 and (ratios[np.isfinite(ratios)] > 0).all()
+    # HF's warmup starts at lr 0: the first step took no step at all (M's is zero), later ones did
+    first = df[df.step == 0]
+    assert (first.norm_m == 0).all() and (first.ratio[first.norm_d > 0] == 0).all()
+    later = df[df.step > 0].ratio.to_numpy()
+    assert np.isfinite(later).mean() > 0.9 and (later[np.isfinite(later)] > 0).all()
     meta = df.attrs["graftlab"]
     assert meta["task"] == "BertForMaskedLM" and meta["batch_size"] == 8 and meta["seed"] == 0
     assert meta["config"]["trainer"]["lr_scheduler_type"] == "linear"

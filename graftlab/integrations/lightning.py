@@ -89,8 +89,11 @@ class RecorderCallback(pl.Callback):
             return  # no optimizer step since the last batch (gradient accumulation)
         self._logged_step = graft.steps - 1
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            rec.log(loss=loss.detach() if hasattr(loss, "detach") else loss)
+        if loss is None:
+            return
+        loss = loss.detach() if hasattr(loss, "detach") else loss
+        k = trainer.accumulate_grad_batches
+        rec.log(loss=loss * k if k != 1 else loss)  # Lightning divided it by k for the backward pass
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self.recorder is not None:
