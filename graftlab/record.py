@@ -123,30 +123,27 @@ class _Writer(threading.Thread):
     """Background thread: waits for each flushed host buffer, writes it as one part file, then hands
     the part to the ``on_flush`` callbacks (off the training thread, once per flush)."""
 
-    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any],
-                 on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
+    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
         super().__init__(name="graftlab-trace-writer", daemon=True)
         self.directory = directory
-        self.group_names = group_names
-        self.meta = meta
         self.on_flush = list(on_flush)
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
         self.parts: list[Path] = []
 
     def run(self) -> None:
-        g = len(self.group_names)
         while True:
             job = self.jobs.get()
             if job is None:
                 return
             if self.error is not None:
                 continue  # keep draining so the training loop never blocks on a dead writer
-            steps, host_stats, host_dev, event, keys, dev_keys, host_scalars = job
+            # each job carries its groups and metadata: a Graft may gain groups between flushes
+            steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta = job
             try:
                 if event is not None:
                     event.synchronize()
-                n = len(steps)
+                n, g = len(steps), len(names)
                 stats = host_stats.numpy().reshape(n, 3, g)
                 dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
                 scalars = {}
@@ -158,10 +155,10 @@ class _Writer(threading.Thread):
                     elif host is not None:
                         col = np.where(np.isnan(host), col, host)
                     scalars[key] = col
-                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                table = trace.build_table(steps, names, stats, scalars, meta)
                 self.parts.append(trace.write_part(self.directory, table))
                 for callback in self.on_flush:
-                    callback(table, self.meta)
+                    callback(table, meta)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
 
@@ -265,7 +262,9 @@ class Recorder:
         else:
             trace.write_sidecar(self.path, self.metadata)
 
-        self._writer = _Writer(self.path, list(graft.group_names), self.metadata, callbacks)
+        self._model, self._kinds = model, kinds  # to name the kinds of groups added later
+        self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
+        self._writer = _Writer(self.path, callbacks)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
         self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
@@ -315,10 +314,9 @@ class Recorder:
             out.append(kind)
         return out
 
-    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
-        g = self.graft
-        part = g.partition
-        params = g.params
+    def _groups_meta(self) -> list[dict[str, Any]]:
+        part = self.graft.partition
+        params = self.graft.params
         groups = []
         for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
             idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
@@ -328,10 +326,16 @@ class Recorder:
                 {"name": name, **to_dict(kind), "shape": shape, "numel": numel,
                  "members": [part.param_names[i] for i in idx]}
             )
+        return groups
+
+    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        g = self.graft
+        part = g.partition
+        params = g.params
         meta: dict[str, Any] = {
             "format": trace.FORMAT,
             "granularity": part.granularity,
-            "groups": groups,
+            "groups": self._groups_meta(),
             "magnitude": _describe_optimizer(g.magnitude),
             "direction": _describe_optimizer(g.direction),
             "task": None,
@@ -383,6 +387,8 @@ class Recorder:
             self._last_row = None
             return
         stats = self.graft.last_stats
+        if self._stats is not None and stats.shape != self._stats.shape[1:]:
+            self._regroup()
         if self._stats is None:
             self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
         r = self._rows
@@ -394,6 +400,17 @@ class Recorder:
         self._last_row = r
         if self._lr is not None:
             self._put("lr", self._lr)
+
+    def _regroup(self) -> None:
+        """The Graft gained groups (``add_param_group``): write the rows buffered so far under the
+        old groups, then record every group from this step on; later parts and the sidecar carry
+        the grown group list in their metadata."""
+        self.flush()
+        self._groups = list(self.graft.group_names)
+        self.group_kinds = self._group_kinds(self._model, self._kinds)
+        self.metadata = {**self.metadata, "groups": self._groups_meta()}
+        trace.write_sidecar(self.path, self.metadata)
+        self._stats = None
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
         """Attach per-step scalars (``loss=tensor``, ``tokens=4096``) to the step just taken.
@@ -489,7 +506,7 @@ class Recorder:
             host_cols = None if cols is None else cols.to("cpu", copy=True)
         host_scalars = {k: v[:n].copy() for k, v in self._host_cols.items()}
         self._writer.jobs.put((self._step_of_row[:n].copy(), host_stats, host_cols, event, list(self._keys),
-                               dev_keys, host_scalars))
+                               dev_keys, host_scalars, self._groups, self.metadata))
         self.rows_flushed += n
         self._rows = 0
         self._deadline = math.inf

@@ -321,3 +321,39 @@ def test_finds_the_graft_inside_optimizer_wrappers(tmp_path):
     with pytest.raises(GraftlabError, match="needs a graftlab.Graft"):
         Recorder(types.SimpleNamespace(optimizer=opt.magnitude), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# -- groups added to the Graft while recording ----------------------------------------------------
+def test_groups_added_while_recording_are_recorded_from_then_on(tmp_path):
+    """Progressive unfreezing: the head trains first, then Graft.add_param_group adds the body.
+    The parts written before carry the groups they hold in their metadata (read_trace takes the
+    first part's), and the directory's sidecar lists them all."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    body, head = list(model[:2].parameters()), list(model[2].parameters())
+    graft = graftlab.Graft(torch.optim.Adam(head, lr=1e-2), torch.optim.SGD(head, lr=0.1), names=model)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    seen = []
+    with Recorder(graft, tmp_path / "t", flush_every=4, model=model) as rec:
+        for t in range(7):
+            if t == 3:
+                graft.add_param_group({"params": body})
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            graft.step()
+            graft.zero_grad()
+            rec.log(loss=loss.detach())
+            seen.append(graft.last_stats.clone())
+    df = graftlab.read_trace(tmp_path / "t")
+    head_names, body_names = ["2.weight", "2.bias"], ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert df.groupby("step").size().tolist() == [2, 2, 2, 6, 6, 6, 6]
+    assert list(df[df.step == 5].group) == head_names + body_names
+    for t in range(7):
+        np.testing.assert_array_equal(df[df.step == t].ratio.to_numpy(), seen[t][2].numpy())
+    assert df["loss"].notna().all()
+    assert [g["name"] for g in trace.read_metadata(tmp_path / "t")["groups"]] == head_names
+    import json
+
+    grown = json.loads((tmp_path / "t" / trace.SIDECAR).read_text())
+    assert [g["name"] for g in grown["groups"]] == head_names + body_names
+    assert {g["name"]: g["kind"] for g in grown["groups"]}["1.weight"] == "norm"
