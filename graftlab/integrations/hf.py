@@ -103,7 +103,8 @@ class RecorderCallback(transformers.TrainerCallback):
 
     The recorder starts at ``on_train_begin`` (after a checkpoint is loaded: a resumed run appends
     to the trace from the checkpoint's step on), flushes when the Trainer saves a checkpoint, and
-    closes at ``on_train_end``. Raises GraftlabError at the start of training when the Trainer's
+    closes at ``on_train_end``, where every process then waits for rank 0: once ``train()``
+    returns, any rank can read the complete trace. Raises GraftlabError at the start of training when the Trainer's
     optimizer is not a Graft.
     """
 
@@ -144,6 +145,8 @@ class RecorderCallback(transformers.TrainerCallback):
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # when train() returns, on any rank, the trace is complete
 
 
 def _plain(value: Any) -> Any:

@@ -58,7 +58,8 @@ class RecorderCallback(pl.Callback):
             ``flush_seconds``, ``kinds``, ``overwrite``, ``on_flush``, ``metadata``, ...).
 
     The recorder starts at ``on_train_start`` (after a checkpoint is restored), flushes when
-    Lightning saves a checkpoint, and closes when training ends or fails. Raises GraftlabError at
+    Lightning saves a checkpoint, and closes when training ends (every process then waits for
+    rank 0, so that any rank can read the complete trace once ``fit()`` returns) or fails. Raises GraftlabError at
     the start of training unless the Trainer holds exactly one Graft.
     """
 
@@ -106,6 +107,7 @@ class RecorderCallback(pl.Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
+        trainer.strategy.barrier("graftlab-trace")  # when fit() returns, on any rank, the trace is complete
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close()  # keep what was recorded
