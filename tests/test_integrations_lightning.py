@@ -114,7 +114,7 @@ def test_fit_resumed_from_a_checkpoint_appends_to_the_trace(tmp_path):
     path = tmp_path / "ckpt" / f"epoch=0-step={BATCHES}.ckpt"
     assert path.exists() and len(graftlab.read_trace(tmp_path / "pl").step.unique()) == STEPS - 2
     # the run "died" after step 5; the trace holds steps the resumed fit redoes from its checkpoint
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=BATCHES, save_top_k=-1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BATCHES, save_top_k=-1)
     trainer([RecorderCallback(tmp_path / "pl"), ckpt], enable_checkpointing=True).fit(
         Module(), loader(), ckpt_path=str(path))
     got, want = graftlab.read_trace(tmp_path / "pl"), plain_loop(tmp_path / "plain")
