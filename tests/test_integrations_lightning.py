@@ -48,9 +48,10 @@ class Module(pl.LightningModule):
         return {"optimizer": graft, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def trainer(callbacks, max_steps=STEPS, **kw):
+def trainer(root, callbacks, max_steps=STEPS, **kw):
     base = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
+                callbacks=callbacks)
     base.update(kw)
     return pl.Trainer(**base)
 
@@ -82,7 +83,7 @@ def plain_loop(path, accumulate=1, n=BATCHES, steps=STEPS):
 def test_lightning_run_records_the_plain_loop_trace(tmp_path):
     torch.set_num_threads(1)
     module = Module()
-    trainer([RecorderCallback(tmp_path / "pl")]).fit(module, loader())
+    trainer(tmp_path, [RecorderCallback(tmp_path / "pl")]).fit(module, loader())
     got, want = graftlab.read_trace(tmp_path / "pl"), plain_loop(tmp_path / "plain")
     assert list(got.step.unique()) == list(range(STEPS))
     assert list(got.group.unique()) == [f"net.{n}" for n, _ in module.net.named_parameters()]
@@ -96,7 +97,7 @@ def test_lightning_run_records_the_plain_loop_trace(tmp_path):
 
 def test_gradient_accumulation_records_each_optimizer_step_once(tmp_path):
     torch.set_num_threads(1)
-    trainer([RecorderCallback(tmp_path / "pl")], max_steps=3, accumulate_grad_batches=2).fit(Module(), loader(6))
+    trainer(tmp_path, [RecorderCallback(tmp_path / "pl")], max_steps=3, accumulate_grad_batches=2).fit(Module(), loader(6))
     got, want = graftlab.read_trace(tmp_path / "pl"), plain_loop(tmp_path / "plain", accumulate=2, n=6, steps=3)
     assert list(got.step.unique()) == [0, 1, 2]
     for col in ("ratio", "lr", "loss"):
@@ -109,13 +110,13 @@ def test_fit_resumed_from_a_checkpoint_appends_to_the_trace(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BATCHES, save_top_k=-1)
-    trainer([RecorderCallback(tmp_path / "pl"), ckpt], max_steps=STEPS - 2, enable_checkpointing=True).fit(
+    trainer(tmp_path, [RecorderCallback(tmp_path / "pl"), ckpt], max_steps=STEPS - 2, enable_checkpointing=True).fit(
         Module(), loader())
     path = tmp_path / "ckpt" / f"epoch=0-step={BATCHES}.ckpt"
     assert path.exists() and len(graftlab.read_trace(tmp_path / "pl").step.unique()) == STEPS - 2
     # the run "died" after step 5; the trace holds steps the resumed fit redoes from its checkpoint
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BATCHES, save_top_k=-1)
-    trainer([RecorderCallback(tmp_path / "pl"), ckpt], enable_checkpointing=True).fit(
+    trainer(tmp_path, [RecorderCallback(tmp_path / "pl"), ckpt], enable_checkpointing=True).fit(
         Module(), loader(), ckpt_path=str(path))
     got, want = graftlab.read_trace(tmp_path / "pl"), plain_loop(tmp_path / "plain")
     assert list(got.step.unique()) == list(range(STEPS))
@@ -126,5 +127,5 @@ def test_fit_resumed_from_a_checkpoint_appends_to_the_trace(tmp_path):
 @pytest.mark.parametrize("grafts", [0])
 def test_callback_needs_exactly_one_graft(tmp_path, grafts):
     with pytest.raises(GraftlabError, match="exactly one graftlab.Graft"):
-        trainer([RecorderCallback(tmp_path / "pl")], max_steps=1).fit(Module(grafts=grafts), loader(1))
+        trainer(tmp_path, [RecorderCallback(tmp_path / "pl")], max_steps=1).fit(Module(grafts=grafts), loader(1))
     assert not (tmp_path / "pl").exists()
