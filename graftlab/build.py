@@ -87,6 +87,7 @@ def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
     return PlainNorms(part.tensor_group, len(part.group_names), dtype, params[0].device)
 
 
+@torch._disable_dynamo  # eager even inside a compiled step: compiled code would drop these updates
 def build(graft: Any) -> None:
     """(Re)build ``graft``'s partition, path, norm seam and buffers from its children's groups.
 

@@ -30,9 +30,15 @@ def real_views(tensors: list[Tensor]) -> list[Tensor]:
 
 
 # -- direct path -----------------------------------------------------------------------------------
+@torch._disable_dynamo  # eager: compiled code would drop the attribute update
+def _allocate(graft: Any, name: str, like: list[Tensor]) -> list[Tensor]:
+    setattr(graft, name, [torch.empty_like(t, memory_format=torch.preserve_format) for t in like])
+    return getattr(graft, name)
+
+
 def _scratch(graft: Any) -> list[Tensor]:
     if graft._scratch is None:  # a group's options changed after construction to need it
-        graft._scratch = [torch.empty_like(t) for t in graft._norms.locals(graft._params)]
+        return _allocate(graft, "_scratch", graft._norms.locals(graft._params))
     return graft._scratch
 
 
@@ -138,8 +144,8 @@ def takes_direct_path(graft: Any) -> bool:
         return graft._rules is not None
     if graft._path_choice == "direct":
         raise GraftlabError("sparse gradients need path='generic' or path='auto'")
-    if graft._grads is None:
-        graft._grads = [torch.empty_like(p, memory_format=torch.preserve_format) for p in graft._params]
+    if graft._grads is None:  # the generic path's gradient copies, first needed now
+        _allocate(graft, "_grads", graft._params)
     return False
 
 

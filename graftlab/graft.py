@@ -85,8 +85,10 @@ class Graft(Optimizer):
         GraftlabError: a child that is not an optimizer, the same optimizer twice, children over
             different tensors, an unknown ``granularity`` or ``path``, names that miss an optimized
             tensor, ``path="direct"`` for a child without a direct rule, and at :meth:`step`
-            gradients a child is known to refuse (sparse ones for Adam, say); a refused step
-            changes nothing.
+            gradients a child is known to refuse (sparse ones for Adam, dense ones for
+            SparseAdam, sparse ones with ``path="direct"``); a refused step changes nothing. When
+            a child's own ``step()`` raises on the generic path, the weights and ``p.grad`` are
+            put back and the error propagates (what the child did to its own state is its own).
     """
 
     def __init__(
@@ -110,7 +112,8 @@ class Graft(Optimizer):
         self._granularity = granularity
         self._path_choice = path
         self._names = TensorNames(names)
-        self._steps = 0
+        # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
+        self._step_count = torch.zeros((), dtype=torch.int64)
         # torch.optim.Optimizer's own set-up minus its param_groups (the Graft's are M's): hooks,
         # the step wrapper that fires them, an (empty) per-parameter state
         Optimizer.__setstate__(self, {"state": defaultdict(dict)})
@@ -153,7 +156,15 @@ class Graft(Optimizer):
     @property
     def steps(self) -> int:
         """Number of grafted steps taken (restored by :meth:`load_state_dict`)."""
-        return self._steps
+        return int(self._step_count)
+
+    @property
+    def _steps(self) -> int:
+        return int(self._step_count)
+
+    @_steps.setter
+    def _steps(self, value: int) -> None:  # graftlab.distributed.checkpoints restores it
+        self._step_count.fill_(int(value))
 
     @property
     def last_stats(self) -> Tensor:
@@ -185,13 +196,22 @@ class Graft(Optimizer):
         if isinstance(params, set):
             raise GraftlabError("param_group['params'] must be an ordered collection, not a set")
         params = [params] if isinstance(params, Tensor) else list(params)
-        held = {id(p) for p in self._params}
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        held = {id(p) for p in self._params}
         if any(id(t) in held for t in tensors):
             raise GraftlabError("param_group holds tensors the optimizers already hold")
-        self.magnitude.add_param_group({**param_group, "params": list(params)})
+        self._names.add(p for p in params if isinstance(p, tuple))
+
+        def own(opt: Optimizer, options: dict) -> dict:
+            # torch.optim wants (name, tensor) pairs exactly where the optimizer's groups have names
+            named = bool(opt.param_groups) and "param_names" in opt.param_groups[0]
+            names = self._names.names_for(tensors) if named else None
+            return {**options, "params": list(zip(names, tensors)) if named else list(tensors)}
+
+        m_group, d_group = own(self.magnitude, param_group), own(self.direction, direction or {})
+        self.magnitude.add_param_group(m_group)
         try:
-            self.direction.add_param_group({**(direction or {}), "params": list(params)})
+            self.direction.add_param_group(d_group)
         except BaseException:
             self.magnitude.param_groups.pop()
             raise
@@ -202,7 +222,6 @@ class Graft(Optimizer):
             self.direction.param_groups.pop()
             raise
 
-    @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One grafted step. A ``closure`` is evaluated once, before the children step.
 
@@ -212,6 +231,13 @@ class Graft(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.no_grad():
+            self._grafted_step()
+            self._step_count.add_(1)
+        return loss
+
+    def _grafted_step(self) -> None:
+        """Child steps -> group norms -> combine: the one sequence of every path and layout."""
         if self._signature != build.signature(self):
             build.build(self)
         direct = child_steps.takes_direct_path(self)
@@ -229,8 +255,6 @@ class Graft(Optimizer):
                 child_steps.restore_grads(self._params, grads)
         factors = self._record(*self._norms.finish(part_m, part_d))
         self._combine(params, step, factors, direct)
-        self._steps += 1
-        return loss
 
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
@@ -290,7 +314,7 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_names": self._names, "_steps": self._steps, "state": self.state,
+            "_path_choice": self._path_choice, "_names": self._names, "_step_count": self._step_count, "state": self.state,
             "_stats": self._stats,
         }
 

@@ -95,6 +95,13 @@ class TensorNames:
         self.__dict__.update(state)
         self._index()  # identities change in a copy
 
+    def add(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name tensors not named yet (a tensor keeps the first name it gets)."""
+        for name, p in pairs:
+            if id(p) not in self._by_id:
+                self.pairs.append((str(name), p))
+                self._by_id[id(p)] = str(name)
+
     def names_for(self, params: Sequence[torch.Tensor], given: Optional[Mapping[int, str]] = None) -> list[str]:
         """Names of ``params``; ``given`` maps ``id(tensor)`` to a name for tensors not named yet
         (``param_names`` of an optimizer's groups). Raises GraftlabError for tensors with no name."""

@@ -39,12 +39,13 @@ def _advance(states: list[dict]) -> list:
     """Advance the CPU step counters and return them as floats (no device sync: they live on CPU).
 
     Under ``torch.compile`` they stay 0-d tensors, as in torch.optim, so that the bias corrections
-    are traced instead of breaking the graph.
+    are traced instead of breaking the graph; float64 ones, so that ``1 - 0.999**k`` keeps the
+    digits the eager floats have.
     """
     steps = [_cpu_step(s) for s in states]
     torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
     if torch.compiler.is_compiling():
-        return steps
+        return [s.to(torch.float64) for s in steps]
     return [float(s) for s in steps]
 
 
