@@ -13,13 +13,24 @@ interrupted experiment continues where it stopped::
 
 Metrics files are written atomically at the end of a run; a grafted run's trace directory without
 its metrics file is an interrupted run and is recorded again from scratch.
+
+Several runs at once: ``Settings.jobs > 1`` gives the experiment a pool of worker processes (spawned,
+one CPU thread each unless ``threads`` says otherwise; on a GPU they share the device), and
+:meth:`Experiment.batch` runs a list of :class:`Job` in it. :func:`tune` runs an lr grid and extends
+it until the best value is interior; :func:`paired` gives per-seed paired differences with a 95%
+t interval.
+
+This module is the one place the experiments import graftlab's run API (``TrainConfig``,
+``RecordConfig``, ``train``, ``record``, ``read_metrics``); the scripts take them from here.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -34,6 +45,15 @@ import torch
 from graftlab.corrections import Corrections, load_corrections, save
 from graftlab.errors import GraftlabError
 
+# graftlab's run API: imported here only, so a move of these names is one edit.
+from graftlab.record import RecordConfig
+from graftlab.record import record as record_run
+from graftlab.train import TrainConfig, read_metrics
+from graftlab.train import train as train_run
+
+__all__ = ["Experiment", "Job", "RecordConfig", "Run", "Settings", "TrainConfig", "best", "lr_tag", "markdown",
+           "mean_std", "paired", "pm", "quarter_medians", "read_metrics", "tune"]
+
 
 @dataclass
 class Settings:
@@ -45,10 +65,14 @@ class Settings:
     size: Optional[str] = None  # task size: tiny | small | base
     batch_size: Optional[int] = None
     seeds: Optional[int] = None  # seeds for the final comparison (the grid runs on seed 0)
-    device: str = "cpu"  # cpu | cuda | auto
+    device: Optional[str] = None  # cpu | cuda | auto (None: cpu, or the preset's device)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation
     threads: Optional[int] = None  # torch CPU threads (default: 1, best on a shared machine)
     progress: bool = False  # per-run progress bars
+    task: Optional[str] = None  # which built-in task (experiments that take several)
+    preset: Optional[str] = None  # a named set of defaults (transformer: gpu)
+    jobs: Optional[int] = None  # runs at once, each in its own process (default 1)
+    data: Optional[str] = None  # a text file or folder replacing the bundled corpus (text tasks)
 
     @classmethod
     def from_argv(cls, name: str, description: str, argv: Optional[Sequence[str]] = None) -> "Settings":
@@ -59,10 +83,14 @@ class Settings:
         p.add_argument("--size", choices=["tiny", "small", "base"], help="task size")
         p.add_argument("--batch-size", type=int, dest="batch_size")
         p.add_argument("--seeds", type=int, help="seeds for the final comparison")
-        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+        p.add_argument("--device", help="cpu, cuda or auto (default: cpu, or the preset's)")
         p.add_argument("--eval-size", type=int, dest="eval_size", help="held-out examples per evaluation")
         p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
         p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+        p.add_argument("--task", help="built-in task, where the experiment takes several")
+        p.add_argument("--preset", help="a named set of defaults (transformer: gpu)")
+        p.add_argument("--jobs", type=int, help="runs at once, each in its own process (default 1)")
+        p.add_argument("--data", help="text file or folder replacing the bundled corpus")
         return cls(**vars(p.parse_args(argv)))
 
     def pick(self, name: str, full: Any, quick: Any) -> Any:
@@ -100,6 +128,27 @@ class Run:
         return pd.Series(rows[col].to_numpy(), index=rows["step"].to_numpy() + 1, name=self.name)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One run to do: ``kind`` is ``train`` (plain, optionally with a corrections file) or ``record``
+    (grafted, writing ``traces/<name>``)."""
+
+    name: str
+    config: Any
+    kind: str = "train"
+    corrections: Optional[Path] = None
+
+
+def _work(kind: str, config: Any, corrections: Optional[str], threads: int) -> None:
+    """Body of one run in a worker process (the metrics file is its result)."""
+    torch.set_num_threads(threads)
+    if kind == "record":
+        # a trace without its metrics file is an interrupted run: record it again from scratch
+        record_run(config, overwrite=True, progress=False)
+    else:
+        train_run(config, corrections=corrections, progress=False)
+
+
 @dataclass
 class Experiment:
     """The output directory of one experiment and the runs in it (see the module docstring)."""
@@ -110,6 +159,7 @@ class Experiment:
     runs: dict[str, Run] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    pool: Optional[cf.ProcessPoolExecutor] = None
 
     @classmethod
     def open(cls, name: str, settings: Settings) -> "Experiment":
@@ -130,8 +180,6 @@ class Experiment:
         path = self.metrics_path(name)
         if not path.exists():
             return None
-        from graftlab.train import read_metrics
-
         frame, meta = read_metrics(path)
         _check_same(name, path, meta.get("config") or {}, config)
         trace = self.out / "traces" / name
@@ -142,38 +190,63 @@ class Experiment:
 
     def train(self, name: str, config: Any, corrections: Optional[Path] = None, **extra: Any) -> Run:
         """A plain run (:func:`graftlab.train.train`); skipped when its metrics file exists."""
-        done = self._done(name, config)
-        if done is not None:
-            return done
-        from graftlab.train import read_metrics, train
-
-        cfg = dataclasses.replace(config, metrics=str(self.metrics_path(name)))
-        self.say(f"run   {name} ...")
-        train(cfg, corrections=corrections, progress=self.settings.progress)
-        frame, meta = read_metrics(self.metrics_path(name))
-        run = Run(name, frame, meta, False)
-        self.runs[name] = run
-        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
-        return run
+        return self.batch([Job(name, config, "train", corrections)])[0]
 
     def record(self, name: str, config: Any) -> Run:
         """A grafted run (:func:`graftlab.record.record`) writing ``traces/<name>``; resumable."""
-        done = self._done(name, config)
-        if done is not None:
-            return done
-        from graftlab.record import record
-        from graftlab.train import read_metrics
+        return self.batch([Job(name, config, "record")])[0]
 
-        trace = self.out / "traces" / name
-        cfg = dataclasses.replace(config, out=str(trace), metrics=str(self.metrics_path(name)))
-        self.say(f"run   {name} (grafted, trace) ...")
-        # a trace without its metrics file is an interrupted run: record it again from scratch
-        record(cfg, overwrite=True, progress=self.settings.progress)
-        frame, meta = read_metrics(self.metrics_path(name))
-        run = Run(name, frame, meta, False, trace)
-        self.runs[name] = run
-        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
+    def batch(self, jobs: Sequence[Job]) -> list[Run]:
+        """Run ``jobs`` (finished ones are read back), ``settings.jobs`` at a time; in order."""
+        out: dict[str, Run] = {}
+        todo: list[tuple[Job, Any]] = []
+        for job in jobs:
+            done = self._done(job.name, job.config)
+            if done is not None:
+                out[job.name] = done
+                continue
+            cfg = dataclasses.replace(job.config, metrics=str(self.metrics_path(job.name)))
+            if job.kind == "record":
+                cfg = dataclasses.replace(cfg, out=str(self.out / "traces" / job.name))
+            todo.append((job, cfg))
+        threads = self.settings.threads or 1
+        workers = max(1, int(self.settings.jobs or 1))
+        if workers == 1 or len(todo) <= 1:
+            for job, cfg in todo:
+                self.say(f"run   {job.name}{' (grafted, trace)' if job.kind == 'record' else ''} ...")
+                if job.kind == "record":
+                    record_run(cfg, overwrite=True, progress=self.settings.progress)
+                else:
+                    train_run(cfg, corrections=job.corrections, progress=self.settings.progress)
+                out[job.name] = self._finished(job)
+        else:
+            if self.pool is None:
+                # spawn: CUDA cannot be used in forked children; each worker keeps its own data cache
+                self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            futures = {}
+            for job, cfg in todo:
+                corr = None if job.corrections is None else str(job.corrections)
+                futures[self.pool.submit(_work, job.kind, cfg, corr, threads)] = job
+                self.say(f"start {job.name}{' (grafted, trace)' if job.kind == 'record' else ''}")
+            for fut in cf.as_completed(futures):
+                fut.result()  # a failed run stops the experiment with its own error
+                job = futures[fut]
+                out[job.name] = self._finished(job)
+        return [out[job.name] for job in jobs]
+
+    def _finished(self, job: Job) -> Run:
+        frame, meta = read_metrics(self.metrics_path(job.name))
+        trace = self.out / "traces" / job.name if job.kind == "record" else None
+        run = Run(job.name, frame, meta, False, trace)
+        self.runs[job.name] = run
+        self.say(f"done  {job.name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
         return run
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def corrections(self, name: str, make: Callable[[], Corrections]) -> Path:
         """``corrections/<name>.json`` from ``make()``, computed once and kept."""
@@ -335,3 +408,131 @@ def quarter_medians(df: pd.DataFrame, steps: int, kinds: dict[str, str], normali
     table = per_group.groupby(["kind", "quarter"])["ratio"].median().unstack("quarter")
     table.columns = [f"Q{c}" for c in table.columns]
     return table
+
+
+# ------------------------------------------------------------------------------- lr grids
+
+def half_decade(k: int) -> float:
+    """The lr ``10 ** (k / 2)`` to three significant digits: ..., 0.1, 0.316, 1, 3.16, ...
+    (neighbours are a factor sqrt(10) apart)."""
+    return float(f"{10 ** (k / 2):.3g}")
+
+
+def tune(
+    ex: Experiment,
+    ks: Sequence[int],
+    job: Callable[[float], Job],
+    score: Callable[[Run], float],
+    max_extend: int = 3,
+) -> tuple[float, pd.DataFrame]:
+    """Run the grid ``half_decade(k) for k in ks`` (seed 0) and extend it by one point at a time on
+    the side of the best value until that value is interior (at most ``max_extend`` extensions).
+
+    ``job(lr)`` builds the run, ``score(run)`` is minimised (diverged runs score +inf). Returns the
+    best lr and the grid as a table (lr, run, score, held-out metrics, chosen, interior).
+    """
+    ks = sorted(set(int(k) for k in ks))
+    for _ in range(max_extend + 1):
+        runs = ex.batch([job(half_decade(k)) for k in ks])
+        scores = [score(r) if not r.diverged else math.inf for r in runs]
+        i = int(np.argmin(scores))
+        if len(ks) > 1 and i == 0 and math.isfinite(scores[0]):
+            ks.insert(0, ks[0] - 1)
+        elif len(ks) > 1 and i == len(ks) - 1 and math.isfinite(scores[-1]):
+            ks.append(ks[-1] + 1)
+        else:
+            break
+    else:  # extensions used up: run the last points added, report the best as it stands
+        runs = ex.batch([job(half_decade(k)) for k in ks])
+        scores = [score(r) if not r.diverged else math.inf for r in runs]
+        i = int(np.argmin(scores))
+    rows = []
+    for j, (k, r, sc) in enumerate(zip(ks, runs, scores)):
+        rows.append({"lr": half_decade(k), "run": r.name, "score": sc, **{f"held-out {m}": v for m, v in r.final.items()},
+                     "diverged": "yes" if r.diverged else "",
+                     "chosen": ("chosen" if 0 < i < len(ks) - 1 else "chosen (edge)") if j == i else ""})
+    return half_decade(ks[i]), pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+def t_quantile(dof: int, q: float = 0.975) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(q, dof))
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Per-seed paired differences ``a_i - b_i``: mean, sample std, the half-width of the 95% t
+    interval of the mean (NaN with fewer than two pairs) and whether that interval excludes 0."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return {"mean": math.nan, "std": math.nan, "ci": math.nan, "n": 0, "significant": False}
+    mean = float(d.mean())
+    if d.size < 2:
+        return {"mean": mean, "std": math.nan, "ci": math.nan, "n": 1, "significant": False}
+    std = float(d.std(ddof=1))
+    ci = t_quantile(d.size - 1) * std / math.sqrt(d.size)
+    return {"mean": mean, "std": std, "ci": ci, "n": int(d.size), "significant": bool(abs(mean) > ci)}
+
+
+def fmt_paired(p: dict[str, float], fmt: str = "+.4f") -> str:
+    """``+0.0123 ± 0.0040 [±0.0099]``: mean ± std of the per-seed differences [95% half-width]; a
+    trailing ``*`` marks an interval that excludes 0."""
+    if not math.isfinite(p["mean"]):
+        return "-"
+    if not math.isfinite(p["std"]):
+        return format(p["mean"], fmt)
+    return f"{format(p['mean'], fmt)} ± {p['std']:.4f} [±{p['ci']:.4f}]{' *' if p['significant'] else ''}"
+
+
+def compare(
+    ex: Experiment,
+    names: dict[str, list[str]],
+    labels: dict[str, str],
+    refs: Sequence[str],
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    key: str = "loss",
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One row per method (``names[method][i]`` is its seed-``i`` run): final held-out ``metrics`` as
+    mean ± std over seeds, and for each method in ``refs`` the per-seed paired difference of ``key``
+    to it (:func:`fmt_paired`). Diverged runs are counted and left out of means and pairs.
+
+    Also returns the paired statistics ``stats[method][ref]`` and the per-seed values
+    ``stats["values"][method]`` for the summary text.
+    """
+    def values(m: str, metric: str) -> list[float]:
+        out = []
+        for n in names[m]:
+            r = ex.runs[n]
+            v = r.final.get(metric, math.nan)
+            out.append(v if not r.diverged and math.isfinite(v) else math.nan)
+        return out
+
+    stats: dict[str, Any] = {"values": {m: values(m, key) for m in names}}
+    rows = []
+    for m in names:
+        row: dict[str, Any] = {"method": labels[m], "seeds": len(names[m]),
+                               "diverged": sum(ex.runs[n].diverged for n in names[m])}
+        for metric in metrics:
+            vals = [v for v in values(m, metric) if math.isfinite(v)]
+            row[f"held-out {metric}"] = pm(*mean_std(vals))
+        stats[m] = {}
+        for ref in refs:
+            p = paired(values(m, key), values(ref, key))
+            stats[m][ref] = p
+            row[f"{key} - {labels[ref].split(' (')[0]}"] = "-" if m == ref else fmt_paired(p)
+        rows.append(row)
+    return pd.DataFrame(rows), stats
+
+
+def gap_closed(stats: dict[str, Any], method: str, good: str, bad: str) -> str:
+    """Share of the ``bad``-to-``good`` gap that ``method`` closes, on paired per-seed differences,
+    quoted only when the gap itself is outside noise (its 95% interval excludes 0) and
+    ``bad`` is worse; otherwise says why no share is given."""
+    gap = stats[bad][good]  # bad - good per seed: > 0 when good is better
+    if not gap["significant"] or gap["mean"] <= 0:
+        return "gap within noise"
+    closed = -stats[method][bad]["mean"] / gap["mean"]
+    return f"{100 * closed:.0f}%"

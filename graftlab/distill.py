@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -152,11 +153,22 @@ def distill(
     groups = [g for g in table.index if g in set(present)] + [g for g in present if g not in known]
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
+    round_mode = analysis.parse_round(round)[0]
+    if round_mode == "dbeta_attn":
+        tied = tied & analysis.attention_weights(groups, kinds)
 
     if filter:  # once, over everything read: windows then see the filtered series
         df = analysis.filter_groups(df, filter)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
     flags = analysis.flag_groups(first_win["median"], outlier)
+    notes = []
+    spread = math.nan
+    if round_mode in ("dbeta", "dbeta_attn"):
+        spread = analysis.tied_spread(first_win["median"][flags == ""], tied)
+        if spread > analysis.SPREAD_WARN:
+            notes.append(f"{round}: the tied groups' medians span {spread:.3g}x (more than "
+                         f"{analysis.SPREAD_WARN:g}x); one beta over- or undershoots some of them")
+            warnings.warn(f"{path}: {notes[-1]}", stacklevel=2)
     later = pd.Series(math.nan, index=groups)
     later_start = None
     if drift and length - start >= 2 * window:
@@ -229,6 +241,8 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: flags[g] for g in groups if flags[g]},
+        "tied_spread": _py(spread),
+        "warnings": notes,
         "fallback": "median of the unflagged groups of the same kind, else 1.0",
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
