@@ -432,20 +432,18 @@ def tune(
     best lr and the grid as a table (lr, run, score, held-out metrics, chosen, interior).
     """
     ks = sorted(set(int(k) for k in ks))
-    for _ in range(max_extend + 1):
+    for attempt in range(max_extend + 1):
         runs = ex.batch([job(half_decade(k)) for k in ks])
         scores = [score(r) if not r.diverged else math.inf for r in runs]
         i = int(np.argmin(scores))
-        if len(ks) > 1 and i == 0 and math.isfinite(scores[0]):
+        if attempt == max_extend or len(ks) < 2 or not math.isfinite(scores[i]):
+            break
+        if i == 0:
             ks.insert(0, ks[0] - 1)
-        elif len(ks) > 1 and i == len(ks) - 1 and math.isfinite(scores[-1]):
+        elif i == len(ks) - 1:
             ks.append(ks[-1] + 1)
         else:
             break
-    else:  # extensions used up: run the last points added, report the best as it stands
-        runs = ex.batch([job(half_decade(k)) for k in ks])
-        scores = [score(r) if not r.diverged else math.inf for r in runs]
-        i = int(np.argmin(scores))
     rows = []
     for j, (k, r, sc) in enumerate(zip(ks, runs, scores)):
         rows.append({"lr": half_decade(k), "run": r.name, "score": sc, **{f"held-out {m}": v for m, v in r.final.items()},
