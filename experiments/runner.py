@@ -527,10 +527,12 @@ def compare(
 
 def gap_closed(stats: dict[str, Any], method: str, good: str, bad: str) -> str:
     """Share of the ``bad``-to-``good`` gap that ``method`` closes, on paired per-seed differences,
-    quoted only when the gap itself is outside noise (its 95% interval excludes 0) and
-    ``bad`` is worse; otherwise says why no share is given."""
+    quoted only when the gap itself is outside noise (its 95% interval excludes 0) and ``bad`` is
+    worse; otherwise says why no share is given. ``(n.s.)`` marks a share whose own difference to
+    ``bad`` is within noise."""
     gap = stats[bad][good]  # bad - good per seed: > 0 when good is better
     if not gap["significant"] or gap["mean"] <= 0:
         return "gap within noise"
-    closed = -stats[method][bad]["mean"] / gap["mean"]
-    return f"{100 * closed:.0f}%"
+    own = stats[method][bad]
+    closed = -own["mean"] / gap["mean"]
+    return f"{100 * closed:.0f}%" + ("" if own["significant"] else " (n.s.)")

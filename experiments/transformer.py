@@ -1,10 +1,10 @@
 """Transformer experiment (the paper's Table 6b at small scale): can SGD with distilled corrections
 train a transformer LM (``bert`` masked LM or ``gpt`` causal LM) as well as tuned Adam?
 
-    python experiments/transformer.py                    # bert/small on the CPU, 3 seeds
+    python experiments/transformer.py                    # bert/small on the CPU, 3 seeds (~1 h on 2 busy cores)
     python experiments/transformer.py --task gpt         # the same on the causal LM
     python experiments/transformer.py --quick            # a few steps, one seed: checks the script
-    graftlab experiment transformer --preset gpu         # gpt/base on one GPU, ~4 min (see PRESETS)
+    graftlab experiment transformer --preset gpu         # gpt/base on one GPU, an estimated 2-3 min (PRESETS)
 
 Runs (held-out loss and accuracy, every run's metrics in ``runs/*.parquet``):
 
@@ -18,6 +18,8 @@ Runs (held-out loss and accuracy, every run's metrics in ``runs/*.parquet``):
      of the block groups' medians; the rest rounded down to powers of ten in {0.1, 1, 10, 100}),
    - ``dbeta_attn``: D_beta with only the attention weight matrices tied (``--round DA<beta>``, beta =
      the median of their medians); LayerNorms, biases and FFN layers rounded to powers of ten,
+   - ``dbeta_qk``: D_beta with only the Q and K weight matrices tied (``--tie``), the groups whose
+     ratios sit far above the rest on these models; everything else rounded to powers of ten,
    - ``global``: one factor, the median over the first quarter of the whole-model ratio,
    - ``schedule``: per-layer piecewise-constant schedules (windowed medians over the whole grafted
      run); the run's own schedule is then constant, because the windows carry M's warmup and decay.
@@ -32,6 +34,7 @@ Outputs in the out dir: ``results.md`` (tables), ``grids.csv``, ``comparison.csv
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,12 +48,14 @@ import pandas as pd
 
 from experiments.runner import (Experiment, Job, RecordConfig, Settings, TrainConfig, compare, gap_closed,
                                 half_decade, lr_tag, markdown, quarter_medians, tune)
+from graftlab.analysis import ATTENTION_KINDS
 from graftlab.errors import GraftlabError
 
 NAME = "transformer"
 TASKS = ("bert", "gpt")
-METHODS = ["adam", "sgd", "graft", "median", "dbeta", "dbeta_attn", "global", "schedule"]
-CORRECTIONS = ["median", "dbeta", "dbeta_attn", "global", "schedule"]
+METHODS = ["adam", "sgd", "graft", "median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"]
+CORRECTIONS = ["median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"]
+DBETAS = ["dbeta", "dbeta_attn", "dbeta_qk"]
 LABELS = {
     "adam": "Adam (tuned)",
     "sgd": "SGD+momentum (tuned)",
@@ -58,6 +63,7 @@ LABELS = {
     "median": "SGD + first-quarter medians",
     "dbeta": "SGD + D_beta (paper: blocks tied)",
     "dbeta_attn": "SGD + D_beta (attention weights tied)",
+    "dbeta_qk": "SGD + D_beta (Q/K weights tied)",
     "global": "SGD + one global factor",
     "schedule": "SGD + per-layer schedule",
 }
@@ -142,17 +148,20 @@ def one_digit(m: float) -> float:
     return float(f"{round(m / p) * p:.3g}")
 
 
-def block_beta(corr, attention_only: bool = False) -> float:
-    """D_beta's beta chosen from the trace: the median of the unflagged tied groups' medians (all
-    block groups, or with ``attention_only`` the attention weight matrices), to one significant digit."""
-    from graftlab.analysis import ATTENTION_KINDS
+def weight_groups(corr, kinds: Sequence[str]) -> list[str]:
+    """Block groups of ``kinds`` whose tensor is a weight (not a bias), from a distill summary."""
+    return [n for n, g in corr.source["groups"].items()
+            if g.get("tied") and g.get("kind") in kinds and n.rsplit(".", 1)[-1].endswith("weight")]
 
+
+def block_beta(corr, kinds: Optional[Sequence[str]] = None) -> float:
+    """D_beta's beta chosen from the trace: the median of the unflagged tied groups' medians (all
+    block groups, or only the weight matrices of ``kinds``), to one significant digit."""
     groups = corr.source["groups"]
+    chosen = None if kinds is None else set(weight_groups(corr, kinds))
 
     def tied(name: str, g: dict) -> bool:
-        if not g.get("tied"):
-            return False
-        return not attention_only or (g.get("kind") in ATTENTION_KINDS and name.rsplit(".", 1)[-1].endswith("weight"))
+        return bool(g.get("tied")) and (chosen is None or name in chosen)
 
     meds = [g["median"] for n, g in groups.items() if tied(n, g) and not g.get("flags") and g.get("median")]
     if not meds:
@@ -205,12 +214,15 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
     trace = ex.runs["graft_s0"].trace
     ex.corrections("median", lambda: distill(trace, window=p["window"], round="none"))
     beta = block_beta(ex.load("median"))
-    beta_attn = block_beta(ex.load("median"), attention_only=True)
+    beta_attn = block_beta(ex.load("median"), ATTENTION_KINDS)
+    beta_qk = block_beta(ex.load("median"), ("Q", "K"))
+    qk_tie = "^(" + "|".join(re.escape(g) for g in weight_groups(ex.load("median"), ("Q", "K"))) + ")$"
     ex.corrections("dbeta", lambda: distill(trace, window=p["window"], round=f"D{beta:g}"))
     ex.corrections("dbeta_attn", lambda: distill(trace, window=p["window"], round=f"DA{beta_attn:g}"))
+    ex.corrections("dbeta_qk", lambda: distill(trace, window=p["window"], round=f"D{beta_qk:g}", tie=qk_tie))
     ex.corrections("global", lambda: global_factor(trace, p["window"], sgd_lr))
     ex.corrections("schedule", lambda: distill(trace, window=p["schedule_window"], schedule=True, round="none"))
-    ex.say(f"D_beta: beta = {beta:g} (blocks), {beta_attn:g} (attention weights)")
+    ex.say(f"D_beta: beta = {beta:g} (blocks), {beta_attn:g} (attention weights), {beta_qk:g} (Q/K weights)")
 
     def corrected(method: str, seed: int) -> Job:
         extra = {"schedule": "constant", "warmup": 0.0} if method == "schedule" else {}
@@ -223,9 +235,9 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
         "graft": [graft(sd).name for sd in seeds], **{m: [corrected(m, sd).name for sd in seeds] for m in CORRECTIONS},
     }
     elapsed = time.time() - t0
-    body = report(ex, p, names, adam_lr, sgd_lr, beta, beta_attn, trace, grids, elapsed)
-    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "beta": beta, "beta_attn": beta_attn,
-                            "experiment_wall_s": elapsed})
+    betas = {"dbeta": beta, "dbeta_attn": beta_attn, "dbeta_qk": beta_qk}
+    body = report(ex, p, names, adam_lr, sgd_lr, betas, trace, grids, elapsed)
+    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "betas": betas, "experiment_wall_s": elapsed})
     ex.say(f"results: {path}")
     return path
 
@@ -263,16 +275,18 @@ def dbeta_table(ex: Experiment) -> tuple[pd.DataFrame, dict[str, Any]]:
     the kind's unflagged groups), plus each rule's tied spread and warnings."""
     summary = ex.load("median").summary()
     ok = summary[~summary["flags"].astype(bool)].copy()
-    for m in ("dbeta", "dbeta_attn"):
+    for m in DBETAS:
         ok[m] = ok["group"].map(ex.load(m).multipliers)
-    table = ok.groupby("kind")[["median", "dbeta", "dbeta_attn"]].median()
+    ok["tensor"] = ["weight" if str(g).rsplit(".", 1)[-1].endswith("weight") else "bias" for g in ok["group"]]
+    table = ok.groupby(["kind", "tensor"])[["median", *DBETAS]].median()
     info = {m: {"spread": ex.load(m).source.get("tied_spread"), "warnings": ex.load(m).source.get("warnings") or [],
-                "round": ex.load(m).source.get("round")} for m in ("dbeta", "dbeta_attn")}
-    return table.rename(columns={"median": "first-quarter median", "dbeta": "D_beta (blocks tied)",
-                                 "dbeta_attn": "D_beta (attention weights tied)"}), info
+                "round": ex.load(m).source.get("round")} for m in DBETAS}
+    names = {"median": "first-quarter median", "dbeta": "D_beta (blocks tied)",
+             "dbeta_attn": "D_beta (attention weights tied)", "dbeta_qk": "D_beta (Q/K weights tied)"}
+    return table.rename(columns=names), info
 
 
-def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, beta: float, beta_attn: float,
+def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, betas: dict[str, float],
            trace: Path, grids: pd.DataFrame, elapsed: float) -> str:
     from graftlab.trace import group_table, read_metadata, read_trace
 
@@ -313,7 +327,8 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         f"0..{p['seeds'] - 1}; device {p['device']}, {p['jobs']} run(s) at a time. Tuned (seed 0): Adam lr "
         f"{adam_lr:g}, SGD (momentum {p['momentum']}) lr {sgd_lr:g}. Corrections from the seed-0 Adam#SGD "
         f"trace: first window {p['window']} steps, schedule windows {p['schedule_window']} steps, D_beta "
-        f"beta = {beta:g} (all block groups tied) and {beta_attn:g} (attention weights tied), global factor "
+        f"beta = {betas['dbeta']:g} (all block groups tied), {betas['dbeta_attn']:g} (attention weights tied) "
+        f"and {betas['dbeta_qk']:g} (Q/K weights tied), global factor "
         f"{ex.load('global').multipliers['global']:.4g}. Wall time of the whole experiment: {elapsed / 60:.1f} min.",
         "",
         "## lr grids (seed 0)",
@@ -329,7 +344,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         f"±{gap['ci']:.4f} ({'outside' if gap['significant'] else 'within'} noise). Differences are per-seed "
         "paired (method - reference, held-out loss): mean ± std [95% t half-width], `*` where the "
         "interval excludes 0. 'gap closed' = (SGD - method) / (SGD - Adam) on the paired means, given only "
-        "when the Adam-SGD gap is outside noise.",
+        "when the Adam-SGD gap is outside noise; '(n.s.)' where the method's own difference to SGD is not.",
         "",
         markdown(table),
         "",
@@ -345,13 +360,14 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         "",
         "## D_beta: the paper's rule against attention-only tying",
         "",
-        f"Tied medians span {spread('dbeta')} under the paper's rule (every block group tied to {beta:g}) and "
-        f"{spread('dbeta_attn')} with only the attention weight matrices tied (to {beta_attn:g}); distill warns "
-        "above 10x. Factors per kind (median over the kind's unflagged groups):",
+        f"Tied medians span {spread('dbeta')} under the paper's rule (every block group tied to {betas['dbeta']:g}), "
+        f"{spread('dbeta_attn')} with only the attention weight matrices tied (to {betas['dbeta_attn']:g}) and "
+        f"{spread('dbeta_qk')} with only Q/K weights tied (to {betas['dbeta_qk']:g}); distill warns above 10x. "
+        "Factors per kind and tensor (median over the unflagged groups):",
         "",
         markdown(dtable.reset_index(), floatfmt=".3g"),
         "",
-        *[f"- warning ({dinfo[m]['round']}): {w}" for m in ("dbeta", "dbeta_attn") for w in dinfo[m]["warnings"]],
+        *[f"- distill warned: {w}" for m in DBETAS for w in dinfo[m]["warnings"]],
         "",
         "## Ratios by quarter of training (seed-0 trace, flagged groups left out)",
         "",

@@ -45,17 +45,20 @@ def test_transformer_quick_and_resume(tmp_path, capsys):
         float(cells[3].split()[0])  # a held-out loss
     names = _runs(out)
     assert set(names) == {"adam_lr0.001_s0", "sgd_lr0.1_s0", "graft_s0", "sgd_median_s0", "sgd_dbeta_s0",
-                          "sgd_dbeta_attn_s0", "sgd_global_s0", "sgd_schedule_s0"}
+                          "sgd_dbeta_attn_s0", "sgd_dbeta_qk_s0", "sgd_global_s0", "sgd_schedule_s0"}
     frame, meta = read_metrics(out / "runs" / "sgd_median_s0.parquet")
     assert len(frame) == 4 and math.isfinite(meta["final"]["loss"])
     assert meta["corrections"]["path"].endswith("median.json")
     for f in ("transformer.png", "drift.csv", "runs.csv", "settings.json"):
         assert (out / f).exists(), f
-    for c in ("median", "dbeta", "dbeta_attn", "global", "schedule"):
+    for c in ("median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"):
         assert (out / "corrections" / f"{c}.json").exists()
     from graftlab.corrections import load_corrections
 
     assert load_corrections(out / "corrections" / "dbeta_attn.json").source["round"].startswith("DA")
+    qk = load_corrections(out / "corrections" / "dbeta_qk.json")
+    tied = [g for g, v in qk.source["groups"].items() if v["tied"]]
+    assert tied and all(g.endswith(("attn.query.weight", "attn.key.weight")) for g in tied)
     assert "## D_beta: the paper's rule against attention-only tying" in text and "## lr grids (seed 0)" in text
     # the global factor is the median whole-model ratio: check it against the trace, float64
     from graftlab.trace import read_trace
@@ -70,7 +73,7 @@ def test_transformer_quick_and_resume(tmp_path, capsys):
     capsys.readouterr()
     transformer.main(settings=_quick(out, steps=4))  # every run is done: all skipped
     log = capsys.readouterr().out
-    assert "run   " not in log and log.count("skip  ") == 8
+    assert "run   " not in log and log.count("skip  ") == 9
     assert _runs(out) == names
 
 
