@@ -237,7 +237,7 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
     elapsed = time.time() - t0
     betas = {"dbeta": beta, "dbeta_attn": beta_attn, "dbeta_qk": beta_qk}
     body = report(ex, p, names, adam_lr, sgd_lr, betas, trace, grids, elapsed)
-    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "betas": betas, "experiment_wall_s": elapsed})
+    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "betas": betas, "invocation_wall_s": elapsed})
     ex.say(f"results: {path}")
     return path
 
@@ -329,7 +329,8 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         f"trace: first window {p['window']} steps, schedule windows {p['schedule_window']} steps, D_beta "
         f"beta = {betas['dbeta']:g} (all block groups tied), {betas['dbeta_attn']:g} (attention weights tied) "
         f"and {betas['dbeta_qk']:g} (Q/K weights tied), global factor "
-        f"{ex.load('global').multipliers['global']:.4g}. Wall time of the whole experiment: {elapsed / 60:.1f} min.",
+        f"{ex.load('global').multipliers['global']:.4g}. This invocation took {elapsed / 60:.1f} min of wall time "
+        "(runs finished earlier are read back, not rerun; the run list below has each run's time).",
         "",
         "## lr grids (seed 0)",
         "",
