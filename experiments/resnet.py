@@ -34,8 +34,8 @@ if __package__ in (None, ""):
 import numpy as np
 import pandas as pd
 
-from experiments.runner import (Experiment, Job, RecordConfig, Settings, TrainConfig, compare, half_decade, lr_tag,
-                                markdown, tune)
+from experiments.runner import Experiment, Job, RecordConfig, Settings, TrainConfig, lr_tag, markdown
+from experiments.stats import compare, half_decade, tune
 
 NAME = "resnet"
 METHODS = ["sgd", "adagrad", "graft_global", "graft_layer", "adagrad_schedule"]

@@ -46,8 +46,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import pandas as pd
 
-from experiments.runner import (Experiment, Job, RecordConfig, Settings, TrainConfig, compare, gap_closed,
-                                half_decade, lr_tag, markdown, quarter_medians, tune)
+from experiments.runner import Experiment, Job, RecordConfig, Settings, TrainConfig, lr_tag, markdown, quarter_medians
+from experiments.stats import compare, gap_closed, half_decade, tune
 from graftlab.analysis import ATTENTION_KINDS
 from graftlab.errors import GraftlabError
 
@@ -174,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = No
     from graftlab.distill import distill
 
     p = defaults(s)
+    from graftlab.tasks import resolve_device
+
+    resolve_device(p["device"])  # "--preset gpu" without a GPU: one error line before any worker starts
     name = NAME + ("" if p["task"] == "bert" else f"-{p['task']}") + (f"-{s.preset}" if s.preset else "")
     ex = Experiment.open(name, s)
     try:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from experiments import batch_transfer, resnet, transformer
-from experiments.runner import (Job, Run, Settings, gap_closed, half_decade, markdown, paired, quarter_medians,
-                                read_metrics, tune)
+from experiments.runner import Job, Run, Settings, markdown, quarter_medians, read_metrics
+from experiments.stats import gap_closed, half_decade, paired, tune
 
 torch.set_num_threads(1)
 
@@ -242,6 +242,14 @@ def test_gpu_preset_values_and_overrides():
         transformer.resolve(Settings(preset="tpu"))
     with pytest.raises(GraftlabError, match="unknown task"):
         transformer.defaults(Settings(task="resnet"))
+    if not torch.cuda.is_available():
+        from typer.testing import CliRunner
+
+        from cli.app import app
+
+        res = CliRunner().invoke(app, ["experiment", "transformer", "--preset", "gpu", "--out", "/nonexistent/x"])
+        assert res.exit_code != 0 and "no CUDA GPU" in (str(res.exception) + res.output)
+        assert isinstance(res.exception, GraftlabError)  # the CLI's entry point prints it as one error line
 
 
 @pytest.mark.slow
