@@ -15,7 +15,7 @@ def _num(v, fmt: str = "{:.4g}") -> str:
 def distill(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
     window: int = typer.Option(2000, "--window", "-w", help="Steps per median window (paper: 2000 at batch 8K, 500 at 32K)."),
-    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, or D<beta> (e.g. D500)."),
+    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, D<beta> (e.g. D500) or DA<beta> (attention weights tied only)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
     schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
     filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first (paper's figures: 51)."),

@@ -218,15 +218,61 @@ def round_dbeta(medians: Values, beta: float, in_block: Values) -> pd.Series:
     return pd.Series(out, dtype=np.float64).reindex(med.index)
 
 
+# Tied groups whose first-window medians span more than this factor cannot share one beta well:
+# distill warns (on small models block LayerNorms and biases sit 100-500x below Q/K).
+SPREAD_WARN = 10.0
+
+ATTENTION_KINDS = ("Q", "K", "V", "attn_out")
+
+
+def attention_weights(groups: list[str], kinds: Values) -> pd.Series:
+    """The groups the attention-only ``D_beta`` variant ties: attention weight matrices.
+
+    A group is tied when its kind is Q, K, V or attn_out and its tensor is a weight (the name's last
+    component ends in ``weight``), so attention biases, LayerNorms and feed-forward layers are rounded
+    to powers of ten like the groups outside the blocks. This reads the paper's Section 5 wording
+    ("tie the attention weight matrices") literally, where its Table 5 ties every block parameter.
+    Returns a bool Series indexed by ``groups``.
+    """
+    kind = pd.Series(kinds).reindex(groups)
+    out = [str(kind.get(g)) in ATTENTION_KINDS and str(g).rsplit(".", 1)[-1].lower().endswith("weight") for g in groups]
+    return pd.Series(out, index=groups, dtype=bool)
+
+
+def tied_spread(medians: Values, tied: Values) -> float:
+    """``max / min`` of the finite positive medians of the tied groups (NaN with fewer than two).
+
+    D_beta replaces all of them by one beta, so a spread above :data:`SPREAD_WARN` means some tied
+    group's factor is off by more than that factor from its own median.
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    mask = pd.Series(tied).reindex(med.index).fillna(False).astype(bool)
+    vals = med[mask & np.isfinite(med) & (med > 0)].to_numpy()
+    return float(vals.max() / vals.min()) if vals.size >= 2 else math.nan
+
+
 def parse_round(spec: str) -> tuple[str, Optional[float]]:
-    """Parse a rounding spec: ``"none"``, ``"pow10"`` or ``"D<beta>"`` (beta positive, finite).
+    """Parse a rounding spec: ``"none"``, ``"pow10"``, ``"D<beta>"`` (the paper's D_beta: every
+    transformer-block group tied to beta) or ``"DA<beta>"`` (only the attention weight matrices tied,
+    see :func:`attention_weights`); beta positive and finite.
 
     >>> parse_round("D500")
     ('dbeta', 500.0)
+    >>> parse_round("DA500")
+    ('dbeta_attn', 500.0)
     """
     s = str(spec).strip()
     if s.lower() in ("none", "pow10"):
         return s.lower(), None
+    m = re.fullmatch(r"[Dd][Aa](.+)", s)
+    if m:
+        try:
+            beta = float(m.group(1))
+        except ValueError:
+            beta = math.nan
+        if math.isfinite(beta) and beta > 0:
+            return "dbeta_attn", beta
+        raise GraftlabError(f"bad rounding {spec!r}: DA<beta> needs a positive finite beta, e.g. DA500")
     m = re.fullmatch(r"[Dd](.+)", s)
     if m:
         try:
@@ -236,11 +282,12 @@ def parse_round(spec: str) -> tuple[str, Optional[float]]:
         if math.isfinite(beta) and beta > 0:
             return "dbeta", beta
         raise GraftlabError(f"bad rounding {spec!r}: D<beta> needs a positive finite beta, e.g. D500")
-    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10 or D<beta> (e.g. D500)")
+    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
 
 
 def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -> pd.Series:
-    """Round ``medians`` by a parsed-or-text spec (see :func:`parse_round`)."""
+    """Round ``medians`` by a parsed-or-text spec (see :func:`parse_round`); ``in_block`` says which
+    groups are tied to beta (for ``DA<beta>`` the caller passes :func:`attention_weights`)."""
     mode, beta = parse_round(spec)
     med = pd.Series(medians, dtype=np.float64)
     if mode == "none":

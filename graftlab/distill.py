@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -94,9 +95,14 @@ def distill(
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
     groups = _groups(df, table)
-    rule = _Rule(round, analysis.group_kinds(groups, table), analysis.tied_groups(groups, table, tie))
+    kinds = analysis.group_kinds(groups, table)
+    tied = analysis.tied_groups(groups, table, tie)
+    if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
+        tied = tied & analysis.attention_weights(groups, kinds)
+    rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
     rule.flags = analysis.flag_groups(first_win["median"], outlier)
+    spread, notes = _tied_spread(path, round, first_win["median"], rule)
     later_start = length - window if drift and length - start >= 2 * window else None
     later = pd.Series(math.nan, index=groups)
     if later_start is not None:
@@ -125,6 +131,8 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "tied_spread": None if math.isnan(spread) else float(spread),
+        "warnings": notes,
         "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
@@ -144,6 +152,20 @@ def _check_settings(window: Any, start: Any, round: str, filter: Optional[int]) 
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
     if filter is not None and filter != 0:
         analysis.median_filter([], filter)  # validates the width
+
+
+def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
+    """How far apart the medians that D_beta ties to one beta are (max/min of the unflagged ones),
+    and a warning when more than ``analysis.SPREAD_WARN``: one beta then over- or undershoots."""
+    if analysis.parse_round(round)[0] not in ("dbeta", "dbeta_attn"):
+        return math.nan, []
+    spread = analysis.tied_spread(medians[rule.flags == ""], rule.tied)
+    if not spread > analysis.SPREAD_WARN:
+        return spread, []
+    note = (f"{round}: the tied groups' medians span {spread:.3g}x (more than {analysis.SPREAD_WARN:g}x); "
+            "one beta over- or undershoots some of them")
+    warnings.warn(f"{path}: {note}", stacklevel=3)
+    return spread, [note]
 
 
 def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
