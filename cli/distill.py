@@ -12,6 +12,12 @@ def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
+def _flag(d: dict) -> str:
+    """The flag with the few words of evidence behind a degenerate verdict."""
+    short = (d.get("evidence") or {}).get("short")
+    return f"{d['flags']} ({short})" if d["flags"] and short else d["flags"]
+
+
 def distill(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
     window: int = typer.Option(2000, "--window", "-w", help="Steps per median window (paper: 2000 at batch 8K, 500 at 32K)."),
@@ -21,7 +27,7 @@ def distill(
     filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first (paper's figures: 51)."),
     tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
     start: int = typer.Option(0, "--start", help="First step of the window."),
-    outlier: float = typer.Option(1000.0, "--outlier", help="Flag groups whose median exceeds this many times the median over groups (0: off)."),
+    outlier: float = typer.Option(0.0, "--outlier", help="Also flag groups whose median exceeds this many times the median over groups (0: off; degenerate groups are found from their gradients without it)."),
     format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
@@ -57,13 +63,14 @@ def distill(
             factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
         table.add_row(g, d["kind"], _num(d["median"]), factor, f"{d['n_finite']}/{total}",
                       _num(d["drift"], "{:.3g}x"),
-                      ", ".join(f for f in (d["flags"], "tied" if d["tied"] and round.upper().startswith("D") else "") if f))
+                      ", ".join(f for f in (_flag(d), "tied" if d["tied"] and round.upper().startswith("D") else "") if f))
     longest = max((len(g) for g in src["groups"]), default=10)
     console = Console(width=max(Console().width, longest + 80))
     console.print(table)
     for g, flag in src["flagged"].items():
-        console.print(f"flagged {g} ({flag}): uses the stand-in median {_num(src['groups'][g].get('stand_in'))} "
-                      f"({src['fallback']}) before rounding")
+        why = (src["groups"][g].get("evidence") or {}).get("reason")
+        console.print(f"flagged {g} ({flag}{': ' + why if why else ''}): uses the stand-in median "
+                      f"{_num(src['groups'][g].get('stand_in'))} ({src['fallback']}) before rounding")
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     lr = src.get("direction_lr")

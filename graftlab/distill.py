@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from graftlab import analysis
+from graftlab import analysis, degenerate
 from graftlab.corrections import Corrections
 from graftlab.errors import GraftlabError
 from graftlab.trace import PART_GLOB, REQUIRED, group_table, read_metadata, read_trace
@@ -112,14 +112,15 @@ def distill(
     filter: Optional[int] = None,
     tie: Optional[str] = None,
     start: int = 0,
-    outlier: Optional[float] = analysis.OUTLIER,
+    outlier: Optional[float] = None,
     drift: bool = True,
 ) -> Corrections:
     """Distill ``trace_path`` into :class:`~graftlab.corrections.Corrections` (see module doc).
 
     ``round`` is ``none``, ``pow10`` or ``D<beta>``; ``filter`` an odd median-filter width applied
     to each group's series first; ``tie`` a regex of group names D_beta ties to beta (default: the
-    groups inside transformer blocks); ``outlier`` the degenerate-group threshold (None: off).
+    groups inside transformer blocks); ``outlier`` the opt-in ratio-outlier factor that also flags
+    groups degenerate (None: off; :mod:`graftlab.degenerate` decides from the steps themselves).
     """
     analysis.parse_round(round)  # bad specs fail before any reading
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
@@ -156,7 +157,8 @@ def distill(
     if filter:  # once, over everything read: windows then see the filtered series
         df = analysis.filter_groups(df, filter)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
-    flags = analysis.flag_groups(first_win["median"], outlier)
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], kinds, outlier)
     later = pd.Series(math.nan, index=groups)
     later_start = None
     if drift and length - start >= 2 * window:
@@ -210,8 +212,11 @@ def distill(
             "drift": _py(later[g] / first_win.at[g, "median"]) if first_win.at[g, "median"] > 0 else None,
             "flags": flags[g],
         }
+        d["grad_share"] = _py(evidence[g].grad_share)
         if flags[g]:
             d["stand_in"] = _py(stand_in[g])
+        if evidence[g].degenerate:
+            d["evidence"] = evidence[g].to_dict()
         if "members" in table.columns and g in table.index:
             members = table.at[g, "members"]
             if isinstance(members, (list, tuple)) and list(members) != [g]:
@@ -229,6 +234,7 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: flags[g] for g in groups if flags[g]},
+        "degenerate": method,
         "fallback": "median of the unflagged groups of the same kind, else 1.0",
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},

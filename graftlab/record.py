@@ -42,6 +42,8 @@ from graftlab.graft import Graft
 from graftlab.kinds import GroupKind, Overrides, classify_names, group_kind, to_dict
 
 DEFAULT_FLUSH_EVERY = 100
+DEFAULT_GRAD_EVERY = 10
+GRAD_COLUMN = "norm_g"
 
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -116,11 +118,12 @@ def _truncate_from(path: Path, start_step: int) -> None:
 class _Writer(threading.Thread):
     """Background thread: waits for each flushed host buffer and writes it as one part file."""
 
-    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any], grad: bool = False) -> None:
         super().__init__(name="graftlab-trace-writer", daemon=True)
         self.directory = directory
         self.group_names = group_names
         self.meta = meta
+        self.grad = grad  # a (n, G) block of gradient norms follows the (n, 3, G) stats
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
         self.parts: list[Path] = []
@@ -140,12 +143,54 @@ class _Writer(threading.Thread):
                 arr = host.numpy()
                 n = len(steps)
                 stats = arr[:, : 3 * g].reshape(n, 3, g)
-                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
+                width = 4 * g if self.grad else 3 * g
+                per_group = {GRAD_COLUMN: arr[:, 3 * g : width]} if self.grad else None
+                scalars = {k: arr[:, width + j] for j, k in enumerate(dev_keys)}
                 scalars.update(host_scalars)
-                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta, per_group)
                 self.parts.append(trace.write_part(self.directory, table))
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
+
+
+class _GradNorms:
+    """Per-group gradient norms of a Graft's parameters, taken on the device without a host sync.
+
+    Read in the step post-hook: the gradients the step used are still there (``zero_grad`` comes
+    after), including those a closure computed inside ``step``.
+    """
+
+    def __init__(self, graft: Graft, period: int) -> None:
+        self.graft = graft
+        self.period = max(int(period), 1)
+        params = graft.params
+        # DTensor shards: a norm would be a collective that the other ranks (which do not record)
+        # never join.
+        self.usable = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
+        self.per_tensor = graft.partition.one_tensor_per_group
+        self.n_groups = len(graft.group_names)
+        self._index: Optional[Tensor] = None
+        self._zero: Optional[Tensor] = None
+
+    def write(self, ring: Tensor, row: int, step: int) -> None:
+        """Gradient norms into ``ring[row]`` on steps that are a multiple of the period."""
+        if step % self.period:
+            return
+        grads = [p.grad for p in self.graft.params]
+        if all(g is None for g in grads):
+            return
+        if self._zero is None:
+            self._zero = ring.new_zeros(())
+        # a parameter without a gradient counts as zero; sparse gradients by their stored values
+        grads = [self._zero if g is None else (g.coalesce()._values() if g.is_sparse else g) for g in grads]
+        per = torch.stack(torch._foreach_norm(grads, 2, dtype=ring.dtype))
+        if self.per_tensor:
+            ring[row].copy_(per)
+            return
+        if self._index is None:
+            self._index = torch.tensor(self.graft.partition.tensor_group, device=per.device)
+        sq = torch.zeros(self.n_groups, dtype=ring.dtype, device=per.device)
+        ring[row].copy_(sq.index_add_(0, self._index, per * per).sqrt_())
 
 
 class Recorder:
@@ -165,6 +210,11 @@ class Recorder:
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
         record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
             at each recorded step, read just before the step (after it an LR scheduler has moved on).
+        grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
+            recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
+            noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
+            window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
+            (DTensor) parameters, whose norms would need collectives on every rank.
     """
 
     def __init__(
@@ -181,11 +231,14 @@ class Recorder:
         start_step: Optional[int] = None,
         resume: bool = False,
         record_lr: bool = True,
+        grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
         if not isinstance(graft, Graft):
             raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(graft).__name__}")
         if int(every) < 1 or int(flush_every) < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
+        if isinstance(grad_every, bool) or int(grad_every) < 0:
+            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
         self.graft = graft
         self.path = Path(path)
         self.every = int(every)
@@ -206,9 +259,13 @@ class Recorder:
         else:
             trace.write_sidecar(self.path, self.metadata)
 
-        self._writer = _Writer(self.path, list(graft.group_names), self.metadata)
+        self._grads = _GradNorms(graft, int(grad_every) * self.every) if grad_every else None
+        if self._grads is not None and not self._grads.usable:
+            self._grads = None
+        self._writer = _Writer(self.path, list(graft.group_names), self.metadata, grad=self._grads is not None)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._grad_ring: Optional[Tensor] = None  # (flush_every, G) gradient norms, NaN where not taken
         self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
         self._rows = 0
         self._last_row: Optional[int] = None
@@ -312,11 +369,19 @@ class Recorder:
             self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
         r = self._rows
         self._stats[r].copy_(stats)
+        if self._grads is not None:
+            self._grads.write(self._grad_rows(stats), r, step)
         self._step_of_row[r] = step
         self._rows = r + 1
         self._last_row = r
         if self._lr is not None:
             self.log(lr=self._lr)
+
+    def _grad_rows(self, stats: Tensor) -> Tensor:
+        if self._grad_ring is None:
+            self._grad_ring = torch.full((self.flush_every, stats.shape[1]), math.nan, dtype=stats.dtype,
+                                         device=stats.device)
+        return self._grad_ring
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
         """Attach per-step scalars (``loss=tensor``, ``lr=float``) to the step just taken.
@@ -366,9 +431,10 @@ class Recorder:
             return
         stats = self._stats[:n].reshape(n, -1)
         dev_keys = list(self._dev_cols)
-        if dev_keys:
+        grads = [self._grad_rows(stats)[:n]] if self._grads is not None else []
+        if dev_keys or grads:
             cols = [c[:n].to(device=stats.device, dtype=stats.dtype).unsqueeze(1) for c in self._dev_cols.values()]
-            staging = torch.cat([stats, *cols], dim=1)
+            staging = torch.cat([stats, *grads, *cols], dim=1)
         else:
             staging = stats
         event = None
@@ -386,6 +452,8 @@ class Recorder:
         self._last_row = None
         for col in self._dev_cols.values():
             col.fill_(math.nan)  # queued after the copy on the same stream
+        if self._grad_ring is not None:
+            self._grad_ring.fill_(math.nan)
         for col in self._host_cols.values():
             col.fill(np.nan)
 
@@ -489,11 +557,11 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> 
     """Per kind: groups, and the median, min and max over groups of each group's median ratio.
 
     Non-finite ratios (D's step was zero) are skipped, and groups that
-    :func:`graftlab.analysis.flag_groups` flags (no finite ratio, or degenerate: the attention K
+    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
     bias, whose true gradient is zero) are kept out of the statistics and counted in ``flagged``;
     ``out.attrs["flagged"]`` maps them to the reason. ``meta`` defaults to ``df.attrs["graftlab"]``.
     """
-    from graftlab.analysis import flag_groups
+    from graftlab.degenerate import flag_window
     from graftlab.kinds import KINDS
 
     meta = meta if meta is not None else df.attrs.get("graftlab", {})
@@ -501,7 +569,7 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> 
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
     finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    flags = flag_groups(medians)
+    flags, _, _ = flag_window(df, medians, kinds)
     frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
                           "flagged": flags != ""})
     stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])
@@ -567,5 +635,5 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
         recorder.close()
     if not gd.is_main():
         return RecordResult(path, result, pd.DataFrame(), len(graft.group_names))
-    df = trace.read_trace(path, columns=["ratio"])
+    df = trace.read_trace(path)  # norm_g too: the evidence for degenerate groups
     return RecordResult(path, result, kind_summary(df), len(graft.group_names))
