@@ -19,7 +19,7 @@ def _flag(d: dict) -> str:
 
 
 def distill(
-    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
+    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     window: int = typer.Option(2000, "--window", "-w", help="Steps per median window (paper: 2000 at batch 8K, 500 at 32K)."),
     round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, or D<beta> (e.g. D500)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
@@ -39,6 +39,7 @@ def distill(
     from graftlab.distill import default_output
     from graftlab.distill import distill as run
     from graftlab.errors import GraftlabError
+    from graftlab.foreign import note as foreign_note
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
@@ -74,4 +75,7 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     lr = src.get("direction_lr")
+    unknown = foreign_note(src.get("metadata") or {})
+    if unknown:
+        console.print(unknown)
     console.print(f"factors are relative to D's recorded lr ({_num(lr, '{:g}')}); wrote {out}")

@@ -42,6 +42,10 @@ PathLike = Union[str, os.PathLike]
 
 def trace_extent(path: PathLike) -> tuple[int, int]:
     """``(first_step, last_step)`` of a trace from Parquet footers only (no data pages read)."""
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.extent(path)
     path = Path(path)
     if path.is_file():
         files = [path]

@@ -108,7 +108,12 @@ def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The run metadata of a trace (from its first part file)."""
+    """The run metadata of a trace (from its first part file; inferred for a table another tool
+    wrote, see :mod:`graftlab.foreign`)."""
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.metadata(path)
     return _metadata_of(_files(Path(path))[0])
 
 
@@ -131,8 +136,13 @@ def read_trace(
 
     ``steps=(start, stop)`` keeps ``start <= step < stop`` (either end may be None) and reads only
     the part files and row groups that can hold those steps. ``groups`` and ``columns`` narrow the
-    read the same way. Rows come sorted by step, then group order of the metadata.
+    read the same way. Rows come sorted by step, then group order of the metadata. A table another
+    tool wrote (Parquet without graftlab metadata, or CSV) is read by :func:`graftlab.foreign.read`.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.read(path, steps=steps, groups=groups, columns=columns)
     path = Path(path)
     files = _files(path)
     meta = _metadata_of(files[0])
@@ -310,6 +320,10 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     Returns ``{"metadata", "parts", "rows", "first_step", "last_step", "steps", "columns", "bytes"}``;
     ``steps`` counts distinct recorded steps (rows / groups).
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.info(path)
     path = Path(path)
     meta = read_metadata(path)
     rows, first, last, size = 0, None, None, 0
