@@ -77,5 +77,6 @@ def distill(
     lr = src.get("direction_lr")
     unknown = foreign_note(src.get("metadata") or {})
     if unknown:
-        console.print(unknown)
-    console.print(f"factors are relative to D's recorded lr ({_num(lr, '{:g}')}); wrote {out}")
+        console.print(unknown, soft_wrap=True)  # one line, however wide the terminal
+    base = f"D's recorded lr ({lr:g})" if lr is not None else "the lr D had in the run (the trace does not say)"
+    console.print(f"factors are relative to {base}; wrote {out}")

@@ -48,7 +48,7 @@ def info(
         head.add_row(key, _fmt(value))
     console.print(head)
     if note(meta):
-        console.print(note(meta))
+        console.print(note(meta), soft_wrap=True)
     if groups:
         table = Table(title=f"{len(meta.get('groups') or [])} groups")
         for col in ("group", "kind", "ffn", "block", "shape", "numel"):

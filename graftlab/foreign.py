@@ -166,12 +166,12 @@ def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str])
     columns = list(columns)
     kinds = classify_names(names)
     granularity = "global" if names == ["global"] else None
-    unknown = ["the optimizers M and D (D's learning rate: factors are relative to it)", "batch size", "seed"]
+    unknown = ["D's learning rate (factors are relative to it)", "the optimizers", "batch size", "seed"]
     if granularity is None:
         unknown.append("granularity")
     missing = [c for c in OPTIONAL + ("norm_g",) if c not in columns]
     if missing:
-        unknown.append("columns " + ", ".join(missing))
+        unknown.append(", ".join(missing) + " (not in the table)")
     return {
         "format": None,
         "foreign": {"format": source, "inferred": ["kind", "ffn", "block"], "unknown": unknown},
@@ -188,7 +188,7 @@ def note(meta: dict[str, Any]) -> Optional[str]:
     if not isinstance(info, dict):
         return None
     return (f"no graftlab metadata ({info.get('format')} table): kinds and transformer blocks inferred from "
-            f"the group names; unknown: {'; '.join(info.get('unknown') or [])}")
+            f"the group names; unknown: {', '.join(info.get('unknown') or [])}")
 
 
 def metadata(path: PathLike) -> dict[str, Any]:
