@@ -132,6 +132,10 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     # the K bias is the only degenerate group (the paper's 154101 artifact)
     flagged = {n for n, d in info.items() if d["flags"]}
     assert flagged == {f"bert.encoder.layer.{b}.attention.self.key.bias" for b in BLOCKS}
+    # medians only (no norm_g): a key bias 330x its own weight's median; Q/K weights up to 1090 kept
+    ev = info["bert.encoder.layer.0.attention.self.key.bias"]["evidence"]
+    assert ev["basis"] == "structure" and ev["sibling"] == "bert.encoder.layer.0.attention.self.key.weight"
+    assert ev["sibling_factor"] == pytest.approx(154101.58 / 466.59, rel=1e-6)
     assert info["bert.encoder.layer.23.attention.self.query.weight"]["block"] == 23
     assert info["bert.embeddings.word_embeddings.weight"]["block"] is None
     assert corr.source["direction_lr"] == 0.05 and corr.source["round"] == "D500"
