@@ -69,7 +69,7 @@ def medians(trace: Path, window: int) -> pd.DataFrame:
 
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
     s = settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv)
-    from graftlab.record import RecordConfig
+    from graftlab.config import RecordConfig
 
     p = defaults(s)
     ex = Experiment.open(NAME, s)

@@ -1,7 +1,7 @@
 """What every experiment script shares: resumable runs, corrections files, tables and timing.
 
 An experiment is a list of runs, each identified by a name and written to
-``<out>/runs/<name>.parquet`` (the metrics file of :func:`graftlab.train.fit`, config and final
+``<out>/runs/<name>.parquet`` (the metrics file of :func:`graftlab.runs.fit`, config and final
 held-out metrics in its metadata). A run whose metrics file exists is skipped and read back, so an
 interrupted experiment continues where it stopped::
 
@@ -130,7 +130,7 @@ class Experiment:
         path = self.metrics_path(name)
         if not path.exists():
             return None
-        from graftlab.train import read_metrics
+        from graftlab.runs import read_metrics
 
         frame, meta = read_metrics(path)
         _check_same(name, path, meta.get("config") or {}, config)
@@ -141,11 +141,11 @@ class Experiment:
         return run
 
     def train(self, name: str, config: Any, corrections: Optional[Path] = None, **extra: Any) -> Run:
-        """A plain run (:func:`graftlab.train.train`); skipped when its metrics file exists."""
+        """A plain run (:func:`graftlab.runs.train`); skipped when its metrics file exists."""
         done = self._done(name, config)
         if done is not None:
             return done
-        from graftlab.train import read_metrics, train
+        from graftlab.runs import read_metrics, train
 
         cfg = dataclasses.replace(config, metrics=str(self.metrics_path(name)))
         self.say(f"run   {name} ...")
@@ -157,12 +157,11 @@ class Experiment:
         return run
 
     def record(self, name: str, config: Any) -> Run:
-        """A grafted run (:func:`graftlab.record.record`) writing ``traces/<name>``; resumable."""
+        """A grafted run (:func:`graftlab.runs.record`) writing ``traces/<name>``; resumable."""
         done = self._done(name, config)
         if done is not None:
             return done
-        from graftlab.record import record
-        from graftlab.train import read_metrics
+        from graftlab.runs import read_metrics, record
 
         trace = self.out / "traces" / name
         cfg = dataclasses.replace(config, out=str(trace), metrics=str(self.metrics_path(name)))

@@ -102,8 +102,7 @@ def block_beta(corr) -> float:
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
     s = settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv)
     from graftlab.distill import distill
-    from graftlab.record import RecordConfig
-    from graftlab.train import TrainConfig
+    from graftlab.config import RecordConfig, TrainConfig
 
     p = defaults(s)
     ex = Experiment.open(NAME, s)

@@ -3,7 +3,7 @@
 The pipeline, one module per stage::
 
     graft.py (M#D optimizer) -> record.py (Recorder) -> trace.py (the trace contract)
-      -> distill.py (trace -> corrections) -> corrections.py (the corrections contract) -> train.py
+      -> distill.py (trace -> corrections) -> corrections.py (the corrections contract) -> runs/ (train)
 """
 __version__ = "0.1.0"
 

@@ -321,3 +321,37 @@ def fallback_factors(medians: Values, kinds: Values, flags: Values) -> pd.Series
         peers = med[ok & (kind == kind[name]) & np.isfinite(med) & (med > 0)]
         out[name] = float(np.median(peers.to_numpy())) if len(peers) else 1.0
     return out
+
+
+# --------------------------------------------------------------------------- per-kind summary
+
+def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFrame:
+    """Per kind: groups, and the median, min and max over groups of each group's median ratio.
+
+    ``df`` is a trace (columns ``group`` and ``ratio`` at least; :func:`graftlab.read_trace`).
+    Non-finite ratios (D's step was zero) are skipped, and groups that
+    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
+    bias, whose true gradient is zero; ``norm_g`` in ``df`` is its evidence) are kept out
+    of the statistics and counted in ``flagged``; ``out.attrs["flagged"]`` maps them to the reason.
+    ``meta`` defaults to ``df.attrs["graftlab"]``. Rows are kinds in :data:`graftlab.kinds.KINDS`
+    order; a kind with only flagged groups has NaN statistics.
+    """
+    from graftlab.kinds import KINDS  # kinds imports torch; the rest of this module does not need it
+
+    meta = meta if meta is not None else df.attrs.get("graftlab", {})
+    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
+    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
+    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
+    medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
+    from graftlab.degenerate import flag_window
+
+    flags, _, _ = flag_window(df, medians, kinds)  # norm_g in df, when there, is the evidence
+    frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
+                          "flagged": flags != ""})
+    stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])
+    by_kind = frame.groupby("kind", sort=False)
+    out = by_kind.size().to_frame("groups").join(stats)
+    out["flagged"] = by_kind["flagged"].sum().astype(int)
+    out = out.reindex([k for k in KINDS if k in out.index])
+    out.attrs["flagged"] = {g: f for g, f in flags.items() if f}
+    return out

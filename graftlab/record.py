@@ -1,45 +1,29 @@
-"""Stream a :class:`~graftlab.Graft` optimizer's per-group ratios to a Parquet trace.
+"""The :class:`Recorder`: a training loop's hook that streams a Graft's per-group ratios to a trace.
 
-The training loop changes only by creating and closing the recorder::
-
-    opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
-    with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
-        for batch in loader:
-            loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
-            rec.log(loss=loss.detach(), lr=sched.get_last_lr()[0])   # optional per-step scalars
-
-How it stays out of the way of training (see :mod:`graftlab.trace` for the file format):
-
-- a step post-hook copies ``graft.last_stats`` (3 x G, on the parameters' device) into a
-  preallocated device ring buffer; tensors passed to :meth:`Recorder.log` go to device buffers too.
-  Nothing per step reads a value back to the host.
-- every ``flush_every`` recorded steps the buffer goes to the host in one batched copy (pinned
-  memory and ``non_blocking`` on CUDA) and a background thread writes it as one Parquet part file,
-  renamed into place when complete. A process killed at any moment leaves a readable trace that lacks
-  at most the rows not yet flushed.
+The training loop changes only by creating and closing the recorder (see :class:`Recorder`); the
+file format is :mod:`graftlab.trace`. Whole runs of the built-in tasks that record are in
+:mod:`graftlab.runs`.
 """
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import math
 import queue
 import shutil
 import threading
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from graftlab import trace
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
-from graftlab.kinds import GroupKind, Overrides, classify_names, group_kind, to_dict
+from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
+from graftlab.optimizers import describe
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_GRAD_EVERY = 10
@@ -56,18 +40,6 @@ def _close_open_recorders() -> None:
             rec.close()
         except Exception:  # noqa: BLE001 - nothing sensible to do at exit
             pass
-
-
-def _describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    try:
-        from graftlab.optimizers import describe
-    except ImportError:  # pragma: no cover - older layouts
-        describe = None
-    if describe is not None:
-        return describe(opt)
-    group = opt.param_groups[0]
-    hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))}
-    return {"class": type(opt).__name__, "hyperparameters": hyper}
 
 
 def _versions() -> dict[str, str]:
@@ -194,13 +166,34 @@ class _GradNorms:
 
 
 class Recorder:
-    """Record ``graft``'s per-group ``norm_m, norm_d, ratio`` every ``every``-th step to ``path``.
+    """Record ``graft``'s per-group step norms and their ratio, every ``every``-th step, to a trace.
+
+    The ratio is the one grafting transfers (paper, Section 3, Algorithm 1), per group of the
+    partition (Section 3.1: a tensor for ``granularity="layer"``, the model for ``"global"``):
+    ``ratio = ||w_M - w_t|| / ||w_D - w_t||``. Recorded over a grafted run (Section 4), it is what
+    Section 5 distills into a learning-rate correction for D alone (:func:`graftlab.distill`).
+
+    ``path`` becomes a trace directory (:mod:`graftlab.trace`) with ``G = len(graft.group_names)``
+    rows per recorded step, and the run metadata (optimizers, groups with kinds/shapes/sizes, task,
+    seed, versions) in every part and in ``_graftlab.json``. Columns:
+
+    ``step`` int64: the 0-based optimizer step; ``group`` string: ``Graft.group_names``;
+    ``norm_m``, ``norm_d`` float32: L2 norms of M's and D's proposed steps on the group, in
+    parameter units; ``ratio`` float32: ``norm_m / norm_d``, dimensionless, not finite where D's
+    step was zero; ``lr`` float64: M's learning rate (first param group) the step used;
+    any scalar given to :meth:`log` (``loss``, ...), repeated on the step's rows.
+
+    Free per step: a step post-hook copies ``graft.last_stats`` (shape ``(3, G)``, on the
+    parameters' device) into a preallocated ``(flush_every, 3, G)`` device buffer, with no host
+    sync. Every ``flush_every`` recorded steps one batched copy (pinned, ``non_blocking`` on CUDA)
+    goes to a background thread that writes one Parquet part, renamed into place when complete: a
+    killed process leaves a readable trace lacking at most the rows not yet flushed.
 
     Args:
         graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook).
-        path: trace directory to create (see :mod:`graftlab.trace`).
-        every: record steps whose number is a multiple of ``every``.
-        flush_every: recorded steps per part file; at most this many are lost if the process dies.
+        path: trace directory to create.
+        every: record steps whose number is a multiple of ``every`` (>= 1).
+        flush_every: recorded steps per part file (>= 1); at most this many are lost if the process dies.
         metadata: extra run metadata (task, batch_size, seed, config, ...), merged over the defaults.
         model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
         kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
@@ -208,13 +201,28 @@ class Recorder:
         overwrite: replace an existing trace at ``path`` (never a directory that holds anything else).
         start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
-        record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
-            at each recorded step, read just before the step (after it an LR scheduler has moved on).
+        record_lr: add column ``lr``, read just before each step (after it a scheduler has moved on).
         grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
             recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
             noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
             window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
             (DTensor) parameters, whose norms would need collectives on every rank.
+
+    Raises:
+        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1, ``grad_every`` < 0 or
+            ``start_step`` < 0; ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path``
+            exists without ``overwrite``/``resume``, or holds something other than a trace; a resumed
+            trace has other groups; :meth:`log` gets a trace column or a non-scalar tensor; writing
+            failed (raised at the next flush or at :meth:`close`).
+
+    Example::
+
+        opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
+        with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
+            for batch in loader:
+                loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
+                rec.log(loss=loss.detach())            # optional per-step scalars, stay on the device
+        df = graftlab.read_trace("runs/trace")        # or pandas.read_parquet("runs/trace")
     """
 
     def __init__(
@@ -284,8 +292,6 @@ class Recorder:
         part = self.graft.partition
         modules: dict[str, nn.Module] = {}
         if isinstance(model, nn.Module):
-            from graftlab.kinds import _owners
-
             modules = _owners(model)
         per_param = classify_names(part.param_names, kinds, modules)
         out = []
@@ -293,8 +299,6 @@ class Recorder:
             members = [per_param[n] for n, k in zip(part.param_names, part.tensor_group) if k == gi]
             kind = group_kind(members)
             if isinstance(kinds, Mapping) and name in kinds and name not in per_param:
-                from graftlab.kinds import _as_kind
-
                 kind = _as_kind(kinds[name], kind)  # a custom or global group named in the overrides
             out.append(kind)
         return out
@@ -316,8 +320,8 @@ class Recorder:
             "format": trace.FORMAT,
             "granularity": part.granularity,
             "groups": groups,
-            "magnitude": _describe_optimizer(g.magnitude),
-            "direction": _describe_optimizer(g.direction),
+            "magnitude": describe(g.magnitude),
+            "direction": describe(g.direction),
             "task": None,
             "batch_size": None,
             "seed": None,
@@ -497,143 +501,3 @@ class Recorder:
     def __repr__(self) -> str:
         return (f"Recorder({str(self.path)!r}, groups={len(self.graft.group_names)}, every={self.every}, "
                 f"flush_every={self.flush_every}, next_step={self._next_step})")
-
-
-# ---------------------------------------------------------------------------------------------
-# A whole recording run of a built-in task: what `graftlab record` does.
-
-@dataclass
-class RecordConfig:
-    """Everything a recording run needs; the shared training fields mean what they mean in TrainConfig."""
-
-    # --- what to train ---
-    task: str = "bert"  # built-in task: bert | resnet
-    size: str = "tiny"  # tiny | small | base
-    data: Optional[str] = None  # None: bundled data; else a user's file or folder
-    steps: Optional[int] = None  # optimizer steps; None: from `epochs`, or 300 when neither is set
-    epochs: Optional[float] = None
-    batch_size: int = 32
-    # --- the grafted optimizer M#D ---
-    magnitude: str = "adam"  # M: gives the step size (the schedule is attached here)
-    direction: str = "sgd"  # D: gives the direction
-    magnitude_lr: Optional[float] = None  # None: the task's default for M's optimizer
-    direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
-    m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
-    d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
-    granularity: str = "layer"  # layer | global | coordinate
-    # --- schedule of M's lr ---
-    schedule: Optional[str] = None  # constant | poly | step | cosine; None: the task's default
-    warmup: Optional[float] = None
-    power: float = 1.0
-    milestones: list = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    # --- system ---
-    device: str = "auto"
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
-    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
-    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
-    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir; the trace is appended to
-    seed: int = 0
-    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
-    eval_every: int = 100
-    eval_size: Optional[int] = None
-    log_every: int = 50
-    metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics
-    # --- the trace ---
-    out: Optional[str] = None  # trace directory
-    every: int = 1  # record every k-th step
-    flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
-
-
-@dataclass
-class RecordResult:
-    trace: Path  # the trace directory
-    fit: Any  # graftlab.train.FitResult of the run
-    summary: pd.DataFrame  # kind_summary of the trace
-    groups: int  # number of groups recorded
-
-
-def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
-    """Per kind: groups, and the median, min and max over groups of each group's median ratio.
-
-    Non-finite ratios (D's step was zero) are skipped, and groups that
-    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
-    bias, whose true gradient is zero) are kept out of the statistics and counted in ``flagged``;
-    ``out.attrs["flagged"]`` maps them to the reason. ``meta`` defaults to ``df.attrs["graftlab"]``.
-    """
-    from graftlab.degenerate import flag_window
-    from graftlab.kinds import KINDS
-
-    meta = meta if meta is not None else df.attrs.get("graftlab", {})
-    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
-    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
-    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
-    medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    flags, _, _ = flag_window(df, medians, kinds)
-    frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
-                          "flagged": flags != ""})
-    stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])
-    by_kind = frame.groupby("kind", sort=False)
-    out = by_kind.size().to_frame("groups").join(stats)  # a kind with only flagged groups gets NaN
-    out["flagged"] = by_kind["flagged"].sum().astype(int)
-    out = out.reindex([k for k in KINDS if k in out.index])
-    out.attrs["flagged"] = {g: f for g, f in flags.items() if f}
-    return out
-
-
-def check_out(out: Union[str, Path, None], overwrite: bool) -> Path:
-    """The trace path of a run; an existing one is a GraftlabError unless ``overwrite``."""
-    if out is None:
-        raise GraftlabError("give the trace directory to write (--out)")
-    path = Path(out).expanduser()
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise GraftlabError(f"{path} exists; pass --overwrite to replace it")
-    return path
-
-
-def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = True) -> RecordResult:
-    """Train ``config.task`` with M#D for the configured steps, recording every group's ratios.
-
-        >>> res = record(RecordConfig(task="bert", magnitude="adam", direction="sgd", steps=300, out="t"))
-        >>> res.summary.loc["Q", "median"]
-    """
-    from graftlab.optimizers import make_optimizer
-    from graftlab.tasks import get_task, resolve_device
-    from graftlab.train import resolve_config
-
-    from graftlab import distributed as gd
-
-    device = gd.setup(config.device)  # under torchrun: joins the process group, this rank's device
-    path = check_out(config.out, overwrite or config.resume)  # before the task is built: fail fast
-    gd.barrier()  # every rank checked before rank 0 creates the trace
-    if config.granularity not in ("layer", "global", "coordinate"):
-        raise GraftlabError(f"unknown granularity {config.granularity!r}: choose layer, global or coordinate")
-    task = get_task(config.task, size=config.size, data=config.data, batch_size=config.batch_size,
-                    seed=config.seed, device=device, eval_size=config.eval_size)
-    config = resolve_config(config, task)
-    m_lr = config.magnitude_lr if config.magnitude_lr is not None else task.default_lr(config.magnitude)
-    d_lr = config.direction_lr if config.direction_lr is not None else task.default_lr(config.direction)
-    config = dataclasses.replace(config, magnitude_lr=m_lr, direction_lr=d_lr)
-    names = gd.distribute_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, row split
-    model = task.model
-    m_opt = make_optimizer(config.magnitude, model.parameters(), m_lr, **config.m_hparams)
-    d_opt = make_optimizer(config.direction, model.parameters(), d_lr, **config.d_hparams)
-    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
-    info = task.info()
-    meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
-            "config": dataclasses.asdict(config), "task_info": info}
-    recorder = gd.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite,  # rank 0 writes the trace
-                            start_step=gd.resume_step(config), resume=config.resume)
-    from graftlab.train import fit
-
-    try:
-        result = fit(config, task, graft, schedule_owner=m_opt,
-                     on_step=lambda step, loss: recorder.log(loss=gd.global_mean(loss)), progress=progress,
-                     overwrite=overwrite, metadata={"trace": str(path)})
-    finally:
-        recorder.close()
-    if not gd.is_main():
-        return RecordResult(path, result, pd.DataFrame(), len(graft.group_names))
-    df = trace.read_trace(path)  # norm_g too: the evidence for degenerate groups
-    return RecordResult(path, result, kind_summary(df), len(graft.group_names))

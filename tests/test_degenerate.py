@@ -229,7 +229,8 @@ def test_hf_models_recorded_live(tmp_path):
 
 @pytest.mark.slow
 def test_builtin_tasks_recorded_live(tmp_path):
-    from graftlab.record import RecordConfig, record
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
 
     res = record(RecordConfig(task="bert", steps=12, batch_size=4, eval_every=0, eval_size=8, device="cpu",
                               threads=1, out=str(tmp_path / "bert")), progress=False)

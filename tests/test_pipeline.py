@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import graftlab.train as train_module
+import graftlab.runs.run as train_module
 from cli.app import app
 from graftlab.corrections import load_corrections
 from graftlab.trace import read_trace

@@ -45,28 +45,12 @@ from typing import Optional, Union
 
 import torch
 
+from graftlab.distributed.env import DEVICES, resolve_device  # where the run's environment is set up
 from graftlab.errors import GraftlabError
 from graftlab.tasks.base import Task
 
 TASKS = ("bert", "resnet")
 SIZES = ("tiny", "small", "base")
-DEVICES = ("cpu", "cuda", "auto")
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a GraftlabError."""
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GraftlabError("device 'cuda' was asked for but PyTorch sees no CUDA GPU")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise GraftlabError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
 
 
 def get_task(
