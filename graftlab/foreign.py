@@ -117,8 +117,8 @@ def _check_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise GraftlabError(
-            f"{path}: a trace needs columns step, group, ratio (norm_m, norm_d optional); "
-            f"missing {', '.join(missing)} (columns: {', '.join(names) or 'none'})"
+            f"{path}: not a trace: no graftlab metadata, and a table needs columns step, group, ratio "
+            f"(norm_m, norm_d optional); missing {', '.join(missing)} (columns: {', '.join(names) or 'none'})"
         )
 
 
