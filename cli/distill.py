@@ -12,10 +12,10 @@ def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
-def _flag(d: dict) -> str:
+def _flag(d) -> str:
     """The flag with the few words of evidence behind a degenerate verdict."""
-    short = (d.get("evidence") or {}).get("short")
-    return f"{d['flags']} ({short})" if d["flags"] and short else d["flags"]
+    short = (d.evidence or {}).get("short")
+    return f"{d.flags} ({short})" if d.flags and short else d.flags
 
 
 def distill(
@@ -38,40 +38,39 @@ def distill(
     from graftlab.corrections import save
     from graftlab.distill import default_output
     from graftlab.distill import distill as run
-    from graftlab.errors import GraftlabError
+    from graftlab.errors import GraftlabError, OutputExistsError
     from graftlab.foreign import note as foreign_note
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     out = output if output is not None else default_output(trace, format)
     if out.exists() and not overwrite:  # fail before reading a large trace
-        raise GraftlabError(f"{out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out, "corrections file")
     corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
                outlier=outlier or None)
     save(corr, out, format=format, overwrite=overwrite)
 
-    src = corr.source
+    src, records = corr.source, corr.group_sources
     mode = src["mode"]
     table = Table(title=f"{trace}: steps {start}..{start + window - 1}, round {round}, {mode}"
                   + (f", filter {filter}" if filter else ""))
     table.add_column("group", overflow="fold")
     for col in ("kind", "median", "factor", "finite", "drift", "flags"):
         table.add_column(col, justify="right" if col in ("median", "factor", "finite", "drift") else "left")
-    for g, d in src["groups"].items():
-        total = d["n_finite"] + d["n_nonfinite"]
-        factor = _num(d["factor"], "{:g}")
+    for g, d in records.items():
+        total = d.n_finite + d.n_nonfinite
+        factor = _num(d.factor, "{:g}")
         if mode == "schedule" and len(corr.schedule.get(g, [])) > 1:
             factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
-        table.add_row(g, d["kind"], _num(d["median"]), factor, f"{d['n_finite']}/{total}",
-                      _num(d["drift"], "{:.3g}x"),
-                      ", ".join(f for f in (_flag(d), "tied" if d["tied"] and round.upper().startswith("D") else "") if f))
-    longest = max((len(g) for g in src["groups"]), default=10)
+        table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
+                      ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
+    longest = max((len(g) for g in records), default=10)
     console = Console(width=max(Console().width, longest + 80))
     console.print(table)
     for g, flag in src["flagged"].items():
-        why = (src["groups"][g].get("evidence") or {}).get("reason")
+        why = (records[g].evidence or {}).get("reason")
         console.print(f"flagged {g} ({flag}{': ' + why if why else ''}): uses the stand-in median "
-                      f"{_num(src['groups'][g].get('stand_in'))} ({src['fallback']}) before rounding")
+                      f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     lr = src.get("direction_lr")

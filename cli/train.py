@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import options
+from graftlab.cli import options
 
 
 def train(

@@ -89,7 +89,8 @@ def filter_groups(df: pd.DataFrame, width: int) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- medians
 
-def _group_order(df: pd.DataFrame) -> list[str]:
+def group_order(df: pd.DataFrame) -> list[str]:
+    """The groups of a long table, in order of first appearance."""
     return [str(g) for g in pd.unique(df["group"])]
 
 
@@ -130,7 +131,7 @@ def window_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFram
     """
     _check_window(window)
     sel = df[(df["step"] >= start) & (df["step"] < start + window)]
-    return _medians(sel, _group_order(df))
+    return _medians(sel, group_order(df))
 
 
 def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFrame:
@@ -140,7 +141,7 @@ def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFr
     up to the last step in ``df`` (the last one may be partial).
     """
     _check_window(window)
-    groups = _group_order(df)
+    groups = group_order(df)
     if df.empty:
         return pd.DataFrame(columns=["start", "group", "median", "n_finite", "n_nonfinite"])
     sel = df[df["step"] >= start]
@@ -267,7 +268,7 @@ def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = Non
         try:
             rx = re.compile(tie)
         except re.error as err:
-            raise GraftlabError(f"bad --tie regex {tie!r}: {err}") from None
+            raise GraftlabError(f"tie={tie!r} is not a valid regex: {err}") from None
         return pd.Series([bool(rx.search(g)) for g in groups], index=groups, dtype=bool)
     block = table["block"] if "block" in table.columns else pd.Series(dtype=object)
     out = []

@@ -28,7 +28,8 @@ import torch
 from graftlab.distributed.env import MODES
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.optimizers import make_optimizer, parse_hparams
-from graftlab.record import DEFAULT_FLUSH_EVERY, _is_trace_dir
+from graftlab.record import DEFAULT_FLUSH_EVERY
+from graftlab.trace import is_trace
 from graftlab.schedules import SCHEDULES, make_schedule
 from graftlab.tasks import SIZES, TASKS, Task, resolve_device
 
@@ -196,7 +197,7 @@ class RecordConfig(RunConfig):
             return
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
-        if not _is_trace_dir(path):
+        if not is_trace(path):
             raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace; not using it")
 
     def resolve(self, task: Task) -> "RecordConfig":

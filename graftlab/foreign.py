@@ -31,6 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
+from graftlab.trace.layout import METADATA_KEY, SIDECAR
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,8 +39,6 @@ COLUMNS = ("step", "group", "ratio")
 OPTIONAL = ("norm_m", "norm_d")
 CSV_SUFFIX = ".csv"
 _FLOATS = ("ratio", "norm_m", "norm_d", "norm_g")
-_METADATA_KEY = b"graftlab"
-_SIDECAR = "_graftlab.json"
 
 
 # --------------------------------------------------------------------------- recognising
@@ -49,7 +48,7 @@ def _has_graftlab_metadata(file: Path) -> bool:
         schema = pq.read_schema(file)
     except (pa.ArrowInvalid, OSError):
         return True  # not readable Parquet: leave the error to the graftlab reader
-    return _METADATA_KEY in (schema.metadata or {})
+    return METADATA_KEY in (schema.metadata or {})
 
 
 def _parquet_files(directory: Path) -> list[Path]:
@@ -74,7 +73,7 @@ def is_foreign(path: PathLike) -> bool:
             return True
         return not _has_graftlab_metadata(p)
     if p.is_dir():
-        if (p / _SIDECAR).exists():
+        if (p / SIDECAR).exists():
             return False
         files = _parquet_files(p)
         return bool(files) and not _has_graftlab_metadata(files[0])

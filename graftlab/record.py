@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import math
 import queue
-import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -46,45 +45,6 @@ def _versions() -> dict[str, str]:
     import graftlab
 
     return {"graftlab": graftlab.__version__, "torch": torch.__version__}
-
-
-def _is_trace_dir(path: Path) -> bool:
-    return (path / trace.SIDECAR).exists() or any(path.glob(trace.PART_GLOB))
-
-
-def _prepare_path(path: Path, overwrite: bool, resume: bool) -> None:
-    if path.exists() and path.is_file():
-        if not overwrite:
-            raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        path.unlink()
-    elif path.exists():
-        entries = [p for p in path.iterdir()]
-        if entries and not resume:
-            if not overwrite:
-                raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-            if not _is_trace_dir(path):
-                raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
-            shutil.rmtree(path)
-        elif resume and entries and not _is_trace_dir(path):
-            raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def _truncate_from(path: Path, start_step: int) -> None:
-    """Drop rows with ``step >= start_step`` from an existing trace (a resumed run redoes them)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    for part in sorted(path.glob(trace.PART_GLOB)):
-        if trace.part_first_step(part) >= start_step:
-            part.unlink()
-            continue
-        table = pq.read_table(part)
-        steps = table.column("step").to_numpy()
-        if steps.size and steps.max() >= start_step:
-            trace.write_table(table.filter(pc.less(table.column("step"), start_step)), part)
-    for tmp in path.glob(".part-*.tmp"):  # half-written parts of the killed run
-        tmp.unlink()
 
 
 class _Writer(threading.Thread):
@@ -258,11 +218,11 @@ class Recorder:
         self.metadata = self._metadata(metadata or {})
 
         existing = None
-        if resume and self.path.exists() and _is_trace_dir(self.path):
+        if resume and self.path.is_dir() and trace.is_trace(self.path):
             existing = self._check_resumable()
-        _prepare_path(self.path, overwrite, resume)
+        trace.prepare_directory(self.path, overwrite=overwrite, resume=resume)
         if existing is not None:
-            _truncate_from(self.path, self._next_step)
+            trace.truncate(self.path, self._next_step)
             self.metadata = existing  # every part of one trace carries the same metadata
         else:
             trace.write_sidecar(self.path, self.metadata)

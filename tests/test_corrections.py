@@ -32,7 +32,7 @@ def test_json_round_trip_and_no_overwrite(tmp_path):
     back = load_corrections(p)
     assert back.multipliers == c.multipliers and back.schedule == c.schedule and back.direction_lr == 0.1
     before = p.read_text()
-    with pytest.raises(GraftlabError, match="already exists; pass --overwrite"):
+    with pytest.raises(GraftlabError, match="already exists; pass overwrite=True"):
         save(corr(multipliers={"0.weight": 1.0}), p)
     assert p.read_text() == before
     save(corr(multipliers={"0.weight": 2.0}), p, overwrite=True)
@@ -172,3 +172,63 @@ def test_apply_global_static_multiplier():
     m = model()
     a = apply(Corrections(multipliers={"global": 0.25}), list(m.named_parameters()), 0.4)
     assert [g["lr"] for g in a.param_groups] == [0.1] * 4 and a.missing == []
+
+
+def test_apply_names_the_mistake_of_passing_parameters():
+    m = model()
+    for params in (list(m.parameters()), [m[0].weight]):
+        with pytest.raises(GraftlabError, match=r"\(name, parameter\) pairs.*item 0 is a Parameter") as err:
+            apply(corr(), params, 0.1)
+        assert "\n" not in str(err.value)
+    a = apply(corr(), m.named_parameters(), 0.1)  # any iterable of pairs, a generator included
+    assert [g["name"] for g in a.param_groups] == NAMES
+
+
+def test_group_source_records_are_typed_and_validated(tmp_path):
+    from graftlab.corrections import GroupSource
+
+    c = corr()
+    c.source["groups"]["0.weight"] = {"kind": "Q", "block": 2, "tied": True, "median": 480.5, "factor": 500.0,
+                                      "n_finite": 99, "n_nonfinite": 1, "later_median": None, "drift": None,
+                                      "flags": "", "future_key": "kept for newer writers"}
+    back = load_corrections(save(c, tmp_path / "c.json"))
+    rec = back.group_sources["0.weight"]
+    assert rec == GroupSource(kind="Q", block=2, tied=True, median=480.5, factor=500.0, n_finite=99, n_nonfinite=1)
+    assert back.group_sources["0.bias"] == GroupSource(kind="ffn")
+    assert back.summary().set_index("group").loc["0.weight", "median"] == 480.5
+    assert GroupSource(members=["a", "b"], stand_in=None).to_dict()["members"] == ["a", "b"]
+    assert "stand_in" not in GroupSource().to_dict() and "members" not in GroupSource().to_dict()
+    for bad, msg in [({"median": "big"}, r"source.groups\['g'\].median must be a finite number"),
+                     ({"n_finite": -3}, "n_finite must be a whole number >= 0"),
+                     ({"tied": "yes"}, "tied must be true or false"),
+                     ({"members": "0.weight"}, "members must be a list of parameter names"),
+                     ([1], r"source.groups\['g'\] must be an object")]:
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps({"format": FORMAT, "multipliers": {"g": 1.0}, "source": {"groups": {"g": bad}}}))
+        with pytest.raises(GraftlabError, match=msg) as err:
+            load_corrections(p)
+        assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lambda_lr_state_with_corrections_and_run_schedule_saves(tmp_path):
+    """torch.save of a LambdaLR state holding corrections times the run's schedule (no lambdas)."""
+    from graftlab.schedules import Product, make_schedule
+
+    m = model()
+    c = Corrections(multipliers=dict.fromkeys(NAMES, 1.0),
+                    schedule={"0.weight": [[0, 1.0], [2, 3.0]], "global": [[0, 2.0], [4, 0.5]]})
+    a = apply(c, list(m.named_parameters()), 0.1)
+    run = make_schedule("poly", 10, 2)
+    opt = torch.optim.SGD(a.param_groups, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, a.lr_lambda(run))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    torch.save(sched.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=False)
+    # a scheduler of empty products gets the whole schedule back from the saved state
+    fresh = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(a.param_groups, lr=0.1), [Product() for _ in NAMES])
+    fresh.load_state_dict(state)
+    for s in range(8):
+        want = [0.1 * f * run(s) for f in a.factor_at(s)]
+        assert [fn(s) * 0.1 * g["factor"] for fn, g in zip(fresh.lr_lambdas, a.param_groups)] == pytest.approx(want)

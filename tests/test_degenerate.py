@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 import graftlab
-from cli.app import app
+from graftlab.cli.app import app
 from graftlab import degenerate, trace
 from graftlab.corrections import load_corrections
 from graftlab.distill import distill

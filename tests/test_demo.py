@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
+from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
 from graftlab.demo import DemoConfig, choose_beta, format_table, new_folder
 from graftlab.errors import GraftlabError

@@ -93,7 +93,7 @@ def resnet_schedule(out: Path):
 def test_batch_transfer_cli_and_interrupted_run(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     out = tmp_path / "b"
     args = ["experiment", "batch_transfer", "--quick", "--steps", "4", "--out", str(out)]
@@ -117,7 +117,7 @@ def test_batch_transfer_cli_and_interrupted_run(tmp_path):
 def test_unknown_experiment_is_one_error_line():
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     res = CliRunner().invoke(app, ["experiment", "nope"])
     assert res.exit_code != 0

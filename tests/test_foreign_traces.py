@@ -18,10 +18,11 @@ import pytest
 from typer.testing import CliRunner
 
 import graftlab
-from cli.app import app
+from graftlab.cli.app import app
 from graftlab import foreign
 from graftlab.corrections import load_corrections
-from graftlab.distill import distill, trace_extent
+from graftlab.distill import distill
+from graftlab.trace import trace_extent
 from graftlab.errors import GraftlabError
 from graftlab.trace import group_table, read_metadata, read_trace, trace_info
 

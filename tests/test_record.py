@@ -254,22 +254,22 @@ def _files(path: Path) -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--resume"], "resume=True needs checkpoint_dir"),  # it used to delete every part, then say so
+    (["--resume"], "--resume needs --checkpoint-dir"),  # it used to delete every part, then say so
     (["--overwrite", "--threads", "0"], "threads"),
     (["--overwrite", "--schedule", "nope"], "unknown schedule"),
-    (["--overwrite", "--checkpoint-every", "5"], "checkpoint_every needs checkpoint_dir"),
+    (["--overwrite", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
     (["--overwrite", "--granularity", "rows"], "granularity"),
     (["--overwrite", "--m-hparam", "momentum=0.9"], "no hyperparameter"),
     (["--overwrite", "--warmup", "10"], "warmup"),
     (["--overwrite", "--metrics", "{tmp}"], "is a folder"),
     (["--overwrite", "--checkpoint-dir", "{tmp}/t/_graftlab.json"], "is a file"),
-    (["--task", "gpt"], "unknown task"),
+    (["--task", "nope"], "unknown task"),
 ])
 def test_record_config_errors_leave_the_trace_alone(tmp_path, extra, match):
     """Every config mistake is found before the trace (or anything else) is touched."""
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     model, opt = setup()
     out = tmp_path / "t"
@@ -302,7 +302,7 @@ def test_record_library_refuses_a_resume_without_checkpoints(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=600)
 
 

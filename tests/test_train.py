@@ -211,7 +211,7 @@ def test_train_with_static_multipliers(tmp_path):
     assert meta["corrections"]["missing"] == [] and meta["optimizer"]["lr_max"] == pytest.approx(1.0)
 
     partial = corrections_file(tmp_path / "p.json", multipliers={names[0]: 2.0})
-    with pytest.raises(GraftlabError, match="allow-missing"):
+    with pytest.raises(GraftlabError, match="allow_missing=True"):
         train(small_train_config(), corrections=partial, progress=False)
     result = train(small_train_config(), corrections=partial, allow_missing=True, progress=False)
     assert [g["lr"] for g in result.optimizer.param_groups[:2]] == pytest.approx([0.2, 0.1])
@@ -314,7 +314,7 @@ def test_resolve_fills_task_defaults_and_checks_the_schedule():
 def test_cli_train_and_refusal(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     (tmp_path / "c.yaml").write_text("eval_size: 16\neval_every: 0\nbatch_size: 8\n")
     out = tmp_path / "m.parquet"
@@ -327,7 +327,7 @@ def test_cli_train_and_refusal(tmp_path):
     assert meta["config"]["hparams"] == {"momentum": 0.9} and meta["config"]["batch_size"] == 8
     # The installed entry point turns the error into one line and exit code 2, leaving the file alone.
     before = out.read_bytes()
-    again = subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "already exists" in again.stderr
     assert "Traceback" not in again.stderr and out.read_bytes() == before
 
@@ -360,7 +360,7 @@ def test_correction_notes_warn_about_base_lr_and_double_schedules():
 def test_cli_train_takes_the_step_schedule_options(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     out = tmp_path / "m.parquet"
     res = CliRunner().invoke(app, ["train", "--task", "resnet", "--optimizer", "sgd", "--lr", "0.1", "--steps", "8",

@@ -26,7 +26,7 @@ from graftlab.distributed.runtime import Runtime
 from graftlab.errors import GraftlabError
 from graftlab.optimizers import describe
 from graftlab.runs.metrics import METRICS_FORMAT, write_metrics
-from graftlab.schedules import make_schedule
+from graftlab.schedules import Product, make_schedule
 from graftlab.tasks import Task
 
 Factor = Callable[[int], float]
@@ -99,17 +99,6 @@ def fit(
     return result
 
 
-class _Scaled:
-    """``schedule(step) * factor(step)``; an object rather than a lambda so LambdaLR can save it."""
-
-    def __init__(self, schedule: Factor, factor: Optional[Factor]):
-        self.schedule, self.factor = schedule, factor
-
-    def __call__(self, step: int) -> float:
-        f = self.schedule(step)
-        return f if self.factor is None else f * self.factor(step)
-
-
 def _lr_schedule(config: RunConfig, owner: Optimizer, lr_factor: Optional[Union[Factor, list[Factor]]]):
     """``(LambdaLR on owner, factor of the lr column)``: the run's schedule, times ``lr_factor``."""
     schedule = make_schedule(config.schedule, config.steps, config.warmup, power=config.power,
@@ -117,9 +106,9 @@ def _lr_schedule(config: RunConfig, owner: Optimizer, lr_factor: Optional[Union[
     if isinstance(lr_factor, (list, tuple)):
         if len(lr_factor) != len(owner.param_groups):
             raise GraftlabError(f"{len(lr_factor)} lr factors for {len(owner.param_groups)} param groups of the optimizer")
-        factor, lambdas = schedule, [_Scaled(schedule, f) for f in lr_factor]
+        factor, lambdas = schedule, [Product(schedule, f) for f in lr_factor]
     else:
-        factor = lambdas = _Scaled(schedule, lr_factor)
+        factor = lambdas = Product(schedule, lr_factor)
     return torch.optim.lr_scheduler.LambdaLR(owner, lambdas), factor
 
 
