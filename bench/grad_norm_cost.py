@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, ratio_summary, table, write_result  # noqa: E402
 
 from graftlab import Graft  # noqa: E402
-from graftlab.record import DEFAULT_GRAD_EVERY, _GradNorms  # noqa: E402
+from graftlab.grad_norms import GradNorms  # noqa: E402
+from graftlab.record import DEFAULT_GRAD_EVERY  # noqa: E402
 from graftlab.tasks import get_task  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> dict:
     model = task.model
     graft = Graft(torch.optim.Adam(model.parameters(), lr=1e-3),
                   torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), names=model)
-    norms = _GradNorms(graft, 1)
+    norms = GradNorms(graft, 1)
     ring = torch.full((1, len(graft.group_names)), float("nan"), device=task.device)
     cuda = task.device.type == "cuda"
     state = {"i": 0}

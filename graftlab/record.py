@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from graftlab import trace
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
+from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
 
@@ -83,46 +84,6 @@ class _Writer(threading.Thread):
                 self.parts.append(trace.write_part(self.directory, table))
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
-
-
-class _GradNorms:
-    """Per-group gradient norms of a Graft's parameters, taken on the device without a host sync.
-
-    Read in the step post-hook: the gradients the step used are still there (``zero_grad`` comes
-    after), including those a closure computed inside ``step``.
-    """
-
-    def __init__(self, graft: Graft, period: int) -> None:
-        self.graft = graft
-        self.period = max(int(period), 1)
-        params = graft.params
-        # DTensor shards: a norm would be a collective that the other ranks (which do not record)
-        # never join.
-        self.usable = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
-        self.per_tensor = graft.partition.one_tensor_per_group
-        self.n_groups = len(graft.group_names)
-        self._index: Optional[Tensor] = None
-        self._zero: Optional[Tensor] = None
-
-    def write(self, ring: Tensor, row: int, step: int) -> None:
-        """Gradient norms into ``ring[row]`` on steps that are a multiple of the period."""
-        if step % self.period:
-            return
-        grads = [p.grad for p in self.graft.params]
-        if all(g is None for g in grads):
-            return
-        if self._zero is None:
-            self._zero = ring.new_zeros(())
-        # a parameter without a gradient counts as zero; sparse gradients by their stored values
-        grads = [self._zero if g is None else (g.coalesce()._values() if g.is_sparse else g) for g in grads]
-        per = torch.stack(torch._foreach_norm(grads, 2, dtype=ring.dtype))
-        if self.per_tensor:
-            ring[row].copy_(per)
-            return
-        if self._index is None:
-            self._index = torch.tensor(self.graft.partition.tensor_group, device=per.device)
-        sq = torch.zeros(self.n_groups, dtype=ring.dtype, device=per.device)
-        ring[row].copy_(sq.index_add_(0, self._index, per * per).sqrt_())
 
 
 class Recorder:
@@ -227,7 +188,7 @@ class Recorder:
         else:
             trace.write_sidecar(self.path, self.metadata)
 
-        self._grads = _GradNorms(graft, int(grad_every) * self.every) if grad_every else None
+        self._grads = GradNorms(graft, int(grad_every) * self.every) if grad_every else None
         if self._grads is not None and not self._grads.usable:
             self._grads = None
         self._writer = _Writer(self.path, list(graft.group_names), self.metadata, grad=self._grads is not None)
