@@ -99,9 +99,12 @@ def read_trace(
         files = _prune(files, start, stop)
     cols = list(dict.fromkeys(list(REQUIRED) + list(columns))) if columns is not None else None
     try:
-        # parts may differ in their extra columns (a scalar first logged late): read their union
         schemas = [pq.read_schema(f) for f in files]
-        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else (schemas[0] if schemas else None)
+        # parts may lack a column (a scalar first logged late) or store it at another width (traces
+        # of graftlab 0.1 wrote a scalar logged as a Python float as float64, then as float32 once it
+        # was logged as a tensor): read the union of the columns, each at its widest type
+        schema = (pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1
+                  else (schemas[0] if schemas else None))
         dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise GraftlabError(f"{path}: not a readable trace ({err})") from None
