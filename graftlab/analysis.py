@@ -28,8 +28,8 @@ from graftlab.errors import GraftlabError
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
 
-# A group whose median ratio exceeds this many times the median over all groups is flagged
-# degenerate: its D step is float noise (e.g. the attention K bias, whose true gradient is zero).
+# The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
+# threshold cannot tell a large real correction from noise, see graftlab.degenerate.
 OUTLIER = 1000.0
 
 FLAG_DEGENERATE = "degenerate"
@@ -332,23 +332,24 @@ def group_kinds(groups: list[str], table: pd.DataFrame) -> pd.Series:
                      index=groups, dtype=object)
 
 
-def flag_groups(medians: Values, outlier: Optional[float] = OUTLIER) -> pd.Series:
+def flag_groups(medians: Values, outlier: Optional[float] = None, *, degenerate=()) -> pd.Series:
     """Flag groups whose median cannot serve as a correction; ``""`` where fine.
 
     - ``"no finite ratio"``: D never moved the group inside the window.
     - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
-    - ``"degenerate"``: median above ``outlier`` times the median over all groups' medians (needs
-      at least 3 groups). Only norms are recorded, so "D's step is negligible" is read off the
-      ratio: with M=Adam the ratio is about lr_M / (D's per-coordinate step), and a group whose
-      true gradient is zero (the attention K bias) sits 3-4 orders of magnitude above the rest
-      (Table 5: 154101 against a median near 100; 1e4 against about 0.1 on small BERTs), while
-      real groups stay within about 100x of the median. ``outlier=None`` or 0 turns this check off.
+    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.degenerate.assess`
+      decides from what D's step is made of (gradient share, structure), with its evidence.
+    - ``outlier`` (opt-in, None or 0: off): also ``"degenerate"`` where the median exceeds ``outlier``
+      times the median over all groups' medians (needs at least 3 groups). A ratio threshold cannot
+      tell a large real correction (Q/K weights: Table 5's 470-1090) from noise, hence off by default.
     """
     med = pd.Series(medians, dtype=np.float64)
     flags = pd.Series("", index=med.index, dtype=object)
+    good = np.isfinite(med) & (med > 0)
+    flags[good & med.index.isin(list(degenerate))] = FLAG_DEGENERATE
     flags[~np.isfinite(med)] = FLAG_EMPTY
     flags[np.isfinite(med) & (med <= 0)] = FLAG_ZERO
-    good = med[np.isfinite(med) & (med > 0)]
+    good = med[good]
     if outlier and len(good) >= 3:
         ref = float(np.median(good.to_numpy()))
         flags[good.index[good > outlier * ref]] = FLAG_DEGENERATE
@@ -376,8 +377,9 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     """Per kind: groups, and the median, min and max over groups of each group's median ratio.
 
     ``df`` is a trace (columns ``group`` and ``ratio`` at least; :func:`graftlab.read_trace`).
-    Non-finite ratios (D's step was zero) are skipped, and groups that :func:`flag_groups` flags
-    (no finite ratio, or degenerate: the attention K bias, whose true gradient is zero) are kept out
+    Non-finite ratios (D's step was zero) are skipped, and groups that
+    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
+    bias, whose true gradient is zero; ``norm_g`` in ``df`` is its evidence) are kept out
     of the statistics and counted in ``flagged``; ``out.attrs["flagged"]`` maps them to the reason.
     ``meta`` defaults to ``df.attrs["graftlab"]``. Rows are kinds in :data:`graftlab.kinds.KINDS`
     order; a kind with only flagged groups has NaN statistics.
@@ -389,7 +391,9 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
     finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    flags = flag_groups(medians)
+    from graftlab.degenerate import flag_window
+
+    flags, _, _ = flag_window(df, medians, kinds)  # norm_g in df, when there, is the evidence
     frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
                           "flagged": flags != ""})
     stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])

@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis
+from graftlab import analysis, degenerate
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
@@ -51,7 +51,7 @@ def distill(
     filter: Optional[int] = None,
     tie: Optional[str] = None,
     start: int = 0,
-    outlier: Optional[float] = analysis.OUTLIER,
+    outlier: Optional[float] = None,
     drift: bool = True,
 ) -> Corrections:
     """Distill the trace at ``trace_path`` into :class:`~graftlab.corrections.Corrections`.
@@ -62,8 +62,9 @@ def distill(
     ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
-    applied to each group's series first (the figures use 51); ``outlier`` the degenerate-group
-    threshold of :func:`graftlab.analysis.flag_groups` (None: off). ``schedule=True`` gives
+    applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
+    threshold that also flags groups degenerate (None: off; :mod:`graftlab.degenerate` decides from
+    what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
     piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
     static multipliers; the default is a schedule for a global trace. ``drift`` adds each group's
     median over the trace's last window.
@@ -101,7 +102,8 @@ def distill(
         tied = tied & analysis.attention_weights(groups, kinds)
     rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
-    rule.flags = analysis.flag_groups(first_win["median"], outlier)
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
     spread, notes = _tied_spread(path, round, first_win["median"], rule)
     later_start = length - window if drift and length - start >= 2 * window else None
     later = pd.Series(math.nan, index=groups)
@@ -118,7 +120,7 @@ def distill(
         first_factor = rule.factors(first_win["median"])
         multipliers = {g: float(first_factor[g]) for g in groups}
 
-    records = _records(groups, table, rule, first_win, first_factor, later)
+    records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
         "trace": str(path.resolve()),
         "window": int(window),
@@ -131,6 +133,7 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "degenerate": method,
         "tied_spread": None if math.isnan(spread) else float(spread),
         "warnings": notes,
         "fallback": FALLBACK,
@@ -225,7 +228,8 @@ def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rul
 
 
 def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
-             first_factor: pd.Series, later: pd.Series) -> dict[str, GroupSource]:
+             first_factor: pd.Series, later: pd.Series,
+             evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
     """Each group's :class:`GroupSource`: what its factor was made from."""
     stand_in = rule.stand_in(first_win["median"])
     out = {}
@@ -246,6 +250,8 @@ def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.
             stand_in=jsonable(stand_in[g]) if rule.flags[g] else None,
             members=([str(m) for m in members]
                      if isinstance(members, (list, tuple)) and list(members) != [g] else None),
+            grad_share=jsonable(evidence[g].grad_share),
+            evidence=evidence[g].to_dict() if evidence[g].degenerate else None,
         )
     return out
 

@@ -42,11 +42,14 @@ from torch import Tensor, nn
 from graftlab import trace
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
+from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
+DEFAULT_GRAD_EVERY = 10
+GRAD_COLUMN = "norm_g"
 
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -92,7 +95,10 @@ class _Writer(threading.Thread):
                 if event is not None:
                     event.synchronize()
                 n, g = len(steps), len(names)
-                stats = host_stats.numpy().reshape(n, 3, g)
+                flat = host_stats.numpy().reshape(n, -1)
+                stats = flat[:, : 3 * g].reshape(n, 3, g)
+                # gradient norms ride after the stats when the recorder takes them
+                per_group = {GRAD_COLUMN: flat[:, 3 * g :]} if flat.shape[1] == 4 * g else None
                 dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
                 scalars = {}
                 for key in keys:  # one float64 column per key: a host float wins over a tensor on its row
@@ -103,7 +109,7 @@ class _Writer(threading.Thread):
                     elif host is not None:
                         col = np.where(np.isnan(host), col, host)
                     scalars[key] = col
-                table = trace.build_table(steps, names, stats, scalars, meta)
+                table = trace.build_table(steps, names, stats, scalars, meta, per_group)
                 self.parts.append(trace.write_part(self.directory, table))
                 for callback in self.on_flush:
                     callback(table, meta)
@@ -161,6 +167,11 @@ class Recorder:
             e.g. :class:`graftlab.integrations.tensorboard.TensorBoardView`. An exception in one
             stops the recording and is raised on the training thread at the next flush. Those with
             a ``close()`` method are closed with the Recorder.
+        grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
+            recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
+            noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
+            window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
+            (DTensor) parameters, whose norms would need collectives on every rank.
 
     Under ``torch.distributed`` (torchrun, DDP, FSDP2, accelerate, Lightning) create the Recorder
     on every rank, as the training script does for one process: only global rank 0 (of the process
@@ -170,7 +181,8 @@ class Recorder:
     FSDP2's all-reduce makes them equal), so rank 0's trace is the run's trace.
 
     Raises:
-        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1 or ``start_step`` < 0;
+        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1, ``grad_every`` < 0 or
+            ``start_step`` < 0;
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
             ``overwrite``/``resume``, or holds something other than a trace; a resumed trace has
             other groups; :meth:`log` gets a trace column (or ``lr`` while ``record_lr``) or a non-scalar tensor; writing failed
@@ -202,10 +214,13 @@ class Recorder:
         resume: bool = False,
         record_lr: bool = True,
         on_flush: Union[Callable[[Any, dict], None], Sequence[Callable[[Any, dict], None]], None] = None,
+        grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
         graft = self._find_graft(graft)
         if int(every) < 1 or int(flush_every) < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
+        if isinstance(grad_every, bool) or int(grad_every) < 0:
+            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
         if flush_seconds is not None and not (isinstance(flush_seconds, (int, float)) and flush_seconds > 0):
             raise GraftlabError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
         callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
@@ -247,6 +262,9 @@ class Recorder:
         self._writer = _Writer(self.path, callbacks)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._grad_every = int(grad_every)
+        self._grads = self._grad_norms()
+        self._grad_ring: Optional[Tensor] = None  # (flush_every, G) gradient norms, NaN where not taken
         self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
         self._rows = 0
         self._deadline = math.inf  # monotonic time by which the buffered rows must be flushed
@@ -371,6 +389,11 @@ class Recorder:
         if r == 0 and self.flush_seconds is not None:
             self._deadline = time.monotonic() + self.flush_seconds
         self._stats[r].copy_(stats)
+        if self._grads is not None:
+            if self._grad_ring is None:
+                self._grad_ring = torch.full((self.flush_every, stats.shape[1]), math.nan, dtype=stats.dtype,
+                                             device=stats.device)
+            self._grads.write(self._grad_ring, r, step)
         self._step_of_row[r] = step
         self._rows = r + 1
         self._last_row = r
@@ -387,6 +410,13 @@ class Recorder:
         self.metadata = {**self.metadata, "groups": self._groups_meta()}
         trace.write_sidecar(self.path, self.metadata)
         self._stats = None
+        self._grads, self._grad_ring = self._grad_norms(), None
+
+    def _grad_norms(self) -> Optional[GradNorms]:
+        if not self._grad_every:
+            return None
+        norms = GradNorms(self.graft, self._grad_every * self.every)
+        return norms if norms.usable else None
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
         """Attach per-step scalars (``loss=tensor``, ``tokens=4096``) to the step just taken.
@@ -461,6 +491,8 @@ class Recorder:
         if n == 0 or self._stats is None:
             return
         stats = self._stats[:n].reshape(n, -1)
+        if self._grad_ring is not None:
+            stats = torch.cat([stats, self._grad_ring[:n]], 1)  # the writer splits off norm_g
         dev_keys = list(self._dev_cols)
         cols = None
         if dev_keys:
@@ -489,6 +521,8 @@ class Recorder:
         self._last_row = None
         for col in self._dev_cols.values():
             col.fill_(math.nan)  # queued after the copy on the same stream
+        if self._grad_ring is not None:
+            self._grad_ring.fill_(math.nan)
         for col in self._host_cols.values():
             col.fill(np.nan)
 
