@@ -34,15 +34,18 @@ def kind_medians(table: Any, meta: dict) -> dict[str, float]:
     run metadata (its ``groups`` give each group's kind; groups missing there are ``other``).
     Kinds whose groups are all flagged are left out.
     """
-    from graftlab.analysis import flag_groups
+    from graftlab.degenerate import flag_window
 
-    df = table if isinstance(table, pd.DataFrame) else table.select(["group", "ratio"]).to_pandas()
+    have = table.columns if isinstance(table, pd.DataFrame) else table.column_names
+    cols = [c for c in ("step", "group", "ratio", "norm_g") if c in have]
+    df = table[cols].copy() if isinstance(table, pd.DataFrame) else table.select(cols).to_pandas()
+    df["group"] = df["group"].astype(str)
     ratio = df["ratio"].to_numpy(dtype=np.float64)
     finite = df[np.isfinite(ratio)]
-    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"].astype(str)))
-    medians = finite.groupby(finite["group"].astype(str), sort=False)["ratio"].median().reindex(names)
-    flags = flag_groups(medians)
+    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
+    medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
+    flags, _, _ = flag_window(df, medians, kinds)  # the same degenerate-group rule as distill
     ok = medians[flags == ""]
     by_kind = ok.groupby([kinds.get(g, "other") for g in ok.index], sort=False).median()
     return {str(k): float(v) for k, v in by_kind.items()}
