@@ -257,6 +257,49 @@ def test_lagged_flags_are_read_one_step_late_waiting_only_for_the_step_behind():
     assert watch.poll() is None and watch.poll(wait=True).step == 7  # wait: the end of a run, a save
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grafted", [False, True])
+def test_cuda_check_never_syncs_and_sees_a_bad_step_at_most_one_step_late(grafted):
+    """observe + poll per step raise under torch.cuda.set_sync_debug_mode("error") if either waits
+    for the GPU; a NaN loss at step 6 is reported after step 6 or 7."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)).cuda()
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-2)
+    opt = Graft(torch.optim.Adam(model.parameters(), lr=1e-3), sgd, names=model) if grafted else sgd
+    watch = NonFiniteWatch(opt, model, torch.device("cuda"))
+
+    def step(i, poison=False):
+        loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if poison else 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        watch.observe(i, loss.detach())
+        return watch.poll()
+
+    assert step(0) is None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert all(step(i) is None for i in range(1, 6))
+        found = step(6, poison=True) or step(7) or watch.poll(wait=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert found.step == 6 and found.detected in (6, 7) and found.loss_step == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_stops_within_one_step_and_restarts():
+    stopped = train(TrainConfig(**{**BERT, "device": "cuda"}, optimizer="sgd", lr=100.0, steps=30), progress=False)
+    k = stopped.diverged_at
+    # the flag of step k is read after step k + 1 was queued: at most one more step runs
+    assert k is not None and stopped.steps in (k + 1, k + 2) and stopped.divergence.detected == stopped.steps - 1
+    assert np.isfinite(stopped.metrics["loss"].to_numpy()[:k]).all()
+    restarted = train(TrainConfig(**{**BERT, "device": "cuda"}, optimizer="sgd", lr=3.0, steps=30,
+                                  on_divergence="restart", divergence_lr_factor=0.1), progress=False)
+    assert restarted.restarts and restarted.diverged_at is None and math.isfinite(restarted.final["loss"])
+
+
 def test_watch_reads_a_grafts_step_norms():
     model = torch.nn.Linear(3, 2)
     graft = Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1), names=model)

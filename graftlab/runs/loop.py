@@ -25,7 +25,8 @@ from graftlab.distributed.runtime import Runtime
 from graftlab.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
 from graftlab.optimizers import describe
-from graftlab.runs.divergence import Divergence, Guard, Restart
+from graftlab.runs.divergence import Divergence, Restart
+from graftlab.runs.restarts import Guard
 from graftlab.runs.metrics import METRICS_FORMAT, write_metrics
 from graftlab.schedules import Product, make_schedule
 from graftlab.tasks import Task

@@ -24,7 +24,8 @@ from graftlab.divergence import RESTART_COLUMN
 from graftlab.graft import Graft
 from graftlab.optimizers import make_optimizer
 from graftlab.record import Recorder
-from graftlab.runs.divergence import Restart, resumed_restarts
+from graftlab.runs.divergence import Restart
+from graftlab.runs.restarts import resumed_restarts
 from graftlab.runs.loop import FitResult, fit
 from graftlab.tasks import Task, get_task
 
