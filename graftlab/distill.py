@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,11 +35,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis, divergence
+from graftlab import analysis, degenerate, divergence
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
-from graftlab.trace import group_table, read_metadata, read_trace, trace_extent, trace_files
+from graftlab.trace import group_table, read_metadata, read_trace, trace_extent
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +55,7 @@ def distill(
     filter: Optional[int] = None,
     tie: Optional[str] = None,
     start: int = 0,
-    outlier: Optional[float] = analysis.OUTLIER,
+    outlier: Optional[float] = None,
     drift: bool = True,
     allow_divergence: bool = False,
 ) -> Corrections:
@@ -66,8 +67,9 @@ def distill(
     ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
-    applied to each group's series first (the figures use 51); ``outlier`` the degenerate-group
-    threshold of :func:`graftlab.analysis.flag_groups` (None: off). ``schedule=True`` gives
+    applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
+    threshold that also flags groups degenerate (None: off; :mod:`graftlab.degenerate` decides from
+    what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
     piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
     static multipliers; the default is a schedule for a global trace. ``drift`` adds each group's
     median over the trace's last window. ``allow_divergence`` distills windows that follow a
@@ -101,16 +103,23 @@ def distill(
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
     # a divergence before or inside the windows: the prefix is read only when a window starts late
-    marks = divergence.merge(divergence.find(df), _prefix_marks(path, start))
+    foreign = bool(meta.get("foreign"))
+    marks = divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign))
     windows = ([(s, min(s + window, length)) for s in range(start, length, window)] if schedule
                else [(start, start + window)])
     late = divergence.check_windows(path, marks, windows, allow_divergence)
     groups = _groups(df, table)
-    rule = _Rule(round, analysis.group_kinds(groups, table), analysis.tied_groups(groups, table, tie))
+    kinds = analysis.group_kinds(groups, table)
+    tied = analysis.tied_groups(groups, table, tie)
+    if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
+        tied = tied & analysis.attention_weights(groups, kinds)
+    rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
-    rule.flags = analysis.flag_groups(first_win["median"], outlier)
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
+    spread, notes = _tied_spread(path, round, first_win["median"], rule)
     later_start, tail = _later_window(path, df, schedule, drift, start, window, length, filter,
-                                      None if allow_divergence else marks)
+                                      None if allow_divergence else marks, foreign)
     later = pd.Series(math.nan, index=groups)
     if later_start is not None:
         later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
@@ -124,7 +133,7 @@ def distill(
         first_factor = rule.factors(first_win["median"])
         multipliers = {g: float(first_factor[g]) for g in groups}
 
-    records = _records(groups, table, rule, first_win, first_factor, later)
+    records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
         "trace": str(path.resolve()),
         "window": int(window),
@@ -137,6 +146,9 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "degenerate": method,
+        "tied_spread": None if math.isnan(spread) else float(spread),
+        "warnings": notes,
         "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
@@ -160,6 +172,20 @@ def _check_settings(window: Any, start: Any, round: str, filter: Optional[int]) 
         analysis.median_filter([], filter)  # validates the width
 
 
+def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
+    """How far apart the medians that D_beta ties to one beta are (max/min of the unflagged ones),
+    and a warning when more than ``analysis.SPREAD_WARN``: one beta then over- or undershoots."""
+    if analysis.parse_round(round)[0] not in ("dbeta", "dbeta_attn"):
+        return math.nan, []
+    spread = analysis.tied_spread(medians[rule.flags == ""], rule.tied)
+    if not spread > analysis.SPREAD_WARN:
+        return spread, []
+    note = (f"{round}: the tied groups' medians span {spread:.3g}x (more than {analysis.SPREAD_WARN:g}x); "
+            "one beta over- or undershoots some of them")
+    warnings.warn(f"{path}: {note}", stacklevel=3)
+    return spread, [note]
+
+
 def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
     """Steps the trace covers: a trace recorded every k-th step covers k steps past its last row."""
     every = meta.get("every")
@@ -172,18 +198,15 @@ def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) ->
     return analysis.filter_groups(df, filter) if filter else df
 
 
-def _prefix_marks(path: Path, start: int) -> divergence.Marks:
+def _prefix_marks(path: Path, start: int, foreign: bool) -> divergence.Marks:
     """Divergence marks of the steps before ``start`` (nothing to read from step 0)."""
     if start <= 0:
         return divergence.Marks()
-    import pyarrow.parquet as pq
-
-    marked = divergence.RESTART_COLUMN in pq.read_schema(trace_files(path)[0]).names
-    return divergence.find(read_trace(path, steps=(0, start), columns=[divergence.RESTART_COLUMN] if marked else []))
+    return divergence.find(read_trace(path, steps=(0, start)), foreign)
 
 
 def _later_window(path: Path, df: pd.DataFrame, schedule: bool, drift: bool, start: int, window: int,
-                  length: int, filter: Optional[int], marks: Optional[divergence.Marks]):
+                  length: int, filter: Optional[int], marks: Optional[divergence.Marks], foreign: bool):
     """``(start, rows)`` of the drift window: the trace's last ``window`` steps before any divergence
     (``marks``; None: wherever it is), when at least two windows fit; ``(None, None)`` otherwise."""
     end = length
@@ -195,7 +218,7 @@ def _later_window(path: Path, df: pd.DataFrame, schedule: bool, drift: bool, sta
             return None, None
         tail = df if schedule else _read(path, later_start, None, filter)
         tail = tail[(tail["step"] >= later_start) & (tail["step"] < end)]
-        found = divergence.find(tail) if marks is not None else divergence.Marks()
+        found = divergence.find(tail, foreign) if marks is not None else divergence.Marks()
         if found.first is None:
             return later_start, tail
         marks = found
@@ -246,7 +269,8 @@ def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rul
 
 
 def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
-             first_factor: pd.Series, later: pd.Series) -> dict[str, GroupSource]:
+             first_factor: pd.Series, later: pd.Series,
+             evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
     """Each group's :class:`GroupSource`: what its factor was made from."""
     stand_in = rule.stand_in(first_win["median"])
     out = {}
@@ -267,6 +291,8 @@ def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.
             stand_in=jsonable(stand_in[g]) if rule.flags[g] else None,
             members=([str(m) for m in members]
                      if isinstance(members, (list, tuple)) and list(members) != [g] else None),
+            grad_share=jsonable(evidence[g].grad_share),
+            evidence=evidence[g].to_dict() if evidence[g].degenerate else None,
         )
     return out
 

@@ -66,13 +66,17 @@ def name_list(names: Sequence[str], total: Optional[int] = None, shown: int = SH
     return f"{len(names)}{of} group{'s' if (total or len(names)) != 1 else ''} ({head})"
 
 
-def find(df: pd.DataFrame) -> Marks:
+def find(df: pd.DataFrame, foreign: bool = False) -> Marks:
     """The divergence marks of a long trace table (columns ``step``, ``group``, ``norm_m``,
-    ``norm_d``; ``restart`` when present)."""
+    ``norm_d``; ``restart`` when present). ``foreign``: a table another tool wrote, where a norm
+    column that is NaN throughout was not in the table (unknown), so it marks nothing."""
     if df.empty:
         return Marks()
     steps = df["step"].to_numpy()
-    bad = ~(np.isfinite(df["norm_m"].to_numpy(dtype=np.float64)) & np.isfinite(df["norm_d"].to_numpy(dtype=np.float64)))
+    norms = [c for c in ("norm_m", "norm_d") if c in df.columns and not (foreign and df[c].isna().all())]
+    bad = np.zeros(len(df), dtype=bool)
+    for c in norms:
+        bad |= ~np.isfinite(df[c].to_numpy(dtype=np.float64))
     nonfinite, groups = None, ()
     if bad.any():
         nonfinite = int(steps[bad].min())

@@ -128,8 +128,9 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     raw = json.loads(out.read_text())["source"]["groups"]  # the file's form of the records
     assert list(raw["bert.encoder.layer.0.attention.self.key.bias"]) == [
         "kind", "block", "tied", "median", "factor", "n_finite", "n_nonfinite", "later_median", "drift", "flags",
-        "stand_in"]
+        "stand_in", "grad_share", "evidence"]
     assert "stand_in" not in raw["bert.embeddings.word_embeddings.weight"]
+    assert "evidence" not in raw["bert.embeddings.word_embeddings.weight"]
     for j, g in enumerate(groups):
         first = ratios[:2000, j]
         assert info[g["name"]].median == pytest.approx(np.float32(g["median"]), rel=1e-6)
@@ -138,6 +139,11 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     # the K bias is the only degenerate group (the paper's 154101 artifact)
     flagged = {n for n, d in info.items() if d.flags}
     assert flagged == {f"bert.encoder.layer.{b}.attention.self.key.bias" for b in BLOCKS}
+    # medians only (no norm_g): a key bias 330x its own weight's median; Q/K weights up to 1090 kept
+    ev = info["bert.encoder.layer.0.attention.self.key.bias"].evidence
+    assert ev["basis"] == "structure" and ev["sibling"] == "bert.encoder.layer.0.attention.self.key.weight"
+    assert ev["sibling_factor"] == pytest.approx(154101.58 / 466.59, rel=1e-6)
+    assert info["bert.encoder.layer.0.attention.self.key.bias"].grad_share is None
     assert info["bert.encoder.layer.23.attention.self.query.weight"].block == 23
     assert info["bert.embeddings.word_embeddings.weight"].block is None
     assert corr.source["direction_lr"] == 0.05 and corr.source["round"] == "D500"
@@ -261,7 +267,8 @@ def small_trace(path, n=300, **kw):
 def test_bad_inputs(tmp_path):
     plain = tmp_path / "plain.parquet"
     pd.DataFrame({"x": [1, 2]}).to_parquet(plain)
-    one_line_error(cli(plain), "not a graftlab trace")
+    # a table from another tool is a trace when it has the columns (tests/test_foreign_traces.py)
+    one_line_error(cli(plain), "no graftlab metadata, and a table needs columns step, group, ratio")
 
     nocol = small_trace(tmp_path / "nocol.trace", drop=("ratio",))
     one_line_error(cli(nocol), "lacks required column(s) ratio")

@@ -75,7 +75,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
                      overwrite=overwrite, metadata={"trace": str(path)})
     finally:
         run.recorder.close()
-    summary = kind_summary(trace.read_trace(path, columns=["ratio"])) if rt.writes else pd.DataFrame()
+    summary = kind_summary(trace.read_trace(path)) if rt.writes else pd.DataFrame()
     return RecordResult(path, result, summary, len(graft.group_names))
 
 
