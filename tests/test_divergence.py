@@ -388,6 +388,13 @@ def test_distill_schedule_names_the_windows_after_a_divergence(tmp_path):
         distill(path, window=10, schedule=True)
 
 
+def test_a_foreign_trace_without_norms_marks_nothing(tmp_path):
+    csv = tmp_path / "t.csv"  # another tool's table: no norm columns (read as unknown), one zero D step
+    csv.write_text("step,group,ratio\n" + "".join(f"{s},a,{'inf' if s == 3 else 2.0}\n" for s in range(20)))
+    corr = distill(csv, window=10)
+    assert corr.multipliers == {"a": 2.0} and "divergence" not in corr.source
+
+
 def test_cli_distill_refuses_and_allows(tmp_path):
     from typer.testing import CliRunner
 
