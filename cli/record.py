@@ -79,6 +79,10 @@ def _report(cfg, res) -> None:
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())
     console.print(f"{cfg.magnitude}#{cfg.direction} on {cfg.task}: {res.fit.steps} steps, {res.groups} groups, "
                   f"{res.fit.steps_per_second:.1f} steps/s; held-out {final}")
+    if res.fit.restarts:
+        console.print(f"restarted {len(res.fit.restarts)} time(s) after diverging (from steps "
+                      f"{', '.join(str(r.from_step) for r in res.fit.restarts)}), lr x{res.fit.lr_scale:g} since; "
+                      "the trace's `restart` column marks the steps run after each")
     table = Table(title="median ratio ||M step|| / ||D step|| per kind (median over groups of each group's median)")
     for col in ("kind", "groups", "median", "min", "max", "flagged"):
         table.add_column(col, justify="left" if col == "kind" else "right")

@@ -73,6 +73,9 @@ def _report(cfg, result, corrections) -> None:
         table.add_row(f"held-out {key}", f"{value:.4f}")
     table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
     table.add_row("steps", str(result.steps) + (f" (diverged at {result.diverged_at})" if result.diverged_at is not None else ""))
+    if result.restarts:
+        table.add_row("restarts", f"{len(result.restarts)} (from steps {', '.join(str(r.from_step) for r in result.restarts)}; "
+                      f"lr x{result.lr_scale:g})")
     table.add_row("steps/s", f"{result.steps_per_second:.1f}")
     table.add_row("wall time", f"{result.wall_time:.1f} s")
     console = Console()

@@ -51,7 +51,7 @@ class Marks:
             parts.append(f"step norms not finite from step {self.nonfinite_step} in {name_list(self.groups)}")
         if self.restart_step is not None:
             times = "once" if self.restarts == 1 else f"{self.restarts} times"
-            parts.append(f"the run restarted after diverging ({times}; restart marks from step {self.restart_step})")
+            parts.append(f"restart marks from step {self.restart_step}: the run restarted {times} after diverging")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,12 +114,12 @@ def check_windows(where: Any, marks: Marks, windows: Sequence[tuple[int, int]], 
     late = [(a, b) for a, b in windows if b > first]
     if late and not allow:
         if len(late) == 1:
-            what = f"the window of steps {late[0][0]}..{late[0][1] - 1}"
+            what = f"the window of steps {late[0][0]}..{late[0][1] - 1} holds"
         else:
             starts = ", ".join(str(a) for a, _ in late[:SHOWN]) + (", ..." if len(late) > SHOWN else "")
-            what = f"{len(late)} windows (starting at steps {starts})"
+            what = f"{len(late)} windows (starting at steps {starts}) hold"
         raise GraftlabError(
-            f"{where}: {what} follow{'s' if len(late) == 1 else ''} a divergence ({marks.reason()}); "
-            "their ratios would become corrections: pass allow_divergence=True to distill them anyway"
+            f"{where}: {what} steps from a divergence on ({marks.reason()}); their ratios would become "
+            "corrections: pass allow_divergence=True to distill them anyway"
         )
     return late

@@ -107,7 +107,8 @@ def test_restart_marks_in_the_trace_and_metrics_and_distill_refuses_them(tmp_pat
     np.testing.assert_allclose(df.groupby("step")["lr"].first().to_numpy(), frame["lr"].to_numpy())
     assert frame["lr"].iloc[-1] == pytest.approx(30.0 * last.lr_scale)
 
-    with pytest.raises(GraftlabError, match=r"window of steps 0\.\.7 follows a divergence \(the run restarted"):
+    with pytest.raises(GraftlabError, match=r"window of steps 0\.\.7 holds steps from a divergence on "
+                                            r"\(restart marks from step 0: the run restarted"):
         distill(out, window=8)
     corr = distill(out, window=8, allow_divergence=True)
     assert corr.source["divergence"]["restart_step"] == fit_.restarts[0].from_step
@@ -123,7 +124,7 @@ def test_record_stops_and_distill_refuses_the_diverged_trace(tmp_path):
     assert df["step"].max() == stop.step and RESTART_COLUMN not in df.columns  # the steps run, no more
     marks = find(df)
     assert marks.nonfinite_step == stop.step and set(marks.groups) == set(stop.first_groups())
-    with pytest.raises(GraftlabError, match=rf"window of steps 0\.\.{stop.step} follows a divergence \(step norms "
+    with pytest.raises(GraftlabError, match=rf"window of steps 0\.\.{stop.step} holds steps from a divergence on \(step norms "
                                             rf"not finite from step {stop.step}"):
         distill(out, window=stop.step + 1)
     assert distill(out, window=stop.step).multipliers  # the steps before it distill
@@ -367,7 +368,7 @@ def test_find_marks(tmp_path):
 
 def test_distill_refuses_windows_after_non_finite_norms(tmp_path):
     path = _trace(tmp_path / "t", bad_from=25)
-    with pytest.raises(GraftlabError, match=r"window of steps 20\.\.29 follows a divergence \(step norms not finite "
+    with pytest.raises(GraftlabError, match=r"window of steps 20\.\.29 holds steps from a divergence on \(step norms not finite "
                                             r"from step 25 in 1 group \(a\)\); .*allow_divergence=True"):
         distill(path, window=10, start=20)
     # a window that starts after the divergence is refused too (the steps before it are scanned)
@@ -384,7 +385,7 @@ def test_distill_refuses_windows_after_non_finite_norms(tmp_path):
 
 def test_distill_schedule_names_the_windows_after_a_divergence(tmp_path):
     path = _trace(tmp_path / "t", bad_from=25)
-    with pytest.raises(GraftlabError, match=r"2 windows \(starting at steps 20, 30\) follow a divergence"):
+    with pytest.raises(GraftlabError, match=r"2 windows \(starting at steps 20, 30\) hold steps from a divergence on"):
         distill(path, window=10, schedule=True)
 
 
