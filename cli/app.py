@@ -91,7 +91,7 @@ def main() -> None:
         app()
     except GraftlabError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def distill(
     outlier: float = typer.Option(0.0, "--outlier", help="Also flag groups whose median exceeds this many times the median over groups (0: off; degenerate groups are found from their gradients without it)."),
     format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Distill windows that follow a divergence (non-finite norms or restart marks) instead of refusing them."),
 ) -> None:
     """Distill per-group learning-rate corrections from a grafting trace."""
     from rich.console import Console
@@ -47,7 +48,7 @@ def distill(
     if out.exists() and not overwrite:  # fail before reading a large trace
         raise OutputExistsError(out, "corrections file")
     corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
-               outlier=outlier or None)
+               outlier=outlier or None, allow_divergence=allow_divergence)
     save(corr, out, format=format, overwrite=overwrite)
 
     src, records = corr.source, corr.group_sources
@@ -73,6 +74,10 @@ def distill(
                       f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
+    if src.get("divergence"):
+        div = src["divergence"]
+        console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "
+                      f"(from step {div['first']}); their factors come from a diverging or restarted run")
     lr = src.get("direction_lr")
     unknown = foreign_note(src.get("metadata") or {})
     if unknown:

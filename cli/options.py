@@ -38,6 +38,9 @@ Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard parame
 CheckpointDir = Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Save torch.distributed.checkpoint directories here (step-N).")]
 CheckpointEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints (default: only at the end).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --checkpoint-dir, on any number of processes.")]
+OnDivergence = Annotated[Optional[str], typer.Option("--on-divergence", help="When a loss or gradient stops being finite (checked every step): stop (exit code 3) or restart from the last good state with a smaller lr (default: stop).")]
+DivergenceLrFactor = Annotated[Optional[float], typer.Option("--divergence-lr-factor", help="Each restart multiplies the learning rate by this (default: 0.5).")]
+MaxRestarts = Annotated[Optional[int], typer.Option("--max-restarts", help="Restarts after divergences before the run stops anyway (default: 3).")]
 
 
 def path_str(path: Optional[Path]) -> Optional[str]:

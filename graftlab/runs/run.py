@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import pandas as pd
 
@@ -20,9 +20,12 @@ from graftlab import trace
 from graftlab.analysis import kind_summary
 from graftlab.config import RecordConfig, RunConfig, TrainConfig
 from graftlab.distributed.runtime import Runtime
+from graftlab.divergence import RESTART_COLUMN
 from graftlab.graft import Graft
 from graftlab.optimizers import make_optimizer
 from graftlab.record import Recorder
+from graftlab.runs.divergence import Restart
+from graftlab.runs.restarts import resumed_restarts
 from graftlab.runs.loop import FitResult, fit
 from graftlab.tasks import Task, get_task
 
@@ -44,6 +47,8 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
         >>> res.summary.loc["Q", "median"]
 
     ``overwrite`` replaces an existing trace at ``config.out`` (``config.resume`` appends to it).
+    With ``config.on_divergence="restart"`` the trace gets a ``restart`` column (restarts before
+    each step) and a restart rewinds it to the step the run goes back to.
     Raises :class:`~graftlab.errors.GraftlabError` for any config mistake before anything is
     written (:meth:`RecordConfig.validate`).
     """
@@ -57,17 +62,39 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
-    recorder = rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite,
-                            start_step=rt.resume_step(config), resume=config.resume)
+
+    def open_recorder(start_step: int, resume: bool) -> Recorder:
+        return rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
+                            metadata=meta, model=names, overwrite=overwrite, start_step=start_step, resume=resume)
+
+    run = _Recording(open_recorder(rt.resume_step(config), config.resume), open_recorder,
+                     marks=config.on_divergence == "restart", restarts=resumed_restarts(config))
     try:
         result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
-                     on_step=lambda step, loss: recorder.log(loss=rt.mean(loss)),
+                     on_step=lambda step, loss: run.log(loss=rt.mean(loss)), on_restart=run.rewind,
                      overwrite=overwrite, metadata={"trace": str(path)})
     finally:
-        recorder.close()
+        run.recorder.close()
     summary = kind_summary(trace.read_trace(path)) if rt.writes else pd.DataFrame()
     return RecordResult(path, result, summary, len(graft.group_names))
+
+
+class _Recording:
+    """The recorder of a run that may restart: rows carry the restart count (``marks``), and a
+    restart rewinds the trace to the step the run goes back to (the diverged attempt's rows go)."""
+
+    def __init__(self, recorder: Recorder, reopen: Callable[[int, bool], Recorder], marks: bool, restarts: int) -> None:
+        self.recorder, self.reopen, self.marks, self.restarts = recorder, reopen, marks, restarts
+
+    def log(self, **scalars: Any) -> None:
+        if self.marks:
+            scalars[RESTART_COLUMN] = float(self.restarts)
+        self.recorder.log(**scalars)
+
+    def rewind(self, restart: Restart) -> None:
+        self.recorder.close()
+        self.recorder = self.reopen(restart.from_step, True)
+        self.restarts = restart.count
 
 
 def train(
