@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: rich reads "[default: ...]" in help strings as markup and drops it, and
+    # shows on/off flags as taking a <bool> value
+    rich_markup_mode=None,
 )
 
 

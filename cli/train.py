@@ -16,7 +16,7 @@ def train(
     optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: adam).")] = None,
     lr: options.Lr = None,
     hparam: options.Hparam = None,
-    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule).")] = None,
+    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) (default: none: plain training).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
     steps: options.Steps = None,
     epochs: options.Epochs = None,

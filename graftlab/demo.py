@@ -58,7 +58,8 @@ class DemoConfig:
     direction_lr: Optional[float] = None  # SGD's lr (None: the task's default)
     momentum: float = 0.0  # SGD momentum (the same in D and in the SGD runs)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # cpu | cuda | auto (a GPU when there is one), as in every command
+    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default
     eval_size: Optional[int] = None
     out: Optional[str] = None  # folder to create; None: runs/demo-<timestamp>/
     figures: bool = True
@@ -102,7 +103,7 @@ class DemoConfig:
             task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, magnitude="adam",
             direction="sgd", magnitude_lr=self.magnitude_lr, direction_lr=self.direction_lr,
             d_hparams=self.sgd_hparams, granularity="layer", device=self.device, seed=self.seed, eval_every=0,
-            eval_size=self.eval_size, out=str(folder / "trace"))
+            eval_size=self.eval_size, threads=self.threads, out=str(folder / "trace"))
 
     def train_config(self, folder: Path, name: str, optimizer: str, lr: Optional[float], hparams: dict,
                      schedule: Optional[str] = None, warmup: Optional[float] = None) -> TrainConfig:
@@ -110,7 +111,7 @@ class DemoConfig:
         return TrainConfig(
             task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, optimizer=optimizer, lr=lr,
             hparams=hparams, schedule=schedule, warmup=warmup, device=self.device, seed=self.seed, eval_every=0,
-            eval_size=self.eval_size, metrics=str(folder / f"metrics-{name}.parquet"))
+            eval_size=self.eval_size, threads=self.threads, metrics=str(folder / f"metrics-{name}.parquet"))
 
 
 @dataclass
