@@ -19,7 +19,7 @@ Data = Annotated[Optional[Path], typer.Option("--data", help="Your data instead 
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: 300 unless --epochs).")]
 Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training set, instead of --steps (default: none: --steps counts).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default: 32).")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the task's default for the optimizer).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: D's recorded lr with --corrections, else the task's default for the optimizer).")]
 Hparam = Annotated[Optional[list[str]], typer.Option("--hparam", help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. momentum=0.9, betas=0.9,0.98) (default: the task's for the optimizer).")]
 Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant, poly, step or cosine (default: bert poly, resnet step).")]
 Power = Annotated[Optional[float], typer.Option("--power", help="poly decay power, 1 is BERT's linear decay (default: 1).")]
