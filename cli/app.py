@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 import graftlab
-from graftlab.cli import demo, distill, experiment, info, plot, record, train
+from graftlab.cli import demo, distill, experiment, info, plot, record, show, train
 from graftlab.errors import GraftlabError
 
 app = typer.Typer(
@@ -84,7 +84,7 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # One module per command under cli/, each exposing one function named like the command.
-for _module in (record, info, distill, train, plot, demo, experiment):
+for _module in (record, info, distill, show, train, plot, demo, experiment):
     _name = _module.__name__.rsplit(".", 1)[1]
     app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
 

@@ -28,7 +28,7 @@ def _entries(text: str) -> dict[str, str]:
 
 
 def test_every_command_is_checked():
-    assert {"record", "info", "distill", "train", "plot", "demo", "experiment"} <= set(COMMANDS)
+    assert {"record", "info", "distill", "train", "plot", "demo", "experiment", "show"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
