@@ -45,6 +45,7 @@ from graftlab.graft import Graft
 from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
+from graftlab.portable import portable_paths
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -347,7 +348,8 @@ class Recorder:
         if clash:
             raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
         meta.update(user)
-        return meta
+        # a trace travels: no absolute path of the recording machine (graftlab.portable)
+        return portable_paths(meta, self.path)
 
     def _check_resumable(self) -> dict[str, Any]:
         try:
