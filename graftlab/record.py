@@ -311,7 +311,7 @@ class Recorder:
 
     def _groups_meta(self) -> list[dict[str, Any]]:
         part = self.graft.partition
-        params = self.graft.params
+        params = part.units(self.graft.params)  # slices of split tensors are groups of their own
         groups = []
         for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
             idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
