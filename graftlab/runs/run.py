@@ -109,6 +109,10 @@ def train(
     if loaded is not None:
         params, lr_factor, extra = _apply_corrections(loaded, corrections, named, config, allow_missing)
     optimizer = make_optimizer(config.optimizer, params, config.lr, **config.hparams)
+    if loaded is not None:
+        from graftlab.corrections.applying import register_scales
+
+        register_scales(optimizer)  # per-slice factors of fused tensors (GPT-2's c_attn)
     return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
                metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
 
