@@ -13,11 +13,12 @@ def train(
     task: options.Task = None,
     size: options.Size = None,
     data: options.Data = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: adam).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: D's optimizer of --corrections, else adam).")] = None,
     lr: options.Lr = None,
     hparam: options.Hparam = None,
-    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule).")] = None,
+    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) (default: none: plain training).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
+    allow_other_optimizer: Annotated[bool, typer.Option("--allow-other-optimizer", help="Train --optimizer with corrections distilled for another D.")] = False,
     steps: options.Steps = None,
     epochs: options.Epochs = None,
     batch_size: options.BatchSize = None,
@@ -55,7 +56,8 @@ def train(
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
         on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
-    result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
+    result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
+                 allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, result, corrections)
     result.raise_if_diverged()  # after the report and the metrics file: one line, exit code 3
@@ -66,7 +68,8 @@ def _report(cfg, result, corrections) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.task}/{cfg.size} {cfg.optimizer}" + (f" + {corrections}" if corrections else ""))
+    name = cfg.optimizer or type(result.optimizer).__name__.lower()  # unset: D's, from the corrections
+    table = Table(title=f"{cfg.task}/{cfg.size} {name}" + (f" + {corrections}" if corrections else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.final.items():

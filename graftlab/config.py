@@ -168,15 +168,18 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
 
-    optimizer: str = "adam"  # sgd | adam | adamw | adagrad | rmsprop
+    # sgd | adam | adamw | adagrad | rmsprop; None: D's optimizer of a corrections file, else adam
+    optimizer: Optional[str] = None
     lr: Optional[float] = None  # peak learning rate; None: the task's default for this optimizer
     hparams: dict = field(default_factory=dict)  # optimizer hyperparameters, e.g. {"momentum": 0.9}
 
     def _validate_optimizers(self) -> None:
-        _check_optimizer(self.optimizer, self.lr, self.hparams, "lr")
+        _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr")
 
     def resolve(self, task: Task) -> "TrainConfig":
         out = super().resolve(task)
+        if out.optimizer is None:
+            out = dataclasses.replace(out, optimizer="adam")
         return out if out.lr is not None else dataclasses.replace(out, lr=task.default_lr(out.optimizer))
 
 

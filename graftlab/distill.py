@@ -49,7 +49,7 @@ FALLBACK = "median of the unflagged groups of the same kind, else 1.0"
 def distill(
     trace_path: PathLike,
     *,
-    window: int = 2000,
+    window: Optional[int] = None,
     round: str = "none",
     schedule: Optional[bool] = None,
     filter: Optional[int] = None,
@@ -63,7 +63,9 @@ def distill(
 
     The paper's Section 5: each group's factor is the median of its ratios ``||w_M - w_t|| /
     ||w_D - w_t||`` (dimensionless) over the ``window`` steps from ``start`` (the paper: the first
-    2000 steps at batch 8K, 500 at 32K; Table 5), skipping non-finite ratios. ``round`` is
+    2000 steps at batch 8K, 500 at 32K; Table 5), skipping non-finite ratios. ``window=None`` takes
+    the paper's 2000 capped to the first quarter of the trace (:func:`default_window`), so a short
+    trace distills too; ``source["window"]`` holds the window used. ``round`` is
     ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
@@ -84,17 +86,19 @@ def distill(
     ``filter``, a path that is not a readable graftlab trace, a window that does not fit in it, or
     windows that follow a divergence (unless ``allow_divergence``).
     """
-    _check_settings(window, start, round, filter)
+    check_settings(window, start, round, filter)
     path = Path(trace_path)
     meta = read_metadata(path)
     extent = trace_extent(path)
     length = _length(meta, extent)
+    if window is None:
+        window = default_window(length)
     if schedule is None:
         schedule = meta.get("granularity") == "global"
     if start + window > length:
         raise GraftlabError(
-            f"{path}: window of {window} steps from step {start} is longer than the trace "
-            f"({length} steps: {extent[0]}..{extent[1]})"
+            f"{path}: window={window} from start={start} is longer than the trace "
+            f"({length} steps: {extent[0]}..{extent[1]}); pass a smaller window"
         )
     table = group_table(meta)
 
@@ -161,10 +165,23 @@ def distill(
 
 # --------------------------------------------------------------------------- the steps
 
-def _check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -> None:
-    """Bad settings fail before any reading."""
+PAPER_WINDOW = 2000  # the paper's window at batch 8K (Section 5, Table 5)
+
+
+def default_window(length: int) -> int:
+    """The window :func:`distill` takes when none is given: the paper's 2000 steps, capped to the
+    first quarter of a trace of ``length`` steps (at least 1 step)."""
+    return max(1, min(PAPER_WINDOW, length // 4))
+
+
+def check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -> None:
+    """Bad settings fail before any reading (``window=None``: :func:`default_window`).
+
+    Raises :class:`~graftlab.errors.GraftlabError` naming the setting."""
     analysis.parse_round(round)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if window is None:
+        pass
+    elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
