@@ -1,0 +1,458 @@
+"""The fused direct grafted step: two passes over memory instead of two optimizer steps.
+
+``M.step(); D.step()`` with torch's fused kernels reads the gradient twice and writes the weights
+twice; the direct path of :class:`~graftlab.Graft` (see :mod:`graftlab.updates`) builds each child's
+step in a buffer with foreach ops, about 20 passes over parameter-sized memory for Adam#SGD. The
+grafted step of the paper's Algorithm 1 needs much less::
+
+    pass 1, per tensor: advance M's and D's state from the gradient and reduce ||step_M||^2 and
+                        ||step_D||^2 (the steps themselves are never stored)
+    between passes:     group norms, ratios and per-tensor factors (a few ops on G numbers)
+    pass 2, per tensor: recompute D's step from its advanced state and write w += factor * step_D
+                        (coordinate granularity: w += |step_M| * sign(step_D), Section 3.1)
+
+so each state tensor is read and written once, the weights once, and no parameter-sized buffer is
+needed at all. The per-tensor math below is plain tensor code, identical in result to
+:mod:`graftlab.updates` (same state keys, same step counters, float rounding aside). With
+``compile=True`` each pass over a bucket of up to ``bucket_size`` tensors is one ``torch.compile``d
+function (inductor: one C++ loop nest on CPU, Triton kernels on a GPU) with dynamic sizes, so the
+one-off compile costs the same for any model size; a bucket is compiled once per distinct set of
+optimizer flags (momentum, nesterov, amsgrad, ...), not per tensor. Hyperparameters (learning rates
+from schedulers, bias corrections) enter as a small tensor of scalars, never as constants, so they
+never trigger a recompile. Under an outer ``torch.compile`` the same code runs uncompiled and is
+traced into the caller's graph.
+
+Usage (what :class:`~graftlab.Graft` does with ``fused=True``)::
+
+    fused = FusedDirect(adam, sgd, params)          # both children over the same ``params``
+    sq = fused.squared_norms()                      # (2, n_tensors); advances both children's states
+    factors = graft_factors(sq, partition, stats)   # per-tensor factors, (3, G) stats written
+    fused.apply(factors)                            # w += factor * step_D, in place
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+from torch.optim import Optimizer
+
+from graftlab import updates
+from graftlab.errors import GraftlabError
+
+KINDS = {
+    torch.optim.SGD: "sgd",
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adam",
+    torch.optim.Adagrad: "adagrad",
+    torch.optim.RMSprop: "rmsprop",
+}
+
+
+class Flags(NamedTuple):
+    """The settings of one child's parameter group that change the kernel (all else is a scalar)."""
+
+    kind: str
+    maximize: bool = False
+    weight_decay: bool = False  # coupled: g + wd * w
+    decoupled: bool = False  # AdamW: step - lr * wd * w
+    momentum: bool = False
+    nesterov: bool = False
+    amsgrad: bool = False
+    centered: bool = False
+
+
+# -- the rules: one tensor, ``s`` is this tensor's row of scalars -----------------------------------
+# ``update=True`` advances the state in place and returns the step; ``update=False`` (pass 2)
+# recomputes the same step from the state pass 1 advanced. Op order follows graftlab.updates.
+def _grad(f: Flags, g: Tensor, p: Tensor, wd: Tensor) -> Tensor:
+    d = -g if f.maximize else g
+    return d + wd * p if f.weight_decay else d
+
+
+def _sgd(f: Flags, g, p, st, s, update: bool) -> Tensor:
+    # s: -lr, momentum, weight of the gradient in the buffer (1 on its first step, else 1 - dampening), wd
+    d = _grad(f, g, p, s[3])
+    if not f.momentum:
+        return d * s[0]
+    (buf,) = st
+    if update:
+        buf.mul_(s[1]).add_(d * s[2])
+    return (d + buf * s[1]) * s[0] if f.nesterov else buf * s[0]
+
+
+def _adam(f: Flags, g, p, st, s, update: bool) -> Tensor:
+    # s: 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^k), eps, -lr / (1 - beta1^k), wd, -lr * wd
+    m, v = st[0], st[1]
+    if update:
+        d = _grad(f, g, p, s[6])
+        m.lerp_(d, s[0])
+        v.mul_(s[1]).add_(d * d * s[2])
+        if f.amsgrad:
+            st[2].copy_(torch.maximum(st[2], v))
+    second = st[2] if f.amsgrad else v
+    step = m / (second.sqrt() / s[3] + s[4]) * s[5]
+    return step + p * s[7] if f.decoupled else step
+
+
+def _adagrad(f: Flags, g, p, st, s, update: bool) -> Tensor:
+    # s: -lr / (1 + (k - 1) * lr_decay), eps, wd
+    d = _grad(f, g, p, s[2])
+    (total,) = st
+    if update:
+        total.add_(d * d)
+    return d / (total.sqrt() + s[1]) * s[0]
+
+
+def _rmsprop(f: Flags, g, p, st, s, update: bool) -> Tensor:
+    # s: alpha, 1 - alpha, eps, momentum, -lr, wd; st: square_avg[, momentum_buffer][, grad_avg]
+    square = st[0]
+    buf = st[1] if f.momentum else None
+    if f.momentum and not update:
+        return buf * s[4]
+    d = _grad(f, g, p, s[5])
+    if update:
+        square.mul_(s[0]).add_(d * d * s[1])
+    avg = square
+    if f.centered:
+        grad_avg = st[-1]
+        if update:
+            grad_avg.lerp_(d, s[1])
+        avg = square - grad_avg * grad_avg
+    step = d / (avg.sqrt() + s[2])
+    if f.momentum:
+        buf.mul_(s[3]).add_(step)
+        step = buf
+    return step * s[4]
+
+
+RULES: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adagrad": _adagrad, "rmsprop": _rmsprop}
+
+
+def flags_of(opt: Optimizer, group: dict) -> Flags:
+    kind = KINDS[type(opt)]
+    wd = group.get("weight_decay", 0.0) != 0
+    decoupled = kind == "adam" and (isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay")))
+    return Flags(
+        kind,
+        maximize=bool(group.get("maximize", False)),
+        weight_decay=wd and not decoupled,
+        decoupled=wd and decoupled,
+        momentum=group.get("momentum", 0.0) != 0,
+        nesterov=bool(group.get("nesterov", False)),
+        amsgrad=bool(group.get("amsgrad", False)),
+        centered=bool(group.get("centered", False)),
+    )
+
+
+def _state_keys(f: Flags) -> tuple[str, ...]:
+    if f.kind == "sgd":
+        return ("momentum_buffer",) if f.momentum else ()
+    if f.kind == "adam":
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if f.amsgrad else ())
+    if f.kind == "adagrad":
+        return ("sum",)
+    return ("square_avg",) + (("momentum_buffer",) if f.momentum else ()) + (("grad_avg",) if f.centered else ())
+
+
+def _init_states(f: Flags, group: dict, params: Sequence[Tensor], states: Sequence[dict]) -> list[bool]:
+    """Create missing state tensors as torch.optim (and graftlab.updates) would; True where an SGD
+    momentum buffer starts this step (it then takes the gradient as it is, without dampening)."""
+    fresh = [False] * len(params)
+    for i, (p, s) in enumerate(zip(params, states)):
+        if f.kind == "sgd":
+            if f.momentum and s.get("momentum_buffer") is None:
+                s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                fresh[i] = True
+        elif f.kind == "adagrad":
+            if "sum" not in s:
+                init = group.get("initial_accumulator_value", 0.0)
+                s["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
+        else:
+            for key in _state_keys(f):
+                if key not in s:
+                    s[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return fresh
+
+
+def _scalars(f: Flags, group: dict, steps: Optional[list[float]], fresh: list[bool]) -> list[list[float]]:
+    """One row of scalars per tensor (the per-tensor step counts enter the bias corrections)."""
+    lr, wd = group["lr"], group.get("weight_decay", 0.0)
+    if f.kind == "sgd":
+        damp = 1.0 - group.get("dampening", 0.0)
+        return [[-lr, group["momentum"], 1.0 if new else damp, wd] for new in fresh]
+    if f.kind == "adam":
+        b1, b2 = group["betas"]
+        return [[1 - b1, b2, 1 - b2, (1 - b2**k) ** 0.5, group["eps"], -lr / (1 - b1**k), wd, -lr * wd] for k in steps]
+    if f.kind == "adagrad":
+        return [[-lr / (1 + (k - 1) * group["lr_decay"]), group["eps"], wd] for k in steps]
+    a = group["alpha"]
+    return [[a, 1 - a, group["eps"], group["momentum"], -lr, wd] for _ in steps]
+
+
+# -- the two passes over a bucket of tensors --------------------------------------------------------
+def _passes(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool):
+    rule_m, rule_d = RULES[fm.kind], RULES[fd.kind]
+
+    def norms(gs, ps, sm, sd, scal_m, scal_d):
+        out_m, out_d = [], []
+        for i in range(len(gs)):
+            step = rule_m(fm, gs[i], ps[i], sm[i], scal_m[i], True)
+            out_m.append(step.to(norm_dtype).square().sum())
+            step = rule_d(fd, gs[i], ps[i], sd[i], scal_d[i], True)
+            out_d.append(step.to(norm_dtype).square().sum())
+        return torch.stack([torch.stack(out_m), torch.stack(out_d)])
+
+    def write(gs, ps, sm, sd, scal_m, scal_d, factors):
+        for i in range(len(gs)):
+            step = rule_d(fd, gs[i], ps[i], sd[i], scal_d[i], False)
+            if elementwise:  # per coordinate |dM| / |dD| * dD == |dM| * sign(dD); sign(0) == 0 keeps w_t
+                step_m = rule_m(fm, gs[i], ps[i], sm[i], scal_m[i], False)
+                ps[i].add_(step_m.abs() * step.sign())
+            else:
+                ps[i].add_(step * factors[i])
+
+    return norms, write
+
+
+def _fresh_code(fn: Callable, tag: str) -> Callable:
+    """A copy of ``fn`` with its own code object: dynamo keeps its compile cache (and its recompile
+    limit) per code object, and every flag combination is a different program."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+# inductor: a value read by several consumers (an advanced state, the step) is realized once, which
+# lets the state write and the norm reduction share one loop instead of re-reading every input
+_INDUCTOR = {"realize_reads_threshold": 1}
+_compiled: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def _kernels(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool, compile: bool):
+    key = (fm, fd, norm_dtype, elementwise, compile)
+    if key not in _compiled:
+        norms, write = _passes(fm, fd, norm_dtype, elementwise)
+        if compile:
+            tag = f"{len(_compiled)}"
+            norms, write = (
+                torch.compile(_fresh_code(fn, tag), dynamic=True, fullgraph=True, options=_INDUCTOR)
+                for fn in (norms, write)
+            )
+        _compiled[key] = (norms, write)
+    return _compiled[key]
+
+
+def _flat(t: Tensor, like: Tensor) -> Optional[Tensor]:
+    """A 1-D view of ``t`` in memory order, or None when its layout differs from ``like``'s.
+
+    Elementwise math and sums do not depend on the order of elements, so any dense layout works as
+    long as every tensor of one parameter shares it.
+    """
+    if t.is_contiguous() and like.is_contiguous():
+        return t.view(-1)
+    if t.stride() == like.stride() and t.shape == like.shape and _dense(t):
+        return t.as_strided((t.numel(),), (1,))
+    return None
+
+
+def _dense(t: Tensor) -> bool:
+    """True when ``t``'s elements fill one block of memory without gaps or overlaps (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Slot(NamedTuple):
+    index: int  # position in FusedDirect.params
+    key: tuple
+    g: Tensor
+    p: Tensor
+    sm: tuple
+    sd: tuple
+    scal_m: list[float]
+    scal_d: list[float]
+
+
+class FusedDirect:
+    """Both children's direct steps, their norms and the grafted write, in two fused passes.
+
+    Args:
+        magnitude, direction: the children, each an exact SGD, Adam, AdamW, Adagrad or RMSprop
+            (without fused / capturable / differentiable) over the same tensors as ``params``.
+        params: the parameter tensors in the order of the norms and factors (``Graft.params``).
+        elementwise: coordinate granularity (``w += |step_M| * sign(step_D)``).
+        norm_dtype: accumulation dtype of the norms (float32, or float64 for float64 weights).
+        compile: ``torch.compile`` the passes (the default); False runs the same code eagerly
+            (slow; for tests and machines without a C++ compiler).
+        bucket_size: tensors per compiled call (larger: fewer calls, a longer one-off compile).
+
+    Raises:
+        GraftlabError: a child has no direct rule, or ``bucket_size < 1``.
+    """
+
+    def __init__(
+        self,
+        magnitude: Optimizer,
+        direction: Optimizer,
+        params: Sequence[Tensor],
+        *,
+        elementwise: bool = False,
+        norm_dtype: torch.dtype = torch.float32,
+        compile: bool = True,
+        bucket_size: int = 16,
+    ) -> None:
+        for role, opt in (("magnitude", magnitude), ("direction", direction)):
+            if type(opt) not in KINDS or updates.rule_for(opt) is None:
+                raise GraftlabError(
+                    f"fused grafting has no rule for the {role} optimizer {type(opt).__name__}: it supports "
+                    f"{', '.join(c.__name__ for c in KINDS)} without fused/capturable/differentiable "
+                    "and with float hyperparameters"
+                )
+        if bucket_size < 1:
+            raise GraftlabError(f"bucket_size must be >= 1, got {bucket_size}")
+        self.magnitude, self.direction = magnitude, direction
+        self.params = list(params)
+        self.elementwise, self.norm_dtype = elementwise, norm_dtype
+        self.compile, self.bucket_size = compile, bucket_size
+        self._slot = {id(p): i for i, p in enumerate(self.params)}
+        self._plan: list[tuple[tuple, list[_Slot], tuple]] = []  # pass 1's buckets, for pass 2
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    # -- public ---------------------------------------------------------------------------------
+    def squared_norms(self) -> Tensor:
+        """Advance both children's states by one step and return ``(2, n_tensors)``: the squared L2
+        norms of M's and D's step per tensor (0 for tensors without a gradient), in ``norm_dtype``
+        on the parameters' device. Must be followed by :meth:`apply` before the next call."""
+        slots = self._collect()
+        device = self.params[0].device
+        out = torch.zeros((2, len(self.params)), dtype=self.norm_dtype, device=device)
+        self._plan = []
+        parts = []
+        for key, bucket in self._buckets(slots):
+            norms, _, compiled = self._pass_fns(key)
+            args = self._args(bucket, device)
+            parts.append(self._call(norms, compiled, *args))
+            self._plan.append((key, bucket, args))
+        if parts:
+            order = self._order([s.index for _, bucket, _ in self._plan for s in bucket], device)
+            out.index_copy_(1, order, torch.cat(parts, dim=1))
+        return out
+
+    def apply(self, factors: Tensor) -> None:
+        """``w += factors[i] * step_D`` for every tensor ``i`` that had a gradient (``factors``:
+        ``(n_tensors,)`` on the parameters' device; unused at coordinate granularity)."""
+        if not self._plan:
+            return
+        device = self.params[0].device
+        order = self._order([s.index for _, bucket, _ in self._plan for s in bucket], device)
+        per_slot = factors.index_select(0, order)
+        start = 0
+        for key, bucket, args in self._plan:
+            _, write, compiled = self._pass_fns(key)
+            self._call(write, compiled, *args, per_slot[start : start + len(bucket)])
+            start += len(bucket)
+        self._plan = []
+
+    # -- internals ------------------------------------------------------------------------------
+    def _collect(self) -> list[_Slot]:
+        """Per tensor with a gradient: flags, state tensors and scalars of both children, this step."""
+        per_child = []
+        for opt in (self.magnitude, self.direction):
+            info: dict[int, tuple[Flags, tuple, list[float]]] = {}
+            for group in opt.param_groups:
+                ps = [p for p in group["params"] if p.grad is not None]
+                if not ps:
+                    continue
+                if any(p.grad.is_sparse for p in ps):
+                    raise GraftlabError("sparse gradients need path='generic'")
+                f = flags_of(opt, group)
+                states = [opt.state[p] for p in ps]
+                fresh = _init_states(f, group, ps, states)
+                steps = updates._advance(states) if f.kind != "sgd" else None
+                keys = _state_keys(f)
+                for p, s, row in zip(ps, states, _scalars(f, group, steps or [0.0] * len(ps), fresh)):
+                    info[self._slot[id(p)]] = (f, tuple(s[k] for k in keys), row)
+            # the child's own step() did not run: tell its LR scheduler that it stepped
+            opt._opt_called = True
+            per_child.append(info)
+        info_m, info_d = per_child
+        slots = []
+        for i in sorted(info_m):
+            (fm, sm, rm), (fd, sd, rd) = info_m[i], info_d[i]
+            p = self.params[i].detach()
+            g = self.params[i].grad
+            flat = [_flat(t, p) for t in (g, p, *sm, *sd)]
+            flat_ok = p.numel() > 1 and all(t is not None for t in flat)
+            if flat_ok:
+                g, p = flat[0], flat[1]
+                sm, sd = tuple(flat[2 : 2 + len(sm)]), tuple(flat[2 + len(sm) :])
+            key = (fm, fd, p.dtype, flat_ok)
+            slots.append(_Slot(i, key, g, p, sm, sd, rm, rd))
+        return slots
+
+    def _buckets(self, slots: list[_Slot]):
+        by_key: dict[tuple, list[_Slot]] = {}
+        for s in slots:
+            by_key.setdefault(s.key, []).append(s)
+        for key, group in by_key.items():
+            # a tensor that cannot be flattened (or has one element) runs alone and uncompiled
+            size = self.bucket_size if key[3] else 1
+            for start in range(0, len(group), size):
+                yield key, group[start : start + size]
+
+    def _pass_fns(self, key: tuple):
+        fm, fd, _, flat_ok = key
+        compiled = self.compile and flat_ok and not torch.compiler.is_compiling()
+        return (*_kernels(fm, fd, self.norm_dtype, self.elementwise, compiled), compiled)
+
+    def _args(self, bucket: list[_Slot], device: torch.device) -> tuple:
+        dtype = bucket[0].p.dtype
+        sdtype = dtype if dtype == torch.float64 else torch.float32
+        tables = []
+        for rows in ([s.scal_m for s in bucket], [s.scal_d for s in bucket]):
+            t = torch.tensor(rows, dtype=sdtype)
+            # pinned + non_blocking: the copy is queued on the stream, the host does not wait
+            tables.append(t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True))
+        return (
+            [s.g for s in bucket], [s.p for s in bucket], [s.sm for s in bucket], [s.sd for s in bucket], *tables
+        )
+
+    @staticmethod
+    def _call(fn: Callable, compiled: bool, *args):
+        if not compiled:
+            return fn(*args)
+        # one size symbol per tensor: with duck sizing, tensors of equal size would share a symbol and
+        # every bucket with another pattern of equal sizes would compile again
+        with fx_config.patch(use_duck_shape=False):
+            return fn(*args)
+
+    def _order(self, indices: list[int], device: torch.device) -> Tensor:
+        key = tuple(indices)
+        t = self._index_cache.get(key)
+        if t is None:
+            if len(self._index_cache) > 16:
+                self._index_cache.clear()
+            t = self._index_cache[key] = torch.tensor(indices, dtype=torch.long, device=device)
+        return t
+
+
+def group_norms(sq: Tensor, tensor_group: Tensor, n_groups: int, one_tensor_per_group: bool) -> Tensor:
+    """``(2, G)`` group norms from ``(2, n_tensors)`` squared per-tensor norms (Section 3.1)."""
+    if one_tensor_per_group:
+        return sq.sqrt()
+    out = torch.zeros((2, n_groups), dtype=sq.dtype, device=sq.device)
+    return out.index_add_(1, tensor_group, sq).sqrt_()
+
+
+def graft_factors(norms: Tensor, tensor_group: Tensor, stats: Tensor, one_tensor_per_group: bool) -> Tensor:
+    """Write ``stats`` (rows norm_m, norm_d, ratio) and return each tensor's factor ``norm_m / norm_d``
+    of its group, 0 where D's step is zero (the weights are then kept; Algorithm 1)."""
+    stats[:2].copy_(norms)
+    torch.div(norms[0], norms[1], out=stats[2])
+    factor = torch.where(norms[1] > 0, stats[2], 0.0)
+    return factor if one_tensor_per_group else factor.index_select(0, tensor_group)
