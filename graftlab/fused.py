@@ -196,13 +196,14 @@ def _scalars(f: Flags, group: dict, steps: Optional[list[float]], fresh: list[bo
 def _passes(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool):
     rule_m, rule_d = RULES[fm.kind], RULES[fd.kind]
 
-    def norms(gs, ps, sm, sd, scal_m, scal_d):
-        out_m, out_d = [], []
-        for i in range(len(gs)):
-            step = rule_m(fm, gs[i], ps[i], sm[i], scal_m[i], True)
-            out_m.append(step.to(norm_dtype).square().sum())
-            step = rule_d(fd, gs[i], ps[i], sd[i], scal_d[i], True)
-            out_d.append(step.to(norm_dtype).square().sum())
+    def norms(gs, ps, gs_d, ps_d, sm, sd, scal_m, scal_d):
+        # ``gs_d``, ``ps_d`` are second views of the gradients and weights. inductor fuses a child's
+        # state write with the reduction of its step into one loop per tensor, but seeing both children
+        # read one buffer it first merges their state writes into one loop and then keeps one child's
+        # step in a parameter-sized temporary for its reduction. Read through distinct (aliasing,
+        # read-only) inputs, each child gets its own loop and nothing parameter-sized is allocated.
+        out_m = [rule_m(fm, g, p, s, r, True).to(norm_dtype).square().sum() for g, p, s, r in zip(gs, ps, sm, scal_m)]
+        out_d = [rule_d(fd, g, p, s, r, True).to(norm_dtype).square().sum() for g, p, s, r in zip(gs_d, ps_d, sd, scal_d)]
         return torch.stack([torch.stack(out_m), torch.stack(out_d)])
 
     def write(gs, ps, sm, sd, scal_m, scal_d, factors):
@@ -226,21 +227,21 @@ def _fresh_code(fn: Callable, tag: str) -> Callable:
 
 # inductor: a value read by several consumers (an advanced state, the step) is realized once, which
 # lets the state write and the norm reduction share one loop instead of re-reading every input
-_INDUCTOR = {"realize_reads_threshold": 1}
+# (size asserts: dynamo's guards already check every input; the asserts cost ~1 us per input and call)
+_INDUCTOR = {"realize_reads_threshold": 1, "size_asserts": False}
 _compiled: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-def _kernels(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool, compile: bool):
-    key = (fm, fd, norm_dtype, elementwise, compile)
+def _kernels(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool, compile: bool, dynamic: bool = True):
+    key = (fm, fd, norm_dtype, elementwise, compile, dynamic)
     if key not in _compiled:
-        norms, write = _passes(fm, fd, norm_dtype, elementwise)
+        fns = _passes(fm, fd, norm_dtype, elementwise)
         if compile:
             tag = f"{len(_compiled)}"
-            norms, write = (
-                torch.compile(_fresh_code(fn, tag), dynamic=True, fullgraph=True, options=_INDUCTOR)
-                for fn in (norms, write)
+            fns = tuple(
+                torch.compile(_fresh_code(fn, tag), dynamic=dynamic, fullgraph=True, options=_INDUCTOR) for fn in fns
             )
-        _compiled[key] = (norms, write)
+        _compiled[key] = fns
     return _compiled[key]
 
 
@@ -267,15 +268,15 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-class _Slot(NamedTuple):
-    index: int  # position in FusedDirect.params
-    key: tuple
-    g: Tensor
-    p: Tensor
-    sm: tuple
-    sd: tuple
-    scal_m: list[float]
-    scal_d: list[float]
+class _Bucket(NamedTuple):
+    """Tensors stepped by one call of the passes (one flag combination; at most ``bucket_size``)."""
+
+    key: tuple  # (flags of M, flags of D, dtype, compilable)
+    index: list[int]  # positions in FusedDirect.params
+    ps: list[Tensor]
+    sm: list[tuple]  # M's state tensors per parameter (in _state_keys order)
+    sd: list[tuple]
+    order: Tensor  # ``index`` on the parameters' device
 
 
 class FusedDirect:
@@ -288,8 +289,12 @@ class FusedDirect:
         elementwise: coordinate granularity (``w += |step_M| * sign(step_D)``).
         norm_dtype: accumulation dtype of the norms (float32, or float64 for float64 weights).
         compile: ``torch.compile`` the passes (the default); False runs the same code eagerly
-            (slow; for tests and machines without a C++ compiler).
-        bucket_size: tensors per compiled call (larger: fewer calls, a longer one-off compile).
+            (slow; for tests, and under an outer ``torch.compile``, which traces it anyway).
+        bucket_size: tensors per compiled call; None (the default) steps all tensors that share
+            their optimizer flags in one call.
+        dynamic: compile with dynamic sizes (tensors flattened to 1-D): one compile per bucket length
+            whatever the model, at a few microseconds more per tensor and step than static sizes,
+            whose compile time grows with the number of tensors. Use with a ``bucket_size``.
 
     Raises:
         GraftlabError: a child has no direct rule, or ``bucket_size < 1``.
@@ -304,7 +309,8 @@ class FusedDirect:
         elementwise: bool = False,
         norm_dtype: torch.dtype = torch.float32,
         compile: bool = True,
-        bucket_size: int = 16,
+        bucket_size: Optional[int] = None,
+        dynamic: bool = False,
     ) -> None:
         for role, opt in (("magnitude", magnitude), ("direction", direction)):
             if type(opt) not in KINDS or updates.rule_for(opt) is None:
@@ -313,59 +319,62 @@ class FusedDirect:
                     f"{', '.join(c.__name__ for c in KINDS)} without fused/capturable/differentiable "
                     "and with float hyperparameters"
                 )
-        if bucket_size < 1:
+        if bucket_size is not None and bucket_size < 1:
             raise GraftlabError(f"bucket_size must be >= 1, got {bucket_size}")
         self.magnitude, self.direction = magnitude, direction
         self.params = list(params)
         self.elementwise, self.norm_dtype = elementwise, norm_dtype
-        self.compile, self.bucket_size = compile, bucket_size
+        self.compile, self.bucket_size, self.dynamic = compile, bucket_size, dynamic
         self._slot = {id(p): i for i, p in enumerate(self.params)}
-        self._plan: list[tuple[tuple, list[_Slot], tuple]] = []  # pass 1's buckets, for pass 2
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._signature: Optional[tuple] = None
+        self._buckets: list[_Bucket] = []
+        self._pending: list[tuple[_Bucket, list[Tensor], Tensor, Tensor]] = []  # pass 1's inputs, for pass 2
 
     # -- public ---------------------------------------------------------------------------------
     def squared_norms(self) -> Tensor:
         """Advance both children's states by one step and return ``(2, n_tensors)``: the squared L2
         norms of M's and D's step per tensor (0 for tensors without a gradient), in ``norm_dtype``
-        on the parameters' device. Must be followed by :meth:`apply` before the next call."""
-        slots = self._collect()
+        on the parameters' device. Must be followed by :meth:`apply` before the next call.
+
+        Raises:
+            GraftlabError: a gradient is sparse.
+        """
+        rows = self._advance()
         device = self.params[0].device
         out = torch.zeros((2, len(self.params)), dtype=self.norm_dtype, device=device)
-        self._plan = []
-        parts = []
-        for key, bucket in self._buckets(slots):
-            norms, _, compiled = self._pass_fns(key)
-            args = self._args(bucket, device)
-            parts.append(self._call(norms, compiled, *args))
-            self._plan.append((key, bucket, args))
-        if parts:
-            order = self._order([s.index for _, bucket, _ in self._plan for s in bucket], device)
-            out.index_copy_(1, order, torch.cat(parts, dim=1))
+        self._pending = []
+        for bucket in self._buckets:
+            norms, _, compiled = self._pass_fns(bucket.key)
+            flat = self.dynamic and bucket.key[3]
+            gs = [self._grad(i, flat) for i in bucket.index]
+            scal_m, scal_d = self._tables(bucket, rows, device)
+            # second views of the gradients and weights, for D: see _passes
+            views = [t.view(t.shape) for t in (*gs, *bucket.ps)] if compiled else [*gs, *bucket.ps]
+            n = len(gs)
+            sq = self._call(norms, compiled, gs, bucket.ps, views[:n], views[n:], bucket.sm, bucket.sd, scal_m, scal_d)
+            out.index_copy_(1, bucket.order, sq)
+            self._pending.append((bucket, gs, scal_m, scal_d))
         return out
 
     def apply(self, factors: Tensor) -> None:
         """``w += factors[i] * step_D`` for every tensor ``i`` that had a gradient (``factors``:
         ``(n_tensors,)`` on the parameters' device; unused at coordinate granularity)."""
-        if not self._plan:
-            return
-        device = self.params[0].device
-        order = self._order([s.index for _, bucket, _ in self._plan for s in bucket], device)
-        per_slot = factors.index_select(0, order)
-        start = 0
-        for key, bucket, args in self._plan:
-            _, write, compiled = self._pass_fns(key)
-            self._call(write, compiled, *args, per_slot[start : start + len(bucket)])
-            start += len(bucket)
-        self._plan = []
+        for bucket, gs, scal_m, scal_d in self._pending:
+            _, write, compiled = self._pass_fns(bucket.key)
+            f = factors.index_select(0, bucket.order)
+            self._call(write, compiled, gs, bucket.ps, bucket.sm, bucket.sd, scal_m, scal_d, f)
+        self._pending = []
 
     # -- internals ------------------------------------------------------------------------------
-    def _collect(self) -> list[_Slot]:
-        """Per tensor with a gradient: flags, state tensors and scalars of both children, this step."""
+    def _advance(self) -> dict[int, tuple[list[float], list[float]]]:
+        """Advance both children's step counters, create missing state, and return this step's
+        scalars per tensor with a gradient; rebuilds the buckets when flags, the set of tensors
+        with gradients or the state tensors changed."""
         per_child = []
         for opt in (self.magnitude, self.direction):
             info: dict[int, tuple[Flags, tuple, list[float]]] = {}
             for group in opt.param_groups:
-                ps = [p for p in group["params"] if p.grad is not None]
+                ps = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
                 if not ps:
                     continue
                 if any(p.grad.is_sparse for p in ps):
@@ -373,72 +382,77 @@ class FusedDirect:
                 f = flags_of(opt, group)
                 states = [opt.state[p] for p in ps]
                 fresh = _init_states(f, group, ps, states)
-                steps = updates._advance(states) if f.kind != "sgd" else None
+                steps = updates._advance(states) if f.kind != "sgd" else [0.0] * len(ps)
                 keys = _state_keys(f)
-                for p, s, row in zip(ps, states, _scalars(f, group, steps or [0.0] * len(ps), fresh)):
+                for p, s, row in zip(ps, states, _scalars(f, group, steps, fresh)):
                     info[self._slot[id(p)]] = (f, tuple(s[k] for k in keys), row)
             # the child's own step() did not run: tell its LR scheduler that it stepped
             opt._opt_called = True
             per_child.append(info)
         info_m, info_d = per_child
-        slots = []
-        for i in sorted(info_m):
-            (fm, sm, rm), (fd, sd, rd) = info_m[i], info_d[i]
-            p = self.params[i].detach()
-            g = self.params[i].grad
-            flat = [_flat(t, p) for t in (g, p, *sm, *sd)]
-            flat_ok = p.numel() > 1 and all(t is not None for t in flat)
-            if flat_ok:
-                g, p = flat[0], flat[1]
-                sm, sd = tuple(flat[2 : 2 + len(sm)]), tuple(flat[2 + len(sm) :])
-            key = (fm, fd, p.dtype, flat_ok)
-            slots.append(_Slot(i, key, g, p, sm, sd, rm, rd))
-        return slots
+        signature = tuple(
+            (i, info_m[i][0], info_d[i][0], *map(id, info_m[i][1]), *map(id, info_d[i][1])) for i in sorted(info_m)
+        )
+        if signature != self._signature:
+            self._build(info_m, info_d)
+            self._signature = signature
+        return {i: (info_m[i][2], info_d[i][2]) for i in info_m}
 
-    def _buckets(self, slots: list[_Slot]):
-        by_key: dict[tuple, list[_Slot]] = {}
-        for s in slots:
-            by_key.setdefault(s.key, []).append(s)
-        for key, group in by_key.items():
-            # a tensor that cannot be flattened (or has one element) runs alone and uncompiled
-            size = self.bucket_size if key[3] else 1
-            for start in range(0, len(group), size):
-                yield key, group[start : start + size]
+    def _build(self, info_m: dict, info_d: dict) -> None:
+        by_key: dict[tuple, list[tuple[int, Tensor, tuple, tuple]]] = {}
+        for i in sorted(info_m):
+            (fm, sm, _), (fd, sd, _) = info_m[i], info_d[i]
+            p = self.params[i].detach()
+            ok = True
+            if self.dynamic:
+                # one graph for all sizes needs 1-D tensors; one element would specialise the size;
+                # the others run uncompiled
+                flat = [_flat(t, p) for t in (p, *sm, *sd)]
+                ok = p.numel() > 1 and all(t is not None for t in flat)
+                if ok:
+                    p, sm, sd = flat[0], tuple(flat[1 : 1 + len(sm)]), tuple(flat[1 + len(sm) :])
+            by_key.setdefault((fm, fd, p.dtype, ok), []).append((i, p, sm, sd))
+        device = self.params[0].device
+        self._buckets = []
+        for key, members in by_key.items():
+            size = self.bucket_size or len(members)
+            for start in range(0, len(members), size):
+                part = members[start : start + size]
+                index = [m[0] for m in part]
+                order = torch.tensor(index, dtype=torch.long, device=device)
+                self._buckets.append(_Bucket(key, index, [m[1] for m in part], [m[2] for m in part], [m[3] for m in part], order))
+
+    def _grad(self, i: int, flat: bool) -> Tensor:
+        g = self.params[i].grad
+        if not flat:
+            return g  # static sizes: any layout (another one than last step's compiles again)
+        view = _flat(g, self.params[i])
+        if view is None:  # a gradient laid out unlike its parameter (rare): a copy in the parameter's layout
+            view = _flat(torch.empty_like(self.params[i]).copy_(g), self.params[i])
+        return view
+
+    def _tables(self, bucket: _Bucket, rows: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        dtype = bucket.ps[0].dtype
+        sdtype = dtype if dtype == torch.float64 else torch.float32
+        out = []
+        for k in (0, 1):
+            t = torch.tensor([rows[i][k] for i in bucket.index], dtype=sdtype)
+            # pinned + non_blocking: the copy is queued on the stream and the host does not wait
+            out.append(t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True))
+        return out[0], out[1]
 
     def _pass_fns(self, key: tuple):
-        fm, fd, _, flat_ok = key
-        compiled = self.compile and flat_ok and not torch.compiler.is_compiling()
-        return (*_kernels(fm, fd, self.norm_dtype, self.elementwise, compiled), compiled)
+        fm, fd, _, ok = key
+        compiled = self.compile and ok and not torch.compiler.is_compiling()
+        return (*_kernels(fm, fd, self.norm_dtype, self.elementwise, compiled, self.dynamic), compiled)
 
-    def _args(self, bucket: list[_Slot], device: torch.device) -> tuple:
-        dtype = bucket[0].p.dtype
-        sdtype = dtype if dtype == torch.float64 else torch.float32
-        tables = []
-        for rows in ([s.scal_m for s in bucket], [s.scal_d for s in bucket]):
-            t = torch.tensor(rows, dtype=sdtype)
-            # pinned + non_blocking: the copy is queued on the stream, the host does not wait
-            tables.append(t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True))
-        return (
-            [s.g for s in bucket], [s.p for s in bucket], [s.sm for s in bucket], [s.sd for s in bucket], *tables
-        )
-
-    @staticmethod
-    def _call(fn: Callable, compiled: bool, *args):
-        if not compiled:
+    def _call(self, fn: Callable, compiled: bool, *args):
+        if not (compiled and self.dynamic):
             return fn(*args)
         # one size symbol per tensor: with duck sizing, tensors of equal size would share a symbol and
         # every bucket with another pattern of equal sizes would compile again
         with fx_config.patch(use_duck_shape=False):
             return fn(*args)
-
-    def _order(self, indices: list[int], device: torch.device) -> Tensor:
-        key = tuple(indices)
-        t = self._index_cache.get(key)
-        if t is None:
-            if len(self._index_cache) > 16:
-                self._index_cache.clear()
-            t = self._index_cache[key] = torch.tensor(indices, dtype=torch.long, device=device)
-        return t
 
 
 def group_norms(sq: Tensor, tensor_group: Tensor, n_groups: int, one_tensor_per_group: bool) -> Tensor:

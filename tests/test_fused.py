@@ -7,6 +7,8 @@ slow tests compile the passes (inductor) on a small model.
 from __future__ import annotations
 
 import copy
+import math
+import re
 
 import pytest
 import torch
@@ -44,13 +46,13 @@ def maximizing(name: str) -> bool:
     return OPTIMIZERS[name][1].get("maximize", False)
 
 
-def fused_run(model: nn.Module, m_name: str, d_name: str, granularity: str, data, compile: bool = False):
+def fused_run(model: nn.Module, m_name: str, d_name: str, granularity: str, data, compile: bool = False, **kw):
     """Train with the fused step: returns per-step flat weights and (3, G) stats."""
     params = list(model.parameters())
     m, d = opt(m_name, params), opt(d_name, params)
     part = make_partition(name_parameters(params, model), granularity)
     norm_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    fused = FusedDirect(m, d, params, elementwise=part.elementwise, norm_dtype=norm_dtype, compile=compile, bucket_size=3)
+    fused = FusedDirect(m, d, params, elementwise=part.elementwise, norm_dtype=norm_dtype, compile=compile, **kw)
     index = torch.tensor(part.tensor_group)
     stats = torch.empty((3, len(part.group_names)), dtype=norm_dtype)
     weights, all_stats = [], []
@@ -148,7 +150,7 @@ def test_missing_gradients_and_zero_steps_keep_weights():
     assert all(torch.isfinite(p).all() for p in allp)
 
 
-def test_channels_last_weights_are_flattened_in_memory_order():
+def test_dynamic_buckets_flatten_channels_last_weights_in_memory_order():
     conv = nn.Conv2d(3, 4, 3).double().to(memory_format=torch.channels_last)
     ref = copy.deepcopy(conv)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
@@ -157,7 +159,7 @@ def test_channels_last_weights_are_flattened_in_memory_order():
         ps = list(net.parameters())
         m, d = torch.optim.Adam(ps, lr=1e-2), torch.optim.SGD(ps, lr=0.1, momentum=0.9)
         g = None if fused else Graft(m, d, path="direct")
-        f = FusedDirect(m, d, ps, norm_dtype=torch.float64, compile=False) if fused else None
+        f = FusedDirect(m, d, ps, norm_dtype=torch.float64, compile=False, dynamic=True, bucket_size=2) if fused else None
         idx = torch.arange(len(ps))
         stats = torch.empty((3, len(ps)), dtype=torch.float64)
         for _ in range(3):
@@ -169,6 +171,8 @@ def test_channels_last_weights_are_flattened_in_memory_order():
             else:
                 g.step()
         runs.append([p.detach().clone() for p in ps])
+        if fused:
+            assert f._buckets[0].ps[0].shape == (conv.weight.numel(),)  # a 1-D view of the weight
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -190,11 +194,27 @@ def test_unsupported_children_raise_graftlab_errors():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "m_name,d_name,granularity", [("adamw", "sgd-nesterov", "global"), ("rmsprop-centered", "adagrad", "coordinate")]
+    "m_name,d_name,granularity,kw",
+    [
+        ("adamw", "sgd-nesterov", "global", {}),
+        ("rmsprop-centered", "adagrad", "coordinate", {"dynamic": True, "bucket_size": 2}),
+    ],
 )
-def test_compiled_passes_equal_the_eager_direct_path(m_name, d_name, granularity):
+def test_compiled_passes_equal_the_eager_direct_path(m_name, d_name, granularity, kw):
     """inductor-compiled passes, float64 (so that only the order of float operations may differ)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def model():
+        torch.manual_seed(0)  # every tensor larger than the (2, n_tensors) norms the passes return
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3, bias=False)).double()
+
     data = batches("mlp", 3)
-    fused = fused_run(make("mlp"), m_name, d_name, granularity, data, compile=True)
-    direct = direct_run(make("mlp"), m_name, d_name, granularity, data)
+    fused, code = run_and_get_code(fused_run, model(), m_name, d_name, granularity, data, compile=True, **kw)
+    direct = direct_run(model(), m_name, d_name, granularity, data)
     assert_close_runs(fused, direct, rtol=1e-10, atol=1e-12)
+    # nothing parameter-sized is allocated: only per-tensor norms (sizes are numbers, not symbols)
+    allocs = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", "\n".join(code))
+    assert allocs
+    for a in allocs:
+        dims = [x.strip() for x in a.split(",") if x.strip()]
+        assert all(x.isdigit() for x in dims) and math.prod(int(x) for x in dims) <= 6, f"allocates ({a})"
