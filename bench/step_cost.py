@@ -44,6 +44,7 @@ from graftlab.record import Recorder  # noqa: E402
 TARGET_RATIO = 0.9  # fused path / strongest baseline
 TARGET_RECORD = 1.02
 TARGET_BUFFERS = 1.0
+RECORD_FLUSH = 50  # Recorder's default flush interval (steps)
 FORMS = ("default", "foreach", "fused")
 GRANULARITIES = ("global", "layer")
 PATHS = ("direct", "fused")
@@ -192,13 +193,13 @@ def time_configs(named, device, repeats, steps, pairs=None, grans=GRANULARITIES,
 
 
 def record_cost(named, device, repeats, steps, compile=True) -> dict:
-    """A fused Adam#SGD layer-wise step with a Recorder (every step, 50-step flushes) against without."""
+    """A fused Adam#SGD layer-wise step with a Recorder (every step; a flush per block) against without."""
     params = [p for _, p in named]
     make_m, make_d = _pairs()["Adam#SGD"]
     plain = make_graft(make_m(params), make_d(params), named, "layer", "fused", compile=compile)
     recorded = make_graft(make_m(params), make_d(params), named, "layer", "fused", compile=compile)
     with tempfile.TemporaryDirectory() as tmp:
-        rec = Recorder(recorded, Path(tmp) / "trace")
+        rec = Recorder(recorded, Path(tmp) / "trace", flush_every=RECORD_FLUSH)
         try:
             for g in (plain, recorded):
                 g.step()
@@ -393,7 +394,8 @@ def main(argv=None) -> dict:
     rows, compiles = time_configs(named, args.device, repeats, steps, pairs=args.pairs, paths=paths, compile=compile)
     rec = None
     if not args.no_record and "fused" in paths:
-        rec = record_cost(named, args.device, repeats, 3 if args.quick else 25, compile=compile)
+        # blocks as long as the recorder's flush interval: every recorded block pays one flush
+        rec = record_cost(named, args.device, repeats, 3 if args.quick else RECORD_FLUSH, compile=compile)
     del named
     # --quick probes one configuration: a fresh process per probe costs seconds of imports
     mem_pairs = ["Adam#SGD"] if args.quick else args.pairs
