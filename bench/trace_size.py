@@ -56,7 +56,8 @@ def trace_bytes(path: Path) -> dict:
 
 
 def record_fresh(out: Path, steps: int, batch_size: int, eval_size=None) -> Path:
-    from graftlab.record import RecordConfig, record
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
 
     cfg = RecordConfig(task="bert", size="tiny", steps=steps, batch_size=batch_size, device="cpu",
                        granularity="layer", eval_every=0, eval_size=eval_size, out=str(out))

@@ -1,17 +1,21 @@
 """``graftlab`` command line. Commands only parse options and call the library.
 
-Every :class:`graftlab.GraftlabError` becomes one ``error:`` line on stderr and exit code 2.
+Every :class:`graftlab.GraftlabError` becomes one ``error:`` line on stderr and exit code 2. The
+library words its messages in Python terms (``pass overwrite=True``, ``checkpoint_dir``); the
+command line says them in its own (``pass --overwrite``, ``--checkpoint-dir``), translated here, once,
+from the running command's own option list.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import functools
+import re
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 
 import graftlab
+from graftlab.cli import demo, distill, experiment, info, plot, record, train
 from graftlab.errors import GraftlabError
 
 app = typer.Typer(
@@ -38,11 +42,48 @@ def _root(
     """Learning-rate grafting toolkit: record -> distill -> train."""
 
 
+def in_cli_terms(message: str, params: Sequence[Any]) -> str:
+    """``message`` with the Python names of ``params``' options (click parameters) replaced by
+    their flags.
+
+    ``name=True`` becomes the flag (``name=False`` the ``--no-`` form of an on/off option),
+    ``name=value`` becomes ``--flag value``, and a bare ``name`` with an underscore (never an
+    English word, unlike ``window`` or ``steps``) becomes ``--flag``.
+    """
+    for p in params:
+        if getattr(p, "param_type_name", None) != "option" or not p.name:
+            continue
+        flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        off = next((o for o in p.secondary_opts if o.startswith("--")), None)
+        name = re.escape(p.name)
+        edge = r"(?<![\w./-])"  # not inside a path or a longer name
+        message = re.sub(rf"{edge}{name}=True\b", flag, message)
+        if off:
+            message = re.sub(rf"{edge}{name}=False\b", off, message)
+        message = re.sub(rf"{edge}{name}=(?=\S)", f"{flag} ", message)
+        if "_" in p.name:
+            message = re.sub(rf"{edge}{name}(?![\w/=-]|\.\w)", flag, message)
+    return message
+
+
+def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except GraftlabError as err:
+            if err.args and isinstance(err.args[0], str):
+                params = typer.main.get_command(app).commands[name].params
+                err.args = (in_cli_terms(err.args[0], params), *err.args[1:])
+            raise
+
+    return run
+
+
 # One module per command under cli/, each exposing one function named like the command.
-COMMANDS = ("record", "info", "distill", "train", "plot", "demo", "experiment")
-for _name in COMMANDS:
-    if importlib.util.find_spec(f"cli.{_name}") is not None:
-        app.command(_name)(getattr(importlib.import_module(f"cli.{_name}"), _name))
+for _module in (record, info, distill, train, plot, demo, experiment):
+    _name = _module.__name__.rsplit(".", 1)[1]
+    app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
 
 
 def main() -> None:

@@ -12,16 +12,22 @@ def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
+def _flag(d) -> str:
+    """The flag with the few words of evidence behind a degenerate verdict."""
+    short = (d.evidence or {}).get("short")
+    return f"{d.flags} ({short})" if d.flags and short else d.flags
+
+
 def distill(
-    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
+    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     window: int = typer.Option(2000, "--window", "-w", help="Steps per median window (paper: 2000 at batch 8K, 500 at 32K)."),
-    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, or D<beta> (e.g. D500)."),
+    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, D<beta> (e.g. D500) or DA<beta> (attention weights tied only)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
     schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
     filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first (paper's figures: 51)."),
     tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
     start: int = typer.Option(0, "--start", help="First step of the window."),
-    outlier: float = typer.Option(1000.0, "--outlier", help="Flag groups whose median exceeds this many times the median over groups (0: off)."),
+    outlier: float = typer.Option(0.0, "--outlier", help="Also flag groups whose median exceeds this many times the median over groups (0: off; degenerate groups are found from their gradients without it)."),
     format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
@@ -32,39 +38,44 @@ def distill(
     from graftlab.corrections import save
     from graftlab.distill import default_output
     from graftlab.distill import distill as run
-    from graftlab.errors import GraftlabError
+    from graftlab.errors import GraftlabError, OutputExistsError
+    from graftlab.foreign import note as foreign_note
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     out = output if output is not None else default_output(trace, format)
     if out.exists() and not overwrite:  # fail before reading a large trace
-        raise GraftlabError(f"{out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out, "corrections file")
     corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
                outlier=outlier or None)
     save(corr, out, format=format, overwrite=overwrite)
 
-    src = corr.source
+    src, records = corr.source, corr.group_sources
     mode = src["mode"]
     table = Table(title=f"{trace}: steps {start}..{start + window - 1}, round {round}, {mode}"
                   + (f", filter {filter}" if filter else ""))
     table.add_column("group", overflow="fold")
     for col in ("kind", "median", "factor", "finite", "drift", "flags"):
         table.add_column(col, justify="right" if col in ("median", "factor", "finite", "drift") else "left")
-    for g, d in src["groups"].items():
-        total = d["n_finite"] + d["n_nonfinite"]
-        factor = _num(d["factor"], "{:g}")
+    for g, d in records.items():
+        total = d.n_finite + d.n_nonfinite
+        factor = _num(d.factor, "{:g}")
         if mode == "schedule" and len(corr.schedule.get(g, [])) > 1:
             factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
-        table.add_row(g, d["kind"], _num(d["median"]), factor, f"{d['n_finite']}/{total}",
-                      _num(d["drift"], "{:.3g}x"),
-                      ", ".join(f for f in (d["flags"], "tied" if d["tied"] and round.upper().startswith("D") else "") if f))
-    longest = max((len(g) for g in src["groups"]), default=10)
+        table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
+                      ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
+    longest = max((len(g) for g in records), default=10)
     console = Console(width=max(Console().width, longest + 80))
     console.print(table)
     for g, flag in src["flagged"].items():
-        console.print(f"flagged {g} ({flag}): uses the stand-in median {_num(src['groups'][g].get('stand_in'))} "
-                      f"({src['fallback']}) before rounding")
+        why = (records[g].evidence or {}).get("reason")
+        console.print(f"flagged {g} ({flag}{': ' + why if why else ''}): uses the stand-in median "
+                      f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     lr = src.get("direction_lr")
-    console.print(f"factors are relative to D's recorded lr ({_num(lr, '{:g}')}); wrote {out}")
+    unknown = foreign_note(src.get("metadata") or {})
+    if unknown:
+        console.print(unknown, soft_wrap=True)  # one line, however wide the terminal
+    base = f"D's recorded lr ({lr:g})" if lr is not None else "the lr D had in the run (the trace does not say)"
+    console.print(f"factors are relative to {base}; wrote {out}")

@@ -22,10 +22,14 @@ def experiment(
     size: Annotated[Optional[str], typer.Option("--size", help="Task size: tiny, small or base.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (batch_transfer: the smaller B).")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds for the final comparison.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto (default cpu, or the preset's).")] = None,
     eval_size: Annotated[Optional[int], typer.Option("--eval-size", help="Held-out examples per evaluation.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default 1).")] = None,
     progress: Annotated[bool, typer.Option("--progress", help="A progress bar per run.")] = False,
+    task: Annotated[Optional[str], typer.Option("--task", help="transformer: bert or gpt (default bert).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="transformer: gpu (the whole experiment on one GPU in minutes).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Runs at once, each in its own process (default 1).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Text file or folder replacing the bundled corpus (text tasks).")] = None,
 ) -> None:
     """Run an experiment: every run resumable, then a Markdown results table and a figure."""
     if name not in EXPERIMENTS:
@@ -38,5 +42,5 @@ def experiment(
 
     settings = Settings(out=None if out is None else str(out), quick=quick, steps=steps, size=size,
                         batch_size=batch_size, seeds=seeds, device=device, eval_size=eval_size,
-                        threads=threads, progress=progress)
+                        threads=threads, progress=progress, task=task, preset=preset, jobs=jobs, data=data)
     importlib.import_module(f"experiments.{name}").main(settings=settings)

@@ -21,8 +21,13 @@ def plot(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),
 ) -> None:
     """Render Figures 4-8 (and the distilled corrections) from traces, e.g. --figure 5 -o fig5.png."""
+    from graftlab.foreign import note
     from graftlab.plots.render import render
+    from graftlab.trace import read_metadata
 
+    for trace in traces:
+        if note(read_metadata(trace)):
+            typer.echo(f"{trace}: {note(read_metadata(trace))}", err=True)
     for path in render(traces, figure, out, steps=steps, width=width, window=window, round=round,
                        overwrite=overwrite):
         typer.echo(str(path))

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from cli import options
+from graftlab.cli import options
 
 
 def record(
@@ -45,32 +45,30 @@ def record(
     quiet: options.Quiet = False,
 ) -> None:
     """Record per-group grafting ratios ||M step|| / ||D step|| of a training run."""
+    from graftlab.config import RecordConfig, make_config
+    from graftlab.distributed import is_main
+    from graftlab.runs import record as run
+
+    cfg = make_config(
+        config, RecordConfig, task=task, size=size, data=options.path_str(data), steps=steps, epochs=epochs,
+        batch_size=batch_size, magnitude=magnitude, direction=direction, magnitude_lr=magnitude_lr,
+        direction_lr=direction_lr, m_hparams=m_hparam, d_hparams=d_hparam, granularity=granularity,
+        schedule=schedule, warmup=warmup, power=power, milestones=milestones, gamma=gamma, device=device, seed=seed,
+        threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), out=options.path_str(out),
+        every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
+        checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
+    )
+    res = run(cfg, overwrite=overwrite, progress=not quiet)  # validates everything before writing
+    if is_main():  # under torchrun rank 0 reports
+        _report(cfg, res)
+
+
+def _report(cfg, res) -> None:
+    """The run's one-line result, the per-kind table of median ratios, and where the trace is."""
     from rich.console import Console
     from rich.table import Table
 
     from graftlab.kinds import KIND_LABELS
-    from graftlab.optimizers import parse_hparams
-    from graftlab.record import RecordConfig, check_out
-    from graftlab.record import record as run
-    from graftlab.train import load_config, make_config
-
-    base = load_config(config, RecordConfig) if config is not None else RecordConfig()
-    m_hp = {**base.m_hparams, **parse_hparams(m_hparam)} if m_hparam else None
-    d_hp = {**base.d_hparams, **parse_hparams(d_hparam)} if d_hparam else None
-    cfg = make_config(
-        config, RecordConfig, task=task, size=size, data=options.path_str(data), steps=steps, epochs=epochs, batch_size=batch_size,
-        magnitude=magnitude, direction=direction, magnitude_lr=magnitude_lr, direction_lr=direction_lr,
-        m_hparams=m_hp, d_hparams=d_hp, granularity=granularity, schedule=schedule, warmup=warmup, power=power,
-        milestones=milestones, gamma=gamma, device=device, seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics),
-        out=str(out) if out is not None else None, every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
-        checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
-    )
-    check_out(cfg.out, overwrite or cfg.resume)  # a resumed run appends to its trace
-    res = run(cfg, overwrite=overwrite, progress=not quiet)
-    from graftlab.distributed import is_main
-
-    if not is_main():  # under torchrun rank 0 reports
-        return
 
     console = Console()
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import options
+from graftlab.cli import options
 
 
 def train(
@@ -40,11 +40,9 @@ def train(
     resume: options.Resume = False,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from graftlab.train import make_config
-    from graftlab.train import train as run
+    from graftlab.config import make_config
+    from graftlab.distributed import is_main
+    from graftlab.runs import train as run
 
     cfg = make_config(
         config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
@@ -54,10 +52,14 @@ def train(
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
-    from graftlab.distributed import is_main
+    if is_main():  # under torchrun rank 0 reports
+        _report(cfg, result, corrections)
 
-    if not is_main():  # under torchrun rank 0 reports
-        return
+
+def _report(cfg, result, corrections) -> None:
+    """The held-out metrics, final train loss, speed and where the metrics went."""
+    from rich.console import Console
+    from rich.table import Table
 
     table = Table(title=f"{cfg.task}/{cfg.size} {cfg.optimizer}" + (f" + {corrections}" if corrections else ""))
     table.add_column("metric")

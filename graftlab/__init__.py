@@ -2,12 +2,15 @@
 
 The pipeline, one module per stage::
 
-    graft.py (M#D optimizer) -> record.py (Recorder) -> trace.py (the trace contract)
-      -> distill.py (trace -> corrections) -> corrections.py (the corrections contract) -> train.py
+    graft.py (M#D optimizer) -> record.py (Recorder) -> trace/ (the trace contract)
+      -> distill.py (trace -> corrections) -> corrections/ (the corrections contract) -> runs/ (record and train runs)
+
+The command line (``graftlab.cli``, kept in ``cli/`` of the source tree) only parses options and
+calls these.
 """
 __version__ = "0.1.0"
 
-from graftlab.corrections import Applied, Corrections, apply, load_corrections, save  # noqa: E402
+from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save  # noqa: E402
 from graftlab.distill import distill  # noqa: E402
 from graftlab.errors import GraftlabError  # noqa: E402
 from graftlab.graft import Graft  # noqa: E402
@@ -20,6 +23,7 @@ __all__ = [
     "Corrections",
     "Graft",
     "GraftlabError",
+    "GroupSource",
     "Partition",
     "Recorder",
     "__version__",

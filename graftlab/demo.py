@@ -35,7 +35,13 @@ from typing import Any, Callable, Optional
 
 import pandas as pd
 
+from graftlab.analysis import parse_round
+from graftlab.config import RecordConfig, TrainConfig
+from graftlab.corrections import save
+from graftlab.distill import distill
 from graftlab.errors import GraftlabError
+from graftlab.runs import record, train
+from graftlab.trace import read_metadata
 
 RUNS = Path("runs")
 SCHEDULE_PIECES = 8  # windows of the per-layer schedule over the recording
@@ -64,6 +70,48 @@ class DemoConfig:
         base.update(overrides)
         return cls(**base)
 
+    def validate(self) -> None:
+        """Check every setting, the runs' configs included; raises GraftlabError, writes nothing."""
+        if self.steps < 4:
+            raise GraftlabError(f"the demo needs at least 4 steps, got steps={self.steps}")
+        if self.window is not None and not 1 <= self.window <= self.steps:
+            raise GraftlabError(f"window must be between 1 and steps ({self.steps}), got {self.window}")
+        if self.round.lower() != "dauto":
+            parse_round(self.round)
+        folder = Path(self.out).expanduser() if self.out is not None else RUNS
+        if self.out is not None and folder.exists():
+            raise GraftlabError(f"out {self.out!r} already exists: the demo writes into a new folder")
+        if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+            raise GraftlabError(f"cannot create the demo folder {str(folder)!r}: a file stands in its path")
+        # the outputs all go into the new folder, so only the settings are checked here
+        self.record_config(folder).validate(outputs=False)
+        self.train_config(folder, "sgd", "sgd", self.direction_lr, self.sgd_hparams).validate(outputs=False)
+        self.train_config(folder, "adam", "adam", self.magnitude_lr, {}).validate(outputs=False)
+
+    @property
+    def distill_window(self) -> int:
+        return self.window if self.window is not None else self.steps // 2
+
+    @property
+    def sgd_hparams(self) -> dict[str, float]:
+        return {"momentum": self.momentum} if self.momentum else {}
+
+    def record_config(self, folder: Path) -> RecordConfig:
+        """The recording: layer-wise Adam#SGD on bert, no evaluation before the end."""
+        return RecordConfig(
+            task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, magnitude="adam",
+            direction="sgd", magnitude_lr=self.magnitude_lr, direction_lr=self.direction_lr,
+            d_hparams=self.sgd_hparams, granularity="layer", device=self.device, seed=self.seed, eval_every=0,
+            eval_size=self.eval_size, out=str(folder / "trace"))
+
+    def train_config(self, folder: Path, name: str, optimizer: str, lr: Optional[float], hparams: dict,
+                     schedule: Optional[str] = None, warmup: Optional[float] = None) -> TrainConfig:
+        """Run ``name``: the same task, initialisation and data order as the recording."""
+        return TrainConfig(
+            task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, optimizer=optimizer, lr=lr,
+            hparams=hparams, schedule=schedule, warmup=warmup, device=self.device, seed=self.seed, eval_every=0,
+            eval_size=self.eval_size, metrics=str(folder / f"metrics-{name}.parquet"))
+
 
 @dataclass
 class DemoResult:
@@ -81,7 +129,7 @@ def new_folder(out: Optional[str | Path] = None, root: Path = RUNS) -> Path:
     if out is not None:
         path = Path(out).expanduser()
         if path.exists():
-            raise GraftlabError(f"{path} exists: the demo writes into a new folder (give another --out)")
+            raise GraftlabError(f"out {str(path)!r} already exists: the demo writes into a new folder")
         path.mkdir(parents=True)
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -116,85 +164,83 @@ def _row(name: str, optimizer: str, lr, fit, **extra: Any) -> dict[str, Any]:
 
 
 def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
-    """Record, distill, train and compare (see the module doc); returns the table and the folder."""
-    from graftlab.corrections import save
-    from graftlab.distill import distill
-    from graftlab.record import RecordConfig, record
-    from graftlab.train import TrainConfig, train
+    """Record, distill, train and compare (see the module doc); returns the table and the folder.
 
-    if config.steps < 4:
-        raise GraftlabError(f"the demo needs at least 4 steps, got {config.steps}")
-    window = config.window or config.steps // 2
-    if not 1 <= window <= config.steps:
-        raise GraftlabError(f"window must be between 1 and the steps ({config.steps}), got {window}")
+    Every setting is checked (:meth:`DemoConfig.validate`) before the folder is created.
+    """
+    config.validate()
     t0 = time.perf_counter()
     folder = new_folder(config.out)
     echo(f"demo: writing into {folder}")
-    sgd = {"momentum": config.momentum} if config.momentum else {}
+    rec, m_lr, d_lr = _record(config, folder, progress, echo)
+    spec, beta, corr_path, sched_path = _distill(config, rec.trace, folder, echo)
+    rows = [_row("Adam#SGD (recorded)", "adam#sgd", f"{m_lr:g}#{d_lr:g}", rec.fit),
+            *_train(config, folder, m_lr, d_lr, corr_path, sched_path, progress, echo)]
+    table = pd.DataFrame(rows)
+    table.to_csv(folder / "results.csv", index=False)
+    figures = _figures(config, rec.trace, folder, spec, echo) if config.figures else []
+    wall = time.perf_counter() - t0
+    summary = {"config": dataclasses.asdict(config), "window": config.distill_window, "round": spec, "beta": beta,
+               "magnitude_lr": m_lr, "direction_lr": d_lr, "wall_time": wall, "results": rows}
+    (folder / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
+    return DemoResult(folder, table, config.distill_window, spec, beta, figures, wall)
 
-    # 1. record
+
+def _record(config: DemoConfig, folder: Path, progress: bool, echo: Callable[[str], None]):
+    """Step 1: the Adam#SGD recording; returns it with the learning rates it resolved."""
     echo(f"[1/4] recording Adam#SGD (layer-wise) on bert/{config.size}, {config.steps} steps, batch {config.batch_size}")
-    rec = record(RecordConfig(
-        task="bert", size=config.size, steps=config.steps, batch_size=config.batch_size, magnitude="adam",
-        direction="sgd", magnitude_lr=config.magnitude_lr, direction_lr=config.direction_lr, d_hparams=sgd,
-        granularity="layer", device=config.device, seed=config.seed, eval_every=0, eval_size=config.eval_size,
-        out=str(folder / "trace")), progress=progress)
-    from graftlab.trace import read_metadata
+    rec = record(config.record_config(folder), progress=progress)
+    rec_cfg = read_metadata(rec.trace)["config"]
+    return rec, float(rec_cfg["magnitude_lr"]), float(rec_cfg["direction_lr"])
 
-    rec_cfg = read_metadata(rec.trace)["config"]  # the learning rates the recording resolved
-    m_lr, d_lr = float(rec_cfg["magnitude_lr"]), float(rec_cfg["direction_lr"])
 
-    # 2. distill
-    beta = None
-    spec = config.round
+def _distill(config: DemoConfig, trace: Path, folder: Path, echo: Callable[[str], None]):
+    """Step 2: static corrections over the window, and a per-layer schedule over the whole run."""
+    window, beta, spec = config.distill_window, None, config.round
     if spec.lower() == "dauto":
-        beta = choose_beta(distill(rec.trace, window=window, round="none"))
+        beta = choose_beta(distill(trace, window=window, round="none"))
         if beta is None:
-            raise GraftlabError("--round Dauto needs groups inside transformer blocks with a usable median")
+            raise GraftlabError("round='Dauto' needs groups inside transformer blocks with a usable median")
         spec = f"D{beta:g}"
-    corr = distill(rec.trace, window=window, round=spec)
+    corr = distill(trace, window=window, round=spec)
     corr_path = save(corr, folder / "corrections.json")
-    echo(f"[2/4] distilled the first {window} steps with --round {spec} -> {corr_path}")
+    echo(f"[2/4] distilled the first {window} steps with round {spec} -> {corr_path}")
     pieces = max(1, config.steps // SCHEDULE_PIECES)
-    sched_path = save(distill(rec.trace, window=pieces, schedule=True), folder / "corrections-schedule.json")
+    sched_path = save(distill(trace, window=pieces, schedule=True), folder / "corrections-schedule.json")
     echo(f"      and a per-layer schedule (medians of every {pieces} steps over the whole run) -> {sched_path}")
     flagged = corr.source.get("flagged") or {}
     if flagged:
         echo(f"      flagged (use their kind's median): {', '.join(f'{g} ({f})' for g, f in flagged.items())}")
+    return spec, beta, corr_path, sched_path
 
-    # 3. train
-    def run(name: str, optimizer: str, lr: float, hparams: dict, corrections: Optional[Path] = None,
-            schedule: Optional[str] = None, warmup: Optional[float] = None, **extra: Any):
-        echo(f"[3/4] training {name}")
-        cfg = TrainConfig(task="bert", size=config.size, steps=config.steps, batch_size=config.batch_size,
-                          optimizer=optimizer, lr=lr, hparams=hparams, schedule=schedule, warmup=warmup,
-                          device=config.device, seed=config.seed,
-                          eval_every=0, eval_size=config.eval_size, metrics=str(folder / f"metrics-{name}.parquet"))
-        return _row(name, optimizer, f"{lr:g}", train(cfg, corrections=corrections, progress=progress), **extra)
 
-    rows = [
-        _row("Adam#SGD (recorded)", "adam#sgd", f"{m_lr:g}#{d_lr:g}", rec.fit),
-        run("sgd", "sgd", d_lr, sgd),
-        run("sgd+corrections", "sgd", d_lr, sgd, corrections=corr_path),
+def _train(config: DemoConfig, folder: Path, m_lr: float, d_lr: float, corr_path: Path, sched_path: Path,
+           progress: bool, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Step 3: SGD, SGD with the corrections, SGD with the schedule, and Adam; one table row each."""
+    sgd = config.sgd_hparams
+    runs = [
+        ("sgd", "sgd", d_lr, sgd, None, {}),
+        ("sgd+corrections", "sgd", d_lr, sgd, corr_path, {}),
         # the schedule's pieces already carry Adam's warmup and decay, so the run adds none of its own
-        run("sgd+schedule", "sgd", d_lr, sgd, corrections=sched_path, schedule="constant", warmup=0.0),
-        run("adam", "adam", m_lr, {}),
+        ("sgd+schedule", "sgd", d_lr, sgd, sched_path, {"schedule": "constant", "warmup": 0.0}),
+        ("adam", "adam", m_lr, {}, None, {}),
     ]
-    table = pd.DataFrame(rows)
-    table.to_csv(folder / "results.csv", index=False)
+    rows = []
+    for name, optimizer, lr, hparams, corrections, schedule in runs:
+        echo(f"[3/4] training {name}")
+        cfg = config.train_config(folder, name, optimizer, lr, hparams, **schedule)
+        rows.append(_row(name, optimizer, f"{lr:g}", train(cfg, corrections=corrections, progress=progress)))
+    return rows
 
-    # 4. figures
-    figures: list[Path] = []
-    if config.figures:
-        from graftlab.plots.render import render
 
-        figures = render([rec.trace], "all", folder / "figures", steps=[config.steps], window=window, round=spec)
-        echo(f"[4/4] figures: {', '.join(str(p) for p in figures)}")
-    wall = time.perf_counter() - t0
-    summary = {"config": dataclasses.asdict(config), "window": window, "round": spec, "beta": beta,
-               "magnitude_lr": m_lr, "direction_lr": d_lr, "wall_time": wall, "results": rows}
-    (folder / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
-    return DemoResult(folder, table, window, spec, beta, figures, wall)
+def _figures(config: DemoConfig, trace: Path, folder: Path, spec: str, echo: Callable[[str], None]) -> list[Path]:
+    """Step 4: the trace's figures (5-8) and the corrections figure."""
+    from graftlab.plots.render import render
+
+    figures = render([trace], "all", folder / "figures", steps=[config.steps], window=config.distill_window,
+                     round=spec)
+    echo(f"[4/4] figures: {', '.join(str(p) for p in figures)}")
+    return figures
 
 
 def format_table(table: pd.DataFrame) -> str:

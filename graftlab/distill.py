@@ -21,86 +21,25 @@ divided by the first window's median (``drift``), so overshooting static correct
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from graftlab import analysis
-from graftlab.corrections import Corrections
+from graftlab import analysis, degenerate
+from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
-from graftlab.trace import PART_GLOB, REQUIRED, group_table, read_metadata, read_trace
+from graftlab.jsonable import jsonable
+from graftlab.trace import group_table, read_metadata, read_trace, trace_extent
 
 PathLike = Union[str, os.PathLike]
 
-
-def trace_extent(path: PathLike) -> tuple[int, int]:
-    """``(first_step, last_step)`` of a trace from Parquet footers only (no data pages read)."""
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        # sorting names, not Path objects: a long run has thousands of parts
-        files = [path / n for n in sorted(n for n in os.listdir(path) if fnmatch.fnmatchcase(n, PART_GLOB))]
-    else:
-        raise GraftlabError(f"{path}: no such trace")
-    if not files:
-        raise GraftlabError(f"{path}: the trace is empty (no part files)")
-    try:
-        names = pq.read_schema(files[0]).names
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{files[0]}: not a readable Parquet file ({err})") from None
-    missing = [c for c in REQUIRED if c not in names]
-    if missing:
-        raise GraftlabError(f"{path}: trace lacks required column(s) {', '.join(missing)}")
-    lo: Optional[int] = None
-    hi: Optional[int] = None
-    for order, pick in ((files, "min"), (files[::-1], "max")):
-        for f in order:
-            v = _step_stat(f, pick)
-            if v is not None:
-                if pick == "min":
-                    lo = v
-                else:
-                    hi = v
-                break
-    if lo is None or hi is None:
-        raise GraftlabError(f"{path}: the trace is empty (no recorded steps)")
-    return lo, hi
-
-
-def _step_stat(f: Path, pick: str) -> Optional[int]:
-    try:
-        md = pq.ParquetFile(f).metadata
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{f}: not a readable Parquet file ({err})") from None
-    names = [md.schema.column(i).name for i in range(md.num_columns)]
-    if "step" not in names or md.num_rows == 0:
-        return None
-    col = names.index("step")
-    vals = []
-    for rg in range(md.num_row_groups):
-        r = md.row_group(rg)
-        if r.num_rows == 0:
-            continue
-        st = r.column(col).statistics
-        if st is None or not st.has_min_max:
-            steps = pq.read_table(f, columns=["step"]).column("step").to_numpy()
-            return int(steps.min() if pick == "min" else steps.max()) if steps.size else None
-        vals.append(st.min if pick == "min" else st.max)
-    return int(min(vals) if pick == "min" else max(vals)) if vals else None
-
-
-def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
-    hp = ((meta.get("direction") or {}).get("hyperparameters") or {})
-    lr = hp.get("lr")
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+FALLBACK = "median of the unflagged groups of the same kind, else 1.0"
 
 
 def distill(
@@ -112,145 +51,221 @@ def distill(
     filter: Optional[int] = None,
     tie: Optional[str] = None,
     start: int = 0,
-    outlier: Optional[float] = analysis.OUTLIER,
+    outlier: Optional[float] = None,
     drift: bool = True,
 ) -> Corrections:
-    """Distill ``trace_path`` into :class:`~graftlab.corrections.Corrections` (see module doc).
+    """Distill the trace at ``trace_path`` into :class:`~graftlab.corrections.Corrections`.
 
-    ``round`` is ``none``, ``pow10`` or ``D<beta>``; ``filter`` an odd median-filter width applied
-    to each group's series first; ``tie`` a regex of group names D_beta ties to beta (default: the
-    groups inside transformer blocks); ``outlier`` the degenerate-group threshold (None: off).
+    The paper's Section 5: each group's factor is the median of its ratios ``||w_M - w_t|| /
+    ||w_D - w_t||`` (dimensionless) over the ``window`` steps from ``start`` (the paper: the first
+    2000 steps at batch 8K, 500 at 32K; Table 5), skipping non-finite ratios. ``round`` is
+    ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
+    6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
+    go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
+    applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
+    threshold that also flags groups degenerate (None: off; :mod:`graftlab.degenerate` decides from
+    what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
+    piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
+    static multipliers; the default is a schedule for a global trace. ``drift`` adds each group's
+    median over the trace's last window.
+
+    Returns corrections with one multiplier (or one schedule) per group, relative to D's recorded
+    learning rate (``source["direction_lr"]``), and one
+    :class:`~graftlab.corrections.GroupSource` per group in ``source["groups"]`` (median, counts,
+    drift, flags). Reads only the part files the windows need.
+
+    Raises :class:`~graftlab.errors.GraftlabError` for a bad ``window``, ``start``, ``round`` or
+    ``filter``, a path that is not a readable graftlab trace, or a window that does not fit in it.
     """
-    analysis.parse_round(round)  # bad specs fail before any reading
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-        raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
-    if filter is not None and filter != 0:
-        analysis.median_filter([], filter)  # validates the width
+    _check_settings(window, start, round, filter)
     path = Path(trace_path)
     meta = read_metadata(path)
-    first, last = trace_extent(path)
-    every = meta.get("every") if isinstance(meta.get("every"), int) and meta.get("every") > 0 else 1
-    length = last + every
+    extent = trace_extent(path)
+    length = _length(meta, extent)
     if schedule is None:
         schedule = meta.get("granularity") == "global"
     if start + window > length:
         raise GraftlabError(
             f"{path}: window of {window} steps from step {start} is longer than the trace "
-            f"({length} steps: {first}..{last})"
+            f"({length} steps: {extent[0]}..{extent[1]})"
         )
     table = group_table(meta)
 
     # read_trace opens only the part files and row groups that can hold the steps asked for
-    df = read_trace(path, steps=(start, None if schedule else start + window))
-    df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is in ``meta``
+    df = _read(path, start, None if schedule else start + window, filter)
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
-    present = analysis._group_order(df)
-    known = set(table.index)
-    groups = [g for g in table.index if g in set(present)] + [g for g in present if g not in known]
+    groups = _groups(df, table)
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
-
-    if filter:  # once, over everything read: windows then see the filtered series
-        df = analysis.filter_groups(df, filter)
+    if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
+        tied = tied & analysis.attention_weights(groups, kinds)
+    rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
-    flags = analysis.flag_groups(first_win["median"], outlier)
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
+    spread, notes = _tied_spread(path, round, first_win["median"], rule)
+    later_start = length - window if drift and length - start >= 2 * window else None
     later = pd.Series(math.nan, index=groups)
-    later_start = None
-    if drift and length - start >= 2 * window:
-        later_start = length - window
-        if schedule:
-            tail = df
-        else:
-            tail = read_trace(path, steps=(later_start, None))
-            tail = analysis.filter_groups(tail, filter) if filter else tail
+    if later_start is not None:
+        tail = df if schedule else _read(path, later_start, None, filter)
         later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
-
-    def factors(medians: pd.Series) -> pd.Series:
-        # NaN where a window gives an unflagged group no usable median (the schedule carries over).
-        usable = analysis.fallback_factors(medians, kinds, flags)
-        ok = np.isfinite(usable) & (usable > 0)
-        out = pd.Series(math.nan, index=usable.index)
-        out[ok] = analysis.apply_round(usable[ok], round, tied[ok])
-        return out
 
     multipliers: dict[str, float] = {}
     sched: dict[str, list[list]] = {}
     if schedule:
-        wins = analysis.windowed_medians(df, window, start)
-        rows = []
-        for s, part in wins.groupby("start", sort=True):
-            med = part.set_index("group")["median"].reindex(groups)
-            # A window where a group has no finite ratio keeps the previous factor (piecewise).
-            f = factors(med)
-            rows.append(pd.DataFrame({"start": s, "group": groups, "factor": f.to_numpy()}))
-        sched = analysis.piecewise(pd.concat(rows, ignore_index=True), "factor")
-        for g in groups:  # groups with no finite ratio anywhere: their fallback factor throughout
-            if g not in sched:
-                sched[g] = [[0, float(factors(first_win["median"])[g])]]
+        sched = _schedules(df, window, start, groups, rule, first_win["median"])
         first_factor = pd.Series({g: sched[g][0][1] for g in groups})
     else:
-        first_factor = factors(first_win["median"])
+        first_factor = rule.factors(first_win["median"])
         multipliers = {g: float(first_factor[g]) for g in groups}
 
-    stand_in = analysis.fallback_factors(first_win["median"], kinds, flags)
-    info = {}
-    for g in groups:
-        d = {
-            "kind": kinds[g],
-            "block": _block(table["block"].get(g)) if "block" in table.columns and g in table.index else None,
-            "tied": bool(tied[g]),
-            "median": _py(first_win.at[g, "median"]),
-            "factor": _py(first_factor[g]),
-            "n_finite": int(first_win.at[g, "n_finite"]),
-            "n_nonfinite": int(first_win.at[g, "n_nonfinite"]),
-            "later_median": _py(later[g]),
-            "drift": _py(later[g] / first_win.at[g, "median"]) if first_win.at[g, "median"] > 0 else None,
-            "flags": flags[g],
-        }
-        if flags[g]:
-            d["stand_in"] = _py(stand_in[g])
-        if "members" in table.columns and g in table.index:
-            members = table.at[g, "members"]
-            if isinstance(members, (list, tuple)) and list(members) != [g]:
-                d["members"] = [str(m) for m in members]
-        info[g] = d
+    records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
         "trace": str(path.resolve()),
         "window": int(window),
         "start": int(start),
-        "steps": [int(first), int(last)],
+        "steps": [int(extent[0]), int(extent[1])],
         "later_window_start": later_start,
         "mode": "schedule" if schedule else "static",
         "round": str(round),
         "filter": int(filter) if filter else None,
         "tie": tie,
         "outlier": outlier,
-        "flagged": {g: flags[g] for g in groups if flags[g]},
-        "fallback": "median of the unflagged groups of the same kind, else 1.0",
+        "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "degenerate": method,
+        "tied_spread": None if math.isnan(spread) else float(spread),
+        "warnings": notes,
+        "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
-        "groups": info,
+        "groups": {g: r.to_dict() for g, r in records.items()},
     }
     return Corrections(multipliers=multipliers, schedule=sched, source=source)
 
 
-def _py(v: Any) -> Any:
-    if v is None:
-        return None
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+# --------------------------------------------------------------------------- the steps
+
+def _check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -> None:
+    """Bad settings fail before any reading."""
+    analysis.parse_round(round)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
+    if filter is not None and filter != 0:
+        analysis.median_filter([], filter)  # validates the width
+
+
+def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
+    """How far apart the medians that D_beta ties to one beta are (max/min of the unflagged ones),
+    and a warning when more than ``analysis.SPREAD_WARN``: one beta then over- or undershoots."""
+    if analysis.parse_round(round)[0] not in ("dbeta", "dbeta_attn"):
+        return math.nan, []
+    spread = analysis.tied_spread(medians[rule.flags == ""], rule.tied)
+    if not spread > analysis.SPREAD_WARN:
+        return spread, []
+    note = (f"{round}: the tied groups' medians span {spread:.3g}x (more than {analysis.SPREAD_WARN:g}x); "
+            "one beta over- or undershoots some of them")
+    warnings.warn(f"{path}: {note}", stacklevel=3)
+    return spread, [note]
+
+
+def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
+    """Steps the trace covers: a trace recorded every k-th step covers k steps past its last row."""
+    every = meta.get("every")
+    return extent[1] + (every if isinstance(every, int) and every > 0 else 1)
+
+
+def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) -> pd.DataFrame:
+    df = read_trace(path, steps=(start, stop))
+    df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is read separately
+    return analysis.filter_groups(df, filter) if filter else df
+
+
+def _groups(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """The groups read, in the metadata's order, then any the metadata does not list."""
+    present = analysis.group_order(df)
+    known, seen = set(table.index), set(present)
+    return [g for g in table.index if g in seen] + [g for g in present if g not in known]
+
+
+@dataclass
+class _Rule:
+    """How medians become factors: stand-ins for flagged groups, then the rounding."""
+
+    round: str
+    kinds: pd.Series
+    tied: pd.Series
+    flags: Optional[pd.Series] = None
+
+    def stand_in(self, medians: pd.Series) -> pd.Series:
+        return analysis.fallback_factors(medians, self.kinds, self.flags)
+
+    def factors(self, medians: pd.Series) -> pd.Series:
+        """NaN where a window gives an unflagged group no usable median (a schedule carries over)."""
+        usable = self.stand_in(medians)
+        ok = np.isfinite(usable) & (usable > 0)
+        out = pd.Series(math.nan, index=usable.index)
+        out[ok] = analysis.apply_round(usable[ok], self.round, self.tied[ok])
+        return out
+
+
+def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rule: _Rule,
+               first_medians: pd.Series) -> dict[str, list[list]]:
+    """Per-group piecewise-constant schedules from consecutive windows (Figure 4)."""
+    rows = []
+    for s, part in analysis.windowed_medians(df, window, start).groupby("start", sort=True):
+        # a window where a group has no finite ratio keeps the previous factor (piecewise)
+        f = rule.factors(part.set_index("group")["median"].reindex(groups))
+        rows.append(pd.DataFrame({"start": s, "group": groups, "factor": f.to_numpy()}))
+    sched = analysis.piecewise(pd.concat(rows, ignore_index=True), "factor")
+    fallback = rule.factors(first_medians)
+    for g in groups:  # groups with no finite ratio anywhere: their fallback factor throughout
+        if g not in sched:
+            sched[g] = [[0, float(fallback[g])]]
+    return sched
+
+
+def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
+             first_factor: pd.Series, later: pd.Series,
+             evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
+    """Each group's :class:`GroupSource`: what its factor was made from."""
+    stand_in = rule.stand_in(first_win["median"])
+    out = {}
+    for g in groups:
+        median = first_win.at[g, "median"]
+        members = table.at[g, "members"] if "members" in table.columns and g in table.index else None
+        out[g] = GroupSource(
+            kind=rule.kinds[g],
+            block=_block(table["block"].get(g)) if "block" in table.columns and g in table.index else None,
+            tied=bool(rule.tied[g]),
+            median=jsonable(median),
+            factor=jsonable(first_factor[g]),
+            n_finite=int(first_win.at[g, "n_finite"]),
+            n_nonfinite=int(first_win.at[g, "n_nonfinite"]),
+            later_median=jsonable(later[g]),
+            drift=jsonable(later[g] / median) if median > 0 else None,
+            flags=rule.flags[g],
+            stand_in=jsonable(stand_in[g]) if rule.flags[g] else None,
+            members=([str(m) for m in members]
+                     if isinstance(members, (list, tuple)) and list(members) != [g] else None),
+            grad_share=jsonable(evidence[g].grad_share),
+            evidence=evidence[g].to_dict() if evidence[g].degenerate else None,
+        )
+    return out
 
 
 def _block(v: Any) -> Optional[int]:
     """A block index from the metadata table (pandas turns int columns with None into floats)."""
-    v = _py(v)
+    v = jsonable(v)
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
+    hp = ((meta.get("direction") or {}).get("hyperparameters") or {})
+    lr = hp.get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def default_output(trace_path: PathLike, format: str = "json") -> Path:

@@ -1,9 +1,12 @@
 """The one exception type graftlab raises for a user's mistake.
 
 ``GraftlabError`` subclasses ``ValueError``, so code that already catches ``ValueError`` around
-torch.optim-style validation keeps working. Messages are worded in API terms (argument names,
-paths); the CLI turns a ``GraftlabError`` into one ``error:`` line and exit code 2, translating
-API names to its options where they differ. Anything else is a bug and keeps its traceback.
+torch.optim-style validation keeps working. Messages are one line worded in API terms: parameters
+by their Python names (``pass overwrite=True``, ``allow_missing=True``, ``checkpoint_dir``), never
+command-line flags. The CLI turns a ``GraftlabError`` into one ``error:`` line and exit code 2,
+saying each parameter name of the running command as its flag (``--overwrite``,
+``--checkpoint-dir``; see ``graftlab.cli.app.in_cli_terms``). Anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 

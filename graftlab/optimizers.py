@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.optim import Optimizer
 
 from graftlab.errors import GraftlabError
+from graftlab.jsonable import jsonable
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -113,18 +114,6 @@ def parse_hparams(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 def describe(optimizer: Optimizer) -> dict[str, Any]:
     """JSON-able ``{"class", "hyperparameters", "param_groups"}`` of an optimizer (for run metadata).
 
@@ -133,7 +122,7 @@ def describe(optimizer: Optimizer) -> dict[str, Any]:
     is described with both children.
     """
     children = {r: getattr(optimizer, r) for r in ("magnitude", "direction") if isinstance(getattr(optimizer, r, None), Optimizer)}
-    hyper = {k: _jsonable(v) for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_ARGS}
+    hyper = {k: jsonable(v) for k, v in optimizer.defaults.items() if k not in _IMPLEMENTATION_ARGS}
     out: dict[str, Any] = {
         "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
         "hyperparameters": hyper,

@@ -1,47 +1,55 @@
-"""Stream a :class:`~graftlab.Graft` optimizer's per-group ratios to a Parquet trace.
+"""The :class:`Recorder`: a training loop's hook that streams a Graft's per-group ratios to a trace.
 
 The training loop changes only by creating and closing the recorder::
 
     opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
     with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
         for batch in loader:
-            loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
-            rec.log(loss=loss.detach(), lr=sched.get_last_lr()[0])   # optional per-step scalars
+            loss = model(batch); loss.backward(); opt.step(); opt.zero_grad(); sched.step()
+            rec.log(loss=loss.detach())   # optional per-step scalars; column lr is recorded for you
+
+The ``lr`` column is M's learning rate that each recorded step used (read before the step, so a
+scheduler stepped after it does not shift it). Under torch.distributed the same lines run on every
+rank: rank 0 writes, the others record nothing.
 
 How it stays out of the way of training (see :mod:`graftlab.trace` for the file format):
 
 - a step post-hook copies ``graft.last_stats`` (3 x G, on the parameters' device) into a
   preallocated device ring buffer; tensors passed to :meth:`Recorder.log` go to device buffers too.
   Nothing per step reads a value back to the host.
-- every ``flush_every`` recorded steps the buffer goes to the host in one batched copy (pinned
-  memory and ``non_blocking`` on CUDA) and a background thread writes it as one Parquet part file,
-  renamed into place when complete. A process killed at any moment leaves a readable trace that lacks
-  at most the rows not yet flushed.
+- every ``flush_every`` recorded steps, or at the first step after ``flush_seconds`` (host clock),
+  the buffer goes to the host in one batched copy (pinned memory and ``non_blocking`` on CUDA) and a
+  background thread writes it as one Parquet part file, renamed into place when complete. A process
+  killed at any moment leaves a readable trace that lacks at most the rows not yet flushed.
+
+Whole runs of the built-in tasks that record are in :mod:`graftlab.runs`.
 """
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import math
 import queue
-import shutil
 import threading
+import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from graftlab import trace
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
-from graftlab.kinds import GroupKind, Overrides, classify_names, group_kind, to_dict
+from graftlab.grad_norms import GradNorms
+from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
+from graftlab.optimizers import describe
 
 DEFAULT_FLUSH_EVERY = 100
+DEFAULT_FLUSH_SECONDS = 30.0
+DEFAULT_GRAD_EVERY = 10
+GRAD_COLUMN = "norm_g"
 
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -56,106 +64,93 @@ def _close_open_recorders() -> None:
             pass
 
 
-def _describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    try:
-        from graftlab.optimizers import describe
-    except ImportError:  # pragma: no cover - older layouts
-        describe = None
-    if describe is not None:
-        return describe(opt)
-    group = opt.param_groups[0]
-    hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))}
-    return {"class": type(opt).__name__, "hyperparameters": hyper}
-
-
 def _versions() -> dict[str, str]:
     import graftlab
 
     return {"graftlab": graftlab.__version__, "torch": torch.__version__}
 
 
-def _is_trace_dir(path: Path) -> bool:
-    return (path / trace.SIDECAR).exists() or any(path.glob(trace.PART_GLOB))
-
-
-def _prepare_path(path: Path, overwrite: bool, resume: bool) -> None:
-    if path.exists() and path.is_file():
-        if not overwrite:
-            raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        path.unlink()
-    elif path.exists():
-        entries = [p for p in path.iterdir()]
-        if entries and not resume:
-            if not overwrite:
-                raise GraftlabError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-            if not _is_trace_dir(path):
-                raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
-            shutil.rmtree(path)
-        elif resume and entries and not _is_trace_dir(path):
-            raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def _truncate_from(path: Path, start_step: int) -> None:
-    """Drop rows with ``step >= start_step`` from an existing trace (a resumed run redoes them)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    for part in sorted(path.glob(trace.PART_GLOB)):
-        if trace.part_first_step(part) >= start_step:
-            part.unlink()
-            continue
-        table = pq.read_table(part)
-        steps = table.column("step").to_numpy()
-        if steps.size and steps.max() >= start_step:
-            trace.write_table(table.filter(pc.less(table.column("step"), start_step)), part)
-    for tmp in path.glob(".part-*.tmp"):  # half-written parts of the killed run
-        tmp.unlink()
-
-
 class _Writer(threading.Thread):
-    """Background thread: waits for each flushed host buffer and writes it as one part file."""
+    """Background thread: waits for each flushed host buffer, writes it as one part file, then hands
+    the part to the ``on_flush`` callbacks (off the training thread, once per flush)."""
 
-    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
         super().__init__(name="graftlab-trace-writer", daemon=True)
         self.directory = directory
-        self.group_names = group_names
-        self.meta = meta
+        self.on_flush = list(on_flush)
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
         self.parts: list[Path] = []
 
     def run(self) -> None:
-        g = len(self.group_names)
         while True:
             job = self.jobs.get()
             if job is None:
                 return
             if self.error is not None:
                 continue  # keep draining so the training loop never blocks on a dead writer
-            steps, host, event, dev_keys, host_scalars = job
+            # each job carries its groups and metadata: a Graft may gain groups between flushes
+            steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta = job
             try:
                 if event is not None:
                     event.synchronize()
-                arr = host.numpy()
-                n = len(steps)
-                stats = arr[:, : 3 * g].reshape(n, 3, g)
-                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
-                scalars.update(host_scalars)
-                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                n, g = len(steps), len(names)
+                flat = host_stats.numpy().reshape(n, -1)
+                stats = flat[:, : 3 * g].reshape(n, 3, g)
+                # gradient norms ride after the stats when the recorder takes them
+                per_group = {GRAD_COLUMN: flat[:, 3 * g :]} if flat.shape[1] == 4 * g else None
+                dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
+                scalars = {}
+                for key in keys:  # one float64 column per key: a host float wins over a tensor on its row
+                    host = host_scalars.get(key)
+                    col = dev.get(key)
+                    if col is None:
+                        col = host
+                    elif host is not None:
+                        col = np.where(np.isnan(host), col, host)
+                    scalars[key] = col
+                table = trace.build_table(steps, names, stats, scalars, meta, per_group)
                 self.parts.append(trace.write_part(self.directory, table))
+                for callback in self.on_flush:
+                    callback(table, meta)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
 
 
 class Recorder:
-    """Record ``graft``'s per-group ``norm_m, norm_d, ratio`` every ``every``-th step to ``path``.
+    """Record ``graft``'s per-group step norms and their ratio, every ``every``-th step, to a trace.
+
+    The ratio is the one grafting transfers (paper, Section 3, Algorithm 1), per group of the
+    partition (Section 3.1: a tensor for ``granularity="layer"``, the model for ``"global"``):
+    ``ratio = ||w_M - w_t|| / ||w_D - w_t||``. Recorded over a grafted run (Section 4), it is what
+    Section 5 distills into a learning-rate correction for D alone (:func:`graftlab.distill`).
+
+    ``path`` becomes a trace directory (:mod:`graftlab.trace`) with ``G = len(graft.group_names)``
+    rows per recorded step, and the run metadata (optimizers, groups with kinds/shapes/sizes, task,
+    seed, versions) in every part and in ``_graftlab.json``. Columns:
+
+    ``step`` int64: the 0-based optimizer step; ``group`` string: ``Graft.group_names``;
+    ``norm_m``, ``norm_d`` float32: L2 norms of M's and D's proposed steps on the group, in
+    parameter units; ``ratio`` float32: ``norm_m / norm_d``, dimensionless, not finite where D's
+    step was zero; ``lr`` float64: M's learning rate (first param group) the step used;
+    any scalar given to :meth:`log` (``loss``, ...), repeated on the step's rows.
+
+    Free per step: a step post-hook copies ``graft.last_stats`` (shape ``(3, G)``, on the
+    parameters' device) into a preallocated ``(flush_every, 3, G)`` device buffer, with no host
+    sync. Every ``flush_every`` recorded steps one batched copy (pinned, ``non_blocking`` on CUDA)
+    goes to a background thread that writes one Parquet part, renamed into place when complete: a
+    killed process leaves a readable trace lacking at most the rows not yet flushed.
 
     Args:
-        graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook).
+        graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook), or a
+            wrapper around one that keeps it as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)
+            or ``._optimizer`` (Lightning's ``LightningOptimizer``).
         path: trace directory to create (see :mod:`graftlab.trace`).
         every: record steps whose number is a multiple of ``every``.
-        flush_every: recorded steps per part file; at most this many are lost if the process dies.
+        flush_every: recorded steps per part file at most.
+        flush_seconds: also flush at the first step that finds the oldest buffered row older than
+            this many seconds (wall clock, read on the host: no device sync), so a slow run killed
+            at any moment loses at most about this much; None: only the step bound.
         metadata: extra run metadata (task, batch_size, seed, config, ...), merged over the defaults.
         model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
         kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
@@ -164,7 +159,43 @@ class Recorder:
         start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
         record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
-            at each recorded step, read just before the step (after it an LR scheduler has moved on).
+            that each recorded step used, read just before the step (after it an LR scheduler has
+            moved on). This column wins: ``log(lr=...)`` is then an error; pass
+            ``record_lr=False`` to log ``lr`` yourself.
+        on_flush: callables ``f(table, metadata)`` run in the writer thread after each part file is
+            written, with the part as a ``pyarrow.Table`` (the trace columns) and the run metadata;
+            e.g. :class:`graftlab.integrations.tensorboard.TensorBoardView`. An exception in one
+            stops the recording and is raised on the training thread at the next flush. Those with
+            a ``close()`` method are closed with the Recorder.
+        grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
+            recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
+            noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
+            window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
+            (DTensor) parameters, whose norms would need collectives on every rank.
+
+    Under ``torch.distributed`` (torchrun, DDP, FSDP2, accelerate, Lightning) create the Recorder
+    on every rank, as the training script does for one process: only global rank 0 (of the process
+    group, or torchrun's ``RANK`` before one exists) records and writes; on the other ranks it
+    attaches no hook, never touches ``path``, and :meth:`log`/:meth:`flush`/:meth:`close` do
+    nothing (``active`` is False). The ratios are the same on every rank (DDP replicates them,
+    FSDP2's all-reduce makes them equal), so rank 0's trace is the run's trace.
+
+    Raises:
+        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1, ``grad_every`` < 0 or
+            ``start_step`` < 0;
+            ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
+            ``overwrite``/``resume``, or holds something other than a trace; a resumed trace has
+            other groups; :meth:`log` gets a trace column (or ``lr`` while ``record_lr``) or a non-scalar tensor; writing failed
+            (raised at the next flush or at :meth:`close`).
+
+    Example::
+
+        opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
+        with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
+            for batch in loader:
+                loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
+                rec.log(loss=loss.detach())            # optional per-step scalars, stay on the device
+        df = graftlab.read_trace("runs/trace")        # or pandas.read_parquet("runs/trace")
     """
 
     def __init__(
@@ -174,6 +205,7 @@ class Recorder:
         *,
         every: int = 1,
         flush_every: int = DEFAULT_FLUSH_EVERY,
+        flush_seconds: Optional[float] = DEFAULT_FLUSH_SECONDS,
         metadata: Optional[Mapping[str, Any]] = None,
         model: Optional[nn.Module] = None,
         kinds: Overrides = None,
@@ -181,54 +213,90 @@ class Recorder:
         start_step: Optional[int] = None,
         resume: bool = False,
         record_lr: bool = True,
+        on_flush: Union[Callable[[Any, dict], None], Sequence[Callable[[Any, dict], None]], None] = None,
+        grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
-        if not isinstance(graft, Graft):
-            raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(graft).__name__}")
+        graft = self._find_graft(graft)
         if int(every) < 1 or int(flush_every) < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
+        if isinstance(grad_every, bool) or int(grad_every) < 0:
+            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
+        if flush_seconds is not None and not (isinstance(flush_seconds, (int, float)) and flush_seconds > 0):
+            raise GraftlabError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
+        callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
+        if not all(callable(c) for c in callbacks):
+            raise GraftlabError("on_flush must be a callable f(table, metadata) or a list of them")
         self.graft = graft
         self.path = Path(path)
         self.every = int(every)
         self.flush_every = int(flush_every)
+        self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
+        self.record_lr = bool(record_lr)
         self._next_step = graft.steps if start_step is None else int(start_step)
         if self._next_step < 0:
             raise GraftlabError(f"start_step must be >= 0, got {start_step}")
         self.group_kinds = self._group_kinds(model, kinds)
         self.metadata = self._metadata(metadata or {})
+        self.rows_flushed = 0  # recorded steps handed to the writer
+        self._closed = False
+        self._hooks: list[Any] = []
+        from graftlab.distributed import is_main
+
+        self.active = is_main()
+        if not self.active:  # another rank records: touch nothing, hook nothing
+            self._writer = None
+            return
 
         existing = None
-        if resume and self.path.exists() and _is_trace_dir(self.path):
+        if resume and self.path.is_dir() and trace.is_trace(self.path):
             existing = self._check_resumable()
-        _prepare_path(self.path, overwrite, resume)
+        trace.prepare_directory(self.path, overwrite=overwrite, resume=resume)
         if existing is not None:
-            _truncate_from(self.path, self._next_step)
+            trace.truncate(self.path, self._next_step)
             self.metadata = existing  # every part of one trace carries the same metadata
         else:
             trace.write_sidecar(self.path, self.metadata)
 
-        self._writer = _Writer(self.path, list(graft.group_names), self.metadata)
+        self._model, self._kinds = model, kinds  # to name the kinds of groups added later
+        self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
+        self._writer = _Writer(self.path, callbacks)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._grad_every = int(grad_every)
+        self._grads = self._grad_norms()
+        self._grad_ring: Optional[Tensor] = None  # (flush_every, G) gradient norms, NaN where not taken
         self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
         self._rows = 0
+        self._deadline = math.inf  # monotonic time by which the buffered rows must be flushed
         self._last_row: Optional[int] = None
-        self._dev_cols: dict[str, Tensor] = {}
-        self._host_cols: dict[str, np.ndarray] = {}
-        self.rows_flushed = 0  # recorded steps handed to the writer
-        self._closed = False
+        self._keys: dict[str, None] = {}  # logged keys in first-logged order: the column order
+        self._dev_cols: dict[str, Tensor] = {}  # values logged as tensors, on their device
+        self._host_cols: dict[str, np.ndarray] = {}  # values logged as numbers (float64)
         self._lr: Any = None
-        self._hooks = [graft.register_step_post_hook(self._on_step)]
-        if record_lr:
+        self._hooks.append(graft.register_step_post_hook(self._on_step))
+        if self.record_lr:
             self._hooks.append(graft.register_step_pre_hook(self._before_step))
         _OPEN.add(self)
+
+    @staticmethod
+    def _find_graft(opt: Any) -> Graft:
+        seen = opt
+        for _ in range(4):  # accelerate, Lightning and DeepSpeed-style wrappers keep the optimizer inside
+            if isinstance(opt, Graft):
+                return opt
+            inner = getattr(opt, "optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                inner = getattr(opt, "_optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                break
+            opt = inner
+        raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(seen).__name__}")
 
     # -- metadata ---------------------------------------------------------------------------
     def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
         part = self.graft.partition
         modules: dict[str, nn.Module] = {}
         if isinstance(model, nn.Module):
-            from graftlab.kinds import _owners
-
             modules = _owners(model)
         per_param = classify_names(part.param_names, kinds, modules)
         out = []
@@ -236,16 +304,13 @@ class Recorder:
             members = [per_param[n] for n, k in zip(part.param_names, part.tensor_group) if k == gi]
             kind = group_kind(members)
             if isinstance(kinds, Mapping) and name in kinds and name not in per_param:
-                from graftlab.kinds import _as_kind
-
                 kind = _as_kind(kinds[name], kind)  # a custom or global group named in the overrides
             out.append(kind)
         return out
 
-    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
-        g = self.graft
-        part = g.partition
-        params = g.params
+    def _groups_meta(self) -> list[dict[str, Any]]:
+        part = self.graft.partition
+        params = self.graft.params
         groups = []
         for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
             idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
@@ -255,12 +320,18 @@ class Recorder:
                 {"name": name, **to_dict(kind), "shape": shape, "numel": numel,
                  "members": [part.param_names[i] for i in idx]}
             )
+        return groups
+
+    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        g = self.graft
+        part = g.partition
+        params = g.params
         meta: dict[str, Any] = {
             "format": trace.FORMAT,
             "granularity": part.granularity,
-            "groups": groups,
-            "magnitude": _describe_optimizer(g.magnitude),
-            "direction": _describe_optimizer(g.direction),
+            "groups": self._groups_meta(),
+            "magnitude": describe(g.magnitude),
+            "direction": describe(g.direction),
             "task": None,
             "batch_size": None,
             "seed": None,
@@ -302,90 +373,156 @@ class Recorder:
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
-        if self._rows == self.flush_every:
-            self.flush()  # deferred from the last step so that log() could still fill its row
+        # deferred from the last step so that log() could still fill its row; the clock is the
+        # host's, so the time bound costs no device sync
+        if self._rows == self.flush_every or (self._rows and time.monotonic() >= self._deadline):
+            self.flush()
         if step % self.every:
             self._last_row = None
             return
         stats = self.graft.last_stats
+        if self._stats is not None and stats.shape != self._stats.shape[1:]:
+            self._regroup()
         if self._stats is None:
             self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
         r = self._rows
+        if r == 0 and self.flush_seconds is not None:
+            self._deadline = time.monotonic() + self.flush_seconds
         self._stats[r].copy_(stats)
+        if self._grads is not None:
+            if self._grad_ring is None:
+                self._grad_ring = torch.full((self.flush_every, stats.shape[1]), math.nan, dtype=stats.dtype,
+                                             device=stats.device)
+            self._grads.write(self._grad_ring, r, step)
         self._step_of_row[r] = step
         self._rows = r + 1
         self._last_row = r
         if self._lr is not None:
-            self.log(lr=self._lr)
+            self._put("lr", self._lr)
+
+    def _regroup(self) -> None:
+        """The Graft gained groups (``add_param_group``): write the rows buffered so far under the
+        old groups, then record every group from this step on; later parts and the sidecar carry
+        the grown group list in their metadata."""
+        self.flush()
+        self._groups = list(self.graft.group_names)
+        self.group_kinds = self._group_kinds(self._model, self._kinds)
+        self.metadata = {**self.metadata, "groups": self._groups_meta()}
+        trace.write_sidecar(self.path, self.metadata)
+        self._stats = None
+        self._grads, self._grad_ring = self._grad_norms(), None
+
+    def _grad_norms(self) -> Optional[GradNorms]:
+        if not self._grad_every:
+            return None
+        norms = GradNorms(self.graft, self._grad_every * self.every)
+        return norms if norms.usable else None
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
-        """Attach per-step scalars (``loss=tensor``, ``lr=float``) to the step just taken.
+        """Attach per-step scalars (``loss=tensor``, ``tokens=4096``) to the step just taken.
 
-        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing. Tensors
-        stay on their device until the next flush. Log the same keys from the first step on:
-        ``pandas.read_parquet`` takes its columns from the first part file.
+        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing, and so
+        it does on ranks other than 0. Tensors (one element, any device) stay on their device until
+        the next flush, so logging costs no host sync. Every logged column is float64 in the trace
+        whether its values came as Python numbers or tensors; a value logged twice for one step
+        keeps the last. Rows of earlier parts lack a key first logged later (``read_trace`` fills
+        them with NaN).
+
+        Raises:
+            GraftlabError: the key is a trace column (``step``, ``group``, ``norm_m``, ``norm_d``,
+                ``ratio``), or ``lr`` while ``record_lr`` records it; the value is not a number or
+                a one-element tensor.
         """
-        r = self._last_row
-        if r is None or self._closed:
-            return
-        for key, value in scalars.items():
+        for key in scalars:  # checked on every rank, so that every rank fails alike
             if key in trace.REQUIRED:
                 raise GraftlabError(f"cannot log {key!r}: it is a trace column")
-            if isinstance(value, Tensor):
-                col = self._dev_cols.get(key)
-                if col is None:
-                    col = self._new_device_col(key, value)
-                col[r].copy_(value.detach().reshape(()))
-            else:
-                col = self._dev_cols.get(key)
-                if col is not None:
-                    col[r].fill_(float(value))
-                    continue
-                host = self._host_cols.get(key)
-                if host is None:
-                    host = self._host_cols[key] = np.full(self.flush_every, np.nan)
-                host[r] = float(value)
+            if key == "lr" and self.record_lr:
+                raise GraftlabError(
+                    "cannot log 'lr': the recorder writes the lr each step used (record_lr=True); "
+                    "log it under another name or create the Recorder with record_lr=False")
+        if not self.active or self._closed or self._last_row is None:
+            return
+        for key, value in scalars.items():
+            self._put(key, value)
+
+    def _put(self, key: str, value: Any) -> None:
+        r = self._last_row
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
+            col = self._dev_cols.get(key)
+            if col is None:
+                col = self._new_device_col(key, value)
+            col[r].copy_(value.detach().reshape(()))
+            host = self._host_cols.get(key)
+            if host is not None:
+                host[r] = math.nan  # the tensor is this row's value
+            return
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise GraftlabError(f"logged {key!r} must be a number or a one-element tensor, "
+                                f"got {type(value).__name__}") from None
+        host = self._host_cols.get(key)
+        if host is None:
+            self._keys.setdefault(key, None)
+            host = self._host_cols[key] = np.full(self.flush_every, np.nan)
+        host[r] = number
 
     def _new_device_col(self, key: str, value: Tensor) -> Tensor:
-        if value.numel() != 1:
-            raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
+        # float32 unless the value is float64: the device may lack float64 (MPS); the trace
+        # column is float64 either way
         dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         col = torch.full((self.flush_every,), math.nan, dtype=dtype, device=value.device)
-        old = self._host_cols.pop(key, None)
-        if old is not None:  # a key that was a float before: keep the earlier rows
-            col.copy_(torch.from_numpy(old).to(dtype))
+        self._keys.setdefault(key, None)
         self._dev_cols[key] = col
         return col
 
     # -- flushing -------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Hand the buffered rows to the writer: one device-to-host copy, written in the background."""
+        """Hand the buffered rows to the writer: device-to-host copies, written in the background.
+
+        Raises GraftlabError when an earlier write (or an ``on_flush`` callback) failed.
+        """
+        if not self.active:
+            return
         self._raise_writer_error()
         n = self._rows
         if n == 0 or self._stats is None:
             return
         stats = self._stats[:n].reshape(n, -1)
+        if self._grad_ring is not None:
+            stats = torch.cat([stats, self._grad_ring[:n]], 1)  # the writer splits off norm_g
         dev_keys = list(self._dev_cols)
+        cols = None
         if dev_keys:
-            cols = [c[:n].to(device=stats.device, dtype=stats.dtype).unsqueeze(1) for c in self._dev_cols.values()]
-            staging = torch.cat([stats, *cols], dim=1)
-        else:
-            staging = stats
+            wide = any(c.dtype == torch.float64 for c in self._dev_cols.values())
+            dtype = torch.float64 if wide else torch.float32
+            cols = torch.stack([c[:n].to(device=stats.device, dtype=dtype) for c in self._dev_cols.values()], 1)
         event = None
-        if staging.device.type == "cuda":
-            host = torch.empty(staging.shape, dtype=staging.dtype, pin_memory=True)
-            host.copy_(staging, non_blocking=True)
+        if stats.device.type == "cuda":
+            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host_stats.copy_(stats, non_blocking=True)
+            host_cols = None
+            if cols is not None:
+                host_cols = torch.empty(cols.shape, dtype=cols.dtype, pin_memory=True)
+                host_cols.copy_(cols, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            host = staging.to("cpu", copy=True)
+            host_stats = stats.to("cpu", copy=True)
+            host_cols = None if cols is None else cols.to("cpu", copy=True)
         host_scalars = {k: v[:n].copy() for k, v in self._host_cols.items()}
-        self._writer.jobs.put((self._step_of_row[:n].copy(), host, event, dev_keys, host_scalars))
+        self._writer.jobs.put((self._step_of_row[:n].copy(), host_stats, host_cols, event, list(self._keys),
+                               dev_keys, host_scalars, self._groups, self.metadata))
         self.rows_flushed += n
         self._rows = 0
+        self._deadline = math.inf
         self._last_row = None
         for col in self._dev_cols.values():
             col.fill_(math.nan)  # queued after the copy on the same stream
+        if self._grad_ring is not None:
+            self._grad_ring.fill_(math.nan)
         for col in self._host_cols.values():
             col.fill(np.nan)
 
@@ -399,6 +536,8 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        if not self.active:
+            return
         for hook in self._hooks:
             hook.remove()
         _OPEN.discard(self)
@@ -408,17 +547,20 @@ class Recorder:
         finally:
             self._writer.jobs.put(None)
             self._writer.join()
+            for callback in self._writer.on_flush:
+                if callable(getattr(callback, "close", None)):
+                    callback.close()
         self._raise_writer_error()
 
     @property
     def next_step(self) -> int:
-        """Number the next optimizer step will be recorded under."""
+        """Number the next optimizer step will be recorded under (on rank 0; elsewhere the start)."""
         return self._next_step
 
     @property
     def parts(self) -> list[Path]:
-        """Part files written so far."""
-        return list(self._writer.parts)
+        """Part files written so far (none on ranks other than 0)."""
+        return list(self._writer.parts) if self._writer is not None else []
 
     def __enter__(self) -> "Recorder":
         return self
@@ -428,144 +570,5 @@ class Recorder:
 
     def __repr__(self) -> str:
         return (f"Recorder({str(self.path)!r}, groups={len(self.graft.group_names)}, every={self.every}, "
-                f"flush_every={self.flush_every}, next_step={self._next_step})")
-
-
-# ---------------------------------------------------------------------------------------------
-# A whole recording run of a built-in task: what `graftlab record` does.
-
-@dataclass
-class RecordConfig:
-    """Everything a recording run needs; the shared training fields mean what they mean in TrainConfig."""
-
-    # --- what to train ---
-    task: str = "bert"  # built-in task: bert | resnet
-    size: str = "tiny"  # tiny | small | base
-    data: Optional[str] = None  # None: bundled data; else a user's file or folder
-    steps: Optional[int] = None  # optimizer steps; None: from `epochs`, or 300 when neither is set
-    epochs: Optional[float] = None
-    batch_size: int = 32
-    # --- the grafted optimizer M#D ---
-    magnitude: str = "adam"  # M: gives the step size (the schedule is attached here)
-    direction: str = "sgd"  # D: gives the direction
-    magnitude_lr: Optional[float] = None  # None: the task's default for M's optimizer
-    direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
-    m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
-    d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
-    granularity: str = "layer"  # layer | global | coordinate
-    # --- schedule of M's lr ---
-    schedule: Optional[str] = None  # constant | poly | step | cosine; None: the task's default
-    warmup: Optional[float] = None
-    power: float = 1.0
-    milestones: list = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    # --- system ---
-    device: str = "auto"
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
-    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
-    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
-    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir; the trace is appended to
-    seed: int = 0
-    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
-    eval_every: int = 100
-    eval_size: Optional[int] = None
-    log_every: int = 50
-    metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics
-    # --- the trace ---
-    out: Optional[str] = None  # trace directory
-    every: int = 1  # record every k-th step
-    flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
-
-
-@dataclass
-class RecordResult:
-    trace: Path  # the trace directory
-    fit: Any  # graftlab.train.FitResult of the run
-    summary: pd.DataFrame  # kind_summary of the trace
-    groups: int  # number of groups recorded
-
-
-def kind_summary(df: pd.DataFrame, meta: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
-    """Per kind: groups, and the median, min and max over groups of each group's median ratio.
-
-    Non-finite ratios (D's step was zero) are skipped, and groups that
-    :func:`graftlab.analysis.flag_groups` flags (no finite ratio, or degenerate: the attention K
-    bias, whose true gradient is zero) are kept out of the statistics and counted in ``flagged``;
-    ``out.attrs["flagged"]`` maps them to the reason. ``meta`` defaults to ``df.attrs["graftlab"]``.
-    """
-    from graftlab.analysis import flag_groups
-    from graftlab.kinds import KINDS
-
-    meta = meta if meta is not None else df.attrs.get("graftlab", {})
-    names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
-    kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
-    finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
-    medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    flags = flag_groups(medians)
-    frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
-                          "flagged": flags != ""})
-    stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])
-    by_kind = frame.groupby("kind", sort=False)
-    out = by_kind.size().to_frame("groups").join(stats)  # a kind with only flagged groups gets NaN
-    out["flagged"] = by_kind["flagged"].sum().astype(int)
-    out = out.reindex([k for k in KINDS if k in out.index])
-    out.attrs["flagged"] = {g: f for g, f in flags.items() if f}
-    return out
-
-
-def check_out(out: Union[str, Path, None], overwrite: bool) -> Path:
-    """The trace path of a run; an existing one is a GraftlabError unless ``overwrite``."""
-    if out is None:
-        raise GraftlabError("give the trace directory to write (--out)")
-    path = Path(out).expanduser()
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise GraftlabError(f"{path} exists; pass --overwrite to replace it")
-    return path
-
-
-def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = True) -> RecordResult:
-    """Train ``config.task`` with M#D for the configured steps, recording every group's ratios.
-
-        >>> res = record(RecordConfig(task="bert", magnitude="adam", direction="sgd", steps=300, out="t"))
-        >>> res.summary.loc["Q", "median"]
-    """
-    from graftlab.optimizers import make_optimizer
-    from graftlab.tasks import get_task, resolve_device
-    from graftlab.train import resolve_config
-
-    from graftlab import distributed as gd
-
-    device = gd.setup(config.device)  # under torchrun: joins the process group, this rank's device
-    path = check_out(config.out, overwrite or config.resume)  # before the task is built: fail fast
-    gd.barrier()  # every rank checked before rank 0 creates the trace
-    if config.granularity not in ("layer", "global", "coordinate"):
-        raise GraftlabError(f"unknown granularity {config.granularity!r}: choose layer, global or coordinate")
-    task = get_task(config.task, size=config.size, data=config.data, batch_size=config.batch_size,
-                    seed=config.seed, device=device, eval_size=config.eval_size)
-    config = resolve_config(config, task)
-    m_lr = config.magnitude_lr if config.magnitude_lr is not None else task.default_lr(config.magnitude)
-    d_lr = config.direction_lr if config.direction_lr is not None else task.default_lr(config.direction)
-    config = dataclasses.replace(config, magnitude_lr=m_lr, direction_lr=d_lr)
-    names = gd.distribute_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, row split
-    model = task.model
-    m_opt = make_optimizer(config.magnitude, model.parameters(), m_lr, **config.m_hparams)
-    d_opt = make_optimizer(config.direction, model.parameters(), d_lr, **config.d_hparams)
-    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
-    info = task.info()
-    meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
-            "config": dataclasses.asdict(config), "task_info": info}
-    recorder = gd.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite,  # rank 0 writes the trace
-                            start_step=gd.resume_step(config), resume=config.resume)
-    from graftlab.train import fit
-
-    try:
-        result = fit(config, task, graft, schedule_owner=m_opt,
-                     on_step=lambda step, loss: recorder.log(loss=gd.global_mean(loss)), progress=progress,
-                     overwrite=overwrite, metadata={"trace": str(path)})
-    finally:
-        recorder.close()
-    if not gd.is_main():
-        return RecordResult(path, result, pd.DataFrame(), len(graft.group_names))
-    df = trace.read_trace(path, columns=["ratio"])
-    return RecordResult(path, result, kind_summary(df), len(graft.group_names))
+                f"flush_every={self.flush_every}, flush_seconds={self.flush_seconds}, "
+                f"next_step={self._next_step}, active={self.active})")

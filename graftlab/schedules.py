@@ -18,18 +18,68 @@ step already moves the weights), then:
 - ``cosine``: half a cosine from 1 down to ``end`` over ``[warmup, T]``.
 
 ``warmup`` is a number of steps when it is at least 1, a fraction of ``total_steps`` when in ``[0, 1)``.
+
+Two plain classes combine schedules: :class:`Piecewise` (a piecewise-constant ``[[start, factor],
+...]`` list, as a corrections file holds) and :class:`Product` (the product of several schedules, e.g.
+the run's own schedule times a correction). Both keep only plain attributes, no lambdas, so a
+``LambdaLR`` holding them has a ``state_dict()`` that ``torch.save`` can write.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from graftlab.errors import GraftlabError
 
 Schedule = Callable[[int], float]
 
 SCHEDULES = ("constant", "poly", "step", "cosine")
+
+
+class Piecewise:
+    """``step -> factor`` of a piecewise-constant schedule ``[[start, factor], ...]``.
+
+    ``pieces`` must start at step 0 with increasing starts (as :func:`graftlab.corrections.load_corrections`
+    checks); the factor of a piece holds from its start until the next piece's start.
+    """
+
+    def __init__(self, pieces: Sequence[Sequence[float]]):
+        self.starts = [int(s) for s, _ in pieces]
+        self.factors = [float(f) for _, f in pieces]
+
+    def __call__(self, step: int) -> float:
+        i = bisect.bisect_right(self.starts, int(step)) - 1
+        return self.factors[max(i, 0)]
+
+    def __repr__(self) -> str:
+        return f"Piecewise({[list(p) for p in zip(self.starts, self.factors)]})"
+
+
+class Product:
+    """``step -> f_1(step) * f_2(step) * ...``; ``None`` factors are left out (no factors: 1.0).
+
+    Made for ``LambdaLR``: its ``state_dict()`` saves a callable object's ``__dict__``, and
+    ``torch.load`` (``weights_only=True`` by default) refuses anything but plain data. The factors
+    are pure functions of the step, rebuilt with the scheduler, so they live in a slot and the
+    ``__dict__`` the scheduler saves stays empty: a checkpoint holds no user lambda and no graftlab
+    class, and loads as a plain ``LambdaLR(opt, fn)`` checkpoint does.
+    """
+
+    __slots__ = ("factors", "__dict__")
+
+    def __init__(self, *factors: Optional[Schedule]):
+        self.factors = [f for f in factors if f is not None]
+
+    def __call__(self, step: int) -> float:
+        out = 1.0
+        for f in self.factors:
+            out *= f(step)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Product({', '.join(map(repr, self.factors))})"
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:

@@ -32,7 +32,7 @@ def test_json_round_trip_and_no_overwrite(tmp_path):
     back = load_corrections(p)
     assert back.multipliers == c.multipliers and back.schedule == c.schedule and back.direction_lr == 0.1
     before = p.read_text()
-    with pytest.raises(GraftlabError, match="already exists; pass --overwrite"):
+    with pytest.raises(GraftlabError, match="already exists; pass overwrite=True"):
         save(corr(multipliers={"0.weight": 1.0}), p)
     assert p.read_text() == before
     save(corr(multipliers={"0.weight": 2.0}), p, overwrite=True)
@@ -172,3 +172,78 @@ def test_apply_global_static_multiplier():
     m = model()
     a = apply(Corrections(multipliers={"global": 0.25}), list(m.named_parameters()), 0.4)
     assert [g["lr"] for g in a.param_groups] == [0.1] * 4 and a.missing == []
+
+
+def test_apply_names_the_mistake_of_passing_parameters():
+    m = model()
+    for params in (list(m.parameters()), [m[0].weight]):
+        with pytest.raises(GraftlabError, match=r"\(name, parameter\) pairs.*item 0 is a Parameter") as err:
+            apply(corr(), params, 0.1)
+        assert "\n" not in str(err.value)
+    a = apply(corr(), m.named_parameters(), 0.1)  # any iterable of pairs, a generator included
+    assert [g["name"] for g in a.param_groups] == NAMES
+
+
+def test_group_source_records_are_typed_and_validated(tmp_path):
+    from graftlab.corrections import GroupSource
+
+    c = corr()
+    c.source["groups"]["0.weight"] = {"kind": "Q", "block": 2, "tied": True, "median": 480.5, "factor": 500.0,
+                                      "n_finite": 99, "n_nonfinite": 1, "later_median": None, "drift": None,
+                                      "flags": "", "future_key": "kept for newer writers"}
+    back = load_corrections(save(c, tmp_path / "c.json"))
+    rec = back.group_sources["0.weight"]
+    assert rec == GroupSource(kind="Q", block=2, tied=True, median=480.5, factor=500.0, n_finite=99, n_nonfinite=1)
+    assert back.group_sources["0.bias"] == GroupSource(kind="ffn")
+    assert back.summary().set_index("group").loc["0.weight", "median"] == 480.5
+    assert GroupSource(members=["a", "b"], stand_in=None).to_dict()["members"] == ["a", "b"]
+    assert "stand_in" not in GroupSource().to_dict() and "members" not in GroupSource().to_dict()
+    for bad, msg in [({"median": "big"}, r"source.groups\['g'\].median must be a finite number"),
+                     ({"n_finite": -3}, "n_finite must be a whole number >= 0"),
+                     ({"tied": "yes"}, "tied must be true or false"),
+                     ({"members": "0.weight"}, "members must be a list of parameter names"),
+                     ([1], r"source.groups\['g'\] must be an object")]:
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps({"format": FORMAT, "multipliers": {"g": 1.0}, "source": {"groups": {"g": bad}}}))
+        with pytest.raises(GraftlabError, match=msg) as err:
+            load_corrections(p)
+        assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+
+@pytest.mark.parametrize("kind", ["static", "per-group schedule", "global schedule"])
+@pytest.mark.parametrize("with_run_schedule", [False, True])
+def test_corrections_scheduler_checkpoints_with_torch_save_and_resumes_exactly(kind, with_run_schedule):
+    """A LambdaLR built from apply(...).lr_lambda(...) (holding a user's lambda or not) goes through
+    torch.save / torch.load with torch's defaults, and the resumed scheduler gives the same lrs."""
+    import io
+
+    from graftlab.corrections import Corrections, apply
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    names = [n for n, _ in m.named_parameters()]
+    corr = {
+        "static": Corrections(multipliers={n: 2.0 for n in names}),
+        "per-group schedule": Corrections(schedule={n: [[0, 1.0], [5, 0.5 + i]] for i, n in enumerate(names)}),
+        "global schedule": Corrections(schedule={"global": [[0, 1.0], [5, 0.5]]}),
+    }[kind]
+    run = (lambda t: min(1.0, (t + 1) / 10)) if with_run_schedule else None  # noqa: E731
+
+    def build():
+        ap = apply(corr, list(m.named_parameters()), 0.1)
+        opt = torch.optim.SGD(ap.param_groups, lr=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, ap.lr_lambda(run))
+
+    opt, sched = build()
+    for _ in range(3):
+        opt.step(); sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf)  # weights_only=True, torch's default
+    opt2, sched2 = build()
+    opt2.load_state_dict(state["opt"]); sched2.load_state_dict(state["sched"])
+    for _ in range(6):
+        opt.step(); sched.step(); opt2.step(); sched2.step()
+        assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]

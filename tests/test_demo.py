@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
+from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
 from graftlab.demo import DemoConfig, choose_beta, format_table, new_folder
 from graftlab.errors import GraftlabError
@@ -87,3 +87,27 @@ def test_quick_config_is_small():
     q = DemoConfig.quick()
     assert q.steps <= 60 and q.batch_size <= 8 and q.window <= q.steps and q.round == "none"
     assert DemoConfig.quick(window=10).window == 10
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(window=0), "window"), (dict(window=41), "window"), (dict(round="Dabc"), "bad rounding"),
+    (dict(steps=3), "at least 4 steps"), (dict(momentum=-1.0), "momentum"), (dict(size="huge"), "unknown size"),
+    (dict(device="tpu"), "unknown device"),
+])
+def test_bad_settings_are_refused_before_the_folder_exists(tmp_path, bad, match):
+    from graftlab.demo import run_demo
+
+    out = tmp_path / "demo"
+    with pytest.raises(GraftlabError, match=match):
+        run_demo(DemoConfig.quick(out=str(out), **bad), progress=False, echo=lambda s: None)
+    assert not out.exists()
+
+
+def test_demo_runs_share_the_recording_settings(tmp_path):
+    cfg = DemoConfig.quick(momentum=0.9, direction_lr=0.5)
+    rec = cfg.record_config(tmp_path)
+    sgd = cfg.train_config(tmp_path, "sgd", "sgd", 0.5, cfg.sgd_hparams)
+    assert (rec.steps, rec.batch_size, rec.seed, rec.eval_size) == (sgd.steps, sgd.batch_size, sgd.seed, sgd.eval_size)
+    assert rec.d_hparams == sgd.hparams == {"momentum": 0.9} and rec.direction_lr == sgd.lr == 0.5
+    assert rec.out == str(tmp_path / "trace") and sgd.metrics == str(tmp_path / "metrics-sgd.parquet")
+    assert cfg.distill_window == 20 and DemoConfig(steps=10).distill_window == 5

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
+from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
-from graftlab.distill import default_output, distill, trace_extent
+from graftlab.distill import default_output, distill
+from graftlab.trace import trace_extent
 from graftlab.trace import read_trace
 from graftlab.errors import GraftlabError
 from tests.trace_builder import metadata, write_trace
@@ -123,24 +124,35 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
         for leaf in ("query", "key", "value"):
             assert m[f"bert.encoder.layer.{b}.attention.self.{leaf}.weight"] == 500
     # medians and counts recorded, non-finite skipped and counted
-    info = corr.source["groups"]
+    info = corr.group_sources
+    raw = json.loads(out.read_text())["source"]["groups"]  # the file's form of the records
+    assert list(raw["bert.encoder.layer.0.attention.self.key.bias"]) == [
+        "kind", "block", "tied", "median", "factor", "n_finite", "n_nonfinite", "later_median", "drift", "flags",
+        "stand_in", "grad_share", "evidence"]
+    assert "stand_in" not in raw["bert.embeddings.word_embeddings.weight"]
+    assert "evidence" not in raw["bert.embeddings.word_embeddings.weight"]
     for j, g in enumerate(groups):
         first = ratios[:2000, j]
-        assert info[g["name"]]["median"] == pytest.approx(np.float32(g["median"]), rel=1e-6)
-        assert info[g["name"]]["n_finite"] == np.isfinite(first).sum()
-        assert info[g["name"]]["n_nonfinite"] == (~np.isfinite(first)).sum()
+        assert info[g["name"]].median == pytest.approx(np.float32(g["median"]), rel=1e-6)
+        assert info[g["name"]].n_finite == np.isfinite(first).sum()
+        assert info[g["name"]].n_nonfinite == (~np.isfinite(first)).sum()
     # the K bias is the only degenerate group (the paper's 154101 artifact)
-    flagged = {n for n, d in info.items() if d["flags"]}
+    flagged = {n for n, d in info.items() if d.flags}
     assert flagged == {f"bert.encoder.layer.{b}.attention.self.key.bias" for b in BLOCKS}
-    assert info["bert.encoder.layer.23.attention.self.query.weight"]["block"] == 23
-    assert info["bert.embeddings.word_embeddings.weight"]["block"] is None
+    # medians only (no norm_g): a key bias 330x its own weight's median; Q/K weights up to 1090 kept
+    ev = info["bert.encoder.layer.0.attention.self.key.bias"].evidence
+    assert ev["basis"] == "structure" and ev["sibling"] == "bert.encoder.layer.0.attention.self.key.weight"
+    assert ev["sibling_factor"] == pytest.approx(154101.58 / 466.59, rel=1e-6)
+    assert info["bert.encoder.layer.0.attention.self.key.bias"].grad_share is None
+    assert info["bert.encoder.layer.23.attention.self.query.weight"].block == 23
+    assert info["bert.embeddings.word_embeddings.weight"].block is None
     assert corr.source["direction_lr"] == 0.05 and corr.source["round"] == "D500"
     assert corr.source["window"] == 2000 and corr.source["mode"] == "static"
     # drift: median of the last 2000 steps (about 1000x higher) over the first window's
     for j, g in enumerate(groups):
         last = ratios[2000:, j].astype(np.float32)
         want = np.median(last[np.isfinite(last)]) / np.float32(g["median"])
-        assert info[g["name"]]["drift"] == pytest.approx(want, rel=1e-5)
+        assert info[g["name"]].drift == pytest.approx(want, rel=1e-5)
         assert 500 < want < 2000
     assert "word_embeddings" in res.output and "degenerate" in res.output and "wrote" in res.output
 
@@ -180,7 +192,7 @@ def test_filter_option_changes_values_not_counts(tmp_path):
     plain = distill(trace, window=100)
     filt = distill(trace, window=100, filter=51)
     assert filt.source["filter"] == 51
-    assert filt.source["groups"]["a"]["n_nonfinite"] == 1
+    assert filt.group_sources["a"].n_nonfinite == 1
     from graftlab.analysis import median_filter
     want = np.median(median_filter(np.where(np.isfinite(ratios[:100, 0]), ratios[:100, 0], np.nan), 51)[
         np.isfinite(ratios[:100, 0])])
@@ -233,7 +245,7 @@ def test_window_reads_only_the_parts_it_needs(tmp_path):
     for name in ("part-000000000400.parquet", "part-000000000500.parquet"):
         (trace / name).write_bytes(b"garbage")  # would fail if read
     assert distill(trace, window=200).multipliers == want
-    assert distill(trace, window=200).source["groups"]["a"]["drift"] is not None
+    assert distill(trace, window=200).group_sources["a"].drift is not None
 
 
 # ------------------------------------------------------------------ bad inputs: one line, exit != 0
@@ -255,7 +267,8 @@ def small_trace(path, n=300, **kw):
 def test_bad_inputs(tmp_path):
     plain = tmp_path / "plain.parquet"
     pd.DataFrame({"x": [1, 2]}).to_parquet(plain)
-    one_line_error(cli(plain), "not a graftlab trace")
+    # a table from another tool is a trace when it has the columns (tests/test_foreign_traces.py)
+    one_line_error(cli(plain), "no graftlab metadata, and a table needs columns step, group, ratio")
 
     nocol = small_trace(tmp_path / "nocol.trace", drop=("ratio",))
     one_line_error(cli(nocol), "lacks required column(s) ratio")
@@ -283,7 +296,8 @@ def test_bad_inputs(tmp_path):
 
     out = tmp_path / "keep.json"
     out.write_text("precious")
-    one_line_error(cli(short, "--window", 100, "-o", out), "already exists")
+    msg = one_line_error(cli(short, "--window", 100, "-o", out), "already exists")
+    assert "pass --overwrite to replace it" in msg and "overwrite=True" not in msg  # said in the CLI's terms
     assert out.read_text() == "precious"
     assert cli(short, "--window", 100, "-o", out, "--overwrite").exit_code == 0
     assert load_corrections(out).multipliers == {"a": 2.0, "b": 2.0}

@@ -144,6 +144,32 @@ def test_one_process_env_and_helpers(monkeypatch):
     assert opt._layout is None  # plain tensors keep the plain path
 
 
+def test_one_process_runtime(monkeypatch, tmp_path):
+    """What a run asks of the Runtime, answered for one process: no wrapping, rank 0 writes."""
+    from types import SimpleNamespace
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    rt = gd.Runtime.start("cpu")
+    assert (rt.device, rt.writes, rt.env.distributed) == (torch.device("cpu"), True, False)
+    model = w.build_model()
+    task = SimpleNamespace(model=model, batch_size=3, train_batches=lambda: iter([1]))
+    assert rt.wrap_task(task, "fsdp") is model and task.model is model
+    x = torch.arange(3.0)
+    assert rt.mean(x) is x
+    assert rt.main_only(list, [1]) == [1]
+    opt = w.make_graft(model, "direct_layer")
+    plain = SimpleNamespace(checkpoint_dir=None, checkpoint_every=0, resume=False, steps=4)
+    assert rt.checkpoints(plain, model, opt) == (None, 0) and rt.resume_step(plain) == 0
+    cfg = SimpleNamespace(checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=2, resume=True, steps=4)
+    ckpt, first = rt.checkpoints(cfg, model, opt)
+    assert first == 0 and ckpt.every == 2  # nothing saved yet: a resumed run starts at 0
+    ckpt.save(2)
+    assert rt.resume_step(cfg) == 2 and rt.checkpoints(cfg, model, opt)[1] == 2
+    with pytest.raises(GraftlabError, match="unknown device"):
+        gd.Runtime.start("tpu")
+
+
 def test_local_rows_splits_the_global_batch():
     env = gd.DistEnv(rank=1, world_size=2, backend="gloo")
     x = torch.arange(8).reshape(4, 2)
@@ -229,7 +255,8 @@ def test_graftlab_record_under_torchrun_fsdp_equals_one_process(tmp_path):
     Three steps is already the smallest useful size: the time (about a minute) is three processes
     importing torch and building the task.
     """
-    from graftlab.record import RecordConfig, record
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
     from graftlab.trace import read_trace
 
     cfg = tmp_path / "cfg.yaml"
@@ -259,7 +286,8 @@ def test_record_resumes_from_checkpoint(tmp_path):
     end state equal an uninterrupted 4-step run (constant lr, so the 2-step run is its prefix)."""
     from dataclasses import replace
 
-    from graftlab.record import RecordConfig, record
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
     from graftlab.trace import read_trace
 
     torch.set_num_threads(1)
@@ -276,5 +304,5 @@ def test_record_resumes_from_checkpoint(tmp_path):
     for col in ("norm_m", "norm_d", "ratio", "loss", "lr"):
         np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), rtol=1e-6, err_msg=col)
     assert resumed.fit.final == pytest.approx(full.fit.final, rel=1e-6)
-    with pytest.raises(GraftlabError, match="need --checkpoint-dir"):
+    with pytest.raises(GraftlabError, match="resume=True needs checkpoint_dir"):
         record(replace(base, out=str(tmp_path / "x"), resume=True), progress=False)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import graftlab.train as train_module
-from cli.app import app
+import graftlab.runs.run as train_module
+from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
 from graftlab.trace import read_trace
 
@@ -45,13 +45,13 @@ def test_bert_adam_sgd_layer_trace_to_corrected_sgd(tmp_path, monkeypatch):
     corr = load_corrections(corr_path)
     names = [g["name"] for g in read_trace(trace, steps=(0, 1)).attrs["graftlab"]["groups"]]
     assert list(corr.multipliers) == names
-    info = corr.source["groups"]
+    info = corr.group_sources
     for n in names:
-        if info[n]["flags"] and info[n]["block"] is None:
+        if info[n].flags and info[n].block is None:
             continue  # a stand-in median; checked in test_distill
-        want = 500.0 if info[n]["block"] is not None else min(max(10.0 ** np.floor(np.log10(info[n]["median"])), 0.1), 100.0)
+        want = 500.0 if info[n].block is not None else min(max(10.0 ** np.floor(np.log10(info[n].median)), 0.1), 100.0)
         assert corr.multipliers[n] == pytest.approx(want, rel=1e-12), n
-    assert any(d["flags"] == "degenerate" and ".key.bias" in n for n, d in info.items())
+    assert any(d.flags == "degenerate" and ".key.bias" in n for n, d in info.items())
 
     built = []
     real = train_module.make_optimizer
@@ -115,6 +115,8 @@ def test_train_rejects_bad_corrections(tmp_path):
         "other.json": ({"format": "graftlab.corrections/1",
                         "multipliers": {"blocks.0.attn.query.weight": 500.0, "embed.word.weight": 100.0}},
                        "another model"),
+        "part.json": ({"format": "graftlab.corrections/1", "multipliers": {"conv1.weight": 2.0}},
+                      "pass --allow-missing to keep factor 1"),
     }
     for name, (payload, msg) in cases.items():
         p = tmp_path / name
@@ -124,3 +126,41 @@ def test_train_rejects_bad_corrections(tmp_path):
         assert res.exit_code != 0
         assert isinstance(res.exception, GraftlabError), res.output
         assert msg in str(res.exception) and "\n" not in str(res.exception)
+        assert "allow_missing" not in str(res.exception)
+
+
+def test_cli_says_library_parameter_names_as_its_flags():
+    """Library messages name Python parameters; the CLI, from each command's own options, its flags."""
+    import typer
+
+    from graftlab.cli.app import in_cli_terms
+
+    commands = typer.main.get_command(app).commands
+    train = commands["train"].params
+    said = in_cli_terms("checkpoint_every and resume=True need checkpoint_dir; pass overwrite=True, not "
+                        "allow_missing=True, for steps in /runs/checkpoint_dir/x or checkpoint_dir.json", train)
+    assert said == ("--checkpoint-every and --resume need --checkpoint-dir; pass --overwrite, not --allow-missing, "
+                    "for steps in /runs/checkpoint_dir/x or checkpoint_dir.json")
+    distill = commands["distill"].params
+    assert in_cli_terms("window=0 with schedule=False and tie='(' for the window", distill) == (
+        "--window 0 with --static and --tie '(' for the window")
+    # names that are not the command's options stay as they are
+    assert in_cli_terms("checkpoint_dir and overwrite=True", commands["info"].params) == "checkpoint_dir and overwrite=True"
+
+
+
+def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
+    """cli/ installs as graftlab.cli (not a top-level ``cli`` that other projects clash with)."""
+    import tomllib
+    from pathlib import Path
+
+    import graftlab.cli
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    tool = conf["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "graftlab").rglob("__init__.py")}
+    assert set(tool["packages"]) == on_disk | {"graftlab.cli"}
+    assert tool["package-dir"] == {"graftlab.cli": "cli"}
+    assert conf["project"]["scripts"]["graftlab"] == "graftlab.cli.app:main"
+    assert Path(graftlab.cli.__file__).resolve().parent == root / "cli"

@@ -206,7 +206,7 @@ def test_figure8_panels_one_line_per_block(layer_traces):
     assert [ln.get_gid() for ln in q] == ["encoder.layer.0.attention.self.query.weight",
                                           "encoder.layer.1.attention.self.query.weight"]
     assert [ln.get_label() for ln in q] == ["block 0", "block 1"]
-    assert [ln.get_gid() for ln in _lines(by_title["Attention FC2"])] == \
+    assert [ln.get_gid() for ln in _lines(by_title["Feed-forward FC2"])] == \
         [f"encoder.layer.{b}.output.dense.weight" for b in range(2)]
     assert {ln.get_gid() for ln in _lines(by_title["Embeddings"])} == \
         {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"}
@@ -224,7 +224,10 @@ def test_figure4_schedule_against_epochs(global_trace):
     assert ax.get_yscale() == "log" and ax.get_xlabel() == "Training epochs"
     lr, corr = _lines(ax)
     assert lr.get_gid() == "lr" and corr.get_gid() == "correction"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lr schedule for SGD", "correction for Adagrad"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == \
+        ["lr schedule for SGD", "correction for Adagrad, median-filtered (width 51)"]
+    assert fig.get_suptitle().startswith("Figure 4: a learning-rate schedule for Adagrad")
+    assert "SGD's learning rate" in ax.get_ylabel() and "Adagrad's correction" in ax.get_ylabel()
     x, y = lr.get_data()
     assert x[-1] == pytest.approx(399 / 50)
     np.testing.assert_allclose(y[x < 3], 0.1, rtol=1e-6)
@@ -295,7 +298,7 @@ def test_corrections_bars_median_and_rounded(layer_traces):
 def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     a, b = layer_traces
     runner = CliRunner()
@@ -316,3 +319,201 @@ def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_p
     assert [p.name for p in g.iterdir()] == ["figure4.png"]
     res = runner.invoke(app, ["plot", str(a), str(b), "--figure", "5", "-o", str(tmp_path / "x.png")])
     assert "one trace" in str(res.exception)
+
+
+# --- what the figures show a reader: titles, labels, scales, legends inside the canvas ----------------
+
+FIGURES = {
+    "5": lambda a, b, g: plots.figure5(a, steps=400),
+    "6": lambda a, b, g: plots.figure6(a, b, steps=(400, 200)),
+    "6 one run": lambda a, b, g: plots.figure6(a, steps=400),
+    "7": lambda a, b, g: plots.figure7(a, b),
+    "7 one run": lambda a, b, g: plots.figure7(a),
+    "8": lambda a, b, g: plots.figure8(a, b, steps=(400, 200)),
+    "8 one run": lambda a, b, g: plots.figure8(a, steps=400),
+    "4": lambda a, b, g: plots.figure4(g),
+    "corrections": lambda a, b, g: plots.corrections_bars(a, window=200),
+}
+
+
+def _figure_legends(fig):
+    """The legends of the figure and its subfigures (beside the axes, not on them)."""
+    out = list(fig.legends)
+    for sub in fig.subfigs:
+        out += _figure_legends(sub)
+    return out
+
+
+def _titles(fig):
+    """Every title a reader sees: the suptitles of the figure and its subfigures, and the axes titles."""
+    out = [fig._suptitle] if fig._suptitle is not None else []
+    for sub in fig.subfigs:
+        out += _titles(sub)
+    return out + [ax.title for ax in fig.axes if ax.get_title()]
+
+
+def _inside(extent, fig, tol=1.0):
+    box = fig.bbox
+    return (extent.x0 >= box.x0 - tol and extent.x1 <= box.x1 + tol and
+            extent.y0 >= box.y0 - tol and extent.y1 <= box.y1 + tol)
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_legends_and_titles_inside_the_canvas(name, layer_traces, global_trace):
+    fig = FIGURES[name](*layer_traces, global_trace)
+    # Text widths do not scale exactly with dpi (hinting): check the screen, the CLI's 150 and print.
+    for dpi in (72, 150):
+        fig.set_dpi(dpi)
+        fig.canvas.draw()  # the layout engine places the legends; extents are then final
+        renderer = fig.canvas.get_renderer()
+        beside = _figure_legends(fig)
+        legends = beside + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert legends
+        for legend in legends:
+            extent = legend.get_window_extent(renderer)
+            assert _inside(extent, fig), (name, dpi, _legend_labels(legend), extent, fig.bbox)
+        for title in _titles(fig):
+            assert _inside(title.get_window_extent(renderer), fig), (name, dpi, title.get_text())
+        # the axes do not run under the legends placed beside them
+        for legend in beside:
+            extent = legend.get_window_extent(renderer)
+            for ax in fig.axes:
+                assert not extent.overlaps(ax.get_window_extent(renderer)), (name, dpi, _legend_labels(legend))
+
+
+def _suptitle(fig):
+    return fig.get_suptitle().replace("\n", " ")
+
+
+def test_each_figure_says_what_it_shows(layer_traces):
+    a, b = layer_traces
+    titles = {
+        "5": _suptitle(plots.figure5(a, steps=400)),
+        "5 filtered": _suptitle(plots.figure5(a, steps=400, width=51)),
+        "6": _suptitle(plots.figure6(a, b, steps=(400, 200))),
+        "7": _suptitle(plots.figure7(a, b)),
+        "8": _suptitle(plots.figure8(a, b, steps=(400, 200))),
+    }
+    assert titles["5"] == "Figure 5: per-layer learning-rate corrections, unfiltered"
+    assert titles["5 filtered"] == "Figure 5: per-layer learning-rate corrections, median-filtered (width 51)"
+    assert titles["6"] == "Figure 6: per-layer learning-rate corrections, median-filtered (width 51)"
+    assert titles["7"] == "Figure 7: per-layer learning-rate corrections over all iterations, unfiltered"
+    assert titles["8"] == ("Figure 8: per-layer learning-rate corrections by parameter type, "
+                           "median-filtered (width 51)")
+    assert len(set(titles.values())) == len(titles)
+    # the panels name the run and the iterations they hold
+    assert plots.figure5(a, steps=400).axes[0].get_title() == "bert, Adam#SGD, batch size 32: first 400 iterations"
+    fig6 = plots.figure6(a, b, steps=(400, 200))
+    assert [ax.get_title() for ax in fig6.axes] == ["(a) bert, Adam#SGD, batch size 32: first 400 iterations",
+                                                    "(b) bert, Adam#SGD, batch size 128: first 200 iterations"]
+    fig7 = plots.figure7(a, b)
+    assert [ax.get_title() for ax in fig7.axes] == ["(a) bert, Adam#SGD, batch size 32: all 600 iterations",
+                                                    "(b) bert, Adam#SGD, batch size 128: all 300 iterations"]
+    # a trace shorter than the count asked for says how many iterations it held
+    assert plots.figure6(b, steps=5000).axes[0].get_title().endswith("first 300 iterations")
+    fig8 = plots.figure8(a, b, steps=(400, 200))
+    assert [sub.get_suptitle() for sub in fig8.subfigs] == [
+        "(a) bert, Adam#SGD, batch size 32: first 400 iterations",
+        "(b) bert, Adam#SGD, batch size 128: first 200 iterations"]
+    # on the caller's axes the figure's title heads the panel
+    fig, ax = plt.subplots()
+    plots.figure5(a, steps=100, width=51, ax=ax)
+    assert ax.get_title().splitlines()[0] == titles["5 filtered"] and fig.get_suptitle() == ""
+    # a DataFrame that starts mid-run is labelled with its iterations, not as "first"
+    mid = read_trace(a, steps=(100, 300))
+    assert plots.figure7(mid).axes[0].get_title().endswith("iterations 100-299")
+
+
+def _check_decade_axis(ax):
+    """A log y axis labelled at two or more powers of ten and nowhere else."""
+    assert ax.get_yscale() == "log"
+    lo, hi = ax.get_ylim()
+    shown = [(t, lab.get_text()) for t, lab in zip(ax.get_yticks(), ax.get_yticklabels()) if lo <= t <= hi]
+    assert len([t for t, text in shown if text]) >= 2, shown
+    for t, text in shown:
+        assert math.isclose(math.log10(t), round(math.log10(t)), abs_tol=1e-9), shown
+    assert not any(lab.get_text() for lab in ax.yaxis.get_minorticklabels())
+
+
+def test_axes_labels_and_decade_log_scales(layer_traces, global_trace):
+    a, b = layer_traces
+    ratio = plots.common.RATIO_LABEL
+    for fig in (plots.figure5(a, steps=400), plots.figure6(a, b, steps=(400, 200)), plots.figure7(a, b)):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            assert ax.get_ylabel() == ratio and ax.get_xlabel() == "Training iterations"
+            _check_decade_axis(ax)
+    fig = plots.figure8(a, b, steps=(400, 200))
+    fig.canvas.draw()
+    for sub in fig.subfigs:
+        grid = np.array(sub.axes).reshape(2, 4)
+        assert all(ax.get_ylabel() == ratio for ax in grid[:, 0])
+        assert all(ax.get_xlabel() == "Training iterations" for ax in grid[1])
+        for ax in grid.flat:
+            _check_decade_axis(ax)
+    fig = plots.figure4(global_trace)
+    fig.canvas.draw()
+    _check_decade_axis(fig.axes[0])
+
+
+def test_decade_axis_widens_a_view_inside_one_decade():
+    fig, (ax1, ax2) = plt.subplots(1, 2)
+    ax1.plot([0, 1], [3.0, 20.0])
+    plots.common.decade_axis(ax1)
+    assert ax1.get_ylim() == pytest.approx((1.0, 100.0))
+    ax2.plot([0, 1], [0.5, 20.0])  # already shows 1 and 10: left as autoscaled
+    ax2.set_yscale("log")
+    before = ax2.get_ylim()
+    plots.common.decade_axis(ax2)
+    assert ax2.get_ylim() == before
+    fig.canvas.draw()
+    _check_decade_axis(ax1)
+    _check_decade_axis(ax2)
+
+
+def test_figure8_panels_per_kind_and_their_legends(layer_traces):
+    a, _ = layer_traces
+    fig = plots.figure8(a, steps=400)
+    (sub,) = fig.subfigs
+    by_title = {ax.get_title(): ax for ax in sub.axes}
+    assert list(by_title) == ["Attention Q", "Attention K", "Attention V", "Attention out",
+                              "Feed-forward FC1", "Feed-forward FC2", "Embeddings", "Others"]
+    kinds = {g["name"]: (g["kind"], g["ffn"]) for g in read_trace(a).attrs["graftlab"]["groups"]}
+    for title, kind, ffn in plots.PANELS[:6]:
+        assert {kinds[ln.get_gid()] for ln in _lines(by_title[title])} == {(kind, ffn)}
+    assert {kinds[ln.get_gid()][0] for ln in _lines(by_title["Embeddings"])} == {"embedding"}
+    # one legend for the block shades, one for the layer kinds of "Others", both beside the grid
+    block_legend, others_legend = sub.legends
+    assert block_legend.get_title().get_text() == "Transformer block"
+    assert _legend_labels(block_legend) == ["block 0", "block 1"]
+    q = _lines(by_title["Attention Q"])
+    assert [matplotlib.colors.to_rgb(h.get_color()) for h in block_legend.get_lines()] == \
+        [matplotlib.colors.to_rgb(ln.get_color()) for ln in q]
+    others = _lines(by_title["Others"])
+    drawn = {KIND_LABELS[kinds[ln.get_gid()][0]] for ln in others}
+    assert _legend_labels(others_legend) == [lab for lab in plots.LABEL_ORDER if lab in drawn]
+    for handle, label in zip(others_legend.get_lines(), _legend_labels(others_legend)):
+        assert matplotlib.colors.to_rgb(handle.get_color()) == matplotlib.colors.to_rgb(plots.LABEL_COLORS[label])
+    assert _legend_labels(by_title["Embeddings"].get_legend()) == ["word", "position"]
+
+
+def test_figure8_block_legend_of_a_deep_model(tmp_path):
+    deep = write_trace(tmp_path / "deep", steps=60, spec=groups_spec(12))
+    fig = plots.figure8(deep, steps=60, width=None)
+    block_legend = fig.subfigs[0].legends[0]
+    labels = _legend_labels(block_legend)
+    assert len(labels) <= 8 and labels[0] == "block 0" and labels[-1] == "block 11"
+    fig.canvas.draw()
+    assert _inside(block_legend.get_window_extent(fig.canvas.get_renderer()), fig)
+
+
+def test_plots_docstring_names_shipped_sample_traces():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = "".join(m.__doc__ or "" for m in (plots, plots.layers, plots.panels, plots.schedule))
+    named = set(re.findall(r"sample_traces/([\w.-]+)", docs))
+    assert named >= {"bert-adam-sgd-bs16", "bert-adam-sgd-bs64", "resnet-sgd-adagrad-global"}
+    for name in named:
+        assert (root / "sample_traces" / name / "_graftlab.json").is_file(), name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,8 +249,60 @@ def test_sigkill_leaves_readable_prefix(tmp_path):
     assert len(pd.read_parquet(out)) == len(df)  # half-written parts stay invisible to pandas too
 
 
+def _files(path: Path) -> list[tuple[str, bytes]]:
+    return sorted((p.name, p.read_bytes()) for p in path.iterdir())
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--resume"], "--resume needs --checkpoint-dir"),  # it used to delete every part, then say so
+    (["--overwrite", "--threads", "0"], "threads"),
+    (["--overwrite", "--schedule", "nope"], "unknown schedule"),
+    (["--overwrite", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--overwrite", "--granularity", "rows"], "granularity"),
+    (["--overwrite", "--m-hparam", "momentum=0.9"], "no hyperparameter"),
+    (["--overwrite", "--warmup", "10"], "warmup"),
+    (["--overwrite", "--metrics", "{tmp}"], "is a folder"),
+    (["--overwrite", "--checkpoint-dir", "{tmp}/t/_graftlab.json"], "is a file"),
+    (["--task", "nope"], "unknown task"),
+])
+def test_record_config_errors_leave_the_trace_alone(tmp_path, extra, match):
+    """Every config mistake is found before the trace (or anything else) is touched."""
+    from typer.testing import CliRunner
+
+    from graftlab.cli.app import app
+
+    model, opt = setup()
+    out = tmp_path / "t"
+    with Recorder(opt, out, flush_every=2) as rec:
+        train(model, opt, 4, rec)
+    before = _files(out)
+    args = ["record", "--steps", "4", "--out", str(out), "--device", "cpu", "--quiet",
+            *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, GraftlabError), res.output
+    assert re.search(match, str(res.exception)), str(res.exception)
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_record_library_refuses_a_resume_without_checkpoints(tmp_path):
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
+
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=2) as rec:
+        train(model, opt, 4, rec)
+    before = _files(tmp_path / "t")
+    with pytest.raises(GraftlabError, match="resume=True needs checkpoint_dir"):
+        record(RecordConfig(steps=4, out=str(tmp_path / "t"), resume=True), progress=False)
+    with pytest.raises(GraftlabError, match="already exists; pass overwrite=True"):
+        record(RecordConfig(steps=4, out=str(tmp_path / "t")), progress=False)
+    with pytest.raises(GraftlabError, match="out is required"):
+        record(RecordConfig(steps=4), progress=False)
+    assert _files(tmp_path / "t") == before
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=600)
 
 
@@ -283,7 +336,7 @@ def test_record_cli_bert_end_to_end(tmp_path):
     assert info.returncode == 0 and "0 .. 29 (30 recorded)" in info.stdout and "blocks.0.attn.query.weight" in info.stdout
 
     again = run_cli("record", "--task", "bert", "--steps", "2", "--out", str(out))
-    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "--overwrite" in again.stderr
+    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "overwrite" in again.stderr
     assert len(trace.read_trace(out)) == len(df)
 
 
@@ -316,17 +369,22 @@ def test_cuda_pinned_flush_matches_last_stats(tmp_path):
 
 
 def test_kind_summary_keeps_degenerate_groups_out():
-    from graftlab.record import kind_summary
+    from graftlab.analysis import kind_summary
 
-    groups = [("q0", "Q"), ("q1", "Q"), ("kb", "K"), ("kw", "K"), ("v", "V"), ("n", "norm")]
+    groups = [("q0", "Q"), ("q1", "Q"), ("a.key.bias", "K"), ("a.key.weight", "K"), ("v", "V"), ("n", "norm")]
     meta = {"groups": [{"name": g, "kind": k} for g, k in groups]}
-    ratios = {"q0": [1.0, 3.0, 2.0], "q1": [4.0, 4.0, np.inf], "kb": [1e5, 2e5, 3e5], "kw": [2.0, 2.0, 2.0],
-              "v": [0.5, 0.5, 0.5], "n": [np.nan, np.nan, np.nan]}
+    ratios = {"q0": [1.0, 3.0, 2.0], "q1": [4.0, 4.0, np.inf], "a.key.bias": [1e5, 2e5, 3e5],
+              "a.key.weight": [2.0, 2.0, 2.0], "v": [0.5, 0.5, 0.5], "n": [np.nan, np.nan, np.nan]}
     df = pd.DataFrame([(s, g, r) for g, rs in ratios.items() for s, r in enumerate(rs)],
                       columns=["step", "group", "ratio"])
-    out = kind_summary(df, meta)
-    assert list(out.index) == ["Q", "K", "V", "norm"]
-    assert out.loc["Q", "median"] == 3.0 and out.loc["Q", "min"] == 2.0 and out.loc["Q", "max"] == 4.0
-    assert out.loc["K", "median"] == 2.0 and out.loc["K", "flagged"] == 1 and out.loc["K", "groups"] == 2
-    assert np.isnan(out.loc["norm", "median"]) and out.loc["norm", "flagged"] == 1
-    assert out.attrs["flagged"] == {"kb": "degenerate", "n": "no finite ratio"}
+    for frame in (df, df.assign(norm_g=np.where(df.group == "a.key.bias", 1e-12, 0.5))):
+        # without norm_g: the key bias far above its weight; with it: a gradient at float-noise level
+        out = kind_summary(frame, meta)
+        assert list(out.index) == ["Q", "K", "V", "norm"]
+        assert out.loc["Q", "median"] == 3.0 and out.loc["Q", "min"] == 2.0 and out.loc["Q", "max"] == 4.0
+        assert out.loc["K", "median"] == 2.0 and out.loc["K", "flagged"] == 1 and out.loc["K", "groups"] == 2
+        assert np.isnan(out.loc["norm", "median"]) and out.loc["norm", "flagged"] == 1
+        assert out.attrs["flagged"] == {"a.key.bias": "degenerate", "n": "no finite ratio"}
+    # a large ratio with a real gradient is kept
+    out = kind_summary(df.assign(norm_g=0.5), meta)
+    assert out.attrs["flagged"] == {"n": "no finite ratio"} and out.loc["K", "median"] == pytest.approx(100001.0)

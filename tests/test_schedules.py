@@ -61,3 +61,18 @@ def test_every_schedule_is_positive_over_the_run():
     for name in SCHEDULES:
         s = make_schedule(name, 50, 0.1)
         assert all(s(t) > 0 for t in range(49)), name
+
+
+def test_piecewise_and_product():
+    import pickle
+
+    from graftlab.schedules import Piecewise, Product
+
+    p = Piecewise([[0, 0.5], [3, 2.0], [5, 0.25]])
+    assert [p(s) for s in range(7)] == [0.5, 0.5, 0.5, 2.0, 2.0, 0.25, 0.25]
+    run = make_schedule("constant", 10, 2)
+    prod = Product(p, None, run)
+    assert [prod(s) for s in range(4)] == [0.25, 0.5, 0.5, 2.0]
+    assert Product()(7) == 1.0 and Product(None)(7) == 1.0
+    back = pickle.loads(pickle.dumps(prod))  # plain attributes: what LambdaLR's state_dict holds
+    assert [back(s) for s in range(7)] == [prod(s) for s in range(7)]

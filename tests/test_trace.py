@@ -104,3 +104,70 @@ def test_unknown_column(tmp_path):
     d = write_trace(tmp_path)
     with pytest.raises(GraftlabError, match="no column"):
         trace.read_trace(d, columns=["nope"])
+
+
+# ------------------------------------------------------------------ extent, is_trace, resume helpers
+
+def test_extent_matches_info_and_reads_only_the_end_footers(tmp_path):
+    d = write_trace(tmp_path)
+    info = trace.trace_info(d)
+    assert trace.trace_extent(d) == (info["first_step"], info["last_step"]) == (0, 29)
+    assert info["steps"] == 30 and info["parts"] == 3 and "loss" in info["columns"]
+    (d / "part-000000000010.parquet").write_bytes(b"not parquet")  # the middle part is never opened
+    assert trace.trace_extent(d) == (0, 29)
+    single = tmp_path / "one.parquet"
+    steps = np.arange(5, 9)
+    pq.write_table(trace.build_table(steps, GROUPS, stats_for(steps), meta=meta()), single, write_statistics=False)
+    assert trace.trace_extent(single) == (5, 8)  # no statistics: the step column is read instead
+    assert trace.trace_info(single)["first_step"] == 5
+
+
+def test_is_trace(tmp_path):
+    d = write_trace(tmp_path)
+    assert trace.is_trace(d) and trace.is_trace(d / "part-000000000000.parquet")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert not trace.is_trace(fresh) and not trace.is_trace(tmp_path / "missing")
+    trace.write_sidecar(fresh, meta())  # a recording that has not flushed a part yet
+    assert trace.is_trace(fresh)
+    (tmp_path / "notes.txt").write_text("x")
+    plain = tmp_path / "plain.parquet"
+    pd.DataFrame({"step": [0]}).to_parquet(plain)
+    assert not trace.is_trace(tmp_path / "notes.txt") and not trace.is_trace(plain)
+
+
+def test_temporary_name_is_hidden_from_readers(tmp_path):
+    tmp = trace.temporary_name(tmp_path / "part-000000000000.parquet")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".")
+    assert not tmp.match(trace.PART_GLOB)
+
+
+def test_truncate_keeps_earlier_steps_and_drops_half_written_parts(tmp_path):
+    d = write_trace(tmp_path)
+    half = trace.temporary_name(d / trace.part_name(30))
+    half.write_bytes(b"half a part")
+    trace.truncate(d, 15)
+    assert sorted(p.name for p in d.glob(trace.PART_GLOB)) == ["part-000000000000.parquet", "part-000000000010.parquet"]
+    assert not half.exists()
+    df = trace.read_trace(d)
+    assert sorted(df.step.unique()) == list(range(15))
+    assert trace.read_metadata(d / "part-000000000010.parquet") == meta()  # the rewritten part keeps it
+
+
+def test_prepare_directory_replaces_only_traces(tmp_path):
+    from graftlab.errors import OutputExistsError
+
+    d = write_trace(tmp_path)
+    with pytest.raises(OutputExistsError, match="pass overwrite=True"):
+        trace.prepare_directory(d)
+    assert trace.prepare_directory(d, resume=True) == d and trace.is_trace(d)  # kept as it is
+    trace.prepare_directory(d, overwrite=True)
+    assert d.is_dir() and not any(d.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for kw in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(GraftlabError, match="does not hold a graftlab trace"):
+            trace.prepare_directory(mine, **kw)
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert trace.prepare_directory(tmp_path / "new" / "t").is_dir()

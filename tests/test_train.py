@@ -14,9 +14,8 @@ from graftlab.optimizers import make_optimizer
 from graftlab.schedules import make_schedule
 from graftlab.tasks import get_task
 from graftlab.tasks.base import Task
-from graftlab.train import (
-    TrainConfig, fit, load_config, make_config, read_metrics, resolve_config, total_steps, train,
-)
+from graftlab.config import TrainConfig, load_config, make_config, resolve_config, total_steps
+from graftlab.runs import fit, read_metrics, train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +211,7 @@ def test_train_with_static_multipliers(tmp_path):
     assert meta["corrections"]["missing"] == [] and meta["optimizer"]["lr_max"] == pytest.approx(1.0)
 
     partial = corrections_file(tmp_path / "p.json", multipliers={names[0]: 2.0})
-    with pytest.raises(GraftlabError, match="allow-missing"):
+    with pytest.raises(GraftlabError, match="allow_missing=True"):
         train(small_train_config(), corrections=partial, progress=False)
     result = train(small_train_config(), corrections=partial, allow_missing=True, progress=False)
     assert [g["lr"] for g in result.optimizer.param_groups[:2]] == pytest.approx([0.2, 0.1])
@@ -224,15 +223,32 @@ def test_train_follows_a_global_schedule(tmp_path):
     assert result.metrics["lr"].tolist() == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
 
 
-def test_train_baseline_refuses_existing_metrics_before_building(tmp_path):
+def test_train_baseline_refuses_bad_configs_before_building(tmp_path, monkeypatch):
+    import graftlab.runs.run as run_module
+
+    def no_task(*args, **kwargs):
+        raise AssertionError("the task was built before the config was checked")
+
+    monkeypatch.setattr(run_module, "get_task", no_task)
     out = tmp_path / "m.parquet"
     out.write_text("x")
-    with pytest.raises(GraftlabError, match="already exists"):
-        train(small_train_config(metrics=str(out), task="nonexistent"))
-    with pytest.raises(GraftlabError, match="unknown optimizer"):
-        train(small_train_config(optimizer="lbfgs"))
-    with pytest.raises(GraftlabError, match="no hyperparameter"):
-        train(small_train_config(hparams={"betas": (0.9, 0.99)}))
+    for bad, match in [
+        (dict(metrics=str(out)), "already exists"),
+        (dict(task="nonexistent"), "unknown task"),
+        (dict(optimizer="lbfgs"), "unknown optimizer"),
+        (dict(hparams={"betas": (0.9, 0.99)}), "no hyperparameter"),
+        (dict(hparams={"momentum": -1.0}), "momentum"),
+        (dict(schedule="nope"), "unknown schedule"),
+        (dict(threads=0), "threads"),
+        (dict(resume=True), "resume=True needs checkpoint_dir"),
+        (dict(checkpoint_every=5), "checkpoint_every needs checkpoint_dir"),
+        (dict(metrics=str(out / "m.parquet")), "is a file"),
+        (dict(warmup=3), "warmup"),
+        (dict(log_every=0), "log_every"),
+    ]:
+        with pytest.raises(GraftlabError, match=match):
+            train(small_train_config(**bad), progress=False)
+    assert out.read_text() == "x"
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -267,10 +283,38 @@ def test_make_config_layers_command_line_over_file(tmp_path):
     assert make_config(None, task="bert").steps is None
 
 
+def test_train_and_record_configs_share_the_run_fields(tmp_path):
+    import dataclasses
+
+    from graftlab.config import RecordConfig, RunConfig
+
+    run = [f.name for f in dataclasses.fields(RunConfig)]
+    assert len(run) == 22 and {"steps", "schedule", "checkpoint_dir", "metrics", "threads"} <= set(run)
+    for cls in (TrainConfig, RecordConfig):
+        own = [f.name for f in dataclasses.fields(cls)]
+        assert own[: len(run)] == run and issubclass(cls, RunConfig)
+    (tmp_path / "r.yaml").write_text("m_hparams: {betas: [0.9, 0.98]}\nd_hparams: {momentum: 0.9}\n")
+    cfg = make_config(tmp_path / "r.yaml", RecordConfig, m_hparams=["eps=1e-6"], d_hparams=None, steps=5)
+    assert cfg.m_hparams == {"betas": (0.9, 0.98), "eps": 1e-6} and cfg.d_hparams == {"momentum": 0.9}
+    cfg.validate(outputs=False)
+    with pytest.raises(GraftlabError, match="out is required"):
+        cfg.validate()
+
+
+def test_resolve_fills_task_defaults_and_checks_the_schedule():
+    from graftlab.config import RecordConfig
+
+    task = ToyTask()
+    rec = RecordConfig(magnitude="adam", direction="sgd", direction_lr=0.3, steps=10).resolve(task)
+    assert (rec.magnitude_lr, rec.direction_lr, rec.schedule, rec.warmup) == (1e-3, 0.3, "poly", 0.0)
+    with pytest.raises(GraftlabError, match="warmup"):
+        TrainConfig(epochs=0.5, warmup=4).resolve(task)  # 4 steps: the warmup is the whole run
+
+
 def test_cli_train_and_refusal(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     (tmp_path / "c.yaml").write_text("eval_size: 16\neval_every: 0\nbatch_size: 8\n")
     out = tmp_path / "m.parquet"
@@ -283,7 +327,7 @@ def test_cli_train_and_refusal(tmp_path):
     assert meta["config"]["hparams"] == {"momentum": 0.9} and meta["config"]["batch_size"] == 8
     # The installed entry point turns the error into one line and exit code 2, leaving the file alone.
     before = out.read_bytes()
-    again = subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "graftlab.cli.app", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.strip().startswith("error:") and "already exists" in again.stderr
     assert "Traceback" not in again.stderr and out.read_bytes() == before
 
@@ -301,13 +345,13 @@ def test_threads_setting():
 
 def test_correction_notes_warn_about_base_lr_and_double_schedules():
     from graftlab.corrections import Corrections
-    from graftlab.train import TrainConfig, _correction_notes
+    from graftlab.runs.run import _correction_notes
 
     sched = Corrections(schedule={"global": [[0, 0.1], [50, 0.2]]}, source={"direction_lr": 0.05})
     notes = _correction_notes(sched, TrainConfig(lr=0.1, schedule="step"))
     assert len(notes) == 2
     assert "relative to lr 0.05" in notes[0] and "base lr is 0.1" in notes[0]
-    assert "--schedule constant --warmup 0" in notes[1]
+    assert "schedule='constant' with warmup=0" in notes[1]
     assert len(_correction_notes(sched, TrainConfig(lr=0.05, schedule="constant", warmup=0.0))) == 0
     static = Corrections(multipliers={"fc.weight": 10.0}, source={"direction_lr": 0.1})
     assert _correction_notes(static, TrainConfig(lr=0.1, schedule="poly")) == []
@@ -316,7 +360,7 @@ def test_correction_notes_warn_about_base_lr_and_double_schedules():
 def test_cli_train_takes_the_step_schedule_options(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from graftlab.cli.app import app
 
     out = tmp_path / "m.parquet"
     res = CliRunner().invoke(app, ["train", "--task", "resnet", "--optimizer", "sgd", "--lr", "0.1", "--steps", "8",

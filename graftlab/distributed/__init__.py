@@ -16,7 +16,7 @@ Usage in a training script started with ``torchrun --nproc-per-node 2 train.py``
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = graftlab.Graft(adam, sgd, names=gd.unwrap(model))
-    with gd.main_only(Recorder, opt, "trace/"):   # rank 0 writes, the others get a no-op
+    with Recorder(opt, "trace/"):                 # on every rank: rank 0 writes, the others record nothing
         for x, y in batches:                      # the same global batch on every rank
             x, y = gd.local_rows(x, env), gd.local_rows(y, env)
             loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
@@ -24,7 +24,15 @@ Usage in a training script started with ``torchrun --nproc-per-node 2 train.py``
     gd.shutdown(env)
 
 Without torchrun the same calls give a one-process run: ``init_from_env`` returns world size 1,
-``wrap_model`` returns the model, ``main_only`` builds the recorder.
+``wrap_model`` returns the model, and the recorder writes.
+
+A run of a built-in task (:mod:`graftlab.runs`) sets up one :class:`Runtime` at its start and asks it
+for everything distributed: wrapping the task, whether this rank writes, the mean loss over ranks,
+checkpoints.
+
+Modules: :mod:`~graftlab.distributed.env` (device, process group, wrapping),
+:mod:`~graftlab.distributed.shards` (FSDP2 norm math), :mod:`~graftlab.distributed.checkpoints`
+(DCP save/load/resume), :mod:`~graftlab.distributed.runtime` (a run's :class:`Runtime`).
 """
 from graftlab.distributed.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -36,6 +44,7 @@ from graftlab.distributed.checkpoints import (
     save_checkpoint,
 )
 from graftlab.distributed.env import (
+    DEVICES,
     MODES,
     DistEnv,
     barrier,
@@ -47,16 +56,18 @@ from graftlab.distributed.env import (
     launched_by_torchrun,
     local_rows,
     main_only,
+    resolve_device,
     setup,
     shutdown,
     unwrap,
     wrap_model,
 )
+from graftlab.distributed.runtime import Runtime
 from graftlab.distributed.shards import ShardLayout, shard_layout, step_communication
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_META", "Checkpoints", "checkpoints_for", "load_checkpoint", "resume_step",
-    "save_checkpoint", "MODES", "DistEnv", "barrier", "current", "distribute_task", "global_mean",
-    "init_from_env", "is_main", "launched_by_torchrun", "local_rows", "main_only", "setup", "shutdown",
-    "unwrap", "wrap_model", "ShardLayout", "shard_layout", "step_communication",
+    "save_checkpoint", "DEVICES", "MODES", "DistEnv", "barrier", "current", "distribute_task", "global_mean",
+    "init_from_env", "is_main", "launched_by_torchrun", "local_rows", "main_only", "resolve_device", "setup",
+    "shutdown", "unwrap", "wrap_model", "Runtime", "ShardLayout", "shard_layout", "step_communication",
 ]

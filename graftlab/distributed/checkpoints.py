@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
-from graftlab.errors import GraftlabError
+from graftlab.errors import GraftlabError, OutputExistsError
 
 CHECKPOINT_FORMAT = "graftlab.checkpoint/1"
 CHECKPOINT_META = "graftlab.json"
@@ -58,7 +58,7 @@ def save_checkpoint(
     path = Path(path)
     if is_main() and path.exists():
         if not overwrite:
-            raise GraftlabError(f"checkpoint {path} exists; pass overwrite=True (--overwrite) to replace it")
+            raise OutputExistsError(path, "checkpoint")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     _barrier()
     model = unwrap(model)
@@ -231,7 +231,7 @@ def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimi
     resume = bool(getattr(config, "resume", False))
     if directory is None:
         if every or resume:
-            raise GraftlabError("--checkpoint-every and --resume need --checkpoint-dir")
+            raise GraftlabError("resume=True and checkpoint_every need checkpoint_dir")
         return None, 0
     ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)
     first = ckpt.resume() if resume else 0

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from graftlab.errors import GraftlabError
 
 MODES = ("none", "ddp", "fsdp")
+DEVICES = ("cpu", "cuda", "auto")
 
 _AVAILABLE = torch.distributed.is_available()
 if _AVAILABLE:
@@ -25,6 +26,22 @@ if _AVAILABLE:
 else:  # builds without distributed support: nothing here can be sharded
     dist = None
     DTensor = ()  # isinstance(x, ()) is always False
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``"auto"`` (or None) -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a GraftlabError."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GraftlabError("device 'cuda' was asked for but PyTorch sees no CUDA GPU")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise GraftlabError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +82,7 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     available). The backend defaults to NCCL on CUDA and gloo on CPU. Outside torchrun this joins
     nothing and returns a one-process :class:`DistEnv`.
     """
-    auto = device in (None, "auto")
-    want = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(device)
-    if want.type == "cuda" and not torch.cuda.is_available():
-        raise GraftlabError("--device cuda was asked for but no CUDA device is available")
+    want = resolve_device(device)
     if not launched_by_torchrun():
         return _set_current(DistEnv(device=want))
     if not _AVAILABLE:
@@ -106,10 +120,8 @@ def setup(device: Union[str, torch.device, None] = "auto") -> torch.device:
 
     The one call a training entry point needs before building its model: ``"auto"``/``"cuda"``
     become ``cuda:<LOCAL_RANK>`` under torchrun, and everything else in this module then sees the
-    group through :func:`current`. Outside torchrun it is :func:`graftlab.tasks.resolve_device`.
+    group through :func:`current`. Outside torchrun it is :func:`resolve_device`.
     """
-    from graftlab.tasks import resolve_device
-
     dev = resolve_device(device)
     if not launched_by_torchrun():
         return dev
@@ -259,8 +271,12 @@ class _Nothing(contextlib.AbstractContextManager):
 
 
 def is_main() -> bool:
-    """True on global rank 0, or when no process group is running."""
-    return not (_AVAILABLE and dist.is_initialized()) or dist.get_rank() == 0
+    """True on global rank 0: of the process group, or before one is joined, of the launcher's
+    ``RANK`` (torchrun, accelerate launch); True for a plain one-process run."""
+    if _AVAILABLE and dist.is_initialized():
+        return dist.get_rank() == 0
+    rank = os.environ.get("RANK", "").strip()
+    return not rank.isdigit() or int(rank) == 0
 
 
 def main_only(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -4,13 +4,18 @@ Every function takes a trace (a path, or the DataFrame :func:`graftlab.read_trac
 optional Axes or Figure, and returns the matplotlib Figure::
 
     from graftlab import plots
-    plots.figure5("sample_traces/bert-adam-sgd-bs32").savefig("figure5.png")
-    plots.figure6("sample_traces/bert-adam-sgd-bs32", "sample_traces/bert-adam-sgd-bs128", steps=(2000, 500))
+    plots.figure5("sample_traces/bert-adam-sgd-bs16").savefig("figure5.png")
+    plots.figure6("sample_traces/bert-adam-sgd-bs16", "sample_traces/bert-adam-sgd-bs64", steps=(2000, 500))
+    plots.figure4("sample_traces/resnet-sgd-adagrad-global")
 
-Ratios are drawn on log axes and coloured by layer kind (:data:`graftlab.kinds.KIND_LABELS`).
+(the traces in ``sample_traces/``: layer-wise Adam#SGD on ``bert`` at batch sizes 16 and 64, and global
+SGD#AdaGrad on ``resnet``). Ratios are drawn on log axes labelled in decades and coloured by layer
+kind (:data:`graftlab.kinds.KIND_LABELS`); each figure is titled with its number and what it shows
+(filtered or not, which iterations).
 """
 from graftlab.plots.common import KIND_LABELS, LABEL_COLORS, LABEL_ORDER, MEDIAN_WIDTH, kind_color
-from graftlab.plots.layers import PANELS, figure5, figure6, figure7, figure8, panel_groups, ratios
+from graftlab.plots.layers import figure5, figure6, figure7, ratios
+from graftlab.plots.panels import PANELS, figure8, panel_groups
 from graftlab.plots.schedule import figure4, schedule, steps_per_epoch
 
 __all__ = [

@@ -148,38 +148,147 @@ def style() -> Iterator[None]:
         yield
 
 
+def _layout(fig: Figure) -> Figure:
+    # the legends are placed "outside" the axes, which only constrained layout makes room for
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("constrained")
+    return fig
+
+
 def new_axes(ax: Optional[Axes], fig: Optional[Figure], *, figsize=(7.0, 4.5)) -> tuple[Figure, Axes]:
     """The Axes to draw on: ``ax`` if given, else one new Axes on ``fig`` (or a new Figure)."""
     if ax is not None:
         return ax.figure, ax
     if fig is None:
         fig = plt.figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
+    return _layout(fig), fig.add_subplot()
 
 
 def new_grid(fig: Optional[Figure], nrows: int, ncols: int, *, figsize, **kwargs) -> tuple[Figure, np.ndarray]:
     if fig is None:
         fig = plt.figure(figsize=figsize, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    axes = _layout(fig).subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
 
+def new_figure(fig: Optional[Figure], *, figsize) -> Figure:
+    """``fig`` (given constrained layout if it has no layout engine), or a new Figure."""
+    return plt.figure(figsize=figsize, layout="constrained") if fig is None else _layout(fig)
+
+
+def filter_text(width: Optional[int]) -> str:
+    """How the lines were smoothed, for titles: ``median-filtered (width 51)`` or ``unfiltered``."""
+    return f"median-filtered (width {width})" if width is not None and width > 1 else "unfiltered"
+
+
+def span_text(df: pd.DataFrame, steps: Optional[int]) -> str:
+    """Which iterations a panel shows: ``first 2000 iterations``, ``all 600 iterations`` or ``iterations 500-999``.
+
+    ``steps`` is the count that was asked for (None: all); the text says what the trace held.
+    """
+    step = df["step"].to_numpy()
+    if step.size == 0:
+        return "no iterations"
+    first, last = int(step.min()), int(step.max())
+    if first != 0:
+        return f"iterations {first}-{last}"
+    return f"{'all' if steps is None else 'first'} {last + 1} iterations"
+
+
+def figure_title(fig, text: str, **kwargs):
+    """``fig``'s own title (a suptitle above every panel), wrapped at spaces to fit the figure's width."""
+    import textwrap
+
+    kwargs.setdefault("fontsize", "large")
+    title = fig.suptitle(text, **kwargs)
+    get_renderer = getattr(fig.canvas, "get_renderer", None)
+    if get_renderer is None:
+        return title
+    available = 0.9 * fig.bbox.width  # room for the dpi-dependent text widths (see fitted_legend)
+    for _ in range(4):
+        width = title.get_window_extent(get_renderer()).width
+        if width <= available:
+            break
+        longest = max(len(line) for line in title.get_text().split("\n"))
+        # characters per line in proportion to the room: a few tries absorb the uneven glyph widths
+        chars = max(10, int(longest * available / width) - 1)
+        title.set_text(textwrap.fill(text, chars, break_long_words=False))
+    return title
+
+
+RATIO_LABEL = r"$\|w_M - w_t\| \,/\, \|w_D - w_t\|$"
+
+
+def decade_axis(ax: Axes, axis: str = "y") -> None:
+    """A log axis labelled at powers of ten only (unlabelled minor ticks), showing at least two of them.
+
+    Call it after drawing: a view inside one decade is widened to the decades around it, so a reader
+    always has two labelled ticks to read the scale from.
+    """
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    get_lim, set_lim = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    lo, hi = sorted(get_lim())
+    if lo > 0 and np.isfinite(hi):
+        a, b = np.log10(lo), np.log10(hi)
+        if np.floor(b) - np.ceil(a) + 1 < 2:
+            low = np.floor(a)
+            set_lim(10.0 ** low, 10.0 ** max(np.ceil(b), low + 1))
+    which.set_major_locator(LogLocator(base=10))
+    which.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10)))
+    which.set_minor_formatter(NullFormatter())
+
+
 def log_ratio_axis(ax: Axes, *, xlabel: str = "Training iterations") -> None:
-    ax.set_yscale("log")
+    """The ratio axes of Figures 5-8: log y in decades, labelled with the ratio; call after drawing."""
+    decade_axis(ax)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(r"$\|w_M - w_t\| \,/\, \|w_D - w_t\|$")
+    ax.set_ylabel(RATIO_LABEL)
 
 
-def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs) -> None:
-    """One legend entry per layer kind present, in the paper's order."""
+def fitted_legend(fig, handles: Sequence, labels: Sequence[str], *, loc: str, ncol: int, **kwargs):
+    """``fig.legend`` with up to ``ncol`` columns: fewer where the legend would be wider than ``fig``.
+
+    An "outside" legend of a constrained layout gets room above or below the axes but not beside
+    them, so a legend wider than the figure would be cut off at both sides.
+    """
+    get_renderer = getattr(fig.canvas, "get_renderer", None)  # Agg-based canvases measure text
+    legend = None
+    for n in range(max(1, min(ncol, len(labels))), 0, -1):
+        if legend is not None:
+            legend.remove()
+        legend = fig.legend(handles, labels, loc=loc, ncol=n, **kwargs)
+        if get_renderer is None:
+            break
+        # Both widths in pixels at the current dpi; text hinting makes the legend up to ~7% wider
+        # (relative to the figure) at other dpis (72, 150, ...), hence the margin.
+        if legend.get_window_extent(get_renderer()).width <= 0.9 * fig.bbox.width:
+            break
+    return legend
+
+
+def kind_handles(labels: Sequence[str]) -> tuple[list, list[str]]:
+    """Legend handles and labels: one per layer kind present in ``labels``, in the paper's order."""
     from matplotlib.lines import Line2D
 
     present = [lab for lab in LABEL_ORDER if lab in set(labels)]
-    handles = [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present]
+    return [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present], present
+
+
+def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
+    """One legend entry per layer kind present, in the paper's order.
+
+    On a figure the columns (``ncol``, default 2) are reduced until the legend fits its width.
+    """
+    handles, present = kind_handles(labels)
     kwargs.setdefault("ncol", 2)
     kwargs.setdefault("fontsize", "small")
     kwargs.setdefault("frameon", True)
-    ax_or_fig.legend(handles, present, **kwargs)
+    if isinstance(ax_or_fig, Axes):
+        return ax_or_fig.legend(handles, present, **kwargs)
+    return fitted_legend(ax_or_fig, handles, present, **kwargs)
 
 
 def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8) -> list[str]:

@@ -62,7 +62,7 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
         return plots.figure7(*traces, **wide)
     if figure == "8":
         return plots.figure8(*traces, steps=n, **wide)
-    from graftlab.distill import trace_extent
+    from graftlab.trace import trace_extent
 
     first, last = trace_extent(traces[0])
     # a trace shorter than the window is distilled over all of it

@@ -17,7 +17,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from graftlab.errors import GraftlabError
-from graftlab.plots.common import MEDIAN_WIDTH, Trace, load, new_axes, optimizer_name, run_label, smooth, style
+from graftlab.plots.common import (
+    MEDIAN_WIDTH,
+    Trace,
+    decade_axis,
+    figure_title,
+    filter_text,
+    load,
+    new_axes,
+    optimizer_name,
+    run_label,
+    smooth,
+    style,
+)
 
 
 def steps_per_epoch(meta: dict[str, Any]) -> Optional[int]:
@@ -50,10 +62,13 @@ def schedule(trace: Trace, *, width: Optional[int] = MEDIAN_WIDTH) -> pd.DataFra
 
 def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[int] = MEDIAN_WIDTH,
             ax: Optional[Axes] = None, fig: Optional[Figure] = None) -> Figure:
-    """Figure 4: M's learning-rate schedule and the correction grafting discovered for D, against epochs.
+    """Figure 4 (paper, Section 5): M's learning-rate schedule and the correction grafting discovered for D.
 
-    ``per_epoch`` (steps per epoch) defaults to the one the trace's metadata records; without it the
-    x axis is in iterations.
+    Both on one log axis (M's ``lr`` column and D's correction, the ratio ``||w_M - w_t|| / ||w_D -
+    w_t||`` median-filtered with ``width``; None or 1: unfiltered) against epochs. ``per_epoch``
+    (steps per epoch) defaults to the one the trace's metadata records; without it the x axis is in
+    iterations. Raises :class:`~graftlab.errors.GraftlabError` for a trace with more than one group
+    or without an ``lr`` column.
     """
     df = load(trace)
     data = schedule(df, width=width)
@@ -66,15 +81,24 @@ def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[in
         xlabel = "Training epochs"
     m = optimizer_name(meta, "magnitude", "M")
     d = optimizer_name(meta, "direction", "D")
+    what = f"Figure 4: a learning-rate schedule for {d} discovered by grafting"
+    run = run_label(df)
     with style():
+        own = ax is None
         fig, ax = new_axes(ax, fig)
         ok = data["lr"].notna().to_numpy()
         ax.plot(x[ok], data["lr"].to_numpy()[ok], lw=2, label=f"lr schedule for {m}", gid="lr")
         ok = data["correction"].notna().to_numpy()
-        ax.plot(x[ok], data["correction"].to_numpy()[ok], lw=1.5, label=f"correction for {d}", gid="correction")
-        ax.set_yscale("log")
+        ax.plot(x[ok], data["correction"].to_numpy()[ok], lw=1.5, label=f"correction for {d}, {filter_text(width)}",
+                gid="correction")
         ax.set_xlabel(xlabel)
         ax.set_xlim(x.min(), x.max())
+        decade_axis(ax)
+        ax.set_ylabel(f"{m}'s learning rate; {d}'s correction", fontsize="small")
         ax.legend(loc="best")
-        ax.set_title(run_label(df))
+        if own:
+            figure_title(fig, what)
+            ax.set_title(run)
+        else:
+            ax.set_title(f"{what}\n{run}")
     return fig

@@ -1,0 +1,374 @@
+"""Run configs: what ``record()`` and ``train()`` need, checked before anything touches the disk.
+
+    >>> cfg = TrainConfig(task="bert", optimizer="sgd", lr=0.1, hparams={"momentum": 0.9}, steps=300)
+    >>> cfg.validate()                                   # every mistake now, as one GraftlabError
+    >>> rec = RecordConfig(task="bert", magnitude="adam", direction="sgd", out="runs/t")
+    >>> rec = load_config("run.yaml", RecordConfig)      # the same keys from YAML or TOML
+
+Configs are flat dataclasses (nanoGPT style). :class:`RunConfig` holds the fields every run has
+(task, length, schedule, system, evaluation); :class:`TrainConfig` adds one optimizer,
+:class:`RecordConfig` the grafted pair M#D and the trace. ``validate()`` checks values and outputs
+(an existing output is an :class:`~graftlab.errors.OutputExistsError` unless ``overwrite``);
+every entry point calls it first, so a config error never costs a trace or a metrics file.
+Messages name the config fields (``checkpoint_dir``), which the command line maps to its options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import torch
+
+from graftlab.distributed.env import MODES
+from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.optimizers import make_optimizer, parse_hparams
+from graftlab.record import DEFAULT_FLUSH_EVERY
+from graftlab.trace import is_trace
+from graftlab.schedules import SCHEDULES, make_schedule
+from graftlab.tasks import SIZES, TASKS, Task, resolve_device
+
+DEFAULT_STEPS = 300
+GRANULARITIES = ("layer", "global", "coordinate")
+
+
+@dataclass
+class RunConfig:
+    """The fields every run shares; see :class:`TrainConfig` and :class:`RecordConfig`."""
+
+    # --- what to train ---
+    task: str = "bert"  # built-in task: bert | resnet
+    size: str = "tiny"  # tiny (CPU, ~1 min) | small | base (BERT-base / full-width ResNet-18)
+    data: Optional[str] = None  # None: bundled data (KJV text / Fashion-MNIST); else a user's file or folder
+    # --- how long ---
+    steps: Optional[int] = None  # optimizer steps; None: from `epochs`, or 300 when neither is set
+    epochs: Optional[float] = None  # passes over the training set (alternative to `steps`)
+    batch_size: int = 32
+    # --- schedule (a factor on the lr per step) ---
+    schedule: Optional[str] = None  # constant | poly | step | cosine; None: the task's default (bert: poly, resnet: step)
+    warmup: Optional[float] = None  # warmup steps (>= 1) or fraction of the run (< 1); None: task default
+    power: float = 1.0  # poly decay power (1: BERT's linear decay)
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # step schedule: x gamma at these fractions
+    gamma: float = 0.1  # step schedule decay factor
+    # --- system ---
+    device: str = "auto"  # cpu | cuda | auto
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
+    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
+    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
+    seed: int = 0  # seeds model init, data order, masking and dropout
+    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
+    # --- evaluation and logging ---
+    eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
+    eval_size: Optional[int] = None  # held-out sequences/images per evaluation; None: task default
+    log_every: int = 50  # steps between host syncs for the progress bar and divergence check
+    metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics; None: not written
+
+    def validate(self, *, overwrite: bool = False, outputs: bool = True) -> None:
+        """Check every field and output path; raises :class:`GraftlabError` (nothing is written).
+
+        An existing output (``metrics``; a trace ``out``) is an :class:`OutputExistsError` unless
+        ``overwrite``. ``outputs=False`` leaves the output paths to the caller (a folder it creates).
+        """
+        self.validate_loop()
+        self._validate_task()
+        self._validate_optimizers()
+        if outputs:
+            self._validate_outputs(overwrite)
+
+    def validate_loop(self) -> None:
+        """The checks :func:`graftlab.runs.fit` needs for any task: length, schedule, loop settings."""
+        if self.steps is not None and self.epochs is not None:
+            raise GraftlabError("give either steps or epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise GraftlabError(f"the run needs at least one step, got steps={self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise GraftlabError(f"epochs must be > 0, got {self.epochs}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise GraftlabError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.epochs is None:  # the length is known before the task: check the schedule against it
+            self.check_schedule(self.steps or DEFAULT_STEPS)
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise GraftlabError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise GraftlabError(f"log_every must be >= 1, got {self.log_every}")
+        if self.threads is not None and self.threads < 1:
+            raise GraftlabError(f"threads must be at least 1, got {self.threads}")
+        if self.checkpoint_dir is None:
+            if self.resume:
+                raise GraftlabError("resume=True needs checkpoint_dir (the checkpoints to resume from)")
+            if self.checkpoint_every:
+                raise GraftlabError("checkpoint_every needs checkpoint_dir (where the checkpoints go)")
+
+    def check_schedule(self, steps: int) -> None:
+        """Build the lr schedule for ``steps`` to check its settings (with the schedule and warmup
+        given, or only the warmup while the task's default schedule is not known yet)."""
+        make_schedule(self.schedule or "constant", steps, self.warmup or 0.0, power=self.power,
+                      milestones=self.milestones, gamma=self.gamma)
+
+    def _validate_task(self) -> None:
+        if self.task not in TASKS:
+            raise GraftlabError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.size not in SIZES:
+            raise GraftlabError(f"unknown size {self.size!r}: choose one of {', '.join(SIZES)}")
+        if self.data is not None and not Path(self.data).expanduser().exists():
+            raise GraftlabError(f"data path {self.data!r} does not exist")
+        if self.batch_size < 1:
+            raise GraftlabError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise GraftlabError(f"eval_size must be at least 1, got {self.eval_size}")
+        if self.parallel not in MODES:
+            raise GraftlabError(f"unknown parallel mode {self.parallel!r}: expected one of {', '.join(MODES)}")
+        resolve_device(self.device)
+
+    def _validate_optimizers(self) -> None:
+        """Subclasses check their optimizer names, learning rates and hyperparameters."""
+
+    def _validate_outputs(self, overwrite: bool) -> None:
+        check_output_file(self.metrics, "metrics file", overwrite)
+        if self.checkpoint_dir is not None:
+            _check_folder(Path(self.checkpoint_dir).expanduser(), "checkpoint_dir")
+
+    def resolve(self, task: Task) -> "RunConfig":
+        """A copy with ``steps``, ``schedule``, ``warmup`` (and learning rates) left as None filled
+        with ``task``'s defaults; the resolved schedule is checked."""
+        changes: dict[str, Any] = {"steps": total_steps(self, task), "epochs": None}
+        if self.schedule is None:
+            changes["schedule"] = task.default_schedule
+        if self.warmup is None:
+            changes["warmup"] = task.default_warmup
+        out = dataclasses.replace(self, **changes)
+        out.check_schedule(out.steps)
+        return out
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
+
+    optimizer: str = "adam"  # sgd | adam | adamw | adagrad | rmsprop
+    lr: Optional[float] = None  # peak learning rate; None: the task's default for this optimizer
+    hparams: dict = field(default_factory=dict)  # optimizer hyperparameters, e.g. {"momentum": 0.9}
+
+    def _validate_optimizers(self) -> None:
+        _check_optimizer(self.optimizer, self.lr, self.hparams, "lr")
+
+    def resolve(self, task: Task) -> "TrainConfig":
+        out = super().resolve(task)
+        return out if out.lr is not None else dataclasses.replace(out, lr=task.default_lr(out.optimizer))
+
+
+@dataclass
+class RecordConfig(RunConfig):
+    """A grafted run M#D that records every group's ratio to a trace (``graftlab record``)."""
+
+    magnitude: str = "adam"  # M: gives the step size (the schedule is attached here)
+    direction: str = "sgd"  # D: gives the direction
+    magnitude_lr: Optional[float] = None  # None: the task's default for M's optimizer
+    direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
+    m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
+    d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
+    granularity: str = "layer"  # layer | global | coordinate
+    out: Optional[str] = None  # trace directory
+    every: int = 1  # record every k-th step
+    flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
+
+    def _validate_optimizers(self) -> None:
+        _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr")
+        _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr")
+        if self.granularity not in GRANULARITIES:
+            raise GraftlabError(f"unknown granularity {self.granularity!r}: choose {', '.join(GRANULARITIES)}")
+        if self.every < 1 or self.flush_every < 1:
+            raise GraftlabError(f"every and flush_every must be >= 1, got {self.every} and {self.flush_every}")
+
+    def _validate_outputs(self, overwrite: bool) -> None:
+        super()._validate_outputs(overwrite)
+        if self.out is None:
+            raise GraftlabError("out is required: the trace directory to write")
+        path = Path(self.out).expanduser()
+        _check_folder(path, "out")
+        if not path.is_dir() or not any(path.iterdir()):
+            return
+        if not (overwrite or self.resume):
+            raise OutputExistsError(path, "trace")
+        if not is_trace(path):
+            raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace; not using it")
+
+    def resolve(self, task: Task) -> "RecordConfig":
+        out = super().resolve(task)
+        lrs = {name: task.default_lr(opt) for name, opt in
+               (("magnitude_lr", out.magnitude), ("direction_lr", out.direction)) if getattr(out, name) is None}
+        return dataclasses.replace(out, **lrs) if lrs else out
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
+def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str) -> None:
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        raise GraftlabError(f"{lr_field} must be a finite number >= 0, got {lr}")
+    # on one throwaway parameter, the optimizer's own checks of names and ranges run before the task is built
+    make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.0 if lr is None else lr, **hparams)
+
+
+def _check_folder(path: Path, what: str) -> None:
+    """``path`` can be (or become) a folder: it is not a file and no file stands where a parent goes."""
+    if path.exists() and not path.is_dir():
+        raise GraftlabError(f"{what} {str(path)!r} is a file, not a folder")
+    _check_parents(path, what)
+
+
+def _check_parents(path: Path, what: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise GraftlabError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
+def check_output_file(path: Optional[str | os.PathLike], what: str, overwrite: bool) -> Optional[Path]:
+    """The path of an output file to write, or None; an existing one is an
+    :class:`OutputExistsError` unless ``overwrite``, a folder or a file where a parent goes is a
+    :class:`GraftlabError`."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise GraftlabError(f"{what} {str(p)!r} is a folder")
+    if p.exists() and not overwrite:
+        raise OutputExistsError(p, what)
+    _check_parents(p, what)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resolving defaults
+
+
+def total_steps(config: RunConfig, task: Task) -> int:
+    """Steps for the run: ``steps``, or ``epochs`` x steps per epoch, or :data:`DEFAULT_STEPS`."""
+    if config.steps is not None and config.epochs is not None:
+        raise GraftlabError("give either steps or epochs, not both")
+    if config.steps is not None:
+        steps = int(config.steps)
+    elif config.epochs is not None:
+        if not config.epochs > 0:
+            raise GraftlabError(f"epochs must be > 0, got {config.epochs}")
+        steps = int(round(config.epochs * task.steps_per_epoch))
+    else:
+        steps = DEFAULT_STEPS
+    if steps < 1:
+        raise GraftlabError(f"the run needs at least one step, got {steps}")
+    return steps
+
+
+def resolve_config(config: C, task: Task) -> C:
+    """``config.resolve(task)``: defaults left as None filled from the task (see :meth:`RunConfig.resolve`)."""
+    return config.resolve(task)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config files
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a value read from YAML/TOML or the command line to the field's declared type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None:
+            if type(None) in args:
+                return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if value is None:
+        raise GraftlabError(f"config key {name!r} cannot be empty")
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError(value)
+            return out
+        if hint is str:
+            return str(value)
+        if hint is dict or origin is dict:
+            if isinstance(value, (list, tuple)):  # ["momentum=0.9", ...]
+                return parse_hparams([str(v) for v in value])
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        if hint is list or origin is list:
+            if isinstance(value, str):
+                value = value.split(",")
+            return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise GraftlabError(f"config key {name!r}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig) -> C:
+    """Build config ``cls`` from a mapping; unknown keys are a GraftlabError listing the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise GraftlabError(f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of config keys."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GraftlabError(f"config file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            values = tomllib.loads(text)
+        elif p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise GraftlabError(f"config file {str(p)!r} must end in .yaml, .yml or .toml")
+    except GraftlabError:
+        raise
+    except Exception as err:  # the parsers' own syntax errors
+        raise GraftlabError(f"cannot parse config file {str(p)!r}: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise GraftlabError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    return config_from_dict(values, cls)
+
+
+def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = TrainConfig, **overrides: Any) -> C:
+    """A config file (or the defaults) with every override that is not None applied on top.
+
+    Dict fields (``hparams``, ``m_hparams``, ``d_hparams``) are merged into the file's (a list of
+    ``key=value`` works).
+    """
+    base = load_config(config_path, cls) if config_path is not None else cls()
+    values = asdict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(values.get(key), dict):
+            extra = parse_hparams(value) if isinstance(value, (list, tuple)) else dict(value)
+            values[key] = {**values[key], **extra}
+        else:
+            values[key] = value
+    return config_from_dict(values, cls)

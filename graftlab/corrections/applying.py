@@ -1,0 +1,160 @@
+"""Applying a corrections file to a model: per-parameter learning rates and ``LambdaLR`` factors."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from graftlab.corrections.files import GLOBAL, Corrections
+from graftlab.errors import GraftlabError
+from graftlab.schedules import Piecewise, Product
+
+
+@dataclass
+class Applied:
+    """A corrections file turned into optimizer settings for one model.
+
+    - ``param_groups``: one torch param-group dict per parameter, ``{"params": [p], "lr":
+      base_lr * multiplier, "name": name, "factor": multiplier}``, in ``named_params`` order; pass
+      it to the optimizer.
+    - ``lr_factor``: the global schedule (``step -> factor``), or None without one.
+    - ``group_lr_factors``: with per-group schedules, one ``step -> factor`` per param group (the
+      global factor included), else None. A LambdaLR over the optimizer must use this list.
+    - ``missing``: model parameters the file had no factor for (factor 1; only with allow_missing).
+    - ``unknown``: file groups that matched no parameter (ignored; only with allow_missing).
+    """
+
+    param_groups: list[dict[str, Any]]
+    lr_factor: Optional[Callable[[int], float]] = None
+    group_lr_factors: Optional[list[Callable[[int], float]]] = None
+    missing: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def lr_lambda(self, run_schedule: Optional[Callable[[int], float]] = None):
+        """What to give ``torch.optim.lr_scheduler.LambdaLR``: the corrections' schedule composed
+        (multiplied) with the run's own ``step -> factor`` schedule. A single callable unless the
+        file has per-group schedules, then a list with one callable per param group."""
+        if self.group_lr_factors is not None:
+            return [Product(f, run_schedule) for f in self.group_lr_factors]
+        return Product(self.lr_factor, run_schedule)
+
+    def factor_at(self, step: int) -> list[float]:
+        """Each param group's total factor on ``base_lr`` at ``step`` (multiplier x schedule)."""
+        base = [g["factor"] for g in self.param_groups]
+        if self.group_lr_factors is not None:
+            return [b * f(step) for b, f in zip(base, self.group_lr_factors)]
+        s = self.lr_factor(step) if self.lr_factor is not None else 1.0
+        return [b * s for b in base]
+
+
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    head = ", ".join(names[:limit])
+    return head + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _named(named_params: Any) -> tuple[list[str], list[Any]]:
+    """Names and parameters of ``(name, parameter)`` pairs, with a clear error for anything else
+    (``model.parameters()`` instead of ``model.named_parameters()`` is the usual mistake)."""
+    names, params = [], []
+    for i, item in enumerate(named_params):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise GraftlabError(
+                f"named_params must be (name, parameter) pairs, as model.named_parameters() gives; item {i} "
+                f"is a {type(item).__name__}"
+            )
+        names.append(item[0])
+        params.append(item[1])
+    if len(set(names)) != len(names):
+        raise GraftlabError("parameter names must be unique to apply corrections")
+    return names, params
+
+
+def _targets(corrections: Corrections, names: list[str]) -> dict[str, list[int]]:
+    """Each file group's parameter positions: ``global`` (unless a parameter has that name) covers
+    all, a parameter's own name covers it, a custom group covers its recorded members."""
+    index = {n: i for i, n in enumerate(names)}
+    members = {g: d.members for g, d in corrections.group_sources.items() if d.members and d.members != [g]}
+    out = {}
+    for g in corrections.groups:
+        if g == GLOBAL and GLOBAL not in index:
+            out[g] = list(range(len(names)))
+        elif g in index:
+            out[g] = [index[g]]
+        else:
+            out[g] = [index[m] for m in members.get(g, []) if m in index]
+    return out
+
+
+def _schedules(corrections: Corrections, targets: dict[str, list[int]], n: int, global_group: bool):
+    """The global schedule (or None) and each parameter's list of per-group schedules."""
+    overall: Optional[Piecewise] = None
+    per_param: list[list[Piecewise]] = [[] for _ in range(n)]
+    for g, pieces in corrections.schedule.items():
+        if g == GLOBAL and global_group:
+            overall = Piecewise(pieces)
+            continue
+        sched = Piecewise(pieces)
+        for i in targets[g]:
+            per_param[i].append(sched)
+    return overall, per_param
+
+
+def apply(
+    corrections: Corrections,
+    named_params: Iterable[tuple[str, Any]],
+    base_lr: float,
+    *,
+    allow_missing: bool = False,
+) -> Applied:
+    """Turn ``corrections`` into per-parameter learning rates and schedules for a plain optimizer.
+
+    This is the paper's offline transfer (Section 5): D trained alone with the per-layer factors
+    distilled from M#D (Table 5 medians, or their D_beta rounding of Table 6b) or a global schedule
+    (Figure 4). ``named_params`` is ``list(model.named_parameters())`` (``(name, tensor)`` pairs);
+    ``base_lr`` is D's learning rate, normally the one the trace was recorded with
+    (``corrections.direction_lr``), since the factors are relative to it.
+
+    Static multipliers become per-parameter lrs ``base_lr * factor``; a ``global`` multiplier
+    applies to every parameter, and factors of several matching groups multiply. Group names are
+    matched to parameter names (layer traces) or through the ``members`` recorded in
+    ``source["groups"]`` (custom partitions). Returns an :class:`Applied` with one param group per
+    parameter and, for schedules, the ``step -> factor`` callables for a ``LambdaLR``.
+
+    Raises :class:`~graftlab.errors.GraftlabError` when ``base_lr`` is not positive and finite,
+    ``named_params`` are not unique ``(name, parameter)`` pairs, file groups match no parameter (a
+    file from another model) or parameters have no factor; the last two are allowed with
+    ``allow_missing=True`` (uncovered parameters keep factor 1 and are listed in ``Applied.missing``,
+    unmatched groups in ``Applied.unknown``).
+    """
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
+        raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
+    names, params = _named(named_params)
+    targets = _targets(corrections, names)
+    unknown = [g for g in corrections.groups if not targets[g]]
+    if unknown and not allow_missing:
+        raise GraftlabError(
+            f"{len(unknown)} group(s) in the corrections match no parameter of this model "
+            f"(a file from another model?): {_listing(unknown)}; pass allow_missing=True to ignore them"
+        )
+    covered = {i for g in corrections.groups for i in targets[g]}
+    missing = [n for i, n in enumerate(names) if i not in covered]
+    if missing and not allow_missing:
+        raise GraftlabError(
+            f"{len(missing)} model parameter(s) have no correction in the file: {_listing(missing)}; "
+            "pass allow_missing=True to keep factor 1 for them"
+        )
+
+    mult = [1.0] * len(names)
+    for g, f in corrections.multipliers.items():
+        for i in targets[g]:
+            mult[i] *= float(f)
+    overall, per_param = _schedules(corrections, targets, len(names), GLOBAL not in names)
+    param_groups = [{"params": [p], "lr": base_lr * m, "name": n, "factor": m} for n, p, m in zip(names, params, mult)]
+    group_factors = [Product(overall, *s) for s in per_param] if any(per_param) else None
+    return Applied(
+        param_groups=param_groups,
+        lr_factor=overall if group_factors is None else None,
+        group_lr_factors=group_factors,
+        missing=missing,
+        unknown=unknown,
+    )

@@ -1,0 +1,296 @@
+"""The corrections file: its types (:class:`Corrections`, :class:`GroupSource`), validation, and
+JSON/CSV I/O (:func:`save`, :func:`load_corrections`). The format is in :mod:`graftlab.corrections`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pandas as pd
+
+from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.jsonable import jsonable
+
+FORMAT = "graftlab.corrections/1"
+GLOBAL = "global"
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class GroupSource:
+    """How one group's factor was found: ``source["groups"][name]`` of a corrections file.
+
+    :func:`graftlab.distill.distill` writes every field but ``stand_in`` (flagged groups only),
+    ``evidence`` (degenerate groups only) and ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
+    hand-written one for a custom partition may give only ``members``).
+    """
+
+    kind: str = "other"  # layer kind from the trace metadata (see graftlab.kinds)
+    block: Optional[int] = None  # transformer block index; None outside the blocks
+    tied: bool = False  # D_beta ties the group to beta (Section 5)
+    median: Optional[float] = None  # median ratio over the first window; None: no finite ratio there
+    factor: Optional[float] = None  # the group's (first) factor, after stand-in and rounding
+    n_finite: Optional[int] = None  # ratios the median used
+    n_nonfinite: Optional[int] = None  # non-finite ratios skipped (D's step was zero)
+    later_median: Optional[float] = None  # median over the trace's last window
+    drift: Optional[float] = None  # later_median / median
+    flags: str = ""  # why the group's own median is not used ("" when it is)
+    stand_in: Optional[float] = None  # the median used instead, for a flagged group
+    members: Optional[list[str]] = None  # parameter names of a custom-partition group
+    grad_share: Optional[float] = None  # median of norm_g / the model's gradient norm; None: not recorded
+    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.degenerate.Evidence)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("stand_in", "members", "evidence"):
+            if out[key] is None:
+                del out[key]
+        return jsonable(out)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "GroupSource":
+        """Validate a record read from JSON; unknown keys are left for newer writers."""
+        if not isinstance(data, dict):
+            raise GraftlabError(f"{where} must be an object, got {data!r}")
+        values = {}
+        for f in fields(cls):
+            if data.get(f.name) is not None:
+                values[f.name] = _typed(f.name, data[f.name], where)
+        return cls(**values)
+
+
+# The JSON type of each GroupSource field (float for the rest); null is allowed for every field.
+_FIELD_TYPES = {"kind": str, "flags": str, "tied": bool, "block": int, "n_finite": int, "n_nonfinite": int,
+                "members": list, "evidence": dict}
+_WANT = {float: "a finite number", int: "a whole number >= 0", list: "a list of parameter names", str: "a string",
+         bool: "true or false", dict: "an object"}
+
+
+def _typed(name: str, v: Any, where: str) -> Any:
+    kind = _FIELD_TYPES.get(name, float)
+    try:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        number = False
+    if kind is float:
+        ok = number
+    elif kind is int:
+        ok = number and v == int(v) and v >= 0
+    elif kind is list:
+        ok = isinstance(v, list) and all(isinstance(m, str) for m in v)
+    else:
+        ok = isinstance(v, kind)
+    if not ok:
+        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {v!r}")
+    return kind(v) if kind in (float, int) else v
+
+
+def _group_sources(source: dict[str, Any]) -> dict[str, GroupSource]:
+    # read as saved: numpy numbers become Python ones, NaN (a median that is undefined) null
+    info = jsonable(source.get("groups") or {})
+    if not isinstance(info, dict):
+        raise GraftlabError(f"source.groups must be an object of group -> record, got {type(info).__name__}")
+    return {str(g): GroupSource.from_dict(d, f"source.groups[{g!r}]") for g, d in info.items()}
+
+
+@dataclass
+class Corrections:
+    """Static multipliers and/or piecewise-constant schedules on D's learning rate, per group."""
+
+    multipliers: dict[str, float] = field(default_factory=dict)
+    schedule: dict[str, list[list]] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT}
+        if self.multipliers:
+            out["multipliers"] = {str(k): float(v) for k, v in self.multipliers.items()}
+        if self.schedule:
+            out["schedule"] = {str(k): [[int(s), float(f)] for s, f in v] for k, v in self.schedule.items()}
+        out["source"] = self.source
+        return out
+
+    @property
+    def direction_lr(self) -> Optional[float]:
+        """D's learning rate when the trace was recorded: the base the factors are relative to."""
+        lr = self.source.get("direction_lr")
+        return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(list(self.multipliers) + list(self.schedule)))
+
+    @property
+    def group_sources(self) -> dict[str, GroupSource]:
+        """``source["groups"]`` as typed records, by group name (GraftlabError if malformed)."""
+        return _group_sources(self.source)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per group: kind, median, factor, counts, drift, flags (from ``source``)."""
+        info = self.group_sources
+        rows = []
+        for g in self.groups:
+            d = info.get(g) or GroupSource()
+            rows.append(
+                {
+                    "group": g,
+                    "kind": d.kind,
+                    "median": math.nan if d.median is None else d.median,
+                    "factor": self.multipliers.get(g, math.nan),
+                    "n_finite": d.n_finite,
+                    "n_nonfinite": d.n_nonfinite,
+                    "drift": math.nan if d.drift is None else d.drift,
+                    "flags": d.flags,
+                    "pieces": len(self.schedule.get(g, [])),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def kind(self, group: str) -> str:
+        return (self.group_sources.get(group) or GroupSource()).kind
+
+
+# --------------------------------------------------------------------------- save / load
+
+def _csv_text(c: Corrections) -> str:
+    kinds = {g: d.kind for g, d in c.group_sources.items()}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if c.schedule:
+        w.writerow(["group", "kind", "start", "factor"])
+        for g, f in c.multipliers.items():
+            w.writerow([g, kinds.get(g, "other"), "", repr(float(f))])
+        for g, pieces in c.schedule.items():
+            for s, f in pieces:
+                w.writerow([g, kinds.get(g, "other"), int(s), repr(float(f))])
+    else:
+        w.writerow(["group", "kind", "factor"])
+        for g, f in c.multipliers.items():
+            w.writerow([g, kinds.get(g, "other"), repr(float(f))])
+    return buf.getvalue()
+
+
+def save(corrections: Corrections, path: PathLike, *, format: str = "json", overwrite: bool = False) -> Path:
+    """Write ``corrections`` as JSON (the contract) or CSV (group, kind[, start], factor).
+
+    Never replaces an existing file unless ``overwrite``; the file is written under a temporary
+    name and renamed, so an interrupted write leaves no partial file.
+    """
+    path = Path(path)
+    if format not in ("json", "csv"):
+        raise GraftlabError(f"unknown corrections format {format!r}: expected json or csv")
+    _validate(corrections.to_dict(), path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path, "corrections file")
+    if path.exists() and path.is_dir():
+        raise GraftlabError(f"{path} is a directory")
+    if not path.parent.exists():
+        raise GraftlabError(f"{path.parent}: no such directory")
+    text = (
+        json.dumps(jsonable(corrections.to_dict()), indent=1, allow_nan=False) + "\n"
+        if format == "json"
+        else _csv_text(corrections)
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if not overwrite and path.exists():  # appeared meanwhile
+            raise OutputExistsError(path, "corrections file")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _factor(v: Any, where: str, path: Path) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise GraftlabError(f"{path}: {where} is {v!r}, not a number")
+    if not math.isfinite(v) or v <= 0:
+        raise GraftlabError(f"{path}: {where} is {v!r}; factors must be finite and positive")
+    return float(v)
+
+
+def _validate(data: Any, path: Path) -> Corrections:
+    if not isinstance(data, dict):
+        raise GraftlabError(f"{path}: not a corrections file (expected a JSON object)")
+    fmt = data.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith("graftlab.corrections/"):
+        raise GraftlabError(f"{path}: not a graftlab corrections file (format {fmt!r})")
+    if fmt != FORMAT:
+        raise GraftlabError(f"{path}: corrections format {fmt} is not one this graftlab reads ({FORMAT})")
+    mult = data.get("multipliers") or {}
+    sched = data.get("schedule") or {}
+    source = data.get("source") or {}
+    if not isinstance(mult, dict):
+        raise GraftlabError(f"{path}: 'multipliers' must be an object of group -> factor")
+    if not isinstance(sched, dict):
+        raise GraftlabError(f"{path}: 'schedule' must be an object of group -> [[start, factor], ...]")
+    if not isinstance(source, dict):
+        raise GraftlabError(f"{path}: 'source' must be an object")
+    if not mult and not sched:
+        raise GraftlabError(f"{path}: corrections file has neither multipliers nor a schedule")
+    multipliers = {str(g): _factor(v, f"multiplier of {g}", path) for g, v in mult.items()}
+    schedule = {str(g): _pieces(g, pieces, path) for g, pieces in sched.items()}
+    try:
+        _group_sources(source)
+    except GraftlabError as err:
+        raise GraftlabError(f"{path}: {err}") from None
+    return Corrections(multipliers, schedule, source)
+
+
+def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
+    """A validated ``[[start, factor], ...]`` schedule: starts 0, then increasing step numbers."""
+    if not isinstance(pieces, list) or not pieces:
+        raise GraftlabError(f"{path}: schedule of {g} must be a non-empty list of [start, factor]")
+    out: list[list] = []
+    for i, piece in enumerate(pieces):
+        if not isinstance(piece, (list, tuple)) or len(piece) != 2:
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {piece!r}")
+        s, f = piece
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s != int(s) or s < 0:
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {s!r} is not a step number")
+        s = int(s)
+        if not out and s != 0:
+            raise GraftlabError(f"{path}: schedule of {g} must start at step 0, not {s}")
+        if out and s <= out[-1][0]:
+            raise GraftlabError(f"{path}: schedule of {g}: starts must increase ({out[-1][0]} then {s})")
+        out.append([s, _factor(f, f"schedule of {g} at step {s}", path)])
+    return out
+
+
+def load_corrections(path: PathLike) -> Corrections:
+    """Read and validate a corrections JSON file (the format in the module doc).
+
+    The factors are the paper's distilled per-layer corrections (Section 5: medians of the ratios
+    over the first N steps, optionally D_beta-rounded as for Table 6b) or a global schedule (Figure
+    4): dimensionless multipliers of the learning rate D had when the trace was recorded
+    (``source["direction_lr"]``). Raises :class:`~graftlab.errors.GraftlabError`, one line naming
+    the file, when it is missing, unreadable, not JSON, the CSV export, another format or version,
+    or holds a factor that is not finite and positive, a schedule that does not start at step 0
+    with increasing starts, or a malformed ``source["groups"]`` record.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise GraftlabError(f"{path}: no such corrections file")
+    if path.is_dir():
+        raise GraftlabError(f"{path}: is a directory, not a corrections file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise GraftlabError(f"{path}: cannot read corrections file ({err})") from None
+    if text.lstrip().startswith("group,"):
+        raise GraftlabError(f"{path}: this is the CSV export; training reads the JSON corrections file")
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise GraftlabError(f"{path}: not valid JSON ({err})") from None
+    return _validate(data, path)

@@ -1,0 +1,253 @@
+"""The training loop every run shares: :func:`fit` a task's model with any optimizer.
+
+    task = get_task("bert", size="tiny", batch_size=32, seed=0, device="cpu")
+    graft = Graft(adam, sgd, names=task.model)
+    result = fit(cfg, task, graft, schedule_owner=adam, on_step=lambda step, loss: rec.log(loss=loss))
+
+``fit`` reads top-down: check the config, attach the lr schedule, seed, resume from a checkpoint,
+run the steps (:class:`_Loop`), then build the metrics table and write it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from graftlab.config import RunConfig, check_output_file, resolve_config
+from graftlab.distributed.runtime import Runtime
+from graftlab.errors import GraftlabError
+from graftlab.optimizers import describe
+from graftlab.runs.metrics import METRICS_FORMAT, write_metrics
+from graftlab.schedules import Product, make_schedule
+from graftlab.tasks import Task
+
+Factor = Callable[[int], float]
+
+
+@dataclass
+class FitResult:
+    final: dict[str, float]  # final held-out evaluation ({"loss", "accuracy"})
+    metrics: pd.DataFrame  # one row per step: step, loss, lr, eval_* where evaluated
+    wall_time: float  # seconds for the whole run, evaluations included
+    steps_per_second: float  # training steps per second, evaluations excluded
+    steps: int  # steps run (fewer than asked when the loss diverged)
+    diverged_at: Optional[int] = None  # first logging step whose mean loss was not finite
+    path: Optional[str] = None  # metrics file written, if any
+    optimizer: Optional[Optimizer] = field(default=None, repr=False)  # the trained optimizer (state, lrs)
+
+
+def fit(
+    config: RunConfig,
+    task: Task,
+    optimizer: Optimizer,
+    *,
+    schedule_owner: Optimizer,
+    lr_factor: Optional[Union[Factor, list[Factor]]] = None,
+    on_step: Optional[Callable[[int, Tensor], None]] = None,
+    metrics_path: Optional[str | os.PathLike] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    metadata: Optional[dict[str, Any]] = None,
+    runtime: Optional[Runtime] = None,
+) -> FitResult:
+    """Train ``task.model`` with ``optimizer`` for the config's steps; evaluate; write metrics.
+
+    ``schedule_owner`` gets a ``LambdaLR`` of ``config.schedule`` (times ``lr_factor(step)`` when
+    given; a list gives one factor per param group of ``schedule_owner``, as per-group corrections
+    schedules need): the plain optimizer, or a ``Graft``'s magnitude child. ``on_step(step, loss)`` runs after
+    every optimizer step with the loss as a device tensor (0-based ``step``). Losses stay on the device
+    and are read every ``config.log_every`` steps; a non-finite mean loss there stops the run
+    (``diverged_at``). Evaluation runs every ``config.eval_every`` steps and at the end; an eval
+    value in row ``s`` measures the model after step ``s``. ``metrics_path`` (default
+    ``config.metrics``) gets a Parquet file with the config in its metadata; an existing file is a
+    GraftlabError unless ``overwrite``. ``runtime`` (default: this process's) says whether this rank
+    writes, averages losses over ranks and holds the checkpoints of ``config.checkpoint_dir``.
+    """
+    config.validate_loop()
+    path = check_output_file(config.metrics if metrics_path is None else metrics_path, "metrics file", overwrite)
+    config = resolve_config(config, task)
+    rt = runtime or Runtime.current()
+    scheduler, factor = _lr_schedule(config, schedule_owner, lr_factor)
+    _seed_and_threads(config)
+    task.model.train()
+    batches = task.train_batches()
+    ckpt, first = rt.checkpoints(config, task.model, optimizer, scheduler)  # first > 0: resumed
+    for _ in range(first):
+        next(batches)  # the data order of the uninterrupted run
+    base_lr = float(schedule_owner.defaults["lr"])
+    loop = _Loop(config, task, optimizer, scheduler, rt, on_step, ckpt,
+                 lrs=lambda step: base_lr * factor(step), first=first)
+    bar = _Progress(config.steps, progress and rt.writes, f"{task.name}/{task.size} {type(optimizer).__name__}")
+    try:
+        loop.run(batches, bar)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - loop.start
+    rate = (loop.done - first) / max(loop.train_time, 1e-9)
+    result = FitResult(loop.final, loop.frame(), wall, rate, loop.done, loop.diverged_at,
+                       str(path) if path else None, optimizer)
+    if path is not None and rt.writes:
+        write_metrics(path, result.metrics, _metrics_meta(config, task, optimizer, result, metadata), overwrite)
+    return result
+
+
+def _lr_schedule(config: RunConfig, owner: Optimizer, lr_factor: Optional[Union[Factor, list[Factor]]]):
+    """``(LambdaLR on owner, factor of the lr column)``: the run's schedule, times ``lr_factor``."""
+    schedule = make_schedule(config.schedule, config.steps, config.warmup, power=config.power,
+                             milestones=config.milestones, gamma=config.gamma)
+    if isinstance(lr_factor, (list, tuple)):
+        if len(lr_factor) != len(owner.param_groups):
+            raise GraftlabError(f"{len(lr_factor)} lr factors for {len(owner.param_groups)} param groups of the optimizer")
+        factor, lambdas = schedule, [Product(schedule, f) for f in lr_factor]
+    else:
+        factor = lambdas = Product(schedule, lr_factor)
+    return torch.optim.lr_scheduler.LambdaLR(owner, lambdas), factor
+
+
+def _seed_and_threads(config: RunConfig) -> None:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # dropout and anything else drawing from the global generator
+
+
+class _Loop:
+    """The steps of one run. Losses stay in a device tensor; the host reads their mean once per
+    ``log_every`` steps (progress bar and divergence check), never per step."""
+
+    def __init__(self, config: RunConfig, task: Task, optimizer: Optimizer, scheduler: Any, runtime: Runtime,
+                 on_step: Optional[Callable[[int, Tensor], None]], ckpt: Any, *, lrs: Factor, first: int) -> None:
+        self.config, self.task, self.optimizer, self.scheduler = config, task, optimizer, scheduler
+        self.rt, self.on_step, self.ckpt, self.lr_at = runtime, on_step, ckpt, lrs
+        self.first = self.done = self.logged = first
+        self.losses = torch.zeros(config.steps, dtype=torch.float32, device=task.device)
+        self.lrs = np.empty(config.steps, dtype=np.float64)
+        self.evals: dict[int, dict[str, float]] = {}
+        self.diverged_at: Optional[int] = None
+        self.eval_time = self.train_time = 0.0
+        self.final: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def run(self, batches: Iterator[Any], bar: "_Progress") -> None:
+        cfg = self.config
+        self.start = time.perf_counter()
+        for step in range(self.first, cfg.steps):
+            self._step(step, next(batches))
+            bar.advance()
+            if (self.done % cfg.log_every == 0 or self.done == cfg.steps) and self._diverged(step, bar):
+                break
+            if cfg.eval_every and self.done % cfg.eval_every == 0 and self.done != cfg.steps:
+                self._evaluate(step, bar)
+        if self.task.device.type == "cuda":
+            torch.cuda.synchronize(self.task.device)
+        self.train_time = time.perf_counter() - self.start - self.eval_time
+        self.final = self.task.evaluate(self.task.model)
+        self.evals[self.done - 1] = self.final
+
+    def _step(self, step: int, batch: Any) -> None:
+        self.lrs[step] = self.lr_at(step)
+        loss = self.task.loss(self.task.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        loss = loss.detach()
+        self.losses[step] = loss
+        if self.on_step is not None:
+            self.on_step(step, loss)
+        self.done = step + 1
+        if self.ckpt is not None:
+            self.ckpt.maybe_save(self.done, last=self.done == self.config.steps)
+
+    def _diverged(self, step: int, bar: "_Progress") -> bool:
+        # the one host sync per logging interval; the mean over ranks, so all stop together
+        mean = self.rt.mean(self.losses[self.logged : self.done].mean()).item()
+        self.logged = self.done
+        bar.update(mean, (self.done - self.first) / max(time.perf_counter() - self.start - self.eval_time, 1e-9))
+        if math.isfinite(mean):
+            return False
+        self.diverged_at = step
+        bar.print(f"[red]loss is not finite by step {step}: stopping")
+        return True
+
+    def _evaluate(self, step: int, bar: "_Progress") -> None:
+        t0 = time.perf_counter()
+        self.evals[step] = self.task.evaluate(self.task.model)
+        self.eval_time += time.perf_counter() - t0
+        bar.print(f"step {self.done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in self.evals[step].items()))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per step run: ``step``, ``loss`` (the global batch's, under torchrun), ``lr``, ``eval_*``."""
+        first, done = self.first, self.done
+        losses = self.rt.mean(self.losses)  # every rank calls it: a collective under torchrun
+        frame = pd.DataFrame({"step": np.arange(first, done, dtype=np.int64),
+                              "loss": losses[first:done].cpu().numpy(), "lr": self.lrs[first:done]})
+        for key in self.final:
+            column = np.full(done - first, np.nan)
+            for s, values in self.evals.items():
+                column[s - first] = values.get(key, np.nan)
+            frame[f"eval_{key}"] = column
+        return frame
+
+
+def _metrics_meta(config: RunConfig, task: Task, optimizer: Optimizer, result: FitResult,
+                  extra: Optional[dict[str, Any]]) -> dict[str, Any]:
+    import graftlab
+
+    return {
+        "format": METRICS_FORMAT,
+        "config": asdict(config),
+        "task": task.info(),
+        "optimizer": describe(optimizer),
+        "final": result.final,
+        "steps": result.steps,
+        "diverged_at": result.diverged_at,
+        "wall_time": result.wall_time,
+        "steps_per_second": result.steps_per_second,
+        "device": str(task.device),
+        "graftlab_version": graftlab.__version__,
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+
+
+class _Progress:
+    """Rich progress bar (step, loss, steps/s) that is a no-op when disabled."""
+
+    def __init__(self, total: int, enabled: bool, description: str):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task(description, total=total, loss="-", rate="-")
+        self.bar.start()
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.bar.advance(self.task)
+
+    def update(self, loss: float, rate: float) -> None:
+        if self.enabled:
+            self.bar.update(self.task, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.bar.console.print(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()

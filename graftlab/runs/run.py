@@ -1,0 +1,148 @@
+"""Runs of the built-in tasks: :func:`record` (M#D, writing a trace) and :func:`train` (one optimizer).
+
+Both read top-down in the same order: validate the config (before anything touches the disk),
+set up the environment (:class:`~graftlab.distributed.Runtime`), build the task, the optimizers
+(and for ``record`` the :class:`~graftlab.Graft` and its :class:`~graftlab.Recorder`), then run the
+loop (:func:`graftlab.runs.fit`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import pandas as pd
+
+from graftlab import trace
+from graftlab.analysis import kind_summary
+from graftlab.config import RecordConfig, RunConfig, TrainConfig
+from graftlab.distributed.runtime import Runtime
+from graftlab.graft import Graft
+from graftlab.optimizers import make_optimizer
+from graftlab.record import Recorder
+from graftlab.runs.loop import FitResult, fit
+from graftlab.tasks import Task, get_task
+
+C = TypeVar("C", bound=RunConfig)
+
+
+@dataclass
+class RecordResult:
+    trace: Path  # the trace directory
+    fit: FitResult  # the training run
+    summary: pd.DataFrame  # graftlab.analysis.kind_summary of the trace (empty on ranks that do not write)
+    groups: int  # number of groups recorded
+
+
+def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = True) -> RecordResult:
+    """Train ``config.task`` with M#D for the configured steps, recording every group's ratios.
+
+        >>> res = record(RecordConfig(task="bert", magnitude="adam", direction="sgd", steps=300, out="t"))
+        >>> res.summary.loc["Q", "median"]
+
+    ``overwrite`` replaces an existing trace at ``config.out`` (``config.resume`` appends to it).
+    Raises :class:`~graftlab.errors.GraftlabError` for any config mistake before anything is
+    written (:meth:`RecordConfig.validate`).
+    """
+    config.validate(overwrite=overwrite)
+    rt = Runtime.start(config.device)
+    task, config = _task(config, rt)
+    names = rt.wrap_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, this rank's rows
+    m_opt = make_optimizer(config.magnitude, task.model.parameters(), config.magnitude_lr, **config.m_hparams)
+    d_opt = make_optimizer(config.direction, task.model.parameters(), config.direction_lr, **config.d_hparams)
+    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
+    path = Path(config.out).expanduser()
+    meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
+            "config": dataclasses.asdict(config), "task_info": task.info()}
+    recorder = rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
+                            metadata=meta, model=names, overwrite=overwrite,
+                            start_step=rt.resume_step(config), resume=config.resume)
+    try:
+        result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
+                     on_step=lambda step, loss: recorder.log(loss=rt.mean(loss)),
+                     overwrite=overwrite, metadata={"trace": str(path)})
+    finally:
+        recorder.close()
+    summary = kind_summary(trace.read_trace(path)) if rt.writes else pd.DataFrame()
+    return RecordResult(path, result, summary, len(graft.group_names))
+
+
+def train(
+    config: TrainConfig,
+    corrections: Optional[str | os.PathLike] = None,
+    allow_missing: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Plain training of a built-in task: the baseline, or with a distilled corrections file.
+
+    Static multipliers in ``corrections`` become per-tensor learning rates (base lr x factor), a
+    schedule becomes an lr factor composed with the run's own schedule. Groups absent from the file
+    are an error unless ``allow_missing`` (they keep factor 1, and the run says how many).
+    ``overwrite`` replaces an existing metrics file. Config mistakes and a bad corrections file
+    raise :class:`~graftlab.errors.GraftlabError` before the task is built.
+    """
+    config.validate(overwrite=overwrite)
+    loaded = None
+    if corrections is not None:
+        from graftlab.corrections import load_corrections
+
+        loaded = load_corrections(corrections)
+    rt = Runtime.start(config.device)
+    task, config = _task(config, rt)
+    named = list(rt.wrap_task(task, config.parallel).named_parameters())  # torchrun: DDP or FSDP2
+    params, lr_factor, extra = [p for _, p in named], None, {}
+    if loaded is not None:
+        params, lr_factor, extra = _apply_corrections(loaded, corrections, named, config, allow_missing, progress)
+    optimizer = make_optimizer(config.optimizer, params, config.lr, **config.hparams)
+    return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
+               metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
+
+
+def _task(config: C, rt: Runtime) -> tuple[Task, C]:
+    """The config's task on this rank's device, and the config with the task's defaults filled in."""
+    task = get_task(config.task, size=config.size, data=config.data, batch_size=config.batch_size,
+                    seed=config.seed, device=rt.device, eval_size=config.eval_size)
+    return task, config.resolve(task)
+
+
+def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, config: TrainConfig,
+                       allow_missing: bool, progress: bool) -> tuple[list, Any, dict[str, Any]]:
+    """``(param groups, lr factor, metrics metadata)`` of a run with corrections file ``loaded``."""
+    from graftlab.corrections import apply
+
+    applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
+    notes = _correction_notes(loaded, config)
+    missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))
+    if progress:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        for note in notes:
+            console.print(f"corrections: {note}")
+        if missing or unknown:
+            console.print(f"corrections: {len(missing)} of {len(named)} parameter tensors are not in the file and "
+                          f"keep factor 1; {len(unknown)} file group(s) match no parameter")
+    group_factors = getattr(applied, "group_lr_factors", None)
+    lr_factor = group_factors if group_factors is not None else applied.lr_factor
+    extra = {"correction_notes": notes,
+             "corrections": {"path": str(Path(source).resolve()), "missing": missing, "unknown": unknown}}
+    return applied.param_groups, lr_factor, extra
+
+
+def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:
+    """What a user should know before training with ``corrections`` under ``config``."""
+    notes = []
+    base = corrections.direction_lr
+    if base is not None and not math.isclose(base, config.lr, rel_tol=1e-9):
+        notes.append(f"factors are relative to lr {base:g} (D's lr when recorded); this run's base lr is {config.lr:g}")
+    if corrections.schedule and (config.schedule != "constant" or config.warmup):
+        notes.append(
+            "the file holds schedules, which already contain the recorded run's warmup and decay; "
+            f"this run also applies its own '{config.schedule}' schedule with warmup {config.warmup or 0:g} "
+            "(schedule='constant' with warmup=0 follows them alone)"
+        )
+    return notes

@@ -1,0 +1,157 @@
+"""Writing a trace: tables in the contract's schema, part files and the sidecar, each written under
+a temporary name and renamed; preparing a directory to record into, and truncating it to resume."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.trace.layout import (
+    METADATA_KEY, PART_GLOB, SCHEMA, SIDECAR, PathLike, is_trace, part_files, part_first_step, part_name, temporary_name,
+)
+
+# Per-row cost matters (one row per step and group): floats are byte-stream-split before zstd (their
+# exponent bytes then compress well), step and group repeat in runs and go through dictionary + RLE.
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 3
+FLOAT_ENCODING = "BYTE_STREAM_SPLIT"
+
+
+def metadata_bytes(meta: dict[str, Any]) -> bytes:
+    """The metadata as stored under :data:`METADATA_KEY` (and in the sidecar)."""
+    return json.dumps(meta, default=str).encode()
+
+
+def build_table(
+    steps: "Any",
+    group_names: Iterable[str],
+    stats: "Any",
+    scalars: Optional[dict[str, "Any"]] = None,
+    meta: Optional[dict[str, Any]] = None,
+    group_columns: Optional[dict[str, "Any"]] = None,
+) -> pa.Table:
+    """A trace table from ``steps`` (n,), ``stats`` (n, 3, G) ``[norm_m, norm_d, ratio]`` per step and
+    group, per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step) and
+    optional per-group float32 columns ``group_columns`` (name -> (n, G), e.g. ``norm_g``)."""
+    names = list(group_names)
+    steps = np.asarray(steps, dtype=np.int64)
+    stats = np.asarray(stats, dtype=np.float32)
+    n, g = len(steps), len(names)
+    if stats.shape != (n, 3, g):
+        raise GraftlabError(f"stats must have shape ({n}, 3, {g}), got {stats.shape}")
+    indices = pa.array(np.tile(np.arange(g, dtype=np.int32), n))
+    columns = {
+        "step": pa.array(np.repeat(steps, g)),
+        "group": pa.DictionaryArray.from_arrays(indices, pa.array(names, type=pa.string())),
+        "norm_m": pa.array(stats[:, 0, :].reshape(-1)),
+        "norm_d": pa.array(stats[:, 1, :].reshape(-1)),
+        "ratio": pa.array(stats[:, 2, :].reshape(-1)),
+    }
+    fields = list(SCHEMA)
+    for key, values in (group_columns or {}).items():
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (n, g):
+            raise GraftlabError(f"group column {key!r} must have shape ({n}, {g}), got {values.shape}")
+        columns[key] = pa.array(values.reshape(-1))
+        fields.append(pa.field(key, pa.float32()))
+    for key, values in (scalars or {}).items():
+        if key in columns:
+            raise GraftlabError(f"scalar column {key!r} clashes with a trace column")
+        values = np.asarray(values)
+        kind = pa.float64() if values.dtype == np.float64 else pa.float32()
+        columns[key] = pa.array(np.repeat(values.astype(kind.to_pandas_dtype()), g))
+        fields.append(pa.field(key, kind))
+    schema = pa.schema(fields, metadata={METADATA_KEY: metadata_bytes(meta)} if meta is not None else None)
+    return pa.table(list(columns.values()), schema=schema)
+
+
+def write_table(table: pa.Table, path: PathLike) -> None:
+    """Write ``table`` to ``path`` atomically: under a hidden name first, then renamed."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio", "norm_g")]
+    others = [f.name for f in table.schema if f.name not in floats]
+    meta = (table.schema.metadata or {}).get(METADATA_KEY)
+    # store_schema=False: the Arrow schema copy would hold the metadata JSON a second time in every
+    # footer. Readers then see ``group`` as plain strings, which read_trace returns anyway.
+    with pq.ParquetWriter(
+        tmp,
+        table.schema,
+        compression=COMPRESSION,
+        compression_level=COMPRESSION_LEVEL,
+        use_dictionary=others,
+        column_encoding={c: FLOAT_ENCODING for c in floats},
+        write_statistics=True,
+        store_schema=False,
+    ) as writer:
+        writer.write_table(table)
+        if meta is not None:
+            writer.add_key_value_metadata({METADATA_KEY: meta})
+    os.replace(tmp, path)
+
+
+def write_part(directory: PathLike, table: pa.Table) -> Path:
+    """Write one part file of a trace directory; its name comes from its first step."""
+    first = int(table.column("step")[0].as_py())
+    path = Path(directory) / part_name(first)
+    write_table(table, path)
+    return path
+
+
+def write_sidecar(directory: PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``_graftlab.json`` (atomically) into a trace directory."""
+    path = Path(directory) / SIDECAR
+    tmp = temporary_name(path)
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Make ``path`` an empty trace directory to record into (or keep it, to ``resume``).
+
+    An existing file or non-empty directory is an :class:`~graftlab.errors.OutputExistsError` unless
+    ``overwrite``, and even then only a trace is replaced: a directory holding anything else is a
+    :class:`GraftlabError`, as is resuming into one.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not overwrite:
+            raise OutputExistsError(path, "trace")
+        path.unlink()
+    elif path.exists():
+        entries = any(path.iterdir())
+        if entries and not resume:
+            if not overwrite:
+                raise OutputExistsError(path, "trace")
+            if not is_trace(path):
+                raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
+            shutil.rmtree(path)
+        elif resume and entries and not is_trace(path):
+            raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def truncate(path: PathLike, start_step: int) -> None:
+    """Drop the rows with ``step >= start_step`` from a trace directory (a resumed run redoes those
+    steps), and the temporary files of parts that a killed writer left half-written."""
+    path = Path(path)
+    for part in part_files(path):
+        if part_first_step(part) >= start_step:
+            part.unlink()
+            continue
+        table = pq.read_table(part)
+        steps = table.column("step").to_numpy()
+        if steps.size and steps.max() >= start_step:
+            write_table(table.filter(pc.less(table.column("step"), start_step)), part)
+    for tmp in path.glob(temporary_name(PART_GLOB).name):
+        tmp.unlink()
