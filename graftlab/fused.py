@@ -26,7 +26,7 @@ Usage (what :class:`~graftlab.Graft` does with ``fused=True``)::
 
     fused = FusedDirect(adam, sgd, params)          # both children over the same ``params``
     sq = fused.squared_norms()                      # (2, n_tensors); advances both children's states
-    factors = graft_factors(sq, partition, stats)   # per-tensor factors, (3, G) stats written
+    factors = ...                                   # group norms, ratios: (n_tensors,) factors
     fused.apply(factors)                            # w += factor * step_D, in place
 """
 from __future__ import annotations
@@ -41,156 +41,7 @@ from torch.optim import Optimizer
 
 from graftlab import updates
 from graftlab.errors import GraftlabError
-
-KINDS = {
-    torch.optim.SGD: "sgd",
-    torch.optim.Adam: "adam",
-    torch.optim.AdamW: "adam",
-    torch.optim.Adagrad: "adagrad",
-    torch.optim.RMSprop: "rmsprop",
-}
-
-
-class Flags(NamedTuple):
-    """The settings of one child's parameter group that change the kernel (all else is a scalar)."""
-
-    kind: str
-    maximize: bool = False
-    weight_decay: bool = False  # coupled: g + wd * w
-    decoupled: bool = False  # AdamW: step - lr * wd * w
-    momentum: bool = False
-    nesterov: bool = False
-    amsgrad: bool = False
-    centered: bool = False
-
-
-# -- the rules: one tensor, ``s`` is this tensor's row of scalars -----------------------------------
-# ``update=True`` advances the state in place and returns the step; ``update=False`` (pass 2)
-# recomputes the same step from the state pass 1 advanced. Op order follows graftlab.updates.
-def _grad(f: Flags, g: Tensor, p: Tensor, wd: Tensor) -> Tensor:
-    d = -g if f.maximize else g
-    return d + wd * p if f.weight_decay else d
-
-
-def _sgd(f: Flags, g, p, st, s, update: bool) -> Tensor:
-    # s: -lr, momentum, weight of the gradient in the buffer (1 on its first step, else 1 - dampening), wd
-    d = _grad(f, g, p, s[3])
-    if not f.momentum:
-        return d * s[0]
-    (buf,) = st
-    if update:
-        buf.mul_(s[1]).add_(d * s[2])
-    return (d + buf * s[1]) * s[0] if f.nesterov else buf * s[0]
-
-
-def _adam(f: Flags, g, p, st, s, update: bool) -> Tensor:
-    # s: 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^k), eps, -lr / (1 - beta1^k), wd, -lr * wd
-    m, v = st[0], st[1]
-    if update:
-        d = _grad(f, g, p, s[6])
-        m.lerp_(d, s[0])
-        v.mul_(s[1]).add_(d * d * s[2])
-        if f.amsgrad:
-            st[2].copy_(torch.maximum(st[2], v))
-    second = st[2] if f.amsgrad else v
-    step = m / (second.sqrt() / s[3] + s[4]) * s[5]
-    return step + p * s[7] if f.decoupled else step
-
-
-def _adagrad(f: Flags, g, p, st, s, update: bool) -> Tensor:
-    # s: -lr / (1 + (k - 1) * lr_decay), eps, wd
-    d = _grad(f, g, p, s[2])
-    (total,) = st
-    if update:
-        total.add_(d * d)
-    return d / (total.sqrt() + s[1]) * s[0]
-
-
-def _rmsprop(f: Flags, g, p, st, s, update: bool) -> Tensor:
-    # s: alpha, 1 - alpha, eps, momentum, -lr, wd; st: square_avg[, momentum_buffer][, grad_avg]
-    square = st[0]
-    buf = st[1] if f.momentum else None
-    if f.momentum and not update:
-        return buf * s[4]
-    d = _grad(f, g, p, s[5])
-    if update:
-        square.mul_(s[0]).add_(d * d * s[1])
-    avg = square
-    if f.centered:
-        grad_avg = st[-1]
-        if update:
-            grad_avg.lerp_(d, s[1])
-        avg = square - grad_avg * grad_avg
-    step = d / (avg.sqrt() + s[2])
-    if f.momentum:
-        buf.mul_(s[3]).add_(step)
-        step = buf
-    return step * s[4]
-
-
-RULES: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adagrad": _adagrad, "rmsprop": _rmsprop}
-
-
-def flags_of(opt: Optimizer, group: dict) -> Flags:
-    kind = KINDS[type(opt)]
-    wd = group.get("weight_decay", 0.0) != 0
-    decoupled = kind == "adam" and (isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay")))
-    return Flags(
-        kind,
-        maximize=bool(group.get("maximize", False)),
-        weight_decay=wd and not decoupled,
-        decoupled=wd and decoupled,
-        momentum=group.get("momentum", 0.0) != 0,
-        nesterov=bool(group.get("nesterov", False)),
-        amsgrad=bool(group.get("amsgrad", False)),
-        centered=bool(group.get("centered", False)),
-    )
-
-
-def _state_keys(f: Flags) -> tuple[str, ...]:
-    if f.kind == "sgd":
-        return ("momentum_buffer",) if f.momentum else ()
-    if f.kind == "adam":
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if f.amsgrad else ())
-    if f.kind == "adagrad":
-        return ("sum",)
-    return ("square_avg",) + (("momentum_buffer",) if f.momentum else ()) + (("grad_avg",) if f.centered else ())
-
-
-def _init_states(f: Flags, group: dict, params: Sequence[Tensor], states: Sequence[dict]) -> list[bool]:
-    """Create missing state tensors as torch.optim (and graftlab.updates) would; True where an SGD
-    momentum buffer starts this step (it then takes the gradient as it is, without dampening)."""
-    fresh = [False] * len(params)
-    for i, (p, s) in enumerate(zip(params, states)):
-        if f.kind == "sgd":
-            if f.momentum and s.get("momentum_buffer") is None:
-                s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                fresh[i] = True
-        elif f.kind == "adagrad":
-            if "sum" not in s:
-                init = group.get("initial_accumulator_value", 0.0)
-                s["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
-        else:
-            for key in _state_keys(f):
-                if key not in s:
-                    s[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return fresh
-
-
-def _scalars(f: Flags, group: dict, steps: Optional[list[float]], fresh: list[bool]) -> list[list[float]]:
-    """One row of scalars per tensor (the per-tensor step counts enter the bias corrections)."""
-    lr, wd = group["lr"], group.get("weight_decay", 0.0)
-    if f.kind == "sgd":
-        damp = 1.0 - group.get("dampening", 0.0)
-        return [[-lr, group["momentum"], 1.0 if new else damp, wd] for new in fresh]
-    if f.kind == "adam":
-        b1, b2 = group["betas"]
-        return [[1 - b1, b2, 1 - b2, (1 - b2**k) ** 0.5, group["eps"], -lr / (1 - b1**k), wd, -lr * wd] for k in steps]
-    if f.kind == "adagrad":
-        return [[-lr / (1 + (k - 1) * group["lr_decay"]), group["eps"], wd] for k in steps]
-    a = group["alpha"]
-    return [[a, 1 - a, group["eps"], group["momentum"], -lr, wd] for _ in steps]
-
+from graftlab.fused_rules import KINDS, RULES, Flags, flags_of, init_states, scalars, state_keys
 
 # -- the two passes over a bucket of tensors --------------------------------------------------------
 def _passes(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool):
@@ -230,6 +81,7 @@ def _fresh_code(fn: Callable, tag: str) -> Callable:
 # (size asserts: dynamo's guards already check every input; the asserts cost ~1 us per input and call)
 _INDUCTOR = {"realize_reads_threshold": 1, "size_asserts": False}
 _compiled: dict[tuple, tuple[Callable, Callable]] = {}
+COMPILE = True  # FusedDirect's default for ``compile``: tests turn it off to check the math cheaply
 
 
 def _kernels(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool, compile: bool, dynamic: bool = True):
@@ -256,6 +108,10 @@ def _flat(t: Tensor, like: Tensor) -> Optional[Tensor]:
     if t.stride() == like.stride() and t.shape == like.shape and _dense(t):
         return t.as_strided((t.numel(),), (1,))
     return None
+
+
+def _real(tensors: tuple) -> tuple:
+    return tuple(torch.view_as_real(t) for t in tensors)
 
 
 def _dense(t: Tensor) -> bool:
@@ -288,8 +144,9 @@ class FusedDirect:
         params: the parameter tensors in the order of the norms and factors (``Graft.params``).
         elementwise: coordinate granularity (``w += |step_M| * sign(step_D)``).
         norm_dtype: accumulation dtype of the norms (float32, or float64 for float64 weights).
-        compile: ``torch.compile`` the passes (the default); False runs the same code eagerly
-            (slow; for tests, and under an outer ``torch.compile``, which traces it anyway).
+        compile: ``torch.compile`` the passes; False runs the same code eagerly (slow: for tests).
+            None (the default) takes the module's ``COMPILE`` (True). Under an outer
+            ``torch.compile`` the passes always run uncompiled: the outer compile traces them.
         bucket_size: tensors per compiled call; None (the default) steps all tensors that share
             their optimizer flags in one call.
         dynamic: compile with dynamic sizes (tensors flattened to 1-D): one compile per bucket length
@@ -308,7 +165,7 @@ class FusedDirect:
         *,
         elementwise: bool = False,
         norm_dtype: torch.dtype = torch.float32,
-        compile: bool = True,
+        compile: Optional[bool] = None,
         bucket_size: Optional[int] = None,
         dynamic: bool = False,
     ) -> None:
@@ -324,7 +181,8 @@ class FusedDirect:
         self.magnitude, self.direction = magnitude, direction
         self.params = list(params)
         self.elementwise, self.norm_dtype = elementwise, norm_dtype
-        self.compile, self.bucket_size, self.dynamic = compile, bucket_size, dynamic
+        self.compile = COMPILE if compile is None else compile
+        self.bucket_size, self.dynamic = bucket_size, dynamic
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         self._signature: Optional[tuple] = None
         self._buckets: list[_Bucket] = []
@@ -381,13 +239,11 @@ class FusedDirect:
                     raise GraftlabError("sparse gradients need path='generic'")
                 f = flags_of(opt, group)
                 states = [opt.state[p] for p in ps]
-                fresh = _init_states(f, group, ps, states)
+                fresh = init_states(f, group, ps, states)
                 steps = updates._advance(states) if f.kind != "sgd" else [0.0] * len(ps)
-                keys = _state_keys(f)
-                for p, s, row in zip(ps, states, _scalars(f, group, steps, fresh)):
+                keys = state_keys(f)
+                for p, s, row in zip(ps, states, scalars(f, group, steps, fresh)):
                     info[self._slot[id(p)]] = (f, tuple(s[k] for k in keys), row)
-            # the child's own step() did not run: tell its LR scheduler that it stepped
-            opt._opt_called = True
             per_child.append(info)
         info_m, info_d = per_child
         signature = tuple(
@@ -403,6 +259,8 @@ class FusedDirect:
         for i in sorted(info_m):
             (fm, sm, _), (fd, sd, _) = info_m[i], info_d[i]
             p = self.params[i].detach()
+            if p.is_complex():  # pairs of reals, as in torch.optim
+                p, sm, sd = torch.view_as_real(p), _real(sm), _real(sd)
             ok = True
             if self.dynamic:
                 # one graph for all sizes needs 1-D tensors; one element would specialise the size;
@@ -423,12 +281,14 @@ class FusedDirect:
                 self._buckets.append(_Bucket(key, index, [m[1] for m in part], [m[2] for m in part], [m[3] for m in part], order))
 
     def _grad(self, i: int, flat: bool) -> Tensor:
-        g = self.params[i].grad
+        p, g = self.params[i], self.params[i].grad
+        if p.is_complex():
+            p, g = torch.view_as_real(p), torch.view_as_real(g)
         if not flat:
             return g  # static sizes: any layout (another one than last step's compiles again)
-        view = _flat(g, self.params[i])
+        view = _flat(g, p)
         if view is None:  # a gradient laid out unlike its parameter (rare): a copy in the parameter's layout
-            view = _flat(torch.empty_like(self.params[i]).copy_(g), self.params[i])
+            view = _flat(torch.empty_like(p).copy_(g), p)
         return view
 
     def _tables(self, bucket: _Bucket, rows: dict, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -453,20 +313,3 @@ class FusedDirect:
         # every bucket with another pattern of equal sizes would compile again
         with fx_config.patch(use_duck_shape=False):
             return fn(*args)
-
-
-def group_norms(sq: Tensor, tensor_group: Tensor, n_groups: int, one_tensor_per_group: bool) -> Tensor:
-    """``(2, G)`` group norms from ``(2, n_tensors)`` squared per-tensor norms (Section 3.1)."""
-    if one_tensor_per_group:
-        return sq.sqrt()
-    out = torch.zeros((2, n_groups), dtype=sq.dtype, device=sq.device)
-    return out.index_add_(1, tensor_group, sq).sqrt_()
-
-
-def graft_factors(norms: Tensor, tensor_group: Tensor, stats: Tensor, one_tensor_per_group: bool) -> Tensor:
-    """Write ``stats`` (rows norm_m, norm_d, ratio) and return each tensor's factor ``norm_m / norm_d``
-    of its group, 0 where D's step is zero (the weights are then kept; Algorithm 1)."""
-    stats[:2].copy_(norms)
-    torch.div(norms[0], norms[1], out=stats[2])
-    factor = torch.where(norms[1] > 0, stats[2], 0.0)
-    return factor if one_tensor_per_group else factor.index_select(0, tensor_group)
