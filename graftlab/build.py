@@ -103,6 +103,21 @@ def _rules(graft: Any) -> Optional[tuple]:
     return rules if (graft._path_choice != "generic" and None not in rules) else None
 
 
+def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tuple], norms, dtype: torch.dtype):
+    """The fused direct step (:mod:`graftlab.fused`) for ``fused=True``, after checking it applies."""
+    if not getattr(graft, "_fused_choice", False):  # (a Graft pickled before fused= existed)
+        return None
+    if rules is None:
+        bad = [type(o).__name__ for o in (graft.magnitude, graft.direction) if updates.rule_for(o) is None]
+        why = f"no direct rule for {', '.join(bad)}" if bad else "path='generic' was chosen"
+        raise GraftlabError(f"fused=True needs the direct path for both children: {why}")
+    if not isinstance(norms, PlainNorms):
+        raise GraftlabError("fused=True does not take sharded (DTensor) parameters; use fused=False")
+    from graftlab.fused import FusedDirect
+
+    return FusedDirect(graft.magnitude, graft.direction, params, elementwise=part.elementwise, norm_dtype=dtype)
+
+
 def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
     if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
         from graftlab.distributed.shards import shard_layout  # only sharded tensors need it
@@ -130,6 +145,7 @@ def build(graft: Any) -> None:
     wide = (torch.float64, torch.complex128)
     norm_dtype = torch.float64 if any(p.dtype in wide for p in params) else torch.float32
     norms = _norms(params, partition, norm_dtype)
+    fused = _fused(graft, params, partition, rules, norms, norm_dtype)
     # validated: from here on the graft changes
     old = {id(p): i for i, p in enumerate(graft._params)}
     locals_ = norms.locals(params)
@@ -150,9 +166,11 @@ def build(graft: Any) -> None:
     graft._norm_dtype = norm_dtype
     graft._norms = norms
     graft._complex = any(p.is_complex() for p in params)
-    graft._buf = buffers("_buf", locals_, True)  # D's step (direct) or w_t (generic)
-    graft._abs_m = buffers("_abs_m", locals_, partition.elementwise)
-    graft._scratch = buffers("_scratch", locals_, scratch)
+    graft._fused = fused
+    # fused: no buffers (a step that takes the generic path allocates its own)
+    graft._buf = buffers("_buf", locals_, fused is None)  # D's step (direct) or w_t (generic)
+    graft._abs_m = buffers("_abs_m", locals_, partition.elementwise and fused is None)
+    graft._scratch = buffers("_scratch", locals_, scratch and fused is None)
     # copies of g_t for a child that may edit p.grad, on the generic path: shaped as the parameters
     # (DTensors if sharded)
     copies = not all(map(child_steps.keeps_gradients, children))

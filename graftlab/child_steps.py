@@ -38,16 +38,36 @@ def _allocate(graft: Any, name: str, like: list[Tensor]) -> list[Tensor]:
 
 
 # -- direct path -----------------------------------------------------------------------------------
+def allocate_buffers(graft: Any, params: list[Tensor]) -> None:
+    """The generic path's buffers for a fused Graft (which builds none): ``w_t`` and, per
+    coordinate, ``|M's step|``."""
+    _allocate(graft, "_buf", params)
+    if graft.partition.elementwise:
+        _allocate(graft, "_abs_m", params)
+
+
 def _scratch(graft: Any) -> list[Tensor]:
     if graft._scratch is None:  # a group's options changed after construction to need it
         return _allocate(graft, "_scratch", graft._norms.locals(graft._params))
     return graft._scratch
 
 
-def direct(graft: Any, opt: Optimizer, rule: Callable, out: list[Tensor]) -> list[Tensor]:
-    """out <- the step ``opt`` would take now; advances ``opt``'s state, not the weights."""
+def before_step(opt: Optimizer) -> None:
+    """What ``opt.step()`` does first: fire its (and the global) step pre-hooks."""
     for hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
         hook(opt, (opt,), {})
+
+
+def after_step(opt: Optimizer) -> None:
+    """What ``opt.step()`` does last: tell a scheduler on ``opt`` that it stepped, fire its post-hooks."""
+    opt._opt_called = True
+    for hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+        hook(opt, (opt,), {})
+
+
+def direct(graft: Any, opt: Optimizer, rule: Callable, out: list[Tensor]) -> list[Tensor]:
+    """out <- the step ``opt`` would take now; advances ``opt``'s state, not the weights."""
+    before_step(opt)
     slot = graft._slot
     for group in opt.param_groups:
         ps = [p for p in group["params"] if p.grad is not None]
@@ -61,11 +81,20 @@ def direct(graft: Any, opt: Optimizer, rule: Callable, out: list[Tensor]) -> lis
         outs = [out[i] for i in idx]
         scratch = lambda: [_scratch(graft)[i] for i in idx]  # noqa: E731
         graft._norms.run_rule(rule, group, ps, [opt.state[p] for p in ps], outs, scratch)
-    # what opt.step() would have done: tell a scheduler on opt that it stepped, fire its post-hooks
-    opt._opt_called = True
-    for hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
-        hook(opt, (opt,), {})
+    after_step(opt)
     return out
+
+
+def fused(graft: Any) -> None:
+    """The direct step of both children and the grafted write in two fused passes
+    (:mod:`graftlab.fused`): the same result as :func:`direct` for each child, then the combine."""
+    children = (graft.magnitude, graft.direction)
+    for opt in children:
+        before_step(opt)
+    sq = graft._fused.squared_norms()
+    graft._fused.apply(graft._factors(*graft._norms.from_squares(sq)))
+    for opt in children:
+        after_step(opt)
 
 
 # -- generic path ----------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ class Graft(Optimizer):
             digits. The generic path serves any optimizer (another Graft too): M steps, the step
             is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
             both children allow it and the generic one on steps with sparse gradients.
+        fused: run direct steps fused (:mod:`graftlab.fused`), as torch.optim's ``fused=`` flag
+            does for one optimizer: both children's steps and their norms in one pass over memory
+            and one write of the weights, compiled with ``torch.compile`` (inductor) on the first
+            step, with no parameter-sized buffer. Same results as the direct path up to float
+            rounding. The first step pays a one-off compile (minutes on a small CPU for a
+            BERT-sized model; see bench/RESULTS.md), so it is off by default: it pays off on long
+            runs. Needs a C++ compiler on CPU (Triton on a GPU), children with direct rules and
+            unsharded parameters; steps with sparse gradients take the generic path as usual.
 
     The optimizer contract holds as for any ``torch.optim`` optimizer:
 
@@ -66,7 +74,7 @@ class Graft(Optimizer):
     dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
     parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
     child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
-    construction. A step does no host-device synchronisation and allocates nothing
+    construction; none with ``fused=True`` (until a step takes the generic path). A step does no host-device synchronisation and allocates nothing
     parameter-sized.
 
     Attributes:
@@ -103,7 +111,8 @@ class Graft(Optimizer):
     Raises:
         GraftlabError: a child that is not an optimizer, the same optimizer twice, children over
             different tensors, an unknown ``granularity`` or ``path``, names that miss an optimized
-            tensor, ``path="direct"`` for a child without a direct rule, and at :meth:`step`
+            tensor, ``path="direct"`` for a child without a direct rule, ``fused=True`` without the
+            direct path or with sharded parameters, and at :meth:`step`
             gradients a child is known to refuse (sparse ones for Adam, dense ones for
             SparseAdam, sparse ones with ``path="direct"``); a refused step changes nothing. When
             a child's own ``step()`` raises on the generic path, the weights and ``p.grad`` are
@@ -121,6 +130,7 @@ class Graft(Optimizer):
         names: Names = None,
         path: str = "auto",
         split: Optional[str] = "fused",
+        fused: bool = False,
     ) -> None:
         for role, opt in (("magnitude", magnitude), ("direction", direction)):
             if not isinstance(opt, Optimizer):
@@ -134,6 +144,7 @@ class Graft(Optimizer):
         self._granularity = granularity
         self._path_choice = path
         self._split = split
+        self._fused_choice = bool(fused)
         self._names = TensorNames(names)
         # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
         self._step_count = torch.zeros((), dtype=torch.int64)
@@ -166,6 +177,11 @@ class Graft(Optimizer):
     def path(self) -> str:
         """``"direct"`` or ``"generic"``: which path :meth:`step` takes (with dense gradients)."""
         return "generic" if self._rules is None else "direct"
+
+    @property
+    def fused(self) -> bool:
+        """Whether direct steps run fused (``fused=True``; :mod:`graftlab.fused`)."""
+        return self._fused is not None
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -246,7 +262,12 @@ class Graft(Optimizer):
         if self._signature != build.signature(self):
             build.build(self)
         direct = child_steps.takes_direct_path(self)
+        if direct and self._fused is not None:
+            child_steps.fused(self)
+            return
         params = self._norms.locals(self._params)  # fetched per step: FSDP may swap local tensors
+        if self._buf is None:  # fused=True, and this step takes the generic path: its buffers
+            child_steps.allocate_buffers(self, params)
         if direct:
             part_m, part_d, step = self._child_norms(params, direct)
         else:
@@ -321,7 +342,7 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_split": self._split, "_names": self._names,
+            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice, "_names": self._names,
             "_step_count": self._step_count,
             "state": self.state,
             "_stats": self._stats,
@@ -335,7 +356,8 @@ class Graft(Optimizer):
     def __repr__(self) -> str:
         return (
             f"Graft({type(self.magnitude).__name__}#{type(self.direction).__name__}, "
-            f"granularity={self.partition.granularity!r}, groups={len(self.group_names)}, path={self.path!r})"
+            f"granularity={self.partition.granularity!r}, groups={len(self.group_names)}, path={self.path!r}"
+            + (", fused=True)" if self.fused else ")")
         )
 
     def _refusal(self, sparse: bool, dense: bool) -> Optional[str]:
@@ -372,15 +394,16 @@ class Graft(Optimizer):
         """What this process knows of each group's norm (the norm itself unless sharded)."""
         return self._norms.partial(steps)
 
-    def _record(self, norm_m: Tensor, norm_d: Tensor) -> list[Tensor]:
-        """Store the step's norms and return each tensor's scale factor (0 where D's step is zero)."""
+    def _factors(self, norm_m: Tensor, norm_d: Tensor) -> Tensor:
+        """Store the step's norms; ``(n_tensors,)``: each tensor's scale factor (0 where D's step is zero)."""
         self._stats[0].copy_(norm_m)
         self._stats[1].copy_(norm_d)
         torch.div(norm_m, norm_d, out=self._stats[2])
         factor = torch.where(norm_d > 0, self._stats[2], 0.0)
-        if self._index is not None:
-            factor = factor[self._index]
-        return list(factor.unbind())
+        return factor if self._index is None else factor[self._index]
+
+    def _record(self, norm_m: Tensor, norm_d: Tensor) -> list[Tensor]:
+        return list(self._factors(norm_m, norm_d).unbind())
 
     def _combine(self, params: list[Tensor], step: list[Tensor], factors: list[Tensor], direct: bool) -> None:
         """w_{t+1} = w_t + factor * D's step (per coordinate: |M's step| * sign(D's step))."""

@@ -13,6 +13,8 @@ The interface (both classes)::
 
     locals(tensors) -> list[Tensor]          # the pieces this process computes on
     partial(steps) -> Tensor                 # (n_groups,) what this process knows of each group
+    from_squares(sq) -> (norm_m, norm_d)     # whole-tensor norms from per-tensor squares (fused path;
+                                             # PlainNorms only)
     finish(part_m, part_d) -> (norm_m, norm_d)   # (n_groups,) each: the whole-group norms
     run_rule(rule, group, params, states, out, scratch)  # a graftlab.updates rule on the pieces
 
@@ -47,6 +49,14 @@ class PlainNorms:
             return per_tensor
         sq = torch.zeros(self.n_groups, device=per_tensor.device, dtype=self.dtype)
         return sq.index_add_(0, self.index, per_tensor * per_tensor).sqrt_()
+
+    def from_squares(self, sq: Tensor) -> tuple[Tensor, Tensor]:
+        """``(norm_m, norm_d)`` per group from ``(2, n_tensors)`` squared per-tensor norms (the fused
+        path's pass 1 reduces them; :mod:`graftlab.fused`)."""
+        if self.index is not None:
+            sq = torch.zeros((2, self.n_groups), device=sq.device, dtype=self.dtype).index_add_(1, self.index, sq)
+        norms = sq.sqrt()
+        return norms[0], norms[1]
 
     @staticmethod
     def finish(part_m: Tensor, part_d: Tensor) -> tuple[Tensor, Tensor]:
