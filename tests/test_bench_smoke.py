@@ -76,6 +76,15 @@ def test_record_cost_quick():
     assert row["plain_steps_per_s"] > 0 and row["recorded_steps_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_divergence_check_quick(_results):
+    out = _script("divergence_check").main(["--quick", "--block", "3", "--repeats", "2"])
+    rows = {r["optimizer"]: r for r in out["results"]}
+    assert rows["SGD"]["checked_via"] == "gradient norms" and rows["Adam#SGD"]["checked_via"] == "step norms"
+    assert all(r["ratio"]["median"] > 0 and r["check_alone_us"] > 0 for r in rows.values())
+    assert (_results / "divergence_check.quick.json").exists()
+
+
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

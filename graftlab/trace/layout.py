@@ -23,7 +23,7 @@ PART_NAME = re.compile(r"part-(\d{12})\.parquet")
 REQUIRED = ("step", "group", "norm_m", "norm_d", "ratio")
 # What each format stores: /2 leaves ``ratio`` out (read_trace computes it from the norms, exactly).
 STORED = {FORMAT_1: REQUIRED, FORMAT: ("step", "group", "norm_m", "norm_d")}
-FLOAT_COLUMNS = ("norm_m", "norm_d", "ratio")
+FLOAT_COLUMNS = ("norm_m", "norm_d", "ratio", "norm_g")  # byte-stream-split encoded
 
 SCHEMA = pa.schema(
     [

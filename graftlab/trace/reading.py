@@ -21,10 +21,15 @@ __all__ = ["group_table", "read_metadata", "read_table", "read_trace", "scan_rat
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The run metadata of a trace (``_graftlab.json`` of a ``/2`` directory, else the first part's footer).
+    """The run metadata of a trace (``_graftlab.json`` of a ``/2`` directory, else the first part's
+    footer; inferred for a table another tool wrote, see :mod:`graftlab.foreign`).
 
-    Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable graftlab trace.
+    Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.metadata(path)
     path = Path(path)
     return trace_metadata(path, open_part(trace_files(path)[0]))[1]
 
@@ -94,8 +99,13 @@ def read_trace(
     or a stray copy of one, is not readable Parquet (a damaged footer, or a data page whose checksum
     fails), has no graftlab metadata or a format this graftlab does not read, has a part that lacks a
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
-    ``columns``.
+    ``columns``. A table another tool wrote (Parquet without graftlab metadata, or CSV, with columns
+    ``step, group, ratio``) is read by :func:`graftlab.foreign.read`.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.read(path, steps=steps, groups=groups, columns=columns)
     path = Path(path)
     df = None
     if groups is None:
@@ -136,9 +146,14 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
     """``(first_step, last_step)`` recorded in a trace, from Parquet footers only.
 
     Only the footers of the first and last parts that hold rows are read, so this costs the same on
-    a trace of thousands of parts. Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is
-    not a readable trace, lacks a required column, or holds no rows.
+    a trace of thousands of parts, and no graftlab metadata is needed. Raises
+    :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace, lacks a required
+    column, or holds no rows. A foreign table (:mod:`graftlab.foreign`) has its ``step`` column read.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.extent(path)
     path = Path(path)
     files = trace_files(path)
     first = open_part(files[0])
@@ -157,6 +172,10 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     "bytes"}``; ``steps`` counts recorded steps (rows / groups). Every part's footer is checked as
     :func:`read_trace` checks it, so a duplicated or damaged part is an error here too.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.info(path)
     path = Path(path)
     fmt, meta, parts = open_parts(path, None)
     if not path.is_dir():

@@ -51,9 +51,11 @@ def build_table(
     stats: "Any",
     scalars: Optional[dict[str, "Any"]] = None,
     meta: Optional[dict[str, Any]] = None,
+    group_columns: Optional[dict[str, "Any"]] = None,
 ) -> pa.Table:
     """A trace table from ``steps`` (n,), ``stats`` (n, 3, G) ``[norm_m, norm_d, ratio]`` per step and
-    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step).
+    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step) and
+    optional per-group float32 columns ``group_columns`` (name -> (n, G), e.g. ``norm_g``).
 
     The layout follows ``meta["format"]`` (default :data:`FORMAT`), so a resumed ``/1`` trace stays
     ``/1``: ``graftlab.trace/2`` stores the norms as float32 and no ``ratio`` column (readers compute
@@ -80,6 +82,12 @@ def build_table(
     if fmt != FORMAT_1:
         del columns["ratio"]
         fields = [f for f in fields if f.name != "ratio"]
+    for key, values in (group_columns or {}).items():
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (n, g):
+            raise GraftlabError(f"group column {key!r} must have shape ({n}, {g}), got {values.shape}")
+        columns[key] = pa.array(values.reshape(-1))
+        fields.append(pa.field(key, pa.float32()))
     for key, values in (scalars or {}).items():
         if key in columns or key == "ratio":
             raise GraftlabError(f"scalar column {key!r} clashes with a trace column")
