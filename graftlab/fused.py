@@ -130,9 +130,12 @@ class _Bucket(NamedTuple):
     key: tuple  # (flags of M, flags of D, dtype, compilable)
     index: list[int]  # positions in FusedDirect.params
     ps: list[Tensor]
-    sm: list[tuple]  # M's state tensors per parameter (in _state_keys order)
+    ps_d: list[Tensor]  # second views of ``ps``, for D (see _passes)
+    sm: list[tuple]  # M's state tensors per parameter (in state_keys order)
     sd: list[tuple]
     order: Tensor  # ``index`` on the parameters' device
+    flat: bool  # 1-D views (dynamic sizes)
+    complex: bool  # real views of complex tensors
 
 
 class FusedDirect:
@@ -203,13 +206,11 @@ class FusedDirect:
         self._pending = []
         for bucket in self._buckets:
             norms, _, compiled = self._pass_fns(bucket.key)
-            flat = self.dynamic and bucket.key[3]
-            gs = [self._grad(i, flat) for i in bucket.index]
+            grads = [self.params[i].grad for i in bucket.index]
+            gs = grads if not (bucket.flat or bucket.complex) else [self._grad(i, bucket.flat) for i in bucket.index]
             scal_m, scal_d = self._tables(bucket, rows, device)
-            # second views of the gradients and weights, for D: see _passes
-            views = [t.view(t.shape) for t in (*gs, *bucket.ps)] if compiled else [*gs, *bucket.ps]
-            n = len(gs)
-            sq = self._call(norms, compiled, gs, bucket.ps, views[:n], views[n:], bucket.sm, bucket.sd, scal_m, scal_d)
+            gs_d = [g.view(g.shape) for g in gs] if compiled else gs  # second views, for D: see _passes
+            sq = self._call(norms, compiled, gs, bucket.ps, gs_d, bucket.ps_d, bucket.sm, bucket.sd, scal_m, scal_d)
             out.index_copy_(1, bucket.order, sq)
             self._pending.append((bucket, gs, scal_m, scal_d))
         return out
@@ -278,7 +279,11 @@ class FusedDirect:
                 part = members[start : start + size]
                 index = [m[0] for m in part]
                 order = torch.tensor(index, dtype=torch.long, device=device)
-                self._buckets.append(_Bucket(key, index, [m[1] for m in part], [m[2] for m in part], [m[3] for m in part], order))
+                ps = [m[1] for m in part]
+                self._buckets.append(_Bucket(
+                    key, index, ps, [q.view(q.shape) for q in ps], [m[2] for m in part], [m[3] for m in part], order,
+                    flat=self.dynamic and key[3], complex=any(self.params[i].is_complex() for i in index),
+                ))
 
     def _grad(self, i: int, flat: bool) -> Tensor:
         p, g = self.params[i], self.params[i].grad

@@ -43,14 +43,11 @@ class Graft(Optimizer):
             digits. The generic path serves any optimizer (another Graft too): M steps, the step
             is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
             both children allow it and the generic one on steps with sparse gradients.
-        fused: run direct steps fused (:mod:`graftlab.fused`), as torch.optim's ``fused=`` flag
-            does for one optimizer: both children's steps and their norms in one pass over memory
-            and one write of the weights, compiled with ``torch.compile`` (inductor) on the first
-            step, with no parameter-sized buffer. Same results as the direct path up to float
-            rounding. The first step pays a one-off compile (minutes on a small CPU for a
-            BERT-sized model; see bench/RESULTS.md), so it is off by default: it pays off on long
-            runs. Needs a C++ compiler on CPU (Triton on a GPU), children with direct rules and
-            unsharded parameters; steps with sparse gradients take the generic path as usual.
+        fused: run direct steps fused (:mod:`graftlab.fused`; like torch.optim's ``fused=``): both
+            children's steps and norms in one pass, one write of the weights, no buffer; the
+            direct path's results up to rounding. The first step compiles (``torch.compile``,
+            minutes for a BERT-sized model on a small CPU; bench/RESULTS.md), so it is off by
+            default. Needs direct rules for both children and unsharded parameters.
 
     The optimizer contract holds as for any ``torch.optim`` optimizer:
 
@@ -256,11 +253,8 @@ class Graft(Optimizer):
             build.build(self)
         direct = child_steps.takes_direct_path(self)
         if direct and self._fused is not None:
-            child_steps.fused(self)
-            return
+            return child_steps.fused(self)
         params = self._norms.locals(self._params)  # fetched per step: FSDP may swap local tensors
-        if self._buf is None:  # fused=True, and this step takes the generic path: its buffers
-            child_steps.allocate_buffers(self, params)
         if direct:
             part_m, part_d, step = self._child_norms(params, direct)
         else:
