@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, results_dir  # noqa: E402
 
-SCRIPTS = ("step_cost", "record_cost", "distill_cost", "trace_size")
+SCRIPTS = ("step_cost", "record_cost", "divergence_check", "distill_cost", "trace_size")
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- tables:begin (bench/run_all.py writes this block) -->", "<!-- tables:end -->"
 
@@ -28,6 +28,7 @@ SECTIONS = {
     "step_cost": ("Step cost: `Graft(M, D).step()` / the strongest `M.step(); D.step()`",
                   ["timing", "baselines", "compile", "record", "memory"]),
     "record_cost": ("Recording cost: bert training steps with / without a Recorder", ["record"]),
+    "divergence_check": ("Divergence check cost: bert training steps with / without the per-step check", ["check"]),
     "distill_cost": ("Distill cost on a 100,000-step x 400-group trace (40M rows)", ["distill"]),
     "trace_size": ("Trace size on disk", ["size"]),
 }
@@ -64,6 +65,8 @@ def tables_block() -> str:
                          f"interleaved repeats x {res.get('steps_per_block')} steps; ratio clock: "
                          f"{(res.get('timing') or [{}])[0].get('clock', '?')}.",
             "record_cost": f"{res.get('repeats')} interleaved repeats x {res.get('block')} steps.",
+            "divergence_check": f"{res.get('repeats')} interleaved repeats x {res.get('block')} steps, batch "
+                                f"{res.get('batch_size')}, {res.get('device')}; ratio clock: {res.get('clock')}.",
             "distill_cost": f"{res.get('trace_bytes', 0) / 1e6:.0f} MB on disk ({res.get('bytes_per_row', 0):.2f} "
                             f"bytes/row); {res.get('repeats')} interleaved repeats of the window distills, "
                             f"{res.get('slow_repeats', 3)} of the whole-trace schedule and reads, 1 of the schedule "

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 import graftlab
-from graftlab.cli import demo, distill, experiment, info, plot, record, train
+from graftlab.cli import demo, distill, experiment, info, plot, record, show, train
 from graftlab.errors import GraftlabError
 
 app = typer.Typer(
@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: rich reads "[default: ...]" in help strings as markup and drops it, and
+    # shows on/off flags as taking a <bool> value
+    rich_markup_mode=None,
 )
 
 
@@ -81,7 +84,7 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # One module per command under cli/, each exposing one function named like the command.
-for _module in (record, info, distill, train, plot, demo, experiment):
+for _module in (record, info, distill, show, train, plot, demo, experiment):
     _name = _module.__name__.rsplit(".", 1)[1]
     app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
 
@@ -91,7 +94,7 @@ def main() -> None:
         app()
     except GraftlabError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
 
 
 if __name__ == "__main__":

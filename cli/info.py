@@ -52,8 +52,11 @@ def info(
     if groups:
         table = Table(title=f"{len(meta.get('groups') or [])} groups")
         for col in ("group", "kind", "ffn", "block", "shape", "numel"):
-            table.add_column(col, justify="right" if col in ("block", "numel") else "left", overflow="fold")
+            # a group name is one token to copy: never wrapped, the table widens instead
+            table.add_column(col, justify="right" if col in ("block", "numel") else "left",
+                             overflow="fold", no_wrap=col == "group")
         for g in meta.get("groups") or []:
             table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
                           _fmt(g.get("shape")), _fmt(g.get("numel")))
-        console.print(table)
+        longest = max((len(g["name"]) for g in meta.get("groups") or []), default=10)
+        Console(width=max(console.width, longest + 60)).print(table)

@@ -50,7 +50,7 @@ def defaults(s: Settings) -> dict[str, Any]:
         "sgd_lr": 0.1,
         "momentum": 0.9,
         "window": max(steps // 4, 1),
-        "device": s.device or "cpu",
+        "device": s.device or "auto",
     }
 
 

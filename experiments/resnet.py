@@ -61,7 +61,7 @@ def defaults(s: Settings) -> dict[str, Any]:
         "adagrad_ks": [-3] if s.quick else list(range(-6, -1)),
         "momentum": 0.9,
         "schedule_window": max(steps // 10, 1),
-        "device": s.device or "cpu",
+        "device": s.device or "auto",
     }
 
 

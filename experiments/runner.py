@@ -64,7 +64,7 @@ class Settings:
     size: Optional[str] = None  # task size: tiny | small | base
     batch_size: Optional[int] = None
     seeds: Optional[int] = None  # seeds for the final comparison (the grid runs on seed 0)
-    device: Optional[str] = None  # cpu | cuda | auto (None: cpu, or the preset's device)
+    device: Optional[str] = None  # cpu | cuda | auto (None: auto, or the preset's device)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation
     threads: Optional[int] = None  # torch CPU threads (default: 1, best on a shared machine)
     progress: bool = False  # per-run progress bars
@@ -82,7 +82,7 @@ class Settings:
         p.add_argument("--size", choices=["tiny", "small", "base"], help="task size")
         p.add_argument("--batch-size", type=int, dest="batch_size")
         p.add_argument("--seeds", type=int, help="seeds for the final comparison")
-        p.add_argument("--device", help="cpu, cuda or auto (default: cpu, or the preset's)")
+        p.add_argument("--device", help="cpu, cuda or auto (default: auto, or the preset's)")
         p.add_argument("--eval-size", type=int, dest="eval_size", help="held-out examples per evaluation")
         p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
         p.add_argument("--progress", action="store_true", help="show a progress bar per run")

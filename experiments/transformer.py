@@ -120,7 +120,7 @@ def defaults(s: Settings) -> dict[str, Any]:
         "momentum": 0.9,
         "window": max(steps // 4, 1),  # first quarter: the static medians
         "schedule_window": max(steps // 8, 1),  # eight pieces over the run
-        "device": s.device or "cpu",
+        "device": s.device or "auto",
         "data": s.data,
         "jobs": s.jobs or 1,
     }

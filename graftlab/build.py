@@ -88,7 +88,8 @@ def _partition(graft: Any, params: list[Tensor]) -> Partition:
                 "function (a lambda or local function cannot be pickled)"
             )
         gran = known.__getitem__
-    return make_partition(names, gran)
+    split = getattr(graft, "_split", None)
+    return make_partition(names, gran, [tuple(p.shape) for p in params], split)
 
 
 def _rules(graft: Any) -> Optional[tuple]:
@@ -123,6 +124,10 @@ def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
 
         layout = shard_layout(params, part.tensor_group, len(part.group_names), dtype)
         if layout is not None:
+            if part.split:
+                raise GraftlabError(
+                    "sharded parameters cannot be split into slices (fused Q/K/V): pass split=None to graft "
+                    "whole tensors")
             return layout
     return PlainNorms(part.tensor_group, len(part.group_names), dtype, params[0].device)
 

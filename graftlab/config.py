@@ -26,6 +26,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from graftlab.distributed.env import MODES
+from graftlab.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.optimizers import make_optimizer, parse_hparams
 from graftlab.record import DEFAULT_FLUSH_EVERY
@@ -59,15 +60,20 @@ class RunConfig:
     device: str = "auto"  # cpu | cuda | auto
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
     checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
-    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
+    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set);
+    # without checkpoint_dir and with on_divergence="restart": steps between in-memory restart points (0: 100)
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
     seed: int = 0  # seeds model init, data order, masking and dropout
     threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
     # --- evaluation and logging ---
     eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation; None: task default
-    log_every: int = 50  # steps between host syncs for the progress bar and divergence check
+    log_every: int = 50  # steps between host syncs for the progress bar
     metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics; None: not written
+    # --- divergence (every step is checked for a non-finite loss/gradient, without a host sync) ---
+    on_divergence: str = "stop"  # stop | restart (from the last good checkpoint or in-memory snapshot)
+    divergence_lr_factor: float = 0.5  # each restart multiplies the learning rate by this (0 < f < 1)
+    max_restarts: int = 3  # restarts before the run stops anyway
 
     def validate(self, *, overwrite: bool = False, outputs: bool = True) -> None:
         """Check every field and output path; raises :class:`GraftlabError` (nothing is written).
@@ -103,8 +109,18 @@ class RunConfig:
         if self.checkpoint_dir is None:
             if self.resume:
                 raise GraftlabError("resume=True needs checkpoint_dir (the checkpoints to resume from)")
-            if self.checkpoint_every:
+            if self.checkpoint_every and self.on_divergence != "restart":  # restart: in-memory snapshots
                 raise GraftlabError("checkpoint_every needs checkpoint_dir (where the checkpoints go)")
+        self._validate_divergence()
+
+    def _validate_divergence(self) -> None:
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise GraftlabError(f"unknown on_divergence {self.on_divergence!r}: choose {' or '.join(ON_DIVERGENCE)}")
+        factor = self.divergence_lr_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise GraftlabError(f"divergence_lr_factor must be a number between 0 and 1 (exclusive), got {factor!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise GraftlabError(f"max_restarts must be a whole number >= 0, got {self.max_restarts!r}")
 
     def check_schedule(self, steps: int) -> None:
         """Build the lr schedule for ``steps`` to check its settings (with the schedule and warmup
@@ -152,15 +168,18 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
 
-    optimizer: str = "adam"  # sgd | adam | adamw | adagrad | rmsprop
+    # sgd | adam | adamw | adagrad | rmsprop; None: D's optimizer of a corrections file, else adam
+    optimizer: Optional[str] = None
     lr: Optional[float] = None  # peak learning rate; None: the task's default for this optimizer
     hparams: dict = field(default_factory=dict)  # optimizer hyperparameters, e.g. {"momentum": 0.9}
 
     def _validate_optimizers(self) -> None:
-        _check_optimizer(self.optimizer, self.lr, self.hparams, "lr")
+        _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr")
 
     def resolve(self, task: Task) -> "TrainConfig":
         out = super().resolve(task)
+        if out.optimizer is None:
+            out = dataclasses.replace(out, optimizer="adam")
         return out if out.lr is not None else dataclasses.replace(out, lr=task.default_lr(out.optimizer))
 
 

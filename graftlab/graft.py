@@ -37,6 +37,11 @@ class Graft(Optimizer):
             ``"coordinate"`` (one group per element), or a function from parameter name to label.
         names: an ``nn.Module`` or ``(name, tensor)`` pairs naming the tensors (extra names, such
             as frozen layers, are allowed). Without it tensors are ``param.0``, ``param.1``, ...
+        split: ``"fused"`` (default): at ``"layer"`` granularity a fused tensor graftlab
+            recognises (GPT-2's ``attn.c_attn`` weight and bias: Q, K, V thirds of the output
+            dimension; :func:`graftlab.partition.fused_layout`) is grafted as three groups
+            ``<name>[q]``, ``<name>[k]``, ``<name>[v]``, each exactly as if it were its own tensor.
+            ``None`` keeps whole tensors. Sharded (FSDP) parameters need ``None``.
         path: ``"auto"`` (default), ``"direct"`` or ``"generic"``. The direct path computes each
             child's step from its state without touching the weights (SGD, Adam, AdamW, Adagrad,
             RMSprop as exact classes; see :mod:`graftlab.updates`), so tiny steps keep their
@@ -121,6 +126,7 @@ class Graft(Optimizer):
         granularity: Granularity = "layer",
         names: Names = None,
         path: str = "auto",
+        split: Optional[str] = "fused",
         fused: bool = False,
     ) -> None:
         for role, opt in (("magnitude", magnitude), ("direction", direction)):
@@ -134,6 +140,7 @@ class Graft(Optimizer):
         self.direction = direction
         self._granularity = granularity
         self._path_choice = path
+        self._split = split
         self._fused_choice = bool(fused)
         self._names = TensorNames(names)
         # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
@@ -329,7 +336,7 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_fused_choice": self._fused_choice, "_names": self._names,
+            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice, "_names": self._names,
             "_step_count": self._step_count,
             "state": self.state,
             "_stats": self._stats,
@@ -362,14 +369,15 @@ class Graft(Optimizer):
     def _child_norms(self, params: list[Tensor], direct: bool, grads=None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Both children's steps and their group norms; returns the partial norms and D's step."""
         real = child_steps.real_views if self._complex else list
+        units = self.partition.units  # slices of split tensors are groups of their own
         step = self._child_step(self.magnitude, 0, params, direct, grads)
-        part_m = self._group_norms(real(step))
+        part_m = self._group_norms(real(units(step)))
         if self.partition.elementwise:
             abs_m = real(self._abs_m)
             torch._foreach_copy_(abs_m, real(step))
             torch._foreach_abs_(abs_m)
         step = self._child_step(self.direction, 1, params, direct, grads)
-        return part_m, self._group_norms(real(step)), step
+        return part_m, self._group_norms(real(units(step))), step
 
     def _child_step(self, opt: Optimizer, which: int, params, direct: bool, grads) -> list[Tensor]:
         if direct:
@@ -394,7 +402,8 @@ class Graft(Optimizer):
     def _combine(self, params: list[Tensor], step: list[Tensor], factors: list[Tensor], direct: bool) -> None:
         """w_{t+1} = w_t + factor * D's step (per coordinate: |M's step| * sign(D's step))."""
         real = child_steps.real_views if self._complex else list
-        params, step = real(params), real(step)
+        units = self.partition.units  # one factor per unit (a slice or a whole tensor)
+        params, step = real(units(params)), real(units(step))
         if self.partition.elementwise:
             torch._foreach_sign_(step)  # sign(0) == 0 keeps w_t where D does not move
             if direct:
@@ -406,4 +415,4 @@ class Graft(Optimizer):
             return
         else:
             torch._foreach_mul_(step, factors)
-        torch._foreach_add_(params, real(self._buf))  # generic: step lives in params, w_t in the buffer
+        torch._foreach_add_(params, real(units(self._buf)))  # generic: step lives in params, w_t in the buffer

@@ -6,6 +6,12 @@ A partition names every parameter tensor and assigns it to one group:
 - ``"layer"``: one group per parameter tensor, named as ``named_parameters()`` names it;
 - ``"coordinate"``: one group per element (norms are reported per tensor);
 - a callable ``name -> label``: one group per distinct label, in order of first appearance.
+
+A partition can also split a tensor into named slices along one dimension, each slice its own
+unit: ``"layer"`` splits the fused layouts graftlab recognises (:func:`fused_layout`: GPT-2's
+``attn.c_attn`` weight and bias hold Q, K and V side by side along the output dimension) into
+groups named ``<tensor>[q]``, ``<tensor>[k]``, ``<tensor>[v]`` unless ``split=None``. The norms of a
+slice are the norms of exactly its elements, so each slice is grafted as if it were its own tensor.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from torch import nn
 from graftlab.errors import GraftlabError
 
 GRANULARITIES = ("global", "layer", "coordinate")
+SPLITS = ("fused", None)
+Slice = tuple[int, int, int]  # (dim, start, stop) of a unit inside its tensor
 
 Granularity = Union[str, Callable[[str], str]]
 Names = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], None]
@@ -36,6 +44,23 @@ class Partition:
     param_names: tuple[str, ...]
     group_names: tuple[str, ...]
     tensor_group: tuple[int, ...]
+    # With split tensors the entries above are per *unit* (a slice or a whole tensor, in tensor
+    # order; a slice's name is ``<tensor>[<label>]``); ``unit_tensor[u]`` is the index of unit u's
+    # tensor and ``slices[u]`` its (dim, start, stop), None for a whole tensor. Empty: no split.
+    unit_tensor: tuple[int, ...] = ()
+    slices: tuple[Optional[Slice], ...] = ()
+
+    @property
+    def split(self) -> bool:
+        return bool(self.unit_tensor)
+
+    def units(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One tensor per unit: ``tensors`` (one per parameter) as they are, or with each split
+        tensor replaced by views of its slices (no copy: writing to a view writes the tensor)."""
+        if not self.unit_tensor:
+            return list(tensors)
+        return [tensors[t] if s is None else tensors[t].narrow(s[0], s[1], s[2] - s[1])
+                for t, s in zip(self.unit_tensor, self.slices)]
 
     @property
     def elementwise(self) -> bool:
@@ -130,13 +155,53 @@ def name_parameters(params: Sequence[torch.Tensor], names: Names) -> list[str]:
     return TensorNames(names).names_for(params)
 
 
-def make_partition(param_names: Sequence[str], granularity: Granularity) -> Partition:
+def fused_layout(name: str, shape: Sequence[int]) -> Optional[tuple[int, tuple[str, ...]]]:
+    """``(dim, labels)`` when parameter ``name`` of ``shape`` is a fused layout graftlab splits:
+    GPT-2's ``attn.c_attn`` (Hugging Face ``Conv1D``: weight ``(in, 3 * d)``, bias ``(3 * d,)``),
+    whose last dimension holds Q, K and V in thirds, in that order; else None."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] == "c_attn" and parts[-1] in ("weight", "bias") and len(shape) in (1, 2):
+        if shape[-1] % 3 == 0 and shape[-1] > 0:
+            return len(shape) - 1, ("q", "k", "v")
+    return None
+
+
+def _split_units(names: tuple[str, ...], shapes: Sequence[Sequence[int]]):
+    """Unit names, their tensors and slices for the fused layouts among ``names``."""
+    unit_names, unit_tensor, slices = [], [], []
+    for i, (n, shape) in enumerate(zip(names, shapes)):
+        layout = fused_layout(n, shape)
+        if layout is None:
+            unit_names.append(n), unit_tensor.append(i), slices.append(None)
+            continue
+        dim, labels = layout
+        size = shape[dim] // len(labels)
+        for j, label in enumerate(labels):
+            unit_names.append(f"{n}[{label}]"), unit_tensor.append(i), slices.append((dim, j * size, (j + 1) * size))
+    return tuple(unit_names), tuple(unit_tensor), tuple(slices)
+
+
+def make_partition(param_names: Sequence[str], granularity: Granularity,
+                   shapes: Optional[Sequence[Sequence[int]]] = None, split: Optional[str] = None) -> Partition:
     """Build the :class:`Partition` of ``param_names`` for ``granularity``.
 
-    Raises GraftlabError for an unknown ``granularity``, a label function that returns something
-    other than a non-empty str, or repeated names at layer or coordinate granularity.
+    ``split="fused"`` with ``shapes`` (one per name) splits the fused layouts of
+    :func:`fused_layout` into named slices at ``"layer"`` granularity (other granularities keep
+    whole tensors: a global group holds every element anyway, a coordinate group one element).
+
+    Raises GraftlabError for an unknown ``granularity`` or ``split``, a label function that
+    returns something other than a non-empty str, or repeated names at layer or coordinate
+    granularity.
     """
+    if split not in SPLITS:
+        raise GraftlabError(f"unknown split {split!r}: expected 'fused' or None")
     names = tuple(param_names)
+    if split == "fused" and granularity == "layer" and shapes is not None:
+        if len(set(names)) != len(names):
+            raise GraftlabError("parameter names must be unique for granularity='layer'")
+        units, unit_tensor, slices = _split_units(names, shapes)
+        if len(units) != len(names):
+            return Partition("layer", units, units, tuple(range(len(units))), unit_tensor, slices)
     if callable(granularity):
         labels = []
         for n in names:

@@ -45,6 +45,7 @@ from graftlab.graft import Graft
 from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
+from graftlab.portable import portable_paths
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -310,7 +311,7 @@ class Recorder:
 
     def _groups_meta(self) -> list[dict[str, Any]]:
         part = self.graft.partition
-        params = self.graft.params
+        params = part.units(self.graft.params)  # slices of split tensors are groups of their own
         groups = []
         for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
             idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
@@ -347,7 +348,8 @@ class Recorder:
         if clash:
             raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
         meta.update(user)
-        return meta
+        # a trace travels: no absolute path of the recording machine (graftlab.portable)
+        return portable_paths(meta, self.path)
 
     def _check_resumable(self) -> dict[str, Any]:
         try:

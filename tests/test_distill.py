@@ -157,14 +157,14 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     assert "word_embeddings" in res.output and "degenerate" in res.output and "wrote" in res.output
 
     # none / pow10 on the same trace
-    res = cli(trace, "--round", "pow10", "-o", tmp_path / "p.json")
+    res = cli(trace, "--window", 2000, "--round", "pow10", "-o", tmp_path / "p.json")
     assert res.exit_code == 0, res.output
     p = load_corrections(tmp_path / "p.json").multipliers
     assert p["bert.embeddings.word_embeddings.weight"] == 100
     assert p["bert.encoder.layer.23.attention.self.query.weight"] == 1000
     # the flagged K bias takes the median of its kind's other groups (K weights), then pow10
     assert p["bert.encoder.layer.0.attention.self.key.bias"] == 100
-    res = cli(trace, "--round", "none", "-o", tmp_path / "n.json", "--format", "json")
+    res = cli(trace, "--window", 2000, "--round", "none", "-o", tmp_path / "n.json", "--format", "json")
     n = load_corrections(tmp_path / "n.json").multipliers
     assert n["bert.embeddings.word_embeddings.weight"] == pytest.approx(312.94, rel=1e-6)
     assert n["bert.encoder.layer.0.attention.self.key.bias"] == pytest.approx(np.median([466.59, 1081.26]), rel=1e-6)
@@ -310,3 +310,38 @@ def test_cli_error_line_and_exit_code(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: bad rounding 'D0': D<beta> needs a positive finite beta, e.g. D500"]
+
+
+def test_default_window_fits_a_short_trace_and_says_so(tmp_path):
+    short = small_trace(tmp_path / "short.trace")  # 300 steps
+    res = cli(short, "-o", tmp_path / "c.json")
+    assert res.exit_code == 0, res.output
+    assert load_corrections(tmp_path / "c.json").source["window"] == 75  # a quarter of 300 (< 2000)
+    assert "window 75 steps: the paper's 2000, capped to the first quarter" in " ".join(res.output.split())
+    assert distill(short).source["window"] == 75
+    msg = one_line_error(cli(short, "--window", 400, "-o", tmp_path / "d.json"), "longer than the trace")
+    assert "--window 400" in msg
+
+
+def test_bad_round_is_said_before_an_existing_output(tmp_path):
+    short = small_trace(tmp_path / "short.trace")
+    out = tmp_path / "keep.json"
+    out.write_text("precious")
+    one_line_error(cli(short, "--round", "D0", "-o", out), "bad rounding 'D0'")
+    assert out.read_text() == "precious"
+
+
+def test_schedule_title_names_the_whole_run(tmp_path):
+    short = small_trace(tmp_path / "short.trace")
+    res = cli(short, "--schedule", "--window", 50, "-o", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    assert "steps 0..299 in windows of 50" in res.output
+
+
+def test_info_keeps_long_group_names_on_one_line(tmp_path):
+    long = "model.decoder.layers.11.encoder_attn.very_long_projection_name.weight"
+    path = tmp_path / "long.trace"
+    write_trace(path, metadata([{"name": long}]), np.arange(20), np.ones((20, 1)))
+    res = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "60"})
+    assert res.exit_code == 0, res.output
+    assert long in res.output

@@ -124,6 +124,19 @@ class Corrections:
         return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
     @property
+    def direction_optimizer(self) -> Optional[str]:
+        """The name (``sgd``, ``adagrad``, ...) of D's optimizer in the recorded run, or None when the
+        file does not say: the optimizer the factors were distilled for."""
+        meta = self.source.get("metadata") or {}
+        name = (meta.get("config") or {}).get("direction")
+        if isinstance(name, str) and name:
+            return name.lower()
+        cls = (meta.get("direction") or {}).get("class")
+        if isinstance(cls, str) and cls:  # "torch.optim.sgd.SGD" -> "sgd"
+            return cls.rsplit(".", 1)[-1].lower()
+        return None
+
+    @property
     def groups(self) -> list[str]:
         return list(dict.fromkeys(list(self.multipliers) + list(self.schedule)))
 
