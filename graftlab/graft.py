@@ -71,8 +71,8 @@ class Graft(Optimizer):
     dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
     parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
     child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
-    construction; none with ``fused=True`` (until a step takes the generic path). A step does no host-device synchronisation and allocates nothing
-    parameter-sized.
+    construction; none with ``fused=True`` (until a step takes the generic path). A step does no
+    host-device synchronisation and allocates nothing parameter-sized.
 
     Attributes:
         last_stats: ``(3, n_groups)`` tensor, rows ``norm_m``, ``norm_d``, ``ratio`` of the last
@@ -336,8 +336,8 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice, "_names": self._names,
-            "_step_count": self._step_count,
+            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice,
+            "_names": self._names, "_step_count": self._step_count,
             "state": self.state,
             "_stats": self._stats,
         }
