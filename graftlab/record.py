@@ -112,6 +112,8 @@ class _Writer(threading.Thread):
                     scalars[key] = col
                 table = trace.build_table(steps, names, stats, scalars, meta, per_group)
                 self.parts.append(trace.write_part(self.directory, table))
+                if self.on_flush:
+                    table = trace.with_ratio(table)  # callbacks see the trace columns, as read_trace gives them
                 for callback in self.on_flush:
                     callback(table, meta)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
@@ -164,7 +166,7 @@ class Recorder:
             moved on). This column wins: ``log(lr=...)`` is then an error; pass
             ``record_lr=False`` to log ``lr`` yourself.
         on_flush: callables ``f(table, metadata)`` run in the writer thread after each part file is
-            written, with the part as a ``pyarrow.Table`` (the trace columns) and the run metadata;
+            written, with the part as a ``pyarrow.Table`` (the trace columns, ``ratio`` included) and the run metadata;
             e.g. :class:`graftlab.integrations.tensorboard.TensorBoardView`. An exception in one
             stops the recording and is raised on the training thread at the next flush. Those with
             a ``close()`` method are closed with the Recorder.

@@ -261,4 +261,4 @@ def test_graftlab_traces_are_not_foreign(tmp_path):
     assert not foreign.is_foreign(HF_BERT)
     assert not foreign.is_foreign(next(HF_BERT.glob("part-*.parquet")))
     assert not foreign.is_foreign(tmp_path / "missing")
-    assert read_metadata(HF_BERT)["format"] == graftlab.trace.FORMAT
+    assert read_metadata(HF_BERT)["format"] == graftlab.trace.FORMAT_1  # recorded before /2; still read

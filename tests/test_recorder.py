@@ -129,7 +129,7 @@ def test_read_trace_reads_traces_written_with_mixed_types(tmp_path):
     path = tmp_path / "t"
     path.mkdir()
     names = ["a.weight", "a.bias"]
-    meta = {"format": trace.FORMAT, "groups": [{"name": n} for n in names]}
+    meta = {"format": trace.FORMAT_1, "groups": [{"name": n} for n in names]}
     stats = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) + 1
     trace.write_part(path, trace.build_table([0, 1], names, stats, {"loss": np.array([1.5, 2.5])}, meta))
     trace.write_part(path, trace.build_table([2, 3], names, stats,
@@ -326,8 +326,7 @@ def test_finds_the_graft_inside_optimizer_wrappers(tmp_path):
 # -- groups added to the Graft while recording ----------------------------------------------------
 def test_groups_added_while_recording_are_recorded_from_then_on(tmp_path):
     """Progressive unfreezing: the head trains first, then Graft.add_param_group adds the body.
-    The parts written before carry the groups they hold in their metadata (read_trace takes the
-    first part's), and the directory's sidecar lists them all."""
+    The directory's sidecar, the one copy of the metadata, lists them all in order of addition."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
     body, head = list(model[:2].parameters()), list(model[2].parameters())
@@ -351,7 +350,8 @@ def test_groups_added_while_recording_are_recorded_from_then_on(tmp_path):
     for t in range(7):
         np.testing.assert_array_equal(df[df.step == t].ratio.to_numpy(), seen[t][2].numpy())
     assert df["loss"].notna().all()
-    assert [g["name"] for g in trace.read_metadata(tmp_path / "t")["groups"]] == head_names
+    # /2 keeps the metadata once, in the sidecar: it lists every group recorded
+    assert [g["name"] for g in trace.read_metadata(tmp_path / "t")["groups"]] == head_names + body_names
     import json
 
     grown = json.loads((tmp_path / "t" / trace.SIDECAR).read_text())

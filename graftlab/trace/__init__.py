@@ -72,7 +72,9 @@ from graftlab.trace.layout import (
     temporary_name,
     trace_files,
 )
-from graftlab.trace.reading import group_table, read_metadata, read_table, read_trace, trace_extent, trace_info
+from graftlab.trace.reading import (
+    group_table, read_metadata, read_table, read_trace, trace_extent, trace_info, with_ratio,
+)
 from graftlab.trace.writing import (
     COMPRESSION,
     COMPRESSION_LEVEL,
@@ -92,5 +94,6 @@ __all__ = [
     "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "group_table", "is_trace",
     "metadata_bytes", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
     "read_metadata", "read_table", "read_trace", "temporary_name", "trace_extent", "trace_files", "trace_info",
+    "with_ratio",
     "truncate", "write_part", "write_sidecar", "write_table",
 ]

@@ -17,7 +17,10 @@ from graftlab.trace.scanning import (
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: `graftlab info` never needs it
     import pandas as pd
 
-__all__ = ["group_table", "read_metadata", "read_table", "read_trace", "scan_ratios", "trace_extent", "trace_info"]
+__all__ = [
+    "group_table", "read_metadata", "read_table", "read_trace", "scan_ratios", "trace_extent", "trace_info",
+    "with_ratio",
+]
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
@@ -32,6 +35,16 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
         return foreign.metadata(path)
     path = Path(path)
     return trace_metadata(path, open_part(trace_files(path)[0]))[1]
+
+
+def with_ratio(table: pa.Table) -> pa.Table:
+    """``table`` with a ``ratio`` column after ``norm_d``: ``norm_m / norm_d`` in float32 (not finite
+    where D's step was zero), as the Graft computed it; a ``/2`` part stores the norms only. A table
+    that already has ``ratio`` is returned as it is."""
+    if "ratio" in table.column_names:
+        return table
+    ratio = pc.divide(table.column("norm_m"), table.column("norm_d"))
+    return table.add_column(table.column_names.index("norm_d") + 1, "ratio", ratio)
 
 
 def read_table(
@@ -63,10 +76,8 @@ def read_table(
         dictionary = group.chunk(0).dictionary.to_pylist() if group.num_chunks else []
         codes = pa.array([i for i, g in enumerate(dictionary) if g in keep], pa.int32())
         table = table.filter(pc.is_in(_indices(group), value_set=codes))
-    if "ratio" in required and "ratio" not in table.column_names:
-        # /2: the ratio is the float32 quotient of the stored norms, as the Graft computed it
-        ratio = pc.divide(table.column("norm_m"), table.column("norm_d"))
-        table = table.add_column(table.column_names.index("norm_d") + 1, "ratio", ratio)
+    if "ratio" in required:
+        table = with_ratio(table)
     order = [c for c in REQUIRED if c in required] + scan.extras
     return table.select(order).replace_schema_metadata(None), scan.meta
 

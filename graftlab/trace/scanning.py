@@ -82,7 +82,8 @@ def _scanner(path: Path, steps, columns, required: list[str]) -> _Scan:
     stored = [c for c in STORED[fmt] if c in required or (c in ("norm_m", "norm_d") and "ratio" in required)]
     try:
         schemas = [p.schema for p in parts]
-        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else schemas[0]
+        # parts of older writers may differ in a scalar's width (float32 vs float64, int64): the widest wins
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
     except READ_ERRORS as err:
         raise GraftlabError(f"{path}: parts disagree on column types ({describe(err)})") from None
     # every part's group is read dictionary-encoded (parquet_format); the scan keeps it so
