@@ -26,6 +26,7 @@ def experiment(
     eval_size: Annotated[Optional[int], typer.Option("--eval-size", help="Held-out examples per evaluation.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default 1).")] = None,
     progress: Annotated[bool, typer.Option("--progress", help="A progress bar per run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rewrite results.md and settings.json of a finished experiment in --out.")] = False,
 ) -> None:
     """Run an experiment: every run resumable, then a Markdown results table and a figure."""
     if name not in EXPERIMENTS:
@@ -38,5 +39,5 @@ def experiment(
 
     settings = Settings(out=None if out is None else str(out), quick=quick, steps=steps, size=size,
                         batch_size=batch_size, seeds=seeds, device=device, eval_size=eval_size,
-                        threads=threads, progress=progress)
+                        threads=threads, progress=progress, overwrite=overwrite)
     importlib.import_module(f"experiments.{name}").main(settings=settings)

@@ -58,7 +58,8 @@ def record(
         every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
-    res = run(cfg, overwrite=overwrite, progress=not quiet)  # validates everything before writing
+    cfg.validate(overwrite=overwrite, inputs=[("config file", config)])  # every option and path, before any work
+    res = run(cfg, overwrite=overwrite, progress=not quiet)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, res)
 

@@ -51,6 +51,8 @@ def train(
         seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
     )
+    # every option and path, before any work
+    cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, result, corrections)
@@ -66,7 +68,8 @@ def _report(cfg, result, corrections) -> None:
     table.add_column("value", justify="right")
     for key, value in result.final.items():
         table.add_row(f"held-out {key}", f"{value:.4f}")
-    table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
+    if len(result.metrics):  # a run resumed from its final checkpoint has no step left to report
+        table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
     table.add_row("steps", str(result.steps) + (f" (diverged at {result.diverged_at})" if result.diverged_at is not None else ""))
     table.add_row("steps/s", f"{result.steps_per_second:.1f}")
     table.add_row("wall time", f"{result.wall_time:.1f} s")

@@ -225,7 +225,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
     raw = quarter_medians(keep, p["steps"], kinds)
     norm = quarter_medians(keep, p["steps"], kinds, normalise_lr=True)
     drift = raw.join(norm.add_suffix(" / lr"))
-    drift.to_csv(ex.out / "drift.csv")
+    ex.write("drift.csv", drift.to_csv())
     sched = ex.load("schedule")
     pieces = {g: [f for _, f in v] for g, v in sched.schedule.items()}
     by_kind = pd.DataFrame({k: np.median([pieces[g] for g in pieces if kinds.get(g) == k and g not in set(flagged["group"])],

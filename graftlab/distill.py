@@ -75,7 +75,7 @@ def distill(
     Raises :class:`~graftlab.errors.GraftlabError` for a bad ``window``, ``start``, ``round`` or
     ``filter``, a path that is not a readable graftlab trace, or a window that does not fit in it.
     """
-    _check_settings(window, start, round, filter)
+    _check_settings(window, start, round, filter, outlier)
     path = Path(trace_path)
     meta = read_metadata(path)
     extent = trace_extent(path)
@@ -96,6 +96,7 @@ def distill(
     groups = _groups(df, table)
     rule = _Rule(round, analysis.group_kinds(groups, table), analysis.tied_groups(groups, table, tie))
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
+    _check_usable(path, df, first_win["median"], start, window)
     rule.flags = analysis.flag_groups(first_win["median"], outlier)
     later_start = length - window if drift and length - start >= 2 * window else None
     later = pd.Series(math.nan, index=groups)
@@ -135,15 +136,39 @@ def distill(
 
 # --------------------------------------------------------------------------- the steps
 
-def _check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -> None:
+def _check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None) -> None:
     """Bad settings fail before any reading."""
     analysis.parse_round(round)
+    if outlier is not None and (isinstance(outlier, bool) or not isinstance(outlier, (int, float, np.number))
+                                or not math.isfinite(outlier) or outlier < 0):
+        raise GraftlabError(f"outlier must be a finite number >= 0 (0 or None: off), got {outlier!r}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
     if filter is not None and filter != 0:
         analysis.median_filter([], filter)  # validates the width
+
+
+def _names(groups: Any, limit: int = 5) -> str:
+    groups = [str(g) for g in groups]
+    return ", ".join(groups[:limit]) + (f", ... ({len(groups)} in all)" if len(groups) > limit else "")
+
+
+def _check_usable(path: Path, df: pd.DataFrame, medians: pd.Series, start: int, window: int) -> None:
+    """Ratios are quotients of norms: a negative one is a corrupt trace, and a window where no group
+    has a finite positive median would give every group the fallback factor 1.0 -- no correction."""
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    negative = in_window.loc[in_window["ratio"].to_numpy() < 0, "group"].unique()
+    if len(negative):
+        raise GraftlabError(f"{path}: negative ratios (a ratio of norms cannot be negative; a corrupt trace?) "
+                            f"in group(s) {_names(negative)}")
+    med = medians.to_numpy(dtype=np.float64)
+    if not (np.isfinite(med) & (med > 0)).any():
+        raise GraftlabError(
+            f"{path}: no group has a finite positive ratio in steps {start}..{start + window - 1} (all NaN, "
+            f"infinite or zero: no step of D, or no step of M), nothing to distill: {_names(medians.index)}"
+        )
 
 
 def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
@@ -243,4 +268,6 @@ def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
 def default_output(trace_path: PathLike, format: str = "json") -> Path:
     """Where ``graftlab distill`` writes by default: ``<trace>.corrections.<format>`` beside it."""
     p = Path(os.path.normpath(str(trace_path)))
+    if p.name in ("", ".", ".."):  # the current folder (or its parent): named by its real name
+        p = Path(os.path.abspath(p))
     return p.with_name(p.name + f".corrections.{format}")

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from graftlab import trace
+from graftlab import termination, trace
+from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
+from graftlab.trace_target import open_trace
 
 DEFAULT_FLUSH_EVERY = 100
 
@@ -58,26 +60,29 @@ class _Writer(threading.Thread):
         self.parts: list[Path] = []
 
     def run(self) -> None:
-        g = len(self.group_names)
         while True:
             job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue  # keep draining so the training loop never blocks on a dead writer
-            steps, host, event, dev_keys, host_scalars = job
             try:
-                if event is not None:
-                    event.synchronize()
-                arr = host.numpy()
-                n = len(steps)
-                stats = arr[:, : 3 * g].reshape(n, 3, g)
-                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
-                scalars.update(host_scalars)
-                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
-                self.parts.append(trace.write_part(self.directory, table))
+                if job is None:
+                    return
+                if self.error is None:  # after an error: keep draining so the loop never blocks on a dead writer
+                    self._write(*job)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
+            finally:
+                self.jobs.task_done()
+
+    def _write(self, steps, host, event, dev_keys, host_scalars) -> None:
+        g = len(self.group_names)
+        if event is not None:
+            event.synchronize()
+        arr = host.numpy()
+        n = len(steps)
+        stats = arr[:, : 3 * g].reshape(n, 3, g)
+        scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
+        scalars.update(host_scalars)
+        table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+        self.parts.append(trace.write_part(self.directory, table))
 
 
 class Recorder:
@@ -100,9 +105,19 @@ class Recorder:
 
     Free per step: a step post-hook copies ``graft.last_stats`` (shape ``(3, G)``, on the
     parameters' device) into a preallocated ``(flush_every, 3, G)`` device buffer, with no host
-    sync. Every ``flush_every`` recorded steps one batched copy (pinned, ``non_blocking`` on CUDA)
-    goes to a background thread that writes one Parquet part, renamed into place when complete: a
-    killed process leaves a readable trace lacking at most the rows not yet flushed.
+    sync. When ``flush_every`` recorded steps are buffered, the next step's pre-hook hands them in
+    one batched copy (pinned, ``non_blocking`` on CUDA) to a background thread that writes one
+    Parquet part, renamed into place when complete, while that step computes; its post-hook waits
+    for the part (once per ``flush_every`` steps, usually done by then). So a process killed at any
+    moment (SIGKILL) leaves a readable trace lacking at most the last ``flush_every`` recorded
+    steps. SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.termination`):
+    the process exits with status 143 after the buffered rows are written.
+
+    Only one process writes a trace: the Recorder holds an exclusive lock on ``path`` (a hidden
+    ``.graftlab.lock``) until :meth:`close`, and a second writer gets a GraftlabError. A
+    :func:`graftlab.distributed.save_checkpoint` of ``graft`` first waits until every step recorded
+    so far is on disk (:meth:`sync`), so resuming from a checkpoint never leaves a gap; call
+    :meth:`sync` yourself before saving a checkpoint of your own.
 
     Args:
         graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook).
@@ -113,17 +128,22 @@ class Recorder:
         model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
         kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
             ``param name -> kind | None`` (see :func:`graftlab.kinds.classify_names`).
-        overwrite: replace an existing trace at ``path`` (never a directory that holds anything else).
+        overwrite: replace an existing trace at ``path``: its parts and sidecar are deleted, other
+            files beside them are kept; never a directory that holds no trace, never a file.
         start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
+            Refused when that drops every recorded step (a fresh Graft: load its state first; with
+            ``overwrite`` the trace starts over instead), leaves a gap after the trace's last step,
+            or the trace holds another run (groups, seed, task, batch size, every, optimizers).
         record_lr: add column ``lr``, read just before each step (after it a scheduler has moved on).
 
     Raises:
         GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1 or ``start_step`` < 0;
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
-            ``overwrite``/``resume``, or holds something other than a trace; a resumed trace has
-            other groups; :meth:`log` gets a trace column or a non-scalar tensor; writing failed
-            (raised at the next flush or at :meth:`close`).
+            ``overwrite``/``resume``, is a file, lies inside another trace, holds something other
+            than a trace, or is being written by another process; a resume that
+            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column or a non-scalar
+            tensor; writing failed (raised at the next flush, :meth:`sync` or :meth:`close`).
 
     Example::
 
@@ -164,16 +184,10 @@ class Recorder:
         self.group_kinds = self._group_kinds(model, kinds)
         self.metadata = self._metadata(metadata or {})
 
-        existing = None
-        if resume and self.path.is_dir() and trace.is_trace(self.path):
-            existing = self._check_resumable()
-        trace.prepare_directory(self.path, overwrite=overwrite, resume=resume)
-        if existing is not None:
-            trace.truncate(self.path, self._next_step)
-            self.metadata = existing  # every part of one trace carries the same metadata
-        else:
-            trace.write_sidecar(self.path, self.metadata)
-
+        # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
+        # metadata (every part of one trace carries the same)
+        self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
+                                               every=self.every, overwrite=overwrite, resume=resume)
         self._writer = _Writer(self.path, list(graft.group_names), self.metadata)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
@@ -185,10 +199,12 @@ class Recorder:
         self.rows_flushed = 0  # recorded steps handed to the writer
         self._closed = False
         self._lr: Any = None
-        self._hooks = [graft.register_step_post_hook(self._on_step)]
-        if record_lr:
-            self._hooks.append(graft.register_step_pre_hook(self._before_step))
+        self._record_lr = bool(record_lr)
+        self._waiting = False  # a flushed part the next post-hook waits for
+        self._hooks = [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
+                       before_checkpoint(graft, self.sync)]
         _OPEN.add(self)
+        termination.watch()
 
     # -- metadata ---------------------------------------------------------------------------
     def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
@@ -242,32 +258,24 @@ class Recorder:
         meta.update(user)
         return meta
 
-    def _check_resumable(self) -> dict[str, Any]:
-        try:
-            old = trace.read_metadata(self.path) if any(self.path.glob(trace.PART_GLOB)) else None
-        except GraftlabError:
-            old = None
-        if old is None:
-            import json
-
-            try:
-                old = json.loads((self.path / trace.SIDECAR).read_text())
-            except (OSError, ValueError) as err:
-                raise GraftlabError(f"{self.path}: cannot resume, unreadable metadata ({err})") from None
-        names = [grp["name"] for grp in old.get("groups") or []]
-        if names != list(self.graft.group_names):
-            raise GraftlabError(f"{self.path}: cannot resume, the trace was recorded with different groups")
-        return old
-
     # -- recording (hot path: no host sync) ------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._lr = self.graft.magnitude.param_groups[0].get("lr")
+        if self._record_lr:
+            self._lr = self.graft.magnitude.param_groups[0].get("lr")
+        if self._rows == self.flush_every:
+            # a full buffer goes now: log() has filled the last row, and the part is written while
+            # this step computes; its post-hook waits for it
+            self.flush()
+            self._waiting = True
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
+        if self._waiting:
+            self._wait()  # at most flush_every recorded steps are ever not on disk
         if self._rows == self.flush_every:
-            self.flush()  # deferred from the last step so that log() could still fill its row
+            self.flush()  # a step taken without the pre-hook (hooks bypassed)
+            self._wait()
         if step % self.every:
             self._last_row = None
             return
@@ -324,6 +332,27 @@ class Recorder:
     # -- flushing -------------------------------------------------------------------------------
     def flush(self) -> None:
         """Hand the buffered rows to the writer: one device-to-host copy, written in the background."""
+        with termination.deferred():
+            self._flush()
+
+    def _wait(self) -> None:
+        with termination.deferred():
+            self._writer.jobs.join()
+        self._waiting = False
+        self._raise_writer_error()
+
+    def sync(self) -> None:
+        """Flush and wait until every row recorded so far is in a part file on disk.
+
+        A checkpoint of the Graft through :mod:`graftlab.distributed` calls it before the checkpoint
+        is committed; call it before saving a checkpoint of your own (one host sync).
+        """
+        if self._closed:
+            return
+        self.flush()
+        self._wait()
+
+    def _flush(self) -> None:
         self._raise_writer_error()
         n = self._rows
         if n == 0 or self._stats is None:
@@ -359,19 +388,23 @@ class Recorder:
             raise GraftlabError(f"{self.path}: writing the trace failed ({err})") from err
 
     def close(self) -> None:
-        """Flush, wait for the writer, and detach from the optimizer. Safe to call twice."""
+        """Flush, wait for the writer, release the trace, and detach from the optimizer. Safe to
+        call twice."""
         if self._closed:
             return
-        self._closed = True
-        for hook in self._hooks:
-            hook.remove()
-        _OPEN.discard(self)
-        try:
-            if self._writer.error is None:
-                self.flush()
-        finally:
-            self._writer.jobs.put(None)
-            self._writer.join()
+        with termination.deferred():
+            self._closed = True
+            for hook in self._hooks:
+                hook.remove()
+            _OPEN.discard(self)
+            try:
+                if self._writer.error is None:
+                    self._flush()
+            finally:
+                self._writer.jobs.put(None)
+                self._writer.join()
+                self._lock.release()
+                termination.unwatch()
         self._raise_writer_error()
 
     @property

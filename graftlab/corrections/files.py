@@ -7,15 +7,15 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import pandas as pd
 
-from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
+from graftlab.outputs import check_output, write_text
 
 FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"
@@ -185,10 +185,7 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     if format not in ("json", "csv"):
         raise GraftlabError(f"unknown corrections format {format!r}: expected json or csv")
     _validate(corrections.to_dict(), path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path, "corrections file")
-    if path.exists() and path.is_dir():
-        raise GraftlabError(f"{path} is a directory")
+    check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
     text = (
@@ -196,17 +193,8 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
         if format == "json"
         else _csv_text(corrections)
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if not overwrite and path.exists():  # appeared meanwhile
-            raise OutputExistsError(path, "corrections file")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # a hidden temporary file renamed into place; one that appeared meanwhile is still not replaced
+    return write_text(path, text, overwrite=overwrite, what="corrections file")
 
 
 def _factor(v: Any, where: str, path: Path) -> float:
@@ -254,7 +242,7 @@ def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
         if not isinstance(piece, (list, tuple)) or len(piece) != 2:
             raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {piece!r}")
         s, f = piece
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or s != int(s) or s < 0:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s != int(s) or s < 0:
             raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {s!r} is not a step number")
         s = int(s)
         if not out and s != 0:
@@ -291,4 +279,6 @@ def load_corrections(path: PathLike) -> Corrections:
         data = json.loads(text)
     except ValueError as err:
         raise GraftlabError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise GraftlabError(f"{path}: not a corrections file (JSON nested too deeply to read)") from None
     return _validate(data, path)

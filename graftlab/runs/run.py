@@ -20,6 +20,7 @@ from graftlab import trace
 from graftlab.analysis import kind_summary
 from graftlab.config import RecordConfig, RunConfig, TrainConfig
 from graftlab.distributed.runtime import Runtime
+from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
 from graftlab.optimizers import make_optimizer
 from graftlab.record import Recorder
@@ -57,9 +58,12 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
+    start = rt.resume_step(config)
+    # resuming with no checkpoint yet is recording from the start (validate() allowed it only over
+    # this run's own steps, cut before its first checkpoint)
     recorder = rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite,
-                            start_step=rt.resume_step(config), resume=config.resume)
+                            metadata=meta, model=names, overwrite=overwrite or (config.resume and start == 0),
+                            start_step=start, resume=config.resume and start > 0)
     try:
         result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
                      on_step=lambda step, loss: recorder.log(loss=rt.mean(loss)),
@@ -85,7 +89,7 @@ def train(
     ``overwrite`` replaces an existing metrics file. Config mistakes and a bad corrections file
     raise :class:`~graftlab.errors.GraftlabError` before the task is built.
     """
-    config.validate(overwrite=overwrite)
+    config.validate(overwrite=overwrite, inputs=[("corrections file", corrections)])
     loaded = None
     if corrections is not None:
         from graftlab.corrections import load_corrections
@@ -115,6 +119,7 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     from graftlab.corrections import apply
 
     applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
+    _check_lr_range(loaded, applied, source)
     notes = _correction_notes(loaded, config)
     missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))
     if progress:
@@ -131,6 +136,23 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     extra = {"correction_notes": notes,
              "corrections": {"path": str(Path(source).resolve()), "missing": missing, "unknown": unknown}}
     return applied.param_groups, lr_factor, extra
+
+
+def _check_lr_range(corrections: Any, applied: Any, source: str | os.PathLike) -> None:
+    """Every corrected learning rate (at the file's largest schedule factor) must be a number the
+    parameters' dtype holds: 1e308 x lr is not a correction but an overflow inside the optimizer."""
+    import torch
+
+    peak = max([1.0] + [f for pieces in corrections.schedule.values() for _, f in pieces])
+    for group in applied.param_groups:
+        lr = group["lr"] * peak
+        limit = torch.finfo(group["params"][0].dtype).max
+        if not math.isfinite(lr) or lr > limit:
+            raise GraftlabError(
+                f"corrections file {str(source)!r}: {group['name']} gets learning rate {lr:g} (base lr x factor "
+                f"{group['factor']:g}{f' x schedule {peak:g}' if peak != 1 else ''}), beyond what "
+                f"{str(group['params'][0].dtype).replace('torch.', '')} parameters hold"
+            )
 
 
 def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
+from graftlab.tracelock import LOCK_NAME
 
 FORMAT = "graftlab.trace/1"
 METADATA_KEY = b"graftlab"
@@ -48,6 +49,14 @@ def temporary_name(path: PathLike) -> Path:
     """
     path = Path(path)
     return path.with_name(f".{path.name}.tmp")
+
+
+def trace_owned(name: str) -> bool:
+    """Whether a file name in a trace directory belongs to the trace (a part, the sidecar, their
+    hidden temporaries, the writer's lock): what replacing a trace may delete, and nothing else."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return fnmatch.fnmatchcase(name, PART_GLOB) or name in (SIDECAR, LOCK_NAME)
 
 
 def part_files(directory: PathLike) -> list[Path]:
