@@ -1,6 +1,7 @@
 """``graftlab`` command line. Commands only parse options and call the library.
 
-Every :class:`graftlab.GraftlabError` becomes one ``error:`` line on stderr and exit code 2. The
+Every :class:`graftlab.GraftlabError`, and every mistake the option parser finds (an unknown
+option, a value that is not a number), becomes one ``error:`` line on stderr and exit code 2. The
 library words its messages in Python terms (``pass overwrite=True``, ``checkpoint_dir``); the
 command line says them in its own (``pass --overwrite``, ``--checkpoint-dir``), translated here, once,
 from the running command's own option list.

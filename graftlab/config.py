@@ -226,8 +226,10 @@ class RecordConfig(RunConfig):
 
     def _check_resumable(self, path: Path, overwrite: bool) -> None:
         """Resuming without a checkpoint starts the recording over, which is only allowed when the
-        trace holds the start of this same run, cut before its first checkpoint was due; anything
-        else (a mistyped checkpoint_dir, another run's trace) would drop steps for good."""
+        trace holds the start of this same run, checkpointing into this checkpoint_dir and cut
+        before its first checkpoint was due: nothing resumable was ever saved. Anything else (a
+        mistyped checkpoint_dir, a run recorded without checkpoints, another run's trace, a run
+        past its first checkpoint) would drop steps for good, and is refused."""
         from graftlab.distributed.checkpoints import resume_step
         from graftlab.trace import part_files, read_metadata, trace_extent
 
@@ -240,8 +242,14 @@ class RecordConfig(RunConfig):
             last = trace_extent(path)[1]
         except GraftlabError as err:
             raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
+        theirs = recorded.get("checkpoint_dir")
+        if theirs is None or Path(theirs).expanduser().resolve() != Path(self.checkpoint_dir).expanduser().resolve():
+            raise GraftlabError(f"{refuse} (the trace was recorded with checkpoint_dir {theirs!r}): check "
+                                "checkpoint_dir, or pass overwrite=True to record from scratch")
+        # the checkpoint after step due-1 is saved before step due starts: a trace holding step
+        # `due` had its checkpoint committed, so one is missing; up to due-1 it may have been cut
         due = min(self.checkpoint_every or self.steps or DEFAULT_STEPS, self.steps or DEFAULT_STEPS)
-        if last + 1 >= due:
+        if last >= due:
             raise GraftlabError(f"{refuse} (steps up to {last}; a checkpoint was due at step {due}): check "
                                 "checkpoint_dir, or pass overwrite=True to record from scratch")
         mine = dataclasses.asdict(self)

@@ -60,29 +60,29 @@ class _Writer(threading.Thread):
         self.parts: list[Path] = []
 
     def run(self) -> None:
+        g = len(self.group_names)
         while True:
             job = self.jobs.get()
-            try:
+            if job is None or self.error is not None:  # after an error: keep draining, never block the loop
+                self.jobs.task_done()
                 if job is None:
                     return
-                if self.error is None:  # after an error: keep draining so the loop never blocks on a dead writer
-                    self._write(*job)
+                continue
+            steps, host, event, dev_keys, host_scalars = job
+            try:
+                if event is not None:
+                    event.synchronize()
+                arr = host.numpy()
+                n = len(steps)
+                stats = arr[:, : 3 * g].reshape(n, 3, g)
+                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
+                scalars.update(host_scalars)
+                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                self.parts.append(trace.write_part(self.directory, table))
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
             finally:
-                self.jobs.task_done()
-
-    def _write(self, steps, host, event, dev_keys, host_scalars) -> None:
-        g = len(self.group_names)
-        if event is not None:
-            event.synchronize()
-        arr = host.numpy()
-        n = len(steps)
-        stats = arr[:, : 3 * g].reshape(n, 3, g)
-        scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
-        scalars.update(host_scalars)
-        table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
-        self.parts.append(trace.write_part(self.directory, table))
+                self.jobs.task_done()  # sync() waits on these
 
 
 class Recorder:

@@ -7,6 +7,7 @@ Protocol, one JSON object per line on stdin, one reply per line on stdout:
         the child runs ``graftlab argv...`` (graftlab.cli.app.run) and appends the number of each
         grafted step it has completed to PATH (after the step's hooks, the Recorder's included)
     {"wait": N}                                         -> {"status": exit code, or -signal}
+    {"poll": N}                                         -> {"status": ... or null while it runs}
     {"quit": true}                                      -> (exits)
 
 Run as ``python -m tests.kill_worker`` from the repository root.
@@ -29,7 +30,7 @@ def _child(argv: list[str], progress: str, log: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
     code = 1
     try:
-        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
         from graftlab.cli.app import run
         from graftlab.graft import Graft
@@ -40,7 +41,7 @@ def _child(argv: list[str], progress: str, log: str) -> None:
             if isinstance(opt, Graft):
                 os.write(out, f"{opt.steps - 1}\n".encode())  # one write: a line is whole or absent
 
-        torch.optim.optimizer.register_optimizer_step_post_hook(report)
+        register_optimizer_step_post_hook(report)
         code = run(argv)
     except SystemExit as err:  # SIGTERM: what `graftlab` does with it
         code = err.code if isinstance(err.code, int) else 1
@@ -67,8 +68,9 @@ def main() -> None:
 
     warm = json.loads(os.environ.get("GRAFTLAB_KILL_WARM", "{}"))
     if warm:
-        get_task(**warm)  # data and tokenizer built once; the children inherit them
+        get_task(warm.pop("task"), **warm)  # data and tokenizer built once; the children inherit them
     print(json.dumps({"ready": True}), flush=True)
+    reaped: dict[int, int] = {}
     for line in sys.stdin:
         msg = json.loads(line)
         if msg.get("quit"):
@@ -80,9 +82,17 @@ def main() -> None:
                 _child(msg["run"], msg["progress"], msg["log"])
             print(json.dumps({"pid": pid}), flush=True)
         elif "wait" in msg:
-            _, status = os.waitpid(int(msg["wait"]), 0)
-            code = os.waitstatus_to_exitcode(status)
-            print(json.dumps({"status": code}), flush=True)
+            pid = int(msg["wait"])
+            if pid not in reaped:
+                reaped[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            print(json.dumps({"status": reaped.pop(pid)}), flush=True)
+        elif "poll" in msg:
+            pid = int(msg["poll"])
+            if pid not in reaped:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    reaped[pid] = os.waitstatus_to_exitcode(status)
+            print(json.dumps({"status": reaped.get(pid)}), flush=True)
 
 
 if __name__ == "__main__":

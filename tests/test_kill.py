@@ -153,10 +153,16 @@ def run_until_killed(server: Server, argv: list[str], kill: Kill, work: Path, rn
     progress, log = work / f"progress-{tag}", work / f"log-{tag}"
     pid = server.ask(run=argv, progress=str(progress), log=str(log))["pid"]
     deadline = time.monotonic() + 600
+    polled = time.monotonic()
     while kill.after not in reported(progress):
         if time.monotonic() > deadline:
             os.kill(pid, KILL)
             raise AssertionError(f"step {kill.after} not reached in time:\n{log.read_text()}")
+        if time.monotonic() - polled > 0.5:
+            polled = time.monotonic()
+            status = server.ask(poll=pid)["status"]
+            if status is not None:
+                raise AssertionError(f"the run ended (status {status}) before step {kill.after}:\n{log.read_text()}")
         time.sleep(0.002)
     time.sleep(rng.uniform(0.0, 0.3) if kill.delay is None else kill.delay)
     try:

@@ -302,12 +302,12 @@ def _config(tmp_path, **kw):
     return RecordConfig(**{**base, **kw})
 
 
-def _bert_like_trace(tmp_path, steps: int, seed: int = 0):
-    """A trace whose metadata says it is the run _config describes (seed aside)."""
+def _bert_like_trace(tmp_path, steps: int, seed: int = 0, **kw):
+    """A trace whose metadata says it is the run _config describes (seed and kw aside)."""
     import dataclasses
 
     model, graft = setup()
-    cfg = dataclasses.asdict(_config(tmp_path, seed=seed, resume=False))
+    cfg = dataclasses.asdict(_config(tmp_path, seed=seed, resume=False, **kw))
     with Recorder(graft, tmp_path / "t", flush_every=4, metadata={"seed": seed, "config": cfg}) as rec:
         for _ in range(steps):
             step(model, graft, rec)
@@ -328,3 +328,27 @@ def test_resume_without_checkpoint_refuses_another_runs_trace(tmp_path):
     _config(tmp_path, seed=1).validate()  # its own start, cut before the first checkpoint: starts over
     with pytest.raises(OutputExistsError):
         _config(tmp_path, resume=False).validate()
+
+
+def test_resume_without_checkpoint_refuses_a_trace_recorded_without_them(tmp_path):
+    _bert_like_trace(tmp_path, steps=6, checkpoint_dir=None, checkpoint_every=0)
+    with pytest.raises(GraftlabError, match="recorded with checkpoint_dir None"):
+        _config(tmp_path).validate()
+
+
+@pytest.mark.slow
+def test_record_resumed_after_its_final_checkpoint_completes(tmp_path):
+    """Killed after the final checkpoint but before the end: --resume used to refuse ("has done 4
+    steps already"); now it finishes the run with the trace whole and unchanged."""
+    from dataclasses import replace
+
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
+
+    cfg = RecordConfig(task="bert", steps=4, batch_size=2, eval_every=0, eval_size=2, device="cpu", flush_every=3,
+                       out=str(tmp_path / "t"), checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=2)
+    record(cfg, progress=False)
+    before = files(tmp_path / "t")
+    again = record(replace(cfg, resume=True), progress=False)
+    assert again.fit.steps == 4 and len(again.fit.metrics) == 0  # no step left to take
+    assert files(tmp_path / "t") == before

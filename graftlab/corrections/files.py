@@ -86,7 +86,7 @@ def _typed(name: str, v: Any, where: str) -> Any:
     else:
         ok = isinstance(v, kind)
     if not ok:
-        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {v!r}")
+        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {_short(v)}")
     return kind(v) if kind in (float, int) else v
 
 
@@ -197,11 +197,25 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     return write_text(path, text, overwrite=overwrite, what="corrections file")
 
 
+def _short(v: Any, limit: int = 40) -> str:
+    """``repr(v)``, cut to fit an error line (a 400-digit number, a long list)."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite(v: Any) -> bool:
+    """A finite JSON number (an integer beyond float range, like 1e400 written out, is not)."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _factor(v: Any, where: str, path: Path) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise GraftlabError(f"{path}: {where} is {v!r}, not a number")
-    if not math.isfinite(v) or v <= 0:
-        raise GraftlabError(f"{path}: {where} is {v!r}; factors must be finite and positive")
+        raise GraftlabError(f"{path}: {where} is {_short(v)}, not a number")
+    if not _finite(v) or v <= 0:
+        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be finite and positive")
     return float(v)
 
 
@@ -240,10 +254,10 @@ def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
     out: list[list] = []
     for i, piece in enumerate(pieces):
         if not isinstance(piece, (list, tuple)) or len(piece) != 2:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {piece!r}")
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {_short(piece)}")
         s, f = piece
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s != int(s) or s < 0:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {s!r} is not a step number")
+        if not _finite(s) or s != int(s) or s < 0:
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {_short(s)} is not a step number")
         s = int(s)
         if not out and s != 0:
             raise GraftlabError(f"{path}: schedule of {g} must start at step 0, not {s}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graftlab import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.outputs import write_text
@@ -99,14 +100,16 @@ def save_checkpoint(
             extra_json = json.dumps(extra)
         except TypeError as e:
             raise GraftlabError(f"checkpoint extra must be JSON-serializable: {e}") from None
-    with _one_process_quiet():
-        dcp.save(state, checkpoint_id=str(path))
-    if is_main():
-        world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
-        meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state)}
-        if extra is not None:
-            meta["extra"] = json.loads(extra_json)
-        write_text(path / CHECKPOINT_META, json.dumps(meta, indent=1))  # a checkpoint is complete once this file exists
+    # SIGTERM waits until the checkpoint is committed (inside dcp.save the exit would become an error)
+    with termination.deferred():
+        with _one_process_quiet():
+            dcp.save(state, checkpoint_id=str(path))
+        if is_main():
+            world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
+            meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state)}
+            if extra is not None:
+                meta["extra"] = json.loads(extra_json)
+            write_text(path / CHECKPOINT_META, json.dumps(meta, indent=1))  # a checkpoint is complete once this exists
     _barrier()
     return path
 
@@ -151,7 +154,7 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
             raise GraftlabError(f"{path} was saved with a different grafting partition (granularity or groups)")
     for role, child in children.items():
         state[role] = get_optimizer_state_dict(model, child)
-    with _one_process_quiet():
+    with termination.deferred(), _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     for role, child in children.items():

@@ -27,6 +27,10 @@ def _decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
         raise GraftlabError(f"{where}: unknown trace format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if meta["format"] != FORMAT:
         raise GraftlabError(f"{where}: trace format {meta['format']} is newer than this graftlab reads ({FORMAT})")
+    groups = meta.get("groups")
+    if groups is not None and not (isinstance(groups, list)
+                                   and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in groups)):
+        raise GraftlabError(f"{where}: graftlab metadata 'groups' must be a list of objects with a 'name'")
     return meta
 
 
@@ -105,7 +109,7 @@ def read_trace(
         cond = ds.field("step") < stop
         flt = cond if flt is None else flt & cond
     if groups is not None:
-        cond = ds.field("group").isin(list(groups))
+        cond = ds.field("group").isin(pa.array([str(g) for g in groups], pa.string()))  # typed: [] too
         flt = cond if flt is None else flt & cond
     unknown = [c for c in (cols or []) if c not in dataset.schema.names]
     if unknown:
