@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 import graftlab
-from graftlab.cli import demo, distill, experiment, info, plot, record, train
+from graftlab.cli import demo, distill, experiment, info, plot, record, show, train
 from graftlab.errors import GraftlabError
 
 app = typer.Typer(
@@ -25,6 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: rich reads "[default: ...]" in help strings as markup and drops it, and
+    # shows on/off flags as taking a <bool> value
+    rich_markup_mode=None,
 )
 
 
@@ -82,7 +85,7 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # One module per command under cli/, each exposing one function named like the command.
-for _module in (record, info, distill, train, plot, demo, experiment):
+for _module in (record, info, distill, show, train, plot, demo, experiment):
     _name = _module.__name__.rsplit(".", 1)[1]
     app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
 
@@ -96,13 +99,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     A user's mistake, whether the library finds it (:class:`GraftlabError`) or the option parser
     does (an unknown option, a value that is not a number), is one ``error:`` line on stderr and
-    exit code 2; a run stopped by Ctrl-C or SIGTERM exits 130 or 143 after its outputs are flushed.
+    exit code 2 (3 for a run that diverged); a run stopped by Ctrl-C or SIGTERM exits 130 or 143
+    after its outputs are flushed.
     """
     try:
         code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
     except GraftlabError as err:
         typer.echo(f"error: {_one_line(err)}", err=True)
-        return 2
+        return int(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
     except typer.Abort:
         typer.echo("Aborted!", err=True)
         return 1

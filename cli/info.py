@@ -14,13 +14,14 @@ def _fmt(value) -> str:
 
 
 def info(
-    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`."),
+    trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     groups: bool = typer.Option(True, "--groups/--no-groups", help="List every group with its kind."),
 ) -> None:
     """Describe a grafting trace without reading its data."""
     from rich.console import Console
     from rich.table import Table
 
+    from graftlab.foreign import note
     from graftlab.trace import trace_info
 
     t = trace_info(trace)
@@ -29,8 +30,10 @@ def info(
     head = Table(title=str(trace), show_header=False)
     head.add_column("key", style="bold")
     head.add_column("value", overflow="fold")
+    foreign = meta.get("foreign") or {}
     for key in ("format", "granularity", "task", "batch_size", "seed", "device", "every"):
-        head.add_row(key, _fmt(meta.get(key)))
+        value = f"{foreign['format']} table (no graftlab metadata)" if key == "format" and foreign else meta.get(key)
+        head.add_row(key, _fmt(value))
     for role in ("magnitude", "direction"):
         opt = meta.get(role) or {}
         head.add_row(role, f"{opt.get('class', '-')} {_fmt(opt.get('hyperparameters'))}")
@@ -40,15 +43,20 @@ def info(
     head.add_row("columns", ", ".join(t["columns"]))
     extra = {k: v for k, v in meta.items() if k not in {
         "format", "granularity", "task", "batch_size", "seed", "device", "every", "magnitude", "direction",
-        "versions", "groups"}}
+        "versions", "groups", "foreign"}}
     for key, value in extra.items():
         head.add_row(key, _fmt(value))
     console.print(head)
+    if note(meta):
+        console.print(note(meta), soft_wrap=True)
     if groups:
         table = Table(title=f"{len(meta.get('groups') or [])} groups")
         for col in ("group", "kind", "ffn", "block", "shape", "numel"):
-            table.add_column(col, justify="right" if col in ("block", "numel") else "left", overflow="fold")
+            # a group name is one token to copy: never wrapped, the table widens instead
+            table.add_column(col, justify="right" if col in ("block", "numel") else "left",
+                             overflow="fold", no_wrap=col == "group")
         for g in meta.get("groups") or []:
             table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
                           _fmt(g.get("shape")), _fmt(g.get("numel")))
-        console.print(table)
+        longest = max((len(g["name"]) for g in meta.get("groups") or []), default=10)
+        Console(width=max(console.width, longest + 60)).print(table)

@@ -13,7 +13,7 @@ def plot(
                                help="4, 5, 6, 7, 8, corrections, or all (the ones the traces can draw)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (one figure) or directory (--figure all)."),
     steps: Optional[List[int]] = typer.Option(
-        None, "--steps", help="First N iterations for figures 5, 6, 8 (repeat once per trace; default 2000)."),
+        None, "--steps", help="First N iterations for figures 5, 6, 8 (repeat once per trace) (default: 2000)."),
     width: Optional[int] = typer.Option(
         None, "--width", help="Median filter width (odd; 1 turns it off; default: 51 for figures 4, 6, 8)."),
     window: int = typer.Option(2000, "--window", help="Corrections chart: median over the first WINDOW steps."),
@@ -21,8 +21,13 @@ def plot(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),
 ) -> None:
     """Render Figures 4-8 (and the distilled corrections) from traces, e.g. --figure 5 -o fig5.png."""
+    from graftlab.foreign import note
     from graftlab.plots.render import render
+    from graftlab.trace import read_metadata
 
+    for trace in traces:
+        if note(read_metadata(trace)):
+            typer.echo(f"{trace}: {note(read_metadata(trace))}", err=True)
     for path in render(traces, figure, out, steps=steps, width=width, window=window, round=round,
                        overwrite=overwrite):
         typer.echo(str(path))

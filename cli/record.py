@@ -16,11 +16,11 @@ def record(
     granularity: Optional[str] = typer.Option(None, "--granularity", "-g", help="layer (one group per tensor), global or coordinate (default: layer)."),
     steps: options.Steps = None,
     epochs: options.Epochs = None,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Trace directory to write."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Trace directory to write (required, here or in --config)."),
     magnitude_lr: Optional[float] = typer.Option(None, "--magnitude-lr", "--lr", help="M's peak learning rate, the step size (default: the task's for M)."),
     direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="D's learning rate (default: the task's for D)."),
-    m_hparam: Optional[List[str]] = typer.Option(None, "--m-hparam", help="M hyperparameter NAME=VALUE, repeatable (e.g. betas=0.9,0.98)."),
-    d_hparam: Optional[List[str]] = typer.Option(None, "--d-hparam", help="D hyperparameter NAME=VALUE, repeatable (e.g. momentum=0.9)."),
+    m_hparam: Optional[List[str]] = typer.Option(None, "--m-hparam", help="M hyperparameter NAME=VALUE, repeatable, e.g. betas=0.9,0.98 (default: the task's for M)."),
+    d_hparam: Optional[List[str]] = typer.Option(None, "--d-hparam", help="D hyperparameter NAME=VALUE, repeatable, e.g. momentum=0.9 (default: the task's for D)."),
     schedule: options.Schedule = None,
     warmup: options.Warmup = None,
     power: options.Power = None,
@@ -34,6 +34,9 @@ def record(
     checkpoint_dir: options.CheckpointDir = None,
     checkpoint_every: options.CheckpointEvery = None,
     resume: options.Resume = False,
+    on_divergence: options.OnDivergence = None,
+    divergence_lr_factor: options.DivergenceLrFactor = None,
+    max_restarts: options.MaxRestarts = None,
     seed: options.Seed = None,
     threads: options.Threads = None,
     every: Optional[int] = typer.Option(None, "--every", help="Record every k-th step (default: 1)."),
@@ -57,11 +60,13 @@ def record(
         threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), out=options.path_str(out),
         every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
+        on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
     cfg.validate(overwrite=overwrite, inputs=[("config file", config)])  # every option and path, before any work
     res = run(cfg, overwrite=overwrite, progress=not quiet)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, res)
+    res.fit.raise_if_diverged()  # after the report and the trace: one line, exit code 3
 
 
 def _report(cfg, res) -> None:
@@ -75,6 +80,10 @@ def _report(cfg, res) -> None:
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())
     console.print(f"{cfg.magnitude}#{cfg.direction} on {cfg.task}: {res.fit.steps} steps, {res.groups} groups, "
                   f"{res.fit.steps_per_second:.1f} steps/s; held-out {final}")
+    if res.fit.restarts:
+        console.print(f"restarted {len(res.fit.restarts)} time(s) after diverging (from steps "
+                      f"{', '.join(str(r.from_step) for r in res.fit.restarts)}), lr x{res.fit.lr_scale:g} since; "
+                      "the trace's `restart` column marks the steps run after each")
     table = Table(title="median ratio ||M step|| / ||D step|| per kind (median over groups of each group's median)")
     for col in ("kind", "groups", "median", "min", "max", "flagged"):
         table.add_column(col, justify="left" if col == "kind" else "right")

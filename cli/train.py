@@ -13,11 +13,12 @@ def train(
     task: options.Task = None,
     size: options.Size = None,
     data: options.Data = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: adam).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: D's optimizer of --corrections, else adam).")] = None,
     lr: options.Lr = None,
     hparam: options.Hparam = None,
-    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule).")] = None,
+    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) (default: none: plain training).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
+    allow_other_optimizer: Annotated[bool, typer.Option("--allow-other-optimizer", help="Train --optimizer with corrections distilled for another D.")] = False,
     steps: options.Steps = None,
     epochs: options.Epochs = None,
     batch_size: options.BatchSize = None,
@@ -38,6 +39,9 @@ def train(
     checkpoint_dir: options.CheckpointDir = None,
     checkpoint_every: options.CheckpointEvery = None,
     resume: options.Resume = False,
+    on_divergence: options.OnDivergence = None,
+    divergence_lr_factor: options.DivergenceLrFactor = None,
+    max_restarts: options.MaxRestarts = None,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
     from graftlab.config import make_config
@@ -50,12 +54,15 @@ def train(
         milestones=milestones, gamma=gamma, device=device,
         seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
+        on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
     # every option and path, before any work
     cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
-    result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet)
+    result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
+                 allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, result, corrections)
+    result.raise_if_diverged()  # after the report and the metrics file: one line, exit code 3
 
 
 def _report(cfg, result, corrections) -> None:
@@ -63,7 +70,8 @@ def _report(cfg, result, corrections) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.task}/{cfg.size} {cfg.optimizer}" + (f" + {corrections}" if corrections else ""))
+    name = cfg.optimizer or type(result.optimizer).__name__.lower()  # unset: D's, from the corrections
+    table = Table(title=f"{cfg.task}/{cfg.size} {name}" + (f" + {corrections}" if corrections else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.final.items():
@@ -71,6 +79,9 @@ def _report(cfg, result, corrections) -> None:
     if len(result.metrics):  # a run resumed from its final checkpoint has no step left to report
         table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
     table.add_row("steps", str(result.steps) + (f" (diverged at {result.diverged_at})" if result.diverged_at is not None else ""))
+    if result.restarts:
+        table.add_row("restarts", f"{len(result.restarts)} (from steps {', '.join(str(r.from_step) for r in result.restarts)}; "
+                      f"lr x{result.lr_scale:g})")
     table.add_row("steps/s", f"{result.steps_per_second:.1f}")
     table.add_row("wall time", f"{result.wall_time:.1f} s")
     console = Console()

@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 import numpy as np
 import pandas as pd
 
-from experiments.runner import Experiment, Settings, markdown
+from experiments.runner import Experiment, RecordConfig, Settings, markdown
 
 NAME = "batch_transfer"
 FACTOR = 4  # 4B against B
@@ -50,7 +50,7 @@ def defaults(s: Settings) -> dict[str, Any]:
         "sgd_lr": 0.1,
         "momentum": 0.9,
         "window": max(steps // 4, 1),
-        "device": s.device,
+        "device": s.device or "auto",
     }
 
 
@@ -69,7 +69,6 @@ def medians(trace: Path, window: int) -> pd.DataFrame:
 
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
     s = settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv)
-    from graftlab.config import RecordConfig
 
     p = defaults(s)
     ex = Experiment.open(NAME, s)

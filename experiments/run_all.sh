@@ -1,9 +1,12 @@
 #!/bin/sh
-# Runs the three experiments one after another (each resumes where it stopped); extra arguments go
-# to every script, e.g. `sh experiments/run_all.sh --device cuda --steps 3000`.
+# Runs the experiments one after another (each resumes where it stopped); extra arguments go to
+# every script, e.g. `sh experiments/run_all.sh --steps 1000`. The GPU protocol is one command of
+# its own: `graftlab experiment transformer --preset gpu`.
 set -e
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-for name in transformer resnet batch_transfer; do
+"$PY" experiments/transformer.py --task bert "$@"
+"$PY" experiments/transformer.py --task gpt "$@"
+for name in resnet batch_transfer; do
     "$PY" experiments/$name.py "$@"
 done

@@ -13,13 +13,23 @@ interrupted experiment continues where it stopped::
 
 Metrics files are written atomically at the end of a run; a grafted run's trace directory without
 its metrics file is an interrupted run and is recorded again from scratch.
+
+Several runs at once: ``Settings.jobs > 1`` gives the experiment a pool of worker processes (spawned,
+one CPU thread each unless ``threads`` says otherwise; on a GPU they share the device), and
+:meth:`Experiment.batch` runs a list of :class:`Job` in it. lr grids and paired statistics are in
+:mod:`experiments.stats`.
+
+This module is the one place the experiments import graftlab's run API (``TrainConfig``,
+``RecordConfig``, ``train``, ``record``, ``read_metrics``); the scripts take them from here.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -34,6 +44,15 @@ import torch
 from graftlab.corrections import Corrections, load_corrections, save
 from graftlab.errors import GraftlabError
 
+# graftlab's run API: imported here only, so a move of these names is one edit.
+from graftlab.config import RecordConfig, TrainConfig
+from graftlab.runs import read_metrics
+from graftlab.runs import record as record_run
+from graftlab.runs import train as train_run
+
+__all__ = ["Experiment", "Job", "RecordConfig", "Run", "Settings", "TrainConfig", "best", "lr_tag", "markdown",
+           "mean_std", "pm", "quarter_medians", "read_metrics"]
+
 
 @dataclass
 class Settings:
@@ -45,10 +64,14 @@ class Settings:
     size: Optional[str] = None  # task size: tiny | small | base
     batch_size: Optional[int] = None
     seeds: Optional[int] = None  # seeds for the final comparison (the grid runs on seed 0)
-    device: str = "cpu"  # cpu | cuda | auto
+    device: Optional[str] = None  # cpu | cuda | auto (None: auto, or the preset's device)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation
     threads: Optional[int] = None  # torch CPU threads (default: 1, best on a shared machine)
     progress: bool = False  # per-run progress bars
+    task: Optional[str] = None  # which built-in task (experiments that take several)
+    preset: Optional[str] = None  # a named set of defaults (transformer: gpu)
+    jobs: Optional[int] = None  # runs at once, each in its own process (default 1)
+    data: Optional[str] = None  # a text file or folder replacing the bundled corpus (text tasks)
     overwrite: bool = False  # rewrite results.md and settings.json of a finished experiment in out
 
     @classmethod
@@ -60,10 +83,14 @@ class Settings:
         p.add_argument("--size", choices=["tiny", "small", "base"], help="task size")
         p.add_argument("--batch-size", type=int, dest="batch_size")
         p.add_argument("--seeds", type=int, help="seeds for the final comparison")
-        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+        p.add_argument("--device", help="cpu, cuda or auto (default: auto, or the preset's)")
         p.add_argument("--eval-size", type=int, dest="eval_size", help="held-out examples per evaluation")
         p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
         p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+        p.add_argument("--task", help="built-in task, where the experiment takes several")
+        p.add_argument("--preset", help="a named set of defaults (transformer: gpu)")
+        p.add_argument("--jobs", type=int, help="runs at once, each in its own process (default 1)")
+        p.add_argument("--data", help="text file or folder replacing the bundled corpus")
         p.add_argument("--overwrite", action="store_true", help="rewrite the tables of a finished experiment")
         return cls(**vars(p.parse_args(argv)))
 
@@ -72,7 +99,7 @@ class Settings:
         from graftlab.tasks import SIZES
         from graftlab.distributed.env import resolve_device
 
-        for name in ("steps", "batch_size", "seeds", "eval_size", "threads"):
+        for name in ("steps", "batch_size", "seeds", "eval_size", "threads", "jobs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise GraftlabError(f"{name} must be at least 1, got {value}")
@@ -115,6 +142,27 @@ class Run:
         return pd.Series(rows[col].to_numpy(), index=rows["step"].to_numpy() + 1, name=self.name)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One run to do: ``kind`` is ``train`` (plain, optionally with a corrections file) or ``record``
+    (grafted, writing ``traces/<name>``)."""
+
+    name: str
+    config: Any
+    kind: str = "train"
+    corrections: Optional[Path] = None
+
+
+def _work(kind: str, config: Any, corrections: Optional[str], threads: int) -> None:
+    """Body of one run in a worker process (the metrics file is its result)."""
+    torch.set_num_threads(threads)
+    if kind == "record":
+        # a trace without its metrics file is an interrupted run: record it again from scratch
+        record_run(config, overwrite=True, progress=False)
+    else:
+        train_run(config, corrections=corrections, progress=False)
+
+
 @dataclass
 class Experiment:
     """The output directory of one experiment and the runs in it (see the module docstring)."""
@@ -125,6 +173,7 @@ class Experiment:
     runs: dict[str, Run] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    pool: Optional[cf.ProcessPoolExecutor] = None
 
     @classmethod
     def open(cls, name: str, settings: Settings) -> "Experiment":
@@ -156,8 +205,6 @@ class Experiment:
         path = self.metrics_path(name)
         if not path.exists():
             return None
-        from graftlab.runs import read_metrics
-
         frame, meta = read_metrics(path)
         _check_same(name, path, meta.get("config") or {}, config)
         trace = self.out / "traces" / name
@@ -168,37 +215,63 @@ class Experiment:
 
     def train(self, name: str, config: Any, corrections: Optional[Path] = None, **extra: Any) -> Run:
         """A plain run (:func:`graftlab.runs.train`); skipped when its metrics file exists."""
-        done = self._done(name, config)
-        if done is not None:
-            return done
-        from graftlab.runs import read_metrics, train
-
-        cfg = dataclasses.replace(config, metrics=str(self.metrics_path(name)))
-        self.say(f"run   {name} ...")
-        train(cfg, corrections=corrections, progress=self.settings.progress)
-        frame, meta = read_metrics(self.metrics_path(name))
-        run = Run(name, frame, meta, False)
-        self.runs[name] = run
-        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
-        return run
+        return self.batch([Job(name, config, "train", corrections)])[0]
 
     def record(self, name: str, config: Any) -> Run:
         """A grafted run (:func:`graftlab.runs.record`) writing ``traces/<name>``; resumable."""
-        done = self._done(name, config)
-        if done is not None:
-            return done
-        from graftlab.runs import read_metrics, record
+        return self.batch([Job(name, config, "record")])[0]
 
-        trace = self.out / "traces" / name
-        cfg = dataclasses.replace(config, out=str(trace), metrics=str(self.metrics_path(name)))
-        self.say(f"run   {name} (grafted, trace) ...")
-        # a trace without its metrics file is an interrupted run: record it again from scratch
-        record(cfg, overwrite=True, progress=self.settings.progress)
-        frame, meta = read_metrics(self.metrics_path(name))
-        run = Run(name, frame, meta, False, trace)
-        self.runs[name] = run
-        self.say(f"done  {name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
+    def batch(self, jobs: Sequence[Job]) -> list[Run]:
+        """Run ``jobs`` (finished ones are read back), ``settings.jobs`` at a time; in order."""
+        out: dict[str, Run] = {}
+        todo: list[tuple[Job, Any]] = []
+        for job in jobs:
+            done = self._done(job.name, job.config)
+            if done is not None:
+                out[job.name] = done
+                continue
+            cfg = dataclasses.replace(job.config, metrics=str(self.metrics_path(job.name)))
+            if job.kind == "record":
+                cfg = dataclasses.replace(cfg, out=str(self.out / "traces" / job.name))
+            todo.append((job, cfg))
+        threads = self.settings.threads or 1
+        workers = max(1, int(self.settings.jobs or 1))
+        if workers == 1 or len(todo) <= 1:
+            for job, cfg in todo:
+                self.say(f"run   {job.name}{' (grafted, trace)' if job.kind == 'record' else ''} ...")
+                if job.kind == "record":
+                    record_run(cfg, overwrite=True, progress=self.settings.progress)
+                else:
+                    train_run(cfg, corrections=job.corrections, progress=self.settings.progress)
+                out[job.name] = self._finished(job)
+        else:
+            if self.pool is None:
+                # spawn: CUDA cannot be used in forked children; each worker keeps its own data cache
+                self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            futures = {}
+            for job, cfg in todo:
+                corr = None if job.corrections is None else str(job.corrections)
+                futures[self.pool.submit(_work, job.kind, cfg, corr, threads)] = job
+                self.say(f"start {job.name}{' (grafted, trace)' if job.kind == 'record' else ''}")
+            for fut in cf.as_completed(futures):
+                fut.result()  # a failed run stops the experiment with its own error
+                job = futures[fut]
+                out[job.name] = self._finished(job)
+        return [out[job.name] for job in jobs]
+
+    def _finished(self, job: Job) -> Run:
+        frame, meta = read_metrics(self.metrics_path(job.name))
+        trace = self.out / "traces" / job.name if job.kind == "record" else None
+        run = Run(job.name, frame, meta, False, trace)
+        self.runs[job.name] = run
+        self.say(f"done  {job.name}: {_fmt_final(run)}, {meta['wall_time']:.0f} s")
         return run
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def corrections(self, name: str, make: Callable[[], Corrections]) -> Path:
         """``corrections/<name>.json`` from ``make()``, computed once and kept."""
@@ -362,3 +435,4 @@ def quarter_medians(df: pd.DataFrame, steps: int, kinds: dict[str, str], normali
     table = per_group.groupby(["kind", "quarter"])["ratio"].median().unstack("quarter")
     table.columns = [f"Q{c}" for c in table.columns]
     return table
+

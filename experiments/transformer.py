@@ -1,33 +1,42 @@
 """Transformer experiment (the paper's Table 6b at small scale): can SGD with distilled corrections
-train the ``bert`` masked LM as well as Adam?
+train a transformer LM (``bert`` masked LM or ``gpt`` causal LM) as well as tuned Adam?
 
-    python experiments/transformer.py            # full: bert/small, 3 seeds (2 shared CPU cores: ~30 min)
-    python experiments/transformer.py --quick    # a few steps, one seed: checks the script
-    graftlab experiment transformer --steps 3000 --size small --device cuda   # scaled up
+    python experiments/transformer.py                    # bert/small on the CPU, 3 seeds (~1 h on 2 busy cores)
+    python experiments/transformer.py --task gpt         # the same on the causal LM
+    python experiments/transformer.py --quick            # a few steps, one seed: checks the script
+    graftlab experiment transformer --preset gpu         # gpt/base on one GPU, an estimated 2-3 min (PRESETS)
 
-Runs (held-out masked-LM loss and accuracy, every run's metrics in ``runs/*.parquet``):
+Runs (held-out loss and accuracy, every run's metrics in ``runs/*.parquet``):
 
-1. Adam over an lr grid and SGD with momentum 0.9 over a grid of the same size (seed 0); the best
-   lr of each (lowest held-out loss) is the baseline for the other seeds.
-2. Adam#SGD layer-wise (live grafting, M = best Adam, D = best SGD), recorded to a trace.
+1. Tuned baselines: Adam and SGD (momentum 0.9) over log lr grids of 5 points a factor sqrt(10)
+   apart (seed 0), each extended by one point at a time until the best lr (lowest held-out loss)
+   is interior (:func:`experiments.runner.tune`).
+2. Adam#SGD layer-wise (live grafting, M = tuned Adam, D = tuned SGD), recorded to a trace.
 3. From the seed-0 trace, plain SGD (D's lr, momentum 0.9) with
    - ``median``: per-layer medians of the first quarter of training (the paper's static correction),
-   - ``dbeta``: D_beta rounding, beta = the median of the transformer-block groups' medians,
-   - ``global``: one factor, the median over the first quarter of the whole-model ratio
-     ``||sum of M steps|| / ||sum of D steps||`` computed from the layer norms,
+   - ``dbeta``: the paper's D_beta rounding (every transformer-block group tied to beta = the median
+     of the block groups' medians; the rest rounded down to powers of ten in {0.1, 1, 10, 100}),
+   - ``dbeta_attn``: D_beta with only the attention weight matrices tied (``--round DA<beta>``, beta =
+     the median of their medians); LayerNorms, biases and FFN layers rounded to powers of ten,
+   - ``dbeta_qk``: D_beta with only the Q and K weight matrices tied (``--tie``), the groups whose
+     ratios sit far above the rest on these models; everything else rounded to powers of ten,
+   - ``global``: one factor, the median over the first quarter of the whole-model ratio,
    - ``schedule``: per-layer piecewise-constant schedules (windowed medians over the whole grafted
-     run, ``graftlab distill --schedule``); the run's own schedule is then constant, because the
-     windowed ratios already carry M's warmup and decay.
-4. Seeds 1..N-1 repeat the final comparison (best Adam, best SGD, live graft, the four corrections,
-   distilled once from seed 0 as a user would).
+     run); the run's own schedule is then constant, because the windows carry M's warmup and decay.
+4. Seeds 1..N-1 repeat the comparison (tuned Adam, tuned SGD, live graft, the five corrections,
+   distilled once from seed 0 as a user would). Every method is reported as mean ± std over seeds
+   and as per-seed paired differences to tuned Adam and tuned SGD with a 95% t interval; a share of
+   the Adam-SGD gap is quoted only when that gap is outside noise.
 
-Outputs in the out dir: ``results.md`` (tables), ``transformer.png`` (held-out loss and gap to Adam
-over training), ``drift.csv`` (per-kind ratios by quarter), ``runs.csv``, ``settings.json``.
+Outputs in the out dir: ``results.md`` (tables), ``grids.csv``, ``comparison.csv``, ``transformer.png``,
+``drift.csv``, ``runs.csv``, ``settings.json``.
 """
 from __future__ import annotations
 
 import math
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,36 +46,83 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import pandas as pd
 
-from experiments.runner import Experiment, Settings, best, lr_tag, markdown, mean_std, pm, quarter_medians
+from experiments.runner import Experiment, Job, RecordConfig, Settings, TrainConfig, lr_tag, markdown, quarter_medians
+from experiments.stats import compare, gap_closed, half_decade, tune
+from graftlab.analysis import ATTENTION_KINDS
+from graftlab.errors import GraftlabError
 
 NAME = "transformer"
-METHODS = ["adam", "sgd", "graft", "median", "dbeta", "global", "schedule"]
+TASKS = ("bert", "gpt")
+METHODS = ["adam", "sgd", "graft", "median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"]
+CORRECTIONS = ["median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"]
+DBETAS = ["dbeta", "dbeta_attn", "dbeta_qk"]
 LABELS = {
     "adam": "Adam (tuned)",
     "sgd": "SGD+momentum (tuned)",
     "graft": "Adam#SGD layer-wise (live)",
     "median": "SGD + first-quarter medians",
-    "dbeta": "SGD + D_beta",
+    "dbeta": "SGD + D_beta (paper: blocks tied)",
+    "dbeta_attn": "SGD + D_beta (attention weights tied)",
+    "dbeta_qk": "SGD + D_beta (Q/K weights tied)",
     "global": "SGD + one global factor",
     "schedule": "SGD + per-layer schedule",
 }
+# Initial lr grids as half-decade exponents k (lr = 10 ** (k / 2)), centred on each task's best
+# value in earlier measurements; tune() extends them until the best is interior.
+GRIDS = {
+    "bert": {"adam": range(-8, -3), "sgd": range(-4, 1)},  # Adam 1e-4..1e-2, SGD 0.01..1
+    "gpt": {"adam": range(-7, -2), "sgd": range(-3, 2)},  # Adam 3.16e-4..3.16e-2, SGD 0.0316..3.16
+}
+
+# Named defaults. "gpu" is the whole experiment on one GPU in a few minutes: gpt/base (6 x 512, seq
+# 128, 27M parameters, bf16 autocast, data on the device), batch 32, 1000 steps (4.1M tokens, 4.6
+# epochs of the KJV's 0.89M training tokens: more epochs over this corpus overfit), 10 runs at once
+# sharing the GPU. docs/results.md gives the time estimate and how it was made.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {"task": "gpt", "size": "base", "batch_size": 32, "steps": 1000, "seeds": 3, "eval_size": 512,
+            "device": "cuda", "jobs": 10},
+}
+
+
+def resolve(s: Settings) -> Settings:
+    """``s`` with its preset's values filled in where the user gave none (a preset never overrides
+    an explicit option)."""
+    if s.preset is None:
+        return s
+    if s.preset not in PRESETS:
+        raise GraftlabError(f"unknown preset {s.preset!r}: choose one of {', '.join(PRESETS)}")
+    import dataclasses
+
+    values = {k: v if getattr(s, k) is None else getattr(s, k) for k, v in PRESETS[s.preset].items()}
+    return dataclasses.replace(s, **values)
 
 
 def defaults(s: Settings) -> dict[str, Any]:
-    steps = s.pick("steps", 300, 8)
+    task = s.task or "bert"
+    if task not in TASKS:
+        raise GraftlabError(f"unknown task {task!r} for the transformer experiment: choose one of {', '.join(TASKS)}")
+    full_steps = {"bert": 150, "gpt": 120}[task]  # sized for ~1 hour on 2 heavily shared cores (docs/results.md)
+    steps = s.pick("steps", full_steps, 8)
+    grids = GRIDS[task]
+    if s.quick and s.preset is None:  # one point per grid: checks the pipeline, tunes nothing
+        grids = {k: [list(v)[2]] for k, v in grids.items()}
     return {
+        "task": task,
+        "preset": s.preset,
         "size": s.pick("size", "small", "tiny"),
-        "batch_size": s.pick("batch_size", 16, 8),
+        "batch_size": s.pick("batch_size", {"bert": 16, "gpt": 8}[task], 8),
         "steps": steps,
         "seeds": s.pick("seeds", 3, 1),
         "eval_size": s.pick("eval_size", 128, 16),
-        "eval_every": max(steps // 6, 1),
-        "adam_lrs": [1e-3] if s.quick else [1e-3, 3e-3],
-        "sgd_lrs": [0.1] if s.quick else [0.1, 0.3],
+        "eval_every": max(steps // 3, 1),
+        "adam_ks": list(grids["adam"]),
+        "sgd_ks": list(grids["sgd"]),
         "momentum": 0.9,
         "window": max(steps // 4, 1),  # first quarter: the static medians
         "schedule_window": max(steps // 8, 1),  # eight pieces over the run
-        "device": s.device,
+        "device": s.device or "auto",
+        "data": s.data,
+        "jobs": s.jobs or 1,
     }
 
 
@@ -87,97 +143,106 @@ def global_factor(trace: Path, window: int, direction_lr: float):
     return Corrections(multipliers={"global": factor}, source=source)
 
 
-def block_beta(corr) -> float:
-    """D_beta's beta chosen from the trace: the median of the unflagged block groups' medians,
-    rounded to one significant digit."""
-    groups = corr.source["groups"]
-    meds = [g["median"] for g in groups.values() if g.get("tied") and not g.get("flags") and g.get("median")]
-    if not meds:
-        meds = [g["median"] for g in groups.values() if not g.get("flags") and g.get("median")]
-    m = float(np.median(meds))
+def one_digit(m: float) -> float:
     p = 10 ** math.floor(math.log10(m))
     return float(f"{round(m / p) * p:.3g}")
 
 
+def weight_groups(corr, kinds: Sequence[str]) -> list[str]:
+    """Block groups of ``kinds`` whose tensor is a weight (not a bias), from a distill summary."""
+    return [n for n, g in corr.source["groups"].items()
+            if g.get("tied") and g.get("kind") in kinds and n.rsplit(".", 1)[-1].endswith("weight")]
+
+
+def block_beta(corr, kinds: Optional[Sequence[str]] = None) -> float:
+    """D_beta's beta chosen from the trace: the median of the unflagged tied groups' medians (all
+    block groups, or only the weight matrices of ``kinds``), to one significant digit."""
+    groups = corr.source["groups"]
+    chosen = None if kinds is None else set(weight_groups(corr, kinds))
+
+    def tied(name: str, g: dict) -> bool:
+        return bool(g.get("tied")) and (chosen is None or name in chosen)
+
+    meds = [g["median"] for n, g in groups.items() if tied(n, g) and not g.get("flags") and g.get("median")]
+    if not meds:
+        meds = [g["median"] for g in groups.values() if not g.get("flags") and g.get("median")]
+    return one_digit(float(np.median(meds)))
+
+
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
-    s = settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv)
+    s = resolve(settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv))
     from graftlab.distill import distill
-    from graftlab.config import RecordConfig, TrainConfig
 
     p = defaults(s)
-    ex = Experiment.open(NAME, s)
-    common = dict(task="bert", size=p["size"], batch_size=p["batch_size"], steps=p["steps"], device=p["device"],
-                  eval_every=p["eval_every"], eval_size=p["eval_size"])
+    from graftlab.tasks import resolve_device
+
+    resolve_device(p["device"])  # "--preset gpu" without a GPU: one error line before any worker starts
+    name = NAME + ("" if p["task"] == "bert" else f"-{p['task']}") + (f"-{s.preset}" if s.preset else "")
+    ex = Experiment.open(name, s)
+    try:
+        return _run(ex, p, distill)
+    finally:
+        ex.close()
+
+
+def _run(ex: Experiment, p: dict, distill) -> Path:
+    t0 = time.time()
+    common = dict(task=p["task"], size=p["size"], batch_size=p["batch_size"], steps=p["steps"], device=p["device"],
+                  eval_every=p["eval_every"], eval_size=p["eval_size"], data=p["data"])
     mom = {"momentum": p["momentum"]}
 
-    def adam(lr: float, seed: int):
-        return ex.train(f"adam_lr{lr_tag(lr)}_s{seed}", TrainConfig(optimizer="adam", lr=lr, seed=seed, **common))
+    def adam(lr: float, seed: int = 0) -> Job:
+        return Job(f"adam_lr{lr_tag(lr)}_s{seed}", TrainConfig(optimizer="adam", lr=lr, seed=seed, **common))
 
-    def sgd(lr: float, seed: int):
-        return ex.train(f"sgd_lr{lr_tag(lr)}_s{seed}", TrainConfig(optimizer="sgd", lr=lr, hparams=mom, seed=seed, **common))
+    def sgd(lr: float, seed: int = 0) -> Job:
+        return Job(f"sgd_lr{lr_tag(lr)}_s{seed}", TrainConfig(optimizer="sgd", lr=lr, hparams=mom, seed=seed, **common))
 
-    # 1. grids on seed 0
-    adam_runs = {adam(lr, 0).name: lr for lr in p["adam_lrs"]}
-    sgd_runs = {sgd(lr, 0).name: lr for lr in p["sgd_lrs"]}
-    adam_lr = adam_runs[best({k: ex.runs[k] for k in adam_runs})]
-    sgd_lr = sgd_runs[best({k: ex.runs[k] for k in sgd_runs})]
+    # 1. grids on seed 0 (both initial grids at once, then each extended until its best is interior)
+    ex.batch([adam(half_decade(k)) for k in p["adam_ks"]] + [sgd(half_decade(k)) for k in p["sgd_ks"]])
+    loss = lambda r: r.final.get("loss", math.inf)  # noqa: E731
+    adam_lr, adam_grid = tune(ex, p["adam_ks"], adam, loss)
+    sgd_lr, sgd_grid = tune(ex, p["sgd_ks"], sgd, loss)
     ex.say(f"tuned: adam lr {adam_lr:g}, sgd lr {sgd_lr:g}")
+    grids = pd.concat([adam_grid.assign(optimizer="Adam"), sgd_grid.assign(optimizer="SGD+momentum")])
+    ex.write("grids.csv", grids.to_csv(index=False))
 
-    def graft(seed: int):
+    def graft(seed: int) -> Job:
         cfg = RecordConfig(magnitude="adam", direction="sgd", magnitude_lr=adam_lr, direction_lr=sgd_lr,
                            d_hparams=mom, granularity="layer", seed=seed, **common)
-        return ex.record(f"graft_s{seed}", cfg)
+        return Job(f"graft_s{seed}", cfg, "record")
 
-    # 2. the trace, 3. corrections distilled once from it
-    trace = graft(0).trace
-    median = ex.corrections("median", lambda: distill(trace, window=p["window"], round="none"))
+    # 2. the traces and the other seeds' baselines, 3. corrections distilled once from seed 0
+    seeds = range(p["seeds"])
+    ex.batch([graft(0)] + [j for sd in seeds[1:] for j in (adam(adam_lr, sd), sgd(sgd_lr, sd), graft(sd))])
+    trace = ex.runs["graft_s0"].trace
+    ex.corrections("median", lambda: distill(trace, window=p["window"], round="none"))
     beta = block_beta(ex.load("median"))
+    beta_attn = block_beta(ex.load("median"), ATTENTION_KINDS)
+    beta_qk = block_beta(ex.load("median"), ("Q", "K"))
+    qk_tie = "^(" + "|".join(re.escape(g) for g in weight_groups(ex.load("median"), ("Q", "K"))) + ")$"
     ex.corrections("dbeta", lambda: distill(trace, window=p["window"], round=f"D{beta:g}"))
+    ex.corrections("dbeta_attn", lambda: distill(trace, window=p["window"], round=f"DA{beta_attn:g}"))
+    ex.corrections("dbeta_qk", lambda: distill(trace, window=p["window"], round=f"D{beta_qk:g}", tie=qk_tie))
     ex.corrections("global", lambda: global_factor(trace, p["window"], sgd_lr))
     ex.corrections("schedule", lambda: distill(trace, window=p["schedule_window"], schedule=True, round="none"))
-    ex.say(f"D_beta: beta = {beta:g}")
+    ex.say(f"D_beta: beta = {beta:g} (blocks), {beta_attn:g} (attention weights), {beta_qk:g} (Q/K weights)")
 
-    def corrected(method: str, seed: int):
+    def corrected(method: str, seed: int) -> Job:
         extra = {"schedule": "constant", "warmup": 0.0} if method == "schedule" else {}
         cfg = TrainConfig(optimizer="sgd", lr=sgd_lr, hparams=mom, seed=seed, **{**common, **extra})
-        return ex.train(f"sgd_{method}_s{seed}", cfg, corrections=ex.out / "corrections" / f"{method}.json")
+        return Job(f"sgd_{method}_s{seed}", cfg, "train", ex.out / "corrections" / f"{method}.json")
 
-    names: dict[str, list[str]] = {m: [] for m in METHODS}
-    for seed in range(p["seeds"]):  # seed-major: an interrupted experiment has whole seeds
-        names["adam"].append(adam(adam_lr, seed).name)
-        names["sgd"].append(sgd(sgd_lr, seed).name)
-        names["graft"].append(graft(seed).name)
-        for method in ("median", "dbeta", "global", "schedule"):
-            names[method].append(corrected(method, seed).name)
-
-    body = report(ex, p, names, adam_lr, sgd_lr, beta, trace)
-    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "beta": beta})
+    ex.batch([corrected(m, sd) for sd in seeds for m in CORRECTIONS])
+    names = {
+        "adam": [adam(adam_lr, sd).name for sd in seeds], "sgd": [sgd(sgd_lr, sd).name for sd in seeds],
+        "graft": [graft(sd).name for sd in seeds], **{m: [corrected(m, sd).name for sd in seeds] for m in CORRECTIONS},
+    }
+    elapsed = time.time() - t0
+    betas = {"dbeta": beta, "dbeta_attn": beta_attn, "dbeta_qk": beta_qk}
+    body = report(ex, p, names, adam_lr, sgd_lr, betas, trace, grids, elapsed)
+    path = ex.finish(body, {**p, "adam_lr": adam_lr, "sgd_lr": sgd_lr, "betas": betas, "invocation_wall_s": elapsed})
     ex.say(f"results: {path}")
     return path
-
-
-def comparison(ex: Experiment, names: dict[str, list[str]]) -> pd.DataFrame:
-    """One row per method: held-out loss and accuracy over seeds, share of the Adam-SGD gap closed."""
-    def finals(method: str, key: str) -> list[float]:
-        return [ex.runs[n].final.get(key, math.nan) for n in names[method]]
-
-    loss_adam = np.nanmean(finals("adam", "loss"))
-    loss_sgd = np.nanmean(finals("sgd", "loss"))
-    gap = loss_sgd - loss_adam
-    rows = []
-    for m in METHODS:
-        losses = finals(m, "loss")
-        ok = [v for v, n in zip(losses, names[m]) if math.isfinite(v) and not ex.runs[n].diverged]
-        lm, ls = mean_std(ok)
-        am, asd = mean_std([v for v, n in zip(finals(m, "accuracy"), names[m]) if not ex.runs[n].diverged])
-        closed = (loss_sgd - lm) / gap if gap > 0 and len(ok) == len(losses) else math.nan
-        rows.append({
-            "method": LABELS[m], "seeds": len(losses), "diverged": len(losses) - len(ok),
-            "held-out loss": pm(lm, ls), "held-out accuracy": pm(am, asd),
-            "gap closed": "-" if m in ("adam", "sgd") or not math.isfinite(closed) else f"{100 * closed:.0f}%",
-            "loss_mean": lm,
-        })
-    return pd.DataFrame(rows)
 
 
 def gap_over_training(ex: Experiment, names: dict[str, list[str]]) -> pd.DataFrame:
@@ -191,7 +256,7 @@ def gap_over_training(ex: Experiment, names: dict[str, list[str]]) -> pd.DataFra
     return out.rename_axis("step")
 
 
-def figure(ex: Experiment, curves: pd.DataFrame):
+def figure(ex: Experiment, curves: pd.DataFrame, task: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,20 +266,39 @@ def figure(ex: Experiment, curves: pd.DataFrame):
     for col in curves:
         a.plot(curves.index, curves[col], marker="o", ms=3, label=col)
         b.plot(curves.index, curves[col] - curves[LABELS["adam"]], marker="o", ms=3, label=col)
-    a.set(xlabel="step", ylabel="held-out MLM loss", title="bert: held-out loss (mean over seeds)")
+    a.set(xlabel="step", ylabel="held-out loss", title=f"{task}: held-out loss (mean over seeds)")
     b.set(xlabel="step", ylabel="loss - Adam's loss", title="gap to Adam during training")
     b.axhline(0, color="k", lw=0.5)
     a.legend(fontsize=7)
     return ex.save_figure(fig, f"{NAME}.png")
 
 
-def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, beta: float, trace: Path) -> str:
+def dbeta_table(ex: Experiment) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per kind: the median first-quarter ratio and the factors each D_beta rule gives (median over
+    the kind's unflagged groups), plus each rule's tied spread and warnings."""
+    summary = ex.load("median").summary()
+    ok = summary[~summary["flags"].astype(bool)].copy()
+    for m in DBETAS:
+        ok[m] = ok["group"].map(ex.load(m).multipliers)
+    ok["tensor"] = ["weight" if str(g).rsplit(".", 1)[-1].endswith("weight") else "bias" for g in ok["group"]]
+    table = ok.groupby(["kind", "tensor"])[["median", *DBETAS]].median()
+    info = {m: {"spread": ex.load(m).source.get("tied_spread"), "warnings": ex.load(m).source.get("warnings") or [],
+                "round": ex.load(m).source.get("round")} for m in DBETAS}
+    names = {"median": "first-quarter median", "dbeta": "D_beta (blocks tied)",
+             "dbeta_attn": "D_beta (attention weights tied)", "dbeta_qk": "D_beta (Q/K weights tied)"}
+    return table.rename(columns=names), info
+
+
+def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, betas: dict[str, float],
+           trace: Path, grids: pd.DataFrame, elapsed: float) -> str:
     from graftlab.trace import group_table, read_metadata, read_trace
 
-    table = comparison(ex, names)
+    table, stats = compare(ex, names, LABELS, refs=["adam", "sgd"])
+    table["gap closed"] = ["-" if m in ("adam", "sgd") else gap_closed(stats, m, "adam", "sgd") for m in names]
+    ex.write("comparison.csv", table.to_csv(index=False))
     curves = gap_over_training(ex, names)
-    figure(ex, curves)
-    la, ls = table.loc[0, "loss_mean"], table.loc[1, "loss_mean"]
+    figure(ex, curves, p["task"])
+    gap = stats["sgd"]["adam"]
 
     med = ex.load("median")
     summary = med.summary()
@@ -226,28 +310,51 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
     norm = quarter_medians(keep, p["steps"], kinds, normalise_lr=True)
     drift = raw.join(norm.add_suffix(" / lr"))
     ex.write("drift.csv", drift.to_csv())
-    sched = ex.load("schedule")
-    pieces = {g: [f for _, f in v] for g, v in sched.schedule.items()}
-    by_kind = pd.DataFrame({k: np.median([pieces[g] for g in pieces if kinds.get(g) == k and g not in set(flagged["group"])],
-                                         axis=0) for k in sorted(set(kinds.values())) if any(kinds.get(g) == k for g in pieces)})
-    by_kind.index = [s for s, _ in next(iter(sched.schedule.values()))]
-    factors = summary.assign(dbeta=summary["group"].map(ex.load("dbeta").multipliers))
-    kind_factors = factors[~factors["flags"].astype(bool)].groupby("kind")[["median", "dbeta"]].median()
+    dtable, dinfo = dbeta_table(ex)
+
+    per_seed = pd.DataFrame({LABELS[m]: stats["values"][m] for m in names}).T
+    per_seed.columns = [f"seed {c}" for c in per_seed.columns]
+    grid_cols = ["optimizer", "lr", "held-out loss", "held-out accuracy", "diverged", "chosen"]
+    grid_view = grids[[c for c in grid_cols if c in grids.columns]]
+    task_desc = {"bert": "masked-LM", "gpt": "next-token"}[p["task"]]
+
+    def spread(m: str) -> str:
+        v = dinfo[m]["spread"]
+        return "-" if v is None else f"{v:.3g}x"
 
     lines = [
-        f"# {NAME}: SGD with distilled corrections vs Adam on bert/{p['size']}",
+        f"# {NAME}: SGD with distilled corrections vs tuned Adam on {p['task']}/{p['size']}",
         "",
-        f"bert/{p['size']}, batch {p['batch_size']}, {p['steps']} steps (poly decay, 10% warmup), "
-        f"held-out MLM loss on {p['eval_size']} sequences; seeds 0..{p['seeds'] - 1}. "
-        f"Grids (seed 0): Adam lr {p['adam_lrs']} -> {adam_lr:g}; SGD (momentum {p['momentum']}) lr "
-        f"{p['sgd_lrs']} -> {sgd_lr:g}. Corrections distilled from the seed-0 Adam#SGD trace: first "
-        f"window {p['window']} steps, schedule windows {p['schedule_window']} steps, D_beta beta = {beta:g}, "
-        f"global factor {ex.load('global').multipliers['global']:.4g}.",
+        f"{p['task']}/{p['size']}, batch {p['batch_size']}, {p['steps']} steps (linear warmup 10%, linear "
+        f"decay), held-out {task_desc} loss and accuracy on {p['eval_size']} held-out sequences; seeds "
+        f"0..{p['seeds'] - 1}; device {p['device']}, {p['jobs']} run(s) at a time. Tuned (seed 0): Adam lr "
+        f"{adam_lr:g}, SGD (momentum {p['momentum']}) lr {sgd_lr:g}. Corrections from the seed-0 Adam#SGD "
+        f"trace: first window {p['window']} steps, schedule windows {p['schedule_window']} steps, D_beta "
+        f"beta = {betas['dbeta']:g} (all block groups tied), {betas['dbeta_attn']:g} (attention weights tied) "
+        f"and {betas['dbeta_qk']:g} (Q/K weights tied), global factor "
+        f"{ex.load('global').multipliers['global']:.4g}. This invocation took {elapsed / 60:.1f} min of wall time "
+        "(runs finished earlier are read back, not rerun; the run list below has each run's time).",
         "",
-        f"Adam-SGD gap: {ls - la:.4f} nats (SGD {ls:.4f}, Adam {la:.4f}). 'gap closed' = "
-        "(loss(SGD) - loss(method)) / (loss(SGD) - loss(Adam)), on the seed means.",
+        "## lr grids (seed 0)",
         "",
-        markdown(table.drop(columns=["loss_mean"])),
+        "Each grid starts with 5 points a factor sqrt(10) apart and is extended (at most 3 times) until "
+        "the lowest held-out loss is interior; 'chosen (edge)' marks a best value still at an edge.",
+        "",
+        markdown(grid_view, floatfmt=".4g"),
+        "",
+        "## Comparison",
+        "",
+        f"Tuned Adam-SGD gap (paired, SGD - Adam): {gap['mean']:+.4f} ± {gap['std']:.4f} nats, 95% interval "
+        f"±{gap['ci']:.4f} ({'outside' if gap['significant'] else 'within'} noise). Differences are per-seed "
+        "paired (method - reference, held-out loss): mean ± std [95% t half-width], `*` where the "
+        "interval excludes 0. 'gap closed' = (SGD - method) / (SGD - Adam) on the paired means, given only "
+        "when the Adam-SGD gap is outside noise; '(n.s.)' where the method's own difference to SGD is not.",
+        "",
+        markdown(table),
+        "",
+        "Held-out loss per seed:",
+        "",
+        markdown(per_seed.reset_index(names="method"), floatfmt=".4f"),
         "",
         "## Held-out loss during training (mean over seeds)",
         "",
@@ -255,20 +362,23 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         "",
         f"![held-out loss and gap]({NAME}.png)",
         "",
+        "## D_beta: the paper's rule against attention-only tying",
+        "",
+        f"Tied medians span {spread('dbeta')} under the paper's rule (every block group tied to {betas['dbeta']:g}), "
+        f"{spread('dbeta_attn')} with only the attention weight matrices tied (to {betas['dbeta_attn']:g}) and "
+        f"{spread('dbeta_qk')} with only Q/K weights tied (to {betas['dbeta_qk']:g}); distill warns above 10x. "
+        "Factors per kind and tensor (median over the unflagged groups):",
+        "",
+        markdown(dtable.reset_index(), floatfmt=".3g"),
+        "",
+        *[f"- distill warned: {w}" for m in DBETAS for w in dinfo[m]["warnings"]],
+        "",
         "## Ratios by quarter of training (seed-0 trace, flagged groups left out)",
         "",
         "Per kind, the median over groups of each group's median ratio in each quarter; the '/ lr' "
         "columns divide every ratio by M's lr relative to its peak (drift not explained by the lr schedule).",
         "",
         markdown(drift.reset_index(), floatfmt=".3g"),
-        "",
-        "## Distilled factors per kind (median over unflagged groups)",
-        "",
-        markdown(kind_factors.reset_index(), floatfmt=".3g"),
-        "",
-        "Per-layer schedule, median factor per kind at each piece start:",
-        "",
-        markdown(by_kind.rename_axis("start").reset_index(), floatfmt=".3g"),
         "",
         "Flagged groups (stand-in factor: the median of their kind):",
         "",

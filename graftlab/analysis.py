@@ -28,8 +28,8 @@ from graftlab.errors import GraftlabError
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
 
-# A group whose median ratio exceeds this many times the median over all groups is flagged
-# degenerate: its D step is float noise (e.g. the attention K bias, whose true gradient is zero).
+# The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
+# threshold cannot tell a large real correction from noise, see graftlab.degenerate.
 OUTLIER = 1000.0
 
 FLAG_DEGENERATE = "degenerate"
@@ -218,15 +218,61 @@ def round_dbeta(medians: Values, beta: float, in_block: Values) -> pd.Series:
     return pd.Series(out, dtype=np.float64).reindex(med.index)
 
 
+# Tied groups whose first-window medians span more than this factor cannot share one beta well:
+# distill warns (on small models block LayerNorms and biases sit 100-500x below Q/K).
+SPREAD_WARN = 10.0
+
+ATTENTION_KINDS = ("Q", "K", "V", "attn_out")
+
+
+def attention_weights(groups: list[str], kinds: Values) -> pd.Series:
+    """The groups the attention-only ``D_beta`` variant ties: attention weight matrices.
+
+    A group is tied when its kind is Q, K, V or attn_out and its tensor is a weight (the name's last
+    component ends in ``weight``), so attention biases, LayerNorms and feed-forward layers are rounded
+    to powers of ten like the groups outside the blocks. This reads the paper's Section 5 wording
+    ("tie the attention weight matrices") literally, where its Table 5 ties every block parameter.
+    Returns a bool Series indexed by ``groups``.
+    """
+    kind = pd.Series(kinds).reindex(groups)
+    out = [str(kind.get(g)) in ATTENTION_KINDS and str(g).rsplit(".", 1)[-1].lower().endswith("weight") for g in groups]
+    return pd.Series(out, index=groups, dtype=bool)
+
+
+def tied_spread(medians: Values, tied: Values) -> float:
+    """``max / min`` of the finite positive medians of the tied groups (NaN with fewer than two).
+
+    D_beta replaces all of them by one beta, so a spread above :data:`SPREAD_WARN` means some tied
+    group's factor is off by more than that factor from its own median.
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    mask = pd.Series(tied).reindex(med.index).fillna(False).astype(bool)
+    vals = med[mask & np.isfinite(med) & (med > 0)].to_numpy()
+    return float(vals.max() / vals.min()) if vals.size >= 2 else math.nan
+
+
 def parse_round(spec: str) -> tuple[str, Optional[float]]:
-    """Parse a rounding spec: ``"none"``, ``"pow10"`` or ``"D<beta>"`` (beta positive, finite).
+    """Parse a rounding spec: ``"none"``, ``"pow10"``, ``"D<beta>"`` (the paper's D_beta: every
+    transformer-block group tied to beta) or ``"DA<beta>"`` (only the attention weight matrices tied,
+    see :func:`attention_weights`); beta positive and finite.
 
     >>> parse_round("D500")
     ('dbeta', 500.0)
+    >>> parse_round("DA500")
+    ('dbeta_attn', 500.0)
     """
     s = str(spec).strip()
     if s.lower() in ("none", "pow10"):
         return s.lower(), None
+    m = re.fullmatch(r"[Dd][Aa](.+)", s)
+    if m:
+        try:
+            beta = float(m.group(1))
+        except ValueError:
+            beta = math.nan
+        if math.isfinite(beta) and beta > 0:
+            return "dbeta_attn", beta
+        raise GraftlabError(f"bad rounding {spec!r}: DA<beta> needs a positive finite beta, e.g. DA500")
     m = re.fullmatch(r"[Dd](.+)", s)
     if m:
         try:
@@ -236,11 +282,12 @@ def parse_round(spec: str) -> tuple[str, Optional[float]]:
         if math.isfinite(beta) and beta > 0:
             return "dbeta", beta
         raise GraftlabError(f"bad rounding {spec!r}: D<beta> needs a positive finite beta, e.g. D500")
-    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10 or D<beta> (e.g. D500)")
+    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
 
 
 def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -> pd.Series:
-    """Round ``medians`` by a parsed-or-text spec (see :func:`parse_round`)."""
+    """Round ``medians`` by a parsed-or-text spec (see :func:`parse_round`); ``in_block`` says which
+    groups are tied to beta (for ``DA<beta>`` the caller passes :func:`attention_weights`)."""
     mode, beta = parse_round(spec)
     med = pd.Series(medians, dtype=np.float64)
     if mode == "none":
@@ -285,23 +332,24 @@ def group_kinds(groups: list[str], table: pd.DataFrame) -> pd.Series:
                      index=groups, dtype=object)
 
 
-def flag_groups(medians: Values, outlier: Optional[float] = OUTLIER) -> pd.Series:
+def flag_groups(medians: Values, outlier: Optional[float] = None, *, degenerate=()) -> pd.Series:
     """Flag groups whose median cannot serve as a correction; ``""`` where fine.
 
     - ``"no finite ratio"``: D never moved the group inside the window.
     - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
-    - ``"degenerate"``: median above ``outlier`` times the median over all groups' medians (needs
-      at least 3 groups). Only norms are recorded, so "D's step is negligible" is read off the
-      ratio: with M=Adam the ratio is about lr_M / (D's per-coordinate step), and a group whose
-      true gradient is zero (the attention K bias) sits 3-4 orders of magnitude above the rest
-      (Table 5: 154101 against a median near 100; 1e4 against about 0.1 on small BERTs), while
-      real groups stay within about 100x of the median. ``outlier=None`` or 0 turns this check off.
+    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.degenerate.assess`
+      decides from what D's step is made of (gradient share, structure), with its evidence.
+    - ``outlier`` (opt-in, None or 0: off): also ``"degenerate"`` where the median exceeds ``outlier``
+      times the median over all groups' medians (needs at least 3 groups). A ratio threshold cannot
+      tell a large real correction (Q/K weights: Table 5's 470-1090) from noise, hence off by default.
     """
     med = pd.Series(medians, dtype=np.float64)
     flags = pd.Series("", index=med.index, dtype=object)
+    good = np.isfinite(med) & (med > 0)
+    flags[good & med.index.isin(list(degenerate))] = FLAG_DEGENERATE
     flags[~np.isfinite(med)] = FLAG_EMPTY
     flags[np.isfinite(med) & (med <= 0)] = FLAG_ZERO
-    good = med[np.isfinite(med) & (med > 0)]
+    good = med[good]
     if outlier and len(good) >= 3:
         ref = float(np.median(good.to_numpy()))
         flags[good.index[good > outlier * ref]] = FLAG_DEGENERATE
@@ -329,8 +377,9 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     """Per kind: groups, and the median, min and max over groups of each group's median ratio.
 
     ``df`` is a trace (columns ``group`` and ``ratio`` at least; :func:`graftlab.read_trace`).
-    Non-finite ratios (D's step was zero) are skipped, and groups that :func:`flag_groups` flags
-    (no finite ratio, or degenerate: the attention K bias, whose true gradient is zero) are kept out
+    Non-finite ratios (D's step was zero) are skipped, and groups that
+    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
+    bias, whose true gradient is zero; ``norm_g`` in ``df`` is its evidence) are kept out
     of the statistics and counted in ``flagged``; ``out.attrs["flagged"]`` maps them to the reason.
     ``meta`` defaults to ``df.attrs["graftlab"]``. Rows are kinds in :data:`graftlab.kinds.KINDS`
     order; a kind with only flagged groups has NaN statistics.
@@ -342,7 +391,9 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
     finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    flags = flag_groups(medians)
+    from graftlab.degenerate import flag_window
+
+    flags, _, _ = flag_window(df, medians, kinds)  # norm_g in df, when there, is the evidence
     frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
                           "flagged": flags != ""})
     stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, TypeVar
 import torch
 
 from graftlab.distributed.env import MODES
+from graftlab.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.optimizers import make_optimizer, parse_hparams
 from graftlab.outputs import check_output
@@ -61,15 +62,20 @@ class RunConfig:
     device: str = "auto"  # cpu | cuda | auto
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
     checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
-    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set)
+    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set);
+    # without checkpoint_dir and with on_divergence="restart": steps between in-memory restart points (0: 100)
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
     seed: int = 0  # seeds model init, data order, masking and dropout
     threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
     # --- evaluation and logging ---
     eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation; None: task default
-    log_every: int = 50  # steps between host syncs for the progress bar and divergence check
+    log_every: int = 50  # steps between host syncs for the progress bar
     metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics; None: not written
+    # --- divergence (every step is checked for a non-finite loss/gradient, without a host sync) ---
+    on_divergence: str = "stop"  # stop | restart (from the last good checkpoint or in-memory snapshot)
+    divergence_lr_factor: float = 0.5  # each restart multiplies the learning rate by this (0 < f < 1)
+    max_restarts: int = 3  # restarts before the run stops anyway
 
     def validate(self, *, overwrite: bool = False, outputs: bool = True,
                  inputs: Sequence[tuple[str, Optional[str | os.PathLike]]] = ()) -> None:
@@ -117,8 +123,18 @@ class RunConfig:
         if self.checkpoint_dir is None:
             if self.resume:
                 raise GraftlabError("resume=True needs checkpoint_dir (the checkpoints to resume from)")
-            if self.checkpoint_every:
+            if self.checkpoint_every and self.on_divergence != "restart":  # restart: in-memory snapshots
                 raise GraftlabError("checkpoint_every needs checkpoint_dir (where the checkpoints go)")
+        self._validate_divergence()
+
+    def _validate_divergence(self) -> None:
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise GraftlabError(f"unknown on_divergence {self.on_divergence!r}: choose {' or '.join(ON_DIVERGENCE)}")
+        factor = self.divergence_lr_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise GraftlabError(f"divergence_lr_factor must be a number between 0 and 1 (exclusive), got {factor!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise GraftlabError(f"max_restarts must be a whole number >= 0, got {self.max_restarts!r}")
 
     def check_schedule(self, steps: int) -> None:
         """Build the lr schedule for ``steps`` to check its settings (with the schedule and warmup
@@ -171,15 +187,18 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
 
-    optimizer: str = "adam"  # sgd | adam | adamw | adagrad | rmsprop
+    # sgd | adam | adamw | adagrad | rmsprop; None: D's optimizer of a corrections file, else adam
+    optimizer: Optional[str] = None
     lr: Optional[float] = None  # peak learning rate; None: the task's default for this optimizer
     hparams: dict = field(default_factory=dict)  # optimizer hyperparameters, e.g. {"momentum": 0.9}
 
     def _validate_optimizers(self) -> None:
-        _check_optimizer(self.optimizer, self.lr, self.hparams, "lr")
+        _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr")
 
     def resolve(self, task: Task) -> "TrainConfig":
         out = super().resolve(task)
+        if out.optimizer is None:
+            out = dataclasses.replace(out, optimizer="adam")
         return out if out.lr is not None else dataclasses.replace(out, lr=task.default_lr(out.optimizer))
 
 
@@ -243,7 +262,7 @@ class RecordConfig(RunConfig):
         except GraftlabError as err:
             raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
         theirs = recorded.get("checkpoint_dir")
-        if theirs is None or Path(theirs).expanduser().resolve() != Path(self.checkpoint_dir).expanduser().resolve():
+        if theirs is None or not _same_path(theirs, self.checkpoint_dir, path):
             raise GraftlabError(f"{refuse} (the trace was recorded with checkpoint_dir {theirs!r}): check "
                                 "checkpoint_dir, or pass overwrite=True to record from scratch")
         # the checkpoint after step due-1 is saved before step due starts: a trace holding step
@@ -255,7 +274,8 @@ class RecordConfig(RunConfig):
         mine = dataclasses.asdict(self)
         for key in _RUN_IDENTITY:
             a, b = recorded.get(key), mine.get(key)
-            if a is not None and b is not None and _json(a) != _json(b):
+            same = _same_path(a, b, path) if key == "data" else _json(a) == _json(b)
+            if a is not None and b is not None and not same:
                 raise GraftlabError(f"{refuse}, and they are another run's ({key}={a!r}, this run has {key}={b!r}); "
                                     "pass overwrite=True to record from scratch")
 
@@ -299,6 +319,16 @@ def _check_hparam(optimizer: str, key: str, value: Any) -> None:
         raise GraftlabError(f"{optimizer} hyperparameter betas needs two numbers (e.g. 0.9,0.999), got {value!r}")
     if key != "betas" and isinstance(value, (list, tuple)):
         raise GraftlabError(f"{optimizer} hyperparameter {key} takes one value, got {value!r}")
+
+
+def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
+    """Whether a path from a trace's metadata names ``given``: the Recorder stores absolute paths
+    relative to the trace folder (graftlab.portable); a relative one may also be the cwd's."""
+    if not isinstance(recorded, str) or given is None:
+        return False
+    want = Path(given).expanduser().resolve()
+    rec = Path(recorded).expanduser()
+    return want in {rec.resolve(), (trace_dir / rec).resolve()}
 
 
 def _json(value: Any) -> str:

@@ -40,6 +40,7 @@ from graftlab.config import RecordConfig, TrainConfig
 from graftlab.corrections import save
 from graftlab.distill import distill
 from graftlab.errors import GraftlabError
+from graftlab.jsonable import jsonable
 from graftlab.outputs import check_output, write_text
 from graftlab.runs import record, train
 from graftlab.trace import read_metadata
@@ -59,7 +60,10 @@ class DemoConfig:
     direction_lr: Optional[float] = None  # SGD's lr (None: the task's default)
     momentum: float = 0.0  # SGD momentum (the same in D and in the SGD runs)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # cpu | cuda | auto (a GPU when there is one), as in every command
+    # CPU threads for PyTorch (None: PyTorch's default). 1: on a loaded 2-core machine `demo --quick`
+    # took 47-72 s with 1 thread and 380 s with 2; the model is too small to gain from more
+    threads: Optional[int] = 1
     eval_size: Optional[int] = None
     out: Optional[str] = None  # folder to create; None: runs/demo-<timestamp>/
     figures: bool = True
@@ -104,7 +108,7 @@ class DemoConfig:
             task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, magnitude="adam",
             direction="sgd", magnitude_lr=self.magnitude_lr, direction_lr=self.direction_lr,
             d_hparams=self.sgd_hparams, granularity="layer", device=self.device, seed=self.seed, eval_every=0,
-            eval_size=self.eval_size, out=str(folder / "trace"))
+            eval_size=self.eval_size, threads=self.threads, out=str(folder / "trace"))
 
     def train_config(self, folder: Path, name: str, optimizer: str, lr: Optional[float], hparams: dict,
                      schedule: Optional[str] = None, warmup: Optional[float] = None) -> TrainConfig:
@@ -112,7 +116,7 @@ class DemoConfig:
         return TrainConfig(
             task="bert", size=self.size, steps=self.steps, batch_size=self.batch_size, optimizer=optimizer, lr=lr,
             hparams=hparams, schedule=schedule, warmup=warmup, device=self.device, seed=self.seed, eval_every=0,
-            eval_size=self.eval_size, metrics=str(folder / f"metrics-{name}.parquet"))
+            eval_size=self.eval_size, threads=self.threads, metrics=str(folder / f"metrics-{name}.parquet"))
 
 
 @dataclass
@@ -182,8 +186,11 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str],
     write_text(folder / "results.csv", table.to_csv(index=False))
     figures = _figures(config, rec.trace, folder, spec, echo) if config.figures else []
     wall = time.perf_counter() - t0
+    closed = gap_closed(table)
     summary = {"config": dataclasses.asdict(config), "window": config.distill_window, "round": spec, "beta": beta,
-               "magnitude_lr": m_lr, "direction_lr": d_lr, "wall_time": wall, "results": rows}
+               "magnitude_lr": m_lr, "direction_lr": d_lr, "wall_time": wall, "results": rows,
+               "gap_nats": closed.attrs["gap"], "gap_meaningful": closed.attrs["meaningful"],
+               "gap_closed": jsonable(closed.to_dict(orient="records"))}
     write_text(folder / "demo.json", json.dumps(summary, indent=1, default=str))
     return DemoResult(folder, table, config.distill_window, spec, beta, figures, wall)
 
@@ -231,8 +238,53 @@ def _train(config: DemoConfig, folder: Path, m_lr: float, d_lr: float, corr_path
     for name, optimizer, lr, hparams, corrections, schedule in runs:
         echo(f"[3/4] training {name}")
         cfg = config.train_config(folder, name, optimizer, lr, hparams, **schedule)
-        rows.append(_row(name, optimizer, f"{lr:g}", train(cfg, corrections=corrections, progress=progress)))
+        rows.append(_row(LABELS.get(name, name), optimizer, f"{lr:g}",
+                         train(cfg, corrections=corrections, progress=progress)))
     return rows
+
+
+# the runs' names in the results table, as the README labels them
+LABELS = {"sgd+corrections": "sgd+corrections (static medians)", "sgd+schedule": "sgd+schedule (per-layer schedule)"}
+# One seed cannot tell a smaller SGD-Adam gap from noise: the held-out loss of bert/tiny varies by
+# 0.01-0.025 nats (std) from seed to seed (docs/results.md), so a one-seed difference of two runs
+# varies by about that times sqrt(2).
+NOISE_NATS = 0.05
+
+
+def gap_closed(table: pd.DataFrame) -> pd.DataFrame:
+    """How much of the SGD-Adam held-out loss gap each corrected SGD run closed.
+
+    One row per corrected run (``run``, ``loss``, ``closed_nats`` = loss(sgd) - loss(run), and
+    ``fraction`` = closed_nats / gap). ``attrs["gap"]`` is loss(sgd) - loss(adam) in nats and
+    ``attrs["meaningful"]`` says whether it exceeds :data:`NOISE_NATS` (one seed's noise); below it
+    ``fraction`` is NaN: a percentage of noise means nothing.
+    """
+    loss = table.set_index("run")["mlm_loss"].astype(float)
+    gap = float(loss["sgd"] - loss["adam"])
+    meaningful = gap > NOISE_NATS
+    rows = []
+    for run in LABELS.values():
+        if run in loss:
+            closed = float(loss["sgd"] - loss[run])
+            rows.append({"run": run, "loss": float(loss[run]), "closed_nats": closed,
+                         "fraction": closed / gap if meaningful else math.nan})
+    out = pd.DataFrame(rows, columns=["run", "loss", "closed_nats", "fraction"])
+    out.attrs.update(gap=gap, meaningful=meaningful)
+    return out
+
+
+def format_gap(table: pd.DataFrame) -> str:
+    """The lines the README quotes: the SGD-Adam gap in nats and the fraction each run closed."""
+    closed = gap_closed(table)
+    gap = closed.attrs["gap"]
+    lines = [f"SGD-Adam held-out loss gap: {gap:.3f} nats (sgd minus adam)"]
+    if not closed.attrs["meaningful"]:
+        lines[0] += (f", small: under {NOISE_NATS:g} nats, the noise of one seed at this scale, so no "
+                     "fraction closed is given (more steps or seeds widen or measure it)")
+    for r in closed.itertuples():
+        frac = f" = {r.fraction:.0%} of the gap" if closed.attrs["meaningful"] else ""
+        lines.append(f"  {r.run}: closed {r.closed_nats:+.3f} nats{frac}")
+    return "\n".join(lines)
 
 
 def _figures(config: DemoConfig, trace: Path, folder: Path, spec: str, echo: Callable[[str], None]) -> list[Path]:

@@ -18,11 +18,16 @@ unflagged groups of their kind, or 1.0 where there is none, before rounding.
 
 Drift: when the trace holds at least two windows, the median over its last ``window`` steps is
 divided by the first window's median (``drift``), so overshooting static corrections show.
+
+Divergence: windows holding steps at or after a divergence (non-finite ``norm_m``/``norm_d``, or
+``restart`` marks; see :mod:`graftlab.divergence`) are refused by name unless
+``allow_divergence=True``; the drift window then ends where the divergence begins.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,7 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis
+from graftlab import analysis, degenerate, divergence
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
@@ -44,28 +49,33 @@ FALLBACK = "median of the unflagged groups of the same kind, else 1.0"
 def distill(
     trace_path: PathLike,
     *,
-    window: int = 2000,
+    window: Optional[int] = None,
     round: str = "none",
     schedule: Optional[bool] = None,
     filter: Optional[int] = None,
     tie: Optional[str] = None,
     start: int = 0,
-    outlier: Optional[float] = analysis.OUTLIER,
+    outlier: Optional[float] = None,
     drift: bool = True,
+    allow_divergence: bool = False,
 ) -> Corrections:
     """Distill the trace at ``trace_path`` into :class:`~graftlab.corrections.Corrections`.
 
     The paper's Section 5: each group's factor is the median of its ratios ``||w_M - w_t|| /
     ||w_D - w_t||`` (dimensionless) over the ``window`` steps from ``start`` (the paper: the first
-    2000 steps at batch 8K, 500 at 32K; Table 5), skipping non-finite ratios. ``round`` is
+    2000 steps at batch 8K, 500 at 32K; Table 5), skipping non-finite ratios. ``window=None`` takes
+    the paper's 2000 capped to the first quarter of the trace (:func:`default_window`), so a short
+    trace distills too; ``source["window"]`` holds the window used. ``round`` is
     ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
-    applied to each group's series first (the figures use 51); ``outlier`` the degenerate-group
-    threshold of :func:`graftlab.analysis.flag_groups` (None: off). ``schedule=True`` gives
+    applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
+    threshold that also flags groups degenerate (None: off; :mod:`graftlab.degenerate` decides from
+    what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
     piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
     static multipliers; the default is a schedule for a global trace. ``drift`` adds each group's
-    median over the trace's last window.
+    median over the trace's last window. ``allow_divergence`` distills windows that follow a
+    divergence instead of refusing them (``source["divergence"]`` records what was found).
 
     Returns corrections with one multiplier (or one schedule) per group, relative to D's recorded
     learning rate (``source["direction_lr"]``), and one
@@ -73,19 +83,22 @@ def distill(
     drift, flags). Reads only the part files the windows need.
 
     Raises :class:`~graftlab.errors.GraftlabError` for a bad ``window``, ``start``, ``round`` or
-    ``filter``, a path that is not a readable graftlab trace, or a window that does not fit in it.
+    ``filter``, a path that is not a readable graftlab trace, a window that does not fit in it, or
+    windows that follow a divergence (unless ``allow_divergence``).
     """
-    _check_settings(window, start, round, filter, outlier)
+    check_settings(window, start, round, filter, outlier)
     path = Path(trace_path)
     meta = read_metadata(path)
     extent = trace_extent(path)
     length = _length(meta, extent)
+    if window is None:
+        window = default_window(length)
     if schedule is None:
         schedule = meta.get("granularity") == "global"
     if start + window > length:
         raise GraftlabError(
-            f"{path}: window of {window} steps from step {start} is longer than the trace "
-            f"({length} steps: {extent[0]}..{extent[1]})"
+            f"{path}: window={window} from start={start} is longer than the trace "
+            f"({length} steps: {extent[0]}..{extent[1]}); pass a smaller window"
         )
     table = group_table(meta)
 
@@ -93,15 +106,27 @@ def distill(
     df = _read(path, start, None if schedule else start + window, filter)
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
+    # a divergence before or inside the windows: the prefix is read only when a window starts late
+    foreign = bool(meta.get("foreign"))
+    marks = divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign))
+    windows = ([(s, min(s + window, length)) for s in range(start, length, window)] if schedule
+               else [(start, start + window)])
+    late = divergence.check_windows(path, marks, windows, allow_divergence)
     groups = _groups(df, table)
-    rule = _Rule(round, analysis.group_kinds(groups, table), analysis.tied_groups(groups, table, tie))
+    kinds = analysis.group_kinds(groups, table)
+    tied = analysis.tied_groups(groups, table, tie)
+    if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
+        tied = tied & analysis.attention_weights(groups, kinds)
+    rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
     _check_usable(path, df, first_win["median"], start, window)
-    rule.flags = analysis.flag_groups(first_win["median"], outlier)
-    later_start = length - window if drift and length - start >= 2 * window else None
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
+    spread, notes = _tied_spread(path, round, first_win["median"], rule)
+    later_start, tail = _later_window(path, df, schedule, drift, start, window, length, filter,
+                                      None if allow_divergence else marks, foreign)
     later = pd.Series(math.nan, index=groups)
     if later_start is not None:
-        tail = df if schedule else _read(path, later_start, None, filter)
         later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
 
     multipliers: dict[str, float] = {}
@@ -113,7 +138,7 @@ def distill(
         first_factor = rule.factors(first_win["median"])
         multipliers = {g: float(first_factor[g]) for g in groups}
 
-    records = _records(groups, table, rule, first_win, first_factor, later)
+    records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
         "trace": str(path.resolve()),
         "window": int(window),
@@ -126,23 +151,41 @@ def distill(
         "tie": tie,
         "outlier": outlier,
         "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "degenerate": method,
+        "tied_spread": None if math.isnan(spread) else float(spread),
+        "warnings": notes,
         "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
         "groups": {g: r.to_dict() for g, r in records.items()},
     }
+    if late:
+        source["divergence"] = {**marks.to_dict(), "first": marks.first, "windows": [list(w) for w in late]}
     return Corrections(multipliers=multipliers, schedule=sched, source=source)
 
 
 # --------------------------------------------------------------------------- the steps
 
-def _check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None) -> None:
-    """Bad settings fail before any reading."""
+PAPER_WINDOW = 2000  # the paper's window at batch 8K (Section 5, Table 5)
+
+
+def default_window(length: int) -> int:
+    """The window :func:`distill` takes when none is given: the paper's 2000 steps, capped to the
+    first quarter of a trace of ``length`` steps (at least 1 step)."""
+    return max(1, min(PAPER_WINDOW, length // 4))
+
+
+def check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None) -> None:
+    """Bad settings fail before any reading (``window=None``: :func:`default_window`).
+
+    Raises :class:`~graftlab.errors.GraftlabError` naming the setting."""
     analysis.parse_round(round)
     if outlier is not None and (isinstance(outlier, bool) or not isinstance(outlier, (int, float, np.number))
                                 or not math.isfinite(outlier) or outlier < 0):
         raise GraftlabError(f"outlier must be a finite number >= 0 (0 or None: off), got {outlier!r}")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if window is None:
+        pass
+    elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
@@ -171,6 +214,20 @@ def _check_usable(path: Path, df: pd.DataFrame, medians: pd.Series, start: int, 
         )
 
 
+def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
+    """How far apart the medians that D_beta ties to one beta are (max/min of the unflagged ones),
+    and a warning when more than ``analysis.SPREAD_WARN``: one beta then over- or undershoots."""
+    if analysis.parse_round(round)[0] not in ("dbeta", "dbeta_attn"):
+        return math.nan, []
+    spread = analysis.tied_spread(medians[rule.flags == ""], rule.tied)
+    if not spread > analysis.SPREAD_WARN:
+        return spread, []
+    note = (f"{round}: the tied groups' medians span {spread:.3g}x (more than {analysis.SPREAD_WARN:g}x); "
+            "one beta over- or undershoots some of them")
+    warnings.warn(f"{path}: {note}", stacklevel=3)
+    return spread, [note]
+
+
 def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
     """Steps the trace covers: a trace recorded every k-th step covers k steps past its last row."""
     every = meta.get("every")
@@ -181,6 +238,32 @@ def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) ->
     df = read_trace(path, steps=(start, stop))
     df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is read separately
     return analysis.filter_groups(df, filter) if filter else df
+
+
+def _prefix_marks(path: Path, start: int, foreign: bool) -> divergence.Marks:
+    """Divergence marks of the steps before ``start`` (nothing to read from step 0)."""
+    if start <= 0:
+        return divergence.Marks()
+    return divergence.find(read_trace(path, steps=(0, start)), foreign)
+
+
+def _later_window(path: Path, df: pd.DataFrame, schedule: bool, drift: bool, start: int, window: int,
+                  length: int, filter: Optional[int], marks: Optional[divergence.Marks], foreign: bool):
+    """``(start, rows)`` of the drift window: the trace's last ``window`` steps before any divergence
+    (``marks``; None: wherever it is), when at least two windows fit; ``(None, None)`` otherwise."""
+    end = length
+    while True:  # a divergence found in the tail moves the window before it (end only decreases)
+        if marks is not None and marks.first is not None:
+            end = min(end, marks.first)
+        later_start = end - window if drift and end - start >= 2 * window else None
+        if later_start is None:
+            return None, None
+        tail = df if schedule else _read(path, later_start, None, filter)
+        tail = tail[(tail["step"] >= later_start) & (tail["step"] < end)]
+        found = divergence.find(tail, foreign) if marks is not None else divergence.Marks()
+        if found.first is None:
+            return later_start, tail
+        marks = found
 
 
 def _groups(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
@@ -228,7 +311,8 @@ def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rul
 
 
 def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
-             first_factor: pd.Series, later: pd.Series) -> dict[str, GroupSource]:
+             first_factor: pd.Series, later: pd.Series,
+             evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
     """Each group's :class:`GroupSource`: what its factor was made from."""
     stand_in = rule.stand_in(first_win["median"])
     out = {}
@@ -249,6 +333,8 @@ def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.
             stand_in=jsonable(stand_in[g]) if rule.flags[g] else None,
             members=([str(m) for m in members]
                      if isinstance(members, (list, tuple)) and list(members) != [g] else None),
+            grad_share=jsonable(evidence[g].grad_share),
+            evidence=evidence[g].to_dict() if evidence[g].degenerate else None,
         )
     return out
 

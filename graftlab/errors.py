@@ -3,10 +3,10 @@
 ``GraftlabError`` subclasses ``ValueError``, so code that already catches ``ValueError`` around
 torch.optim-style validation keeps working. Messages are one line worded in API terms: parameters
 by their Python names (``pass overwrite=True``, ``allow_missing=True``, ``checkpoint_dir``), never
-command-line flags. The CLI turns a ``GraftlabError`` into one ``error:`` line and exit code 2,
-saying each parameter name of the running command as its flag (``--overwrite``,
-``--checkpoint-dir``; see ``graftlab.cli.app.in_cli_terms``). Anything else is a bug and keeps its
-traceback.
+command-line flags. The CLI turns a ``GraftlabError`` into one ``error:`` line and exit code 2
+(3 for a :class:`DivergedError`), saying each parameter name of the running command as its flag
+(``--overwrite``, ``--checkpoint-dir``; see ``graftlab.cli.app.in_cli_terms``). Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ class OutputExistsError(GraftlabError):
     def __init__(self, path: str | os.PathLike, what: str = "output"):
         self.path = os.fspath(path)
         super().__init__(f"{what} {self.path!r} already exists; pass overwrite=True to replace it")
+
+
+class DivergedError(GraftlabError):
+    """A run stopped because its loss, gradients or step norms stopped being finite (see
+    ``graftlab.runs.FitResult.raise_if_diverged``). The CLI exits with :attr:`exit_code` 3, apart
+    from the 2 of a bad input, after the metrics and trace of the steps run are written."""
+
+    exit_code = 3

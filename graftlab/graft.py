@@ -1,87 +1,125 @@
-"""The grafted meta-optimizer M#D (the paper's Algorithm 1).
-
-Each step takes its size from the magnitude optimizer M and its direction from the direction
-optimizer D, separately for every group of a :class:`~graftlab.partition.Partition`::
-
-    w_{t+1} = w_t + (||w_M - w_t|| / ||w_D - w_t||) * (w_D - w_t)      per group,
-    w_{t+1} = w_t                                                       where D's step is zero.
-
-Usage (only the optimizer construction changes in a training loop)::
-
-    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
-    sched = torch.optim.lr_scheduler.LambdaLR(adam, warmup)   # M's schedule drives the step size
-    ...
-    loss.backward(); opt.step(); opt.zero_grad(); sched.step()
-
-``state_dict()`` holds both children::
-
-    >>> opt.state_dict().keys()
-    dict_keys(['magnitude', 'direction', 'graft'])
-    >>> opt.state_dict()["graft"]
-    {'granularity': 'layer', 'groups': ['fc.weight', 'fc.bias'], 'steps': 0}
-
-Two paths compute the children's steps. The *direct* path (SGD, Adam, AdamW, Adagrad, RMSprop as
-exact classes) computes each child's step from its own state (see :mod:`graftlab.updates`), exactly,
-without touching the weights. The *generic* path works for any optimizer, including another
-``Graft``: it lets M step, measures, restores ``w_t``, lets D step, and rescales. Both keep one
-parameter-sized buffer (two at coordinate granularity), allocated on the first step.
-"""
+"""The grafted meta-optimizer M#D (the paper's Section 3, Algorithm 1). See :class:`Graft`."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import updates
-from graftlab.partition import Granularity, Names, Partition, make_partition, name_parameters
+from graftlab import build, child_steps
+from graftlab.errors import GraftlabError
+from graftlab.norms import PlainNorms
+from graftlab.partition import Granularity, Names, TensorNames
 
 PATHS = ("auto", "direct", "generic")
 
 
-def _flat_params(opt: Optimizer) -> list[Tensor]:
-    return [p for group in opt.param_groups for p in group["params"]]
-
-
-def _check_children(magnitude: Any, direction: Any) -> list[Tensor]:
-    for role, opt in (("magnitude", magnitude), ("direction", direction)):
-        if not isinstance(opt, Optimizer):
-            raise ValueError(f"{role} must be a torch.optim.Optimizer, got {type(opt).__name__}")
-    if magnitude is direction:
-        raise ValueError("magnitude and direction must be two optimizer instances (each keeps its own state)")
-    pm, pd = _flat_params(magnitude), _flat_params(direction)
-    if len({id(p) for p in pm}) != len(pm):
-        raise ValueError("the magnitude optimizer holds a parameter twice")
-    ids_m, ids_d = {id(p) for p in pm}, {id(p) for p in pd}
-    if ids_m != ids_d:
-        only_m, only_d = len(ids_m - ids_d), len(ids_d - ids_m)
-        raise ValueError(
-            "magnitude and direction must be built over the same parameters: "
-            f"{only_m} tensor(s) only in magnitude, {only_d} only in direction"
-        )
-    if not pm:
-        raise ValueError("the optimizers hold no parameters")
-    return pm
-
-
 class Graft(Optimizer):
-    """M#D: step sizes from ``magnitude``, directions from ``direction``, per group.
+    r"""M#D: each step takes its size from ``magnitude`` and its direction from ``direction``, per group.
+
+    For every group :math:`\rho` of a partition of the parameters (the paper's Section 3,
+    Algorithm 1, with the granularities of Section 3.1), both children receive the same
+    :math:`(w_t, g_t)` and keep their own state, and the grafted step is
+
+    .. math::
+        w_{t+1}^{(\rho)} = w_t^{(\rho)} + \frac{\|w_M^{(\rho)} - w_t^{(\rho)}\|}{\|w_D^{(\rho)} - w_t^{(\rho)}\|}
+        \,(w_D^{(\rho)} - w_t^{(\rho)}), \qquad w_{t+1}^{(\rho)} = w_t^{(\rho)} \text{ where D's step is zero.}
+
+    A#A behaves as A; M#D behaves as M when D differs from M only by its learning-rate schedule;
+    at ``"coordinate"`` granularity SGD#AdaGrad behaves as SGD (Section 3).
 
     Args:
-        magnitude: optimizer M, built over the model's parameters (attach LR schedulers here).
-        direction: optimizer D, built over the same parameters.
-        granularity: ``"layer"`` (default: one group per tensor), ``"global"``, ``"coordinate"``,
-            or a function from parameter name to group label.
-        names: an ``nn.Module`` or ``(name, parameter)`` pairs naming the tensors; groups at layer
-            granularity carry these names. Without it tensors are ``param.0``, ``param.1``, ...
-        path: ``"auto"`` (direct where both children allow it), ``"direct"`` or ``"generic"``.
+        magnitude: optimizer M over the model's parameters. Its learning rate is the step size.
+        direction: optimizer D over the same tensors (its groups may be arranged differently).
+        granularity: ``"layer"`` (default: one group per tensor), ``"global"`` (one group),
+            ``"coordinate"`` (one group per element), or a function from parameter name to label.
+        names: an ``nn.Module`` or ``(name, tensor)`` pairs naming the tensors (extra names, such
+            as frozen layers, are allowed). Without it tensors are ``param.0``, ``param.1``, ...
+        split: ``"fused"`` (default): at ``"layer"`` granularity a fused tensor graftlab
+            recognises (GPT-2's ``attn.c_attn`` weight and bias: Q, K, V thirds of the output
+            dimension; :func:`graftlab.partition.fused_layout`) is grafted as three groups
+            ``<name>[q]``, ``<name>[k]``, ``<name>[v]``, each exactly as if it were its own tensor.
+            ``None`` keeps whole tensors. Sharded (FSDP) parameters need ``None``.
+        path: ``"auto"`` (default), ``"direct"`` or ``"generic"``. The direct path computes each
+            child's step from its state without touching the weights (SGD, Adam, AdamW, Adagrad,
+            RMSprop as exact classes; see :mod:`graftlab.updates`), so tiny steps keep their
+            digits. The generic path serves any optimizer (another Graft too): M steps, the step
+            is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
+            both children allow it and the generic one on steps with sparse gradients.
+        fused: run direct steps fused (:mod:`graftlab.fused`), as torch.optim's ``fused=`` flag
+            does for one optimizer: both children's steps and their norms in one pass over memory
+            and one write of the weights, compiled with ``torch.compile`` (inductor) on the first
+            step, with no parameter-sized buffer. Same results as the direct path up to float
+            rounding. The first step pays a one-off compile (minutes on a small CPU for a
+            BERT-sized model; see bench/RESULTS.md), so it is off by default: it pays off on long
+            runs. Needs a C++ compiler on CPU (Triton on a GPU), children with direct rules and
+            unsharded parameters; steps with sparse gradients take the generic path as usual.
 
-    After each step, :attr:`last_stats` holds per-group ``[norm_m, norm_d, ratio]`` on the
-    parameters' device (no host sync); :attr:`group_names` names its columns.
+    The optimizer contract holds as for any ``torch.optim`` optimizer:
+
+    - ``param_groups`` ARE M's groups (the same list): ``param_groups[i]["lr"]`` reads and writes
+      M's learning rate, so a scheduler built on the Graft (``LambdaLR(graft, f)``, HF Trainer,
+      Lightning) drives the step size exactly as one built on M does. ``defaults`` are M's.
+    - :meth:`add_param_group` adds a group to both children and grafts it; groups added to both
+      children directly are picked up at the next step.
+    - step hooks, state-dict hooks and load-state-dict hooks registered on the Graft fire; the
+      children's own step hooks fire on both paths; ``copy.deepcopy`` and ``pickle`` work;
+      ``torch.compile(graft.step)`` works from the first step (buffers exist from construction).
+    - each child sees the same ``g_t``, and ``p.grad`` is left as the training loop set it: on
+      the generic path a child whose ``step`` may edit gradients steps on its own copy.
+
+    Parameters may have any shape and a floating (float16/bfloat16/float32/float64) or complex
+    dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
+    parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
+    child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
+    construction; none with ``fused=True`` (until a step takes the generic path). A step does no host-device synchronisation and allocates nothing
+    parameter-sized.
+
+    Attributes:
+        last_stats: ``(3, n_groups)`` tensor, rows ``norm_m``, ``norm_d``, ``ratio`` of the last
+            step, on the parameters' device, float32 (float64 for float64 parameters). Norms are
+            L2 norms of the steps in parameter units; ``ratio = norm_m / norm_d`` is
+            dimensionless and not finite where D's step was zero (the weights are then kept).
+        group_names: the names of the ``last_stats`` columns (parameter names at ``"layer"``
+            and ``"coordinate"`` granularity, ``"global"``, or the labels of a function).
+        steps: the number of grafted steps taken.
+
+    Usage (only the optimizer changes in a training loop; the scheduler may sit on the Graft or
+    on M), and ``state_dict()``, which holds both children in torch.optim's format::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Graft(torch.optim.Adam(model.parameters(), lr=1e-3),
+        ...             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), names=model)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+        >>> opt.param_groups[0]["lr"]                 # M's lr
+        0.001
+        >>> model(torch.ones(3, 4)).sum().backward(); opt.step(); opt.zero_grad(); sched.step()
+        >>> opt.param_groups is opt.magnitude.param_groups, opt.param_groups[0]["lr"]
+        (True, 0.0005)
+        >>> opt.last_stats.shape, opt.group_names
+        (torch.Size([3, 2]), ('weight', 'bias'))
+        >>> sd = opt.state_dict()
+        >>> sd.keys()
+        dict_keys(['magnitude', 'direction', 'graft'])
+        >>> sorted(sd["magnitude"]["state"][0]), sorted(sd["direction"]["state"][0])
+        (['exp_avg', 'exp_avg_sq', 'step'], ['momentum_buffer'])
+        >>> sd["graft"]
+        {'granularity': 'layer', 'groups': ['weight', 'bias'], 'steps': 1}
+
+    Raises:
+        GraftlabError: a child that is not an optimizer, the same optimizer twice, children over
+            different tensors, an unknown ``granularity`` or ``path``, names that miss an optimized
+            tensor, ``path="direct"`` for a child without a direct rule, ``fused=True`` without the
+            direct path or with sharded parameters, and at :meth:`step`
+            gradients a child is known to refuse (sparse ones for Adam, dense ones for
+            SparseAdam, sparse ones with ``path="direct"``); a refused step changes nothing. When
+            a child's own ``step()`` raises on the generic path, the weights and ``p.grad`` are
+            put back and the error propagates (what the child did to its own state is its own).
     """
+
+    _keeps_gradients = True  # as another Graft's child: p.grad is left as it was found
 
     def __init__(
         self,
@@ -91,35 +129,59 @@ class Graft(Optimizer):
         granularity: Granularity = "layer",
         names: Names = None,
         path: str = "auto",
+        split: Optional[str] = "fused",
+        fused: bool = False,
     ) -> None:
-        params = _check_children(magnitude, direction)
+        for role, opt in (("magnitude", magnitude), ("direction", direction)):
+            if not isinstance(opt, Optimizer):
+                raise GraftlabError(f"{role} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        if magnitude is direction:
+            raise GraftlabError("magnitude and direction must be two optimizer instances (each keeps its own state)")
         if path not in PATHS:
-            raise ValueError(f"unknown path {path!r}: expected one of {', '.join(PATHS)}")
+            raise GraftlabError(f"unknown path {path!r}: expected one of {', '.join(PATHS)}")
         self.magnitude = magnitude
         self.direction = direction
-        self.partition: Partition = make_partition(name_parameters(params, names), granularity)
-        rules = (updates.rule_for(magnitude), updates.rule_for(direction))
-        if path == "direct" and None in rules:
-            bad = [type(o).__name__ for o, r in zip((magnitude, direction), rules) if r is None]
-            raise ValueError(
-                f"no direct path for {', '.join(bad)}: direct supports "
-                f"{', '.join(c.__name__ for c in updates.RULES)} without fused/capturable/differentiable"
-            )
-        self._rules = rules if (path != "generic" and None not in rules) else None
-        self._steps = 0
-        self._buf: Optional[list[Tensor]] = None
-        self._abs_m: Optional[list[Tensor]] = None
-        self._scratch: Optional[list[Tensor]] = None
+        self._granularity = granularity
+        self._path_choice = path
+        self._split = split
+        self._fused_choice = bool(fused)
+        self._names = TensorNames(names)
+        # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
+        self._step_count = torch.zeros((), dtype=torch.int64)
+        # torch.optim.Optimizer's own set-up minus its param_groups (the Graft's are M's): hooks,
+        # the step wrapper that fires them, an (empty) per-parameter state
+        Optimizer.__setstate__(self, {"state": defaultdict(dict)})
+        self._params: list[Tensor] = []
         self._stats: Optional[Tensor] = None
-        self._layout = None  # a graftlab.distributed.ShardLayout when parameters are DTensors
-        super().__init__([{"params": params}], defaults={})
-        self._slot = {id(p): i for i, p in enumerate(params)}
+        build.build(self)
+
+    # -- the Graft's groups are M's groups ---------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.magnitude.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.magnitude.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.magnitude.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.magnitude.defaults = value
 
     # -- public read-only views ------------------------------------------------------------
     @property
     def path(self) -> str:
-        """``"direct"`` or ``"generic"``: which path :meth:`step` takes."""
+        """``"direct"`` or ``"generic"``: which path :meth:`step` takes (with dense gradients)."""
         return "generic" if self._rules is None else "direct"
+
+    @property
+    def fused(self) -> bool:
+        """Whether direct steps run fused (``fused=True``; :mod:`graftlab.fused`)."""
+        return self._fused is not None
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -127,217 +189,236 @@ class Graft(Optimizer):
 
     @property
     def params(self) -> list[Tensor]:
-        return self.param_groups[0]["params"]
+        """The grafted tensors, in M's order (``partition.param_names`` names them)."""
+        return self._params
 
     @property
     def steps(self) -> int:
         """Number of grafted steps taken (restored by :meth:`load_state_dict`)."""
-        return self._steps
+        return int(self._step_count)
+
+    @property
+    def _steps(self) -> int:
+        return int(self._step_count)
+
+    @_steps.setter
+    def _steps(self, value: int) -> None:  # graftlab.distributed.checkpoints restores it
+        self._step_count.fill_(int(value))
 
     @property
     def last_stats(self) -> Tensor:
-        """``(3, n_groups)`` tensor: rows ``norm_m``, ``norm_d``, ``ratio`` of the last step.
+        """``(3, n_groups)``: ``norm_m``, ``norm_d``, ``ratio`` of the last step (NaN before the first).
 
-        The same tensor is updated in place every step; it lives on the parameters' device and is
-        float32 (float64 for float64 parameters). ``ratio`` is ``norm_m / norm_d`` (not finite where
-        D's step was zero; the weights are then kept). Before the first step it is all NaN.
+        The same tensor is updated in place every step (a new one when groups are added).
         """
-        self._ensure_buffers()
         return self._stats
 
-    # -- optimizer protocol ----------------------------------------------------------------
-    def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "param_groups", None):
-            raise ValueError("Graft holds its children's parameters; add the group to both children instead")
-        super().add_param_group(param_group)
+    @property
+    def _layout(self):
+        """The :class:`~graftlab.distributed.shards.ShardLayout` when parameters are sharded, else None."""
+        return None if isinstance(self._norms, PlainNorms) else self._norms
 
-    @torch.no_grad()
+    # -- optimizer protocol ----------------------------------------------------------------
+    @torch._disable_dynamo
+    def add_param_group(self, param_group: dict, *, direction: Optional[dict] = None) -> None:
+        """Add ``param_group`` to both children and graft its tensors (progressive unfreezing).
+
+        ``param_group`` goes to M as to any optimizer (its options, such as ``lr``, are M's; M's
+        defaults fill the rest). D gets the same tensors with its own defaults, updated by the
+        options in ``direction``. ``params`` may hold ``(name, tensor)`` pairs, which name new
+        groups at layer granularity. Raises GraftlabError for a malformed group or tensors the
+        optimizers already hold; nothing changes then.
+        """
+        m_group, d_group = build.children_groups(self, param_group, direction or {})
+        self.magnitude.add_param_group(m_group)
+        try:
+            self.direction.add_param_group(d_group)
+        except BaseException:
+            self.magnitude.param_groups.pop()
+            raise
+        try:
+            build.build(self)
+        except BaseException:
+            self.magnitude.param_groups.pop()
+            self.direction.param_groups.pop()
+            raise
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One grafted step. A ``closure`` is evaluated once, before the children step."""
+        """One grafted step. A ``closure`` is evaluated once, before the children step.
+
+        Raises GraftlabError, before anything changes, for gradients a child is known to refuse.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_buffers()
-        if self._layout is not None:
-            self._step_sharded()
-        elif self._rules is None:
-            self._step_generic()
-        else:
-            self._step_direct()
-        self._steps += 1
+        with torch.no_grad():
+            self._grafted_step()
+            self._step_count.add_(1)
         return loss
 
+    def _grafted_step(self) -> None:
+        """Child steps -> group norms -> combine: the one sequence of every path and layout."""
+        if self._signature != build.signature(self):
+            build.build(self)
+        direct = child_steps.takes_direct_path(self)
+        if direct and self._fused is not None:
+            child_steps.fused(self)
+            return
+        params = self._norms.locals(self._params)  # fetched per step: FSDP may swap local tensors
+        if self._buf is None:  # fused=True, and this step takes the generic path: its buffers
+            child_steps.allocate_buffers(self, params)
+        if direct:
+            part_m, part_d, step = self._child_norms(params, direct)
+        else:
+            grads = child_steps.save(self, params)
+            try:
+                part_m, part_d, step = self._child_norms(params, direct, grads)
+            except BaseException:
+                torch._foreach_copy_(params, self._buf)  # w_t
+                raise
+            finally:
+                child_steps.restore_grads(self._params, grads)
+        factors = self._record(*self._norms.finish(part_m, part_d))
+        self._combine(params, step, factors, direct)
+
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """``{"magnitude": M.state_dict(), "direction": D.state_dict(), "graft": {...}}`` (see the
+        class docstring); state-dict pre- and post-hooks registered on the Graft fire."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        if self._signature != build.signature(self):
+            build.build(self)
+        state = {
             "magnitude": self.magnitude.state_dict(),
             "direction": self.direction.state_dict(),
             "graft": {
-                "granularity": self.partition.granularity,
-                "groups": list(self.group_names),
-                "steps": self._steps,
+                "granularity": self.partition.granularity, "groups": list(self.group_names), "steps": self._steps,
             },
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, state)
+            if out is not None:
+                state = out
+        return state
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load both children and the step count; load-state-dict hooks on the Graft fire.
+
+        Raises GraftlabError, before either child changes, for a dict that is not a Graft's or
+        was saved with another partition or other parameter groups.
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
         missing = {"magnitude", "direction", "graft"} - set(state_dict)
         if missing:
-            raise ValueError(f"not a Graft state dict: missing {sorted(missing)}")
+            raise GraftlabError(f"not a Graft state dict: missing {sorted(missing)}")
+        if self._signature != build.signature(self):
+            build.build(self)
         meta = state_dict["graft"]
         if meta.get("granularity") != self.partition.granularity or list(meta.get("groups", [])) != list(
             self.group_names
         ):
-            raise ValueError("state dict was saved with a different partition (granularity or group names differ)")
+            raise GraftlabError("state dict was saved with a different partition (granularity or group names differ)")
+        for role in ("magnitude", "direction"):
+            child_steps.check_child_state(role, getattr(self, role), state_dict[role])
         self.magnitude.load_state_dict(state_dict["magnitude"])
         self.direction.load_state_dict(state_dict["direction"])
         self._steps = int(meta.get("steps", 0))
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        gran = self._granularity
+        known = None
+        if callable(gran) and not build.importable(gran):
+            # pickle cannot store a lambda: keep the labels of the tensors grafted so far instead
+            known = dict(zip(self.partition.param_names, (self.group_names[k] for k in self.partition.tensor_group)))
+            gran = None
+        return {
+            "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
+            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice, "_names": self._names,
+            "_step_count": self._step_count,
+            "state": self.state,
+            "_stats": self._stats,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Optimizer.__setstate__(self, state)  # hooks are not copied, as for torch.optim optimizers
+        self._params = []
+        build.build(self)
 
     def __repr__(self) -> str:
         return (
             f"Graft({type(self.magnitude).__name__}#{type(self.direction).__name__}, "
-            f"granularity={self.partition.granularity!r}, groups={len(self.group_names)}, path={self.path!r})"
+            f"granularity={self.partition.granularity!r}, groups={len(self.group_names)}, path={self.path!r}"
+            + (", fused=True)" if self.fused else ")")
         )
 
-    # -- internals -------------------------------------------------------------------------
-    def _ensure_buffers(self) -> None:
-        if self._buf is not None:
-            return
-        params = self.params
-        self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
-            from graftlab.distributed.shards import shard_layout
+    def _refusal(self, sparse: bool, dense: bool) -> Optional[str]:
+        """Why this Graft, as another Graft's child, would refuse such gradients (None if it would not)."""
+        if sparse and self._path_choice == "direct":
+            return "has path='direct', which takes no sparse gradients"
+        for role in ("magnitude", "direction"):
+            child = getattr(self, role)
+            why = child_steps.refusal(child, sparse, dense)
+            if why:
+                return f"holds a {role} optimizer {type(child).__name__} that {why}"
+        return None
 
-            self._layout = shard_layout(
-                params, self.partition.tensor_group, len(self.group_names), self._norm_dtype
-            )
-            if self._layout is not None:  # buffers hold this rank's pieces of sharded tensors
-                params = self._layout.locals(params)
-        self._buf = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+    # -- the step: child steps -> group norms -> combine ----------------------------------------
+    def _child_norms(self, params: list[Tensor], direct: bool, grads=None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Both children's steps and their group norms; returns the partial norms and D's step."""
+        real = child_steps.real_views if self._complex else list
+        units = self.partition.units  # slices of split tensors are groups of their own
+        step = self._child_step(self.magnitude, 0, params, direct, grads)
+        part_m = self._group_norms(real(units(step)))
         if self.partition.elementwise:
-            self._abs_m = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        device = params[0].device
-        n_groups = len(self.group_names)
-        self._stats = torch.full((3, n_groups), float("nan"), device=device, dtype=self._norm_dtype)
-        self._index = torch.tensor(self.partition.tensor_group, device=device)
+            abs_m = real(self._abs_m)
+            torch._foreach_copy_(abs_m, real(step))
+            torch._foreach_abs_(abs_m)
+        step = self._child_step(self.direction, 1, params, direct, grads)
+        return part_m, self._group_norms(real(units(step))), step
 
-    def _get_scratch(self) -> list[Tensor]:
-        if self._scratch is None:
-            params = self.params if self._layout is None else self._layout.locals(self.params)
-            self._scratch = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-        return self._scratch
+    def _child_step(self, opt: Optimizer, which: int, params, direct: bool, grads) -> list[Tensor]:
+        if direct:
+            return child_steps.direct(self, opt, self._rules[which], self._buf)
+        return child_steps.generic(self, opt, params, first=which == 0, grads=grads)
 
     def _group_norms(self, steps: list[Tensor]) -> Tensor:
-        """Per-group L2 norms of per-tensor ``steps``, accumulated in float32 or wider."""
-        per_tensor = torch.stack(torch._foreach_norm(steps, 2, dtype=self._norm_dtype))
-        if self.partition.one_tensor_per_group:
-            return per_tensor
-        sq = torch.zeros(len(self.group_names), device=per_tensor.device, dtype=self._norm_dtype)
-        return sq.index_add_(0, self._index, per_tensor * per_tensor).sqrt_()
+        """What this process knows of each group's norm (the norm itself unless sharded)."""
+        return self._norms.partial(steps)
 
-    def _record(self, norm_m: Tensor, norm_d: Tensor) -> list[Tensor]:
-        """Store the step's norms and return each tensor's scale factor (0 where D's step is zero)."""
+    def _factors(self, norm_m: Tensor, norm_d: Tensor) -> Tensor:
+        """Store the step's norms; ``(n_tensors,)``: each tensor's scale factor (0 where D's step is zero)."""
         self._stats[0].copy_(norm_m)
         self._stats[1].copy_(norm_d)
         torch.div(norm_m, norm_d, out=self._stats[2])
         factor = torch.where(norm_d > 0, self._stats[2], 0.0)
-        if not self.partition.one_tensor_per_group:
-            factor = factor[self._index]
-        return list(factor.unbind())
+        return factor if self._index is None else factor[self._index]
 
-    def _step_generic(self) -> None:
-        params, w0 = self.params, self._buf
-        torch._foreach_copy_(w0, params)
-        self.magnitude.step()
-        torch._foreach_sub_(params, w0)  # params now hold M's step
-        norm_m = self._group_norms(params)
-        if self.partition.elementwise:
-            torch._foreach_copy_(self._abs_m, params)
-            torch._foreach_abs_(self._abs_m)
-        torch._foreach_copy_(params, w0)
-        self.direction.step()
-        torch._foreach_sub_(params, w0)  # params now hold D's step
-        norm_d = self._group_norms(params)
-        factors = self._record(norm_m, norm_d)
-        if self.partition.elementwise:
-            # per coordinate |dM| / |dD| * dD == |dM| * sign(dD), and sign(0) == 0 keeps w_t
-            torch._foreach_sign_(params)
-            torch._foreach_mul_(params, self._abs_m)
-        else:
-            torch._foreach_mul_(params, factors)
-        torch._foreach_add_(params, w0)
+    def _record(self, norm_m: Tensor, norm_d: Tensor) -> list[Tensor]:
+        return list(self._factors(norm_m, norm_d).unbind())
 
-    def _child_step(self, opt: Optimizer, rule: Callable, out: list[Tensor], sharded: bool = False) -> None:
-        """out <- the step ``opt`` would take now; advances ``opt``'s state, not the weights.
-
-        With ``sharded`` the rule runs on each rank's local pieces (see graftlab.distributed) and the
-        optimizer state stays DTensor.
-        """
-        slot = self._slot
-        for group in opt.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if len(ps) != len(group["params"]):
-                for p in group["params"]:
-                    if p.grad is None:
-                        out[slot[id(p)]].zero_()
-            if not ps:
-                continue
-            idx = [slot[id(p)] for p in ps]
-            states, outs = [opt.state[p] for p in ps], [out[i] for i in idx]
-            scratch = lambda: [self._get_scratch()[i] for i in idx]  # noqa: E731
-            if sharded:
-                self._layout.run_rule(rule, group, ps, states, outs, scratch)
-                continue
-            if any(p.grad.is_sparse for p in ps):
-                raise ValueError("sparse gradients need path='generic'")
-            rule(group, ps, [p.grad for p in ps], states, outs, scratch)
-        # the child's own step() did not run: tell its LR scheduler that it stepped, as step() would
-        opt._opt_called = True
-
-    def _step_direct(self) -> None:
-        params, step = self.params, self._buf
-        self._child_step(self.magnitude, self._rules[0], step)
-        norm_m = self._group_norms(step)
+    def _combine(self, params: list[Tensor], step: list[Tensor], factors: list[Tensor], direct: bool) -> None:
+        """w_{t+1} = w_t + factor * D's step (per coordinate: |M's step| * sign(D's step))."""
+        real = child_steps.real_views if self._complex else list
+        units = self.partition.units  # one factor per unit (a slice or a whole tensor)
+        params, step = real(units(params)), real(units(step))
         if self.partition.elementwise:
-            torch._foreach_copy_(self._abs_m, step)
-            torch._foreach_abs_(self._abs_m)
-        self._child_step(self.direction, self._rules[1], step)
-        norm_d = self._group_norms(step)
-        factors = self._record(norm_m, norm_d)
-        if self.partition.elementwise:
-            torch._foreach_sign_(step)
-            torch._foreach_addcmul_(params, step, self._abs_m)
-        else:
-            torch._foreach_addcmul_(params, step, factors)  # w += factor * step in one pass
-
-    # -- sharded parameters (FSDP2 / DTensor); see graftlab.distributed -----------------------
-    def _step_sharded(self) -> None:
-        """Both paths with sharded parameters: foreach math on local pieces, whole-tensor norms from
-        one all-reduce of the squared local norms (``2 x n_groups`` values) per step."""
-        layout, buf, generic = self._layout, self._buf, self._rules is None
-        params = layout.locals(self.params)  # fetched per step: FSDP may swap the local tensors
-        if generic:
-            torch._foreach_copy_(buf, params)
-            self.magnitude.step()
-            torch._foreach_sub_(params, buf)  # params now hold M's step, buf holds w_t
-            step = params
-        else:
-            self._child_step(self.magnitude, self._rules[0], buf, sharded=True)
-            step = buf
-        sq_m = layout.group_sq(step)
-        if self.partition.elementwise:
-            torch._foreach_copy_(self._abs_m, step)
-            torch._foreach_abs_(self._abs_m)
-        if generic:
-            torch._foreach_copy_(params, buf)
-            self.direction.step()
-            torch._foreach_sub_(params, buf)  # params now hold D's step
-        else:
-            self._child_step(self.direction, self._rules[1], buf, sharded=True)
-        sq_d = layout.group_sq(step)
-        factors = self._record(*layout.norms(sq_m, sq_d))
-        if self.partition.elementwise:
-            torch._foreach_sign_(step)
-            torch._foreach_mul_(step, self._abs_m)
+            torch._foreach_sign_(step)  # sign(0) == 0 keeps w_t where D does not move
+            if direct:
+                torch._foreach_addcmul_(params, step, real(self._abs_m))
+                return
+            torch._foreach_mul_(step, real(self._abs_m))
+        elif direct:
+            torch._foreach_addcmul_(params, step, factors)  # one pass over the weights
+            return
         else:
             torch._foreach_mul_(step, factors)
-        torch._foreach_add_(params, buf)
+        torch._foreach_add_(params, real(units(self._buf)))  # generic: step lives in params, w_t in the buffer

@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from torch import nn
 
+from graftlab.errors import GraftlabError
+
 KINDS = ("Q", "K", "V", "attn_out", "ffn", "embedding", "output", "norm", "conv", "other")
 
 # Legend labels in the paper's Figure 5 wording.
@@ -36,9 +38,9 @@ class GroupKind:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+            raise GraftlabError(f"unknown kind {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.ffn not in (None, "fc1", "fc2"):
-            raise ValueError(f"ffn must be 'fc1', 'fc2' or None, got {self.ffn!r}")
+            raise GraftlabError(f"ffn must be 'fc1', 'fc2' or None, got {self.ffn!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +66,8 @@ class GroupKind:
 #
 # Fused query-key-value tensors (GPT-2's ``attn.c_attn``, ``qkv``, nn.MultiheadAttention's
 # ``in_proj_weight``) hold Q, K and V in one tensor; a per-tensor ratio cannot be split among them, so
-# they are ``other`` (with their block index). Users who want them labelled differently pass
+# they are ``other`` (with their block index) unless a partition splits them into slices named
+# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.partition.fused_layout), which are Q, K and V. Users who want them labelled differently pass
 # ``overrides``. Hugging Face's ``Conv1D`` is a linear layer despite its name and is classified by
 # name, not as a convolution.
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ ATTN_OUT_NAMES = frozenset({"out", "out_proj", "o_proj", "o", "c_proj", "proj", 
 FC1_NAMES = frozenset({"fc1", "c_fc", "up_proj", "gate_proj", "lin1", "linear1", "wi", "wi_0", "wi_1", "w1",
                        "w3", "dense_h_to_4h", "fc_in", "gate_up_proj", "intermediate"})
 FC2_NAMES = frozenset({"fc2", "down_proj", "lin2", "linear2", "w2", "dense_4h_to_h", "fc_out", "c_proj"})
+_SLICE = re.compile(r"(.+)\[(\w+)\]")
 _NORM_NAME = re.compile(r"(norm|^(ln|bn|gn)(_?\d+|_f|_final)?$)")
 _CONV_NAME = re.compile(r"^(conv\w*|stem)$")
 _EMBED_NAME = re.compile(r"(embed|^(wte|wpe|cls_token|pos_token|mask_token)$)")
@@ -125,6 +129,94 @@ def _is_conv_module(module: Optional[nn.Module]) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
+@dataclass(frozen=True)
+class _Name:
+    """A parameter name read as a path: ``a.b.c.weight`` -> modules ``a, b, c`` and tensor ``weight``."""
+
+    low: tuple[str, ...]  # the module names, lower-cased
+    own: str  # the owning module's name (the tensor's own name for a bare Parameter)
+    parent: Optional[str]  # the module above it: for Sequential children ("downsample.1")
+    tensor: str
+    block: Optional[int]
+
+    @classmethod
+    def parse(cls, name: str) -> "_Name":
+        mods, leaf = _path(name)
+        low = tuple(m.lower() for m in mods)
+        return cls(low, low[-1] if low else leaf.lower(), low[-2] if len(low) >= 2 else None, leaf.lower(),
+                   _block_index(mods))
+
+
+Rule = Callable[[_Name, Optional[nn.Module]], Optional[tuple[str, Optional[str]]]]
+
+
+def _head(n: _Name, module: Optional[nn.Module]):
+    # before norms: the paper counts the MLM head's LayerNorm as "softmax"
+    if set(n.low) & HEADS or (n.block is None and len(n.low) == 1 and n.own in TOP_LEVEL_OUTPUTS):
+        return "output", None
+    return None
+
+
+def _module_type(n: _Name, module: Optional[nn.Module]):
+    if _is_norm_module(module):
+        return "norm", None
+    if _is_conv_module(module):
+        return "conv", None
+    if isinstance(module, nn.Embedding):
+        return "embedding", None
+    return None
+
+
+def _norm_or_conv_name(n: _Name, module: Optional[nn.Module]):
+    if module is not None:  # the type is known: a name only decides for modules that are not linear maps
+        if _NORM_NAME.search(n.own) and not isinstance(module, (nn.Linear, nn.Embedding)):
+            return "norm", None
+        return None
+    if n.own.isdigit() and n.parent in ("downsample", "shortcut"):
+        return ("conv" if n.own == "0" else "norm"), None  # torchvision: Sequential(conv, batchnorm)
+    if _NORM_NAME.search(n.own) or n.tensor in ("running_mean", "running_var"):
+        return "norm", None
+    if _CONV_NAME.match(n.own) or n.own in ("downsample", "shortcut"):
+        return "conv", None
+    return None
+
+
+def _embedding_name(n: _Name, module: Optional[nn.Module]):
+    if any(_EMBED_NAME.search(m) for m in n.low) or _EMBED_NAME.search(n.tensor):
+        return "embedding", None
+    return None
+
+
+def _attention(n: _Name, module: Optional[nn.Module]):
+    for cand in (n.own, n.tensor):  # the module name and, for bare Parameters, the tensor name
+        for names, kind in ((Q_NAMES, "Q"), (K_NAMES, "K"), (V_NAMES, "V"), (QKV_NAMES, "other")):
+            if cand in names:
+                return kind, None
+    if set(n.low) & ATTENTION and (n.own in ATTN_OUT_NAMES or n.parent in ("output", "to_out", "out_proj")):
+        return "attn_out", None
+    return None
+
+
+def _feed_forward(n: _Name, module: Optional[nn.Module]):
+    words = set(n.low)
+    in_ffn = bool(words & FFN_CONTAINERS)
+    if n.own in FC1_NAMES or (n.own == "dense" and n.parent == "intermediate"):
+        return "ffn", "fc1"
+    if n.own in FC2_NAMES and (in_ffn or n.own != "c_proj"):
+        return "ffn", "fc2"
+    if n.block is not None and n.own == "dense" and n.parent == "output":
+        return "ffn", "fc2"  # BERT: layer.i.output.dense is the second feed-forward layer
+    if in_ffn and n.own in ("wo", "out", "proj", "dense_out", "output"):
+        return "ffn", "fc2"  # T5's DenseReluDense.wo, generic mlp.out / mlp.proj
+    if in_ffn:
+        return "ffn", "fc1" if "intermediate" in words else None
+    return None
+
+
+# The rules in the order of the table above; the first that answers decides.
+RULES: tuple[Rule, ...] = (_head, _module_type, _norm_or_conv_name, _embedding_name, _attention, _feed_forward)
+
+
 def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
     """The :class:`GroupKind` of parameter ``name``; ``module`` is the module that owns it, if known.
 
@@ -135,72 +227,17 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
     >>> classify("layer2.1.bn1.weight")
     GroupKind(kind='norm', ffn=None, block=None)
     """
-    mods, leaf = _path(name)
-    low = [m.lower() for m in mods]
-    block = _block_index(mods)
-    # the module's own name: for Sequential children ("downsample.1") use the parent's name too
-    own = low[-1] if low else leaf.lower()
-    parent = low[-2] if len(low) >= 2 else None
-    tensor = leaf.lower()
-    words = set(low)
-
-    def kind(k: str, ffn: Optional[str] = None) -> GroupKind:
-        return GroupKind(k, ffn, block)
-
-    # output head (before norm: the paper counts the MLM head's LayerNorm as "softmax")
-    if words & HEADS:
-        return kind("output")
-    if block is None and len(low) == 1 and own in TOP_LEVEL_OUTPUTS:
-        return kind("output")
-
-    if _is_norm_module(module):
-        return kind("norm")
-    if _is_conv_module(module):
-        return kind("conv")
-    if isinstance(module, nn.Embedding):
-        return kind("embedding")
-
-    if module is None:
-        if own.isdigit() and parent in ("downsample", "shortcut"):
-            # torchvision ResNet: downsample = Sequential(conv, batchnorm)
-            return kind("conv" if own == "0" else "norm")
-        if _NORM_NAME.search(own) or tensor in ("running_mean", "running_var"):
-            return kind("norm")
-        if _CONV_NAME.match(own) or own in ("downsample", "shortcut"):
-            return kind("conv")
-    elif _NORM_NAME.search(own) and not isinstance(module, (nn.Linear, nn.Embedding)):
-        return kind("norm")
-
-    if any(_EMBED_NAME.search(m) for m in low) or _EMBED_NAME.search(tensor):
-        return kind("embedding")
-
-    # attention projections (checked on the module name and, for bare Parameters, the tensor name)
-    for cand in (own, tensor):
-        if cand in Q_NAMES:
-            return kind("Q")
-        if cand in K_NAMES:
-            return kind("K")
-        if cand in V_NAMES:
-            return kind("V")
-        if cand in QKV_NAMES:
-            return kind("other")
-    in_attention = bool(words & ATTENTION)
-    if in_attention and (own in ATTN_OUT_NAMES or parent in ("output", "to_out", "out_proj")):
-        return kind("attn_out")
-
-    # feed-forward layers
-    in_ffn = bool(words & FFN_CONTAINERS)
-    if own in FC1_NAMES or (own == "dense" and parent == "intermediate"):
-        return kind("ffn", "fc1")
-    if own in FC2_NAMES and (in_ffn or own != "c_proj"):
-        return kind("ffn", "fc2")
-    if block is not None and own == "dense" and parent == "output":
-        return kind("ffn", "fc2")  # BERT: layer.i.output.dense is the second feed-forward layer
-    if in_ffn and own in ("wo", "out", "proj", "dense_out", "output"):
-        return kind("ffn", "fc2")  # T5's DenseReluDense.wo, generic mlp.out / mlp.proj
-    if in_ffn:
-        return kind("ffn", "fc1" if "intermediate" in words else None)
-    return kind("other")
+    sliced = _SLICE.fullmatch(name)
+    if sliced:  # a slice of a fused tensor (graftlab.partition): "...c_attn.weight[q]" is Q
+        whole = classify(sliced.group(1), module)
+        label = sliced.group(2).upper()
+        return GroupKind(label, None, whole.block) if label in ("Q", "K", "V") else whole
+    n = _Name.parse(name)
+    for rule in RULES:
+        found = rule(n, module)
+        if found is not None:
+            return GroupKind(found[0], found[1], n.block)
+    return GroupKind("other", None, n.block)
 
 
 def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
@@ -210,7 +247,7 @@ def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
         if value in ("fc1", "fc2"):
             return GroupKind("ffn", value, fallback.block)
         return GroupKind(value, fallback.ffn if value == "ffn" else None, fallback.block)
-    raise ValueError(f"a kind override must be a kind name or GroupKind, got {value!r}")
+    raise GraftlabError(f"a kind override must be a kind name or GroupKind, got {value!r}")
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:

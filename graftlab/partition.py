@@ -6,16 +6,26 @@ A partition names every parameter tensor and assigns it to one group:
 - ``"layer"``: one group per parameter tensor, named as ``named_parameters()`` names it;
 - ``"coordinate"``: one group per element (norms are reported per tensor);
 - a callable ``name -> label``: one group per distinct label, in order of first appearance.
+
+A partition can also split a tensor into named slices along one dimension, each slice its own
+unit: ``"layer"`` splits the fused layouts graftlab recognises (:func:`fused_layout`: GPT-2's
+``attn.c_attn`` weight and bias hold Q, K and V side by side along the output dimension) into
+groups named ``<tensor>[q]``, ``<tensor>[k]``, ``<tensor>[v]`` unless ``split=None``. The norms of a
+slice are the norms of exactly its elements, so each slice is grafted as if it were its own tensor.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from graftlab.errors import GraftlabError
+
 GRANULARITIES = ("global", "layer", "coordinate")
+SPLITS = ("fused", None)
+Slice = tuple[int, int, int]  # (dim, start, stop) of a unit inside its tensor
 
 Granularity = Union[str, Callable[[str], str]]
 Names = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], None]
@@ -34,6 +44,23 @@ class Partition:
     param_names: tuple[str, ...]
     group_names: tuple[str, ...]
     tensor_group: tuple[int, ...]
+    # With split tensors the entries above are per *unit* (a slice or a whole tensor, in tensor
+    # order; a slice's name is ``<tensor>[<label>]``); ``unit_tensor[u]`` is the index of unit u's
+    # tensor and ``slices[u]`` its (dim, start, stop), None for a whole tensor. Empty: no split.
+    unit_tensor: tuple[int, ...] = ()
+    slices: tuple[Optional[Slice], ...] = ()
+
+    @property
+    def split(self) -> bool:
+        return bool(self.unit_tensor)
+
+    def units(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One tensor per unit: ``tensors`` (one per parameter) as they are, or with each split
+        tensor replaced by views of its slices (no copy: writing to a view writes the tensor)."""
+        if not self.unit_tensor:
+            return list(tensors)
+        return [tensors[t] if s is None else tensors[t].narrow(s[0], s[1], s[2] - s[1])
+                for t, s in zip(self.unit_tensor, self.slices)]
 
     @property
     def elementwise(self) -> bool:
@@ -49,43 +76,140 @@ class Partition:
         return [n for n, k in zip(self.param_names, self.tensor_group) if k == g]
 
 
+def named_tensors(names: Names) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs from a module's ``named_parameters()`` or from pairs given as they are.
+
+    Raises GraftlabError when ``names`` is neither.
+    """
+    if names is None:
+        return []
+    pairs = names.named_parameters() if isinstance(names, nn.Module) else names
+    out = []
+    try:
+        for item in pairs:
+            name, p = item
+            out.append((str(name), p))
+    except (TypeError, ValueError):
+        raise GraftlabError("names must be an nn.Module or an iterable of (name, parameter) pairs") from None
+    return out
+
+
+class TensorNames:
+    """The name of every parameter tensor a :class:`~graftlab.Graft` has seen, kept by identity.
+
+    Names come from ``names`` (a module or pairs; tensors it names that the optimizers do not hold,
+    such as frozen layers, are allowed). Without ``names`` tensors are called ``param.0``,
+    ``param.1``, ... in the order they are first seen, and a tensor keeps its name when others are
+    added. The object pickles and deep-copies with the tensors it names.
+    """
+
+    def __init__(self, names: Names) -> None:
+        self.auto = names is None
+        self.pairs = named_tensors(names)
+        self._index()
+
+    def _index(self) -> None:
+        self._by_id: dict[int, str] = {}
+        for name, p in self.pairs:
+            self._by_id.setdefault(id(p), name)
+
+    def __getstate__(self) -> dict:
+        return {"auto": self.auto, "pairs": self.pairs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._index()  # identities change in a copy
+
+    def add(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name tensors not named yet (a tensor keeps the first name it gets)."""
+        for name, p in pairs:
+            if id(p) not in self._by_id:
+                self.pairs.append((str(name), p))
+                self._by_id[id(p)] = str(name)
+
+    def names_for(self, params: Sequence[torch.Tensor], given: Optional[Mapping[int, str]] = None) -> list[str]:
+        """Names of ``params``; ``given`` maps ``id(tensor)`` to a name for tensors not named yet
+        (``param_names`` of an optimizer's groups). Raises GraftlabError for tensors with no name."""
+        given = given or {}
+        missing = [i for i, p in enumerate(params) if id(p) not in self._by_id and id(p) not in given]
+        if missing and not self.auto:
+            raise GraftlabError(
+                f"names do not match the optimizers' parameters: {len(missing)} optimized tensor(s) have no "
+                f"name (positions {missing[:10]}); name tensors added later with (name, tensor) pairs in "
+                "param_group['params']"
+            )
+        for i, p in enumerate(params):
+            if id(p) not in self._by_id:
+                name = given.get(id(p), f"param.{len(self.pairs)}")
+                self.pairs.append((name, p))
+                self._by_id[id(p)] = name
+        return [self._by_id[id(p)] for p in params]
+
+
 def name_parameters(params: Sequence[torch.Tensor], names: Names) -> list[str]:
     """Names for ``params`` from a module or ``(name, parameter)`` pairs, matched by identity.
 
     Without ``names`` the tensors are called ``param.0``, ``param.1``, ... in optimizer order.
+    Raises GraftlabError when a tensor of ``params`` has no name.
     """
-    if names is None:
-        return [f"param.{i}" for i in range(len(params))]
-    pairs = names.named_parameters() if isinstance(names, nn.Module) else names
-    by_id: dict[int, str] = {}
-    for item in pairs:
-        try:
-            name, p = item
-        except (TypeError, ValueError):
-            raise ValueError("names must be an nn.Module or an iterable of (name, parameter) pairs") from None
-        by_id.setdefault(id(p), str(name))
-    wanted = {id(p) for p in params}
-    missing = [i for i, p in enumerate(params) if id(p) not in by_id]
-    extra = sorted(n for i, n in by_id.items() if i not in wanted)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} optimized tensor(s) have no name (positions {missing[:10]})")
-        if extra:
-            parts.append(f"names given for tensors the optimizers do not hold: {extra[:10]}")
-        raise ValueError("names do not match the optimizers' parameters: " + "; ".join(parts))
-    return [by_id[id(p)] for p in params]
+    return TensorNames(names).names_for(params)
 
 
-def make_partition(param_names: Sequence[str], granularity: Granularity) -> Partition:
-    """Build the :class:`Partition` of ``param_names`` for ``granularity``."""
+def fused_layout(name: str, shape: Sequence[int]) -> Optional[tuple[int, tuple[str, ...]]]:
+    """``(dim, labels)`` when parameter ``name`` of ``shape`` is a fused layout graftlab splits:
+    GPT-2's ``attn.c_attn`` (Hugging Face ``Conv1D``: weight ``(in, 3 * d)``, bias ``(3 * d,)``),
+    whose last dimension holds Q, K and V in thirds, in that order; else None."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] == "c_attn" and parts[-1] in ("weight", "bias") and len(shape) in (1, 2):
+        if shape[-1] % 3 == 0 and shape[-1] > 0:
+            return len(shape) - 1, ("q", "k", "v")
+    return None
+
+
+def _split_units(names: tuple[str, ...], shapes: Sequence[Sequence[int]]):
+    """Unit names, their tensors and slices for the fused layouts among ``names``."""
+    unit_names, unit_tensor, slices = [], [], []
+    for i, (n, shape) in enumerate(zip(names, shapes)):
+        layout = fused_layout(n, shape)
+        if layout is None:
+            unit_names.append(n), unit_tensor.append(i), slices.append(None)
+            continue
+        dim, labels = layout
+        size = shape[dim] // len(labels)
+        for j, label in enumerate(labels):
+            unit_names.append(f"{n}[{label}]"), unit_tensor.append(i), slices.append((dim, j * size, (j + 1) * size))
+    return tuple(unit_names), tuple(unit_tensor), tuple(slices)
+
+
+def make_partition(param_names: Sequence[str], granularity: Granularity,
+                   shapes: Optional[Sequence[Sequence[int]]] = None, split: Optional[str] = None) -> Partition:
+    """Build the :class:`Partition` of ``param_names`` for ``granularity``.
+
+    ``split="fused"`` with ``shapes`` (one per name) splits the fused layouts of
+    :func:`fused_layout` into named slices at ``"layer"`` granularity (other granularities keep
+    whole tensors: a global group holds every element anyway, a coordinate group one element).
+
+    Raises GraftlabError for an unknown ``granularity`` or ``split``, a label function that
+    returns something other than a non-empty str, or repeated names at layer or coordinate
+    granularity.
+    """
+    if split not in SPLITS:
+        raise GraftlabError(f"unknown split {split!r}: expected 'fused' or None")
     names = tuple(param_names)
+    if split == "fused" and granularity == "layer" and shapes is not None:
+        if len(set(names)) != len(names):
+            raise GraftlabError("parameter names must be unique for granularity='layer'")
+        units, unit_tensor, slices = _split_units(names, shapes)
+        if len(units) != len(names):
+            return Partition("layer", units, units, tuple(range(len(units))), unit_tensor, slices)
     if callable(granularity):
         labels = []
         for n in names:
             label = granularity(n)
             if not isinstance(label, str) or not label:
-                raise ValueError(f"granularity function returned {label!r} for {n!r}; expected a non-empty str")
+                raise GraftlabError(
+                    f"granularity function returned {label!r} for {n!r}; expected a non-empty str"
+                )
             labels.append(label)
         groups = tuple(dict.fromkeys(labels))
         index = {g: i for i, g in enumerate(groups)}
@@ -94,9 +218,9 @@ def make_partition(param_names: Sequence[str], granularity: Granularity) -> Part
         return Partition("global", names, ("global",), (0,) * len(names))
     if granularity in ("layer", "coordinate"):
         if len(set(names)) != len(names):
-            raise ValueError("parameter names must be unique for layer or coordinate granularity")
+            raise GraftlabError(f"parameter names must be unique for granularity={granularity!r}")
         return Partition(granularity, names, names, tuple(range(len(names))))
-    raise ValueError(
+    raise GraftlabError(
         f"unknown granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)} "
         "or a function from parameter name to group label"
     )

@@ -1,8 +1,32 @@
 """The :class:`Recorder`: a training loop's hook that streams a Graft's per-group ratios to a trace.
 
-The training loop changes only by creating and closing the recorder (see :class:`Recorder`); the
-file format is :mod:`graftlab.trace`. Whole runs of the built-in tasks that record are in
-:mod:`graftlab.runs`.
+The training loop changes only by creating and closing the recorder::
+
+    opt = graftlab.Graft(adam, sgd, granularity="layer", names=model)
+    with graftlab.Recorder(opt, "runs/trace", model=model, metadata={"task": "mine"}) as rec:
+        for batch in loader:
+            loss = model(batch); loss.backward(); opt.step(); opt.zero_grad(); sched.step()
+            rec.log(loss=loss.detach())   # optional per-step scalars; column lr is recorded for you
+
+The ``lr`` column is M's learning rate that each recorded step used (read before the step, so a
+scheduler stepped after it does not shift it). Under torch.distributed the same lines run on every
+rank: rank 0 writes, the others record nothing.
+
+How it stays out of the way of training (see :mod:`graftlab.trace` for the file format):
+
+- a step post-hook copies ``graft.last_stats`` (3 x G, on the parameters' device) into a
+  preallocated device ring buffer; tensors passed to :meth:`Recorder.log` go to device buffers too.
+  Nothing per step reads a value back to the host.
+- every ``flush_every`` recorded steps, or at the first step after ``flush_seconds`` (host clock),
+  the buffer goes to the host in one batched copy (pinned memory and ``non_blocking`` on CUDA) and a
+  background thread writes it as one Parquet part file, renamed into place when complete, while the
+  next step computes; that step's post-hook waits for the part. A process killed at any moment
+  (SIGKILL) leaves a readable trace that lacks at most the last ``flush_every`` recorded steps;
+  SIGTERM is handled like Ctrl-C (:mod:`graftlab.termination`): nothing buffered is lost.
+- one writer per trace (a lock in the trace folder), and a checkpoint of the Graft through
+  :mod:`graftlab.distributed` waits for every recorded step to be on disk (:meth:`Recorder.sync`).
+
+Whole runs of the built-in tasks that record are in :mod:`graftlab.runs`.
 """
 from __future__ import annotations
 
@@ -10,9 +34,10 @@ import atexit
 import math
 import queue
 import threading
+import time
 import weakref
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,11 +47,16 @@ from graftlab import termination, trace
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
+from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
+from graftlab.portable import portable_paths
 from graftlab.trace_target import open_trace
 
 DEFAULT_FLUSH_EVERY = 100
+DEFAULT_FLUSH_SECONDS = 30.0
+DEFAULT_GRAD_EVERY = 10
+GRAD_COLUMN = "norm_g"
 
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -48,19 +78,18 @@ def _versions() -> dict[str, str]:
 
 
 class _Writer(threading.Thread):
-    """Background thread: waits for each flushed host buffer and writes it as one part file."""
+    """Background thread: waits for each flushed host buffer, writes it as one part file, then hands
+    the part to the ``on_flush`` callbacks (off the training thread, once per flush)."""
 
-    def __init__(self, directory: Path, group_names: list[str], meta: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
         super().__init__(name="graftlab-trace-writer", daemon=True)
         self.directory = directory
-        self.group_names = group_names
-        self.meta = meta
+        self.on_flush = list(on_flush)
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
         self.parts: list[Path] = []
 
     def run(self) -> None:
-        g = len(self.group_names)
         while True:
             job = self.jobs.get()
             if job is None or self.error is not None:  # after an error: keep draining, never block the loop
@@ -68,17 +97,30 @@ class _Writer(threading.Thread):
                 if job is None:
                     return
                 continue
-            steps, host, event, dev_keys, host_scalars = job
+            # each job carries its groups and metadata: a Graft may gain groups between flushes
+            steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta = job
             try:
                 if event is not None:
                     event.synchronize()
-                arr = host.numpy()
-                n = len(steps)
-                stats = arr[:, : 3 * g].reshape(n, 3, g)
-                scalars = {k: arr[:, 3 * g + j] for j, k in enumerate(dev_keys)}
-                scalars.update(host_scalars)
-                table = trace.build_table(steps, self.group_names, stats, scalars, self.meta)
+                n, g = len(steps), len(names)
+                flat = host_stats.numpy().reshape(n, -1)
+                stats = flat[:, : 3 * g].reshape(n, 3, g)
+                # gradient norms ride after the stats when the recorder takes them
+                per_group = {GRAD_COLUMN: flat[:, 3 * g :]} if flat.shape[1] == 4 * g else None
+                dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
+                scalars = {}
+                for key in keys:  # one float64 column per key: a host float wins over a tensor on its row
+                    host = host_scalars.get(key)
+                    col = dev.get(key)
+                    if col is None:
+                        col = host
+                    elif host is not None:
+                        col = np.where(np.isnan(host), col, host)
+                    scalars[key] = col
+                table = trace.build_table(steps, names, stats, scalars, meta, per_group)
                 self.parts.append(trace.write_part(self.directory, table))
+                for callback in self.on_flush:
+                    callback(table, meta)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
             finally:
@@ -108,10 +150,10 @@ class Recorder:
     sync. When ``flush_every`` recorded steps are buffered, the next step's pre-hook hands them in
     one batched copy (pinned, ``non_blocking`` on CUDA) to a background thread that writes one
     Parquet part, renamed into place when complete, while that step computes; its post-hook waits
-    for the part (once per ``flush_every`` steps, usually done by then). So a process killed at any
-    moment (SIGKILL) leaves a readable trace lacking at most the last ``flush_every`` recorded
-    steps. SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.termination`):
-    the process exits with status 143 after the buffered rows are written.
+    for the part (once per flush, usually done by then). So a process killed at any moment
+    (SIGKILL) leaves a readable trace lacking at most the last ``flush_every`` recorded steps.
+    SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.termination`): the
+    process exits with status 143 after the buffered rows are written.
 
     Only one process writes a trace: the Recorder holds an exclusive lock on ``path`` (a hidden
     ``.graftlab.lock``) until :meth:`close`, and a second writer gets a GraftlabError. A
@@ -120,10 +162,15 @@ class Recorder:
     :meth:`sync` yourself before saving a checkpoint of your own.
 
     Args:
-        graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook).
-        path: trace directory to create.
-        every: record steps whose number is a multiple of ``every`` (>= 1).
-        flush_every: recorded steps per part file (>= 1); at most this many are lost if the process dies.
+        graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook), or a
+            wrapper around one that keeps it as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)
+            or ``._optimizer`` (Lightning's ``LightningOptimizer``).
+        path: trace directory to create (see :mod:`graftlab.trace`).
+        every: record steps whose number is a multiple of ``every``.
+        flush_every: recorded steps per part file at most.
+        flush_seconds: also flush at the first step that finds the oldest buffered row older than
+            this many seconds (wall clock, read on the host: no device sync), so a slow run killed
+            at any moment loses at most about this much; None: only the step bound.
         metadata: extra run metadata (task, batch_size, seed, config, ...), merged over the defaults.
         model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
         kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
@@ -135,15 +182,37 @@ class Recorder:
             Refused when that drops every recorded step (a fresh Graft: load its state first; with
             ``overwrite`` the trace starts over instead), leaves a gap after the trace's last step,
             or the trace holds another run (groups, seed, task, batch size, every, optimizers).
-        record_lr: add column ``lr``, read just before each step (after it a scheduler has moved on).
+        record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
+            that each recorded step used, read just before the step (after it an LR scheduler has
+            moved on). This column wins: ``log(lr=...)`` is then an error; pass
+            ``record_lr=False`` to log ``lr`` yourself.
+        on_flush: callables ``f(table, metadata)`` run in the writer thread after each part file is
+            written, with the part as a ``pyarrow.Table`` (the trace columns) and the run metadata;
+            e.g. :class:`graftlab.integrations.tensorboard.TensorBoardView`. An exception in one
+            stops the recording and is raised on the training thread at the next flush. Those with
+            a ``close()`` method are closed with the Recorder.
+        grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
+            recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
+            noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
+            window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
+            (DTensor) parameters, whose norms would need collectives on every rank.
+
+    Under ``torch.distributed`` (torchrun, DDP, FSDP2, accelerate, Lightning) create the Recorder
+    on every rank, as the training script does for one process: only global rank 0 (of the process
+    group, or torchrun's ``RANK`` before one exists) records and writes; on the other ranks it
+    attaches no hook, never touches ``path``, and :meth:`log`/:meth:`flush`/:meth:`close` do
+    nothing (``active`` is False). The ratios are the same on every rank (DDP replicates them,
+    FSDP2's all-reduce makes them equal), so rank 0's trace is the run's trace.
 
     Raises:
-        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1 or ``start_step`` < 0;
+        GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1, ``grad_every`` < 0 or
+            ``start_step`` < 0;
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
             ``overwrite``/``resume``, is a file, lies inside another trace, holds something other
             than a trace, or is being written by another process; a resume that
-            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column or a non-scalar
-            tensor; writing failed (raised at the next flush, :meth:`sync` or :meth:`close`).
+            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column (or ``lr`` while
+            ``record_lr``) or a non-scalar tensor; writing failed (raised at the next flush,
+            :meth:`sync` or :meth:`close`).
 
     Example::
 
@@ -162,6 +231,7 @@ class Recorder:
         *,
         every: int = 1,
         flush_every: int = DEFAULT_FLUSH_EVERY,
+        flush_seconds: Optional[float] = DEFAULT_FLUSH_SECONDS,
         metadata: Optional[Mapping[str, Any]] = None,
         model: Optional[nn.Module] = None,
         kinds: Overrides = None,
@@ -169,42 +239,80 @@ class Recorder:
         start_step: Optional[int] = None,
         resume: bool = False,
         record_lr: bool = True,
+        on_flush: Union[Callable[[Any, dict], None], Sequence[Callable[[Any, dict], None]], None] = None,
+        grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
-        if not isinstance(graft, Graft):
-            raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(graft).__name__}")
+        graft = self._find_graft(graft)
         if int(every) < 1 or int(flush_every) < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
+        if isinstance(grad_every, bool) or int(grad_every) < 0:
+            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
+        if flush_seconds is not None and not (isinstance(flush_seconds, (int, float)) and flush_seconds > 0):
+            raise GraftlabError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
+        callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
+        if not all(callable(c) for c in callbacks):
+            raise GraftlabError("on_flush must be a callable f(table, metadata) or a list of them")
         self.graft = graft
         self.path = Path(path)
         self.every = int(every)
         self.flush_every = int(flush_every)
+        self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
+        self.record_lr = bool(record_lr)
         self._next_step = graft.steps if start_step is None else int(start_step)
         if self._next_step < 0:
             raise GraftlabError(f"start_step must be >= 0, got {start_step}")
         self.group_kinds = self._group_kinds(model, kinds)
         self.metadata = self._metadata(metadata or {})
+        self.rows_flushed = 0  # recorded steps handed to the writer
+        self._closed = False
+        self._hooks: list[Any] = []
+        from graftlab.distributed import is_main
+
+        self.active = is_main()
+        if not self.active:  # another rank records: touch nothing, hook nothing
+            self._writer = None
+            return
 
         # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
         # metadata (every part of one trace carries the same)
         self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
                                                every=self.every, overwrite=overwrite, resume=resume)
-        self._writer = _Writer(self.path, list(graft.group_names), self.metadata)
+
+        self._model, self._kinds = model, kinds  # to name the kinds of groups added later
+        self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
+        self._writer = _Writer(self.path, callbacks)
         self._writer.start()
         self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._grad_every = int(grad_every)
+        self._grads = self._grad_norms()
+        self._grad_ring: Optional[Tensor] = None  # (flush_every, G) gradient norms, NaN where not taken
         self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
         self._rows = 0
+        self._deadline = math.inf  # monotonic time by which the buffered rows must be flushed
         self._last_row: Optional[int] = None
-        self._dev_cols: dict[str, Tensor] = {}
-        self._host_cols: dict[str, np.ndarray] = {}
-        self.rows_flushed = 0  # recorded steps handed to the writer
-        self._closed = False
+        self._keys: dict[str, None] = {}  # logged keys in first-logged order: the column order
+        self._dev_cols: dict[str, Tensor] = {}  # values logged as tensors, on their device
+        self._host_cols: dict[str, np.ndarray] = {}  # values logged as numbers (float64)
         self._lr: Any = None
-        self._record_lr = bool(record_lr)
-        self._waiting = False  # a flushed part the next post-hook waits for
-        self._hooks = [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
-                       before_checkpoint(graft, self.sync)]
+        self._waiting = False  # a part handed to the writer that the next post-hook waits for
+        self._hooks += [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
+                        before_checkpoint(graft, self.sync)]
         _OPEN.add(self)
         termination.watch()
+
+    @staticmethod
+    def _find_graft(opt: Any) -> Graft:
+        seen = opt
+        for _ in range(4):  # accelerate, Lightning and DeepSpeed-style wrappers keep the optimizer inside
+            if isinstance(opt, Graft):
+                return opt
+            inner = getattr(opt, "optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                inner = getattr(opt, "_optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                break
+            opt = inner
+        raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(seen).__name__}")
 
     # -- metadata ---------------------------------------------------------------------------
     def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
@@ -222,10 +330,9 @@ class Recorder:
             out.append(kind)
         return out
 
-    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
-        g = self.graft
-        part = g.partition
-        params = g.params
+    def _groups_meta(self) -> list[dict[str, Any]]:
+        part = self.graft.partition
+        params = part.units(self.graft.params)  # slices of split tensors are groups of their own
         groups = []
         for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
             idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
@@ -235,10 +342,16 @@ class Recorder:
                 {"name": name, **to_dict(kind), "shape": shape, "numel": numel,
                  "members": [part.param_names[i] for i in idx]}
             )
+        return groups
+
+    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        g = self.graft
+        part = g.partition
+        params = g.params
         meta: dict[str, Any] = {
             "format": trace.FORMAT,
             "granularity": part.granularity,
-            "groups": groups,
+            "groups": self._groups_meta(),
             "magnitude": describe(g.magnitude),
             "direction": describe(g.direction),
             "task": None,
@@ -256,90 +369,142 @@ class Recorder:
         if clash:
             raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
         meta.update(user)
-        return meta
+        # a trace travels: no absolute path of the recording machine (graftlab.portable)
+        return portable_paths(meta, self.path)
 
     # -- recording (hot path: no host sync) ------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._record_lr:
+        if self.record_lr:
             self._lr = self.graft.magnitude.param_groups[0].get("lr")
-        if self._rows == self.flush_every:
-            # a full buffer goes now: log() has filled the last row, and the part is written while
-            # this step computes; its post-hook waits for it
+        # a full (or old) buffer goes now, log() having filled its last row: the part is written
+        # while this step computes, and its post-hook waits for it. The clock is the host's, so the
+        # time bound costs no device sync.
+        if self._due():
             self.flush()
             self._waiting = True
+
+    def _due(self) -> bool:
+        return self._rows == self.flush_every or bool(self._rows and time.monotonic() >= self._deadline)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
+        if self._rows == self.flush_every:  # a step taken without the pre-hook (hooks bypassed)
+            self.flush()
+            self._waiting = True
         if self._waiting:
-            self._wait()  # at most flush_every recorded steps are ever not on disk
-        if self._rows == self.flush_every:
-            self.flush()  # a step taken without the pre-hook (hooks bypassed)
-            self._wait()
+            self._wait()  # so no more than flush_every recorded steps are ever off the disk
         if step % self.every:
             self._last_row = None
             return
         stats = self.graft.last_stats
+        if self._stats is not None and stats.shape != self._stats.shape[1:]:
+            self._regroup()
         if self._stats is None:
             self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
         r = self._rows
+        if r == 0 and self.flush_seconds is not None:
+            self._deadline = time.monotonic() + self.flush_seconds
         self._stats[r].copy_(stats)
+        if self._grads is not None:
+            if self._grad_ring is None:
+                self._grad_ring = torch.full((self.flush_every, stats.shape[1]), math.nan, dtype=stats.dtype,
+                                             device=stats.device)
+            self._grads.write(self._grad_ring, r, step)
         self._step_of_row[r] = step
         self._rows = r + 1
         self._last_row = r
         if self._lr is not None:
-            self.log(lr=self._lr)
+            self._put("lr", self._lr)
+
+    def _regroup(self) -> None:
+        """The Graft gained groups (``add_param_group``): write the rows buffered so far under the
+        old groups, then record every group from this step on; later parts and the sidecar carry
+        the grown group list in their metadata."""
+        self.flush()
+        self._groups = list(self.graft.group_names)
+        self.group_kinds = self._group_kinds(self._model, self._kinds)
+        self.metadata = {**self.metadata, "groups": self._groups_meta()}
+        trace.write_sidecar(self.path, self.metadata)
+        self._stats = None
+        self._grads, self._grad_ring = self._grad_norms(), None
+
+    def _grad_norms(self) -> Optional[GradNorms]:
+        if not self._grad_every:
+            return None
+        norms = GradNorms(self.graft, self._grad_every * self.every)
+        return norms if norms.usable else None
 
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
-        """Attach per-step scalars (``loss=tensor``, ``lr=float``) to the step just taken.
+        """Attach per-step scalars (``loss=tensor``, ``tokens=4096``) to the step just taken.
 
-        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing. Tensors
-        stay on their device until the next flush. Log the same keys from the first step on:
-        ``pandas.read_parquet`` takes its columns from the first part file.
+        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing, and so
+        it does on ranks other than 0. Tensors (one element, any device) stay on their device until
+        the next flush, so logging costs no host sync. Every logged column is float64 in the trace
+        whether its values came as Python numbers or tensors; a value logged twice for one step
+        keeps the last. Rows of earlier parts lack a key first logged later (``read_trace`` fills
+        them with NaN).
+
+        Raises:
+            GraftlabError: the key is a trace column (``step``, ``group``, ``norm_m``, ``norm_d``,
+                ``ratio``), or ``lr`` while ``record_lr`` records it; the value is not a number or
+                a one-element tensor.
         """
-        r = self._last_row
-        if r is None or self._closed:
-            return
-        for key, value in scalars.items():
+        for key in scalars:  # checked on every rank, so that every rank fails alike
             if key in trace.REQUIRED:
                 raise GraftlabError(f"cannot log {key!r}: it is a trace column")
-            if isinstance(value, Tensor):
-                col = self._dev_cols.get(key)
-                if col is None:
-                    col = self._new_device_col(key, value)
-                col[r].copy_(value.detach().reshape(()))
-            else:
-                col = self._dev_cols.get(key)
-                if col is not None:
-                    col[r].fill_(float(value))
-                    continue
-                host = self._host_cols.get(key)
-                if host is None:
-                    host = self._host_cols[key] = np.full(self.flush_every, np.nan)
-                host[r] = float(value)
+            if key == "lr" and self.record_lr:
+                raise GraftlabError(
+                    "cannot log 'lr': the recorder writes the lr each step used (record_lr=True); "
+                    "log it under another name or create the Recorder with record_lr=False")
+        if not self.active or self._closed or self._last_row is None:
+            return
+        for key, value in scalars.items():
+            self._put(key, value)
+
+    def _put(self, key: str, value: Any) -> None:
+        r = self._last_row
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
+            col = self._dev_cols.get(key)
+            if col is None:
+                col = self._new_device_col(key, value)
+            col[r].copy_(value.detach().reshape(()))
+            host = self._host_cols.get(key)
+            if host is not None:
+                host[r] = math.nan  # the tensor is this row's value
+            return
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise GraftlabError(f"logged {key!r} must be a number or a one-element tensor, "
+                                f"got {type(value).__name__}") from None
+        host = self._host_cols.get(key)
+        if host is None:
+            self._keys.setdefault(key, None)
+            host = self._host_cols[key] = np.full(self.flush_every, np.nan)
+        host[r] = number
 
     def _new_device_col(self, key: str, value: Tensor) -> Tensor:
-        if value.numel() != 1:
-            raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
+        # float32 unless the value is float64: the device may lack float64 (MPS); the trace
+        # column is float64 either way
         dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         col = torch.full((self.flush_every,), math.nan, dtype=dtype, device=value.device)
-        old = self._host_cols.pop(key, None)
-        if old is not None:  # a key that was a float before: keep the earlier rows
-            col.copy_(torch.from_numpy(old).to(dtype))
+        self._keys.setdefault(key, None)
         self._dev_cols[key] = col
         return col
 
     # -- flushing -------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Hand the buffered rows to the writer: one device-to-host copy, written in the background."""
-        with termination.deferred():
-            self._flush()
+        """Hand the buffered rows to the writer: device-to-host copies, written in the background.
 
-    def _wait(self) -> None:
-        with termination.deferred():
-            self._writer.jobs.join()
-        self._waiting = False
-        self._raise_writer_error()
+        Raises GraftlabError when an earlier write (or an ``on_flush`` callback) failed.
+        """
+        if not self.active:
+            return
+        with termination.deferred():  # SIGTERM never cuts a flush in half
+            self._flush()
 
     def sync(self) -> None:
         """Flush and wait until every row recorded so far is in a part file on disk.
@@ -347,10 +512,16 @@ class Recorder:
         A checkpoint of the Graft through :mod:`graftlab.distributed` calls it before the checkpoint
         is committed; call it before saving a checkpoint of your own (one host sync).
         """
-        if self._closed:
+        if not self.active or self._closed:
             return
         self.flush()
         self._wait()
+
+    def _wait(self) -> None:
+        with termination.deferred():
+            self._writer.jobs.join()
+        self._waiting = False
+        self._raise_writer_error()
 
     def _flush(self) -> None:
         self._raise_writer_error()
@@ -358,27 +529,38 @@ class Recorder:
         if n == 0 or self._stats is None:
             return
         stats = self._stats[:n].reshape(n, -1)
+        if self._grad_ring is not None:
+            stats = torch.cat([stats, self._grad_ring[:n]], 1)  # the writer splits off norm_g
         dev_keys = list(self._dev_cols)
+        cols = None
         if dev_keys:
-            cols = [c[:n].to(device=stats.device, dtype=stats.dtype).unsqueeze(1) for c in self._dev_cols.values()]
-            staging = torch.cat([stats, *cols], dim=1)
-        else:
-            staging = stats
+            wide = any(c.dtype == torch.float64 for c in self._dev_cols.values())
+            dtype = torch.float64 if wide else torch.float32
+            cols = torch.stack([c[:n].to(device=stats.device, dtype=dtype) for c in self._dev_cols.values()], 1)
         event = None
-        if staging.device.type == "cuda":
-            host = torch.empty(staging.shape, dtype=staging.dtype, pin_memory=True)
-            host.copy_(staging, non_blocking=True)
+        if stats.device.type == "cuda":
+            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host_stats.copy_(stats, non_blocking=True)
+            host_cols = None
+            if cols is not None:
+                host_cols = torch.empty(cols.shape, dtype=cols.dtype, pin_memory=True)
+                host_cols.copy_(cols, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            host = staging.to("cpu", copy=True)
+            host_stats = stats.to("cpu", copy=True)
+            host_cols = None if cols is None else cols.to("cpu", copy=True)
         host_scalars = {k: v[:n].copy() for k, v in self._host_cols.items()}
-        self._writer.jobs.put((self._step_of_row[:n].copy(), host, event, dev_keys, host_scalars))
+        self._writer.jobs.put((self._step_of_row[:n].copy(), host_stats, host_cols, event, list(self._keys),
+                               dev_keys, host_scalars, self._groups, self.metadata))
         self.rows_flushed += n
         self._rows = 0
+        self._deadline = math.inf
         self._last_row = None
         for col in self._dev_cols.values():
             col.fill_(math.nan)  # queued after the copy on the same stream
+        if self._grad_ring is not None:
+            self._grad_ring.fill_(math.nan)
         for col in self._host_cols.values():
             col.fill(np.nan)
 
@@ -392,8 +574,10 @@ class Recorder:
         call twice."""
         if self._closed:
             return
+        self._closed = True
+        if not self.active:
+            return
         with termination.deferred():
-            self._closed = True
             for hook in self._hooks:
                 hook.remove()
             _OPEN.discard(self)
@@ -405,17 +589,20 @@ class Recorder:
                 self._writer.join()
                 self._lock.release()
                 termination.unwatch()
+                for callback in self._writer.on_flush:
+                    if callable(getattr(callback, "close", None)):
+                        callback.close()
         self._raise_writer_error()
 
     @property
     def next_step(self) -> int:
-        """Number the next optimizer step will be recorded under."""
+        """Number the next optimizer step will be recorded under (on rank 0; elsewhere the start)."""
         return self._next_step
 
     @property
     def parts(self) -> list[Path]:
-        """Part files written so far."""
-        return list(self._writer.parts)
+        """Part files written so far (none on ranks other than 0)."""
+        return list(self._writer.parts) if self._writer is not None else []
 
     def __enter__(self) -> "Recorder":
         return self
@@ -425,4 +612,5 @@ class Recorder:
 
     def __repr__(self) -> str:
         return (f"Recorder({str(self.path)!r}, groups={len(self.graft.group_names)}, every={self.every}, "
-                f"flush_every={self.flush_every}, next_step={self._next_step})")
+                f"flush_every={self.flush_every}, flush_seconds={self.flush_seconds}, "
+                f"next_step={self._next_step}, active={self.active})")

@@ -58,7 +58,16 @@ class Piecewise:
 
 
 class Product:
-    """``step -> f_1(step) * f_2(step) * ...``; ``None`` factors are left out (no factors: 1.0)."""
+    """``step -> f_1(step) * f_2(step) * ...``; ``None`` factors are left out (no factors: 1.0).
+
+    Made for ``LambdaLR``: its ``state_dict()`` saves a callable object's ``__dict__``, and
+    ``torch.load`` (``weights_only=True`` by default) refuses anything but plain data. The factors
+    are pure functions of the step, rebuilt with the scheduler, so they live in a slot and the
+    ``__dict__`` the scheduler saves stays empty: a checkpoint holds no user lambda and no graftlab
+    class, and loads as a plain ``LambdaLR(opt, fn)`` checkpoint does.
+    """
+
+    __slots__ = ("factors", "__dict__")
 
     def __init__(self, *factors: Optional[Schedule]):
         self.factors = [f for f in factors if f is not None]

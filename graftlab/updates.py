@@ -10,8 +10,11 @@ Each rule has one signature::
     rule(group, params, grads, state, out, scratch) -> None
 
 ``out[i]`` receives the step of ``params[i]`` and the optimizer state advances exactly as one
-``optimizer.step()`` would advance it; parameters are not touched. ``scratch()`` returns a second
-buffer list aligned with ``params``, allocated once, for the few settings that need two temporaries.
+``optimizer.step()`` would advance it; parameters and gradients are not touched. ``scratch()``
+returns a second buffer list aligned with ``params``, allocated once, for the few settings that
+need two temporaries (see :func:`needs_scratch`). Complex tensors are handled as torch does: Adam,
+AdamW, Adagrad and RMSprop work on ``torch.view_as_real`` views (real and imaginary parts are
+separate reals), SGD is linear and works on the complex values.
 """
 from __future__ import annotations
 
@@ -32,11 +35,26 @@ def _cpu_step(state: dict) -> Tensor:
     return state["step"]
 
 
-def _advance(states: list[dict]) -> list[float]:
-    """Advance the CPU step counters and return them as floats (no device sync: they live on CPU)."""
+def _advance(states: list[dict]) -> list:
+    """Advance the CPU step counters and return them as floats (no device sync: they live on CPU).
+
+    Under ``torch.compile`` they stay 0-d tensors, as in torch.optim, so that the bias corrections
+    are traced instead of breaking the graph; float64 ones, so that ``1 - 0.999**k`` keeps the
+    digits the eager floats have.
+    """
     steps = [_cpu_step(s) for s in states]
     torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    if torch.compiler.is_compiling():
+        return [s.to(torch.float64) for s in steps]
     return [float(s) for s in steps]
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
+def _any_complex(params: list[Tensor]) -> bool:
+    return any(p.is_complex() for p in params)
 
 
 def _plain(group: dict) -> bool:
@@ -69,6 +87,10 @@ def _div_into(out: list[Tensor], num: list[Tensor]) -> None:
     else:
         torch._foreach_reciprocal_(out)
         torch._foreach_mul_(out, num)
+
+
+def _real_scratch(scratch: Scratch) -> Scratch:
+    return lambda: _real(scratch())
 
 
 def _load_grads(out: list[Tensor], grads: list[Tensor], params: list[Tensor], group: dict) -> None:
@@ -123,6 +145,10 @@ def adam(group: dict, params, grads, state, out, scratch, *, decoupled: Optional
     steps = _advance(state)
     exp_avgs = [s["exp_avg"] for s in state]
     exp_avg_sqs = [s["exp_avg_sq"] for s in state]
+    second = [s["max_exp_avg_sq"] for s in state] if amsgrad else exp_avg_sqs
+    if _any_complex(params):
+        params, grads, out = _real(params), _real(grads), _real(out)
+        exp_avgs, exp_avg_sqs, second = _real(exp_avgs), _real(exp_avg_sqs), _real(second)
 
     g = grads
     if group.get("maximize", False) or (wd != 0 and not decoupled):
@@ -136,9 +162,7 @@ def adam(group: dict, params, grads, state, out, scratch, *, decoupled: Optional
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
 
-    second = exp_avg_sqs
     if amsgrad:
-        second = [s["max_exp_avg_sq"] for s in state]
         torch._foreach_maximum_(second, exp_avg_sqs)
     # out <- -step_size * m / (sqrt(v) / sqrt(bc2) + eps), built in place to need no second buffer
     _sqrt_into(out, second)
@@ -162,6 +186,9 @@ def adagrad(group: dict, params, grads, state, out, scratch) -> None:
             s["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
     steps = _advance(state)
     sums = [s["sum"] for s in state]
+    if _any_complex(params):
+        params, grads, out, sums = _real(params), _real(grads), _real(out), _real(sums)
+        scratch = _real_scratch(scratch)
     g = grads if _plain(group) else scratch()
     if g is not grads:
         _load_grads(g, grads, params, group)
@@ -184,6 +211,12 @@ def rmsprop(group: dict, params, grads, state, out, scratch) -> None:
                 s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     _advance(state)
     square_avgs = [s["square_avg"] for s in state]
+    grad_avgs = [s["grad_avg"] for s in state] if centered else []
+    bufs = [s["momentum_buffer"] for s in state] if momentum > 0 else []
+    if _any_complex(params):
+        params, grads, out = _real(params), _real(grads), _real(out)
+        square_avgs, grad_avgs, bufs = _real(square_avgs), _real(grad_avgs), _real(bufs)
+        scratch = _real_scratch(scratch)
     g = grads if _plain(group) else scratch()
     if g is not grads:
         _load_grads(g, grads, params, group)
@@ -191,14 +224,12 @@ def rmsprop(group: dict, params, grads, state, out, scratch) -> None:
     torch._foreach_addcmul_(square_avgs, g, g, value=1 - alpha)
     torch._foreach_copy_(out, square_avgs)
     if centered:
-        grad_avgs = [s["grad_avg"] for s in state]
         torch._foreach_lerp_(grad_avgs, g, 1 - alpha)
         torch._foreach_addcmul_(out, grad_avgs, grad_avgs, value=-1)
     torch._foreach_sqrt_(out)
     torch._foreach_add_(out, eps)
     _div_into(out, g)
     if momentum > 0:
-        bufs = [s["momentum_buffer"] for s in state]
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, out)
         torch._foreach_copy_(out, bufs)
@@ -232,3 +263,43 @@ def rule_for(optimizer: torch.optim.Optimizer) -> Optional[Callable]:
             if any(isinstance(v, Tensor) for v in values):
                 return None
     return rule
+
+
+def needs_scratch(rule: Optional[Callable], groups: list[dict]) -> bool:
+    """True when ``rule`` asks for its second buffer on some of ``groups`` (Adagrad and RMSprop with
+    coupled weight decay or ``maximize``), so that a caller can allocate it up front."""
+    return rule in (adagrad, rmsprop) and not all(_plain(g) for g in groups)
+
+
+def step_owner(optimizer: torch.optim.Optimizer) -> Optional[type]:
+    """The torch.optim class whose ``step`` ``optimizer`` runs (its own class or a base whose
+    ``step`` a subclass keeps), or None when the ``step`` is defined outside torch.optim."""
+    owner = next((c for c in type(optimizer).__mro__ if "step" in vars(c)), None)
+    return owner if owner is not None and owner.__module__.startswith("torch.optim.") else None
+
+
+_SPARSE_STEPS = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)
+
+
+def gradient_refusal(optimizer: torch.optim.Optimizer, sparse: bool, dense: bool) -> Optional[str]:
+    """Why ``optimizer.step()`` would raise on gradients of these layouts, or None when it would not
+    (or when nothing is known: a class that defines its own ``step`` outside torch.optim).
+
+    torch.optim's classes (and subclasses that keep their ``step``) check the layout while they step,
+    after earlier parameter groups have already moved; asking first keeps a refused step from
+    changing anything.
+    """
+    owner = step_owner(optimizer)
+    if owner is None:
+        return None
+    if owner is torch.optim.SparseAdam:
+        return "takes sparse gradients only" if dense else None
+    if not sparse or owner is torch.optim.SGD:
+        return None
+    if owner is torch.optim.Adagrad:
+        if any(g.get("weight_decay", 0) for g in optimizer.param_groups):
+            return "takes sparse gradients only with weight_decay=0"
+        return None
+    if owner in _SPARSE_STEPS:
+        return None
+    return "does not take sparse gradients"

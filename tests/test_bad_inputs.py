@@ -380,6 +380,14 @@ for args, why in [
 ]:
     case(f"experiment: {why}", f"experiment {args} --quick --out NEW/e" if "--out" not in args else f"experiment {args} --quick")
 
+for args, why in [
+    ("", "no file"), ("NEW/none.json", "a missing file"), ("EMPTY", "a folder"), ("corr/text.json", "not JSON"),
+    ("corr/nested.json", "deeply nested JSON"), ("corr/start_inf.json", "a schedule starting at Infinity"),
+    ("corr/mult_nan.json", "a NaN factor"), ("corr/export.csv", "the CSV export"), ("corr/latin1.json", "not UTF-8"),
+    ("corr/good.json --by nope", "unknown --by"), ("T", "a trace"),
+]:
+    case(f"show: {why}", f"show {args}")
+
 case("graftlab: unknown command", "nope")
 case("graftlab: unknown root option", "--nope")
 

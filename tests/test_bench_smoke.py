@@ -77,6 +77,15 @@ def test_record_cost_quick():
 
 
 @pytest.mark.slow
+def test_divergence_check_quick(_results):
+    out = _script("divergence_check").main(["--quick", "--block", "3", "--repeats", "2"])
+    rows = {r["optimizer"]: r for r in out["results"]}
+    assert rows["SGD"]["checked_via"] == "gradient norms" and rows["Adam#SGD"]["checked_via"] == "step norms"
+    assert all(r["ratio"]["median"] > 0 and r["check_alone_us"] > 0 for r in rows.values())
+    assert (_results / "divergence_check.quick.json").exists()
+
+
+@pytest.mark.slow
 def test_trace_size_quick():
     out = _script("trace_size").main(["--quick", "--steps", "6"])
     fresh = out["traces"][-1]

@@ -210,25 +210,40 @@ def test_group_source_records_are_typed_and_validated(tmp_path):
         assert str(p) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_lambda_lr_state_with_corrections_and_run_schedule_saves(tmp_path):
-    """torch.save of a LambdaLR state holding corrections times the run's schedule (no lambdas)."""
-    from graftlab.schedules import Product, make_schedule
 
-    m = model()
-    c = Corrections(multipliers=dict.fromkeys(NAMES, 1.0),
-                    schedule={"0.weight": [[0, 1.0], [2, 3.0]], "global": [[0, 2.0], [4, 0.5]]})
-    a = apply(c, list(m.named_parameters()), 0.1)
-    run = make_schedule("poly", 10, 2)
-    opt = torch.optim.SGD(a.param_groups, lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, a.lr_lambda(run))
+@pytest.mark.parametrize("kind", ["static", "per-group schedule", "global schedule"])
+@pytest.mark.parametrize("with_run_schedule", [False, True])
+def test_corrections_scheduler_checkpoints_with_torch_save_and_resumes_exactly(kind, with_run_schedule):
+    """A LambdaLR built from apply(...).lr_lambda(...) (holding a user's lambda or not) goes through
+    torch.save / torch.load with torch's defaults, and the resumed scheduler gives the same lrs."""
+    import io
+
+    from graftlab.corrections import Corrections, apply
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    names = [n for n, _ in m.named_parameters()]
+    corr = {
+        "static": Corrections(multipliers={n: 2.0 for n in names}),
+        "per-group schedule": Corrections(schedule={n: [[0, 1.0], [5, 0.5 + i]] for i, n in enumerate(names)}),
+        "global schedule": Corrections(schedule={"global": [[0, 1.0], [5, 0.5]]}),
+    }[kind]
+    run = (lambda t: min(1.0, (t + 1) / 10)) if with_run_schedule else None  # noqa: E731
+
+    def build():
+        ap = apply(corr, list(m.named_parameters()), 0.1)
+        opt = torch.optim.SGD(ap.param_groups, lr=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, ap.lr_lambda(run))
+
+    opt, sched = build()
     for _ in range(3):
-        opt.step()
-        sched.step()
-    torch.save(sched.state_dict(), tmp_path / "s.pt")
-    state = torch.load(tmp_path / "s.pt", weights_only=False)
-    # a scheduler of empty products gets the whole schedule back from the saved state
-    fresh = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(a.param_groups, lr=0.1), [Product() for _ in NAMES])
-    fresh.load_state_dict(state)
-    for s in range(8):
-        want = [0.1 * f * run(s) for f in a.factor_at(s)]
-        assert [fn(s) * 0.1 * g["factor"] for fn, g in zip(fresh.lr_lambdas, a.param_groups)] == pytest.approx(want)
+        opt.step(); sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf)  # weights_only=True, torch's default
+    opt2, sched2 = build()
+    opt2.load_state_dict(state["opt"]); sched2.load_state_dict(state["sched"])
+    for _ in range(6):
+        opt.step(); sched.step(); opt2.step(); sched2.step()
+        assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]

@@ -22,13 +22,16 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["demo", "--quick", "--quiet", "--round", "Dauto", "--out", str(out)])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out / "results.csv")
-    assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections", "sgd+schedule", "adam"]
+    assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections (static medians)",
+                                  "sgd+schedule (per-layer schedule)", "adam"]
     assert table["steps"].tolist() == [40] * 5
     assert table["mlm_accuracy"].between(0, 1).all() and (table["mlm_loss"] > 0).all()
     # the printed table is the written one
     for r in table.itertuples():
         assert f"| {r.run} |" in res.output and f"{r.mlm_loss:.4f}" in res.output
     summary = json.loads((out / "demo.json").read_text())
+    assert f"SGD-Adam held-out loss gap: {summary['gap_nats']:.3f} nats" in res.output
+    assert "sgd+corrections (static medians): closed" in res.output
     df = read_trace(out / "trace")
     assert df["step"].max() == 39 and summary["window"] == 20
     # beta was chosen from this run: the median of the block groups' medians over the window
@@ -111,3 +114,26 @@ def test_demo_runs_share_the_recording_settings(tmp_path):
     assert rec.d_hparams == sgd.hparams == {"momentum": 0.9} and rec.direction_lr == sgd.lr == 0.5
     assert rec.out == str(tmp_path / "trace") and sgd.metrics == str(tmp_path / "metrics-sgd.parquet")
     assert cfg.distill_window == 20 and DemoConfig(steps=10).distill_window == 5
+
+
+def _results(sgd, corrected, scheduled, adam):
+    return pd.DataFrame({"run": ["sgd", "sgd+corrections (static medians)", "sgd+schedule (per-layer schedule)", "adam"],
+                         "mlm_loss": [sgd, corrected, scheduled, adam]})
+
+
+def test_gap_closed_in_nats_and_as_a_fraction_only_outside_noise():
+    from graftlab.demo import NOISE_NATS, format_gap, gap_closed
+
+    # the README's run: gap 0.105 nats; static medians closed 42%, the schedule 70%
+    wide = gap_closed(_results(5.7854, 5.7414, 5.7116, 5.6803))
+    assert wide.attrs["gap"] == pytest.approx(0.1051) and wide.attrs["meaningful"]
+    assert wide["fraction"].round(2).tolist() == [0.42, 0.70]
+    text = format_gap(_results(5.7854, 5.7414, 5.7116, 5.6803))
+    assert "gap: 0.105 nats" in text and "closed +0.044 nats = 42% of the gap" in text and "70%" in text
+
+    small = _results(5.80, 5.79, 5.81, 5.80 - NOISE_NATS / 2)
+    closed = gap_closed(small)
+    assert not closed.attrs["meaningful"] and closed["fraction"].isna().all()
+    assert closed["closed_nats"].tolist() == pytest.approx([0.01, -0.01])
+    text = format_gap(small)
+    assert "small" in text and "%" not in text and "closed -0.010 nats" in text

@@ -128,8 +128,9 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     raw = json.loads(out.read_text())["source"]["groups"]  # the file's form of the records
     assert list(raw["bert.encoder.layer.0.attention.self.key.bias"]) == [
         "kind", "block", "tied", "median", "factor", "n_finite", "n_nonfinite", "later_median", "drift", "flags",
-        "stand_in"]
+        "stand_in", "grad_share", "evidence"]
     assert "stand_in" not in raw["bert.embeddings.word_embeddings.weight"]
+    assert "evidence" not in raw["bert.embeddings.word_embeddings.weight"]
     for j, g in enumerate(groups):
         first = ratios[:2000, j]
         assert info[g["name"]].median == pytest.approx(np.float32(g["median"]), rel=1e-6)
@@ -138,6 +139,11 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     # the K bias is the only degenerate group (the paper's 154101 artifact)
     flagged = {n for n, d in info.items() if d.flags}
     assert flagged == {f"bert.encoder.layer.{b}.attention.self.key.bias" for b in BLOCKS}
+    # medians only (no norm_g): a key bias 330x its own weight's median; Q/K weights up to 1090 kept
+    ev = info["bert.encoder.layer.0.attention.self.key.bias"].evidence
+    assert ev["basis"] == "structure" and ev["sibling"] == "bert.encoder.layer.0.attention.self.key.weight"
+    assert ev["sibling_factor"] == pytest.approx(154101.58 / 466.59, rel=1e-6)
+    assert info["bert.encoder.layer.0.attention.self.key.bias"].grad_share is None
     assert info["bert.encoder.layer.23.attention.self.query.weight"].block == 23
     assert info["bert.embeddings.word_embeddings.weight"].block is None
     assert corr.source["direction_lr"] == 0.05 and corr.source["round"] == "D500"
@@ -151,14 +157,14 @@ def test_table5_to_table6b_through_the_cli(tmp_path):
     assert "word_embeddings" in res.output and "degenerate" in res.output and "wrote" in res.output
 
     # none / pow10 on the same trace
-    res = cli(trace, "--round", "pow10", "-o", tmp_path / "p.json")
+    res = cli(trace, "--window", 2000, "--round", "pow10", "-o", tmp_path / "p.json")
     assert res.exit_code == 0, res.output
     p = load_corrections(tmp_path / "p.json").multipliers
     assert p["bert.embeddings.word_embeddings.weight"] == 100
     assert p["bert.encoder.layer.23.attention.self.query.weight"] == 1000
     # the flagged K bias takes the median of its kind's other groups (K weights), then pow10
     assert p["bert.encoder.layer.0.attention.self.key.bias"] == 100
-    res = cli(trace, "--round", "none", "-o", tmp_path / "n.json", "--format", "json")
+    res = cli(trace, "--window", 2000, "--round", "none", "-o", tmp_path / "n.json", "--format", "json")
     n = load_corrections(tmp_path / "n.json").multipliers
     assert n["bert.embeddings.word_embeddings.weight"] == pytest.approx(312.94, rel=1e-6)
     assert n["bert.encoder.layer.0.attention.self.key.bias"] == pytest.approx(np.median([466.59, 1081.26]), rel=1e-6)
@@ -261,7 +267,8 @@ def small_trace(path, n=300, **kw):
 def test_bad_inputs(tmp_path):
     plain = tmp_path / "plain.parquet"
     pd.DataFrame({"x": [1, 2]}).to_parquet(plain)
-    one_line_error(cli(plain), "not a graftlab trace")
+    # a table from another tool is a trace when it has the columns (tests/test_foreign_traces.py)
+    one_line_error(cli(plain), "no graftlab metadata, and a table needs columns step, group, ratio")
 
     nocol = small_trace(tmp_path / "nocol.trace", drop=("ratio",))
     one_line_error(cli(nocol), "lacks required column(s) ratio")
@@ -303,3 +310,38 @@ def test_cli_error_line_and_exit_code(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: bad rounding 'D0': D<beta> needs a positive finite beta, e.g. D500"]
+
+
+def test_default_window_fits_a_short_trace_and_says_so(tmp_path):
+    short = small_trace(tmp_path / "short.trace")  # 300 steps
+    res = cli(short, "-o", tmp_path / "c.json")
+    assert res.exit_code == 0, res.output
+    assert load_corrections(tmp_path / "c.json").source["window"] == 75  # a quarter of 300 (< 2000)
+    assert "window 75 steps: the paper's 2000, capped to the first quarter" in " ".join(res.output.split())
+    assert distill(short).source["window"] == 75
+    msg = one_line_error(cli(short, "--window", 400, "-o", tmp_path / "d.json"), "longer than the trace")
+    assert "--window 400" in msg
+
+
+def test_bad_round_is_said_before_an_existing_output(tmp_path):
+    short = small_trace(tmp_path / "short.trace")
+    out = tmp_path / "keep.json"
+    out.write_text("precious")
+    one_line_error(cli(short, "--round", "D0", "-o", out), "bad rounding 'D0'")
+    assert out.read_text() == "precious"
+
+
+def test_schedule_title_names_the_whole_run(tmp_path):
+    short = small_trace(tmp_path / "short.trace")
+    res = cli(short, "--schedule", "--window", 50, "-o", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    assert "steps 0..299 in windows of 50" in res.output
+
+
+def test_info_keeps_long_group_names_on_one_line(tmp_path):
+    long = "model.decoder.layers.11.encoder_attn.very_long_projection_name.weight"
+    path = tmp_path / "long.trace"
+    write_trace(path, metadata([{"name": long}]), np.arange(20), np.ones((20, 1)))
+    res = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "60"})
+    assert res.exit_code == 0, res.output
+    assert long in res.output

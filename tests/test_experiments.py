@@ -5,14 +5,15 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from experiments import batch_transfer, resnet, transformer
-from experiments.runner import Settings, markdown, quarter_medians
+from experiments.runner import Job, Run, Settings, markdown, quarter_medians, read_metrics
+from experiments.stats import gap_closed, half_decade, paired, tune
 from graftlab.errors import GraftlabError
-from graftlab.runs import read_metrics
 
 torch.set_num_threads(1)
 
@@ -45,14 +46,21 @@ def test_transformer_quick_and_resume(tmp_path, capsys):
         float(cells[3].split()[0])  # a held-out loss
     names = _runs(out)
     assert set(names) == {"adam_lr0.001_s0", "sgd_lr0.1_s0", "graft_s0", "sgd_median_s0", "sgd_dbeta_s0",
-                          "sgd_global_s0", "sgd_schedule_s0"}
+                          "sgd_dbeta_attn_s0", "sgd_dbeta_qk_s0", "sgd_global_s0", "sgd_schedule_s0"}
     frame, meta = read_metrics(out / "runs" / "sgd_median_s0.parquet")
     assert len(frame) == 4 and math.isfinite(meta["final"]["loss"])
     assert meta["corrections"]["path"].endswith("median.json")
     for f in ("transformer.png", "drift.csv", "runs.csv", "settings.json"):
         assert (out / f).exists(), f
-    for c in ("median", "dbeta", "global", "schedule"):
+    for c in ("median", "dbeta", "dbeta_attn", "dbeta_qk", "global", "schedule"):
         assert (out / "corrections" / f"{c}.json").exists()
+    from graftlab.corrections import load_corrections
+
+    assert load_corrections(out / "corrections" / "dbeta_attn.json").source["round"].startswith("DA")
+    qk = load_corrections(out / "corrections" / "dbeta_qk.json")
+    tied = [g for g, v in qk.source["groups"].items() if v["tied"]]
+    assert tied and all(g.endswith(("attn.query.weight", "attn.key.weight")) for g in tied)
+    assert "## D_beta: the paper's rule against attention-only tying" in text and "## lr grids (seed 0)" in text
     # the global factor is the median whole-model ratio: check it against the trace, float64
     from graftlab.trace import read_trace
 
@@ -69,7 +77,7 @@ def test_transformer_quick_and_resume(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     transformer.main(settings=_quick(out, steps=4, overwrite=True))  # every run is done: all skipped
     log = capsys.readouterr().out
-    assert "run   " not in log and log.count("skip  ") == 7
+    assert "run   " not in log and log.count("skip  ") == 9
     assert _runs(out) == names
 
 
@@ -97,7 +105,7 @@ def resnet_schedule(out: Path):
 def test_batch_transfer_cli_and_interrupted_run(tmp_path):
     from typer.testing import CliRunner
 
-    from graftlab.cli.app import app
+    from cli.app import app
 
     out = tmp_path / "b"
     args = ["experiment", "batch_transfer", "--quick", "--steps", "4", "--out", str(out)]
@@ -124,7 +132,7 @@ def test_batch_transfer_cli_and_interrupted_run(tmp_path):
 def test_unknown_experiment_is_one_error_line():
     from typer.testing import CliRunner
 
-    from graftlab.cli.app import app
+    from cli.app import app
 
     res = CliRunner().invoke(app, ["experiment", "nope"])
     assert res.exit_code != 0
@@ -162,3 +170,119 @@ def test_finished_run_with_other_settings_is_an_error(tmp_path):
     _check_same("r", tmp_path / "r.parquet", stored, TrainConfig(task="bert", steps=300, lr=0.1 + 1e-16))
     with pytest.raises(GraftlabError, match="steps=300"):
         _check_same("r", tmp_path / "r.parquet", stored, TrainConfig(task="bert", steps=150, lr=0.1))
+
+
+# --- grids, paired statistics, the GPU preset ---------------------------------------------------------
+
+class _FakeExperiment:
+    """Stands in for Experiment in tune(): a run's final loss is a parabola in log10(lr)."""
+
+    def __init__(self, best_lr: float, diverge_above: float = math.inf):
+        self.best, self.diverge_above, self.asked = best_lr, diverge_above, []
+
+    def batch(self, jobs):
+        out = []
+        for job in jobs:
+            lr = job.config
+            self.asked.append(lr)
+            loss = (math.log10(lr) - math.log10(self.best)) ** 2 + 1.0
+            diverged = lr > self.diverge_above
+            out.append(Run(job.name, pd.DataFrame(), {"final": {"loss": math.nan if diverged else loss},
+                                                      "diverged_at": 3 if diverged else None}, False))
+        return out
+
+
+def _tune(fake, ks):
+    return tune(fake, ks, lambda lr: Job(f"lr{lr:g}", lr), lambda r: r.final["loss"])
+
+
+def test_half_decade_grid():
+    assert [half_decade(k) for k in range(-4, 1)] == [0.01, 0.0316, 0.1, 0.316, 1.0]
+    assert half_decade(-7) == 0.000316
+
+
+def test_tune_extends_until_the_best_is_interior():
+    fake = _FakeExperiment(best_lr=3e-2)
+    lr, table = _tune(fake, range(-8, -3))  # 1e-4 .. 1e-2: best at the upper edge
+    assert lr == 0.0316 and len(table) == 7  # extended twice: 0.0316 is then interior
+    assert table["chosen"].tolist().count("chosen") == 1 and table.iloc[-2]["lr"] == 0.0316
+    # a diverged point beyond the best one makes it interior: no extension
+    fake = _FakeExperiment(best_lr=10.0, diverge_above=1.5)
+    lr, table = _tune(fake, range(-4, 1))  # 0.01 .. 1
+    assert lr == 1.0 and len(table) == 6 and table.iloc[-1]["diverged"] == "yes"
+    assert table.iloc[-2]["chosen"] == "chosen"
+    # extensions stop after three: the best stays at the edge and says so
+    fake = _FakeExperiment(best_lr=1e-9)
+    lr, table = _tune(fake, range(-4, 1))
+    assert len(table) == 8 and lr == half_decade(-7) and table.iloc[0]["chosen"] == "chosen (edge)"
+    # interior from the start: the grid is run once, unchanged
+    fake = _FakeExperiment(best_lr=0.1)
+    lr, table = _tune(fake, range(-4, 1))
+    assert lr == 0.1 and len(table) == 5 and len(fake.asked) == 5
+
+
+def test_paired_against_float64_reference():
+    a, b = [5.80, 5.85, 5.78], [5.75, 5.76, 5.70]
+    d = np.array(a, dtype=np.float64) - np.array(b, dtype=np.float64)
+    p = paired(a, b)
+    assert p["mean"] == pytest.approx(d.mean(), rel=1e-12) and p["std"] == pytest.approx(d.std(ddof=1), rel=1e-12)
+    assert p["ci"] == pytest.approx(4.302652729749464 * d.std(ddof=1) / math.sqrt(3), rel=1e-9)  # t(0.975, 2)
+    assert p["significant"] and p["n"] == 3
+    q = paired([1.0, 2.0, 3.0], [1.5, 1.0, 3.1])  # mean 0.133, spread 0.76: within noise
+    assert not q["significant"]
+    assert paired([math.nan, 1.0], [0.0, 0.5])["n"] == 1  # diverged seeds are left out
+    stats = {"sgd": {"adam": paired([5.9, 5.92, 5.91], [5.8, 5.81, 5.80])},
+             "m": {"sgd": paired([5.85, 5.87, 5.86], [5.9, 5.92, 5.91])}}
+    assert gap_closed(stats, "m", "adam", "sgd") == "47%"  # 0.05 / 0.10667
+    stats["sgd"]["adam"] = q
+    assert gap_closed(stats, "m", "adam", "sgd") == "gap within noise"
+
+
+def test_gpu_preset_values_and_overrides():
+    from graftlab.errors import GraftlabError
+
+    s = transformer.resolve(Settings(preset="gpu"))
+    assert (s.task, s.size, s.device, s.steps, s.batch_size, s.seeds, s.jobs) == ("gpt", "base", "cuda", 1000, 32, 3, 10)
+    s = transformer.resolve(Settings(preset="gpu", device="cpu", steps=5, jobs=2))
+    assert (s.device, s.steps, s.jobs, s.size) == ("cpu", 5, 2, "base")
+    with pytest.raises(GraftlabError, match="unknown preset"):
+        transformer.resolve(Settings(preset="tpu"))
+    with pytest.raises(GraftlabError, match="unknown task"):
+        transformer.defaults(Settings(task="resnet"))
+    if not torch.cuda.is_available():
+        from typer.testing import CliRunner
+
+        from cli.app import app
+
+        res = CliRunner().invoke(app, ["experiment", "transformer", "--preset", "gpu", "--out", "/nonexistent/x"])
+        assert res.exit_code != 0 and "no CUDA GPU" in (str(res.exception) + res.output)
+        assert isinstance(res.exception, GraftlabError)  # the CLI's entry point prints it as one error line
+
+
+@pytest.mark.slow
+def test_gpu_preset_reduced_on_cpu(tmp_path):
+    """The whole GPU protocol (5-point grids, Adam#SGD traces, five corrections, paired tables) with
+    runs in two worker processes, at a size a CPU runs in about a minute."""
+    out = tmp_path / "g"
+    settings = Settings(out=str(out), preset="gpu", device="cpu", size="tiny", steps=4, batch_size=4,
+                        eval_size=8, seeds=2, jobs=2)
+    transformer.main(settings=settings)
+    info = __import__("json").loads((out / "settings.json").read_text())
+    assert (info["task"], info["size"], info["jobs"], info["preset"]) == ("gpt", "tiny", 2, "gpu")
+    grids = pd.read_csv(out / "grids.csv")
+    for opt in ("Adam", "SGD+momentum"):
+        assert (grids["optimizer"] == opt).sum() >= 5
+        lrs = np.sort(grids.loc[grids["optimizer"] == opt, "lr"].to_numpy())
+        assert np.allclose(lrs[1:] / lrs[:-1], math.sqrt(10), rtol=0.01)
+    runs = _runs(out)
+    for m in ("adam", "sgd"):
+        assert sum(n.startswith(f"{m}_lr") and n.endswith("_s1") for n in runs) == 1
+    for m in transformer.CORRECTIONS:
+        assert {f"sgd_{m}_s0", f"sgd_{m}_s1"} <= set(runs)
+    assert {"graft_s0", "graft_s1"} <= set(runs)
+    frame, meta = read_metrics(out / "runs" / "graft_s1.parquet")
+    assert meta["task"]["task"] == "gpt" and len(frame) == 4
+    text = (out / "results.md").read_text()
+    rows = _table_rows(text, set(transformer.LABELS.values()))
+    assert set(rows) == set(transformer.LABELS.values()) and all(c[1] == "2" for c in rows.values())
+    assert "[±" in rows[transformer.LABELS["graft"]][5]  # a paired difference with its interval

@@ -11,7 +11,7 @@ and checks what is on disk against the steps the run had completed:
   no permanent gap, no duplicate, the run's own metadata.
 
 Points without checkpoints check the losses only, and that ``--resume`` without a checkpoint refuses
-without touching the trace. The normal suite runs a few points; the whole suite (36 points, 42
+without touching the trace. The normal suite runs a few points; the whole suite (39 points, 42
 kills) runs with::
 
     GRAFTLAB_KILL_POINTS=all OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_kill.py -s

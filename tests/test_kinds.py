@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from graftlab.errors import GraftlabError
 from graftlab.kinds import GroupKind, classify, classify_model, classify_names, group_kind
 
 BERT_OWN = {
@@ -163,8 +164,12 @@ def test_overrides_dict_and_callable():
     got = classify_names(names, lambda n: "fc2" if n.endswith("fc1.weight") else None)
     assert got["blocks.1.ffn.fc1.weight"] == GroupKind("ffn", "fc2", 1)
     assert got["proj.weight"] == GroupKind("other")
-    with pytest.raises(ValueError):
+    with pytest.raises(GraftlabError, match="unknown kind 'softmax'"):
         classify_names(names, {"proj.weight": "softmax"})
+    with pytest.raises(GraftlabError, match="kind override must be a kind name or GroupKind"):
+        classify_names(names, {"proj.weight": 3})
+    with pytest.raises(GraftlabError, match="ffn must be"):
+        GroupKind("ffn", "fc3")
 
 
 def test_group_kind_of_members():

@@ -72,7 +72,9 @@ def write_trace(path, *, steps: int, spec=None, granularity="layer", batch_size=
         r = r.astype(np.float32)
         for s in nan_steps:
             r[step == s] = np.inf
-        rows.append(pd.DataFrame({"step": step, "group": name, "norm_m": r, "norm_d": np.ones_like(r), "ratio": r}))
+        norm_d = np.where(np.isfinite(r), 1.0, 0.0).astype(np.float32)  # an infinite ratio: D's step was zero
+        norm_m = np.where(np.isfinite(r), r, 1.0).astype(np.float32)
+        rows.append(pd.DataFrame({"step": step, "group": name, "norm_m": norm_m, "norm_d": norm_d, "ratio": r}))
     df = pd.concat(rows).sort_values("step", kind="stable")
     if lr is not None:
         df["lr"] = lr(df["step"].to_numpy()).astype(np.float32)

@@ -371,15 +371,20 @@ def test_cuda_pinned_flush_matches_last_stats(tmp_path):
 def test_kind_summary_keeps_degenerate_groups_out():
     from graftlab.analysis import kind_summary
 
-    groups = [("q0", "Q"), ("q1", "Q"), ("kb", "K"), ("kw", "K"), ("v", "V"), ("n", "norm")]
+    groups = [("q0", "Q"), ("q1", "Q"), ("a.key.bias", "K"), ("a.key.weight", "K"), ("v", "V"), ("n", "norm")]
     meta = {"groups": [{"name": g, "kind": k} for g, k in groups]}
-    ratios = {"q0": [1.0, 3.0, 2.0], "q1": [4.0, 4.0, np.inf], "kb": [1e5, 2e5, 3e5], "kw": [2.0, 2.0, 2.0],
-              "v": [0.5, 0.5, 0.5], "n": [np.nan, np.nan, np.nan]}
+    ratios = {"q0": [1.0, 3.0, 2.0], "q1": [4.0, 4.0, np.inf], "a.key.bias": [1e5, 2e5, 3e5],
+              "a.key.weight": [2.0, 2.0, 2.0], "v": [0.5, 0.5, 0.5], "n": [np.nan, np.nan, np.nan]}
     df = pd.DataFrame([(s, g, r) for g, rs in ratios.items() for s, r in enumerate(rs)],
                       columns=["step", "group", "ratio"])
-    out = kind_summary(df, meta)
-    assert list(out.index) == ["Q", "K", "V", "norm"]
-    assert out.loc["Q", "median"] == 3.0 and out.loc["Q", "min"] == 2.0 and out.loc["Q", "max"] == 4.0
-    assert out.loc["K", "median"] == 2.0 and out.loc["K", "flagged"] == 1 and out.loc["K", "groups"] == 2
-    assert np.isnan(out.loc["norm", "median"]) and out.loc["norm", "flagged"] == 1
-    assert out.attrs["flagged"] == {"kb": "degenerate", "n": "no finite ratio"}
+    for frame in (df, df.assign(norm_g=np.where(df.group == "a.key.bias", 1e-12, 0.5))):
+        # without norm_g: the key bias far above its weight; with it: a gradient at float-noise level
+        out = kind_summary(frame, meta)
+        assert list(out.index) == ["Q", "K", "V", "norm"]
+        assert out.loc["Q", "median"] == 3.0 and out.loc["Q", "min"] == 2.0 and out.loc["Q", "max"] == 4.0
+        assert out.loc["K", "median"] == 2.0 and out.loc["K", "flagged"] == 1 and out.loc["K", "groups"] == 2
+        assert np.isnan(out.loc["norm", "median"]) and out.loc["norm", "flagged"] == 1
+        assert out.attrs["flagged"] == {"a.key.bias": "degenerate", "n": "no finite ratio"}
+    # a large ratio with a real gradient is kept
+    out = kind_summary(df.assign(norm_g=0.5), meta)
+    assert out.attrs["flagged"] == {"n": "no finite ratio"} and out.loc["K", "median"] == pytest.approx(100001.0)

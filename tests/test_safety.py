@@ -264,6 +264,10 @@ def test_sigterm_writes_the_buffered_rows(tmp_path):
 
 
 def test_sigterm_handler_only_while_recording_and_never_over_anothers(tmp_path):
+    from graftlab import record
+
+    for rec in list(record._OPEN):  # recorders other tests left open keep the handler installed
+        rec.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     _, graft = setup()
     with Recorder(graft, tmp_path / "a"):

@@ -8,7 +8,9 @@ import torch
 
 from graftlab.errors import GraftlabError
 from graftlab.tasks import get_task
+from graftlab.kinds import classify
 from graftlab.tasks.bert import BertConfig, BertMLM, mask_tokens
+from graftlab.tasks.gpt import GPT, GPTConfig, next_token_rows
 from graftlab.tasks.images import FASHION_MNIST_DIR, load_npz, read_idx
 from graftlab.tasks.resnet import PreActResNet18
 from graftlab.tasks.text import SPECIAL_TOKENS, load_kjv, split_documents, train_tokenizer
@@ -20,6 +22,11 @@ EVAL = 32  # held-out examples per evaluation in these tests
 @pytest.fixture(scope="module")
 def bert():
     return get_task("bert", size="tiny", batch_size=8, seed=0, device="cpu", eval_size=EVAL)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return get_task("gpt", size="tiny", batch_size=8, seed=0, device="cpu", eval_size=EVAL)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +219,7 @@ def test_batches_are_seeded(bert):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"name": "gpt"}, "unknown task"), ({"name": "bert", "size": "huge"}, "unknown size"),
+    [({"name": "gpt2"}, "unknown task"), ({"name": "gpt", "size": "huge"}, "unknown size"), ({"name": "bert", "size": "huge"}, "unknown size"),
      ({"name": "bert", "data": "/no/such/path"}, "does not exist"), ({"name": "resnet", "batch_size": 0}, "batch size"),
      ({"name": "bert", "device": "tpu"}, "unknown device")],
 )
@@ -220,3 +227,97 @@ def test_bad_task_arguments(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(GraftlabError, match=match):
         get_task(name, **kwargs)
+
+
+# --- gpt ----------------------------------------------------------------------------------------------
+
+def test_gpt_parameter_names_and_clean_kinds():
+    cfg = GPTConfig(vocab_size=50, hidden=16, layers=2, heads=2, intermediate=32, seq_len=10)
+    model = GPT(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    expected = {"embeddings.word.weight": (50, 16), "embeddings.position.weight": (10, 16),
+                "final_norm.weight": (16,), "final_norm.bias": (16,), "head.decoder.weight": (50, 16)}
+    for i in range(2):
+        for part in ("query", "key", "value", "out"):
+            expected[f"blocks.{i}.attn.{part}.weight"] = (16, 16)
+            expected[f"blocks.{i}.attn.{part}.bias"] = (16,)
+        for norm in ("attn_norm", "ffn_norm"):
+            expected[f"blocks.{i}.{norm}.weight"] = (16,)
+            expected[f"blocks.{i}.{norm}.bias"] = (16,)
+        expected.update({f"blocks.{i}.ffn.fc1.weight": (32, 16), f"blocks.{i}.ffn.fc1.bias": (32,),
+                         f"blocks.{i}.ffn.fc2.weight": (16, 32), f"blocks.{i}.ffn.fc2.bias": (16,)})
+    assert shapes == expected
+    want = {"query": "Q", "key": "K", "value": "V", "out": "attn_out", "fc1": "ffn", "fc2": "ffn",
+            "attn_norm": "norm", "ffn_norm": "norm", "word": "embedding", "position": "embedding",
+            "final_norm": "norm", "decoder": "output"}
+    modules = dict(model.named_modules())
+    for name in shapes:
+        k = classify(name, modules[name.rsplit(".", 1)[0]])
+        assert k.kind == want[name.split(".")[-2]], name
+        assert k.block == (int(name.split(".")[1]) if name.startswith("blocks.") else None), name
+        if k.kind == "ffn":
+            assert k.ffn == name.split(".")[-2], name
+
+
+def test_gpt_is_causal_and_pre_layernorm():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, hidden=16, layers=2, heads=2, intermediate=32, seq_len=10)
+    model = GPT(cfg).eval()
+    ids = torch.randint(0, 50, (3, 10))
+    changed = ids.clone()
+    changed[:, 6] = (ids[:, 6] + 1) % 50
+    a, b = model(ids), model(changed)
+    assert a.shape == (3, 10, 50)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6)  # earlier positions never see later tokens
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+    # pre-LN: with zero residual branches a block is the identity (nothing normalises the stream)
+    block = model.blocks[0]
+    for layer in (block.attn.out, block.ffn.fc2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    x = torch.randn(2, 5, 16) * 3
+    assert torch.equal(block(x), x)
+    with pytest.raises(GraftlabError, match="longer"):
+        model(torch.zeros(1, 11, dtype=torch.long))
+
+
+def test_next_token_rows():
+    rows = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 15, 3]])
+    assert next_token_rows(rows).tolist() == [[10, 11, 12], [13, 14, 15]]
+
+
+def test_gpt_task_batches_loss_and_float64_evaluation(gpt):
+    info = gpt.info()
+    json.dumps(info)
+    assert info["dataset"].startswith("King James") and info["vocab_size"] == 2000 and info["autocast"] is None
+    assert gpt.steps_per_epoch == info["train_sequences"] // 8 and gpt.default_schedule == "poly"
+    # the rows are the contiguous token stream: consecutive rows continue each other, no [CLS]/[SEP]
+    assert 900_000 < info["train_tokens"] < 1_100_000
+    batch = next(gpt.train_batches())
+    assert batch.shape == (8, 33) and batch.dtype == torch.long
+    assert not ((batch == 2) | (batch == 3)).any()
+    loss = gpt.loss(gpt.model, batch)
+    assert abs(loss.item() - np.log(2000)) < 0.5
+    ev = gpt.evaluate(gpt.model)
+    # float64 reference: mean next-token cross-entropy and top-1 over every held-out position
+    rows = torch.cat(gpt.eval_batches())
+    assert rows.shape == (EVAL, 33)
+    with torch.no_grad():
+        logits = gpt.model(rows[:, :-1]).double()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+    acc = (logits.argmax(-1) == rows[:, 1:]).double().mean().item()
+    assert ev["loss"] == pytest.approx(ref, rel=1e-5) and ev["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert ev == gpt.evaluate(gpt.model)
+
+
+def test_gpt_trains(gpt):
+    task = get_task("gpt", size="tiny", batch_size=16, seed=1, device="cpu", eval_size=EVAL)
+    before = task.evaluate(task.model)["loss"]
+    opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
+    batches = task.train_batches()
+    for _ in range(30):
+        loss = task.loss(task.model, next(batches))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert task.evaluate(task.model)["loss"] < before - 1.0

@@ -21,11 +21,16 @@ Usage in a training loop (what ``graftlab train`` does)::
     for step in range(steps):
         ...; opt.step(); sched.step()       # the factor at step t applies to update t
 
+``compare(file_a, file_b)`` puts files side by side (factors, medians, drift per group or kind;
+what ``graftlab show`` prints).
+
 ``run_schedule`` is the run's own ``step -> factor`` schedule (warmup, decay), or None.
 """
 from __future__ import annotations
 
 from graftlab.corrections.applying import Applied, apply
+from graftlab.corrections.compare import compare
 from graftlab.corrections.files import FORMAT, GLOBAL, Corrections, GroupSource, load_corrections, save
 
-__all__ = ["FORMAT", "GLOBAL", "Applied", "Corrections", "GroupSource", "apply", "load_corrections", "save"]
+__all__ = ["FORMAT", "GLOBAL", "Applied", "Corrections", "GroupSource", "apply", "compare", "load_corrections",
+           "save"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -22,6 +23,13 @@ class Applied:
       global factor included), else None. A LambdaLR over the optimizer must use this list.
     - ``missing``: model parameters the file had no factor for (factor 1; only with allow_missing).
     - ``unknown``: file groups that matched no parameter (ignored; only with allow_missing).
+
+    Slices: a group named ``<tensor>[<label>]`` is a slice of a fused tensor
+    (:func:`graftlab.partition.fused_layout`, e.g. GPT-2's ``c_attn`` Q/K/V thirds). One tensor
+    has one learning rate in torch.optim, so its param group also holds ``lr_scale``, a tensor
+    broadcastable to the parameter holding each slice's factor; :meth:`register` makes an
+    optimizer scale each step of that tensor by it, which is the same as scaling the slice's lr
+    for every torch.optim optimizer (their steps are proportional to lr).
     """
 
     param_groups: list[dict[str, Any]]
@@ -46,6 +54,54 @@ class Applied:
         s = self.lr_factor(step) if self.lr_factor is not None else 1.0
         return [b * s for b in base]
 
+    def register(self, optimizer: Any) -> "_ScaleHooks":
+        """Make ``optimizer`` (built over ``param_groups``) apply the per-slice ``lr_scale``s: its
+        step on such a tensor becomes ``lr_scale * step``, measured as ``w_{t+1} - w_t`` (in
+        float32 that difference carries the rounding of ``w``, multiplied by the factor). One
+        buffer per scaled tensor is allocated here; a step allocates nothing. Returns a handle with ``remove()``; a no-op
+        handle when no group has ``lr_scale``."""
+        return register_scales(optimizer)
+
+
+def register_scales(optimizer: Any) -> "_ScaleHooks":
+    """What :meth:`Applied.register` does, for any optimizer whose param groups carry ``lr_scale``."""
+    scaled = [(g["params"][0], g["lr_scale"]) for g in optimizer.param_groups if g.get("lr_scale") is not None]
+    return _ScaleHooks(optimizer, scaled)
+
+
+class _ScaleHooks:
+    """Step hooks: ``w_t`` saved before the step, ``w_t + scale * (w_{t+1} - w_t)`` after it."""
+
+    def __init__(self, optimizer: Any, scaled: list) -> None:
+        import torch
+
+        self.params = [p for p, _ in scaled]
+        self.scales = [s for _, s in scaled]
+        self.saved = [torch.empty_like(p) for p in self.params]
+        self.handles = []
+        if scaled:
+            self.handles = [optimizer.register_step_pre_hook(self._before),
+                            optimizer.register_step_post_hook(self._after)]
+
+    def _before(self, *_: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_(self.saved, self.params)
+
+    def _after(self, *_: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_sub_(self.params, self.saved)
+            torch._foreach_mul_(self.params, self.scales)
+            torch._foreach_add_(self.params, self.saved)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
 
 def _listing(names: Sequence[str], limit: int = 5) -> str:
     head = ", ".join(names[:limit])
@@ -69,9 +125,31 @@ def _named(named_params: Any) -> tuple[list[str], list[Any]]:
     return names, params
 
 
-def _targets(corrections: Corrections, names: list[str]) -> dict[str, list[int]]:
+_SLICE = re.compile(r"(.+)\[(\w+)\]")
+
+
+def _slice_of(group: str, names: list[str], params: list[Any]):
+    """``(parameter position, dim, start, stop)`` when ``group`` names a slice of a fused
+    parameter (``<name>[<label>]``, :func:`graftlab.partition.fused_layout`), else None."""
+    from graftlab.partition import fused_layout
+
+    m = _SLICE.fullmatch(group)
+    if not m or m.group(1) not in names:
+        return None
+    i = names.index(m.group(1))
+    layout = fused_layout(m.group(1), tuple(params[i].shape))
+    if layout is None or m.group(2) not in layout[1]:
+        return None
+    dim, labels = layout
+    size = params[i].shape[dim] // len(labels)
+    j = labels.index(m.group(2))
+    return i, dim, j * size, (j + 1) * size
+
+
+def _targets(corrections: Corrections, names: list[str], params: Optional[list[Any]] = None) -> dict[str, list[int]]:
     """Each file group's parameter positions: ``global`` (unless a parameter has that name) covers
-    all, a parameter's own name covers it, a custom group covers its recorded members."""
+    all, a parameter's own name covers it, a custom group covers its recorded members, a slice
+    ``<name>[<label>]`` its fused parameter."""
     index = {n: i for i, n in enumerate(names)}
     members = {g: d.members for g, d in corrections.group_sources.items() if d.members and d.members != [g]}
     out = {}
@@ -80,6 +158,8 @@ def _targets(corrections: Corrections, names: list[str]) -> dict[str, list[int]]
             out[g] = list(range(len(names)))
         elif g in index:
             out[g] = [index[g]]
+        elif params is not None and _slice_of(g, names, params) is not None:
+            out[g] = [_slice_of(g, names, params)[0]]
         else:
             out[g] = [index[m] for m in members.get(g, []) if m in index]
     return out
@@ -129,12 +209,20 @@ def apply(
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
         raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
     names, params = _named(named_params)
-    targets = _targets(corrections, names)
+    targets = _targets(corrections, names, params)
     unknown = [g for g in corrections.groups if not targets[g]]
     if unknown and not allow_missing:
         raise GraftlabError(
             f"{len(unknown)} group(s) in the corrections match no parameter of this model "
             f"(a file from another model?): {_listing(unknown)}; pass allow_missing=True to ignore them"
+        )
+    slices = {g: _slice_of(g, names, params) for g in corrections.groups if g not in names}
+    slices = {g: v for g, v in slices.items() if v is not None and targets[g]}
+    sliced_schedules = sorted(g for g in slices if g in corrections.schedule)
+    if sliced_schedules:
+        raise GraftlabError(
+            f"schedules for slices of a fused tensor are not supported ({_listing(sliced_schedules)}): "
+            "distill static multipliers (schedule=False) for such a model"
         )
     covered = {i for g in corrections.groups for i in targets[g]}
     missing = [n for i, n in enumerate(names) if i not in covered]
@@ -145,11 +233,25 @@ def apply(
         )
 
     mult = [1.0] * len(names)
+    scale: dict[int, Any] = {}
     for g, f in corrections.multipliers.items():
+        if g in slices:
+            i, dim, start, stop = slices[g]
+            if i not in scale:
+                import torch
+
+                p = params[i]
+                shape = [1] * p.dim()
+                shape[dim] = p.shape[dim]
+                scale[i] = torch.ones(shape, dtype=p.dtype, device=p.device)
+            scale[i].narrow(dim, start, stop - start).fill_(float(f))
+            continue
         for i in targets[g]:
             mult[i] *= float(f)
     overall, per_param = _schedules(corrections, targets, len(names), GLOBAL not in names)
     param_groups = [{"params": [p], "lr": base_lr * m, "name": n, "factor": m} for n, p, m in zip(names, params, mult)]
+    for i, t in scale.items():
+        param_groups[i]["lr_scale"] = t
     group_factors = [Product(overall, *s) for s in per_param] if any(per_param) else None
     return Applied(
         param_groups=param_groups,

@@ -27,8 +27,8 @@ PathLike = Union[str, os.PathLike]
 class GroupSource:
     """How one group's factor was found: ``source["groups"][name]`` of a corrections file.
 
-    :func:`graftlab.distill.distill` writes every field but ``stand_in`` (flagged groups only) and
-    ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
+    :func:`graftlab.distill.distill` writes every field but ``stand_in`` (flagged groups only),
+    ``evidence`` (degenerate groups only) and ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
     hand-written one for a custom partition may give only ``members``).
     """
 
@@ -44,10 +44,12 @@ class GroupSource:
     flags: str = ""  # why the group's own median is not used ("" when it is)
     stand_in: Optional[float] = None  # the median used instead, for a flagged group
     members: Optional[list[str]] = None  # parameter names of a custom-partition group
+    grad_share: Optional[float] = None  # median of norm_g / the model's gradient norm; None: not recorded
+    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.degenerate.Evidence)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("stand_in", "members"):
+        for key in ("stand_in", "members", "evidence"):
             if out[key] is None:
                 del out[key]
         return jsonable(out)
@@ -66,9 +68,9 @@ class GroupSource:
 
 # The JSON type of each GroupSource field (float for the rest); null is allowed for every field.
 _FIELD_TYPES = {"kind": str, "flags": str, "tied": bool, "block": int, "n_finite": int, "n_nonfinite": int,
-                "members": list}
+                "members": list, "evidence": dict}
 _WANT = {float: "a finite number", int: "a whole number >= 0", list: "a list of parameter names", str: "a string",
-         bool: "true or false"}
+         bool: "true or false", dict: "an object"}
 
 
 def _typed(name: str, v: Any, where: str) -> Any:
@@ -120,6 +122,19 @@ class Corrections:
         """D's learning rate when the trace was recorded: the base the factors are relative to."""
         lr = self.source.get("direction_lr")
         return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+    @property
+    def direction_optimizer(self) -> Optional[str]:
+        """The name (``sgd``, ``adagrad``, ...) of D's optimizer in the recorded run, or None when the
+        file does not say: the optimizer the factors were distilled for."""
+        meta = self.source.get("metadata") or {}
+        name = (meta.get("config") or {}).get("direction")
+        if isinstance(name, str) and name:
+            return name.lower()
+        cls = (meta.get("direction") or {}).get("class")
+        if isinstance(cls, str) and cls:  # "torch.optim.sgd.SGD" -> "sgd"
+            return cls.rsplit(".", 1)[-1].lower()
+        return None
 
     @property
     def groups(self) -> list[str]:

@@ -16,7 +16,7 @@ Usage in a training script started with ``torchrun --nproc-per-node 2 train.py``
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = graftlab.Graft(adam, sgd, names=gd.unwrap(model))
-    with gd.main_only(Recorder, opt, "trace/"):   # rank 0 writes, the others get a no-op
+    with Recorder(opt, "trace/"):                 # on every rank: rank 0 writes, the others record nothing
         for x, y in batches:                      # the same global batch on every rank
             x, y = gd.local_rows(x, env), gd.local_rows(y, env)
             loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
@@ -24,7 +24,7 @@ Usage in a training script started with ``torchrun --nproc-per-node 2 train.py``
     gd.shutdown(env)
 
 Without torchrun the same calls give a one-process run: ``init_from_env`` returns world size 1,
-``wrap_model`` returns the model, ``main_only`` builds the recorder.
+``wrap_model`` returns the model, and the recorder writes.
 
 A run of a built-in task (:mod:`graftlab.runs`) sets up one :class:`Runtime` at its start and asks it
 for everything distributed: wrapping the task, whether this rank writes, the mean loss over ranks,

@@ -259,7 +259,8 @@ def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimi
     every = int(getattr(config, "checkpoint_every", 0) or 0)
     resume = bool(getattr(config, "resume", False))
     if directory is None:
-        if every or resume:
+        # with on_divergence="restart", checkpoint_every alone spaces in-memory restart points
+        if resume or (every and getattr(config, "on_divergence", "stop") != "restart"):
             raise GraftlabError("resume=True and checkpoint_every need checkpoint_dir")
         return None, 0
     ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)

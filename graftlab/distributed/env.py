@@ -271,8 +271,12 @@ class _Nothing(contextlib.AbstractContextManager):
 
 
 def is_main() -> bool:
-    """True on global rank 0, or when no process group is running."""
-    return not (_AVAILABLE and dist.is_initialized()) or dist.get_rank() == 0
+    """True on global rank 0: of the process group, or before one is joined, of the launcher's
+    ``RANK`` (torchrun, accelerate launch); True for a plain one-process run."""
+    if _AVAILABLE and dist.is_initialized():
+        return dist.get_rank() == 0
+    rank = os.environ.get("RANK", "").strip()
+    return not rank.isdigit() or int(rank) == 0
 
 
 def main_only(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

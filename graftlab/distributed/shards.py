@@ -3,7 +3,8 @@
 Under FSDP2 each rank holds a shard of every tensor as a ``DTensor``; ``Graft`` does its foreach
 math on the local shards and gets the norms of the WHOLE tensors from one all-reduce per step of
 the squared local norms (``2 x n_groups`` values), so the ratios are the ones a single process
-would compute.
+would compute. :class:`ShardLayout` is the sharded side of the norm seam described in
+:mod:`graftlab.norms` (``locals``, ``partial``, ``finish``, ``run_rule``).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class ShardLayout:
         a piece update the DTensor."""
         return [_local(t) for t in tensors]
 
-    def group_sq(self, steps: Sequence[Tensor]) -> Tensor:
+    def partial(self, steps: Sequence[Tensor]) -> Tensor:
         """Per-group sums of this rank's squared local norms of ``steps`` (local tensors)."""
         per = torch.stack(torch._foreach_norm(steps, 2, dtype=self.dtype))
         per = per * per
@@ -80,7 +81,7 @@ class ShardLayout:
         sq = torch.zeros(self.n_groups, device=per.device, dtype=self.dtype)
         return sq.index_add_(0, self.index, per)
 
-    def norms(self, sq_m: Tensor, sq_d: Tensor) -> tuple[Tensor, Tensor]:
+    def finish(self, sq_m: Tensor, sq_d: Tensor) -> tuple[Tensor, Tensor]:
         """Whole-group norms of M's and D's steps: ONE all-reduce of ``2 x n_groups`` values."""
         both = torch.stack((sq_m, sq_d))
         dist.all_reduce(both, group=self.group)
@@ -131,7 +132,6 @@ def step_communication(graft: Any) -> dict[str, Any]:
 
     Replicated parameters (DDP or one process) need nothing: ``collectives`` is 0.
     """
-    graft.last_stats  # the layout is built with the buffers
     layout = getattr(graft, "_layout", None)
     if layout is None:
         return {"collectives": 0, "op": None, "numel": 0, "bytes": 0, "dtype": None}

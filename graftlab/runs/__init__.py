@@ -11,6 +11,8 @@ Modules, in the order a run uses them:
 - :mod:`graftlab.runs.run`: :func:`record` and :func:`train`: validate, environment, task,
   optimizers, Graft and Recorder, loop;
 - :mod:`graftlab.runs.loop`: :func:`fit`, the training loop both share (also for your own task);
+- :mod:`graftlab.runs.divergence`: the per-step non-finite check (no host sync) and what it found;
+- :mod:`graftlab.runs.restarts`: stopping or restarting after a divergence (``on_divergence``);
 - :mod:`graftlab.runs.metrics`: the per-step metrics file a run writes (:func:`read_metrics`).
 
 The configs are in :mod:`graftlab.config`.

@@ -9,7 +9,6 @@ run the steps (:class:`_Loop`), then build the metrics table and write it.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,11 @@ from torch.optim import Optimizer
 
 from graftlab.config import RunConfig, check_output_file, resolve_config
 from graftlab.distributed.runtime import Runtime
-from graftlab.errors import GraftlabError
+from graftlab.divergence import RESTART_COLUMN
+from graftlab.errors import DivergedError, GraftlabError
 from graftlab.optimizers import describe
+from graftlab.runs.divergence import Divergence, Restart
+from graftlab.runs.restarts import Guard
 from graftlab.runs.metrics import METRICS_FORMAT, write_metrics
 from graftlab.schedules import Product, make_schedule
 from graftlab.tasks import Task
@@ -38,10 +40,25 @@ class FitResult:
     metrics: pd.DataFrame  # one row per step: step, loss, lr, eval_* where evaluated
     wall_time: float  # seconds for the whole run, evaluations included
     steps_per_second: float  # training steps per second, evaluations excluded
-    steps: int  # steps run (fewer than asked when the loss diverged)
-    diverged_at: Optional[int] = None  # first logging step whose mean loss was not finite
+    steps: int  # steps done (fewer than asked when the run stopped on a divergence)
+    diverged_at: Optional[int] = None  # first non-finite step, when the run stopped on it
     path: Optional[str] = None  # metrics file written, if any
     optimizer: Optional[Optimizer] = field(default=None, repr=False)  # the trained optimizer (state, lrs)
+    divergence: Optional[Divergence] = None  # what stopped the run (loss/groups, steps), if anything did
+    restarts: list[Restart] = field(default_factory=list)  # restarts after divergences, in order
+    lr_scale: float = 1.0  # factor the restarts left on the schedule owner's learning rate
+
+    def raise_if_diverged(self) -> None:
+        """A :class:`~graftlab.errors.DivergedError` (one line) when the run stopped on a divergence."""
+        if self.divergence is None:
+            return
+        what = self.divergence.message()
+        if self.restarts:
+            what += f" (after {len(self.restarts)} restart{'s' if len(self.restarts) > 1 else ''}, lr x{self.lr_scale:g})"
+            hint = "a smaller lr or more max_restarts may help"
+        else:
+            hint = "pass on_divergence=restart to restart with a smaller learning rate"
+        raise DivergedError(f"{what}; stopped after step {self.divergence.detected}; {hint}")
 
 
 def fit(
@@ -52,6 +69,7 @@ def fit(
     schedule_owner: Optimizer,
     lr_factor: Optional[Union[Factor, list[Factor]]] = None,
     on_step: Optional[Callable[[int, Tensor], None]] = None,
+    on_restart: Optional[Callable[[Restart], None]] = None,
     metrics_path: Optional[str | os.PathLike] = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -64,8 +82,13 @@ def fit(
     given; a list gives one factor per param group of ``schedule_owner``, as per-group corrections
     schedules need): the plain optimizer, or a ``Graft``'s magnitude child. ``on_step(step, loss)`` runs after
     every optimizer step with the loss as a device tensor (0-based ``step``). Losses stay on the device
-    and are read every ``config.log_every`` steps; a non-finite mean loss there stops the run
-    (``diverged_at``). Evaluation runs every ``config.eval_every`` steps and at the end; an eval
+    and are read every ``config.log_every`` steps for the progress line. Every step is checked for
+    a non-finite loss, gradient (a Graft: step norm) without a host sync
+    (:mod:`graftlab.runs.divergence`); the run then stops within one step (``diverged_at``,
+    ``divergence``), or with ``config.on_divergence="restart"`` goes back to its last good state
+    with the learning rate x ``config.divergence_lr_factor``, at most ``config.max_restarts`` times,
+    calling ``on_restart(restart)`` after the state is restored; the metrics then get a ``restart``
+    column (restarts before each step). Evaluation runs every ``config.eval_every`` steps and at the end; an eval
     value in row ``s`` measures the model after step ``s``. ``metrics_path`` (default
     ``config.metrics``) gets a Parquet file with the config in its metadata; an existing file is a
     GraftlabError unless ``overwrite``. ``runtime`` (default: this process's) says whether this rank
@@ -78,12 +101,11 @@ def fit(
     scheduler, factor = _lr_schedule(config, schedule_owner, lr_factor)
     _seed_and_threads(config)
     task.model.train()
-    batches = task.train_batches()
     ckpt, first = rt.checkpoints(config, task.model, optimizer, scheduler)  # first > 0: resumed
-    for _ in range(first):
-        next(batches)  # the data order of the uninterrupted run
+    batches = _batches_from(task, first)
     base_lr = float(schedule_owner.defaults["lr"])
-    loop = _Loop(config, task, optimizer, scheduler, rt, on_step, ckpt,
+    guard = Guard(config, task.model, optimizer, scheduler, task.device, rt.env.distributed, ckpt, first, on_restart)
+    loop = _Loop(config, task, optimizer, scheduler, rt, on_step, guard,
                  lrs=lambda step: base_lr * factor(step), first=first)
     bar = _Progress(config.steps, progress and rt.writes, f"{task.name}/{task.size} {type(optimizer).__name__}")
     try:
@@ -91,11 +113,13 @@ def fit(
     finally:
         bar.close()
     wall = time.perf_counter() - loop.start
-    rate = (loop.done - first) / max(loop.train_time, 1e-9)
-    result = FitResult(loop.final, loop.frame(), wall, rate, loop.done, loop.diverged_at,
-                       str(path) if path else None, optimizer)
+    rate = loop.executed / max(loop.train_time, 1e-9)
+    stopped = loop.diverged
+    result = FitResult(loop.final, loop.frame(), wall, rate, loop.done, stopped.step if stopped else None,
+                       str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale)
     if path is not None and rt.writes:
-        write_metrics(path, result.metrics, _metrics_meta(config, task, optimizer, result, metadata), overwrite)
+        meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
+        write_metrics(path, result.metrics, meta, overwrite)
     return result
 
 
@@ -112,6 +136,14 @@ def _lr_schedule(config: RunConfig, owner: Optimizer, lr_factor: Optional[Union[
     return torch.optim.lr_scheduler.LambdaLR(owner, lambdas), factor
 
 
+def _batches_from(task: Task, done: int) -> Iterator[Any]:
+    """The task's training batches from step ``done`` on: the data order of an uninterrupted run."""
+    batches = task.train_batches()
+    for _ in range(done):
+        next(batches)
+    return batches
+
+
 def _seed_and_threads(config: RunConfig) -> None:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -120,17 +152,20 @@ def _seed_and_threads(config: RunConfig) -> None:
 
 class _Loop:
     """The steps of one run. Losses stay in a device tensor; the host reads their mean once per
-    ``log_every`` steps (progress bar and divergence check), never per step."""
+    ``log_every`` steps (progress line), never per step; the divergence check (``guard``) reads one
+    flag per step without waiting for the device."""
 
     def __init__(self, config: RunConfig, task: Task, optimizer: Optimizer, scheduler: Any, runtime: Runtime,
-                 on_step: Optional[Callable[[int, Tensor], None]], ckpt: Any, *, lrs: Factor, first: int) -> None:
+                 on_step: Optional[Callable[[int, Tensor], None]], guard: Guard, *, lrs: Factor, first: int) -> None:
         self.config, self.task, self.optimizer, self.scheduler = config, task, optimizer, scheduler
-        self.rt, self.on_step, self.ckpt, self.lr_at = runtime, on_step, ckpt, lrs
+        self.rt, self.on_step, self.guard, self.lr_at = runtime, on_step, guard, lrs
         self.first = self.done = self.logged = first
+        self.executed = 0  # steps run, the ones run again after a restart included
         self.losses = torch.zeros(config.steps, dtype=torch.float32, device=task.device)
         self.lrs = np.empty(config.steps, dtype=np.float64)
+        self.restart_of = np.zeros(config.steps, dtype=np.int64)  # restarts before each step
         self.evals: dict[int, dict[str, float]] = {}
-        self.diverged_at: Optional[int] = None
+        self.diverged: Optional[Divergence] = None
         self.eval_time = self.train_time = 0.0
         self.final: dict[str, float] = {}
         self.start = time.perf_counter()
@@ -138,13 +173,27 @@ class _Loop:
     def run(self, batches: Iterator[Any], bar: "_Progress") -> None:
         cfg = self.config
         self.start = time.perf_counter()
-        for step in range(self.first, cfg.steps):
+        step = self.first
+        while step < cfg.steps:
             self._step(step, next(batches))
             bar.advance()
-            if (self.done % cfg.log_every == 0 or self.done == cfg.steps) and self._diverged(step, bar):
-                break
-            if cfg.eval_every and self.done % cfg.eval_every == 0 and self.done != cfg.steps:
+            done = step + 1
+            last, log = done == cfg.steps, done % cfg.log_every == 0
+            evaluate = bool(cfg.eval_every) and done % cfg.eval_every == 0 and not last
+            # wait for the flags only where the host syncs anyway or must know: saves, evaluations, the end
+            found = self.guard.poll(wait=last or log or evaluate or self.guard.due(done, last))
+            if found is not None:
+                step = self._after_divergence(found, bar)
+                if step is None:
+                    break
+                batches = _batches_from(self.task, step)
+                continue
+            self.guard.save(done, last)
+            if log or last:
+                self._log(bar)
+            if evaluate:
                 self._evaluate(step, bar)
+            step = done
         if self.task.device.type == "cuda":
             torch.cuda.synchronize(self.task.device)
         self.train_time = time.perf_counter() - self.start - self.eval_time
@@ -152,30 +201,41 @@ class _Loop:
         self.evals[self.done - 1] = self.final
 
     def _step(self, step: int, batch: Any) -> None:
-        self.lrs[step] = self.lr_at(step)
+        self.lrs[step] = self.lr_at(step) * self.guard.lr_scale
+        self.restart_of[step] = self.guard.count
         loss = self.task.loss(self.task.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         loss = loss.detach()
+        self.guard.observe(step, loss)
         self.losses[step] = loss
         if self.on_step is not None:
             self.on_step(step, loss)
         self.done = step + 1
-        if self.ckpt is not None:
-            self.ckpt.maybe_save(self.done, last=self.done == self.config.steps)
+        self.executed += 1
 
-    def _diverged(self, step: int, bar: "_Progress") -> bool:
-        # the one host sync per logging interval; the mean over ranks, so all stop together
+    def _log(self, bar: "_Progress") -> None:
+        # the one host sync per logging interval; the mean over ranks (a collective: every rank calls it)
         mean = self.rt.mean(self.losses[self.logged : self.done].mean()).item()
         self.logged = self.done
-        bar.update(mean, (self.done - self.first) / max(time.perf_counter() - self.start - self.eval_time, 1e-9))
-        if math.isfinite(mean):
-            return False
-        self.diverged_at = step
-        bar.print(f"[red]loss is not finite by step {step}: stopping")
-        return True
+        bar.update(mean, self.executed / max(time.perf_counter() - self.start - self.eval_time, 1e-9))
+
+    def _after_divergence(self, found: Divergence, bar: "_Progress") -> Optional[int]:
+        """Restart (the step to run next) or stop (None) after ``found``."""
+        step = self.guard.restart(found)
+        if step is None:
+            self.diverged = found
+            bar.print(f"[red]{found.message()}: stopping after step {found.detected}")
+            return None
+        event = self.guard.restarts[-1]
+        bar.print(f"[yellow]{found.message()}: restart {event.count} of {self.guard.max_restarts} from step "
+                  f"{step} with the lr x{event.lr_scale:g}")
+        self.done = self.logged = step
+        self.evals = {s: v for s, v in self.evals.items() if s < step}
+        bar.rewind(step)
+        return step
 
     def _evaluate(self, step: int, bar: "_Progress") -> None:
         t0 = time.perf_counter()
@@ -195,6 +255,8 @@ class _Loop:
                 if first <= s < done:  # a run resumed from its final checkpoint has no row for its end
                     column[s - first] = values.get(key, np.nan)
             frame[f"eval_{key}"] = column
+        if self.guard.mode == "restart":
+            frame[RESTART_COLUMN] = self.restart_of[first:done]
         return frame
 
 
@@ -240,6 +302,10 @@ class _Progress:
     def advance(self) -> None:
         if self.enabled:
             self.bar.advance(self.task)
+
+    def rewind(self, completed: int) -> None:
+        if self.enabled:
+            self.bar.update(self.task, completed=completed)
 
     def update(self, loss: float, rate: float) -> None:
         if self.enabled:

@@ -10,20 +10,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import pandas as pd
 
 from graftlab import trace
 from graftlab.analysis import kind_summary
 from graftlab.config import RecordConfig, RunConfig, TrainConfig
+from graftlab.distributed import is_main
 from graftlab.distributed.runtime import Runtime
+from graftlab.divergence import RESTART_COLUMN
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
 from graftlab.optimizers import make_optimizer
 from graftlab.record import Recorder
+from graftlab.runs.divergence import Restart
+from graftlab.runs.restarts import resumed_restarts
 from graftlab.runs.loop import FitResult, fit
 from graftlab.tasks import Task, get_task
 
@@ -45,6 +50,8 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
         >>> res.summary.loc["Q", "median"]
 
     ``overwrite`` replaces an existing trace at ``config.out`` (``config.resume`` appends to it).
+    With ``config.on_divergence="restart"`` the trace gets a ``restart`` column (restarts before
+    each step) and a restart rewinds it to the step the run goes back to.
     Raises :class:`~graftlab.errors.GraftlabError` for any config mistake before anything is
     written (:meth:`RecordConfig.validate`).
     """
@@ -58,20 +65,43 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
-    start = rt.resume_step(config)
-    # resuming with no checkpoint yet is recording from the start (validate() allowed it only over
-    # this run's own steps, cut before its first checkpoint)
-    recorder = rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite or (config.resume and start == 0),
-                            start_step=start, resume=config.resume and start > 0)
+
+    def open_recorder(start_step: int, resume: bool) -> Recorder:
+        # resuming at step 0 (no checkpoint yet, or a restart from the start) records from scratch:
+        # validate() allowed it only over this run's own steps
+        fresh = resume and start_step == 0
+        return rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
+                            metadata=meta, model=names, overwrite=overwrite or fresh, start_step=start_step,
+                            resume=resume and not fresh)
+
+    run = _Recording(open_recorder(rt.resume_step(config), config.resume), open_recorder,
+                     marks=config.on_divergence == "restart", restarts=resumed_restarts(config))
     try:
         result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
-                     on_step=lambda step, loss: recorder.log(loss=rt.mean(loss)),
+                     on_step=lambda step, loss: run.log(loss=rt.mean(loss)), on_restart=run.rewind,
                      overwrite=overwrite, metadata={"trace": str(path)})
     finally:
-        recorder.close()
-    summary = kind_summary(trace.read_trace(path, columns=["ratio"])) if rt.writes else pd.DataFrame()
+        run.recorder.close()
+    summary = kind_summary(trace.read_trace(path)) if rt.writes else pd.DataFrame()
     return RecordResult(path, result, summary, len(graft.group_names))
+
+
+class _Recording:
+    """The recorder of a run that may restart: rows carry the restart count (``marks``), and a
+    restart rewinds the trace to the step the run goes back to (the diverged attempt's rows go)."""
+
+    def __init__(self, recorder: Recorder, reopen: Callable[[int, bool], Recorder], marks: bool, restarts: int) -> None:
+        self.recorder, self.reopen, self.marks, self.restarts = recorder, reopen, marks, restarts
+
+    def log(self, **scalars: Any) -> None:
+        if self.marks:
+            scalars[RESTART_COLUMN] = float(self.restarts)
+        self.recorder.log(**scalars)
+
+    def rewind(self, restart: Restart) -> None:
+        self.recorder.close()
+        self.recorder = self.reopen(restart.from_step, True)
+        self.restarts = restart.count
 
 
 def train(
@@ -80,6 +110,7 @@ def train(
     allow_missing: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_other_optimizer: bool = False,
 ) -> FitResult:
     """Plain training of a built-in task: the baseline, or with a distilled corrections file.
 
@@ -88,20 +119,31 @@ def train(
     are an error unless ``allow_missing`` (they keep factor 1, and the run says how many).
     ``overwrite`` replaces an existing metrics file. Config mistakes and a bad corrections file
     raise :class:`~graftlab.errors.GraftlabError` before the task is built.
+
+    The factors are relative to D's run, so with ``corrections`` the settings the config leaves
+    unset (``optimizer=None``, ``lr=None``, empty ``hparams`` for D's own optimizer) are D's as
+    recorded in the file. An ``optimizer`` other than D's is an error unless
+    ``allow_other_optimizer``. What the run should know (another base lr, schedules twice) is
+    printed to stderr, with or without ``progress``.
     """
-    config.validate(overwrite=overwrite, inputs=[("corrections file", corrections)])
     loaded = None
     if corrections is not None:
         from graftlab.corrections import load_corrections
 
         loaded = load_corrections(corrections)
+        config = _for_corrections(config, loaded, corrections, allow_other_optimizer)
+    config.validate(overwrite=overwrite, inputs=[("corrections file", corrections)])
     rt = Runtime.start(config.device)
     task, config = _task(config, rt)
     named = list(rt.wrap_task(task, config.parallel).named_parameters())  # torchrun: DDP or FSDP2
     params, lr_factor, extra = [p for _, p in named], None, {}
     if loaded is not None:
-        params, lr_factor, extra = _apply_corrections(loaded, corrections, named, config, allow_missing, progress)
+        params, lr_factor, extra = _apply_corrections(loaded, corrections, named, config, allow_missing)
     optimizer = make_optimizer(config.optimizer, params, config.lr, **config.hparams)
+    if loaded is not None:
+        from graftlab.corrections.applying import register_scales
+
+        register_scales(optimizer)  # per-slice factors of fused tensors (GPT-2's c_attn)
     return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
                metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
 
@@ -113,8 +155,36 @@ def _task(config: C, rt: Runtime) -> tuple[Task, C]:
     return task, config.resolve(task)
 
 
+def _for_corrections(config: TrainConfig, loaded: Any, source: str | os.PathLike,
+                     allow_other: bool) -> TrainConfig:
+    """``config`` with what it leaves unset taken from D's recorded run, and D's optimizer enforced."""
+    d_opt = loaded.direction_optimizer
+    if d_opt is None:
+        return config
+    if config.optimizer is None:
+        recorded = ((loaded.source.get("metadata") or {}).get("config") or {})
+        changes: dict[str, Any] = {"optimizer": d_opt}
+        if config.lr is None and loaded.direction_lr is not None:
+            changes["lr"] = loaded.direction_lr
+        if not config.hparams and isinstance(recorded.get("d_hparams"), dict):
+            changes["hparams"] = dict(recorded["d_hparams"])
+        return dataclasses.replace(config, **changes)
+    if config.optimizer.lower() != d_opt and not allow_other:
+        raise GraftlabError(
+            f"{source}: the corrections were distilled for D={d_opt}, not optimizer={config.optimizer}; "
+            f"leave optimizer unset to train {d_opt}, or pass allow_other_optimizer=True"
+        )
+    return config
+
+
+def _warn(message: str) -> None:
+    """A line on stderr from rank 0, whatever the progress setting."""
+    if is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
 def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, config: TrainConfig,
-                       allow_missing: bool, progress: bool) -> tuple[list, Any, dict[str, Any]]:
+                       allow_missing: bool) -> tuple[list, Any, dict[str, Any]]:
     """``(param groups, lr factor, metrics metadata)`` of a run with corrections file ``loaded``."""
     from graftlab.corrections import apply
 
@@ -122,15 +192,11 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     _check_lr_range(loaded, applied, source)
     notes = _correction_notes(loaded, config)
     missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))
-    if progress:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        for note in notes:
-            console.print(f"corrections: {note}")
-        if missing or unknown:
-            console.print(f"corrections: {len(missing)} of {len(named)} parameter tensors are not in the file and "
-                          f"keep factor 1; {len(unknown)} file group(s) match no parameter")
+    for note in notes:
+        _warn(f"corrections: {note}")
+    if missing or unknown:
+        _warn(f"corrections: {len(missing)} of {len(named)} parameter tensors are not in the file and "
+              f"keep factor 1; {len(unknown)} file group(s) match no parameter")
     group_factors = getattr(applied, "group_lr_factors", None)
     lr_factor = group_factors if group_factors is not None else applied.lr_factor
     extra = {"correction_notes": notes,
@@ -158,6 +224,9 @@ def _check_lr_range(corrections: Any, applied: Any, source: str | os.PathLike) -
 def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:
     """What a user should know before training with ``corrections`` under ``config``."""
     notes = []
+    d_opt = corrections.direction_optimizer
+    if d_opt is not None and config.optimizer != d_opt:
+        notes.append(f"the factors were distilled for D={d_opt}; this run trains {config.optimizer}")
     base = corrections.direction_lr
     if base is not None and not math.isclose(base, config.lr, rel_tol=1e-9):
         notes.append(f"factors are relative to lr {base:g} (D's lr when recorded); this run's base lr is {config.lr:g}")

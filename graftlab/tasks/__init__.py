@@ -13,6 +13,10 @@ Tasks (sizes ``tiny`` for ~1 minute CPU runs, ``small``, ``base``):
   d=128, 4 heads, FFN 512, sequences of 64 tokens; small is 6 layers, d=96, sequences of 32; base is
   BERT-base (12 x 768, 12 heads, FFN 3072, sequences of 128). Default schedule: linear warmup then
   polynomial (linear) decay. Evaluation: held-out masked-LM loss and accuracy.
+- ``gpt``: GPT-style pre-LN decoder-only causal language model (:mod:`graftlab.tasks.gpt`) on the
+  same text; tiny is 2 layers, d=64, sequences of 32; small is 4 layers, d=128, sequences of 64;
+  base is 6 layers, d=512, 8 heads, sequences of 128 (bf16 autocast on CUDA). Same default schedule.
+  Evaluation: held-out next-token loss and accuracy.
 - ``resnet``: pre-activation ResNet-18 (:mod:`graftlab.tasks.resnet`), width 8 / 32 / 64. Default
   schedule: warmup then x0.1 at 50% and 75% of training. Evaluation: held-out top-1 accuracy and loss.
 
@@ -49,7 +53,7 @@ from graftlab.distributed.env import DEVICES, resolve_device  # where the run's 
 from graftlab.errors import GraftlabError
 from graftlab.tasks.base import Task
 
-TASKS = ("bert", "resnet")
+TASKS = ("bert", "gpt", "resnet")
 SIZES = ("tiny", "small", "base")
 
 
@@ -63,7 +67,7 @@ def get_task(
     device: Union[str, torch.device] = "cpu",
     eval_size: Optional[int] = None,
 ) -> Task:
-    """Build task ``name`` (``bert`` or ``resnet``): its model (seeded by ``seed``) on ``device``.
+    """Build task ``name`` (``bert``, ``gpt`` or ``resnet``): its model (seeded by ``seed``) on ``device``.
 
     ``data`` replaces the default data set (see the module docstring); ``eval_size`` caps the number
     of held-out sequences/images used by ``evaluate``.
@@ -87,6 +91,10 @@ def get_task(
         from graftlab.tasks.bert import BertTask
 
         return BertTask(**kwargs)
+    if name == "gpt":
+        from graftlab.tasks.gpt import GPTTask
+
+        return GPTTask(**kwargs)
     from graftlab.tasks.resnet import ResNetTask
 
     return ResNetTask(**kwargs)

@@ -18,7 +18,6 @@ Sequences are packed ``[CLS] tokens... [SEP]`` rows of a continuous token stream
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 

@@ -13,7 +13,11 @@ norm_d     float32                     ``||w_D - w_t||`` on the group
 ratio      float32                     ``norm_m / norm_d``; not finite where D's step was zero
 =========  ==========================  ==================================================
 
-Extra per-step columns are allowed (``lr`` of the magnitude optimizer, ``loss``, ...).
+Extra per-step columns are allowed (``lr`` of the magnitude optimizer, ``loss``, ...). The optional
+per-group column ``norm_g`` (float32) is the group's gradient norm, NaN on steps where it was not
+taken; :mod:`graftlab.degenerate` reads it to tell float-noise groups apart. A table of ``step,
+group, ratio`` without graftlab metadata (Parquet from another tool, or CSV) is read too, with the
+metadata inferred (:mod:`graftlab.foreign`).
 
 Part files are named ``part-<first step, 12 digits>.parquet`` so that name order is step order, and
 each is written under a hidden temporary name (:func:`temporary_name`) and renamed when complete, so

@@ -48,7 +48,12 @@ def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The run metadata of a trace (from its first part file)."""
+    """The run metadata of a trace (from its first part file; inferred for a table another tool
+    wrote, see :mod:`graftlab.foreign`)."""
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.metadata(path)
     return _metadata_of(trace_files(Path(path))[0])
 
 
@@ -83,8 +88,13 @@ def read_trace(
 
     Raises :class:`~graftlab.errors.GraftlabError` when ``path`` does not exist, holds no part files,
     is not readable Parquet, has no graftlab metadata or a newer format, lacks a required column, or
-    lacks a column named in ``columns``.
+    lacks a column named in ``columns``. A table another tool wrote (Parquet without graftlab
+    metadata, or CSV, with columns ``step, group, ratio``) is read by :func:`graftlab.foreign.read`.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.read(path, steps=steps, groups=groups, columns=columns)
     path = Path(path)
     files = trace_files(path)
     meta = _metadata_of(files[0])
@@ -93,9 +103,12 @@ def read_trace(
         files = _prune(files, start, stop)
     cols = list(dict.fromkeys(list(REQUIRED) + list(columns))) if columns is not None else None
     try:
-        # parts may differ in their extra columns (a scalar first logged late): read their union
         schemas = [pq.read_schema(f) for f in files]
-        schema = pa.unify_schemas(schemas) if len(schemas) > 1 else (schemas[0] if schemas else None)
+        # parts may lack a column (a scalar first logged late) or store it at another width (traces
+        # of graftlab 0.1 wrote a scalar logged as a Python float as float64, then as float32 once it
+        # was logged as a tensor): read the union of the columns, each at its widest type
+        schema = (pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1
+                  else (schemas[0] if schemas else None))
         dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise GraftlabError(f"{path}: not a readable trace ({err})") from None
@@ -193,8 +206,12 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
     Only the footers of the first and last parts that hold rows are read, so this costs the same on
     a trace of thousands of parts, and no graftlab metadata is needed. Raises
     :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace, lacks a required
-    column, or holds no rows.
+    column, or holds no rows. A foreign table (:mod:`graftlab.foreign`) has its ``step`` column read.
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.extent(path)
     path = Path(path)
     files = trace_files(path)
     names = _footer(files[0]).schema.to_arrow_schema().names
@@ -213,6 +230,10 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     Returns ``{"metadata", "parts", "rows", "first_step", "last_step", "steps", "columns", "bytes"}``;
     ``steps`` counts distinct recorded steps (rows / groups).
     """
+    from graftlab import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.info(path)
     path = Path(path)
     meta = read_metadata(path)
     rows, first, last, size = 0, None, None, 0

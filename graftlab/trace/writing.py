@@ -37,9 +37,11 @@ def build_table(
     stats: "Any",
     scalars: Optional[dict[str, "Any"]] = None,
     meta: Optional[dict[str, Any]] = None,
+    group_columns: Optional[dict[str, "Any"]] = None,
 ) -> pa.Table:
     """A trace table from ``steps`` (n,), ``stats`` (n, 3, G) ``[norm_m, norm_d, ratio]`` per step and
-    group, and per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step)."""
+    group, per-step ``scalars`` (name -> (n,) floats, repeated on every group row of the step) and
+    optional per-group float32 columns ``group_columns`` (name -> (n, G), e.g. ``norm_g``)."""
     names = list(group_names)
     steps = np.asarray(steps, dtype=np.int64)
     stats = np.asarray(stats, dtype=np.float32)
@@ -55,6 +57,12 @@ def build_table(
         "ratio": pa.array(stats[:, 2, :].reshape(-1)),
     }
     fields = list(SCHEMA)
+    for key, values in (group_columns or {}).items():
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (n, g):
+            raise GraftlabError(f"group column {key!r} must have shape ({n}, {g}), got {values.shape}")
+        columns[key] = pa.array(values.reshape(-1))
+        fields.append(pa.field(key, pa.float32()))
     for key, values in (scalars or {}).items():
         if key in columns:
             raise GraftlabError(f"scalar column {key!r} clashes with a trace column")
@@ -70,7 +78,7 @@ def write_table(table: pa.Table, path: PathLike) -> None:
     """Write ``table`` to ``path`` atomically: under a hidden name first, then renamed."""
     path = Path(path)
     tmp = temporary_name(path)
-    floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio")]
+    floats = [f.name for f in table.schema if f.name in ("norm_m", "norm_d", "ratio", "norm_g")]
     others = [f.name for f in table.schema if f.name not in floats]
     meta = (table.schema.metadata or {}).get(METADATA_KEY)
     # store_schema=False: the Arrow schema copy would hold the metadata JSON a second time in every

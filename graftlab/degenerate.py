@@ -1,0 +1,237 @@
+"""Degenerate groups: where D's step is float noise, so the group's ratio is no correction.
+
+A group is degenerate when its true gradient is (near) zero: D's step is then made of rounding
+error, and ``||w_M - w_t|| / ||w_D - w_t||`` measures nothing but how the two optimizers scale
+noise. The standard case is the attention key bias: ``softmax_j(q . (k_j + b)) = softmax_j(q . k_j)``
+because ``q . b`` is the same for every key ``j``, so the loss ignores ``b`` (the paper's Table 5
+shows its ratio as 154101). A large ratio alone is not degenerate: on Hugging Face BertForMaskedLM
+the Q/K weights' medians are 100-540 against a model median near 1, and they are the corrections
+the method exists to find (Table 5: Q/K 470-1090 beside embeddings at 0.45-19). So the decision reads
+what the step is made of, never where a ratio sits among the others:
+
+1. Gradient (trace column ``norm_g``, the group's gradient norm, which :class:`graftlab.Recorder`
+   records). Per step, ``share = norm_g / ||g_model||`` with ``||g_model||`` the root sum of squares
+   of all groups' ``norm_g`` at that step; the median over the window's steps is compared with
+   :data:`NOISE_SHARE`, float32's machine epsilon: a gradient below the float32 resolution of the
+   model's gradient is rounding error. When the column is there it decides alone. Measured (Adam 1e-3
+   # SGD 0.1 momentum 0.9, layer-wise): key biases 8e-12..1.2e-11 and the smallest real group 1.3e-5
+   (a Q bias) on HF BERT (2 layers, d=64); every GPT-2 group (2 layers, d=64) 1.5e-3 or more.
+2. Structure and ratio (traces without ``norm_g``: older traces, other tools, the paper's Table 5).
+   An attention key bias (kind ``K``, tensor ``bias``) is gradient-free by construction; it is flagged
+   when its median ratio is at least :data:`SIBLING_FACTOR` times that of its own projection's
+   weight (``...key.bias`` against ``...key.weight``), as float noise makes it: Table 5 154101 against
+   467, HF BERT 1.04e5 against 122-489, graftlab's ``bert`` 1.7e5 against 230-250. A real bias's
+   median sits within 0.1-2x of its weight's in all of them. Without the weight in the trace the key
+   bias is not flagged (rotary embeddings, applied after the bias, give it a real gradient; only the
+   numbers can tell).
+3. Opt-in ``outlier``: a median above ``outlier`` times the median over groups. This depends on the
+   distribution of ratios (a user's per-group learning rates move it), so it is off by default.
+
+Every verdict comes with its :class:`Evidence`, which ``graftlab distill`` prints and stores in the
+corrections file's ``source``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+GRAD_COLUMN = "norm_g"
+
+# float32 machine epsilon: a group gradient this small against the model's is below its resolution.
+NOISE_SHARE = 2.0 ** -23
+
+# A gradient-free key bias sits 200-850x above its weight's median; real biases 0.1-2x.
+SIBLING_FACTOR = 30.0
+
+BASIS_GRADIENT = "gradient"
+BASIS_STRUCTURE = "structure"
+BASIS_OUTLIER = "outlier"
+
+_KEY_BIAS = ("attention key bias: softmax gives every key the same shift q.b, so the loss does not "
+             "depend on it (true gradient zero)")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What is known about one group's D step, and the verdict drawn from it.
+
+    ``grad_share``: median over the window of ``norm_g / ||g_model||`` (None without ``norm_g``).
+    ``structure``: why the group is gradient-free by construction, or None.
+    ``sibling`` / ``sibling_factor``: the weight of the same projection and ``median / its median``.
+    ``outlier_factor``: ``median / median over groups`` (only with the opt-in outlier rule).
+    ``basis``: which evidence decided (``gradient``, ``structure``, ``outlier``), None when kept.
+    """
+
+    group: str
+    degenerate: bool
+    basis: Optional[str] = None
+    grad_share: Optional[float] = None
+    structure: Optional[str] = None
+    sibling: Optional[str] = None
+    sibling_factor: Optional[float] = None
+    outlier_factor: Optional[float] = None
+
+    def reason(self) -> str:
+        """One line for people: why the group is (or is not) flagged."""
+        if self.basis == BASIS_GRADIENT:
+            return (f"gradient is float noise: {self.grad_share:.2g} of the model's gradient norm "
+                    f"(below float32 resolution {NOISE_SHARE:.2g})")
+        if self.basis == BASIS_STRUCTURE:
+            return (f"attention key bias (gradient-free: softmax ignores a shift shared by all keys) "
+                    f"whose median is {self.sibling_factor:.3g}x that of {self.sibling}; no norm_g column")
+        if self.basis == BASIS_OUTLIER:
+            return f"median is {self.outlier_factor:.3g}x the median over groups (outlier rule)"
+        if self.grad_share is not None:
+            return f"gradient {self.grad_share:.2g} of the model's: a real gradient"
+        return ""
+
+    def short(self) -> str:
+        """A few words for a table cell."""
+        if self.basis == BASIS_GRADIENT:
+            return f"|g| {self.grad_share:.1g} of model"
+        if self.basis == BASIS_STRUCTURE:
+            return f"key bias, {self.sibling_factor:.3g}x its weight"
+        if self.basis == BASIS_OUTLIER:
+            return f"{self.outlier_factor:.3g}x median"
+        return ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "degenerate": self.degenerate,
+            "basis": self.basis,
+            "reason": self.reason(),
+            "short": self.short(),
+            "grad_share": _finite(self.grad_share),
+            "structure": self.structure,
+            "sibling": self.sibling,
+            "sibling_factor": _finite(self.sibling_factor),
+            "outlier_factor": _finite(self.outlier_factor),
+        }
+
+
+def _finite(v: Optional[float]) -> Optional[float]:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def gradient_free(name: str, kind: Optional[str]) -> Optional[str]:
+    """Why group ``name`` of ``kind`` has a zero true gradient by construction, else None.
+
+    Only the attention key bias qualifies (kind ``K`` from :mod:`graftlab.kinds`, tensor ``bias``);
+    fused QKV biases carry Q's and V's real gradients and are not included.
+
+    >>> gradient_free("bert.encoder.layer.0.attention.self.key.bias", "K") is not None
+    True
+    """
+    if kind == "K" and name.rsplit(".", 1)[-1] == "bias":
+        return _KEY_BIAS
+    return None
+
+
+def sibling(name: str, groups) -> Optional[str]:
+    """``prefix.weight`` for a group ``prefix.bias`` when that group exists in ``groups``."""
+    head, _, leaf = name.rpartition(".")
+    if leaf != "bias" or not head:
+        return None
+    other = f"{head}.weight"
+    return other if other in groups else None
+
+
+def gradient_shares(df: pd.DataFrame) -> Optional[pd.Series]:
+    """Per group, the median over steps of ``norm_g / ||g_model||``; None without a ``norm_g`` column.
+
+    ``df`` is the long trace (``step``, ``group``, ``norm_g``) of the steps to judge. Rows whose
+    ``norm_g`` is not finite (steps where it was not recorded) are skipped; ``||g_model||`` is the
+    root sum of squares of the finite ``norm_g`` of each step. Groups without a usable row get NaN.
+    """
+    if GRAD_COLUMN not in df.columns or df.empty:
+        return None
+    g = df[GRAD_COLUMN].to_numpy(dtype=np.float64)
+    ok = np.isfinite(g) & (g >= 0)
+    if not ok.any():
+        return None
+    step = df["step"].to_numpy()[ok]
+    g = g[ok]
+    group = df["group"].to_numpy()[ok]
+    codes, uniq = pd.factorize(step)
+    total = np.sqrt(np.bincount(codes, weights=g * g, minlength=len(uniq)))[codes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, g / total, np.nan)
+    med = pd.Series(share).groupby(pd.Series(group, dtype=object).astype(str).to_numpy(), sort=False).median()
+    order = [str(x) for x in pd.unique(df["group"])]
+    return med.reindex(order)
+
+
+def assess(
+    medians: pd.Series,
+    kinds: Mapping[str, str],
+    *,
+    shares: Optional[pd.Series] = None,
+    outlier: Optional[float] = None,
+) -> dict[str, Evidence]:
+    """The evidence and verdict for every group of ``medians`` (see the module doc for the rules).
+
+    ``medians``: median ratio per group (NaN where none); ``kinds``: group -> kind (``graftlab.kinds``);
+    ``shares``: :func:`gradient_shares` of the same steps, or None; ``outlier``: the opt-in rule's
+    factor (None or 0: off). Groups without a finite positive median are never called degenerate
+    here (they are flagged for that by :func:`graftlab.analysis.flag_groups`).
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    names = [str(g) for g in med.index]
+    med.index = names
+    present = set(names)
+    usable = med[np.isfinite(med) & (med > 0)]
+    ref = float(np.median(usable.to_numpy())) if outlier and len(usable) >= 3 else None
+    out: dict[str, Evidence] = {}
+    for g in names:
+        m = med[g]
+        share = None
+        if shares is not None and g in shares.index and np.isfinite(shares[g]):
+            share = float(shares[g])
+        structure = gradient_free(g, kinds.get(g))
+        sib = sibling(g, present)
+        sib_factor = None
+        if sib is not None and np.isfinite(med[sib]) and med[sib] > 0 and np.isfinite(m):
+            sib_factor = float(m / med[sib])
+        outlier_factor = float(m / ref) if ref and np.isfinite(m) else None
+        basis = None
+        if np.isfinite(m) and m > 0:
+            if share is not None:
+                basis = BASIS_GRADIENT if share < NOISE_SHARE else None
+            elif structure and sib_factor is not None and sib_factor >= SIBLING_FACTOR:
+                basis = BASIS_STRUCTURE
+            if basis is None and outlier_factor is not None and outlier_factor > outlier:
+                basis = BASIS_OUTLIER
+        out[g] = Evidence(g, basis is not None, basis, share, structure, sib, sib_factor, outlier_factor)
+    return out
+
+
+def method(shares: Optional[pd.Series], outlier: Optional[float] = None) -> dict[str, Any]:
+    """How degenerate groups were decided, for a corrections file's ``source``."""
+    d: dict[str, Any] = (
+        {"basis": BASIS_GRADIENT, "rule": f"median of norm_g / model gradient norm < {NOISE_SHARE:.3g}"}
+        if shares is not None else
+        {"basis": BASIS_STRUCTURE,
+         "rule": f"attention key bias with a median >= {SIBLING_FACTOR:g}x its weight's (the trace has no norm_g)"}
+    )
+    d["outlier"] = float(outlier) if outlier else None
+    return d
+
+
+def flag_window(
+    rows: pd.DataFrame,
+    medians: pd.Series,
+    kinds: Mapping[str, str],
+    outlier: Optional[float] = None,
+) -> tuple[pd.Series, dict[str, Evidence], dict[str, Any]]:
+    """Flags (:func:`graftlab.analysis.flag_groups`), evidence per group and the method, for the
+    window whose trace rows are ``rows`` and whose per-group medians are ``medians``."""
+    from graftlab.analysis import flag_groups
+
+    shares = gradient_shares(rows)
+    evidence = assess(medians, kinds, shares=shares, outlier=outlier)
+    flags = flag_groups(medians, degenerate=[g for g, e in evidence.items() if e.degenerate])
+    return flags, evidence, method(shares, outlier)

@@ -1,0 +1,58 @@
+"""Per-group gradient norms of a Graft's parameters: the trace column ``norm_g`` the Recorder writes.
+
+:mod:`graftlab.degenerate` reads them to tell groups whose gradient is float noise (D's step then
+means nothing) from large real corrections. Taken on the device, without a host sync, into a
+row of the Recorder's ring buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from graftlab.graft import Graft
+
+
+class GradNorms:
+    """Per-group gradient norms of a Graft's parameters, taken on the device without a host sync.
+
+    Read in the step post-hook: the gradients the step used are still there (``zero_grad`` comes
+    after), including those a closure computed inside ``step``.
+    """
+
+    def __init__(self, graft: Graft, period: int) -> None:
+        self.graft = graft
+        self.period = max(int(period), 1)
+        params = graft.params
+        # DTensor shards: a norm would be a collective that the other ranks (which do not record)
+        # never join.
+        self.usable = all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
+        self.per_tensor = graft.partition.one_tensor_per_group
+        self.n_groups = len(graft.group_names)
+        self._index: Optional[Tensor] = None
+        self._zero: Optional[Tensor] = None
+
+    def write(self, ring: Tensor, row: int, step: int) -> None:
+        """Gradient norms into ``ring[row]`` on steps that are a multiple of the period."""
+        if step % self.period:
+            return
+        grads = [p.grad for p in self.graft.params]
+        if all(g is None for g in grads):
+            return
+        if self._zero is None:
+            self._zero = ring.new_zeros(())
+        # a parameter without a gradient counts as zero; sparse gradients by their stored values
+        grads = [self._zero if g is None else (g.coalesce()._values() if g.is_sparse else g) for g in grads]
+        part = self.graft.partition
+        if part.split:  # a slice's gradient norm is that of its own elements
+            grads = [grads[t] if s is None or grads[t].dim() == 0 else grads[t].narrow(s[0], s[1], s[2] - s[1])
+                     for t, s in zip(part.unit_tensor, part.slices)]
+        per = torch.stack(torch._foreach_norm(grads, 2, dtype=ring.dtype))
+        if self.per_tensor:
+            ring[row].copy_(per)
+            return
+        if self._index is None:
+            self._index = torch.tensor(self.graft.partition.tensor_group, device=per.device)
+        sq = torch.zeros(self.n_groups, dtype=ring.dtype, device=per.device)
+        ring[row].copy_(sq.index_add_(0, self._index, per * per).sqrt_())

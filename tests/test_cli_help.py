@@ -1,0 +1,58 @@
+"""The help of every command shows every option's default, and on/off flags as flags."""
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from graftlab.cli.app import app
+
+COMMANDS = sorted(typer.main.get_command(app).commands)
+
+
+def _entries(text: str) -> dict[str, str]:
+    """Option entries of a click help page: first long flag -> the entry's text, lines joined."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*)$", line)
+        if m:
+            flags = re.findall(r"--[\w-]+", m.group(1).split("  ")[0])
+            current = flags[0] if flags else None
+            if current:
+                entries[current] = m.group(1)
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_every_command_is_checked():
+    assert {"record", "info", "distill", "train", "plot", "demo", "experiment", "show"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_shows_every_default(name):
+    result = CliRunner().invoke(app, [name, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+    entries = _entries(result.output)
+    params = [p for p in typer.main.get_command(app).commands[name].params
+              if p.param_type_name == "option" and p.name != "help"]
+    assert params
+    for p in params:
+        flag = next(o for o in p.opts if o.startswith("--"))
+        entry = entries.get(flag) or next((v for v in entries.values() if flag in v.split("  ")[0]), None)
+        assert entry is not None, f"{name} {flag} missing from help:\n{result.output}"
+        head = entry.split("  ")[0]
+        if p.is_flag and not p.secondary_opts:  # an off-by-default switch: no value, nothing to default
+            assert not p.default and "<" not in head, f"{name} {flag}: {entry}"
+        else:
+            assert re.search(r"\b(default|required)\b", entry, re.I), f"{name} {flag} shows no default: {entry}"
+
+
+def test_bracketed_defaults_in_help_strings_survive():
+    out = CliRunner().invoke(app, ["demo", "--help"], terminal_width=100).output
+    assert "300" in _entries(out)["--steps"] and "16" in _entries(out)["--batch-size"]
+    out = CliRunner().invoke(app, ["distill", "--help"], terminal_width=100).output
+    assert "<TRACE>.corrections" in _entries(out)["--output"]
