@@ -298,7 +298,7 @@ class Recorder:
         self._hooks += [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
                         before_checkpoint(graft, self.sync)]
         _OPEN.add(self)
-        termination.watch()
+        termination.watch(self)
 
     @staticmethod
     def _find_graft(opt: Any) -> Graft:
@@ -588,7 +588,7 @@ class Recorder:
                 self._writer.jobs.put(None)
                 self._writer.join()
                 self._lock.release()
-                termination.unwatch()
+                termination.unwatch(self)
                 for callback in self._writer.on_flush:
                     if callable(getattr(callback, "close", None)):
                         callback.close()

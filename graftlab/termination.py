@@ -14,14 +14,16 @@ installed), only from the main thread, and the default comes back when the last 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import weakref
 from typing import Any, Iterator
 
 EXIT_CODE = 128 + signal.SIGTERM
 
 _lock = threading.Lock()
-_watchers = 0
+_watchers: "weakref.WeakSet[Any]" = weakref.WeakSet()  # open Recorders (one collected unclosed drops out)
 _installed = False
 _depth = 0  # deferred sections open on the main thread
 _pending = False
@@ -29,6 +31,10 @@ _pending = False
 
 def _handler(signum: int, frame: Any) -> None:
     global _pending
+    if not _watchers:  # every Recorder is gone (collected without close): Python's default after all
+        _uninstall()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     if _depth:
         _pending = True
         return
@@ -39,11 +45,21 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def watch() -> None:
-    """One more open Recorder: handle SIGTERM (see the module doc) while any is open."""
-    global _watchers, _installed
+def _uninstall() -> None:
+    global _installed
+    try:
+        if signal.getsignal(signal.SIGTERM) is _handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _installed = False
+    except (ValueError, OSError):  # not the main thread or interpreter
+        pass
+
+
+def watch(owner: Any) -> None:
+    """``owner`` (a Recorder) is open: handle SIGTERM (see the module doc) while any is."""
+    global _installed
     with _lock:
-        _watchers += 1
+        _watchers.add(owner)
         if _installed or not _main_thread():
             return
         try:
@@ -54,19 +70,12 @@ def watch() -> None:
             pass
 
 
-def unwatch() -> None:
-    """One Recorder fewer; the last one puts Python's default back."""
-    global _watchers, _installed
+def unwatch(owner: Any) -> None:
+    """``owner`` is closed; when no Recorder is open any more, Python's default comes back."""
     with _lock:
-        _watchers = max(0, _watchers - 1)
-        if _watchers or not _installed or not _main_thread():
-            return
-        try:
-            if signal.getsignal(signal.SIGTERM) is _handler:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _installed = False
-        except (ValueError, OSError):
-            pass
+        _watchers.discard(owner)
+        if not _watchers and _installed and _main_thread():
+            _uninstall()
 
 
 @contextlib.contextmanager

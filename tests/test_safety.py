@@ -288,12 +288,30 @@ def test_sigterm_handler_only_while_recording_and_never_over_anothers(tmp_path):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def test_sigterm_inside_a_flush_waits_for_its_end():
-    with pytest.raises(SystemExit) as exc:
-        with termination.deferred():
-            termination._handler(signal.SIGTERM, None)  # arrives mid-section: noted, not raised
-            reached = True
+def test_sigterm_inside_a_flush_waits_for_its_end(tmp_path):
+    _, graft = setup()
+    with Recorder(graft, tmp_path / "t"):  # an open Recorder: the handler acts
+        with pytest.raises(SystemExit) as exc:
+            with termination.deferred():
+                termination._handler(signal.SIGTERM, None)  # arrives mid-section: noted, not raised
+                reached = True
     assert reached and exc.value.code == 143
+
+
+def test_sigterm_after_every_recorder_is_gone_is_the_default_again(tmp_path):
+    """A Recorder collected without close() does not leave SIGTERM caught for good."""
+    import gc
+
+    code = ("import gc, os, signal, sys, time, torch; sys.path.insert(0, %r); import graftlab; "
+            "from graftlab.record import Recorder; from tests import models; "
+            "m = models.make('mlp'); g = graftlab.Graft(torch.optim.Adam(m.parameters()), torch.optim.SGD(m.parameters(), lr=0.1), names=m); "
+            "r = Recorder(g, sys.argv[1]); assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL; "
+            "del r, g; gc.collect(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('survived')") % str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr  # killed by the signal, as Python's default does
+    assert "survived" not in proc.stdout
+    gc.collect()
 
 
 # --- the record command's resume without a checkpoint ---------------------------------------------

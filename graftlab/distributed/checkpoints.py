@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import warnings
-import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -29,9 +28,9 @@ CHECKPOINT_META = "graftlab.json"
 PathLike = Union[str, os.PathLike]
 
 # Work that must be durable before a checkpoint of an optimizer counts as saved (a Recorder's rows
-# up to the checkpoint's step): optimizer -> {handle id: callable}.
-_BEFORE_SAVE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, OrderedDict[int, Callable[[], None]]]" = (
-    weakref.WeakKeyDictionary())
+# up to the checkpoint's step), kept on the optimizer itself: {handle id: callable}. (A module-level
+# weak-key table would keep the optimizer alive through the callables that refer back to it.)
+_BEFORE_SAVE = "_graftlab_before_checkpoint"
 
 
 def before_checkpoint(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) -> RemovableHandle:
@@ -41,14 +40,14 @@ def before_checkpoint(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) 
     A :class:`~graftlab.Recorder` registers its ``sync`` here: a resumed run then finds every
     recorded step before the checkpoint on disk, so resuming leaves no gap in the trace.
     """
-    hooks = _BEFORE_SAVE.setdefault(optimizer, OrderedDict())  # RemovableHandle keeps a weak reference to it
+    hooks = optimizer.__dict__.setdefault(_BEFORE_SAVE, OrderedDict())  # RemovableHandle needs it weak-referable
     handle = RemovableHandle(hooks)
     hooks[handle.id] = fn
     return handle
 
 
 def _before_save(optimizer: torch.optim.Optimizer) -> None:
-    for fn in list((_BEFORE_SAVE.get(optimizer) or {}).values()):
+    for fn in list(getattr(optimizer, _BEFORE_SAVE, {}).values()):
         fn()
 
 
