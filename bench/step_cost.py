@@ -84,8 +84,14 @@ def make_graft(m, d, named, granularity: str, path: str, compile: bool = True) -
     passes without ``compile``, as the smoke test runs them)."""
     if path != "fused":
         return Graft(m, d, granularity=granularity, names=named, path=path)
-    fused_mod.COMPILE = compile
-    return Graft(m, d, granularity=granularity, names=named, fused=True)
+    # the module default is read when the Graft builds its fused step: set it for this Graft only
+    default, fused_mod.COMPILE = fused_mod.COMPILE, compile
+    try:
+        graft = Graft(m, d, granularity=granularity, names=named, fused=True)
+    finally:
+        fused_mod.COMPILE = default
+    assert graft._fused.compile == compile
+    return graft
 
 
 def _sync(device: str) -> None:

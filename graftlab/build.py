@@ -115,7 +115,9 @@ def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tu
         raise GraftlabError("fused=True does not take sharded (DTensor) parameters; use fused=False")
     from graftlab.fused import FusedDirect
 
-    return FusedDirect(graft.magnitude, graft.direction, params, elementwise=part.elementwise, norm_dtype=dtype)
+    units = list(zip(part.unit_tensor, part.slices)) if part.split else None  # Q, K, V thirds: units
+    return FusedDirect(graft.magnitude, graft.direction, params, units=units, elementwise=part.elementwise,
+                       norm_dtype=dtype)
 
 
 def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):

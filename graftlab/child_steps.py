@@ -100,6 +100,8 @@ def fused(graft: Any) -> None:
 # -- generic path ----------------------------------------------------------------------------------
 def save(graft: Any, params: list[Tensor]) -> list[Optional[Tensor]]:
     """Keep ``w_t`` in the graft's buffer; return the gradient tensors the training loop set."""
+    if graft._buf is None:  # a fused Graft builds no buffers: the first generic step allocates them
+        allocate_buffers(graft, params)
     torch._foreach_copy_(graft._buf, params)
     return [p.grad for p in graft._params]
 

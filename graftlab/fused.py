@@ -124,15 +124,26 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+Unit = tuple[int, Optional[tuple[int, int, int]]]  # (tensor index, (dim, start, stop) or None: whole)
+
+
+def _unit(t: Tensor, sl: Optional[tuple[int, int, int]]) -> Tensor:
+    return t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1])
+
+
 class _Bucket(NamedTuple):
-    """Tensors stepped by one call of the passes (one flag combination; at most ``bucket_size``)."""
+    """Units stepped by one call of the passes (one flag combination; at most ``bucket_size``)."""
 
     key: tuple  # (flags of M, flags of D, dtype, compilable)
-    index: list[int]  # positions in FusedDirect.params
+    index: list[int]  # unit positions (the columns of the norms and factors)
+    units: list[Unit]
     ps: list[Tensor]
-    sm: list[tuple]  # M's state tensors per parameter (in _state_keys order)
+    ps_d: list[Tensor]  # second views of ``ps``, for D (see _passes)
+    sm: list[tuple]  # M's state tensors per unit (in state_keys order)
     sd: list[tuple]
     order: Tensor  # ``index`` on the parameters' device
+    flat: bool  # 1-D views (dynamic sizes)
+    plain: bool  # the gradients go in as they are (no slice, real view or flattening)
 
 
 class FusedDirect:
@@ -141,7 +152,10 @@ class FusedDirect:
     Args:
         magnitude, direction: the children, each an exact SGD, Adam, AdamW, Adagrad or RMSprop
             (without fused / capturable / differentiable) over the same tensors as ``params``.
-        params: the parameter tensors in the order of the norms and factors (``Graft.params``).
+        params: the parameter tensors (``Graft.params``).
+        units: what the norms and factors are per, in order: ``(tensor index, slice)`` pairs, the
+            slice ``(dim, start, stop)`` or None for the whole tensor (``Graft.partition``'s units:
+            Q, K, V thirds of a fused tensor are units of their own). Default: one unit per tensor.
         elementwise: coordinate granularity (``w += |step_M| * sign(step_D)``).
         norm_dtype: accumulation dtype of the norms (float32, or float64 for float64 weights).
         compile: ``torch.compile`` the passes; False runs the same code eagerly (slow: for tests).
@@ -163,6 +177,7 @@ class FusedDirect:
         direction: Optimizer,
         params: Sequence[Tensor],
         *,
+        units: Optional[Sequence[Unit]] = None,
         elementwise: bool = False,
         norm_dtype: torch.dtype = torch.float32,
         compile: Optional[bool] = None,
@@ -183,6 +198,7 @@ class FusedDirect:
         self.elementwise, self.norm_dtype = elementwise, norm_dtype
         self.compile = COMPILE if compile is None else compile
         self.bucket_size, self.dynamic = bucket_size, dynamic
+        self._units = list(units) if units is not None else [(i, None) for i in range(len(self.params))]
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         self._signature: Optional[tuple] = None
         self._buckets: list[_Bucket] = []
@@ -190,33 +206,33 @@ class FusedDirect:
 
     # -- public ---------------------------------------------------------------------------------
     def squared_norms(self) -> Tensor:
-        """Advance both children's states by one step and return ``(2, n_tensors)``: the squared L2
-        norms of M's and D's step per tensor (0 for tensors without a gradient), in ``norm_dtype``
-        on the parameters' device. Must be followed by :meth:`apply` before the next call.
+        """Advance both children's states by one step and return ``(2, n_units)``: the squared L2
+        norms of M's and D's step per unit (0 for tensors without a gradient), in ``norm_dtype`` on
+        the parameters' device. Must be followed by :meth:`apply` before the next call.
 
         Raises:
             GraftlabError: a gradient is sparse.
         """
         rows = self._advance()
         device = self.params[0].device
-        out = torch.zeros((2, len(self.params)), dtype=self.norm_dtype, device=device)
+        out = torch.zeros((2, len(self._units)), dtype=self.norm_dtype, device=device)
         self._pending = []
         for bucket in self._buckets:
             norms, _, compiled = self._pass_fns(bucket.key)
-            flat = self.dynamic and bucket.key[3]
-            gs = [self._grad(i, flat) for i in bucket.index]
+            if bucket.plain:
+                gs = [self.params[i].grad for i, _ in bucket.units]
+            else:
+                gs = [self._grad(i, sl, bucket.flat) for i, sl in bucket.units]
             scal_m, scal_d = self._tables(bucket, rows, device)
-            # second views of the gradients and weights, for D: see _passes
-            views = [t.view(t.shape) for t in (*gs, *bucket.ps)] if compiled else [*gs, *bucket.ps]
-            n = len(gs)
-            sq = self._call(norms, compiled, gs, bucket.ps, views[:n], views[n:], bucket.sm, bucket.sd, scal_m, scal_d)
+            gs_d = [g.view(g.shape) for g in gs] if compiled else gs  # second views, for D: see _passes
+            sq = self._call(norms, compiled, gs, bucket.ps, gs_d, bucket.ps_d, bucket.sm, bucket.sd, scal_m, scal_d)
             out.index_copy_(1, bucket.order, sq)
             self._pending.append((bucket, gs, scal_m, scal_d))
         return out
 
     def apply(self, factors: Tensor) -> None:
-        """``w += factors[i] * step_D`` for every tensor ``i`` that had a gradient (``factors``:
-        ``(n_tensors,)`` on the parameters' device; unused at coordinate granularity)."""
+        """``w += factors[u] * step_D`` for every unit ``u`` whose tensor had a gradient (``factors``:
+        ``(n_units,)`` on the parameters' device; unused at coordinate granularity)."""
         for bucket, gs, scal_m, scal_d in self._pending:
             _, write, compiled = self._pass_fns(bucket.key)
             f = factors.index_select(0, bucket.order)
@@ -255,10 +271,13 @@ class FusedDirect:
         return {i: (info_m[i][2], info_d[i][2]) for i in info_m}
 
     def _build(self, info_m: dict, info_d: dict) -> None:
-        by_key: dict[tuple, list[tuple[int, Tensor, tuple, tuple]]] = {}
-        for i in sorted(info_m):
+        by_key: dict[tuple, list[tuple]] = {}
+        for u, (i, sl) in enumerate(self._units):
+            if i not in info_m:
+                continue
             (fm, sm, _), (fd, sd, _) = info_m[i], info_d[i]
-            p = self.params[i].detach()
+            p = _unit(self.params[i].detach(), sl)
+            sm, sd = tuple(_unit(t, sl) for t in sm), tuple(_unit(t, sl) for t in sd)
             if p.is_complex():  # pairs of reals, as in torch.optim
                 p, sm, sd = torch.view_as_real(p), _real(sm), _real(sd)
             ok = True
@@ -269,19 +288,23 @@ class FusedDirect:
                 ok = p.numel() > 1 and all(t is not None for t in flat)
                 if ok:
                     p, sm, sd = flat[0], tuple(flat[1 : 1 + len(sm)]), tuple(flat[1 + len(sm) :])
-            by_key.setdefault((fm, fd, p.dtype, ok), []).append((i, p, sm, sd))
+            by_key.setdefault((fm, fd, p.dtype, ok), []).append((u, (i, sl), p, sm, sd))
         device = self.params[0].device
         self._buckets = []
         for key, members in by_key.items():
             size = self.bucket_size or len(members)
             for start in range(0, len(members), size):
                 part = members[start : start + size]
-                index = [m[0] for m in part]
-                order = torch.tensor(index, dtype=torch.long, device=device)
-                self._buckets.append(_Bucket(key, index, [m[1] for m in part], [m[2] for m in part], [m[3] for m in part], order))
+                index, units, ps = [m[0] for m in part], [m[1] for m in part], [m[2] for m in part]
+                flat = self.dynamic and key[3]
+                plain = not flat and all(sl is None and not self.params[i].is_complex() for i, sl in units)
+                self._buckets.append(_Bucket(
+                    key, index, units, ps, [q.view(q.shape) for q in ps], [m[3] for m in part], [m[4] for m in part],
+                    torch.tensor(index, dtype=torch.long, device=device), flat, plain,
+                ))
 
-    def _grad(self, i: int, flat: bool) -> Tensor:
-        p, g = self.params[i], self.params[i].grad
+    def _grad(self, i: int, sl: Optional[tuple[int, int, int]], flat: bool) -> Tensor:
+        p, g = _unit(self.params[i], sl), _unit(self.params[i].grad, sl)
         if p.is_complex():
             p, g = torch.view_as_real(p), torch.view_as_real(g)
         if not flat:
@@ -296,7 +319,7 @@ class FusedDirect:
         sdtype = dtype if dtype == torch.float64 else torch.float32
         out = []
         for k in (0, 1):
-            t = torch.tensor([rows[i][k] for i in bucket.index], dtype=sdtype)
+            t = torch.tensor([rows[i][k] for i, _ in bucket.units], dtype=sdtype)
             # pinned + non_blocking: the copy is queued on the stream and the host does not wait
             out.append(t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True))
         return out[0], out[1]

@@ -48,14 +48,11 @@ class Graft(Optimizer):
             digits. The generic path serves any optimizer (another Graft too): M steps, the step
             is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
             both children allow it and the generic one on steps with sparse gradients.
-        fused: run direct steps fused (:mod:`graftlab.fused`), as torch.optim's ``fused=`` flag
-            does for one optimizer: both children's steps and their norms in one pass over memory
-            and one write of the weights, compiled with ``torch.compile`` (inductor) on the first
-            step, with no parameter-sized buffer. Same results as the direct path up to float
-            rounding. The first step pays a one-off compile (minutes on a small CPU for a
-            BERT-sized model; see bench/RESULTS.md), so it is off by default: it pays off on long
-            runs. Needs a C++ compiler on CPU (Triton on a GPU), children with direct rules and
-            unsharded parameters; steps with sparse gradients take the generic path as usual.
+        fused: run direct steps fused (:mod:`graftlab.fused`; like torch.optim's ``fused=``): both
+            children's steps and norms in one pass, one write of the weights, no buffer; the
+            direct path's results up to rounding. The first step compiles (``torch.compile``,
+            minutes for a BERT-sized model on a small CPU; bench/RESULTS.md), so it is off by
+            default. Needs direct rules for both children and unsharded parameters.
 
     The optimizer contract holds as for any ``torch.optim`` optimizer:
 
@@ -74,8 +71,8 @@ class Graft(Optimizer):
     dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
     parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
     child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
-    construction; none with ``fused=True`` (until a step takes the generic path). A step does no host-device synchronisation and allocates nothing
-    parameter-sized.
+    construction; none with ``fused=True`` (until a step takes the generic path). A step does no
+    host-device synchronisation and allocates nothing parameter-sized.
 
     Attributes:
         last_stats: ``(3, n_groups)`` tensor, rows ``norm_m``, ``norm_d``, ``ratio`` of the last
@@ -263,11 +260,8 @@ class Graft(Optimizer):
             build.build(self)
         direct = child_steps.takes_direct_path(self)
         if direct and self._fused is not None:
-            child_steps.fused(self)
-            return
+            return child_steps.fused(self)
         params = self._norms.locals(self._params)  # fetched per step: FSDP may swap local tensors
-        if self._buf is None:  # fused=True, and this step takes the generic path: its buffers
-            child_steps.allocate_buffers(self, params)
         if direct:
             part_m, part_d, step = self._child_norms(params, direct)
         else:
@@ -342,8 +336,8 @@ class Graft(Optimizer):
             gran = None
         return {
             "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice, "_names": self._names,
-            "_step_count": self._step_count,
+            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice,
+            "_names": self._names, "_step_count": self._step_count,
             "state": self.state,
             "_stats": self._stats,
         }

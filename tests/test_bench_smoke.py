@@ -102,9 +102,11 @@ def test_recorded_step_never_syncs_with_the_host(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)).cuda()
     x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")
-    for m_cls, d_cls in ((torch.optim.Adam, torch.optim.SGD), (torch.optim.SGD, torch.optim.Adagrad)):
-        graft = Graft(m_cls(model.parameters(), lr=1e-3), d_cls(model.parameters(), lr=1e-2), names=model)
-        rec = Recorder(graft, tmp_path / f"{m_cls.__name__}-{d_cls.__name__}", flush_every=1000)
+    cases = [(torch.optim.Adam, torch.optim.SGD, False), (torch.optim.SGD, torch.optim.Adagrad, False),
+             (torch.optim.Adam, torch.optim.SGD, True)]  # fused=True: the compiled passes (Triton)
+    for m_cls, d_cls, fused in cases:
+        graft = Graft(m_cls(model.parameters(), lr=1e-3), d_cls(model.parameters(), lr=1e-2), names=model, fused=fused)
+        rec = Recorder(graft, tmp_path / f"{m_cls.__name__}-{d_cls.__name__}-{fused}", flush_every=1000)
 
         def step():
             loss = torch.nn.functional.mse_loss(model(x), y)
@@ -113,7 +115,7 @@ def test_recorded_step_never_syncs_with_the_host(tmp_path):
             graft.zero_grad()
             rec.log(loss=loss.detach())
 
-        step()  # the first step allocates state, buffers and the recorder's ring buffer
+        step()  # the first step allocates state, buffers and the recorder's ring buffer (and compiles)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -224,7 +224,11 @@ def test_hf_models_recorded_live(tmp_path):
     record("bert", tmp_path / "bert", steps=24, batch=8, seq=32, grad_every=4)
     _check_hf_bert(distill(tmp_path / "bert", window=12), "gradient")
     record("gpt2", tmp_path / "gpt2", steps=12, batch=8, seq=32, grad_every=4)
-    assert distill(tmp_path / "gpt2", window=12).source["flagged"] == {}
+    # c_attn is grafted as its Q/K/V slices (Graft's default split): the K bias slice is gradient-free
+    # (softmax is shift-invariant) and is the only group flagged; every weight slice is kept
+    corr = distill(tmp_path / "gpt2", window=12)
+    assert set(corr.source["flagged"]) == {f"transformer.h.{i}.attn.c_attn.bias[k]" for i in range(2)}
+    assert {d["evidence"]["basis"] for d in corr.source["groups"].values() if d["flags"]} == {"gradient"}
 
 
 @pytest.mark.slow

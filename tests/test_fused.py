@@ -292,3 +292,38 @@ def test_compiled_training_step_traces_the_fused_passes():
                                    torch.cat([p.reshape(-1) for p in b.parameters()]), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ga.last_stats, gb.last_stats, rtol=1e-6, atol=1e-8)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+class _QKV(nn.Module):
+    """A Conv1D-style fused Q/K/V projection (``attn.c_attn``: weight (in, 3d)) and an output layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.Module()
+        self.attn.c_attn = nn.Module()
+        self.attn.c_attn.weight = nn.Parameter(torch.randn(6, 9, dtype=torch.float64) * 0.3)
+        self.attn.c_attn.bias = nn.Parameter(torch.randn(9, dtype=torch.float64) * 0.1)
+        self.out = nn.Linear(9, 3).double()
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.attn.c_attn.weight + self.attn.c_attn.bias))
+
+
+def _qkv_run(data, **graft_kw):
+    model = _QKV()
+    g = Graft(opt("adam", model.parameters()), opt("sgd-momentum", model.parameters()), names=model, **graft_kw)
+    for batch in data:
+        g.zero_grad()
+        loss_fn(model, batch).backward()
+        g.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), g
+
+
+def test_slices_of_fused_qkv_tensors_are_units_of_their_own(eager):
+    data = batches("mlp", 3)
+    w, g = _qkv_run(data, fused=True)
+    w_ref, ref = _qkv_run(data, path="direct")
+    assert g.partition.split and "attn.c_attn.weight[k]" in g.group_names and g.last_stats.shape == (3, 8)
+    torch.testing.assert_close(w, w_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g.last_stats, ref.last_stats, rtol=1e-10, atol=1e-12)
