@@ -1,6 +1,7 @@
 """``graftlab`` command line. Commands only parse options and call the library.
 
-Every :class:`graftlab.GraftlabError` becomes one ``error:`` line on stderr and exit code 2. The
+Every :class:`graftlab.GraftlabError`, and every mistake the option parser finds (an unknown
+option, a value that is not a number), becomes one ``error:`` line on stderr and exit code 2. The
 library words its messages in Python terms (``pass overwrite=True``, ``checkpoint_dir``); the
 command line says them in its own (``pass --overwrite``, ``--checkpoint-dir``), translated here, once,
 from the running command's own option list.
@@ -89,12 +90,37 @@ for _module in (record, info, distill, show, train, plot, demo, experiment):
     app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
 
 
-def main() -> None:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
+
+    A user's mistake, whether the library finds it (:class:`GraftlabError`) or the option parser
+    does (an unknown option, a value that is not a number), is one ``error:`` line on stderr and
+    exit code 2 (3 for a run that diverged); a run stopped by Ctrl-C or SIGTERM exits 130 or 143
+    after its outputs are flushed.
+    """
     try:
-        app()
+        code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
     except GraftlabError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        return int(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    except typer.TyperException as err:  # the parser's: usage errors, bad values, unknown options
+        if type(err).__name__ == "NoArgsIsHelpError":
+            err.show()  # `graftlab` or `graftlab COMMAND` alone: the help, as before
+            return 2
+        typer.echo(f"error: {_one_line(err.format_message())}", err=True)
+        return int(getattr(err, "exit_code", 2))
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -39,15 +39,18 @@ def distill(
     from graftlab.corrections import save
     from graftlab.distill import check_settings, default_output
     from graftlab.distill import distill as run
-    from graftlab.errors import GraftlabError, OutputExistsError
+    from graftlab.errors import GraftlabError
     from graftlab.foreign import note as foreign_note
+    from graftlab.outputs import check_output
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
+    if not (math.isfinite(outlier) and outlier >= 0):
+        raise GraftlabError(f"--outlier must be a finite number >= 0 (0: off), got {outlier}")
     check_settings(window, start, round, filter)  # a bad setting is the first thing said
     out = output if output is not None else default_output(trace, format)
-    if out.exists() and not overwrite:  # fail before reading a large trace
-        raise OutputExistsError(out, "corrections file")
+    # every path before reading a large trace: the output is not the trace, nor inside a trace folder
+    check_output(out, "corrections file", overwrite=overwrite, inputs=[("trace", trace)])
     corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
                outlier=outlier or None, allow_divergence=allow_divergence)
     save(corr, out, format=format, overwrite=overwrite)

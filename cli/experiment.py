@@ -30,6 +30,7 @@ def experiment(
     preset: Annotated[Optional[str], typer.Option("--preset", help="transformer: gpu (the whole experiment on one GPU in minutes) (default: none).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Runs at once, each in its own process (default: 1).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Text file or folder replacing the bundled corpus (text tasks) (default: the bundled corpus).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rewrite results.md and settings.json of a finished experiment in --out.")] = False,
 ) -> None:
     """Run an experiment: every run resumable, then a Markdown results table and a figure."""
     if name not in EXPERIMENTS:
@@ -42,5 +43,6 @@ def experiment(
 
     settings = Settings(out=None if out is None else str(out), quick=quick, steps=steps, size=size,
                         batch_size=batch_size, seeds=seeds, device=device, eval_size=eval_size,
-                        threads=threads, progress=progress, task=task, preset=preset, jobs=jobs, data=data)
+                        threads=threads, progress=progress, task=task, preset=preset, jobs=jobs, data=data,
+                        overwrite=overwrite)
     importlib.import_module(f"experiments.{name}").main(settings=settings)

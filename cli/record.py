@@ -62,7 +62,8 @@ def record(
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
         on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
-    res = run(cfg, overwrite=overwrite, progress=not quiet)  # validates everything before writing
+    cfg.validate(overwrite=overwrite, inputs=[("config file", config)])  # every option and path, before any work
+    res = run(cfg, overwrite=overwrite, progress=not quiet)
     if is_main():  # under torchrun rank 0 reports
         _report(cfg, res)
     res.fit.raise_if_diverged()  # after the report and the trace: one line, exit code 3

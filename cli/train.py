@@ -56,6 +56,8 @@ def train(
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
         on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
+    # every option and path, before any work
+    cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
                  allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
@@ -74,7 +76,8 @@ def _report(cfg, result, corrections) -> None:
     table.add_column("value", justify="right")
     for key, value in result.final.items():
         table.add_row(f"held-out {key}", f"{value:.4f}")
-    table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
+    if len(result.metrics):  # a run resumed from its final checkpoint has no step left to report
+        table.add_row("final train loss", f"{result.metrics['loss'].iloc[-1]:.4f}")
     table.add_row("steps", str(result.steps) + (f" (diverged at {result.diverged_at})" if result.diverged_at is not None else ""))
     if result.restarts:
         table.add_row("restarts", f"{len(result.restarts)} (from steps {', '.join(str(r.from_step) for r in result.restarts)}; "

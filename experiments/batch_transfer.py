@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = No
             run = ex.record(f"bs{b}_s{seed}", cfg)
             frames.append(medians(run.trace, p["window"]).assign(batch=b, seed=seed))
     table = pd.concat(frames, ignore_index=True)
-    table.to_csv(ex.out / "medians.csv", index=False)
+    ex.write("medians.csv", table.to_csv(index=False))
     body = report(ex, p, table, batches)
     path = ex.finish(body, p)
     ex.say(f"results: {path}")

@@ -94,7 +94,7 @@ def _run(ex: Experiment, p: dict) -> Path:
     ada_lr, ada_grid = tune(ex, p["adagrad_ks"], adagrad, top1)
     ex.say(f"tuned: sgd lr {sgd_lr:g}, adagrad lr {ada_lr:g}")
     grids = pd.concat([sgd_grid.assign(optimizer="SGD+momentum"), ada_grid.assign(optimizer="AdaGrad")])
-    grids.to_csv(ex.out / "grids.csv", index=False)
+    ex.write("grids.csv", grids.to_csv(index=False))
 
     def graft(granularity: str, seed: int) -> Job:
         cfg = RecordConfig(magnitude="sgd", direction="adagrad", magnitude_lr=sgd_lr, direction_lr=ada_lr,
@@ -131,7 +131,7 @@ def report(ex: Experiment, p: dict, names: dict, sgd_lr: float, ada_lr: float, t
     from graftlab import plots
 
     table, stats = compare(ex, names, LABELS, refs=["sgd", "adagrad"], metrics=("accuracy", "loss"), key="accuracy")
-    table.to_csv(ex.out / "comparison.csv", index=False)
+    ex.write("comparison.csv", table.to_csv(index=False))
     curves = {LABELS[m]: pd.concat([ex.runs[n].evals("accuracy") for n in names[m]], axis=1).mean(axis=1)
               for m in METHODS}
     per_seed = pd.DataFrame({LABELS[m]: stats["values"][m] for m in METHODS}).T

@@ -72,6 +72,7 @@ class Settings:
     preset: Optional[str] = None  # a named set of defaults (transformer: gpu)
     jobs: Optional[int] = None  # runs at once, each in its own process (default 1)
     data: Optional[str] = None  # a text file or folder replacing the bundled corpus (text tasks)
+    overwrite: bool = False  # rewrite results.md and settings.json of a finished experiment in out
 
     @classmethod
     def from_argv(cls, name: str, description: str, argv: Optional[Sequence[str]] = None) -> "Settings":
@@ -90,7 +91,21 @@ class Settings:
         p.add_argument("--preset", help="a named set of defaults (transformer: gpu)")
         p.add_argument("--jobs", type=int, help="runs at once, each in its own process (default 1)")
         p.add_argument("--data", help="text file or folder replacing the bundled corpus")
+        p.add_argument("--overwrite", action="store_true", help="rewrite the tables of a finished experiment")
         return cls(**vars(p.parse_args(argv)))
+
+    def validate(self) -> None:
+        """Every setting, before anything is created; raises GraftlabError."""
+        from graftlab.tasks import SIZES
+        from graftlab.distributed.env import resolve_device
+
+        for name in ("steps", "batch_size", "seeds", "eval_size", "threads", "jobs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GraftlabError(f"{name} must be at least 1, got {value}")
+        if self.size is not None and self.size not in SIZES:
+            raise GraftlabError(f"unknown size {self.size!r}: choose one of {', '.join(SIZES)}")
+        resolve_device(self.device)
 
     def pick(self, name: str, full: Any, quick: Any) -> Any:
         """The user's value for ``name`` if given, else the quick or the full default."""
@@ -162,7 +177,18 @@ class Experiment:
 
     @classmethod
     def open(cls, name: str, settings: Settings) -> "Experiment":
+        """The experiment's output folder, created once every setting and path is checked: a new
+        folder, or one holding this experiment's finished runs (reused). Its tables
+        (``results.md``, ``settings.json``) are only rewritten with ``settings.overwrite``."""
+        from graftlab.errors import OutputExistsError
+        from graftlab.outputs import check_output
+
+        settings.validate()
         out = Path(settings.out or f"runs/experiments/{name}{'-quick' if settings.quick else ''}").expanduser()
+        check_output(out, "out", folder=True)  # no file in its path, not a trace folder nor inside one
+        for table in ("results.md", "settings.json"):
+            if (out / table).exists() and not settings.overwrite:
+                raise OutputExistsError(out / table, "results of a finished experiment")
         (out / "runs").mkdir(parents=True, exist_ok=True)
         (out / "traces").mkdir(exist_ok=True)
         (out / "corrections").mkdir(exist_ok=True)
@@ -264,18 +290,20 @@ class Experiment:
         print(line, flush=True)
 
     def write(self, filename: str, text: str) -> Path:
-        path = self.out / filename
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        from graftlab.outputs import write_text
+
+        return write_text(self.out / filename, text)
 
     def save_figure(self, fig: Any, filename: str) -> Path:
-        path = self.out / filename
-        fig.savefig(path, dpi=110, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
-        plt.close(fig)
+        from graftlab.outputs import write_atomic
+
+        path = self.out / filename
+        try:
+            write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix[1:]))
+        finally:
+            plt.close(fig)
         return path
 
     def run_table(self) -> pd.DataFrame:
@@ -294,7 +322,7 @@ class Experiment:
     def finish(self, body: str, settings_used: dict[str, Any]) -> Path:
         """Write ``runs.csv``, ``settings.json`` and ``results.md`` (``body`` plus run list, machine)."""
         table = self.run_table()
-        table.to_csv(self.out / "runs.csv", index=False)
+        self.write("runs.csv", table.to_csv(index=False))
         wall = float(np.nansum(table["wall_s"].to_numpy(dtype=float))) if len(table) else 0.0
         info = {"experiment": self.name, **settings_used, "machine": machine(), "run_wall_s_total": wall}
         self.write("settings.json", json.dumps(info, indent=1, default=str) + "\n")

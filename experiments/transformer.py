@@ -204,7 +204,7 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
     sgd_lr, sgd_grid = tune(ex, p["sgd_ks"], sgd, loss)
     ex.say(f"tuned: adam lr {adam_lr:g}, sgd lr {sgd_lr:g}")
     grids = pd.concat([adam_grid.assign(optimizer="Adam"), sgd_grid.assign(optimizer="SGD+momentum")])
-    grids.to_csv(ex.out / "grids.csv", index=False)
+    ex.write("grids.csv", grids.to_csv(index=False))
 
     def graft(seed: int) -> Job:
         cfg = RecordConfig(magnitude="adam", direction="sgd", magnitude_lr=adam_lr, direction_lr=sgd_lr,
@@ -295,7 +295,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
 
     table, stats = compare(ex, names, LABELS, refs=["adam", "sgd"])
     table["gap closed"] = ["-" if m in ("adam", "sgd") else gap_closed(stats, m, "adam", "sgd") for m in names]
-    table.to_csv(ex.out / "comparison.csv", index=False)
+    ex.write("comparison.csv", table.to_csv(index=False))
     curves = gap_over_training(ex, names)
     figure(ex, curves, p["task"])
     gap = stats["sgd"]["adam"]
@@ -309,7 +309,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
     raw = quarter_medians(keep, p["steps"], kinds)
     norm = quarter_medians(keep, p["steps"], kinds, normalise_lr=True)
     drift = raw.join(norm.add_suffix(" / lr"))
-    drift.to_csv(ex.out / "drift.csv")
+    ex.write("drift.csv", drift.to_csv())
     dtable, dinfo = dbeta_table(ex)
 
     per_seed = pd.DataFrame({LABELS[m]: stats["values"][m] for m in names}).T

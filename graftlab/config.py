@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ from graftlab.distributed.env import MODES
 from graftlab.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.optimizers import make_optimizer, parse_hparams
+from graftlab.outputs import check_output
 from graftlab.record import DEFAULT_FLUSH_EVERY
 from graftlab.trace import is_trace
 from graftlab.schedules import SCHEDULES, make_schedule
@@ -75,17 +77,21 @@ class RunConfig:
     divergence_lr_factor: float = 0.5  # each restart multiplies the learning rate by this (0 < f < 1)
     max_restarts: int = 3  # restarts before the run stops anyway
 
-    def validate(self, *, overwrite: bool = False, outputs: bool = True) -> None:
+    def validate(self, *, overwrite: bool = False, outputs: bool = True,
+                 inputs: Sequence[tuple[str, Optional[str | os.PathLike]]] = ()) -> None:
         """Check every field and output path; raises :class:`GraftlabError` (nothing is written).
 
         An existing output (``metrics``; a trace ``out``) is an :class:`OutputExistsError` unless
-        ``overwrite``. ``outputs=False`` leaves the output paths to the caller (a folder it creates).
+        ``overwrite``; an output may not be a file the run reads (``data``, or the ``inputs``
+        given as ``(name, path)`` pairs: a config or corrections file), lie inside a trace folder,
+        or sit below a regular file. ``outputs=False`` leaves the output paths to the caller (a
+        folder it creates).
         """
         self.validate_loop()
         self._validate_task()
         self._validate_optimizers()
         if outputs:
-            self._validate_outputs(overwrite)
+            self._validate_outputs(overwrite, [("data", self.data), *inputs])
 
     def validate_loop(self) -> None:
         """The checks :func:`graftlab.runs.fit` needs for any task: length, schedule, loop settings."""
@@ -93,8 +99,14 @@ class RunConfig:
             raise GraftlabError("give either steps or epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise GraftlabError(f"the run needs at least one step, got steps={self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise GraftlabError(f"epochs must be > 0, got {self.epochs}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise GraftlabError(f"epochs must be a finite number > 0, got {self.epochs}")
+        for name in ("power", "gamma", "warmup"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise GraftlabError(f"{name} must be a finite number, got {value}")
+        if any(not math.isfinite(m) for m in self.milestones):
+            raise GraftlabError(f"milestones must be finite fractions of the run, got {self.milestones}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise GraftlabError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.epochs is None:  # the length is known before the task: check the schedule against it
@@ -106,6 +118,8 @@ class RunConfig:
             raise GraftlabError(f"log_every must be >= 1, got {self.log_every}")
         if self.threads is not None and self.threads < 1:
             raise GraftlabError(f"threads must be at least 1, got {self.threads}")
+        if not 0 <= self.seed < 2**63:
+            raise GraftlabError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         if self.checkpoint_dir is None:
             if self.resume:
                 raise GraftlabError("resume=True needs checkpoint_dir (the checkpoints to resume from)")
@@ -124,9 +138,12 @@ class RunConfig:
 
     def check_schedule(self, steps: int) -> None:
         """Build the lr schedule for ``steps`` to check its settings (with the schedule and warmup
-        given, or only the warmup while the task's default schedule is not known yet)."""
-        make_schedule(self.schedule or "constant", steps, self.warmup or 0.0, power=self.power,
-                      milestones=self.milestones, gamma=self.gamma)
+        given, or only the warmup while the task's default schedule is not known yet). The poly
+        and step settings are checked whichever schedule runs: the task's default is one of them,
+        and a nonsense value is a mistake even where unused."""
+        for name in dict.fromkeys([self.schedule or "constant", "poly", "step"]):
+            make_schedule(name, steps, self.warmup or 0.0, power=self.power, milestones=self.milestones,
+                          gamma=self.gamma)
 
     def _validate_task(self) -> None:
         if self.task not in TASKS:
@@ -141,15 +158,17 @@ class RunConfig:
             raise GraftlabError(f"eval_size must be at least 1, got {self.eval_size}")
         if self.parallel not in MODES:
             raise GraftlabError(f"unknown parallel mode {self.parallel!r}: expected one of {', '.join(MODES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
+            raise GraftlabError(f"unknown device {self.device!r}: choose cpu, cuda, cuda:N or auto")
         resolve_device(self.device)
 
     def _validate_optimizers(self) -> None:
         """Subclasses check their optimizer names, learning rates and hyperparameters."""
 
-    def _validate_outputs(self, overwrite: bool) -> None:
-        check_output_file(self.metrics, "metrics file", overwrite)
-        if self.checkpoint_dir is not None:
-            _check_folder(Path(self.checkpoint_dir).expanduser(), "checkpoint_dir")
+    def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
+        out = getattr(self, "out", None)  # a trace folder this run creates: nothing else goes in it
+        check_output(self.metrics, "metrics file", overwrite=overwrite, inputs=inputs, new_traces=[out])
+        check_output(self.checkpoint_dir, "checkpoint_dir", folder=True, inputs=inputs, new_traces=[out])
 
     def resolve(self, task: Task) -> "RunConfig":
         """A copy with ``steps``, ``schedule``, ``warmup`` (and learning rates) left as None filled
@@ -206,18 +225,59 @@ class RecordConfig(RunConfig):
         if self.every < 1 or self.flush_every < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {self.every} and {self.flush_every}")
 
-    def _validate_outputs(self, overwrite: bool) -> None:
-        super()._validate_outputs(overwrite)
+    def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
+        super()._validate_outputs(overwrite, inputs)
         if self.out is None:
             raise GraftlabError("out is required: the trace directory to write")
         path = Path(self.out).expanduser()
-        _check_folder(path, "out")
-        if not path.is_dir() or not any(path.iterdir()):
+        check_output(path, "out", folder=True, inputs=inputs, may_exist=True, trace=True)
+        if not path.is_dir() or not _has_entries(path):
             return
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
         if not is_trace(path):
             raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace; not using it")
+        from graftlab.tracelock import check_unlocked
+
+        check_unlocked(path)
+        if self.resume:
+            self._check_resumable(path, overwrite)
+
+    def _check_resumable(self, path: Path, overwrite: bool) -> None:
+        """Resuming without a checkpoint starts the recording over, which is only allowed when the
+        trace holds the start of this same run, checkpointing into this checkpoint_dir and cut
+        before its first checkpoint was due: nothing resumable was ever saved. Anything else (a
+        mistyped checkpoint_dir, a run recorded without checkpoints, another run's trace, a run
+        past its first checkpoint) would drop steps for good, and is refused."""
+        from graftlab.distributed.checkpoints import resume_step
+        from graftlab.trace import part_files, read_metadata, trace_extent
+
+        if overwrite or resume_step(self) > 0 or not part_files(path):
+            return
+        refuse = (f"resume=True: checkpoint_dir {self.checkpoint_dir!r} holds no complete checkpoint, and out "
+                  f"{str(path)!r} holds recorded steps that starting over would drop")
+        try:
+            recorded = read_metadata(path).get("config") or {}
+            last = trace_extent(path)[1]
+        except GraftlabError as err:
+            raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
+        theirs = recorded.get("checkpoint_dir")
+        if theirs is None or not _same_path(theirs, self.checkpoint_dir, path):
+            raise GraftlabError(f"{refuse} (the trace was recorded with checkpoint_dir {theirs!r}): check "
+                                "checkpoint_dir, or pass overwrite=True to record from scratch")
+        # the checkpoint after step due-1 is saved before step due starts: a trace holding step
+        # `due` had its checkpoint committed, so one is missing; up to due-1 it may have been cut
+        due = min(self.checkpoint_every or self.steps or DEFAULT_STEPS, self.steps or DEFAULT_STEPS)
+        if last >= due:
+            raise GraftlabError(f"{refuse} (steps up to {last}; a checkpoint was due at step {due}): check "
+                                "checkpoint_dir, or pass overwrite=True to record from scratch")
+        mine = dataclasses.asdict(self)
+        for key in _RUN_IDENTITY:
+            a, b = recorded.get(key), mine.get(key)
+            same = _same_path(a, b, path) if key == "data" else _json(a) == _json(b)
+            if a is not None and b is not None and not same:
+                raise GraftlabError(f"{refuse}, and they are another run's ({key}={a!r}, this run has {key}={b!r}); "
+                                    "pass overwrite=True to record from scratch")
 
     def resolve(self, task: Task) -> "RecordConfig":
         out = super().resolve(task)
@@ -228,42 +288,64 @@ class RecordConfig(RunConfig):
 
 C = TypeVar("C", bound=RunConfig)
 
+# Settings that make a recording another run (a resumed trace must come from the same).
+_RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "steps", "magnitude", "direction", "magnitude_lr",
+                 "direction_lr", "m_hparams", "d_hparams", "granularity", "every", "schedule", "warmup")
+
 
 def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str) -> None:
     if lr is not None and not (math.isfinite(lr) and lr >= 0):
         raise GraftlabError(f"{lr_field} must be a finite number >= 0, got {lr}")
+    for key, value in hparams.items():
+        _check_hparam(name, key, value)
     # on one throwaway parameter, the optimizer's own checks of names and ranges run before the task is built
-    make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.0 if lr is None else lr, **hparams)
+    try:
+        make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.0 if lr is None else lr, **hparams)
+    except GraftlabError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+        raise GraftlabError(f"{name}: {err}") from None
 
 
-def _check_folder(path: Path, what: str) -> None:
-    """``path`` can be (or become) a folder: it is not a file and no file stands where a parent goes."""
-    if path.exists() and not path.is_dir():
-        raise GraftlabError(f"{what} {str(path)!r} is a file, not a folder")
-    _check_parents(path, what)
+def _check_hparam(optimizer: str, key: str, value: Any) -> None:
+    """A hyperparameter value is a finite number, a boolean, None, or (``betas``) two numbers."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            continue
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise GraftlabError(f"{optimizer} hyperparameter {key} must be finite numbers, got {value!r}")
+    if key == "betas" and (not isinstance(value, (list, tuple)) or len(value) != 2):
+        raise GraftlabError(f"{optimizer} hyperparameter betas needs two numbers (e.g. 0.9,0.999), got {value!r}")
+    if key != "betas" and isinstance(value, (list, tuple)):
+        raise GraftlabError(f"{optimizer} hyperparameter {key} takes one value, got {value!r}")
 
 
-def _check_parents(path: Path, what: str) -> None:
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise GraftlabError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            return
+def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
+    """Whether a path from a trace's metadata names ``given``: the Recorder stores absolute paths
+    relative to the trace folder (graftlab.portable); a relative one may also be the cwd's."""
+    if not isinstance(recorded, str) or given is None:
+        return False
+    want = Path(given).expanduser().resolve()
+    rec = Path(recorded).expanduser()
+    return want in {rec.resolve(), (trace_dir / rec).resolve()}
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _has_entries(path: Path) -> bool:
+    from graftlab.tracelock import LOCK_NAME
+
+    return any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def check_output_file(path: Optional[str | os.PathLike], what: str, overwrite: bool) -> Optional[Path]:
-    """The path of an output file to write, or None; an existing one is an
-    :class:`OutputExistsError` unless ``overwrite``, a folder or a file where a parent goes is a
-    :class:`GraftlabError`."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise GraftlabError(f"{what} {str(p)!r} is a folder")
-    if p.exists() and not overwrite:
-        raise OutputExistsError(p, what)
-    _check_parents(p, what)
-    return p
+    """The path of an output file to write, or None; see :func:`graftlab.outputs.check_output`."""
+    return check_output(path, what, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +437,12 @@ def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
     p = Path(path).expanduser()
     if not p.is_file():
         raise GraftlabError(f"config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GraftlabError(f"config file {str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise GraftlabError(f"cannot read config file {str(p)!r}: {err.strerror or err}") from None
     try:
         if p.suffix.lower() == ".toml":
             values = tomllib.loads(text)

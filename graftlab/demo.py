@@ -41,6 +41,7 @@ from graftlab.corrections import save
 from graftlab.distill import distill
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
+from graftlab.outputs import check_output, write_text
 from graftlab.runs import record, train
 from graftlab.trace import read_metadata
 
@@ -83,10 +84,11 @@ class DemoConfig:
         if self.round.lower() != "dauto":
             parse_round(self.round)
         folder = Path(self.out).expanduser() if self.out is not None else RUNS
-        if self.out is not None and folder.exists():
-            raise GraftlabError(f"out {self.out!r} already exists: the demo writes into a new folder")
         if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
             raise GraftlabError(f"cannot create the demo folder {str(folder)!r}: a file stands in its path")
+        check_output(folder, "out", folder=True)  # not a trace folder, nor inside one
+        if self.out is not None and folder.exists():
+            raise GraftlabError(f"out {self.out!r} already exists: the demo writes into a new folder")
         # the outputs all go into the new folder, so only the settings are checked here
         self.record_config(folder).validate(outputs=False)
         self.train_config(folder, "sgd", "sgd", self.direction_lr, self.sgd_hparams).validate(outputs=False)
@@ -181,7 +183,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str],
     rows = [_row("Adam#SGD (recorded)", "adam#sgd", f"{m_lr:g}#{d_lr:g}", rec.fit),
             *_train(config, folder, m_lr, d_lr, corr_path, sched_path, progress, echo)]
     table = pd.DataFrame(rows)
-    table.to_csv(folder / "results.csv", index=False)
+    write_text(folder / "results.csv", table.to_csv(index=False))
     figures = _figures(config, rec.trace, folder, spec, echo) if config.figures else []
     wall = time.perf_counter() - t0
     closed = gap_closed(table)
@@ -189,7 +191,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Callable[[str],
                "magnitude_lr": m_lr, "direction_lr": d_lr, "wall_time": wall, "results": rows,
                "gap_nats": closed.attrs["gap"], "gap_meaningful": closed.attrs["meaningful"],
                "gap_closed": jsonable(closed.to_dict(orient="records"))}
-    (folder / "demo.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text(folder / "demo.json", json.dumps(summary, indent=1, default=str))
     return DemoResult(folder, table, config.distill_window, spec, beta, figures, wall)
 
 

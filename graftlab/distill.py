@@ -86,7 +86,7 @@ def distill(
     ``filter``, a path that is not a readable graftlab trace, a window that does not fit in it, or
     windows that follow a divergence (unless ``allow_divergence``).
     """
-    check_settings(window, start, round, filter)
+    check_settings(window, start, round, filter, outlier)
     path = Path(trace_path)
     meta = read_metadata(path)
     extent = trace_extent(path)
@@ -119,6 +119,7 @@ def distill(
         tied = tied & analysis.attention_weights(groups, kinds)
     rule = _Rule(round, kinds, tied)
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
+    _check_usable(path, df, first_win["median"], start, window)
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
     rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
     spread, notes = _tied_spread(path, round, first_win["median"], rule)
@@ -174,11 +175,14 @@ def default_window(length: int) -> int:
     return max(1, min(PAPER_WINDOW, length // 4))
 
 
-def check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -> None:
+def check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None) -> None:
     """Bad settings fail before any reading (``window=None``: :func:`default_window`).
 
     Raises :class:`~graftlab.errors.GraftlabError` naming the setting."""
     analysis.parse_round(round)
+    if outlier is not None and (isinstance(outlier, bool) or not isinstance(outlier, (int, float, np.number))
+                                or not math.isfinite(outlier) or outlier < 0):
+        raise GraftlabError(f"outlier must be a finite number >= 0 (0 or None: off), got {outlier!r}")
     if window is None:
         pass
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
@@ -187,6 +191,27 @@ def check_settings(window: Any, start: Any, round: str, filter: Optional[int]) -
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
     if filter is not None and filter != 0:
         analysis.median_filter([], filter)  # validates the width
+
+
+def _names(groups: Any, limit: int = 5) -> str:
+    groups = [str(g) for g in groups]
+    return ", ".join(groups[:limit]) + (f", ... ({len(groups)} in all)" if len(groups) > limit else "")
+
+
+def _check_usable(path: Path, df: pd.DataFrame, medians: pd.Series, start: int, window: int) -> None:
+    """Ratios are quotients of norms: a negative one is a corrupt trace, and a window where no group
+    has a finite positive median would give every group the fallback factor 1.0 -- no correction."""
+    in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
+    negative = in_window.loc[in_window["ratio"].to_numpy() < 0, "group"].unique()
+    if len(negative):
+        raise GraftlabError(f"{path}: negative ratios (a ratio of norms cannot be negative; a corrupt trace?) "
+                            f"in group(s) {_names(negative)}")
+    med = medians.to_numpy(dtype=np.float64)
+    if not (np.isfinite(med) & (med > 0)).any():
+        raise GraftlabError(
+            f"{path}: no group has a finite positive ratio in steps {start}..{start + window - 1} (all NaN, "
+            f"infinite or zero: no step of D, or no step of M), nothing to distill: {_names(medians.index)}"
+        )
 
 
 def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
@@ -329,4 +354,6 @@ def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
 def default_output(trace_path: PathLike, format: str = "json") -> Path:
     """Where ``graftlab distill`` writes by default: ``<trace>.corrections.<format>`` beside it."""
     p = Path(os.path.normpath(str(trace_path)))
+    if p.name in ("", ".", ".."):  # the current folder (or its parent): named by its real name
+        p = Path(os.path.abspath(p))
     return p.with_name(p.name + f".corrections.{format}")

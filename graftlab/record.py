@@ -19,8 +19,12 @@ How it stays out of the way of training (see :mod:`graftlab.trace` for the file 
   Nothing per step reads a value back to the host.
 - every ``flush_every`` recorded steps, or at the first step after ``flush_seconds`` (host clock),
   the buffer goes to the host in one batched copy (pinned memory and ``non_blocking`` on CUDA) and a
-  background thread writes it as one Parquet part file, renamed into place when complete. A process
-  killed at any moment leaves a readable trace that lacks at most the rows not yet flushed.
+  background thread writes it as one Parquet part file, renamed into place when complete, while the
+  next step computes; that step's post-hook waits for the part. A process killed at any moment
+  (SIGKILL) leaves a readable trace that lacks at most the last ``flush_every`` recorded steps;
+  SIGTERM is handled like Ctrl-C (:mod:`graftlab.termination`): nothing buffered is lost.
+- one writer per trace (a lock in the trace folder), and a checkpoint of the Graft through
+  :mod:`graftlab.distributed` waits for every recorded step to be on disk (:meth:`Recorder.sync`).
 
 Whole runs of the built-in tasks that record are in :mod:`graftlab.runs`.
 """
@@ -39,13 +43,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from graftlab import trace
+from graftlab import termination, trace
+from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
 from graftlab.grad_norms import GradNorms
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
 from graftlab.portable import portable_paths
+from graftlab.trace_target import open_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -86,10 +92,11 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue  # keep draining so the training loop never blocks on a dead writer
+            if job is None or self.error is not None:  # after an error: keep draining, never block the loop
+                self.jobs.task_done()
+                if job is None:
+                    return
+                continue
             # each job carries its groups and metadata: a Graft may gain groups between flushes
             steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta = job
             try:
@@ -118,6 +125,8 @@ class _Writer(threading.Thread):
                     callback(table, meta)
             except BaseException as err:  # noqa: BLE001 - reported on the training thread
                 self.error = err
+            finally:
+                self.jobs.task_done()  # sync() waits on these
 
 
 class Recorder:
@@ -140,9 +149,19 @@ class Recorder:
 
     Free per step: a step post-hook copies ``graft.last_stats`` (shape ``(3, G)``, on the
     parameters' device) into a preallocated ``(flush_every, 3, G)`` device buffer, with no host
-    sync. Every ``flush_every`` recorded steps one batched copy (pinned, ``non_blocking`` on CUDA)
-    goes to a background thread that writes one Parquet part, renamed into place when complete: a
-    killed process leaves a readable trace lacking at most the rows not yet flushed.
+    sync. When ``flush_every`` recorded steps are buffered, the next step's pre-hook hands them in
+    one batched copy (pinned, ``non_blocking`` on CUDA) to a background thread that writes one
+    Parquet part, renamed into place when complete, while that step computes; its post-hook waits
+    for the part (once per flush, usually done by then). So a process killed at any moment
+    (SIGKILL) leaves a readable trace lacking at most the last ``flush_every`` recorded steps.
+    SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.termination`): the
+    process exits with status 143 after the buffered rows are written.
+
+    Only one process writes a trace: the Recorder holds an exclusive lock on ``path`` (a hidden
+    ``.graftlab.lock``) until :meth:`close`, and a second writer gets a GraftlabError. A
+    :func:`graftlab.distributed.save_checkpoint` of ``graft`` first waits until every step recorded
+    so far is on disk (:meth:`sync`), so resuming from a checkpoint never leaves a gap; call
+    :meth:`sync` yourself before saving a checkpoint of your own.
 
     Args:
         graft: the :class:`~graftlab.Graft` optimizer to watch (through a step post-hook), or a
@@ -158,9 +177,13 @@ class Recorder:
         model: the model, so group kinds also use module types (LayerNorm, Conv, Embedding).
         kinds: overrides for the kind rules: a dict ``param or group name -> kind`` or a callable
             ``param name -> kind | None`` (see :func:`graftlab.kinds.classify_names`).
-        overwrite: replace an existing trace at ``path`` (never a directory that holds anything else).
+        overwrite: replace an existing trace at ``path``: its parts and sidecar are deleted, other
+            files beside them are kept; never a directory that holds no trace, never a file.
         start_step: number of the next step (default ``graft.steps``, so a resumed Graft continues).
         resume: append to an existing trace at ``path``, dropping its rows from ``start_step`` on.
+            Refused when that drops every recorded step (a fresh Graft: load its state first; with
+            ``overwrite`` the trace starts over instead), leaves a gap after the trace's last step,
+            or the trace holds another run (groups, seed, task, batch size, every, optimizers).
         record_lr: add column ``lr``: the magnitude optimizer's learning rate (first param group)
             that each recorded step used, read just before the step (after it an LR scheduler has
             moved on). This column wins: ``log(lr=...)`` is then an error; pass
@@ -187,9 +210,11 @@ class Recorder:
         GraftlabError: ``graft`` is not a Graft; ``every``/``flush_every`` < 1, ``grad_every`` < 0 or
             ``start_step`` < 0;
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
-            ``overwrite``/``resume``, or holds something other than a trace; a resumed trace has
-            other groups; :meth:`log` gets a trace column (or ``lr`` while ``record_lr``) or a non-scalar tensor; writing failed
-            (raised at the next flush or at :meth:`close`).
+            ``overwrite``/``resume``, is a file, lies inside another trace, holds something other
+            than a trace, or is being written by another process; a resume that
+            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column (or ``lr`` while
+            ``record_lr``) or a non-scalar tensor; writing failed (raised at the next flush,
+            :meth:`sync` or :meth:`close`).
 
     Example::
 
@@ -250,15 +275,10 @@ class Recorder:
             self._writer = None
             return
 
-        existing = None
-        if resume and self.path.is_dir() and trace.is_trace(self.path):
-            existing = self._check_resumable()
-        trace.prepare_directory(self.path, overwrite=overwrite, resume=resume)
-        if existing is not None:
-            trace.truncate(self.path, self._next_step)
-            self.metadata = existing  # every part of one trace carries the same metadata
-        else:
-            trace.write_sidecar(self.path, self.metadata)
+        # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
+        # metadata (every part of one trace carries the same)
+        self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
+                                               every=self.every, overwrite=overwrite, resume=resume)
 
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
@@ -276,10 +296,11 @@ class Recorder:
         self._dev_cols: dict[str, Tensor] = {}  # values logged as tensors, on their device
         self._host_cols: dict[str, np.ndarray] = {}  # values logged as numbers (float64)
         self._lr: Any = None
-        self._hooks.append(graft.register_step_post_hook(self._on_step))
-        if self.record_lr:
-            self._hooks.append(graft.register_step_pre_hook(self._before_step))
+        self._waiting = False  # a part handed to the writer that the next post-hook waits for
+        self._hooks += [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
+                        before_checkpoint(graft, self.sync)]
         _OPEN.add(self)
+        termination.watch(self)
 
     @staticmethod
     def _find_graft(opt: Any) -> Graft:
@@ -353,34 +374,28 @@ class Recorder:
         # a trace travels: no absolute path of the recording machine (graftlab.portable)
         return portable_paths(meta, self.path)
 
-    def _check_resumable(self) -> dict[str, Any]:
-        try:
-            old = trace.read_metadata(self.path) if any(self.path.glob(trace.PART_GLOB)) else None
-        except GraftlabError:
-            old = None
-        if old is None:
-            import json
-
-            try:
-                old = json.loads((self.path / trace.SIDECAR).read_text())
-            except (OSError, ValueError) as err:
-                raise GraftlabError(f"{self.path}: cannot resume, unreadable metadata ({err})") from None
-        names = [grp["name"] for grp in old.get("groups") or []]
-        if names != list(self.graft.group_names):
-            raise GraftlabError(f"{self.path}: cannot resume, the trace was recorded with different groups")
-        return old
-
     # -- recording (hot path: no host sync) ------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._lr = self.graft.magnitude.param_groups[0].get("lr")
+        if self.record_lr:
+            self._lr = self.graft.magnitude.param_groups[0].get("lr")
+        # a full (or old) buffer goes now, log() having filled its last row: the part is written
+        # while this step computes, and its post-hook waits for it. The clock is the host's, so the
+        # time bound costs no device sync.
+        if self._due():
+            self.flush()
+            self._waiting = True
+
+    def _due(self) -> bool:
+        return self._rows == self.flush_every or bool(self._rows and time.monotonic() >= self._deadline)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
-        # deferred from the last step so that log() could still fill its row; the clock is the
-        # host's, so the time bound costs no device sync
-        if self._rows == self.flush_every or (self._rows and time.monotonic() >= self._deadline):
+        if self._rows == self.flush_every:  # a step taken without the pre-hook (hooks bypassed)
             self.flush()
+            self._waiting = True
+        if self._waiting:
+            self._wait()  # so no more than flush_every recorded steps are ever off the disk
         if step % self.every:
             self._last_row = None
             return
@@ -490,6 +505,27 @@ class Recorder:
         """
         if not self.active:
             return
+        with termination.deferred():  # SIGTERM never cuts a flush in half
+            self._flush()
+
+    def sync(self) -> None:
+        """Flush and wait until every row recorded so far is in a part file on disk.
+
+        A checkpoint of the Graft through :mod:`graftlab.distributed` calls it before the checkpoint
+        is committed; call it before saving a checkpoint of your own (one host sync).
+        """
+        if not self.active or self._closed:
+            return
+        self.flush()
+        self._wait()
+
+    def _wait(self) -> None:
+        with termination.deferred():
+            self._writer.jobs.join()
+        self._waiting = False
+        self._raise_writer_error()
+
+    def _flush(self) -> None:
         self._raise_writer_error()
         n = self._rows
         if n == 0 or self._stats is None:
@@ -536,24 +572,28 @@ class Recorder:
             raise GraftlabError(f"{self.path}: writing the trace failed ({err})") from err
 
     def close(self) -> None:
-        """Flush, wait for the writer, and detach from the optimizer. Safe to call twice."""
+        """Flush, wait for the writer, release the trace, and detach from the optimizer. Safe to
+        call twice."""
         if self._closed:
             return
         self._closed = True
         if not self.active:
             return
-        for hook in self._hooks:
-            hook.remove()
-        _OPEN.discard(self)
-        try:
-            if self._writer.error is None:
-                self.flush()
-        finally:
-            self._writer.jobs.put(None)
-            self._writer.join()
-            for callback in self._writer.on_flush:
-                if callable(getattr(callback, "close", None)):
-                    callback.close()
+        with termination.deferred():
+            for hook in self._hooks:
+                hook.remove()
+            _OPEN.discard(self)
+            try:
+                if self._writer.error is None:
+                    self._flush()
+            finally:
+                self._writer.jobs.put(None)
+                self._writer.join()
+                self._lock.release()
+                termination.unwatch(self)
+                for callback in self._writer.on_flush:
+                    if callable(getattr(callback, "close", None)):
+                        callback.close()
         self._raise_writer_error()
 
     @property

@@ -13,6 +13,7 @@ import torch
 from experiments import batch_transfer, resnet, transformer
 from experiments.runner import Job, Run, Settings, markdown, quarter_medians, read_metrics
 from experiments.stats import gap_closed, half_decade, paired, tune
+from graftlab.errors import GraftlabError
 
 torch.set_num_threads(1)
 
@@ -71,7 +72,10 @@ def test_transformer_quick_and_resume(tmp_path, capsys):
     assert glob == pytest.approx(ref, rel=1e-9)
 
     capsys.readouterr()
-    transformer.main(settings=_quick(out, steps=4))  # every run is done: all skipped
+    with pytest.raises(GraftlabError, match="results.md' already exists"):  # a finished experiment's tables
+        transformer.main(settings=_quick(out, steps=4))
+    assert capsys.readouterr().out == ""
+    transformer.main(settings=_quick(out, steps=4, overwrite=True))  # every run is done: all skipped
     log = capsys.readouterr().out
     assert "run   " not in log and log.count("skip  ") == 9
     assert _runs(out) == names
@@ -116,6 +120,9 @@ def test_batch_transfer_cli_and_interrupted_run(tmp_path):
     before = _runs(out)
     os.unlink(out / "runs" / "bs16_s0.parquet")
     res = CliRunner().invoke(app, args)
+    assert "already exists; pass --overwrite" in str(res.exception)  # the tables are not rewritten silently
+    assert _runs(out) == {"bs4_s0": before["bs4_s0"]}
+    res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0, res.output
     after = _runs(out)
     assert after["bs4_s0"] == before["bs4_s0"] and after["bs16_s0"] != before["bs16_s0"]

@@ -85,8 +85,9 @@ def test_ddp_loop_on_two_ranks_writes_the_one_process_trace(runs):
     # gradient is summed in another order; relative differences reach 4e-4 on groups with tiny steps)
     for col in ("norm_m", "norm_d", "ratio", "lr", "loss"):
         np.testing.assert_allclose(ddp[col].to_numpy(), one[col].to_numpy(), rtol=2e-3, err_msg=col)
-    assert files_under(runs / "ddp") == ["runs/ddp/_graftlab.json", "runs/ddp/part-000000000000.parquet",
-                                         "train.py"]
+    # rank 0 alone writes: one part, the sidecar and the writer's hidden lock file
+    assert files_under(runs / "ddp") == ["runs/ddp/.graftlab.lock", "runs/ddp/_graftlab.json",
+                                         "runs/ddp/part-000000000000.parquet", "train.py"]
 
 
 @pytest.mark.slow
@@ -105,4 +106,5 @@ def test_hf_trainer_snippet_on_two_ranks_writes_one_trace_from_rank_0(tmp_path):
     np.testing.assert_allclose(lr, [1e-3 * (t / 4 if t < 4 else (16 - t) / 12) for t in range(16)], rtol=1e-12)
     assert df.groupby("step")["loss"].first().notna().sum() == 4
     trace_files = [f for f in files_under(tmp_path / "hf") if f.startswith("runs/hf-trace")]
-    assert trace_files == ["runs/hf-trace/_graftlab.json", "runs/hf-trace/part-000000000000.parquet"]
+    assert trace_files == ["runs/hf-trace/.graftlab.lock", "runs/hf-trace/_graftlab.json",
+                           "runs/hf-trace/part-000000000000.parquet"]

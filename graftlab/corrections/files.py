@@ -7,15 +7,15 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import pandas as pd
 
-from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
+from graftlab.outputs import check_output, write_text
 
 FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"
@@ -88,7 +88,7 @@ def _typed(name: str, v: Any, where: str) -> Any:
     else:
         ok = isinstance(v, kind)
     if not ok:
-        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {v!r}")
+        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {_short(v)}")
     return kind(v) if kind in (float, int) else v
 
 
@@ -200,10 +200,7 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     if format not in ("json", "csv"):
         raise GraftlabError(f"unknown corrections format {format!r}: expected json or csv")
     _validate(corrections.to_dict(), path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path, "corrections file")
-    if path.exists() and path.is_dir():
-        raise GraftlabError(f"{path} is a directory")
+    check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
     text = (
@@ -211,24 +208,29 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
         if format == "json"
         else _csv_text(corrections)
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # a hidden temporary file renamed into place; one that appeared meanwhile is still not replaced
+    return write_text(path, text, overwrite=overwrite, what="corrections file")
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    """``repr(v)``, cut to fit an error line (a 400-digit number, a long list)."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite(v: Any) -> bool:
+    """A finite JSON number (an integer beyond float range, like 1e400 written out, is not)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if not overwrite and path.exists():  # appeared meanwhile
-            raise OutputExistsError(path, "corrections file")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _factor(v: Any, where: str, path: Path) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise GraftlabError(f"{path}: {where} is {v!r}, not a number")
-    if not math.isfinite(v) or v <= 0:
-        raise GraftlabError(f"{path}: {where} is {v!r}; factors must be finite and positive")
+        raise GraftlabError(f"{path}: {where} is {_short(v)}, not a number")
+    if not _finite(v) or v <= 0:
+        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be finite and positive")
     return float(v)
 
 
@@ -267,10 +269,10 @@ def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
     out: list[list] = []
     for i, piece in enumerate(pieces):
         if not isinstance(piece, (list, tuple)) or len(piece) != 2:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {piece!r}")
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {_short(piece)}")
         s, f = piece
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or s != int(s) or s < 0:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {s!r} is not a step number")
+        if not _finite(s) or s != int(s) or s < 0:
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {_short(s)} is not a step number")
         s = int(s)
         if not out and s != 0:
             raise GraftlabError(f"{path}: schedule of {g} must start at step 0, not {s}")
@@ -306,4 +308,6 @@ def load_corrections(path: PathLike) -> Corrections:
         data = json.loads(text)
     except ValueError as err:
         raise GraftlabError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise GraftlabError(f"{path}: not a corrections file (JSON nested too deeply to read)") from None
     return _validate(data, path)

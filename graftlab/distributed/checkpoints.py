@@ -9,19 +9,46 @@ import json
 import os
 import shutil
 import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from graftlab import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.outputs import write_text
 
 CHECKPOINT_FORMAT = "graftlab.checkpoint/1"
 CHECKPOINT_META = "graftlab.json"
 
 PathLike = Union[str, os.PathLike]
+
+# Work that must be durable before a checkpoint of an optimizer counts as saved (a Recorder's rows
+# up to the checkpoint's step), kept on the optimizer itself: {handle id: callable}. (A module-level
+# weak-key table would keep the optimizer alive through the callables that refer back to it.)
+_BEFORE_SAVE = "_graftlab_before_checkpoint"
+
+
+def before_checkpoint(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) -> RemovableHandle:
+    """Call ``fn()`` at the start of every :func:`save_checkpoint` of ``optimizer``, before the
+    checkpoint is written and committed; returns a handle whose ``remove()`` undoes it.
+
+    A :class:`~graftlab.Recorder` registers its ``sync`` here: a resumed run then finds every
+    recorded step before the checkpoint on disk, so resuming leaves no gap in the trace.
+    """
+    hooks = optimizer.__dict__.setdefault(_BEFORE_SAVE, OrderedDict())  # RemovableHandle needs it weak-referable
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = fn
+    return handle
+
+
+def _before_save(optimizer: torch.optim.Optimizer) -> None:
+    for fn in list(getattr(optimizer, _BEFORE_SAVE, {}).values()):
+        fn()
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.optim.Optimizer], Optional[dict]]:
@@ -60,6 +87,7 @@ def save_checkpoint(
         if not overwrite:
             raise OutputExistsError(path, "checkpoint")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _before_save(optimizer)  # e.g. the trace rows up to this step, on disk before the checkpoint exists
     _barrier()
     model = unwrap(model)
     children, graft_meta = _optimizer_parts(optimizer)
@@ -71,16 +99,16 @@ def save_checkpoint(
             extra_json = json.dumps(extra)
         except TypeError as e:
             raise GraftlabError(f"checkpoint extra must be JSON-serializable: {e}") from None
-    with _one_process_quiet():
-        dcp.save(state, checkpoint_id=str(path))
-    if is_main():
-        world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
-        meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state)}
-        if extra is not None:
-            meta["extra"] = json.loads(extra_json)
-        tmp = path / (CHECKPOINT_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path / CHECKPOINT_META)  # a checkpoint is complete once this file exists
+    # SIGTERM waits until the checkpoint is committed (inside dcp.save the exit would become an error)
+    with termination.deferred():
+        with _one_process_quiet():
+            dcp.save(state, checkpoint_id=str(path))
+        if is_main():
+            world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
+            meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state)}
+            if extra is not None:
+                meta["extra"] = json.loads(extra_json)
+            write_text(path / CHECKPOINT_META, json.dumps(meta, indent=1))  # a checkpoint is complete once this exists
     _barrier()
     return path
 
@@ -125,7 +153,7 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
             raise GraftlabError(f"{path} was saved with a different grafting partition (granularity or groups)")
     for role, child in children.items():
         state[role] = get_optimizer_state_dict(model, child)
-    with _one_process_quiet():
+    with termination.deferred(), _one_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     for role, child in children.items():
@@ -237,7 +265,8 @@ def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimi
     ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)
     first = ckpt.resume() if resume else 0
     steps = getattr(config, "steps", None)
-    if steps is not None and first >= steps:
+    # first == steps: killed after the final checkpoint; the run has no step left, only its end
+    if steps is not None and first > steps:
         raise GraftlabError(f"{ckpt.latest()} has done {first} steps already: the run asks for {steps}")
     return ckpt, first
 
@@ -251,4 +280,7 @@ def resume_step(config: Any) -> int:
     latest = Checkpoints(directory, None, None).latest()
     if latest is None:
         return 0
-    return int((json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}).get("step", 0))
+    try:
+        return int((json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}).get("step", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None

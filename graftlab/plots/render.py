@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from graftlab.errors import GraftlabError
 from graftlab.plots.common import PathLike
@@ -38,6 +39,22 @@ def _steps(steps: Optional[Sequence[int]], n: int, default: int = 2000):
     return (steps + [steps[-1] if steps else default] * n)[:n]
 
 
+def _check_width(width: Optional[int]) -> None:
+    if width is not None and (width < 1 or width % 2 == 0):
+        raise GraftlabError(f"--width must be an odd number >= 1 (1: no median filter), got {width}")
+
+
+def _check_drawable(trace: PathLike, steps: Optional[int]) -> None:
+    """A log-scale figure needs a finite positive ratio in the steps it shows."""
+    from graftlab.trace import read_trace
+
+    ratio = read_trace(trace, steps=(None, steps), columns=[])["ratio"].to_numpy(dtype=np.float64)
+    if not (np.isfinite(ratio) & (ratio > 0)).any():
+        span = f"its first {steps} steps" if steps is not None else "any step"
+        raise GraftlabError(f"{trace}: no finite positive ratio in {span} (all NaN, infinite, zero or negative): "
+                            "nothing to draw on a log axis")
+
+
 def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[int]] = None,
          width: Optional[int] = None, window: int = 2000, round: str = "pow10"):
     """One figure as a matplotlib Figure (see :func:`render` for the arguments)."""
@@ -50,7 +67,11 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
         raise GraftlabError(f"unknown figure {figure!r}: expected one of {', '.join(FIGURES)} or all")
     if figure in ("4", "5", "corrections") and len(traces) > 1:
         raise GraftlabError(f"figure {figure} draws one trace, got {len(traces)}")
+    _check_width(width)
     n = _steps(steps, len(traces))
+    if figure != "corrections":  # the chart's distill says what is wrong with a trace itself
+        for t, k in zip(traces, n):
+            _check_drawable(t, k if figure in ("5", "6", "8") else None)
     wide = {} if width is None else {"width": None if width <= 1 else width}
     if figure == "4":
         return plots.figure4(traces[0], **wide)
@@ -70,20 +91,20 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
                                   filter=width if width and width > 1 else None)
 
 
-def _check_new(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise GraftlabError(f"{path} exists (pass --overwrite to replace it)")
+def _formats() -> list[str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return list(FigureCanvasBase.get_supported_filetypes())
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    from graftlab.outputs import write_atomic
+
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower()))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Optional[Sequence[int]] = None,
@@ -95,30 +116,50 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
     (``figure5.png``, ...; only the figures the traces can draw). ``steps`` holds the first-N
     iteration counts per trace (default 2000), ``width`` overrides the median filter width (1: off),
     ``window``/``round`` are the corrections chart's distill settings. Existing files are kept
-    unless ``overwrite``. Returns the files written.
+    unless ``overwrite``. Every figure is drawn before any file is written, and each file is
+    written whole (a temporary name, then a rename). Returns the files written.
+
+    Raises :class:`GraftlabError` for a bad setting, a trace with nothing to draw, or an output that
+    exists (without ``overwrite``), has an unknown suffix, is a trace or lies inside a trace folder.
     """
+    from graftlab.outputs import check_output
+
     out = Path(out)
+    inputs = [("trace", t) for t in traces]
+    _check_width(width)
     if figure != "all":
         if out.is_dir():
             raise GraftlabError(f"{out} is a directory: give a file name for one figure (or --figure all)")
         if not out.suffix:
             raise GraftlabError(f"{out}: give a file name with a suffix (.png, .pdf, .svg)")
-        _check_new(out, overwrite)
+        if out.suffix[1:].lower() not in _formats():
+            raise GraftlabError(f"{out}: unknown image format {out.suffix!r}: use one of "
+                                f"{', '.join('.' + f for f in sorted(_formats()))}")
+        check_output(out, "figure file", overwrite=overwrite, inputs=inputs)
         fig = draw(traces, figure, steps=steps, width=width, window=window, round=round)
         _save(fig, out, dpi)
         return [out]
     if out.exists() and not out.is_dir():
         raise GraftlabError(f"{out} is a file: --figure all writes into a directory")
+    check_output(out, "figure folder", folder=True, inputs=inputs)
     names = applicable(traces[0])
     if len(traces) == 2 and applicable(traces[1]) != names:
         raise GraftlabError("the two traces have different granularities (one global, one per-layer)")
     targets = {f: out / f"{FILENAMES[f]}.png" for f in names}
     for path in targets.values():
-        _check_new(path, overwrite)
+        check_output(path, "figure file", overwrite=overwrite, inputs=inputs)
+    figures = {}
+    try:
+        for f in targets:
+            use = traces[:1] if f in ("4", "5", "corrections") else traces
+            figures[f] = draw(use, f, steps=steps[:1] if steps and len(use) == 1 else steps, width=width,
+                              window=window, round=round)
+    except BaseException:
+        for fig in figures.values():
+            plt.close(fig)
+        raise
     written = []
     for f, path in targets.items():
-        use = traces[:1] if f in ("4", "5", "corrections") else traces
-        _save(draw(use, f, steps=steps[:1] if steps and len(use) == 1 else steps, width=width, window=window,
-                   round=round), path, dpi)
+        _save(figures[f], path, dpi)
         written.append(path)
     return written

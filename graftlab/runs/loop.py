@@ -252,7 +252,8 @@ class _Loop:
         for key in self.final:
             column = np.full(done - first, np.nan)
             for s, values in self.evals.items():
-                column[s - first] = values.get(key, np.nan)
+                if first <= s < done:  # a run resumed from its final checkpoint has no row for its end
+                    column[s - first] = values.get(key, np.nan)
             frame[f"eval_{key}"] = column
         if self.guard.mode == "restart":
             frame[RESTART_COLUMN] = self.restart_of[first:done]

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.outputs import write_atomic
 
 METRICS_FORMAT = "graftlab.metrics/1"
 METADATA_KEY = b"graftlab.metrics"
@@ -34,9 +35,7 @@ def write_metrics(path: Path, frame: pd.DataFrame, metadata: dict[str, Any], ove
     meta = dict(table.schema.metadata or {})
     meta[METADATA_KEY] = json.dumps(metadata, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp), overwrite=overwrite, what="metrics file")
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:

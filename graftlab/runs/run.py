@@ -67,8 +67,12 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
             "config": dataclasses.asdict(config), "task_info": task.info()}
 
     def open_recorder(start_step: int, resume: bool) -> Recorder:
+        # resuming at step 0 (no checkpoint yet, or a restart from the start) records from scratch:
+        # validate() allowed it only over this run's own steps
+        fresh = resume and start_step == 0
         return rt.main_only(Recorder, graft, path, every=config.every, flush_every=config.flush_every,
-                            metadata=meta, model=names, overwrite=overwrite, start_step=start_step, resume=resume)
+                            metadata=meta, model=names, overwrite=overwrite or fresh, start_step=start_step,
+                            resume=resume and not fresh)
 
     run = _Recording(open_recorder(rt.resume_step(config), config.resume), open_recorder,
                      marks=config.on_divergence == "restart", restarts=resumed_restarts(config))
@@ -128,7 +132,7 @@ def train(
 
         loaded = load_corrections(corrections)
         config = _for_corrections(config, loaded, corrections, allow_other_optimizer)
-    config.validate(overwrite=overwrite)
+    config.validate(overwrite=overwrite, inputs=[("corrections file", corrections)])
     rt = Runtime.start(config.device)
     task, config = _task(config, rt)
     named = list(rt.wrap_task(task, config.parallel).named_parameters())  # torchrun: DDP or FSDP2
@@ -185,6 +189,7 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     from graftlab.corrections import apply
 
     applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
+    _check_lr_range(loaded, applied, source)
     notes = _correction_notes(loaded, config)
     missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))
     for note in notes:
@@ -197,6 +202,23 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     extra = {"correction_notes": notes,
              "corrections": {"path": str(Path(source).resolve()), "missing": missing, "unknown": unknown}}
     return applied.param_groups, lr_factor, extra
+
+
+def _check_lr_range(corrections: Any, applied: Any, source: str | os.PathLike) -> None:
+    """Every corrected learning rate (at the file's largest schedule factor) must be a number the
+    parameters' dtype holds: 1e308 x lr is not a correction but an overflow inside the optimizer."""
+    import torch
+
+    peak = max([1.0] + [f for pieces in corrections.schedule.values() for _, f in pieces])
+    for group in applied.param_groups:
+        lr = group["lr"] * peak
+        limit = torch.finfo(group["params"][0].dtype).max
+        if not math.isfinite(lr) or lr > limit:
+            raise GraftlabError(
+                f"corrections file {str(source)!r}: {group['name']} gets learning rate {lr:g} (base lr x factor "
+                f"{group['factor']:g}{f' x schedule {peak:g}' if peak != 1 else ''}), beyond what "
+                f"{str(group['params'][0].dtype).replace('torch.', '')} parameters hold"
+            )
 
 
 def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:

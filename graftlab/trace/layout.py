@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
 from graftlab.fsutil import temporary_name
+from graftlab.tracelock import LOCK_NAME
 
 FORMAT = "graftlab.trace/2"
 FORMAT_1 = "graftlab.trace/1"
@@ -55,6 +56,14 @@ def part_first_step(path: PathLike) -> int:
     if m is None:
         raise GraftlabError(f"{path}: not a part file name graftlab writes (part-<12 digits>.parquet)")
     return int(m.group(1))
+
+
+def trace_owned(name: str) -> bool:
+    """Whether a file name in a trace directory belongs to the trace (a part, the sidecar, their
+    hidden temporaries, the writer's lock): what replacing a trace may delete, and nothing else."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return fnmatch.fnmatchcase(name, PART_GLOB) or name in (SIDECAR, LOCK_NAME)
 
 
 def part_files(directory: PathLike) -> list[Path]:

@@ -125,6 +125,10 @@ def decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
     if meta["format"] not in READABLE_FORMATS:
         raise GraftlabError(f"{where}: trace format {meta['format']} is not one this graftlab reads "
                             f"({', '.join(READABLE_FORMATS)}; a newer graftlab wrote it?)")
+    groups = meta.get("groups")
+    if groups is not None and not (isinstance(groups, list)
+                                   and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in groups)):
+        raise GraftlabError(f"{where}: graftlab metadata 'groups' must be a list of objects with a 'name'")
     return meta
 
 

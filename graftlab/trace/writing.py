@@ -3,7 +3,6 @@ a temporary name and renamed durably; preparing a directory to record into, and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -14,9 +13,10 @@ import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.fsutil import atomic_path, atomic_write, fsync_directory
+from graftlab.tracelock import LOCK_NAME
 from graftlab.trace.layout import (
     FLOAT_COLUMNS, FORMAT, FORMAT_1, METADATA_KEY, PART_GLOB, READABLE_FORMATS, SCHEMA, SIDECAR, PathLike, is_trace,
-    part_files, part_first_step, part_name, temporary_name,
+    part_files, part_first_step, part_name, temporary_name, trace_owned,
 )
 
 # Per-row cost matters (one row per step and group): floats are byte-stream-split before zstd (their
@@ -160,25 +160,28 @@ def write_sidecar(directory: PathLike, meta: dict[str, Any]) -> Path:
 
 
 def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Make ``path`` an empty trace directory to record into (or keep it, to ``resume``).
+    """Make ``path`` a trace directory to record into: created, emptied of a trace (``overwrite``)
+    or kept as it is (``resume``).
 
-    An existing file or non-empty directory is an :class:`~graftlab.errors.OutputExistsError` unless
-    ``overwrite``, and even then only a trace is replaced: a directory holding anything else is a
-    :class:`GraftlabError`, as is resuming into one.
+    An existing non-empty directory is an :class:`~graftlab.errors.OutputExistsError` unless
+    ``overwrite`` or ``resume``, and even then only a trace is used: a directory holding no trace is
+    a :class:`GraftlabError`. Replacing a trace deletes only its own files (parts, sidecar and
+    their temporaries; :func:`~graftlab.trace.layout.trace_owned`), never a file a user keeps
+    beside them, and an existing file is never turned into a directory.
     """
     path = Path(path)
-    if path.is_file():
-        if not overwrite:
-            raise OutputExistsError(path, "trace")
-        path.unlink()
-    elif path.exists():
-        entries = any(path.iterdir())
+    if path.exists() and not path.is_dir():
+        raise GraftlabError(f"{path} exists and is a file, not a trace folder; choose another path")
+    if path.exists():
+        entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
         if entries and not resume:
             if not overwrite:
                 raise OutputExistsError(path, "trace")
             if not is_trace(path):
                 raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
-            shutil.rmtree(path)
+            for p in entries:
+                if p.is_file() and trace_owned(p.name):
+                    p.unlink()
         elif resume and entries and not is_trace(path):
             raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
     path.mkdir(parents=True, exist_ok=True)
