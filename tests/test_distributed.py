@@ -306,3 +306,38 @@ def test_record_resumes_from_checkpoint(tmp_path):
     assert resumed.fit.final == pytest.approx(full.fit.final, rel=1e-6)
     with pytest.raises(GraftlabError, match="resume=True needs checkpoint_dir"):
         record(replace(base, out=str(tmp_path / "x"), resume=True), progress=False)
+
+
+def test_a_new_run_keeps_its_own_checkpoints_beside_an_older_runs(tmp_path):
+    """Two recorded runs share a checkpoint_dir: retention (keep=2) counts each run's own
+    checkpoints only, the older run's are never deleted or overwritten (its step 4 shares a step
+    with the new run's), and --resume continues the run that saved last, from its own newest."""
+    from dataclasses import replace
+
+    from graftlab.config import RecordConfig
+    from graftlab.runs import record
+    from graftlab.trace import read_trace
+
+    torch.set_num_threads(1)
+    ck = tmp_path / "ck"
+    base = RecordConfig(task="bert", batch_size=4, eval_every=0, eval_size=4, log_every=1, device="cpu",
+                        schedule="constant", warmup=0.0, checkpoint_dir=str(ck), checkpoint_every=2)
+    record(replace(base, steps=6, seed=1, out=str(tmp_path / "older")), progress=False)
+    older = {p.name: (p / gd.CHECKPOINT_META).read_text() for p in ck.iterdir()}
+    assert sorted(older) == ["step-00000004", "step-00000006"]
+
+    record(replace(base, steps=5, out=str(tmp_path / "new")), progress=False)  # saves after 2, 4, 5
+    for name, meta in older.items():  # the older run's checkpoints are untouched
+        assert (ck / name / gd.CHECKPOINT_META).read_text() == meta
+    mine = gd.Checkpoints(ck, None, None).all()  # the run that saved last: the new one
+    runs = {json.loads((p / gd.CHECKPOINT_META).read_text())["extra"]["run"] for p in mine}
+    older_run = json.loads(older["step-00000004"])["extra"]["run"]
+    assert [gd.checkpoint_step(p) for p in mine] == [4, 5] and len(runs) == 1 and older_run not in runs
+    assert len(list(ck.iterdir())) == 4  # two of each run's
+
+    resumed = record(replace(base, steps=6, out=str(tmp_path / "new"), resume=True), progress=False)
+    assert resumed.fit.metrics["step"].tolist() == [5]  # from the new run's step 5, not the older run's 6
+    assert read_trace(tmp_path / "new")["step"].unique().tolist() == list(range(6))
+    for name, meta in older.items():
+        assert (ck / name / gd.CHECKPOINT_META).read_text() == meta
+    assert [gd.checkpoint_step(p) for p in gd.Checkpoints(ck, None, None).all()] == [5, 6]

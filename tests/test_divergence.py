@@ -425,3 +425,30 @@ def test_cli_train_diverged_exits_3_with_one_line(tmp_path):
     assert "--on-divergence restart" in errors[0] and "Traceback" not in run.stderr
     frame, meta = read_metrics(out)  # the steps run are kept
     assert meta["diverged_at"] is not None and len(frame) == meta["diverged_at"] + 1
+
+
+def test_restarts_find_their_checkpoints_beside_an_older_runs(tmp_path):
+    """An older run left checkpoints after steps 40 and 45 in the folder: they are not this run's
+    restart points, retention does not count them (the new run's step 0, 20 and 25 stay), and the
+    run restarts exactly as in a folder of its own; resuming continues the new run, and the older
+    run's checkpoints are untouched throughout."""
+    ckpt = tmp_path / "ckpt"
+    steady = TrainConfig(steps=45, eval_every=0, optimizer="sgd", lr=0.05, schedule="constant", warmup=0,
+                         checkpoint_dir=str(ckpt), checkpoint_every=5)
+    task = Shift()
+    opt = make_optimizer("sgd", task.model.parameters(), 0.05)
+    assert fit(steady, task, opt, schedule_owner=opt, progress=False).diverged_at is None
+    older = {p.name: (p / "graftlab.json").read_text() for p in ckpt.iterdir()}
+    assert sorted(older) == ["step-00000040", "step-00000045"]
+
+    result, config, task, opt = _shift_fit(divergence_lr_factor=0.1, checkpoint_dir=str(ckpt), checkpoint_every=5)
+    assert result.diverged_at is None and math.isfinite(result.final["loss"])
+    assert [(r.from_step, r.divergence.step) for r in result.restarts] == [(25, 26), (20, 28)]
+    assert result.lr_scale == pytest.approx(0.01)
+    for name, meta in older.items():
+        assert (ckpt / name / "graftlab.json").read_text() == meta
+    more = fit(TrainConfig(**{**config.__dict__, "steps": 45, "resume": True}), task, opt, schedule_owner=opt,
+               progress=False)
+    assert more.metrics["step"].tolist() == list(range(40, 45)) and more.lr_scale == pytest.approx(0.01)
+    for name, meta in older.items():
+        assert (ckpt / name / "graftlab.json").read_text() == meta

@@ -38,6 +38,7 @@ from graftlab.distributed.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_META,
     Checkpoints,
+    checkpoint_step,
     checkpoints_for,
     load_checkpoint,
     resume_step,
@@ -66,7 +67,7 @@ from graftlab.distributed.runtime import Runtime
 from graftlab.distributed.shards import ShardLayout, shard_layout, step_communication
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_META", "Checkpoints", "checkpoints_for", "load_checkpoint", "resume_step",
+    "CHECKPOINT_FORMAT", "CHECKPOINT_META", "Checkpoints", "checkpoint_step", "checkpoints_for", "load_checkpoint", "resume_step",
     "save_checkpoint", "DEVICES", "MODES", "DistEnv", "barrier", "current", "distribute_task", "global_mean",
     "init_from_env", "is_main", "launched_by_torchrun", "local_rows", "main_only", "resolve_device", "setup",
     "shutdown", "unwrap", "wrap_model", "Runtime", "ShardLayout", "shard_layout", "step_communication",

@@ -7,9 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import time
+import uuid
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -183,8 +187,16 @@ class Checkpoints:
             ckpt.maybe_save(step + 1)
 
     The scheduler (a ``LambdaLR`` or any scheduler that derives the lr from ``last_epoch``) is put
-    back at the saved step; the optimizer's learning rates come back with its state. Only the
-    ``keep`` newest checkpoints are kept. A checkpoint saved by N processes resumes on any number.
+    back at the saved step; the optimizer's learning rates come back with its state. A checkpoint
+    saved by N processes resumes on any number.
+
+    The folder may hold checkpoints of other runs. Each checkpoint records the run that saved it
+    (``extra["run"]``, an id drawn at the run's first save; a resumed run keeps the id of the
+    checkpoint it loaded), and, as Lightning's ``ModelCheckpoint`` does with its top-k files,
+    ``keep`` counts and deletes only this run's own checkpoints: another run's are never deleted
+    nor overwritten (a step whose name another run holds is saved as ``step-<8 digits>-<run>``).
+    Until it saves or resumes, an instance speaks for the run it would resume: the one whose
+    checkpoint was saved last (checkpoints of older versions, without a run id, count as one run).
     """
 
     def __init__(
@@ -202,26 +214,58 @@ class Checkpoints:
         self.directory = Path(directory)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.every, self.keep = int(every), int(keep)
+        self.run: Optional[str] = None  # this run's id (None: an older checkpoint's run, or not known yet)
+        self._bound = False  # whether self.run is this run's: set by the first save or resume
 
     def path(self, step: int) -> Path:
-        return self.directory / f"step-{step:08d}"
+        """Where this run saves its checkpoint of ``step``: the name it already has there, else
+        ``step-<8 digits>``, unless another run's complete checkpoint holds that name."""
+        for found in self._found():
+            if found.step == step and found.run == self.run and self._bound:
+                return found.path
+        plain = self.directory / f"step-{step:08d}"
+        if _complete(plain) and (not self._bound or _run_of(plain) != self.run):
+            return self.directory / f"step-{step:08d}-{self.run or 'v0'}"
+        return plain
 
-    def all(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+    def _found(self) -> list["_Found"]:
+        """Every complete checkpoint in the folder, any run's."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.glob("step-*") if (p / CHECKPOINT_META).is_file())
+        out = []
+        for p in self.directory.glob("step-*"):
+            m = _NAME.fullmatch(p.name)
+            if m is None or not _complete(p):
+                continue
+            extra = _extra(p)
+            saved = extra.get("saved_at")
+            if not isinstance(saved, (int, float)):  # checkpoints of older versions: the file's time
+                saved = (p / CHECKPOINT_META).stat().st_mtime
+            run = extra.get("run")
+            out.append(_Found(int(m.group(1)), run if isinstance(run, str) else None, float(saved), p))
+        return out
+
+    def all(self) -> list[Path]:
+        """This run's complete checkpoints, oldest first (before this instance saved or resumed:
+        those of the run it would resume)."""
+        found = self._found()
+        if not found:
+            return []
+        run = self.run if self._bound else max(found, key=lambda f: (f.saved, f.step)).run
+        return [f.path for f in sorted((f for f in found if f.run == run), key=lambda f: (f.step, f.saved))]
 
     def latest(self) -> Optional[Path]:
         found = self.all()
         return found[-1] if found else None
 
     def save(self, step: int, extra: Optional[dict] = None) -> Path:
+        if not self._bound:
+            self.run, self._bound = _from_main(uuid.uuid4().hex[:12]), True
         last_epoch = getattr(self.scheduler, "last_epoch", None)
-        path = save_checkpoint(
-            self.path(step), self.model, self.optimizer,
-            extra={"step": int(step), "scheduler_last_epoch": last_epoch, **(extra or {})}, overwrite=True,
-        )
+        # every rank saves under rank 0's name for it (the folder may change under the others' eyes)
+        path = Path(_from_main(str(self.path(step))))
+        ours = {"step": int(step), "scheduler_last_epoch": last_epoch, "run": self.run, "saved_at": time.time()}
+        path = save_checkpoint(path, self.model, self.optimizer, extra={**ours, **(extra or {})}, overwrite=True)
         if is_main():
             for old in self.all()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -235,19 +279,68 @@ class Checkpoints:
         return None
 
     def resume(self, path: Optional[PathLike] = None) -> int:
-        """Load ``path`` (default: the newest checkpoint) and return the steps it had done; 0 when
-        there is nothing to resume from."""
+        """Load ``path`` (default: this run's newest checkpoint, or before any save the newest of
+        the run that saved last) and return the steps it had done; 0 when there is nothing to
+        resume from. The run goes on as the run of the checkpoint loaded."""
         path = Path(path) if path is not None else self.latest()
         if path is None:
             return 0
         meta = load_checkpoint(path, self.model, self.optimizer)
         extra = meta.get("extra") or {}
+        run = extra.get("run")
+        self.run, self._bound = (run if isinstance(run, str) else None), True
         step = int(extra.get("step", 0))
         last_epoch = extra.get("scheduler_last_epoch")
         if self.scheduler is not None and last_epoch is not None:
             self.scheduler.last_epoch = int(last_epoch)
             self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
         return step
+
+
+# step-<8 or more digits>, and -<run> where another run held the plain name
+_NAME = re.compile(r"step-(\d{8,})(?:-([0-9A-Za-z]+))?")
+
+
+@dataclass(frozen=True)
+class _Found:
+    step: int
+    run: Optional[str]
+    saved: float
+    path: Path
+
+
+def checkpoint_step(path: PathLike) -> int:
+    """The step of a checkpoint folder named by :class:`Checkpoints` (``step-<N>[-<run>]``)."""
+    m = _NAME.fullmatch(Path(path).name)
+    if m is None:
+        raise GraftlabError(f"{path} is not named as a graftlab checkpoint (step-<N>)")
+    return int(m.group(1))
+
+
+def _complete(path: Path) -> bool:
+    return (path / CHECKPOINT_META).is_file()
+
+
+def _extra(path: Path) -> dict:
+    try:
+        extra = json.loads((path / CHECKPOINT_META).read_text()).get("extra")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def _run_of(path: Path) -> Optional[str]:
+    run = _extra(path).get("run")
+    return run if isinstance(run, str) else None
+
+
+def _from_main(value: str) -> str:
+    """``value`` as rank 0 has it, on every rank (itself without torch.distributed)."""
+    if not (_AVAILABLE and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):

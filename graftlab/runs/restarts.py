@@ -188,16 +188,18 @@ class Guard:
     def _drop_checkpoints_after(self, point: Any) -> None:
         import shutil
 
+        from graftlab.distributed.checkpoints import checkpoint_step
         from graftlab.distributed.env import barrier, is_main
 
         if is_main():
             for newer in self._checkpoints():
-                if newer.name > point.name:  # step-<8 digits>: name order is step order
+                if checkpoint_step(newer) > checkpoint_step(point):
                     shutil.rmtree(newer, ignore_errors=True)
         barrier()
 
     def _checkpoints(self) -> list:
-        """This run's complete checkpoints, oldest first (the folder keeps the newest few)."""
+        """This run's complete checkpoints that are restart points, oldest first (the folder keeps
+        the newest few of this run's; another run's checkpoints there are never among them)."""
         return [p for p in self.ckpt.all() if p.name in self._mine] if self.ckpt is not None else []
 
     def _apply_lr_scale(self) -> None:
