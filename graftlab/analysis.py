@@ -381,7 +381,8 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
     from graftlab.degenerate import flag_window
 
-    flags, _, _ = flag_window(df, medians, kinds)  # norm_g in df, when there, is the evidence
+    # norm_g in df, when there, is the evidence
+    flags, _, _ = flag_window(df, medians, kinds, precision=meta.get("precision"))
     frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],
                           "flagged": flags != ""})
     stats = frame[~frame["flagged"]].groupby("kind", sort=False)["median"].agg(["median", "min", "max"])

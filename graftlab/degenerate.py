@@ -16,6 +16,16 @@ what the step is made of, never where a ratio sits among the others:
    model's gradient is rounding error. When the column is there it decides alone. Measured (Adam 1e-3
    # SGD 0.1 momentum 0.9, layer-wise): key biases 8e-12..1.2e-11 and the smallest real group 1.3e-5
    (a Q bias) on HF BERT (2 layers, d=64); every GPT-2 group (2 layers, d=64) 1.5e-3 or more.
+   Runs in a coarser dtype (the trace metadata's ``precision``: bfloat16 or float16 weights, or
+   autocast) leave more noise in a gradient-free group, while real groups keep their shares: the
+   gradient-free-by-construction groups (rule 2's key bias) are then judged against
+   :func:`noise_share`, ``eps(precision) * 2**-7``, every other group still against
+   :data:`NOISE_SHARE`. Measured on graftlab's ``bert`` and ``gpt`` tiny/small (same optimizers,
+   20-80 steps, CPU): key biases 8e-8..1.9e-6 in bfloat16 (weights or autocast; so float32's bound
+   missed them) and 3.4e-6..3.9e-6 under float16 autocast, against the bounds 6.1e-5 and 7.6e-6;
+   Q/K/V weights 8.4e-5 or more and Q biases 3.2e-6 or more in every dtype. A single bound for all
+   groups cannot be drawn there: bfloat16 key-bias noise (up to 1.9e-6) and real Q biases (from
+   3.2e-6) nearly touch. Traces without ``precision`` are judged as float32.
 2. Structure and ratio (traces without ``norm_g``: older traces, other tools, the paper's Table 5).
    An attention key bias (kind ``K``, tensor ``bias``) is gradient-free by construction; it is flagged
    when its median ratio is at least :data:`SIBLING_FACTOR` times that of its own projection's
@@ -43,6 +53,13 @@ GRAD_COLUMN = "norm_g"
 
 # float32 machine epsilon: a group gradient this small against the model's is below its resolution.
 NOISE_SHARE = 2.0 ** -23
+
+# A gradient-free-by-construction group of a run in a coarser dtype: eps(dtype) times this (see
+# noise_share). bfloat16: 6.1e-5 against key-bias noise <= 1.9e-6; float16: 7.6e-6 against <= 3.9e-6.
+COARSE_NOISE_FACTOR = 2.0 ** -7
+
+# eps of the dtypes a trace's ``precision`` may name (no torch import: distill does not need torch)
+_EPS = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
 
 # A gradient-free key bias sits 200-850x above its weight's median; real biases 0.1-2x.
 SIBLING_FACTOR = 30.0
@@ -74,12 +91,14 @@ class Evidence:
     sibling: Optional[str] = None
     sibling_factor: Optional[float] = None
     outlier_factor: Optional[float] = None
+    noise_share: float = NOISE_SHARE  # the bound grad_share was held against (noise_share())
+    precision: Optional[str] = None  # the dtype of the run's gradients, when the trace says
 
     def reason(self) -> str:
         """One line for people: why the group is (or is not) flagged."""
         if self.basis == BASIS_GRADIENT:
             return (f"gradient is float noise: {self.grad_share:.2g} of the model's gradient norm "
-                    f"(below float32 resolution {NOISE_SHARE:.2g})")
+                    f"(below {self._bound()})")
         if self.basis == BASIS_STRUCTURE:
             return (f"attention key bias (gradient-free: softmax ignores a shift shared by all keys) "
                     f"whose median is {self.sibling_factor:.3g}x that of {self.sibling}; no norm_g column")
@@ -88,6 +107,11 @@ class Evidence:
         if self.grad_share is not None:
             return f"gradient {self.grad_share:.2g} of the model's: a real gradient"
         return ""
+
+    def _bound(self) -> str:
+        if self.noise_share == NOISE_SHARE:
+            return f"float32 resolution {NOISE_SHARE:.2g}"
+        return f"{self.noise_share:.2g}, the noise bound of a gradient-free group in a {self.precision} run"
 
     def short(self) -> str:
         """A few words for a table cell."""
@@ -110,6 +134,8 @@ class Evidence:
             "sibling": self.sibling,
             "sibling_factor": _finite(self.sibling_factor),
             "outlier_factor": _finite(self.outlier_factor),
+            "noise_share": self.noise_share,
+            "precision": self.precision,
         }
 
 
@@ -138,6 +164,21 @@ def sibling(name: str, groups) -> Optional[str]:
         return None
     other = f"{head}.weight"
     return other if other in groups else None
+
+
+def noise_share(precision: Optional[str] = None, structure: Optional[str] = None) -> float:
+    """The bound below which a group's gradient share (:func:`gradient_shares`) is float noise.
+
+    ``precision``: the trace metadata's dtype of the run's gradients (None, unknown names and
+    float32 or finer: :data:`NOISE_SHARE`, float32's epsilon); ``structure``: why the group is
+    gradient-free by construction (:func:`gradient_free`), or None. Only such a group gets the
+    coarser dtype's bound, ``eps(precision) * COARSE_NOISE_FACTOR``: its noise grows with the
+    dtype's rounding, while a small real gradient (a Q bias) does not shrink (module doc, rule 1).
+    """
+    eps = _EPS.get(str(precision).removeprefix("torch.")) if precision is not None else None
+    if structure is None or eps is None or eps <= NOISE_SHARE:
+        return NOISE_SHARE
+    return max(NOISE_SHARE, eps * COARSE_NOISE_FACTOR)
 
 
 def gradient_shares(df: pd.DataFrame) -> Optional[pd.Series]:
@@ -171,12 +212,14 @@ def assess(
     *,
     shares: Optional[pd.Series] = None,
     outlier: Optional[float] = None,
+    precision: Optional[str] = None,
 ) -> dict[str, Evidence]:
     """The evidence and verdict for every group of ``medians`` (see the module doc for the rules).
 
     ``medians``: median ratio per group (NaN where none); ``kinds``: group -> kind (``graftlab.kinds``);
     ``shares``: :func:`gradient_shares` of the same steps, or None; ``outlier``: the opt-in rule's
-    factor (None or 0: off). Groups without a finite positive median are never called degenerate
+    factor (None or 0: off); ``precision``: the dtype of the run's gradients (trace metadata
+    ``precision``; None: float32), which sets :func:`noise_share`. Groups without a finite positive median are never called degenerate
     here (they are flagged for that by :func:`graftlab.analysis.flag_groups`).
     """
     med = pd.Series(medians, dtype=np.float64)
@@ -198,21 +241,28 @@ def assess(
             sib_factor = float(m / med[sib])
         outlier_factor = float(m / ref) if ref and np.isfinite(m) else None
         basis = None
+        bound = noise_share(precision, structure)
         if np.isfinite(m) and m > 0:
             if share is not None:
-                basis = BASIS_GRADIENT if share < NOISE_SHARE else None
+                basis = BASIS_GRADIENT if share < bound else None
             elif structure and sib_factor is not None and sib_factor >= SIBLING_FACTOR:
                 basis = BASIS_STRUCTURE
             if basis is None and outlier_factor is not None and outlier_factor > outlier:
                 basis = BASIS_OUTLIER
-        out[g] = Evidence(g, basis is not None, basis, share, structure, sib, sib_factor, outlier_factor)
+        out[g] = Evidence(g, basis is not None, basis, share, structure, sib, sib_factor, outlier_factor, bound,
+                          precision)
     return out
 
 
-def method(shares: Optional[pd.Series], outlier: Optional[float] = None) -> dict[str, Any]:
+def method(shares: Optional[pd.Series], outlier: Optional[float] = None,
+           precision: Optional[str] = None) -> dict[str, Any]:
     """How degenerate groups were decided, for a corrections file's ``source``."""
+    coarse = noise_share(precision, _KEY_BIAS)
+    rule = f"median of norm_g / model gradient norm < {NOISE_SHARE:.3g}"
+    if coarse != NOISE_SHARE:
+        rule += f" ({coarse:.3g} for attention key biases: a {precision} run)"
     d: dict[str, Any] = (
-        {"basis": BASIS_GRADIENT, "rule": f"median of norm_g / model gradient norm < {NOISE_SHARE:.3g}"}
+        {"basis": BASIS_GRADIENT, "rule": rule, "precision": precision}
         if shares is not None else
         {"basis": BASIS_STRUCTURE,
          "rule": f"attention key bias with a median >= {SIBLING_FACTOR:g}x its weight's (the trace has no norm_g)"}
@@ -226,12 +276,14 @@ def flag_window(
     medians: pd.Series,
     kinds: Mapping[str, str],
     outlier: Optional[float] = None,
+    precision: Optional[str] = None,
 ) -> tuple[pd.Series, dict[str, Evidence], dict[str, Any]]:
     """Flags (:func:`graftlab.analysis.flag_groups`), evidence per group and the method, for the
-    window whose trace rows are ``rows`` and whose per-group medians are ``medians``."""
+    window whose trace rows are ``rows`` and whose per-group medians are ``medians``;
+    ``precision`` is the trace metadata's (None: float32)."""
     from graftlab.analysis import flag_groups
 
     shares = gradient_shares(rows)
-    evidence = assess(medians, kinds, shares=shares, outlier=outlier)
+    evidence = assess(medians, kinds, shares=shares, outlier=outlier, precision=precision)
     flags = flag_groups(medians, degenerate=[g for g, e in evidence.items() if e.degenerate])
-    return flags, evidence, method(shares, outlier)
+    return flags, evidence, method(shares, outlier, precision)

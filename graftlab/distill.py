@@ -121,7 +121,8 @@ def distill(
     first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
     _check_usable(path, df, first_win["median"], start, window)
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
-    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier)
+    rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier,
+                                                          precision=meta.get("precision"))
     spread, notes = _tied_spread(path, round, first_win["median"], rule)
     later_start, tail = _later_window(path, df, schedule, drift, start, window, length, filter,
                                       None if allow_divergence else marks, foreign)

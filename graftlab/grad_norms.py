@@ -6,7 +6,7 @@ row of the Recorder's ring buffer.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,3 +56,15 @@ class GradNorms:
             self._index = torch.tensor(self.graft.partition.tensor_group, device=per.device)
         sq = torch.zeros(self.n_groups, dtype=ring.dtype, device=per.device)
         ring[row].copy_(sq.index_add_(0, self._index, per * per).sqrt_())
+
+
+def precision_of(params: Iterable[Tensor]) -> Optional[str]:
+    """The trace metadata's ``precision``: the name of the coarsest floating dtype among ``params``
+    (``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``), whose rounding the gradients carry;
+    None without floating parameters. A run under ``torch.autocast`` computes in the autocast dtype
+    while its parameters stay float32: it says so itself (``Recorder(metadata={"precision":
+    "bfloat16"})``; ``graftlab record`` does it for tasks that autocast)."""
+    dtypes = {p.dtype for p in params if p.dtype.is_floating_point}
+    if not dtypes:
+        return None
+    return str(max(dtypes, key=lambda d: torch.finfo(d).eps)).removeprefix("torch.")

@@ -47,7 +47,7 @@ from graftlab import termination, trace
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
-from graftlab.grad_norms import GradNorms
+from graftlab.grad_norms import GradNorms, precision_of
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
 from graftlab.optimizers import describe
 from graftlab.portable import portable_paths
@@ -360,6 +360,7 @@ class Recorder:
             "batch_size": None,
             "seed": None,
             "device": str(params[0].device),
+            "precision": precision_of(params),  # the gradients' rounding (graftlab.degenerate)
             "every": self.every,
             "flush_every": self.flush_every,
             "start_step": self._next_step,

@@ -246,3 +246,73 @@ def test_builtin_tasks_recorded_live(tmp_path):
                               threads=1, out=str(tmp_path / "resnet")), progress=False)
     assert res.summary.attrs["flagged"] == {}
     assert distill(tmp_path / "resnet", window=6).source["flagged"] == {}
+
+
+# --------------------------------------------------------------------------- reduced precision
+
+def _record_task(path, task_name, steps, *, dtype=None, autocast=None):
+    """A grafted run of a built-in task (tiny) in ``dtype`` weights or under CPU ``autocast``."""
+    import contextlib
+
+    from graftlab.tasks import get_task
+
+    torch.set_num_threads(1)
+    task = get_task(task_name, size="tiny", batch_size=16, seed=0, device="cpu")
+    model = task.model if dtype is None else task.model.to(dtype)
+    opt = graftlab.Graft(torch.optim.Adam(model.parameters(), lr=1e-3),
+                         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), names=model)
+    meta = {} if autocast is None else {"precision": str(autocast).removeprefix("torch.")}
+    amp = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
+    batches = task.train_batches()
+    with Recorder(opt, path, model=model, grad_every=1, metadata=meta) as rec:
+        for _ in range(steps):
+            with amp():
+                loss = task.loss(model, next(batches))
+            loss.float().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=loss.detach().float())
+
+
+def _check_reduced_precision(path, precision, key_biases, window):
+    assert trace.read_metadata(path)["precision"] == precision
+    corr = distill(path, window=window)
+    info = corr.source["groups"]
+    assert set(corr.source["flagged"]) == key_biases
+    for g in key_biases:
+        ev = info[g]["evidence"]
+        assert ev["basis"] == "gradient" and ev["precision"] == precision
+        # the float32 bound would miss at least one: its noise is the coarser dtype's rounding
+        assert degenerate.NOISE_SHARE < ev["noise_share"]
+        assert info[g]["grad_share"] < ev["noise_share"] and precision in ev["reason"]
+    qkv = [g for g in info if g.endswith(".weight") and any(f".{x}." in g for x in ("query", "key", "value"))]
+    assert len(qkv) == 3 * len(key_biases)
+    for g in qkv:  # every Q/K/V weight is a real gradient, kept with its own median
+        assert not info[g]["flags"] and info[g]["grad_share"] > 100 * degenerate.NOISE_SHARE
+        assert corr.multipliers[g] == pytest.approx(info[g]["median"], rel=1e-12)
+    summary = graftlab.analysis.kind_summary(trace.read_trace(path))
+    assert set(summary.attrs["flagged"]) == key_biases
+    return info
+
+
+def test_bfloat16_run_flags_the_key_biases_and_keeps_every_qkv_weight(tmp_path):
+    # gpt tiny in bfloat16, 20 steps: key-bias shares 2.6e-7 and 2.7e-7, above float32's 1.2e-7
+    _record_task(tmp_path / "t", "gpt", 20, dtype=torch.bfloat16)
+    info = _check_reduced_precision(tmp_path / "t", "bfloat16", {f"blocks.{i}.attn.key.bias" for i in (0, 1)}, 20)
+    assert max(info[f"blocks.{i}.attn.key.bias"]["grad_share"] for i in (0, 1)) > degenerate.NOISE_SHARE
+
+
+def test_bfloat16_autocast_run_says_its_precision(tmp_path):
+    # float32 weights, bert tiny under CPU bfloat16 autocast: the run passes its precision
+    _record_task(tmp_path / "t", "bert", 12, autocast=torch.bfloat16)
+    _check_reduced_precision(tmp_path / "t", "bfloat16", {f"blocks.{i}.attn.key.bias" for i in range(3)}, 12)
+
+
+def test_noise_share_follows_the_precision():
+    kb = degenerate.gradient_free("a.key.bias", "K")
+    assert degenerate.noise_share(None, kb) == degenerate.noise_share("float32", kb) == 2.0 ** -23
+    assert degenerate.noise_share("float64", kb) == 2.0 ** -23  # never below float32's
+    assert degenerate.noise_share("bfloat16", kb) == pytest.approx(torch.finfo(torch.bfloat16).eps / 128)
+    assert degenerate.noise_share("float16", kb) == pytest.approx(torch.finfo(torch.float16).eps / 128)
+    assert degenerate.noise_share("bfloat16", None) == 2.0 ** -23  # a group with a real gradient
+    assert degenerate.noise_share("int8", kb) == 2.0 ** -23  # unknown: float32's

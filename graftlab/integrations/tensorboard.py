@@ -45,7 +45,8 @@ def kind_medians(table: Any, meta: dict) -> dict[str, float]:
     names = [g["name"] for g in meta.get("groups") or []] or list(dict.fromkeys(df["group"]))
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
-    flags, _, _ = flag_window(df, medians, kinds)  # the same degenerate-group rule as distill
+    # the same degenerate-group rule as distill
+    flags, _, _ = flag_window(df, medians, kinds, precision=meta.get("precision"))
     ok = medians[flags == ""]
     by_kind = ok.groupby([kinds.get(g, "other") for g in ok.index], sort=False).median()
     return {str(k): float(v) for k, v in by_kind.items()}

@@ -65,6 +65,8 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
+    if meta["task_info"].get("autocast") == "bf16":  # float32 weights, gradients computed in bfloat16
+        meta["precision"] = "bfloat16"
 
     def open_recorder(start_step: int, resume: bool) -> Recorder:
         # resuming at step 0 (no checkpoint yet, or a restart from the start) records from scratch:
