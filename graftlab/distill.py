@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis, degenerate, divergence
+from graftlab import analysis, degenerate, divergence, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
@@ -102,38 +102,53 @@ def distill(
         )
     table = group_table(meta)
 
-    # read_trace opens only the part files and row groups that can hold the steps asked for
-    df = _read(path, start, None if schedule else start + window, filter)
+    foreign = bool(meta.get("foreign"))
+    # read_trace opens only the part files and row groups that can hold the steps asked for; a
+    # schedule over a whole recorded trace reads its ratios into a (groups, steps) grid instead of
+    # rows, and rows only for the first window's checks
+    whole = schedule and not foreign
+    df = _read(path, start, None if schedule and foreign else start + window, None if whole else filter)
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
+    grid = _ratio_grid(path, start, filter) if whole else None
     # a divergence before or inside the windows: the prefix is read only when a window starts late
-    foreign = bool(meta.get("foreign"))
-    marks = divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign))
+    marks = (divergence.scan(path) if whole
+             else divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign)))
     windows = ([(s, min(s + window, length)) for s in range(start, length, window)] if schedule
                else [(start, start + window)])
     late = divergence.check_windows(path, marks, windows, allow_divergence)
-    groups = _groups(df, table)
+    groups = _groups(grid.groups if whole else analysis.group_order(df), table)
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
     if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
         tied = tied & analysis.attention_weights(groups, kinds)
     rule = _Rule(round, kinds, tied)
-    first_win = analysis.window_medians(df, window, start).set_index("group").reindex(groups)
+    first_win = (_grid_window(grid, start, start + window) if whole
+                 else analysis.window_medians(df, window, start).set_index("group")).reindex(groups)
     _check_usable(path, df, first_win["median"], start, window)
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
     rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier,
                                                           precision=meta.get("precision"))
     spread, notes = _tied_spread(path, round, first_win["median"], rule)
-    later_start, tail = _later_window(path, df, schedule, drift, start, window, length, filter,
-                                      None if allow_divergence else marks, foreign)
+    marks_seen = None if allow_divergence else marks
     later = pd.Series(math.nan, index=groups)
-    if later_start is not None:
-        later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
+    if whole:
+        later_start = _later_start(drift, start, window, length, marks_seen)
+        if later_start is not None:
+            later = _grid_window(grid, later_start, later_start + window)["median"].reindex(groups)
+    else:
+        later_start, tail = _later_window(path, df, schedule, drift, start, window, length, filter,
+                                          marks_seen, foreign)
+        if later_start is not None:
+            later = analysis.window_medians(tail, window, later_start).set_index("group").reindex(groups)["median"]
 
     multipliers: dict[str, float] = {}
     sched: dict[str, list[list]] = {}
     if schedule:
-        sched = _schedules(df, window, start, groups, rule, first_win["median"])
+        windowed = (analysis.windows_frame(grid, window, start) if whole
+                    else analysis.windowed_medians(df, window, start))
+        del grid, df  # the schedule needs only the window medians from here
+        sched = _schedules(windowed, groups, rule, first_win["median"])
         first_factor = pd.Series({g: sched[g][0][1] for g in groups})
     else:
         first_factor = rule.factors(first_win["median"])
@@ -248,15 +263,36 @@ def _prefix_marks(path: Path, start: int, foreign: bool) -> divergence.Marks:
     return divergence.find(read_trace(path, steps=(0, start)), foreign)
 
 
+def _ratio_grid(path: Path, start: int, filter: Optional[int]) -> medians.Grid:
+    """The trace's ratios from ``start`` on as a (groups, steps) grid, median-filtered by ``filter``:
+    a 100,000-step x 400-group trace is 320 MB there, against several GB as rows."""
+    grid, _ = medians.read_grid(path, steps=(start, None))
+    return grid.filtered(filter) if filter else grid
+
+
+def _grid_window(grid: medians.Grid, lo: int, hi: int) -> pd.DataFrame:
+    """:func:`graftlab.analysis.window_medians` of a grid, indexed by group."""
+    med, fin, non = grid.window(lo, hi)
+    return pd.DataFrame({"median": med, "n_finite": fin, "n_nonfinite": non},
+                        index=pd.Index(grid.groups, name="group"))
+
+
+def _later_start(drift: bool, start: int, window: int, end: int, marks: Optional[divergence.Marks]) -> Optional[int]:
+    """First step of the drift window: the last ``window`` steps before ``end`` and before any
+    divergence (``marks``; None: wherever it is), when at least two windows fit; else None."""
+    if marks is not None and marks.first is not None:
+        end = min(end, marks.first)
+    return end - window if drift and end - start >= 2 * window else None
+
+
 def _later_window(path: Path, df: pd.DataFrame, schedule: bool, drift: bool, start: int, window: int,
                   length: int, filter: Optional[int], marks: Optional[divergence.Marks], foreign: bool):
-    """``(start, rows)`` of the drift window: the trace's last ``window`` steps before any divergence
-    (``marks``; None: wherever it is), when at least two windows fit; ``(None, None)`` otherwise."""
+    """``(start, rows)`` of the drift window (:func:`_later_start`); ``(None, None)`` without one."""
     end = length
     while True:  # a divergence found in the tail moves the window before it (end only decreases)
         if marks is not None and marks.first is not None:
             end = min(end, marks.first)
-        later_start = end - window if drift and end - start >= 2 * window else None
+        later_start = _later_start(drift, start, window, end, None)
         if later_start is None:
             return None, None
         tail = df if schedule else _read(path, later_start, None, filter)
@@ -267,9 +303,8 @@ def _later_window(path: Path, df: pd.DataFrame, schedule: bool, drift: bool, sta
         marks = found
 
 
-def _groups(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+def _groups(present: list[str], table: pd.DataFrame) -> list[str]:
     """The groups read, in the metadata's order, then any the metadata does not list."""
-    present = analysis.group_order(df)
     known, seen = set(table.index), set(present)
     return [g for g in table.index if g in seen] + [g for g in present if g not in known]
 
@@ -295,11 +330,12 @@ class _Rule:
         return out
 
 
-def _schedules(df: pd.DataFrame, window: int, start: int, groups: list[str], rule: _Rule,
+def _schedules(windowed: pd.DataFrame, groups: list[str], rule: _Rule,
                first_medians: pd.Series) -> dict[str, list[list]]:
-    """Per-group piecewise-constant schedules from consecutive windows (Figure 4)."""
+    """Per-group piecewise-constant schedules from consecutive windows' medians (``windowed``, long:
+    :func:`graftlab.analysis.windowed_medians`; Figure 4)."""
     rows = []
-    for s, part in analysis.windowed_medians(df, window, start).groupby("start", sort=True):
+    for s, part in windowed.groupby("start", sort=True):
         # a window where a group has no finite ratio keeps the previous factor (piecewise)
         f = rule.factors(part.set_index("group")["median"].reindex(groups))
         rows.append(pd.DataFrame({"start": s, "group": groups, "factor": f.to_numpy()}))

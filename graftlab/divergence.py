@@ -92,6 +92,40 @@ def find(df: pd.DataFrame, foreign: bool = False) -> Marks:
     return Marks(nonfinite, groups, restart_step, restarts)
 
 
+def scan(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = None) -> Marks:
+    """:func:`find` over the trace at ``path`` (``steps=(start, stop)``: of those steps only), one
+    record batch at a time: a 40M-row trace is never held as a table. For graftlab traces; a
+    foreign one is read whole by :func:`graftlab.trace.read_trace` and passed to :func:`find`."""
+    import pyarrow.compute as pc
+
+    from graftlab.trace.scanning import scan_batches
+
+    batches, meta = scan_batches(path, ("step", "group", "norm_m", "norm_d"), (RESTART_COLUMN,), steps=steps)
+    nonfinite, groups, restart_step, restarts = None, set(), None, 0
+    for batch in batches:
+        bad = pc.or_(pc.invert(pc.is_finite(batch.column("norm_m"))), pc.invert(pc.is_finite(batch.column("norm_d"))))
+        if pc.any(bad).as_py():
+            rows = batch.filter(bad)
+            first = pc.min(rows.column("step")).as_py()
+            at = rows.filter(pc.equal(rows.column("step"), first)).column("group")
+            names = {str(g) for g in at.to_pylist()}
+            if nonfinite is None or first < nonfinite:
+                nonfinite, groups = first, names
+            elif first == nonfinite:
+                groups |= names
+        if RESTART_COLUMN in batch.schema.names:
+            counts = pc.fill_null(pc.cast(batch.column(RESTART_COLUMN), "float64"), 0.0)
+            marked = pc.greater(pc.if_else(pc.is_nan(counts), 0.0, counts), 0.0)
+            if pc.any(marked).as_py():
+                first = pc.min(batch.column("step").filter(marked)).as_py()
+                restart_step = first if restart_step is None else min(restart_step, first)
+                restarts = max(restarts, int(pc.max(counts.filter(marked)).as_py()))
+    # in the trace's group order, as find() gives them
+    order = {g["name"]: i for i, g in enumerate(meta.get("groups") or [])}
+    named = tuple(sorted(groups, key=lambda n: (order.get(n, len(order)), n)))
+    return Marks(nonfinite, named, restart_step, restarts)
+
+
 def merge(*found: Marks) -> Marks:
     """The earliest marks of several parts of one trace."""
     nonfinite = [m for m in found if m.nonfinite_step is not None]

@@ -345,3 +345,33 @@ def test_info_keeps_long_group_names_on_one_line(tmp_path):
     res = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "60"})
     assert res.exit_code == 0, res.output
     assert long in res.output
+
+
+def test_schedule_over_a_whole_trace_equals_the_row_by_row_medians(tmp_path):
+    """distill --schedule on a recorded trace reads a (groups, steps) grid, not rows: same factors as
+    median-filtering each group's rows and taking window medians row by row (the path a foreign
+    table, read as rows, takes), drift included."""
+    from graftlab import analysis
+
+    n, names = 600, ["w.a", "w.b", "w.c"]
+    rng = np.random.default_rng(7)
+    steps = np.arange(n)
+    ratios = np.exp(rng.normal(size=(n, 3)).cumsum(axis=0) * 0.05) * [1.0, 30.0, 0.01]
+    ratios[rng.integers(0, n, 20), rng.integers(0, 3, 20)] = np.inf  # zero D steps: skipped
+    path = tmp_path / "t"
+    write_trace(path, metadata([{"name": g} for g in names]), steps, ratios, part_steps=100)
+    corr = distill(path, window=100, schedule=True, filter=51, start=50)
+    rows = analysis.filter_groups(read_trace(path, steps=(50, None)), 51)
+    want = analysis.piecewise(analysis.windowed_medians(rows, 100, 50), "median")
+    assert corr.schedule.keys() == want.keys()
+    for g in names:
+        got = corr.schedule[g]
+        assert [s for s, _ in got] == [s for s, _ in want[g]], g
+        np.testing.assert_allclose([f for _, f in got], [f for _, f in want[g]], rtol=1e-12, err_msg=g)
+    last = analysis.window_medians(rows, 100, 500).set_index("group")["median"]
+    for g in names:
+        assert corr.group_sources[g].later_median == pytest.approx(last[g], rel=1e-12)
+    # the same rows as another tool's table (no metadata) take the row-by-row path: same schedule
+    plain = tmp_path / "plain.parquet"
+    read_trace(path)[["step", "group", "norm_m", "norm_d", "ratio"]].astype({"group": str}).to_parquet(plain)
+    assert distill(plain, window=100, schedule=True, filter=51, start=50).schedule == corr.schedule

@@ -452,3 +452,22 @@ def test_restarts_find_their_checkpoints_beside_an_older_runs(tmp_path):
     assert more.metrics["step"].tolist() == list(range(40, 45)) and more.lr_scale == pytest.approx(0.01)
     for name, meta in older.items():
         assert (ckpt / name / "graftlab.json").read_text() == meta
+
+
+@pytest.mark.parametrize("bad_from, restart_from", [(None, None), (25, None), (None, 30), (25, 30), (3, 12)])
+def test_scan_streams_the_marks_find_gives(tmp_path, bad_from, restart_from):
+    from graftlab.divergence import scan
+
+    path = _trace(tmp_path / "t", bad_from=bad_from, restart_from=restart_from, groups=("a", "b", "c"))
+    assert scan(path) == find(trace.read_trace(path))
+    assert scan(path, steps=(0, 20)) == find(trace.read_trace(path, steps=(0, 20)))
+
+
+def test_distill_schedule_over_a_divergence_when_allowed(tmp_path):
+    path = _trace(tmp_path / "t", n=60, bad_from=45)
+    corr = distill(path, window=10, schedule=True, allow_divergence=True)
+    assert corr.source["later_window_start"] == 50  # allowed: the trace's last window, as asked
+    refused_drift = distill(path, window=10, schedule=False)
+    assert refused_drift.source["later_window_start"] == 35  # else it ends where the divergence begins
+    assert corr.source["divergence"]["windows"] == [[40, 50], [50, 60]]
+    assert corr.schedule == {"a": [[0, 2.0]], "b": [[0, 6.0]]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -173,6 +173,37 @@ def scan_ratios(
             raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
 
     return batches(), codes, scan.meta
+
+
+def scan_batches(
+    path: PathLike, required: Iterable[str], optional: Iterable[str] = (), *,
+    steps: Optional[tuple[Optional[int], Optional[int]]] = None,
+) -> tuple[Iterator[pa.RecordBatch], dict[str, Any]]:
+    """Stream a trace's ``required`` columns (of :data:`REQUIRED`) and those of ``optional`` extras it
+    holds, one ``pyarrow.RecordBatch`` at a time, for a pass that needs no whole column (e.g. the
+    divergence marks of a 40M-row trace). ``group`` stays dictionary-encoded as stored; a ``/2``
+    trace's ``ratio`` is computed per batch. Footers are checked as for :func:`read_trace`.
+    Returns ``(batches, metadata)``."""
+    path = Path(path)
+    required = list(required)
+    scan = _scanner(path, steps, None, required)
+    extras = [c for c in optional if c in scan.extras]
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in scan.dataset.to_batches(columns=scan.stored + extras, filter=scan.filter):
+                if batch.num_rows == 0:
+                    continue
+                if batch.column("step").null_count:
+                    raise GraftlabError(f"{path}: column step has missing values")
+                if "ratio" in required and "ratio" not in batch.schema.names:
+                    ratio = pc.divide(batch.column("norm_m"), batch.column("norm_d"))
+                    batch = pa.RecordBatch.from_arrays([*batch.columns, ratio], [*batch.schema.names, "ratio"])
+                yield batch
+        except READ_ERRORS as err:
+            raise GraftlabError(f"{path}: not a readable trace ({describe(err)})") from None
+
+    return batches(), scan.meta
 
 
 def _indices(group: pa.ChunkedArray) -> pa.ChunkedArray:
