@@ -252,24 +252,16 @@ def parse_round(spec: str) -> tuple[str, Optional[float]]:
     s = str(spec).strip()
     if s.lower() in ("none", "pow10"):
         return s.lower(), None
-    m = re.fullmatch(r"[Dd][Aa](.+)", s)
+    m = re.fullmatch(r"[Dd]([Aa]?)(.+)", s)  # a lone "DA" is D<beta> with beta "A": refused as such
     if m:
+        form = "DA" if m.group(1) else "D"
         try:
-            beta = float(m.group(1))
+            beta = float(m.group(2))
         except ValueError:
             beta = math.nan
         if math.isfinite(beta) and beta > 0:
-            return "dbeta_attn", beta
-        raise GraftlabError(f"bad rounding {spec!r}: DA<beta> needs a positive finite beta, e.g. DA500")
-    m = re.fullmatch(r"[Dd](.+)", s)
-    if m:
-        try:
-            beta = float(m.group(1))
-        except ValueError:
-            beta = math.nan
-        if math.isfinite(beta) and beta > 0:
-            return "dbeta", beta
-        raise GraftlabError(f"bad rounding {spec!r}: D<beta> needs a positive finite beta, e.g. D500")
+            return ("dbeta_attn" if m.group(1) else "dbeta"), beta
+        raise GraftlabError(f"bad rounding {spec!r}: {form}<beta> needs a positive finite beta, e.g. {form}500")
     raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import build, child_steps
+from graftlab import build, child_steps, graft_state
 from graftlab.errors import GraftlabError
 from graftlab.norms import PlainNorms
 from graftlab.partition import Granularity, Names, TensorNames
@@ -280,22 +280,7 @@ class Graft(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``{"magnitude": M.state_dict(), "direction": D.state_dict(), "graft": {...}}`` (see the
         class docstring); state-dict pre- and post-hooks registered on the Graft fire."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        if self._signature != build.signature(self):
-            build.build(self)
-        state = {
-            "magnitude": self.magnitude.state_dict(),
-            "direction": self.direction.state_dict(),
-            "graft": {
-                "granularity": self.partition.granularity, "groups": list(self.group_names), "steps": self._steps,
-            },
-        }
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            out = hook(self, state)
-            if out is not None:
-                state = out
-        return state
+        return graft_state.state_dict(self)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -304,43 +289,10 @@ class Graft(Optimizer):
         Raises GraftlabError, before either child changes, for a dict that is not a Graft's or
         was saved with another partition or other parameter groups.
         """
-        state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        missing = {"magnitude", "direction", "graft"} - set(state_dict)
-        if missing:
-            raise GraftlabError(f"not a Graft state dict: missing {sorted(missing)}")
-        if self._signature != build.signature(self):
-            build.build(self)
-        meta = state_dict["graft"]
-        if meta.get("granularity") != self.partition.granularity or list(meta.get("groups", [])) != list(
-            self.group_names
-        ):
-            raise GraftlabError("state dict was saved with a different partition (granularity or group names differ)")
-        for role in ("magnitude", "direction"):
-            child_steps.check_child_state(role, getattr(self, role), state_dict[role])
-        self.magnitude.load_state_dict(state_dict["magnitude"])
-        self.direction.load_state_dict(state_dict["direction"])
-        self._steps = int(meta.get("steps", 0))
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        graft_state.load_state_dict(self, state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        gran = self._granularity
-        known = None
-        if callable(gran) and not build.importable(gran):
-            # pickle cannot store a lambda: keep the labels of the tensors grafted so far instead
-            known = dict(zip(self.partition.param_names, (self.group_names[k] for k in self.partition.tensor_group)))
-            gran = None
-        return {
-            "magnitude": self.magnitude, "direction": self.direction, "_granularity": gran, "_known_labels": known,
-            "_path_choice": self._path_choice, "_split": self._split, "_fused_choice": self._fused_choice,
-            "_names": self._names, "_step_count": self._step_count,
-            "state": self.state,
-            "_stats": self._stats,
-        }
+        return graft_state.getstate(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         Optimizer.__setstate__(self, state)  # hooks are not copied, as for torch.optim optimizers

@@ -8,38 +8,20 @@ The training loop changes only by creating and closing the recorder::
             loss = model(batch); loss.backward(); opt.step(); opt.zero_grad(); sched.step()
             rec.log(loss=loss.detach())   # optional per-step scalars; column lr is recorded for you
 
-The ``lr`` column is M's learning rate that each recorded step used (read before the step, so a
-scheduler stepped after it does not shift it). Under torch.distributed the same lines run on every
-rank: rank 0 writes, the others record nothing.
-
-How it stays out of the way of training (see :mod:`graftlab.trace` for the file format):
-
-- a step post-hook copies ``graft.last_stats`` (3 x G, on the parameters' device) into a
-  preallocated device ring buffer; tensors passed to :meth:`Recorder.log` go to device buffers too.
-  Nothing per step reads a value back to the host.
-- every ``flush_every`` recorded steps, or at the first step after ``flush_seconds`` (host clock),
-  the buffer goes to the host in one batched copy (pinned memory and ``non_blocking`` on CUDA) and a
-  background thread writes it as one Parquet part file, renamed into place when complete, while the
-  next step computes; that step's post-hook waits for the part. A process killed at any moment
-  (SIGKILL) leaves a readable trace that lacks at most the last ``flush_every`` recorded steps;
-  SIGTERM is handled like Ctrl-C (:mod:`graftlab.termination`): nothing buffered is lost.
-- one writer per trace (a lock in the trace folder), and a checkpoint of the Graft through
-  :mod:`graftlab.distributed` waits for every recorded step to be on disk (:meth:`Recorder.sync`).
-
-Whole runs of the built-in tasks that record are in :mod:`graftlab.runs`.
+The ``lr`` column (M's learning rate each step used) is recorded for you; under torch.distributed
+the same lines run on every rank and rank 0 writes. The Recorder's parts: :mod:`graftlab.record_buffer`
+(the device rows between flushes), :mod:`graftlab.record_writer` (the thread writing part files),
+:mod:`graftlab.record_metadata`; whole runs of the built-in tasks that record: :mod:`graftlab.runs`.
 """
 from __future__ import annotations
 
 import atexit
 import math
-import queue
-import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,16 +29,16 @@ from graftlab import termination, trace
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft import Graft
-from graftlab.grad_norms import GradNorms, precision_of
-from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
-from graftlab.optimizers import describe
-from graftlab.portable import portable_paths
+from graftlab.grad_norms import GradNorms
+from graftlab.kinds import Overrides
+from graftlab.record_buffer import Rows
+from graftlab.record_metadata import group_kinds, groups_meta, run_metadata
+from graftlab.record_writer import GRAD_COLUMN, Writer  # noqa: F401 - GRAD_COLUMN: its name here before
 from graftlab.trace_target import open_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
 DEFAULT_GRAD_EVERY = 10
-GRAD_COLUMN = "norm_g"
 
 _OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
@@ -69,64 +51,6 @@ def _close_open_recorders() -> None:
             rec.close()
         except Exception:  # noqa: BLE001 - nothing sensible to do at exit
             pass
-
-
-def _versions() -> dict[str, str]:
-    import graftlab
-
-    return {"graftlab": graftlab.__version__, "torch": torch.__version__}
-
-
-class _Writer(threading.Thread):
-    """Background thread: waits for each flushed host buffer, writes it as one part file, then hands
-    the part to the ``on_flush`` callbacks (off the training thread, once per flush)."""
-
-    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
-        super().__init__(name="graftlab-trace-writer", daemon=True)
-        self.directory = directory
-        self.on_flush = list(on_flush)
-        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
-        self.error: Optional[BaseException] = None
-        self.parts: list[Path] = []
-
-    def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None or self.error is not None:  # after an error: keep draining, never block the loop
-                self.jobs.task_done()
-                if job is None:
-                    return
-                continue
-            # each job carries its groups and metadata: a Graft may gain groups between flushes
-            steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta = job
-            try:
-                if event is not None:
-                    event.synchronize()
-                n, g = len(steps), len(names)
-                flat = host_stats.numpy().reshape(n, -1)
-                stats = flat[:, : 3 * g].reshape(n, 3, g)
-                # gradient norms ride after the stats when the recorder takes them
-                per_group = {GRAD_COLUMN: flat[:, 3 * g :]} if flat.shape[1] == 4 * g else None
-                dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
-                scalars = {}
-                for key in keys:  # one float64 column per key: a host float wins over a tensor on its row
-                    host = host_scalars.get(key)
-                    col = dev.get(key)
-                    if col is None:
-                        col = host
-                    elif host is not None:
-                        col = np.where(np.isnan(host), col, host)
-                    scalars[key] = col
-                table = trace.build_table(steps, names, stats, scalars, meta, per_group)
-                self.parts.append(trace.write_part(self.directory, table))
-                if self.on_flush:
-                    table = trace.with_ratio(table)  # callbacks see the trace columns, as read_trace gives them
-                for callback in self.on_flush:
-                    callback(table, meta)
-            except BaseException as err:  # noqa: BLE001 - reported on the training thread
-                self.error = err
-            finally:
-                self.jobs.task_done()  # sync() waits on these
 
 
 class Recorder:
@@ -263,8 +187,9 @@ class Recorder:
         self._next_step = graft.steps if start_step is None else int(start_step)
         if self._next_step < 0:
             raise GraftlabError(f"start_step must be >= 0, got {start_step}")
-        self.group_kinds = self._group_kinds(model, kinds)
-        self.metadata = self._metadata(metadata or {})
+        self.group_kinds = group_kinds(graft, model, kinds)
+        self.metadata = run_metadata(graft, self.group_kinds, metadata or {}, self.path, every=self.every,
+                                     flush_every=self.flush_every, start_step=self._next_step)
         self.rows_flushed = 0  # recorded steps handed to the writer
         self._closed = False
         self._hooks: list[Any] = []
@@ -282,19 +207,13 @@ class Recorder:
 
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
-        self._writer = _Writer(self.path, callbacks)
+        self._writer = Writer(self.path, callbacks)
         self._writer.start()
-        self._stats: Optional[Tensor] = None  # (flush_every, 3, G) device ring buffer
+        self._buffer = Rows(self.flush_every)
         self._grad_every = int(grad_every)
         self._grads = self._grad_norms()
-        self._grad_ring: Optional[Tensor] = None  # (flush_every, G) gradient norms, NaN where not taken
-        self._step_of_row = np.zeros(self.flush_every, dtype=np.int64)
-        self._rows = 0
         self._deadline = math.inf  # monotonic time by which the buffered rows must be flushed
         self._last_row: Optional[int] = None
-        self._keys: dict[str, None] = {}  # logged keys in first-logged order: the column order
-        self._dev_cols: dict[str, Tensor] = {}  # values logged as tensors, on their device
-        self._host_cols: dict[str, np.ndarray] = {}  # values logged as numbers (float64)
         self._lr: Any = None
         self._waiting = False  # a part handed to the writer that the next post-hook waits for
         self._hooks += [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
@@ -316,65 +235,6 @@ class Recorder:
             opt = inner
         raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(seen).__name__}")
 
-    # -- metadata ---------------------------------------------------------------------------
-    def _group_kinds(self, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:
-        part = self.graft.partition
-        modules: dict[str, nn.Module] = {}
-        if isinstance(model, nn.Module):
-            modules = _owners(model)
-        per_param = classify_names(part.param_names, kinds, modules)
-        out = []
-        for gi, name in enumerate(part.group_names):
-            members = [per_param[n] for n, k in zip(part.param_names, part.tensor_group) if k == gi]
-            kind = group_kind(members)
-            if isinstance(kinds, Mapping) and name in kinds and name not in per_param:
-                kind = _as_kind(kinds[name], kind)  # a custom or global group named in the overrides
-            out.append(kind)
-        return out
-
-    def _groups_meta(self) -> list[dict[str, Any]]:
-        part = self.graft.partition
-        params = part.units(self.graft.params)  # slices of split tensors are groups of their own
-        groups = []
-        for gi, (name, kind) in enumerate(zip(part.group_names, self.group_kinds)):
-            idx = [i for i, k in enumerate(part.tensor_group) if k == gi]
-            numel = int(sum(params[i].numel() for i in idx))
-            shape = list(params[idx[0]].shape) if len(idx) == 1 else None
-            groups.append(
-                {"name": name, **to_dict(kind), "shape": shape, "numel": numel,
-                 "members": [part.param_names[i] for i in idx]}
-            )
-        return groups
-
-    def _metadata(self, user: Mapping[str, Any]) -> dict[str, Any]:
-        g = self.graft
-        part = g.partition
-        params = g.params
-        meta: dict[str, Any] = {
-            "format": trace.FORMAT,
-            "granularity": part.granularity,
-            "groups": self._groups_meta(),
-            "magnitude": describe(g.magnitude),
-            "direction": describe(g.direction),
-            "task": None,
-            "batch_size": None,
-            "seed": None,
-            "device": str(params[0].device),
-            "precision": precision_of(params),  # the gradients' rounding (graftlab.degenerate)
-            "every": self.every,
-            "flush_every": self.flush_every,
-            "start_step": self._next_step,
-            "versions": _versions(),
-            "config": None,
-        }
-        reserved = {"format", "groups", "granularity"}
-        clash = sorted(reserved & set(user))
-        if clash:
-            raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
-        meta.update(user)
-        # a trace travels: no absolute path of the recording machine (graftlab.portable)
-        return portable_paths(meta, self.path)
-
     # -- recording (hot path: no host sync) ------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.record_lr:
@@ -387,12 +247,13 @@ class Recorder:
             self._waiting = True
 
     def _due(self) -> bool:
-        return self._rows == self.flush_every or bool(self._rows and time.monotonic() >= self._deadline)
+        n = self._buffer.n
+        return n == self.flush_every or bool(n and time.monotonic() >= self._deadline)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
         self._next_step += 1
-        if self._rows == self.flush_every:  # a step taken without the pre-hook (hooks bypassed)
+        if self._buffer.n == self.flush_every:  # a step taken without the pre-hook (hooks bypassed)
             self.flush()
             self._waiting = True
         if self._waiting:
@@ -401,24 +262,13 @@ class Recorder:
             self._last_row = None
             return
         stats = self.graft.last_stats
-        if self._stats is not None and stats.shape != self._stats.shape[1:]:
+        if not self._buffer.fits(stats):
             self._regroup()
-        if self._stats is None:
-            self._stats = torch.empty((self.flush_every, *stats.shape), dtype=stats.dtype, device=stats.device)
-        r = self._rows
-        if r == 0 and self.flush_seconds is not None:
+        if self._buffer.n == 0 and self.flush_seconds is not None:
             self._deadline = time.monotonic() + self.flush_seconds
-        self._stats[r].copy_(stats)
-        if self._grads is not None:
-            if self._grad_ring is None:
-                self._grad_ring = torch.full((self.flush_every, stats.shape[1]), math.nan, dtype=stats.dtype,
-                                             device=stats.device)
-            self._grads.write(self._grad_ring, r, step)
-        self._step_of_row[r] = step
-        self._rows = r + 1
-        self._last_row = r
+        self._last_row = self._buffer.add(stats, step, self._grads)
         if self._lr is not None:
-            self._put("lr", self._lr)
+            self._buffer.put(self._last_row, "lr", self._lr)
 
     def _regroup(self) -> None:
         """The Graft gained groups (``add_param_group``): write the rows buffered so far under the
@@ -426,11 +276,11 @@ class Recorder:
         the grown group list in their metadata."""
         self.flush()
         self._groups = list(self.graft.group_names)
-        self.group_kinds = self._group_kinds(self._model, self._kinds)
-        self.metadata = {**self.metadata, "groups": self._groups_meta()}
+        self.group_kinds = group_kinds(self.graft, self._model, self._kinds)
+        self.metadata = {**self.metadata, "groups": groups_meta(self.graft, self.group_kinds)}
         trace.write_sidecar(self.path, self.metadata)
-        self._stats = None
-        self._grads, self._grad_ring = self._grad_norms(), None
+        self._buffer.regroup()
+        self._grads = self._grad_norms()
 
     def _grad_norms(self) -> Optional[GradNorms]:
         if not self._grad_every:
@@ -463,40 +313,7 @@ class Recorder:
         if not self.active or self._closed or self._last_row is None:
             return
         for key, value in scalars.items():
-            self._put(key, value)
-
-    def _put(self, key: str, value: Any) -> None:
-        r = self._last_row
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise GraftlabError(f"logged {key!r} must be a scalar, got shape {tuple(value.shape)}")
-            col = self._dev_cols.get(key)
-            if col is None:
-                col = self._new_device_col(key, value)
-            col[r].copy_(value.detach().reshape(()))
-            host = self._host_cols.get(key)
-            if host is not None:
-                host[r] = math.nan  # the tensor is this row's value
-            return
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise GraftlabError(f"logged {key!r} must be a number or a one-element tensor, "
-                                f"got {type(value).__name__}") from None
-        host = self._host_cols.get(key)
-        if host is None:
-            self._keys.setdefault(key, None)
-            host = self._host_cols[key] = np.full(self.flush_every, np.nan)
-        host[r] = number
-
-    def _new_device_col(self, key: str, value: Tensor) -> Tensor:
-        # float32 unless the value is float64: the device may lack float64 (MPS); the trace
-        # column is float64 either way
-        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-        col = torch.full((self.flush_every,), math.nan, dtype=dtype, device=value.device)
-        self._keys.setdefault(key, None)
-        self._dev_cols[key] = col
-        return col
+            self._buffer.put(self._last_row, key, value)
 
     # -- flushing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -528,44 +345,14 @@ class Recorder:
 
     def _flush(self) -> None:
         self._raise_writer_error()
-        n = self._rows
-        if n == 0 or self._stats is None:
+        n = self._buffer.n
+        if n == 0 or self._buffer.stats is None:
             return
-        stats = self._stats[:n].reshape(n, -1)
-        if self._grad_ring is not None:
-            stats = torch.cat([stats, self._grad_ring[:n]], 1)  # the writer splits off norm_g
-        dev_keys = list(self._dev_cols)
-        cols = None
-        if dev_keys:
-            wide = any(c.dtype == torch.float64 for c in self._dev_cols.values())
-            dtype = torch.float64 if wide else torch.float32
-            cols = torch.stack([c[:n].to(device=stats.device, dtype=dtype) for c in self._dev_cols.values()], 1)
-        event = None
-        if stats.device.type == "cuda":
-            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-            host_stats.copy_(stats, non_blocking=True)
-            host_cols = None
-            if cols is not None:
-                host_cols = torch.empty(cols.shape, dtype=cols.dtype, pin_memory=True)
-                host_cols.copy_(cols, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host_stats = stats.to("cpu", copy=True)
-            host_cols = None if cols is None else cols.to("cpu", copy=True)
-        host_scalars = {k: v[:n].copy() for k, v in self._host_cols.items()}
-        self._writer.jobs.put((self._step_of_row[:n].copy(), host_stats, host_cols, event, list(self._keys),
-                               dev_keys, host_scalars, self._groups, self.metadata))
+        self._writer.jobs.put((*self._buffer.to_host(), self._groups, self.metadata))
         self.rows_flushed += n
-        self._rows = 0
+        self._buffer.clear()
         self._deadline = math.inf
         self._last_row = None
-        for col in self._dev_cols.values():
-            col.fill_(math.nan)  # queued after the copy on the same stream
-        if self._grad_ring is not None:
-            self._grad_ring.fill_(math.nan)
-        for col in self._host_cols.values():
-            col.fill(np.nan)
 
     def _raise_writer_error(self) -> None:
         err = self._writer.error

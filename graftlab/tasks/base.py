@@ -1,10 +1,14 @@
 """What every built-in task provides: a model, seeded batches, a loss and a held-out evaluation."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from graftlab.errors import GraftlabError
+
+S = TypeVar("S")
 
 # The held-out evaluation set is drawn with its own fixed seed, so runs with different training seeds
 # are scored on exactly the same examples and masks.
@@ -58,6 +62,29 @@ class Task:
 
     # Subclasses implement these.
     num_train: int
+
+    # Set-up steps every task's __init__ takes.
+    def _start(self, sizes: Mapping[str, S], size: str, batch_size: int, seed: int, device: torch.device) -> S:
+        """Keep the run settings; ``sizes[size]``. Raises GraftlabError for a size not in ``sizes``."""
+        if size not in sizes:
+            raise GraftlabError(f"unknown {self.name} size {size!r}: choose one of {', '.join(sizes)}")
+        self.size, self.batch_size, self.seed, self.device = size, batch_size, seed, device
+        return sizes[size]
+
+    def _set_train_size(self, num_train: int, what: str) -> None:
+        """``num_train`` training examples (``what``: "sequences", "images"), ``steps_per_epoch`` from
+        them. Raises GraftlabError when one batch needs more examples than there are."""
+        self.num_train = num_train
+        if num_train < self.batch_size:
+            raise GraftlabError(f"batch size {self.batch_size} exceeds the {num_train} training {what}")
+        self.steps_per_epoch = num_train // self.batch_size
+
+    def _seeded_model(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """``build()`` under the run's seed (the global RNG is left as it was), on ``device``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = build()
+        return model.to(self.device)
 
     def make_batch(self, index: Tensor, gen: torch.Generator) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

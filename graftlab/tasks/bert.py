@@ -25,21 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graftlab.errors import GraftlabError
 from graftlab.tasks.base import EVAL_SEED, Task
 from graftlab.tasks.text import SPECIAL_TOKENS, text_data
+from graftlab.tasks.transformer import (Attention, FeedForward, TransformerConfig, check_heads, init_weights,
+                                         text_task_info)
 
 MASK_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int = 2000
-    hidden: int = 128
-    layers: int = 3
-    heads: int = 4
-    intermediate: int = 512
-    seq_len: int = 64
+class BertConfig(TransformerConfig):
     type_vocab: int = 2
     dropout: float = 0.0
     eps: float = 1e-12
@@ -68,36 +63,6 @@ class Embeddings(nn.Module):
         x = self.word(ids) + self.position(pos)[None]
         x = x + (self.token_type.weight[0] if token_type is None else self.token_type(token_type))
         return self.dropout(self.norm(x))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.query = nn.Linear(cfg.hidden, cfg.hidden)
-        self.key = nn.Linear(cfg.hidden, cfg.hidden)
-        self.value = nn.Linear(cfg.hidden, cfg.hidden)
-        self.out = nn.Linear(cfg.hidden, cfg.hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden, cfg.intermediate)
-        self.fc2 = nn.Linear(cfg.intermediate, cfg.hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -132,24 +97,12 @@ class BertMLM(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        if cfg.hidden % cfg.heads:
-            raise GraftlabError(f"hidden size {cfg.hidden} is not divisible by {cfg.heads} heads")
+        check_heads(cfg)
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.head = MLMHead(cfg)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_weights)
 
     def forward(self, ids: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         h = self.embeddings(ids)
@@ -182,20 +135,11 @@ class BertTask(Task):
 
     def __init__(self, *, size: str, data: Optional[str], batch_size: int, seed: int, device: torch.device,
                  eval_size: Optional[int] = None):
-        if size not in SIZES:
-            raise GraftlabError(f"unknown bert size {size!r}: choose one of {', '.join(SIZES)}")
-        spec = SIZES[size]
-        self.size, self.batch_size, self.seed, self.device = size, batch_size, seed, device
+        spec = self._start(SIZES, size, batch_size, seed, device)
         self.data = text_data(data, spec.vocab_size, spec.seq_len)
         self.config = BertConfig(**{**asdict(spec), "vocab_size": self.data.vocab_size})
-        self.num_train = len(self.data.train)
-        if self.num_train < batch_size:
-            raise GraftlabError(f"batch size {batch_size} exceeds the {self.num_train} training sequences")
-        self.steps_per_epoch = self.num_train // batch_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = BertMLM(self.config)
-        self.model = model.to(device)
+        self._set_train_size(len(self.data.train), "sequences")
+        self.model = self._seeded_model(lambda: BertMLM(self.config))
         n_eval = min(eval_size or EVAL_SEQUENCES[size], len(self.data.heldout))
         gen = torch.Generator().manual_seed(EVAL_SEED)
         held = self.data.heldout[:n_eval]
@@ -223,23 +167,4 @@ class BertTask(Task):
         return loss_sum, (logits.argmax(-1) == labels).sum(), torch.tensor(labels.numel(), device=labels.device)
 
     def info(self) -> dict[str, Any]:
-        corpus = self.data.corpus
-        seq = self.config.seq_len
-        return {
-            "task": self.name,
-            "size": self.size,
-            "dataset": corpus.name,
-            "licence": corpus.licence,
-            "source": corpus.source,
-            "documents": len(corpus.documents),
-            "words": corpus.words,
-            "vocab_size": self.config.vocab_size,
-            "train_sequences": self.num_train,
-            "heldout_sequences": len(self.data.heldout),
-            "train_tokens": self.num_train * seq,
-            "eval_sequences": self.eval_size,
-            "batch_size": self.batch_size,
-            "steps_per_epoch": self.steps_per_epoch,
-            "seed": self.seed,
-            "model": {"class": "BertMLM", **asdict(self.config), "parameters": self.parameter_count()},
-        }
+        return text_task_info(self, "BertMLM", self.config.seq_len)

@@ -46,16 +46,13 @@ from torch import Tensor, nn
 from graftlab.errors import GraftlabError
 from graftlab.tasks.base import Task
 from graftlab.tasks.text import text_data
+from graftlab.tasks.transformer import (Attention, FeedForward, TransformerConfig, check_heads, init_weights,
+                                         text_task_info)
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 2000
-    hidden: int = 128
+class GPTConfig(TransformerConfig):
     layers: int = 4
-    heads: int = 4
-    intermediate: int = 512
-    seq_len: int = 64
     dropout: float = 0.0
     eps: float = 1e-5
 
@@ -69,43 +66,13 @@ SIZES = {
 EVAL_ROWS = {"tiny": 256, "small": 256, "base": 512}
 
 
-class CausalAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.query = nn.Linear(cfg.hidden, cfg.hidden)
-        self.key = nn.Linear(cfg.hidden, cfg.hidden)
-        self.value = nn.Linear(cfg.hidden, cfg.hidden)
-        self.out = nn.Linear(cfg.hidden, cfg.hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden, cfg.intermediate)
-        self.fc2 = nn.Linear(cfg.intermediate, cfg.hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-LN decoder block: ``x = x + attn(LN(x)); x = x + ffn(LN(x))``."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.attn = CausalAttention(cfg)
+        self.attn = Attention(cfg, causal=True)
         self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.ffn = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -142,28 +109,17 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.hidden % cfg.heads:
-            raise GraftlabError(f"hidden size {cfg.hidden} is not divisible by {cfg.heads} heads")
+        check_heads(cfg)
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.head = Head(cfg)
-        self.apply(self._init)
+        self.apply(init_weights)
         # GPT-2: residual projections scaled so the residual stream's variance does not grow with depth
         for block in self.blocks:
             for layer in (block.attn.out, block.ffn.fc2):
                 nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * cfg.layers))
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.shape[1] > self.config.seq_len:
@@ -188,23 +144,14 @@ class GPTTask(Task):
 
     def __init__(self, *, size: str, data: Optional[str], batch_size: int, seed: int, device: torch.device,
                  eval_size: Optional[int] = None):
-        if size not in SIZES:
-            raise GraftlabError(f"unknown gpt size {size!r}: choose one of {', '.join(SIZES)}")
-        spec = SIZES[size]
-        self.size, self.batch_size, self.seed, self.device = size, batch_size, seed, device
+        spec = self._start(SIZES, size, batch_size, seed, device)
         # seq_len + 1 tokens per row (inputs and shifted targets) plus the [CLS]/[SEP] that pack adds
         self.data = text_data(data, spec.vocab_size, spec.seq_len + 3)
         self.config = GPTConfig(**{**asdict(spec), "vocab_size": self.data.vocab_size})
         train = next_token_rows(self.data.train)
-        self.num_train = len(train)
-        if self.num_train < batch_size:
-            raise GraftlabError(f"batch size {batch_size} exceeds the {self.num_train} training sequences")
-        self.steps_per_epoch = self.num_train // batch_size
+        self._set_train_size(len(train), "sequences")
         self.autocast = device.type == "cuda"  # bf16 matmuls on GPUs; CPU runs stay float32
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = GPT(self.config)
-        self.model = model.to(device)
+        self.model = self._seeded_model(lambda: GPT(self.config))
         self._train = train.to(device)
         held = next_token_rows(self.data.heldout)
         n_eval = min(eval_size or EVAL_ROWS[size], len(held))
@@ -234,24 +181,4 @@ class GPTTask(Task):
         return loss_sum, (logits.argmax(-1) == labels).sum(), torch.tensor(labels.numel(), device=labels.device)
 
     def info(self) -> dict[str, Any]:
-        corpus = self.data.corpus
-        seq = self.config.seq_len
-        return {
-            "task": self.name,
-            "size": self.size,
-            "dataset": corpus.name,
-            "licence": corpus.licence,
-            "source": corpus.source,
-            "documents": len(corpus.documents),
-            "words": corpus.words,
-            "vocab_size": self.config.vocab_size,
-            "train_sequences": self.num_train,
-            "heldout_sequences": len(self.data.heldout),
-            "train_tokens": self.num_train * (seq + 1),
-            "eval_sequences": self.eval_size,
-            "batch_size": self.batch_size,
-            "steps_per_epoch": self.steps_per_epoch,
-            "seed": self.seed,
-            "autocast": "bf16" if self.autocast else None,
-            "model": {"class": "GPT", **asdict(self.config), "parameters": self.parameter_count()},
-        }
+        return text_task_info(self, "GPT", self.config.seq_len + 1, autocast="bf16" if self.autocast else None)

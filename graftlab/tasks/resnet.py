@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graftlab.errors import GraftlabError
 from graftlab.tasks.base import EVAL_SEED, Task
 from graftlab.tasks.images import load_images
 
@@ -93,22 +92,14 @@ class ResNetTask(Task):
 
     def __init__(self, *, size: str, data: Optional[str], batch_size: int, seed: int, device: torch.device,
                  eval_size: Optional[int] = None):
-        if size not in WIDTHS:
-            raise GraftlabError(f"unknown resnet size {size!r}: choose one of {', '.join(WIDTHS)}")
-        self.size, self.batch_size, self.seed, self.device = size, batch_size, seed, device
+        self._start(WIDTHS, size, batch_size, seed, device)
         self.data = load_images(data)
         d = self.data
-        self.num_train = len(d.x_train)
-        if self.num_train < batch_size:
-            raise GraftlabError(f"batch size {batch_size} exceeds the {self.num_train} training images")
-        self.steps_per_epoch = self.num_train // batch_size
+        self._set_train_size(len(d.x_train), "images")
         mean, std = channel_stats(d.x_train)
         self._mean, self._std = mean.view(1, -1, 1, 1).to(device), std.clamp_min(1e-6).view(1, -1, 1, 1).to(device)
         self._x_train, self._y_train = d.x_train.to(device), d.y_train.to(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = PreActResNet18(WIDTHS[size], d.shape[0], d.classes)
-        self.model = model.to(device)
+        self.model = self._seeded_model(lambda: PreActResNet18(WIDTHS[size], d.shape[0], d.classes))
         limit = eval_size or EVAL_IMAGES[size] or len(d.x_test)
         # A fixed, seeded subset of the held-out images (all of them when the limit allows).
         n_eval = min(limit, len(d.x_test))

@@ -1,16 +1,5 @@
-"""Run configs: what ``record()`` and ``train()`` need, checked before anything touches the disk.
-
-    >>> cfg = TrainConfig(task="bert", optimizer="sgd", lr=0.1, hparams={"momentum": 0.9}, steps=300)
-    >>> cfg.validate()                                   # every mistake now, as one GraftlabError
-    >>> rec = RecordConfig(task="bert", magnitude="adam", direction="sgd", out="runs/t")
-    >>> rec = load_config("run.yaml", RecordConfig)      # the same keys from YAML or TOML
-
-Configs are flat dataclasses (nanoGPT style). :class:`RunConfig` holds the fields every run has
-(task, length, schedule, system, evaluation); :class:`TrainConfig` adds one optimizer,
-:class:`RecordConfig` the grafted pair M#D and the trace. ``validate()`` checks values and outputs
-(an existing output is an :class:`~graftlab.errors.OutputExistsError` unless ``overwrite``);
-every entry point calls it first, so a config error never costs a trace or a metrics file.
-Messages name the config fields (``checkpoint_dir``), which the command line maps to its options.
+"""The run configs as dataclasses, each with its ``validate()`` and ``resolve()``: :class:`RunConfig`
+(what every run has), :class:`TrainConfig` (one optimizer), :class:`RecordConfig` (M#D and the trace).
 """
 from __future__ import annotations
 
@@ -18,18 +7,17 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 
+from graftlab.config.resume import check_resumable
 from graftlab.distributed.env import MODES
 from graftlab.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.optimizers import make_optimizer, parse_hparams
+from graftlab.optimizers import make_optimizer
 from graftlab.outputs import check_output
 from graftlab.record import DEFAULT_FLUSH_EVERY
 from graftlab.trace import is_trace
@@ -241,43 +229,7 @@ class RecordConfig(RunConfig):
 
         check_unlocked(path)
         if self.resume:
-            self._check_resumable(path, overwrite)
-
-    def _check_resumable(self, path: Path, overwrite: bool) -> None:
-        """Resuming without a checkpoint starts the recording over, which is only allowed when the
-        trace holds the start of this same run, checkpointing into this checkpoint_dir and cut
-        before its first checkpoint was due: nothing resumable was ever saved. Anything else (a
-        mistyped checkpoint_dir, a run recorded without checkpoints, another run's trace, a run
-        past its first checkpoint) would drop steps for good, and is refused."""
-        from graftlab.distributed.checkpoints import resume_step
-        from graftlab.trace import part_files, read_metadata, trace_extent
-
-        if overwrite or resume_step(self) > 0 or not part_files(path):
-            return
-        refuse = (f"resume=True: checkpoint_dir {self.checkpoint_dir!r} holds no complete checkpoint, and out "
-                  f"{str(path)!r} holds recorded steps that starting over would drop")
-        try:
-            recorded = read_metadata(path).get("config") or {}
-            last = trace_extent(path)[1]
-        except GraftlabError as err:
-            raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
-        theirs = recorded.get("checkpoint_dir")
-        if theirs is None or not _same_path(theirs, self.checkpoint_dir, path):
-            raise GraftlabError(f"{refuse} (the trace was recorded with checkpoint_dir {theirs!r}): check "
-                                "checkpoint_dir, or pass overwrite=True to record from scratch")
-        # the checkpoint after step due-1 is saved before step due starts: a trace holding step
-        # `due` had its checkpoint committed, so one is missing; up to due-1 it may have been cut
-        due = min(self.checkpoint_every or self.steps or DEFAULT_STEPS, self.steps or DEFAULT_STEPS)
-        if last >= due:
-            raise GraftlabError(f"{refuse} (steps up to {last}; a checkpoint was due at step {due}): check "
-                                "checkpoint_dir, or pass overwrite=True to record from scratch")
-        mine = dataclasses.asdict(self)
-        for key in _RUN_IDENTITY:
-            a, b = recorded.get(key), mine.get(key)
-            same = _same_path(a, b, path) if key == "data" else _json(a) == _json(b)
-            if a is not None and b is not None and not same:
-                raise GraftlabError(f"{refuse}, and they are another run's ({key}={a!r}, this run has {key}={b!r}); "
-                                    "pass overwrite=True to record from scratch")
+            check_resumable(self, path, overwrite, steps=self.steps or DEFAULT_STEPS)
 
     def resolve(self, task: Task) -> "RecordConfig":
         out = super().resolve(task)
@@ -287,11 +239,6 @@ class RecordConfig(RunConfig):
 
 
 C = TypeVar("C", bound=RunConfig)
-
-# Settings that make a recording another run (a resumed trace must come from the same).
-_RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "steps", "magnitude", "direction", "magnitude_lr",
-                 "direction_lr", "m_hparams", "d_hparams", "granularity", "every", "schedule", "warmup")
-
 
 def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str) -> None:
     if lr is not None and not (math.isfinite(lr) and lr >= 0):
@@ -319,22 +266,6 @@ def _check_hparam(optimizer: str, key: str, value: Any) -> None:
         raise GraftlabError(f"{optimizer} hyperparameter betas needs two numbers (e.g. 0.9,0.999), got {value!r}")
     if key != "betas" and isinstance(value, (list, tuple)):
         raise GraftlabError(f"{optimizer} hyperparameter {key} takes one value, got {value!r}")
-
-
-def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
-    """Whether a path from a trace's metadata names ``given``: the Recorder stores absolute paths
-    relative to the trace folder (graftlab.portable); a relative one may also be the cwd's."""
-    if not isinstance(recorded, str) or given is None:
-        return False
-    want = Path(given).expanduser().resolve()
-    rec = Path(recorded).expanduser()
-    return want in {rec.resolve(), (trace_dir / rec).resolve()}
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _has_entries(path: Path) -> bool:
@@ -372,109 +303,3 @@ def total_steps(config: RunConfig, task: Task) -> int:
 def resolve_config(config: C, task: Task) -> C:
     """``config.resolve(task)``: defaults left as None filled from the task (see :meth:`RunConfig.resolve`)."""
     return config.resolve(task)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Config files
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert a value read from YAML/TOML or the command line to the field's declared type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        if value is None:
-            if type(None) in args:
-                return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    if value is None:
-        raise GraftlabError(f"config key {name!r} cannot be empty")
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "yes", "1")
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            out = float(value)
-            if math.isnan(out):
-                raise ValueError(value)
-            return out
-        if hint is str:
-            return str(value)
-        if hint is dict or origin is dict:
-            if isinstance(value, (list, tuple)):  # ["momentum=0.9", ...]
-                return parse_hparams([str(v) for v in value])
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        if hint is list or origin is list:
-            if isinstance(value, str):
-                value = value.split(",")
-            return [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise GraftlabError(f"config key {name!r}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
-    return value
-
-
-def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig) -> C:
-    """Build config ``cls`` from a mapping; unknown keys are a GraftlabError listing the valid ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise GraftlabError(f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-
-
-def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of config keys."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GraftlabError(f"config file {str(p)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise GraftlabError(f"config file {str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise GraftlabError(f"cannot read config file {str(p)!r}: {err.strerror or err}") from None
-    try:
-        if p.suffix.lower() == ".toml":
-            values = tomllib.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            raise GraftlabError(f"config file {str(p)!r} must end in .yaml, .yml or .toml")
-    except GraftlabError:
-        raise
-    except Exception as err:  # the parsers' own syntax errors
-        raise GraftlabError(f"cannot parse config file {str(p)!r}: {str(err).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise GraftlabError(f"config file {str(p)!r} must hold a mapping of keys to values")
-    return config_from_dict(values, cls)
-
-
-def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = TrainConfig, **overrides: Any) -> C:
-    """A config file (or the defaults) with every override that is not None applied on top.
-
-    Dict fields (``hparams``, ``m_hparams``, ``d_hparams``) are merged into the file's (a list of
-    ``key=value`` works).
-    """
-    base = load_config(config_path, cls) if config_path is not None else cls()
-    values = asdict(base)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(values.get(key), dict):
-            extra = parse_hparams(value) if isinstance(value, (list, tuple)) else dict(value)
-            values[key] = {**values[key], **extra}
-        else:
-            values[key] = value
-    return config_from_dict(values, cls)

@@ -1,0 +1,73 @@
+"""The :class:`~graftlab.Recorder`'s background writer: one thread that turns each flushed host
+buffer into a trace part file, off the training thread."""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from graftlab import trace
+
+GRAD_COLUMN = "norm_g"
+
+
+class Writer(threading.Thread):
+    """Waits for each flushed host buffer, writes it as one part file, then hands the part to the
+    ``on_flush`` callbacks (once per flush).
+
+    A job is the tuple :meth:`graftlab.record_buffer.Rows.to_host` builds plus the groups and metadata
+    it was recorded under; ``None`` stops the thread. The first error is kept in :attr:`error` (the
+    Recorder raises it on the training thread) and later jobs are drained unwritten.
+    """
+
+    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
+        super().__init__(name="graftlab-trace-writer", daemon=True)
+        self.directory = directory
+        self.on_flush = list(on_flush)
+        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
+        self.error: Optional[BaseException] = None
+        self.parts: list[Path] = []
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None or self.error is not None:  # after an error: keep draining, never block the loop
+                self.jobs.task_done()
+                if job is None:
+                    return
+                continue
+            try:
+                self._write(*job)
+            except BaseException as err:  # noqa: BLE001 - reported on the training thread
+                self.error = err
+            finally:
+                self.jobs.task_done()  # sync() waits on these
+
+    # each job carries its groups and metadata: a Graft may gain groups between flushes
+    def _write(self, steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta) -> None:
+        if event is not None:
+            event.synchronize()
+        n, g = len(steps), len(names)
+        flat = host_stats.numpy().reshape(n, -1)
+        stats = flat[:, : 3 * g].reshape(n, 3, g)
+        # gradient norms ride after the stats when the recorder takes them
+        per_group = {GRAD_COLUMN: flat[:, 3 * g :]} if flat.shape[1] == 4 * g else None
+        dev = {k: host_dev[:, j].numpy().astype(np.float64) for j, k in enumerate(dev_keys)}
+        scalars = {}
+        for key in keys:  # one float64 column per key: a host float wins over a tensor on its row
+            host = host_scalars.get(key)
+            col = dev.get(key)
+            if col is None:
+                col = host
+            elif host is not None:
+                col = np.where(np.isnan(host), col, host)
+            scalars[key] = col
+        table = trace.build_table(steps, names, stats, scalars, meta, per_group)
+        self.parts.append(trace.write_part(self.directory, table))
+        if self.on_flush:
+            table = trace.with_ratio(table)  # callbacks see the trace columns, as read_trace gives them
+        for callback in self.on_flush:
+            callback(table, meta)
