@@ -406,3 +406,38 @@ def test_bit_flips_in_parts_without_checksums_still_give_one_line(tmp_path):
                 read(d)
             except GraftlabError as err:
                 one_line(type("E", (), {"value": err}))
+
+
+def test_readme_snippet_reads_a_recorded_trace_with_pandas_polars_and_duckdb(tmp_path, monkeypatch):
+    """README's "Versions and contracts" block, run as written on a trace the Recorder wrote (its
+    folder also holds the sidecar and the writer's lock file): each reader's ratio is read_trace's."""
+    pytest.importorskip("polars")
+    pytest.importorskip("duckdb")
+    import re
+
+    import torch
+
+    import graftlab
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Versions and contracts"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    graft = graftlab.Graft(torch.optim.Adam(model.parameters(), 1e-2), torch.optim.SGD(model.parameters(), 0.1),
+                           names=model)
+    (tmp_path / "runs").mkdir()
+    with graftlab.Recorder(graft, tmp_path / "runs" / "bert.trace", flush_every=3, model=model):
+        for _ in range(7):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            graft.step()
+            graft.zero_grad()
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(code, ns)
+    mine = trace.read_trace("runs/bert.trace")
+    want = mine["ratio"].to_numpy()
+    order = {g: i for i, g in enumerate(mine.group.cat.categories)}  # read_trace's rows: step, then group order
+    for other in (ns["df"], ns["lf"].to_pandas(), ns["rel"].df()):
+        other = other.assign(pos=other["group"].astype(str).map(order)).sort_values(["step", "pos"])
+        assert len(other) == len(mine) and np.array_equal(other["ratio"].to_numpy(np.float32), want)
