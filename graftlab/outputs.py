@@ -16,7 +16,8 @@ machine, leaves the old file or nothing, never half a file.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -140,19 +141,42 @@ def write_atomic(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     renamed onto ``path``; on any error the temporary file is removed and ``path`` is untouched.
 
     With ``overwrite=False`` a file that appeared at ``path`` meanwhile is an OutputExistsError.
+    A new file gets the mode any program's new file gets (``0o666`` less the umask); a replaced
+    file keeps its mode.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _create_temporary(path)
     try:
         write(tmp)
+        _keep_mode(path, tmp)
         if not overwrite and path.exists():
             raise OutputExistsError(path, what)
         replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _create_temporary(path: Path) -> Path:
+    """An empty hidden file beside ``path``, created as ``open()`` creates files (``0o666`` less the
+    umask, default ACLs applied), unlike :func:`tempfile.mkstemp`, whose ``0o600`` would become the
+    output's mode on the rename."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _keep_mode(path: Path, tmp: Path) -> None:
+    """Give ``tmp`` the permission bits of the file it is about to replace, if there is one."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # no file to replace (or it vanished): the new file's own mode stands
+        return
+    os.chmod(tmp, mode)
 
 
 def write_text(path: PathLike, text: str, **kwargs) -> Path:
