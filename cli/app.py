@@ -52,12 +52,18 @@ def in_cli_terms(message: str, params: Sequence[Any]) -> str:
 
     ``name=True`` becomes the flag (``name=False`` the ``--no-`` form of an on/off option),
     ``name=value`` becomes ``--flag value``, and a bare ``name`` with an underscore (never an
-    English word, unlike ``window`` or ``steps``) becomes ``--flag``.
+    English word) becomes ``--flag``. A bare name that is also an English word (``window``,
+    ``steps``, ``out``, ``by``) is a name where the library's messages put names: as the
+    subject that opens a message (``window must be ...``, ``out 'x' is a file``, ``every and
+    flush_every must ...``), after ``either`` (``give either steps or epochs``) and in a formula
+    (``start + window <= 40``).
     """
+    flags: dict[str, str] = {}
     for p in params:
         if getattr(p, "param_type_name", None) != "option" or not p.name:
             continue
         flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        flags[p.name] = flag
         off = next((o for o in p.secondary_opts if o.startswith("--")), None)
         name = re.escape(p.name)
         edge = r"(?<![\w./-])"  # not inside a path or a longer name
@@ -67,7 +73,32 @@ def in_cli_terms(message: str, params: Sequence[Any]) -> str:
         message = re.sub(rf"{edge}{name}=(?=\S)", f"{flag} ", message)
         if "_" in p.name:
             message = re.sub(rf"{edge}{name}(?![\w/=-]|\.\w)", flag, message)
-    return message
+    return _named_subjects(message, flags)
+
+
+# A list of names ("window", "every and --flush-every", "steps or epochs") where a message names
+# parameters: opening it, before a verb or a quoted value, or after "either"; and a name beside an
+# operator ("start + window <= 40").
+_SUBJECT = re.compile(r"^(?P<names>[\w-]+(?:(?:, | and | or )[\w-]+)*)(?= (?:must|is|are)\b| ['\"(])")
+_OP = r" (?:<=|>=|<|>|\+|\*) "
+_FORMULA = re.compile(rf"(?<![\w./-])(?P<name>[a-z]\w*)(?={_OP})|(?P<op>{_OP})(?P<after>[a-z]\w*)(?![\w./=-])")
+_EITHER = re.compile(r"(?<=\beither )(?P<names>[\w-]+(?: or [\w-]+)+)\b")
+
+
+def _named_subjects(message: str, flags: dict[str, str]) -> str:
+    def names(match: "re.Match[str]") -> str:
+        words = re.split(r"(, | and | or )", match["names"])
+        if not all(w in flags or w in flags.values() for w in words[::2]):
+            return match[0]  # English, not a list of this command's options
+        return "".join(flags.get(w, w) if i % 2 == 0 else w for i, w in enumerate(words))
+
+    message = _EITHER.sub(names, _SUBJECT.sub(names, message, count=1))
+    def operand(match: "re.Match[str]") -> str:
+        if match["name"]:
+            return flags.get(match["name"], match["name"])
+        return match["op"] + flags.get(match["after"], match["after"])
+
+    return _FORMULA.sub(operand, message)
 
 
 def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +107,7 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except GraftlabError as err:
-            if err.args and isinstance(err.args[0], str):
+            if err.names_parameters and err.args and isinstance(err.args[0], str):
                 params = typer.main.get_command(app).commands[name].params
                 err.args = (in_cli_terms(err.args[0], params), *err.args[1:])
             raise

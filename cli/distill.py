@@ -22,7 +22,7 @@ def distill(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     window: Optional[int] = typer.Option(None, "--window", "-w", help="Steps per median window; the paper used 2000 at batch 8K, 500 at 32K [default: 2000, capped to the first quarter of the trace]."),
     round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, D<beta> (e.g. D500) or DA<beta> (attention weights tied only)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
+    output: Optional[Path] = typer.Option(None, "--out", "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
     schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
     filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first; the paper's figures use 51 (default: no filter)."),
     tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
@@ -37,7 +37,7 @@ def distill(
     from rich.table import Table
 
     from graftlab.corrections import save
-    from graftlab.distill import check_settings, default_output
+    from graftlab.distill import check_settings, check_window, default_output
     from graftlab.distill import distill as run
     from graftlab.errors import GraftlabError
     from graftlab.foreign import note as foreign_note
@@ -47,7 +47,8 @@ def distill(
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     if not (math.isfinite(outlier) and outlier >= 0):
         raise GraftlabError(f"--outlier must be a finite number >= 0 (0: off), got {outlier}")
-    check_settings(window, start, round, filter)  # a bad setting is the first thing said
+    check_settings(window, start, round, filter, tie=tie)  # a bad setting is the first thing said
+    check_window(trace, window, start)  # then one that does not fit the trace (its metadata only)
     out = output if output is not None else default_output(trace, format)
     # every path before reading a large trace: the output is not the trace, nor inside a trace folder
     check_output(out, "corrections file", overwrite=overwrite, inputs=[("trace", trace)])

@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-Task = Annotated[Optional[str], typer.Option("--task", help="Built-in task: bert (masked LM on the KJV) or resnet (Fashion-MNIST) (default: bert).")]
+Task = Annotated[Optional[str], typer.Option("--task", help="Built-in task: bert (masked LM on the KJV), gpt (causal LM on the KJV) or resnet (Fashion-MNIST) (default: bert).")]
 Size = Annotated[Optional[str], typer.Option("--size", help="Model size: tiny (CPU, ~1 min), small, base (default: tiny).")]
-Data = Annotated[Optional[Path], typer.Option("--data", help="Your data instead of the bundled set: .txt file/folder (bert), IDX folder or .npz (resnet) (default: the bundled set).")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Your data instead of the bundled set: .txt file/folder (bert, gpt), IDX folder or .npz (resnet) (default: the bundled set).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: 300 unless --epochs).")]
 Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training set, instead of --steps (default: none: --steps counts).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default: 32).")]
@@ -31,6 +31,7 @@ Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads f
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and masking (default: 0).")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file of settings; command-line options override it (default: none).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+RecordOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing trace folder (and an existing --metrics file).")]
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on held-out data every N steps, 0 = only at the end (default: 100).")]
 Metrics = Annotated[Optional[Path], typer.Option("--metrics", help="Parquet file for per-step loss, lr and eval metrics (default: none written).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]

@@ -44,7 +44,7 @@ def record(
     eval_every: options.EvalEvery = None,
     metrics: options.Metrics = None,
     config: options.Config = None,
-    overwrite: options.Overwrite = False,
+    overwrite: options.RecordOverwrite = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Record per-group grafting ratios ||M step|| / ||D step|| of a training run."""

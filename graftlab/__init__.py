@@ -14,6 +14,8 @@ reading and distilling traces (``graftlab info``, ``distill``, ``plot``) starts 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -49,11 +51,30 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from graftlab.trace import read_metadata, read_trace
 
 
+def _submodule(name: str) -> Any:
+    """The public submodule ``graftlab.<name>`` (imported now), or None if there is none."""
+    if name.startswith("_"):
+        return None
+    full = f"{__name__}.{name}"
+    if full not in sys.modules:
+        try:
+            if importlib.util.find_spec(full) is None:
+                return None
+        except (ImportError, ValueError):
+            return None
+    return importlib.import_module(full)
+
+
 def __getattr__(name: str) -> Any:
+    # a name defined in a submodule, or a submodule itself (graftlab.corrections.apply without
+    # importing graftlab.corrections first), each imported on first use
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'graftlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:
+        value = _submodule(name)
+        if value is None:
+            raise AttributeError(f"module 'graftlab' has no attribute {name!r}")
     globals()[name] = value
     return value
 
@@ -71,5 +92,13 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
+def _public_modules() -> set[str]:
+    names = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    if importlib.util.find_spec(f"{__name__}.cli") is not None:  # installed from cli/ of the source tree
+        names.add("cli")
+    return names
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public names: the API above, the version and the submodules (not this file's imports)."""
+    return sorted({*_LAZY, "__version__", *_public_modules()})

@@ -86,20 +86,11 @@ def distill(
     ``filter``, a path that is not a readable graftlab trace, a window that does not fit in it, or
     windows that follow a divergence (unless ``allow_divergence``).
     """
-    check_settings(window, start, round, filter, outlier)
+    check_settings(window, start, round, filter, outlier, tie)
     path = Path(trace_path)
-    meta = read_metadata(path)
-    extent = trace_extent(path)
-    length = _length(meta, extent)
-    if window is None:
-        window = default_window(length)
+    meta, extent, length, window = _fit(path, window, start)
     if schedule is None:
         schedule = meta.get("granularity") == "global"
-    if start + window > length:
-        raise GraftlabError(
-            f"{path}: window={window} from start={start} is longer than the trace "
-            f"({length} steps: {extent[0]}..{extent[1]}); pass a smaller window"
-        )
     table = group_table(meta)
 
     foreign = bool(meta.get("foreign"))
@@ -191,11 +182,41 @@ def default_window(length: int) -> int:
     return max(1, min(PAPER_WINDOW, length // 4))
 
 
-def check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None) -> None:
+def check_window(trace_path: PathLike, window: Optional[int], start: int) -> int:
+    """The window (``None``: :func:`default_window`) distilling ``trace_path`` from ``start`` would
+    use, checked against the trace's steps from its metadata and part names alone (no rows read).
+
+    Raises :class:`~graftlab.errors.GraftlabError` for a path that is not a readable trace or a
+    window that runs past its end."""
+    return _fit(Path(trace_path), window, start)[3]
+
+
+def _fit(path: Path, window: Optional[int], start: int) -> tuple[dict[str, Any], tuple[int, int], int, int]:
+    meta = read_metadata(path)
+    extent = trace_extent(path)
+    length = _length(meta, extent)
+    if window is None:
+        window = default_window(length)
+    if start + window > length:
+        if start >= length:
+            what = f"start={start} is past the trace's end"
+        elif window > length:
+            what = f"window={window} is longer than the trace"
+        else:
+            what = f"window={window} from start={start} runs past the end of the trace"
+        raise GraftlabError(f"{path}: {what} ({length} steps: {extent[0]}..{extent[1]}); choose start and window "
+                            f"with start + window <= {length}")
+    return meta, extent, length, window
+
+
+def check_settings(window: Any, start: Any, round: str, filter: Optional[int], outlier: Any = None,
+                   tie: Optional[str] = None) -> None:
     """Bad settings fail before any reading (``window=None``: :func:`default_window`).
 
     Raises :class:`~graftlab.errors.GraftlabError` naming the setting."""
     analysis.parse_round(round)
+    if tie is not None:
+        analysis.tied_groups([], pd.DataFrame(), tie)  # compiles the regex
     if outlier is not None and (isinstance(outlier, bool) or not isinstance(outlier, (int, float, np.number))
                                 or not math.isfinite(outlier) or outlier < 0):
         raise GraftlabError(f"outlier must be a finite number >= 0 (0 or None: off), got {outlier!r}")

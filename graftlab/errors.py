@@ -16,6 +16,15 @@ import os
 class GraftlabError(ValueError):
     """A problem with the user's input (file, option, model) that graftlab can explain in one line."""
 
+    names_parameters = True  # the message names Python parameters (the CLI says them as flags)
+
+
+class ConfigFileError(GraftlabError):
+    """A mistake inside a config file (YAML/TOML). Its message names the file's keys as written
+    there (``batch_size``), which the CLI keeps: they are not the command's options."""
+
+    names_parameters = False
+
 
 class OutputExistsError(GraftlabError):
     """An output path exists and the caller did not ask to replace it (``overwrite=False``)."""

@@ -3,21 +3,28 @@ field's declared type, unknown keys refused with the list of valid ones."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
 import typing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from graftlab.config.runs import C, TrainConfig
-from graftlab.errors import GraftlabError
+from graftlab.errors import ConfigFileError, GraftlabError
 from graftlab.optimizers import parse_hparams
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert a value read from YAML/TOML or the command line to the field's declared type."""
+# what each declared type is called in a message ("steps must be a whole number, got 'abc'")
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+          dict: "a mapping of hyperparameters (or a list of name=value)", list: "a list of numbers"}
+
+
+def _coerce(name: str, value: Any, hint: Any, error: Callable[[str], GraftlabError]) -> Any:
+    """Convert a value read from YAML/TOML or the command line to the field's declared type;
+    ``error(what is wrong)`` is the exception for a value it cannot be."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:
         if value is None:
@@ -26,7 +33,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
     if value is None:
-        raise GraftlabError(f"config key {name!r} cannot be empty")
+        raise error("cannot be empty")
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -41,13 +48,16 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if hint is float:
             out = float(value)
             if math.isnan(out):
-                raise ValueError(value)
+                raise error("must be a finite number, got nan")
             return out
         if hint is str:
             return str(value)
         if hint is dict or origin is dict:
             if isinstance(value, (list, tuple)):  # ["momentum=0.9", ...]
-                return parse_hparams([str(v) for v in value])
+                try:
+                    return parse_hparams([str(v) for v in value])
+                except GraftlabError as err:
+                    raise error(f"({err})") from None
             if not isinstance(value, dict):
                 raise ValueError(value)
             return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
@@ -55,19 +65,43 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             if isinstance(value, str):
                 value = value.split(",")
             return [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise GraftlabError(f"config key {name!r}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    except GraftlabError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        kind = _KINDS.get(origin or hint, getattr(hint, "__name__", str(hint)))
+        raise error(f"must be {kind}, got {value!r}") from None
     return value
 
 
-def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig) -> C:
-    """Build config ``cls`` from a mapping; unknown keys are a GraftlabError listing the valid ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def _unknown(names: list[str], valid: list[str]) -> str:
+    """``stpes (did you mean steps?), foo``"""
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, valid, n=1)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return ", ".join(out)
+
+
+def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig, *, source: Optional[str] = None) -> C:
+    """Build config ``cls`` from a mapping of config keys (``source``: the file it was read from,
+    named in messages).
+
+    Raises:
+        ConfigFileError: an unknown key (the message lists the valid ones) or a value that is not
+            of its key's type.
+    """
+    where = f"config file {source!r}: " if source is not None else ""
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise GraftlabError(f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(fields)}")
+        raise ConfigFileError(f"{where}unknown config key(s) {_unknown(unknown, fields)}: valid keys are "
+                              f"{', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    def error(key: str) -> Callable[[str], GraftlabError]:
+        return lambda what: ConfigFileError(f"{where}config key {key!r} {what}")
+
+    return cls(**{k: _coerce(k, v, hints[k], error(k)) for k, v in values.items()})
 
 
 def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
@@ -96,7 +130,7 @@ def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
         raise GraftlabError(f"cannot parse config file {str(p)!r}: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise GraftlabError(f"config file {str(p)!r} must hold a mapping of keys to values")
-    return config_from_dict(values, cls)
+    return config_from_dict({str(k): v for k, v in values.items()}, cls, source=str(p))
 
 
 def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = TrainConfig, **overrides: Any) -> C:
@@ -104,9 +138,18 @@ def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = 
 
     Dict fields (``hparams``, ``m_hparams``, ``d_hparams``) are merged into the file's (a list of
     ``key=value`` works).
+
+    Raises:
+        ConfigFileError: a mistake in the file, naming its keys.
+        GraftlabError: an override that is not a field of ``cls`` or not of its type, named as the
+            parameter it is (``lr must be a finite number, got nan``).
     """
     base = load_config(config_path, cls) if config_path is not None else cls()
     values = asdict(base)
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(k for k in overrides if k not in values)
+    if unknown:
+        raise GraftlabError(f"unknown parameter(s) {_unknown(unknown, list(values))} of {cls.__name__}")
     for key, value in overrides.items():
         if value is None:
             continue
@@ -114,5 +157,5 @@ def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = 
             extra = parse_hparams(value) if isinstance(value, (list, tuple)) else dict(value)
             values[key] = {**values[key], **extra}
         else:
-            values[key] = value
-    return config_from_dict(values, cls)
+            values[key] = _coerce(key, value, hints[key], lambda what, key=key: GraftlabError(f"{key} {what}"))
+    return cls(**values)

@@ -32,7 +32,7 @@ def check_resumable(config: "RecordConfig", path: Path, overwrite: bool, *, step
 
     if overwrite or resume_step(config) > 0 or not part_files(path):
         return
-    refuse = (f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint, and out "
+    refuse = (f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint, and the trace "
               f"{str(path)!r} holds recorded steps that starting over would drop")
     try:
         recorded = read_metadata(path).get("config") or {}
@@ -41,7 +41,8 @@ def check_resumable(config: "RecordConfig", path: Path, overwrite: bool, *, step
         raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
     theirs = recorded.get("checkpoint_dir")
     if theirs is None or not _same_path(theirs, config.checkpoint_dir, path):
-        raise GraftlabError(f"{refuse} (the trace was recorded with checkpoint_dir {theirs!r}): check "
+        how = "without checkpoint_dir" if theirs is None else f"with checkpoint_dir {theirs!r}"
+        raise GraftlabError(f"{refuse} (the trace was recorded {how}): check "
                             "checkpoint_dir, or pass overwrite=True to record from scratch")
     # the checkpoint after step due-1 is saved before step due starts: a trace holding step
     # `due` had its checkpoint committed, so one is missing; up to due-1 it may have been cut

@@ -221,10 +221,11 @@ class RecordConfig(RunConfig):
         check_output(path, "out", folder=True, inputs=inputs, may_exist=True, trace=True)
         if not path.is_dir() or not _has_entries(path):
             return
+        if not is_trace(path):  # whatever overwrite says: only a trace is ever replaced
+            raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace: choose "
+                                "another path (a new or empty folder)")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
-        if not is_trace(path):
-            raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace; not using it")
         from graftlab.tracelock import check_unlocked
 
         check_unlocked(path)
