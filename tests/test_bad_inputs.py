@@ -3,8 +3,9 @@
 Each case runs the real command line (``graftlab.cli.app.run``, what ``graftlab`` calls) in a fresh
 copy of a sandbox holding traces (good and nonsensical), corrections files, config files, a plain
 file, a checkpoint folder, ... The case passes when the exit code is 2, stderr is exactly one line
-starting with ``error:``, stdout is empty, and no file or folder in the sandbox was created, removed
-or changed. The count of cases is what the README's reliability table reports
+starting with ``error:`` (holding the words the case expects, if any, and never ``None`` or a
+``--flag`` where a config file's key is meant), stdout is empty, and no file or folder in the
+sandbox was created, removed or changed. The count of cases is what the README's reliability table reports
 (``pytest tests/test_bad_inputs.py -q`` prints it).
 """
 from __future__ import annotations
@@ -157,6 +158,10 @@ def build_sandbox(root: Path) -> None:
     (y / "bad.toml").write_text("steps = [\n")
     (y / "run.txt").write_text("steps: 3\n")
     (y / "ok.yaml").write_text("steps: 3\nbatch_size: 2\n")
+    (y / "stpes.yaml").write_text("stpes: 4\n")
+    (y / "m_lr_str.toml").write_text('magnitude_lr = "fast"\n')
+    make_trace(root / "D")  # a trace whose default corrections file exists
+    (root / "D.corrections.json").write_text(corrections(multipliers={n: 1.0 for n, *_ in GROUPS}))
 
 
 @pytest.fixture(scope="module")
@@ -244,16 +249,44 @@ SHARED = [
     ("--nope", "unknown option"), ("--steps", "option without its value"), ("extra", "stray argument"),
 ]
 
-CASES: list[tuple[str, str]] = []
+CASES: list[tuple[str, str, tuple[str, ...]]] = []
 
 
-def case(cid: str, argv: str) -> None:
-    CASES.append((cid, argv))
+def case(cid: str, argv: str, *says: str) -> None:
+    """A case; ``says``: words its error line must hold ("!words": must not hold)."""
+    CASES.append((cid, argv, says))
+
+
+# what the error line says, by case id: flags for the options the library names as parameters,
+# keys for a config file's keys
+SAYS: dict[str, tuple[str, ...]] = {
+    "steps and epochs": ("give either --steps or --epochs, not both",),
+    "unknown key": ("unknown config key(s) stepz", "valid keys are task, size, data, steps, epochs, batch_size", "!--"),
+    "steps: abc": ("config key 'steps' must be a whole number, got 'abc'", "!--"),
+    "out is a file": ("--out 'notes.txt' is a file, not a folder",),
+    "out a folder of other files": ("--out 'MINE' is a folder that does not hold a graftlab trace: choose another path",
+                                    "!already exists"),
+    "out a folder of other files, --overwrite": ("--out 'MINE' is a folder that does not hold a graftlab trace",),
+    "resume from an empty checkpoint folder": ("recorded without --checkpoint-dir", "!None"),
+    "every 0": ("--every and --flush-every must be >= 1, got 0",),
+    "M lr nan": ("--magnitude-lr must be a finite number, got nan", "!config key"),
+    "lr nan": ("--lr must be a finite number, got nan", "!config key"),
+    "lr: .nan in YAML": ("config key 'lr' must be a finite number, got nan",),
+    "window 0": ("--window must be a positive number of steps",),
+    "start negative": ("--start must be a step number >= 0",),
+    "start past the end": ("--start 40 is past the trace's end", "--start + --window <= 40"),
+    "unknown --by": ("--by must be 'group' or 'kind', not 'nope'",),
+}
 
 
 for args, why in SHARED:
-    case(f"record: {why}", record(args))
-    case(f"train: {why}", train(args))
+    case(f"record: {why}", record(args), *SAYS.get(why, ()))
+    case(f"train: {why}", train(args), *SAYS.get(why, ()))
+case("record: no out", "record --steps 3 --batch-size 2 --device cpu --quiet", "--out is required")
+case("record: stpes in YAML", record("--config cfg/stpes.yaml"), "stpes (did you mean steps?)",
+     "valid keys are task, size, data, steps, epochs, batch_size", "checkpoint_dir", "!--")
+case("record: magnitude_lr a string in TOML", record("--config cfg/m_lr_str.toml"),
+     "config file 'cfg/m_lr_str.toml': config key 'magnitude_lr' must be a number, got 'fast'", "!--")
 
 for args, why in [
     ("-o notes.txt", "out is a file"), ("-o notes.txt --overwrite", "out is a file, --overwrite"),
@@ -275,13 +308,14 @@ for args, why in [
     ("--every 0", "every 0"), ("--every -1", "every negative"), ("--flush-every 0", "flush every 0"),
     ("--flush-every -3", "flush every negative"), ("--magnitude-lr nan", "M lr nan"), ("--magnitude-lr -1", "M lr negative"),
     ("--direction-lr inf", "D lr infinite"), ("--m-hparam betas=0.9", "betas one number"),
+    ("--magnitude-lr nan --direction-lr 0.1", "M lr nan, D lr given"),
     ("--m-hparam betas=0.9,0.98,0.5", "betas three numbers"), ("--m-hparam betas=2,0.9", "betas out of range"),
     ("--m-hparam momentum=0.9", "hyperparameter M lacks"), ("--d-hparam momentum", "hyperparameter without a value"),
     ("--d-hparam momentum=abc", "hyperparameter not a number"), ("--d-hparam momentum=-1", "negative momentum"),
     ("--d-hparam =1", "hyperparameter without a name"), ("--config cfg/m_betas1.yaml", "betas: [0.9] in YAML"),
     ("--config cfg/d_momentum_neg.yaml", "momentum: -1 in YAML"),
 ]:
-    case(f"record: {why}", record(args))
+    case(f"record: {why}", record(args), *SAYS.get(why, ()))
 
 for args, why in [
     ("--optimizer nope", "unknown optimizer"), ("--lr nan", "lr nan"), ("--lr -1", "lr negative"), ("--lr inf", "lr infinite"),
@@ -303,7 +337,7 @@ for args, why in [
     "mult_list.json", "sched_empty.json", "nothing.json", "format.json", "noformat.json", "array.json", "text.json",
     "empty.json", "latin1.json", "export.csv", "source_bad.json", "source_list.json", "unknown_groups.json",
 )] + [("--corrections corr/mult_1e308.json --lr 10 --optimizer sgd", "corrections 1e308 x lr 10")]:
-    case(f"train: {why}", train(args))
+    case(f"train: {why}", train(args), *SAYS.get(why, ()))
 
 for args, why in [
     ("", "no trace"), (".", "the current folder"), ("EMPTY", "an empty folder"), ("MINE", "a folder of other files"),
@@ -328,7 +362,18 @@ for args, why in [
     ("T --window 10 -o G/c.json", "output inside another trace"),
     ("T --window 10 --nope", "unknown option"),
 ]:
-    case(f"distill: {why}", f"distill {args}")
+    case(f"distill: {why}", f"distill {args}", *SAYS.get(why, ()))
+# the start is as much the problem as the window
+case("distill: window from start past the end", "distill T --start 39 --window 10",
+     "--window 10 from --start 39 runs past the end", "--start + --window <= 40")
+# every option is checked before the (default) output's existence
+case("distill: default output exists", "distill D --window 10", "'D.corrections.json' already exists; pass --overwrite")
+case("distill: bad tie, default output exists", "distill D --tie '(' --window 10 --round D5",
+     "--tie '(' is not a valid regex", "!already exists")
+case("distill: start past the end, default output exists", "distill D --start 1000",
+     "--start 1000 is past the trace's end", "!already exists")
+case("distill: even filter, default output exists", "distill D --filter 4 --window 10", "!already exists")
+case("distill: --out exists", "distill T --window 10 --out notes.txt", "'notes.txt' already exists")
 
 for args, why in [
     ("", "no trace"), (".", "the current folder"), ("EMPTY", "an empty folder"), ("MINE", "a folder of other files"),
@@ -386,7 +431,7 @@ for args, why in [
     ("corr/mult_nan.json", "a NaN factor"), ("corr/export.csv", "the CSV export"), ("corr/latin1.json", "not UTF-8"),
     ("corr/good.json --by nope", "unknown --by"), ("T", "a trace"),
 ]:
-    case(f"show: {why}", f"show {args}")
+    case(f"show: {why}", f"show {args}", *SAYS.get(why, ()))
 
 case("graftlab: unknown command", "nope")
 case("graftlab: unknown root option", "--nope")
@@ -409,14 +454,14 @@ def sandbox(template, tmp_path, monkeypatch):
 
 def test_case_count():
     """The matrix the README's reliability table counts (the issue's baseline was 200 cases)."""
-    ids = [cid for cid, _ in CASES]
+    ids = [cid for cid, *_ in CASES]
     assert len(set(ids)) == len(ids), "case ids must be unique"
     assert len(CASES) > 200
     print(f"\nbad-input cases: {len(CASES)}")
 
 
-@pytest.mark.parametrize("argv", [a for _, a in CASES], ids=[c for c, _ in CASES])
-def test_bad_input(argv, sandbox, capsys):
+@pytest.mark.parametrize("argv,says", [(a, s) for _, a, s in CASES], ids=[c for c, *_ in CASES])
+def test_bad_input(argv, says, sandbox, capsys):
     from graftlab.cli.app import run
 
     before = snapshot(sandbox)
@@ -425,6 +470,12 @@ def test_bad_input(argv, sandbox, capsys):
     lines = err.strip().splitlines()
     assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for words in says:
+        if words.startswith("!"):
+            assert words[1:] not in lines[0], lines[0]
+        else:
+            assert words in lines[0], lines[0]
+    assert "None" not in lines[0] or "None" in argv, lines[0]  # a default's None is no message
     assert out == "", out
     after = snapshot(sandbox)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -55,4 +55,39 @@ def test_bracketed_defaults_in_help_strings_survive():
     out = CliRunner().invoke(app, ["demo", "--help"], terminal_width=100).output
     assert "300" in _entries(out)["--steps"] and "16" in _entries(out)["--batch-size"]
     out = CliRunner().invoke(app, ["distill", "--help"], terminal_width=100).output
-    assert "<TRACE>.corrections" in _entries(out)["--output"]
+    assert "<TRACE>.corrections" in _entries(out)["--out"]
+
+
+def test_output_options_are_named_alike():
+    """-o/--out on every command that writes (distill keeps its older --output too)."""
+    out = CliRunner().invoke(app, ["distill", "--help"], terminal_width=100).output
+    head = _entries(out)["--out"].split("  ")[0]
+    assert "-o" in head and "--output" in head
+    for name in ("plot", "record", "demo"):
+        out = CliRunner().invoke(app, [name, "--help"], terminal_width=100).output
+        assert "-o" in _entries(out)["--out"].split("  ")[0], name
+
+
+def test_record_overwrite_says_it_replaces_a_trace_folder():
+    out = CliRunner().invoke(app, ["record", "--help"], terminal_width=100).output
+    assert "trace folder" in _entries(out)["--overwrite"]
+
+
+@pytest.mark.parametrize("name", ["record", "train"])
+def test_task_help_names_every_task(name):
+    from graftlab.tasks import TASKS
+
+    entry = _entries(CliRunner().invoke(app, [name, "--help"], terminal_width=100).output)["--task"]
+    for task in TASKS:
+        assert re.search(rf"\b{task}\b", entry), f"{name} --task help lacks {task}: {entry}"
+
+
+def test_readme_task_table_has_every_task():
+    from pathlib import Path
+
+    from graftlab.tasks import TASKS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("Built-in tasks", 1)[1].split("\n\n")[1]
+    rows = {m.group(1) for m in re.finditer(r"^\| `(\w+)` \|", table, re.M)}
+    assert rows == set(TASKS), rows

@@ -58,3 +58,25 @@ def test_distill_stays_the_function_after_its_module_is_imported():
     import graftlab.distill  # noqa: F401 - the import system binds submodules on the package
 
     assert callable(graftlab.distill) and graftlab.distill.__module__ == "graftlab.distill"
+
+
+def test_subpackages_resolve_on_attribute_access_without_torch():
+    out = run("import sys, graftlab\n"
+              "print(graftlab.corrections.apply.__name__, graftlab.trace.read_trace.__name__,\n"
+              "      graftlab.integrations.__name__, callable(graftlab.distill), 'torch' in sys.modules,\n"
+              "      graftlab.config.RecordConfig.__name__)\n"
+              "try:\n    graftlab.no_such_module\nexcept AttributeError as e:\n    print('AE', e)")
+    lines = out.splitlines()
+    assert lines[0].split() == ["apply", "read_trace", "graftlab.integrations", "True", "False", "RecordConfig"]
+    assert lines[1] == "AE module 'graftlab' has no attribute 'no_such_module'"
+
+
+def test_dir_lists_public_names_that_all_resolve():
+    import graftlab
+
+    names = dir(graftlab)
+    assert not {"Any", "TYPE_CHECKING", "importlib", "sys", "types", "annotations", "pkgutil"} & set(names)
+    assert {"corrections", "trace", "integrations", "config", "runs", "Graft", "distill", "__version__"} <= set(names)
+    assert all(not n.startswith("_") for n in names if n != "__version__")
+    for name in names:
+        assert getattr(graftlab, name) is not None, name

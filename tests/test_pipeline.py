@@ -148,6 +148,35 @@ def test_cli_says_library_parameter_names_as_its_flags():
     assert in_cli_terms("checkpoint_dir and overwrite=True", commands["info"].params) == "checkpoint_dir and overwrite=True"
 
 
+def test_cli_says_english_word_parameters_as_flags_only_where_they_are_names():
+    """``window``, ``steps``, ``out``, ``by`` are English words too: they become flags as the subject
+    that opens a message, after "either" and beside an operator, and nowhere else."""
+    import typer
+
+    from graftlab.cli.app import in_cli_terms
+
+    commands = typer.main.get_command(app).commands
+    record, distill, show = (commands[n].params for n in ("record", "distill", "show"))
+    cases = [
+        (record, "out is required: the trace directory to write", "--out is required: the trace directory to write"),
+        (record, "out 'x' is a file, not a folder", "--out 'x' is a file, not a folder"),
+        (record, "every and flush_every must be >= 1, got 0 and 100", "--every and --flush-every must be >= 1, got 0 and 100"),
+        (record, "give either steps or epochs, not both", "give either --steps or --epochs, not both"),
+        (show, "by must be 'group' or 'kind', not 'foo'", "--by must be 'group' or 'kind', not 'foo'"),
+        (distill, "T: choose start + window <= 40", "T: choose --start + --window <= 40"),
+        # English: left alone
+        (record, "steps 3..5 are missing from the trace", "steps 3..5 are missing from the trace"),
+        (record, "every step of the run must be finite", "every step of the run must be finite"),
+        (distill, "window 10 from the start of the trace", "window 10 from the start of the trace"),
+        (distill, "the window must fit the trace", "the window must fit the trace"),
+        (record, "either run or stop", "either run or stop"),
+        (show, "window must be positive", "window must be positive"),  # not one of show's options
+        (distill, "T/window + 1 <= x", "T/window + 1 <= x"),
+    ]
+    for params, message, said in cases:
+        assert in_cli_terms(message, params) == said, message
+
+
 
 def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
     """cli/ installs as graftlab.cli (not a top-level ``cli`` that other projects clash with)."""

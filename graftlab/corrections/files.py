@@ -239,7 +239,8 @@ def _validate(data: Any, path: Path) -> Corrections:
         raise GraftlabError(f"{path}: not a corrections file (expected a JSON object)")
     fmt = data.get("format")
     if not isinstance(fmt, str) or not fmt.startswith("graftlab.corrections/"):
-        raise GraftlabError(f"{path}: not a graftlab corrections file (format {fmt!r})")
+        said = "no \"format\" key" if fmt is None else f"format {fmt!r}"
+        raise GraftlabError(f"{path}: not a graftlab corrections file ({said}; expected \"format\": \"{FORMAT}\")")
     if fmt != FORMAT:
         raise GraftlabError(f"{path}: corrections format {fmt} is not one this graftlab reads ({FORMAT})")
     mult = data.get("multipliers") or {}
