@@ -92,7 +92,8 @@ def write_result(name: str, payload: dict, quick: bool) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}{'.quick' if quick else ''}.json"
-    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": " ".join(sys.argv), **payload}
+    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": " ".join(sys.argv),
+               "written": time.strftime("%Y-%m-%d %H:%M"), **payload}
     path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path
 
