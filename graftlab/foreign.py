@@ -145,8 +145,8 @@ def _check_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in COLUMNS if c not in names and not (c == "ratio" and _computes_ratio(names))]
     if missing:
         raise GraftlabError(
-            f"{path}: not a trace: no graftlab metadata, and a table needs columns step, group and ratio "
-            f"(or norm_m and norm_d, to compute it); missing {', '.join(missing)} "
+            f"{path}: not a trace: no graftlab metadata, and a table needs columns step, group, ratio "
+            f"(or norm_m and norm_d, to compute ratio from); missing {', '.join(missing)} "
             f"(columns: {', '.join(names) or 'none'})"
         )
 
