@@ -18,27 +18,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, quantiles, table, write_result  # noqa: E402
+from common import ROOT, quantiles, run_process, table, write_result  # noqa: E402
 
 SAMPLE = ROOT / "sample_traces" / "bert-adam-sgd-bs16"
 BIN = Path(sys.executable).parent
 
 
 def timed(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=dict(os.environ, COLUMNS="200"))
-    _, status, rusage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err}")
-    return {"seconds": wall, "cpu_seconds": rusage.ru_utime + rusage.ru_stime}
+    run = run_process(cmd)
+    return {"seconds": run["seconds"], "cpu_seconds": run["cpu_seconds"]}
 
 
 def imports_torch(args: list[str]) -> bool:

@@ -92,7 +92,8 @@ def write_result(name: str, payload: dict, quick: bool) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}{'.quick' if quick else ''}.json"
-    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": " ".join(sys.argv), **payload}
+    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": " ".join(sys.argv),
+               "written": time.strftime("%Y-%m-%d %H:%M"), **payload}
     path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path
 
@@ -123,3 +124,21 @@ def _fmt(c: object) -> str:
 def timer() -> Callable[[], float]:
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
+
+
+def run_process(cmd: list[str]) -> dict:
+    """Run ``cmd`` from the repository root to its exit: wall seconds, process CPU seconds and peak
+    RSS (MB, from ``os.wait4``); RuntimeError with its stderr when it fails."""
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=dict(os.environ, COLUMNS="200"))
+    _, status, rusage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{err}")
+    return {"seconds": wall, "cpu_seconds": rusage.ru_utime + rusage.ru_stime, "max_rss_mb": rusage.ru_maxrss / 1024}

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, quantiles, table, write_result  # noqa: E402
+from common import DATA, ROOT, quantiles, run_process, table, write_result  # noqa: E402
 
 from graftlab import trace  # noqa: E402
 
@@ -167,18 +166,7 @@ def distill_job(path: Path, out: Path, *args: str) -> str:
 
 def cli_wall(path: Path, out: Path, *args: str) -> dict:
     """Wall time and peak RSS of the real command, ``python -m graftlab distill ...``, start to exit."""
-    cmd = [sys.executable, "-m", "graftlab", "distill", str(path), "-o", str(out), "--overwrite", *args]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=dict(os.environ, COLUMNS="200"))
-    _, status, rusage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
-    return {"seconds": wall, "cpu_seconds": rusage.ru_utime + rusage.ru_stime, "max_rss_mb": rusage.ru_maxrss / 1024}
+    return run_process([sys.executable, "-m", "graftlab", "distill", str(path), "-o", str(out), "--overwrite", *args])
 
 
 def repeat(fn, repeats: int) -> list[dict]:

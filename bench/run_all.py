@@ -60,7 +60,8 @@ def tables_block() -> str:
             continue
         res = json.loads(path.read_text())
         m = m or res.get("machine")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        # results carry their own time; older ones only the file's (which a checkout resets)
+        when = res.get("written") or time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         out += [f"### {title}", "", f"`{res.get('command', '')}` ({when}; load average at start "
                 f"{', '.join(f'{x:.1f}' for x in res['machine'].get('load_avg') or [])})", ""]
         notes = {

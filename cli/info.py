@@ -40,7 +40,9 @@ def info(
     head.add_row("versions", _fmt(meta.get("versions")))
     head.add_row("steps", f"{_fmt(t['first_step'])} .. {_fmt(t['last_step'])} ({t['steps']} recorded)")
     head.add_row("rows", f"{t['rows']} in {t['parts']} part file(s), {t['bytes'] / max(t['rows'], 1):.1f} bytes/row")
-    head.add_row("columns", ", ".join(t["columns"]))
+    computed = t.get("computed") or []
+    head.add_row("columns", ", ".join(c for c in t["columns"] if c not in computed) + " (stored)"
+                 + ("; ratio = norm_m / norm_d, computed on read" if "ratio" in computed else ""))
     extra = {k: v for k, v in meta.items() if k not in {
         "format", "granularity", "task", "batch_size", "seed", "device", "every", "magnitude", "direction",
         "versions", "groups", "foreign"}}

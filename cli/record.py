@@ -98,5 +98,5 @@ def _report(cfg, res) -> None:
     flagged = res.summary.attrs.get("flagged") or {}
     if flagged:
         console.print("kept out of the summary: " + ", ".join(f"{g} ({why})" for g, why in flagged.items()))
-    console.print(f"trace written to {res.trace} (read it with graftlab.read_trace or pandas.read_parquet; "
+    console.print(f"trace written to {res.trace} (read it with graftlab.read_trace, which adds ratio = norm_m / norm_d; "
                   f"`graftlab info {res.trace}`)")

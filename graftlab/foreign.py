@@ -1,12 +1,18 @@
-"""Traces written by other tools: a table of ``step, group, ratio`` (``norm_m``, ``norm_d`` optional).
+"""Traces written by other tools: a table of ``step, group`` and ``ratio``, or of ``step, group,
+norm_m, norm_d`` (what a ``graftlab.trace/2`` part stores) from which ``ratio = norm_m / norm_d`` is
+computed as :func:`graftlab.read_trace` computes it (in float32 when both norms are float32).
 
 The trace contract (:mod:`graftlab.trace`) says a table with these columns and no graftlab metadata
 is still a trace. Accepted here:
 
 - a Parquet file, or a directory of Parquet files with any names (pandas, pyarrow, polars, DuckDB,
-  Spark; hive partitions such as ``group=.../`` included), whose schema holds no graftlab metadata;
+  Spark; hive partitions such as ``group=.../`` included), whose schema holds no graftlab metadata:
+  e.g. ``pd.read_parquet("runs/t").to_parquet("x.parquet")``;
+- a single ``graftlab.trace/2`` part file away from its trace's ``_graftlab.json`` (copied out of
+  the directory, or a slice of it written with pyarrow, which keeps the part's marker): the run
+  metadata is not found, and is inferred as for any table;
 - a CSV file (``.csv``, one header row) with those columns; ``inf``/``nan``/empty cells are
-  non-finite ratios.
+  non-finite values.
 
 ``group`` may be plain or dictionary-encoded strings (any other type is turned into text), ``step``
 integers (integral floats are accepted), the float columns any numeric type. What the metadata
@@ -19,6 +25,7 @@ one line, which ``info``, ``distill`` and ``plot`` print.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -31,12 +38,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
-from graftlab.trace.layout import METADATA_KEY, SIDECAR
+from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR
 
 PathLike = Union[str, os.PathLike]
 
 COLUMNS = ("step", "group", "ratio")
-OPTIONAL = ("norm_m", "norm_d")
+OPTIONAL = ("norm_m", "norm_d")  # with both, ``ratio`` may be left out: it is computed from them
 CSV_SUFFIX = ".csv"
 _FLOATS = ("ratio", "norm_m", "norm_d", "norm_g")
 
@@ -49,6 +56,21 @@ def _has_graftlab_metadata(file: Path) -> bool:
     except (pa.ArrowInvalid, OSError):
         return True  # not readable Parquet: leave the error to the graftlab reader
     return METADATA_KEY in (schema.metadata or {})
+
+
+def _orphan_part(file: Path) -> bool:
+    """Whether ``file`` is a ``graftlab.trace/2`` part (its footer holds only the marker pointing to
+    the sidecar) with no ``_graftlab.json`` beside it: its run metadata is not to be found."""
+    from graftlab.trace.parts import is_marker
+
+    if (file.parent / SIDECAR).exists():
+        return False
+    try:
+        raw = (pq.read_schema(file).metadata or {}).get(METADATA_KEY)
+        meta = json.loads(raw) if raw else None
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return False  # not readable Parquet, or damaged metadata: the graftlab reader says so
+    return isinstance(meta, dict) and is_marker(meta)
 
 
 def _parquet_files(directory: Path) -> list[Path]:
@@ -65,13 +87,14 @@ def is_foreign(path: PathLike) -> bool:
     """True when ``path`` is a table another tool wrote (CSV, or Parquet without graftlab metadata).
 
     A graftlab trace directory has ``_graftlab.json`` or part files carrying the metadata; anything
-    else (a missing path included) is for :mod:`graftlab.trace` to read or reject.
+    else (a missing path included) is for :mod:`graftlab.trace` to read or reject. A ``/2`` part
+    file without the sidecar beside it is foreign too: its metadata is nowhere to read.
     """
     p = Path(path)
     if p.is_file():
         if p.name.lower().endswith(CSV_SUFFIX):
             return True
-        return not _has_graftlab_metadata(p)
+        return not _has_graftlab_metadata(p) or _orphan_part(p)
     if p.is_dir():
         if (p / SIDECAR).exists():
             return False
@@ -112,13 +135,33 @@ def _dataset(path: Path) -> tuple[ds.Dataset, str]:
         raise GraftlabError(f"{path}: not a readable Parquet table ({_first_line(err)})") from None
 
 
+def _computes_ratio(names: Iterable[str]) -> bool:
+    """A table without ``ratio`` but with both norms: ``ratio`` is computed from them."""
+    names = list(names)
+    return "ratio" not in names and all(c in names for c in OPTIONAL)
+
+
 def _check_columns(path: Path, names: list[str]) -> None:
-    missing = [c for c in COLUMNS if c not in names]
+    missing = [c for c in COLUMNS if c not in names and not (c == "ratio" and _computes_ratio(names))]
     if missing:
         raise GraftlabError(
             f"{path}: not a trace: no graftlab metadata, and a table needs columns step, group, ratio "
-            f"(norm_m, norm_d optional); missing {', '.join(missing)} (columns: {', '.join(names) or 'none'})"
+            f"(or norm_m and norm_d, to compute ratio from); missing {', '.join(missing)} "
+            f"(columns: {', '.join(names) or 'none'})"
         )
+
+
+def _ratio(path: Path, table: pa.Table) -> pa.ChunkedArray:
+    """``norm_m / norm_d`` as :func:`graftlab.read_trace` computes it for a ``/2`` trace: float32 when
+    both norms are float32 (bit-identical to the Graft's), else float64; not finite where D's is 0."""
+    m, d = table.column("norm_m"), table.column("norm_d")
+    if not (pa.types.is_float32(m.type) and pa.types.is_float32(d.type)):
+        try:
+            m, d = m.cast(pa.float64()), d.cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise GraftlabError(f"{path}: columns norm_m and norm_d must hold numbers, not "
+                                f"{m.type} and {d.type}") from None
+    return pc.divide(m, d)
 
 
 def _as_text(col: Union[pa.Array, pa.ChunkedArray]) -> pa.ChunkedArray:
@@ -153,11 +196,14 @@ def _group_names(dataset: ds.Dataset) -> list[str]:
 
 # --------------------------------------------------------------------------- metadata
 
-def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str]) -> dict[str, Any]:
+def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str],
+                   orphan: bool = False) -> dict[str, Any]:
     """Run metadata for a table without any: kinds and blocks from the group ``names``; the rest null.
 
     Keys as in :mod:`graftlab.trace` (``format`` is None), plus ``foreign``:
-    ``{"format": source, "inferred": [...], "unknown": [...]}``.
+    ``{"format": source, "inferred": [...], "unknown": [...], "computed": [...], "orphan": bool}``;
+    ``computed`` lists ``"ratio"`` when the table has the norms and no ratio; ``orphan``: the table
+    is a ``graftlab.trace/2`` part away from its ``_graftlab.json``.
     """
     from graftlab.kinds import classify_names, to_dict
 
@@ -173,7 +219,8 @@ def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str])
         unknown.append(", ".join(missing) + " (not in the table)")
     return {
         "format": None,
-        "foreign": {"format": source, "inferred": ["kind", "ffn", "block"], "unknown": unknown},
+        "foreign": {"format": source, "inferred": ["kind", "ffn", "block"], "unknown": unknown,
+                    "computed": ["ratio"] if _computes_ratio(columns) else [], "orphan": bool(orphan)},
         "granularity": granularity,
         "groups": [{"name": n, **to_dict(kinds[n]), "shape": None, "numel": None, "members": None} for n in names],
         "magnitude": None, "direction": None, "task": None, "batch_size": None, "seed": None,
@@ -186,8 +233,11 @@ def note(meta: dict[str, Any]) -> Optional[str]:
     info = meta.get("foreign") if isinstance(meta, dict) else None
     if not isinstance(info, dict):
         return None
-    return (f"no graftlab metadata ({info.get('format')} table): kinds and transformer blocks inferred from "
-            f"the group names; unknown: {', '.join(info.get('unknown') or [])}")
+    what = (f"run metadata not found (a {FORMAT} part file without the {SIDECAR} of its trace)"
+            if info.get("orphan") else f"no graftlab metadata ({info.get('format')} table)")
+    computed = "; ratio computed as norm_m / norm_d" if "ratio" in (info.get("computed") or []) else ""
+    return (f"{what}: kinds and transformer blocks inferred from the group names; unknown: "
+            f"{', '.join(info.get('unknown') or [])}{computed}")
 
 
 def metadata(path: PathLike) -> dict[str, Any]:
@@ -199,7 +249,8 @@ def metadata(path: PathLike) -> dict[str, Any]:
         names = _group_names(dataset)
     except GraftlabError as err:
         raise GraftlabError(f"{path}: {err}") from None
-    return infer_metadata(names, source=fmt, columns=dataset.schema.names)
+    orphan = fmt == "parquet" and path.is_file() and _orphan_part(path)
+    return infer_metadata(names, source=fmt, columns=dataset.schema.names, orphan=orphan)
 
 
 # --------------------------------------------------------------------------- reading
@@ -214,14 +265,16 @@ def read(
     """:func:`graftlab.read_trace` for a foreign trace: the same columns, order and ``attrs``.
 
     Rows come sorted by step, then by first appearance of the group. ``norm_m``/``norm_d`` that the
-    table lacks are NaN (unknown). Float columns come as float64, ``step`` as int64, ``group`` as str.
+    table lacks are NaN (unknown); a ``ratio`` it lacks is ``norm_m / norm_d`` (:func:`_ratio`).
+    Float columns come as float64, ``step`` as int64, ``group`` as str.
     """
     path = Path(path)
     dataset, fmt = _dataset(path)
     names = dataset.schema.names
     _check_columns(path, names)
     wanted = list(dict.fromkeys(list(COLUMNS) + list(OPTIONAL) + list(columns if columns is not None else names)))
-    unknown = [c for c in wanted if c not in names and c not in OPTIONAL]
+    computed = _computes_ratio(names)
+    unknown = [c for c in wanted if c not in names and c not in OPTIONAL and not (c == "ratio" and computed)]
     if unknown:
         raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
     flt = None
@@ -235,6 +288,9 @@ def read(
         table = dataset.to_table(columns=[c for c in wanted if c in names], filter=flt)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
         raise GraftlabError(f"{path}: not a readable trace ({_first_line(err)})") from None
+    if computed:
+        table = table.append_column("ratio", _ratio(path, table))
+        names = [*names, "ratio"]
     group = _as_text(table.column("group"))
     if groups is not None:
         keep = pc.is_in(group, value_set=pa.array([str(g) for g in groups], pa.string()))
@@ -277,15 +333,19 @@ def extent(path: PathLike) -> tuple[int, int]:
 
 
 def info(path: PathLike) -> dict[str, Any]:
-    """:func:`graftlab.trace.trace_info` for a foreign trace (``parts`` counts its files)."""
+    """:func:`graftlab.trace.trace_info` for a foreign trace (``parts`` counts its files; ``columns``
+    are those :func:`read` returns, ``computed`` those of them the table does not store)."""
     path = Path(path)
     meta = metadata(path)
     dataset, fmt = _dataset(path)
     files = [path] if path.is_file() else _parquet_files(path)
     col = _steps(path, dataset.to_table(columns=["step"]).column("step"))
     mm = pc.min_max(col).as_py() if len(col) else {"min": None, "max": None}
+    columns, computed = list(dataset.schema.names), list(meta["foreign"]["computed"])
+    if computed:  # where read_trace puts it
+        columns.insert(columns.index("norm_d") + 1, "ratio")
     return {
         "metadata": meta, "parts": len(files), "rows": len(col), "first_step": mm["min"], "last_step": mm["max"],
-        "steps": len(pc.unique(col)) if len(col) else 0, "columns": list(dataset.schema.names),
+        "steps": len(pc.unique(col)) if len(col) else 0, "columns": columns, "computed": computed,
         "bytes": sum(f.stat().st_size for f in files),
     }

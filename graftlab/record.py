@@ -33,7 +33,7 @@ from graftlab.grad_norms import GradNorms
 from graftlab.kinds import Overrides
 from graftlab.record_buffer import Rows
 from graftlab.record_metadata import group_kinds, groups_meta, run_metadata
-from graftlab.record_writer import GRAD_COLUMN, Writer  # noqa: F401 - GRAD_COLUMN: its name here before
+from graftlab.record_writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
 from graftlab.trace_target import open_trace
 
 DEFAULT_FLUSH_EVERY = 100
@@ -61,15 +61,19 @@ class Recorder:
     ``ratio = ||w_M - w_t|| / ||w_D - w_t||``. Recorded over a grafted run (Section 4), it is what
     Section 5 distills into a learning-rate correction for D alone (:func:`graftlab.distill`).
 
-    ``path`` becomes a trace directory (:mod:`graftlab.trace`) with ``G = len(graft.group_names)``
-    rows per recorded step, and the run metadata (optimizers, groups with kinds/shapes/sizes, task,
-    seed, versions) in every part and in ``_graftlab.json``. Columns:
+    ``path`` becomes a trace directory (:mod:`graftlab.trace`, format ``graftlab.trace/2``) with
+    ``G = len(graft.group_names)`` rows per recorded step; the run metadata (optimizers, groups with
+    kinds/shapes/sizes, task, seed, versions) is written once, to the directory's ``_graftlab.json``
+    (each part's footer holds only a marker pointing to it). Stored columns:
 
     ``step`` int64: the 0-based optimizer step; ``group`` string: ``Graft.group_names``;
     ``norm_m``, ``norm_d`` float32: L2 norms of M's and D's proposed steps on the group, in
-    parameter units; ``ratio`` float32: ``norm_m / norm_d``, dimensionless, not finite where D's
-    step was zero; ``lr`` float64: M's learning rate (first param group) the step used;
-    any scalar given to :meth:`log` (``loss``, ...), repeated on the step's rows.
+    parameter units; ``lr`` float64: M's learning rate (first param group) the step used;
+    ``norm_g`` float32: the group's gradient norm (see ``grad_every``); any scalar given to
+    :meth:`log` (``loss``, ...), repeated on the step's rows. ``ratio`` (float32, ``norm_m /
+    norm_d``, dimensionless, not finite where D's step was zero) is not stored:
+    :func:`graftlab.read_trace` computes it on read, bit-identical to the Graft's. Reading the
+    files with pandas, polars or DuckDB: README, "Versions and contracts".
 
     Free per step: a step post-hook copies ``graft.last_stats`` (shape ``(3, G)``, on the
     parameters' device) into a preallocated ``(flush_every, 3, G)`` device buffer, with no host
@@ -136,8 +140,8 @@ class Recorder:
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
             ``overwrite``/``resume``, is a file, lies inside another trace, holds something other
             than a trace, or is being written by another process; a resume that
-            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column (or ``lr`` while
-            ``record_lr``) or a non-scalar tensor; writing failed (raised at the next flush,
+            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column (``norm_g``
+            included; or ``lr`` while ``record_lr``) or a non-scalar tensor; writing failed (raised at the next flush,
             :meth:`sync` or :meth:`close`).
 
     Example::
@@ -147,7 +151,7 @@ class Recorder:
             for batch in loader:
                 loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
                 rec.log(loss=loss.detach())            # optional per-step scalars, stay on the device
-        df = graftlab.read_trace("runs/trace")        # or pandas.read_parquet("runs/trace")
+        df = graftlab.read_trace("runs/trace")        # with ratio and df.attrs["graftlab"] metadata
     """
 
     def __init__(
@@ -299,16 +303,22 @@ class Recorder:
         the next flush, so logging costs no host sync. Every logged column is float64 in the trace
         whether its values came as Python numbers or tensors; a value logged twice for one step
         keeps the last. Rows of earlier parts lack a key first logged later (``read_trace`` fills
-        them with NaN).
+        them with NaN). Names are checked here, on every call, so that a bad one never reaches the
+        writer thread. ``restart`` is the divergence mark graftlab's own restart code logs
+        (:mod:`graftlab.runs`): :func:`graftlab.distill` reads it (:mod:`graftlab.divergence`) as the
+        number of restarts after a divergence before this step ran, and refuses windows from the
+        first nonzero one on, so log it only with that meaning.
 
         Raises:
             GraftlabError: the key is a trace column (``step``, ``group``, ``norm_m``, ``norm_d``,
-                ``ratio``), or ``lr`` while ``record_lr`` records it; the value is not a number or
-                a one-element tensor.
+                ``ratio``, or ``norm_g``, the per-group gradient norm), is not valid UTF-8 text
+                (a Parquet column name), or is ``lr`` while ``record_lr`` records it; the value is
+                not a number or a one-element tensor.
         """
         for key in scalars:  # checked on every rank, so that every rank fails alike
-            if key in trace.REQUIRED:
-                raise GraftlabError(f"cannot log {key!r}: it is a trace column")
+            problem = scalar_name_problem(key)
+            if problem:
+                raise GraftlabError(f"cannot log {key!r}: {problem}")
             if key == "lr" and self.record_lr:
                 raise GraftlabError(
                     "cannot log 'lr': the recorder writes the lr each step used (record_lr=True); "

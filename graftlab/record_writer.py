@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -12,6 +13,20 @@ import numpy as np
 from graftlab import trace
 
 GRAD_COLUMN = "norm_g"
+# the columns a trace part holds itself (``ratio`` is computed on read from /2 on): no scalar may take them
+RESERVED = (*trace.REQUIRED, GRAD_COLUMN)
+
+
+def scalar_name_problem(key: str) -> str:
+    """Why ``key`` cannot name a logged scalar column ("" when it can): a trace column, or text
+    that is not valid UTF-8 (Parquet stores column names as UTF-8)."""
+    if key in RESERVED:
+        return "it is a trace column"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a column name must be valid UTF-8 text"
+    return ""
 
 
 class Writer(threading.Thread):
@@ -65,6 +80,10 @@ class Writer(threading.Thread):
             elif host is not None:
                 col = np.where(np.isnan(host), col, host)
             scalars[key] = col
+        # Recorder.log refuses these names; a bad one that got here anyway costs its column, never the rows
+        for key in [k for k in scalars if scalar_name_problem(k)]:
+            warnings.warn(f"graftlab: logged scalar {key!r} not written ({scalar_name_problem(key)})", stacklevel=1)
+            del scalars[key]
         table = trace.build_table(steps, names, stats, scalars, meta, per_group)
         self.parts.append(trace.write_part(self.directory, table))
         if self.on_flush:

@@ -85,8 +85,11 @@ def build_sandbox(root: Path) -> None:
     make_trace(root / "ZERO", ratios=0.0)
     make_trace(root / "NEG", ratios=-2.0)
     make_trace(root / "MIXED", ratios=np.where(np.arange(len(GROUPS)) % 2, np.nan, -1.0))
+    # a single-file trace: a part with the run metadata in its footer (a bare /2 part copied out of
+    # its directory has only the marker, and is read as a table without metadata)
     single = pq.read_table(root / "T" / "part-000000000000.parquet")
-    pq.write_table(single, root / "TF.parquet")
+    full = trace.metadata_bytes(trace.read_metadata(root / "T"))
+    pq.write_table(single.replace_schema_metadata({trace.METADATA_KEY: full}), root / "TF.parquet")
     (root / "EMPTY").mkdir()
     (root / "MINE").mkdir()
     (root / "MINE" / "notes.txt").write_text("keep me")

@@ -159,6 +159,48 @@ def test_bad_logged_values_raise(tmp_path):
             rec.log(step=3)
 
 
+@pytest.mark.parametrize("grad_every", [1, 0])
+@pytest.mark.parametrize("key", ["norm_g", "ratio", "norm_m", "\ud800"])
+def test_a_bad_scalar_name_is_refused_at_log_and_the_buffered_rows_are_written(tmp_path, key, grad_every):
+    # norm_g (the gradient-norm column) used to be accepted here, then close() failed in the writer
+    # with "clashes with a trace column" and every buffered row was lost
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=100, grad_every=grad_every) as rec:
+        for i, (x, y) in enumerate(batches(4)):
+            rec.log(loss=step(model, opt, x, y))
+            if i == 2:
+                with pytest.raises(GraftlabError, match="cannot log") as err:
+                    rec.log(**{key: 1.0})
+                assert "\n" not in str(err.value)
+    df = graftlab.read_trace(tmp_path / "t")
+    assert sorted(df.step.unique()) == [0, 1, 2, 3] and df["loss"].notna().all()
+    assert key not in df.columns or key in ("norm_g", "ratio", "norm_m")
+    if key == "norm_g" and grad_every == 0:
+        assert "norm_g" not in df.columns  # not a float64 scalar column pretending to be gradient norms
+
+
+def test_a_bad_scalar_name_that_reaches_the_writer_costs_its_column_not_the_rows(tmp_path):
+    # log() refuses these names; the writer's own guard keeps the rows if one gets past it anyway
+    model, opt = setup()
+    with pytest.warns(UserWarning, match="'norm_g' not written"):
+        with Recorder(opt, tmp_path / "t", flush_every=100) as rec:
+            for x, y in batches(3):
+                rec.log(loss=step(model, opt, x, y))
+                rec._buffer.put(rec._last_row, "norm_g", 5.0)
+    df = graftlab.read_trace(tmp_path / "t")
+    assert sorted(df.step.unique()) == [0, 1, 2] and df["loss"].notna().all()
+    assert not (df["norm_g"] == 5.0).any()
+
+
+def test_restart_stays_a_loggable_scalar(tmp_path):
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t") as rec:
+        for x, y in batches(2):
+            step(model, opt, x, y)
+            rec.log(restart=0)
+    assert (graftlab.read_trace(tmp_path / "t")["restart"] == 0).all()
+
+
 # -- lr: the automatic column wins ----------------------------------------------------------------
 def test_log_lr_is_an_error_while_the_recorder_writes_lr(tmp_path):
     model, opt = setup()

@@ -17,9 +17,11 @@ ratio      float32                     ``norm_m / norm_d``; not finite where D's
 
 Extra per-step columns are allowed (``lr`` of the magnitude optimizer, ``loss``, ...). The optional
 per-group column ``norm_g`` (float32) is the group's gradient norm, NaN on steps where it was not
-taken; :mod:`graftlab.degenerate` reads it to tell float-noise groups apart. A table of ``step,
-group, ratio`` without graftlab metadata (Parquet from another tool, or CSV) is read too, with the
-metadata inferred (:mod:`graftlab.foreign`).
+taken; :mod:`graftlab.degenerate` reads it to tell float-noise groups apart. A table without
+graftlab metadata (Parquet from another tool, or CSV) is read too, with the metadata inferred
+(:mod:`graftlab.foreign`), when it has ``step, group`` and ``ratio``, or ``step, group, norm_m,
+norm_d`` (a ``/2`` trace exported by pandas, polars or DuckDB): ``ratio`` is then computed as
+``norm_m / norm_d``, in float32 when both norms are float32, as for a ``/2`` trace.
 
 Part files are named ``part-<first step, 12 digits>.parquet`` so that name order is step order, and
 each is written under a hidden temporary name (:func:`temporary_name`), fsynced and renamed when
@@ -40,8 +42,9 @@ Formats (both are read; a trace keeps the format it was started in, so a resumed
   first part) is the one copy of the metadata; each part's Parquet key-value metadata ``graftlab``
   holds only ``{"format": "graftlab.trace/2", "metadata": "_graftlab.json"}``. ``ratio`` is not
   stored: the norms are, losslessly, and readers compute ``norm_m / norm_d`` in float32, which is
-  bit-identical to the ratio a float32 Graft computes. A single-file ``/2`` trace holds the metadata
-  in its footer. About 7 bytes per row (bench/RESULTS.md).
+  bit-identical to the ratio a float32 Graft computes. A single-file ``/2`` trace
+  (:func:`write_table`) holds the metadata in its footer; a part file copied out of its directory
+  holds only the marker, so it is read as a table without metadata (:mod:`graftlab.foreign`). About 7 bytes per row (bench/RESULTS.md).
 - ``graftlab.trace/1``: every part stores ``ratio`` and repeats the full metadata in its footer
   (and the sidecar holds a copy); about 12 bytes per row.
 

@@ -137,11 +137,15 @@ def is_marker(meta: dict[str, Any]) -> bool:
     return meta.get("format") == FORMAT and meta.get("metadata") == SIDECAR and "groups" not in meta
 
 
-def read_sidecar(directory: Path) -> dict[str, Any]:
+def read_sidecar(directory: Path, where: Optional[Path] = None) -> dict[str, Any]:
+    """The run metadata in ``directory``'s sidecar; errors name ``where`` (default: ``directory``)."""
     path = directory / SIDECAR
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        if where is not None and where != directory:  # a part file read on its own
+            raise GraftlabError(f"{where}: a {FORMAT} part keeps its run metadata in the {SIDECAR} beside it, "
+                                f"which is missing") from None
         raise GraftlabError(f"{directory}: a {FORMAT} trace keeps its metadata in {SIDECAR}, which is missing") from None
     except OSError as err:
         raise GraftlabError(f"{path}: cannot read ({err.strerror})") from None
@@ -159,7 +163,7 @@ def trace_metadata(path: Path, first: Part) -> tuple[str, dict[str, Any]]:
     """
     meta = decode(first.key, first.path)
     if is_marker(meta):  # a part read on its own finds the metadata beside it
-        return FORMAT, read_sidecar(path.parent if path.is_file() else path)
+        return FORMAT, read_sidecar(path.parent, path) if path.is_file() else read_sidecar(path)
     return meta["format"], meta
 
 

@@ -111,7 +111,8 @@ def read_trace(
     fails), has no graftlab metadata or a format this graftlab does not read, has a part that lacks a
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
     ``columns``. A table another tool wrote (Parquet without graftlab metadata, or CSV, with columns
-    ``step, group, ratio``) is read by :func:`graftlab.foreign.read`.
+    ``step, group`` and ``ratio`` or ``norm_m, norm_d``), or a ``/2`` part file away from its
+    ``_graftlab.json``, is read by :func:`graftlab.foreign.read`.
     """
     from graftlab import foreign
 
@@ -180,7 +181,8 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     """What a trace holds, from the Parquet footers only (no data pages are read).
 
     Returns ``{"metadata", "format", "parts", "rows", "first_step", "last_step", "steps", "columns",
-    "bytes"}``; ``steps`` counts recorded steps (rows / groups). Every part's footer is checked as
+    "computed", "bytes"}``; ``steps`` counts recorded steps (rows / groups); ``columns`` are those
+    :func:`read_trace` returns, ``computed`` those of them not stored (``["ratio"]`` for ``/2``). Every part's footer is checked as
     :func:`read_trace` checks it, so a duplicated or damaged part is an error here too.
     """
     from graftlab import foreign
@@ -196,12 +198,15 @@ def trace_info(path: PathLike) -> dict[str, Any]:
         for name in p.schema.names:
             if name not in columns:
                 columns.append(name)
+    computed = []
     if fmt != FORMAT_1 and "ratio" not in columns:
         columns.insert(columns.index("norm_d") + 1, "ratio")  # computed on read
+        computed.append("ratio")
     bounds = [p.bounds for p in parts if p.bounds is not None]
     rows = sum(p.rows for p in parts)
     n_groups = len(meta.get("groups") or []) or 1
     return {"metadata": meta, "format": fmt, "parts": len(parts), "rows": rows,
             "first_step": min(b[0] for b in bounds) if bounds else None,
             "last_step": max(b[1] for b in bounds) if bounds else None,
-            "steps": rows // n_groups, "columns": columns, "bytes": sum(p.path.stat().st_size for p in parts)}
+            "steps": rows // n_groups, "columns": columns, "computed": computed,
+            "bytes": sum(p.path.stat().st_size for p in parts)}
