@@ -255,7 +255,9 @@ class Recorder:
 
     def _due(self) -> bool:
         n = self._buffer.n
-        return n == self.flush_every or bool(n and self.flush_seconds is not None and time.monotonic() >= self._deadline)
+        if n == self.flush_every:
+            return True
+        return bool(n and self.flush_seconds is not None and time.monotonic() >= self._deadline)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step
