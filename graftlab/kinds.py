@@ -261,8 +261,10 @@ def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter name -> the module that holds it (first name of shared tensors, as named_parameters)."""
+    from graftlab import wrappers
+
     out: dict[str, nn.Module] = {}
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in wrappers.named_modules(model):
         for p_name, _ in mod.named_parameters(recurse=False):
             out.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, mod)
     return out
@@ -299,7 +301,9 @@ def classify_model(model: nn.Module, overrides: Overrides = None) -> dict[str, G
     'K'
     """
     owners = _owners(model)
-    return classify_names([n for n, _ in model.named_parameters()], overrides, owners)
+    from graftlab import wrappers
+
+    return classify_names([n for n, _ in wrappers.named_parameters(model)], overrides, owners)
 
 
 def group_kind(members: Iterable[GroupKind]) -> GroupKind:

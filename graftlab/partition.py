@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from graftlab import wrappers
 from graftlab.errors import GraftlabError
 
 GRANULARITIES = ("global", "layer", "coordinate")
@@ -79,11 +80,13 @@ class Partition:
 def named_tensors(names: Names) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs from a module's ``named_parameters()`` or from pairs given as they are.
 
+    A module is named as the model inside torch.compile / DDP / DataParallel wrappers names its
+    parameters (:mod:`graftlab.wrappers`), so a trace of a compiled model matches the plain one.
     Raises GraftlabError when ``names`` is neither.
     """
     if names is None:
         return []
-    pairs = names.named_parameters() if isinstance(names, nn.Module) else names
+    pairs = wrappers.named_parameters(names) if isinstance(names, nn.Module) else names
     out = []
     try:
         for item in pairs:

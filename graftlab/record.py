@@ -220,8 +220,11 @@ class Recorder:
         self._last_row: Optional[int] = None
         self._lr: Any = None
         self._waiting = False  # a part handed to the writer that the next post-hook waits for
-        self._hooks += [graft.register_step_post_hook(self._on_step), graft.register_step_pre_hook(self._before_step),
-                        before_checkpoint(graft, self.sync)]
+        # host-side bookkeeping (counters, the buffer, the flush clock): under torch.compile(graft.step)
+        # the hooks run as plain Python, not traced (no graph break warning, no recompile per step)
+        host = torch.compiler.disable
+        self._hooks += [graft.register_step_post_hook(host(self._on_step)),
+                        graft.register_step_pre_hook(host(self._before_step)), before_checkpoint(graft, self.sync)]
         _OPEN.add(self)
         termination.watch(self)
 
@@ -252,7 +255,9 @@ class Recorder:
 
     def _due(self) -> bool:
         n = self._buffer.n
-        return n == self.flush_every or bool(n and time.monotonic() >= self._deadline)
+        if n == self.flush_every:
+            return True
+        return bool(n and self.flush_seconds is not None and time.monotonic() >= self._deadline)
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._next_step

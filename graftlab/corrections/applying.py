@@ -125,6 +125,24 @@ def _named(named_params: Any) -> tuple[list[str], list[Any]]:
     return names, params
 
 
+_PARALLEL = "module."  # DistributedDataParallel's and DataParallel's prefix
+
+
+def _own_names(named_params: Any) -> Any:
+    """Pairs named as the model inside its torch.compile (``_orig_mod.``) and, for a module given
+    whole, DDP/DataParallel wrappers names them (:mod:`graftlab.wrappers`): traces carry those names."""
+    if callable(getattr(named_params, "named_parameters", None)):
+        from graftlab import wrappers
+
+        return wrappers.named_parameters(named_params)
+    out = []
+    for item in named_params:
+        if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and "_orig_mod" in item[0]:
+            item = (".".join(p for p in item[0].split(".") if p != "_orig_mod"), item[1])
+        out.append(item)
+    return out
+
+
 _SLICE = re.compile(r"(.+)\[(\w+)\]")
 
 
@@ -190,7 +208,10 @@ def apply(
 
     This is the paper's offline transfer (Section 5): D trained alone with the per-layer factors
     distilled from M#D (Table 5 medians, or their D_beta rounding of Table 6b) or a global schedule
-    (Figure 4). ``named_params`` is ``list(model.named_parameters())`` (``(name, tensor)`` pairs);
+    (Figure 4). ``named_params`` is ``list(model.named_parameters())`` (``(name, tensor)`` pairs)
+    or the model itself; a compiled model's ``_orig_mod.`` segments are dropped, and so is a
+    DDP/DataParallel ``module.`` prefix (of a model given whole, or of pairs that all carry it and
+    match the file only without it), since traces name the groups as the unwrapped model does;
     ``base_lr`` is D's learning rate, normally the one the trace was recorded with
     (``corrections.direction_lr``), since the factors are relative to it.
 
@@ -208,9 +229,16 @@ def apply(
     """
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
         raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
-    names, params = _named(named_params)
+    names, params = _named(_own_names(named_params))
     targets = _targets(corrections, names, params)
     unknown = [g for g in corrections.groups if not targets[g]]
+    if unknown and names and all(n.startswith(_PARALLEL) for n in names):
+        # pairs of a DDP/DataParallel model (the wrapper is not at hand to say so): its own names
+        # are taken only when they match every group the wrapped ones do not
+        inner = [n[len(_PARALLEL):] for n in names]
+        inner_targets = _targets(corrections, inner, params)
+        if all(inner_targets[g] for g in corrections.groups):
+            names, targets, unknown = inner, inner_targets, []
     if unknown and not allow_missing:
         raise GraftlabError(
             f"{len(unknown)} group(s) in the corrections match no parameter of this model "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from graftlab import termination
 from graftlab.config import RunConfig, check_output_file, resolve_config
 from graftlab.distributed.runtime import Runtime
 from graftlab.divergence import RESTART_COLUMN
@@ -108,17 +109,36 @@ def fit(
     loop = _Loop(config, task, optimizer, scheduler, rt, on_step, guard,
                  lrs=lambda step: base_lr * factor(step), first=first)
     bar = _Progress(config.steps, progress and rt.writes, f"{task.name}/{task.size} {type(optimizer).__name__}")
+    termination.watch(loop)  # SIGTERM unwinds like Ctrl-C, so the steps run get their metrics
     try:
         loop.run(batches, bar)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and stop.code != termination.EXIT_CODE or rt.env.distributed:
+            raise  # an exit asked for, or ranks that may be gone: no collective for the metrics
+        bar.close()
+        with termination.deferred():  # a second SIGTERM does not cut the metrics file in half
+            stop.fit_result = _finish(config, task, optimizer, loop, guard, rt, path, metadata, overwrite,
+                                      interrupted=True)
+        raise
     finally:
         bar.close()
+        termination.unwatch(loop)
+    return _finish(config, task, optimizer, loop, guard, rt, path, metadata, overwrite)
+
+
+def _finish(config: RunConfig, task: Task, optimizer: Optimizer, loop: "_Loop", guard: Guard, rt: Runtime,
+            path: Any, metadata: Optional[dict[str, Any]], overwrite: bool, interrupted: bool = False) -> FitResult:
+    """The result of the steps ``loop`` ran (all, up to a divergence, or up to an interruption),
+    with its metrics file written."""
     wall = time.perf_counter() - loop.start
-    rate = loop.executed / max(loop.train_time, 1e-9)
+    rate = loop.executed / max(loop.train_time or wall - loop.eval_time, 1e-9)
     stopped = loop.diverged
     result = FitResult(loop.final, loop.frame(), wall, rate, loop.done, stopped.step if stopped else None,
                        str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale)
     if path is not None and rt.writes:
         meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
+        if interrupted:
+            meta["interrupted"] = True  # stopped by Ctrl-C or SIGTERM: no final evaluation
         write_metrics(path, result.metrics, meta, overwrite)
     return result
 
@@ -206,15 +226,16 @@ class _Loop:
         loss = self.task.loss(self.task.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
         loss = loss.detach()
-        self.guard.observe(step, loss)
         self.losses[step] = loss
-        if self.on_step is not None:
-            self.on_step(step, loss)
+        self.optimizer.step()
+        # the update (and the Recorder's row) is in: a Ctrl-C or SIGTERM from here on counts the step
         self.done = step + 1
         self.executed += 1
+        self.scheduler.step()
+        self.guard.observe(step, loss)
+        if self.on_step is not None:
+            self.on_step(step, loss)
 
     def _log(self, bar: "_Progress") -> None:
         # the one host sync per logging interval; the mean over ranks (a collective: every rank calls it)
@@ -249,7 +270,8 @@ class _Loop:
         losses = self.rt.mean(self.losses)  # every rank calls it: a collective under torchrun
         frame = pd.DataFrame({"step": np.arange(first, done, dtype=np.int64),
                               "loss": losses[first:done].cpu().numpy(), "lr": self.lrs[first:done]})
-        for key in self.final:
+        keys = list(self.final) or list(dict.fromkeys(k for values in self.evals.values() for k in values))
+        for key in keys:
             column = np.full(done - first, np.nan)
             for s, values in self.evals.items():
                 if first <= s < done:  # a run resumed from its final checkpoint has no row for its end

@@ -82,6 +82,10 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
         result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
                      on_step=lambda step, loss: run.log(loss=rt.mean(loss)), on_restart=run.rewind,
                      overwrite=overwrite, metadata={"trace": str(path)})
+    except (KeyboardInterrupt, SystemExit) as stop:
+        run.recorder.close()  # the buffered rows first: the line below says what is on disk
+        _say_interrupted(stop, path if rt.writes else None)
+        raise
     finally:
         run.recorder.close()
     summary = kind_summary(trace.read_trace(path)) if rt.writes else pd.DataFrame()
@@ -146,8 +150,32 @@ def train(
         from graftlab.corrections.applying import register_scales
 
         register_scales(optimizer)  # per-slice factors of fused tensors (GPT-2's c_attn)
-    return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
-               metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
+    try:
+        return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
+                   metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        _say_interrupted(stop, None)
+        raise
+
+
+def _say_interrupted(stop: BaseException, trace_path: Optional[Path]) -> None:
+    """One stderr line for a run stopped by Ctrl-C or SIGTERM (``fit`` attached what it ran and
+    wrote): the step it stopped at, the trace's steps on disk, the metrics file."""
+    result: Optional[FitResult] = getattr(stop, "fit_result", None)
+    if result is None:
+        return  # not an interruption fit handled (an exit asked for, or ranks of a torchrun job)
+    steps = result.metrics["step"]
+    what = [f"interrupted at step {result.steps}"]
+    if trace_path is not None:
+        try:
+            first, last = trace.trace_extent(trace_path)
+            what.append(f"trace {trace_path} holds steps {first}..{last}")
+        except GraftlabError:
+            what.append(f"trace {trace_path} holds no step yet")
+    if result.path is not None:
+        span = f"steps {steps.iloc[0]}..{steps.iloc[-1]}" if len(steps) else "no step"
+        what.append(f"metrics of {span} written to {result.path}")
+    _warn(": ".join(what[:2]) + "".join(f"; {w}" for w in what[2:]))
 
 
 def _task(config: C, rt: Runtime) -> tuple[Task, C]:

@@ -1,0 +1,101 @@
+"""Ctrl-C (SIGINT) and SIGTERM during ``graftlab record`` and ``graftlab train``: the run keeps its exit
+status (130, 143), says on one stderr line where it stopped and what is on disk, and writes the
+metrics of the steps it ran; the trace keeps every step run (the Recorder flushes on the way out).
+
+Each case is a real ``graftlab`` process (``graftlab.cli.app.main``) that appends the number of each
+optimizer step it completes to a progress file (a global step post-hook, as the kill suite's
+worker does); the signal goes once a few steps are done.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from graftlab import trace
+from graftlab.runs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+AFTER = 3  # send the signal once this step (0-based) is done
+
+RUNNER = """
+import os, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+count, optimizer = [0], sys.argv[2]
+def report(opt, args, kwargs):
+    if type(opt).__name__ == optimizer:  # the run's optimizer (a Graft's children step too)
+        os.write(out, f"{count[0]}\\n".encode())
+        count[0] += 1
+register_optimizer_step_post_hook(report)
+from graftlab.cli.app import main
+sys.argv = ["graftlab", *sys.argv[3:]]
+main()
+"""
+
+
+def _reported(progress: Path) -> list[int]:
+    return [int(x) for x in progress.read_text().split()] if progress.exists() else []
+
+
+def _interrupt(tmp_path: Path, argv: list[str], sig: int, optimizer: str) -> tuple[int, str, int]:
+    """Run ``graftlab argv``, send ``sig`` after step AFTER of the run's ``optimizer`` (class name);
+    (exit status, stderr, steps reported)."""
+    progress, err = tmp_path / "progress", tmp_path / "stderr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(progress), optimizer, *argv],
+                                cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while AFTER not in _reported(progress):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"the run ended or stalled before step {AFTER}:\n{err.read_text()}")
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        status = proc.wait(timeout=120)
+    return status, err.read_text(), len(_reported(progress))
+
+
+COMMON = ["--task", "bert", "--size", "tiny", "--batch-size", "2", "--steps", "5000", "--eval-every", "0",
+          "--device", "cpu", "--seed", "0", "--quiet"]
+SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143)}
+
+
+@pytest.mark.parametrize("name", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+def test_record_interrupted_writes_metrics_and_says_where(tmp_path, name):
+    sig, code = SIGNALS[name]
+    status, err, done = _interrupt(tmp_path, ["record", *COMMON, "--flush-every", "50", "-o", "t",
+                                              "--metrics", "m.parquet"], sig, "Graft")
+    assert status == code, err
+    line = re.search(r"interrupted at step (\d+): trace t holds steps 0\.\.(\d+); "
+                     r"metrics of steps 0\.\.(\d+) written to m\.parquet", err)
+    assert line, err
+    steps, last_traced, last_metric = map(int, line.groups())
+    assert steps >= done and last_traced == last_metric == steps - 1
+    df = trace.read_trace(tmp_path / "t")
+    assert sorted(df["step"].unique()) == list(range(steps))  # nothing lost: fewer than flush_every steps ran
+    frame, meta = read_metrics(tmp_path / "m.parquet")
+    assert frame["step"].tolist() == list(range(steps)) and frame["loss"].notna().all()
+    assert meta["interrupted"] is True and meta["steps"] == steps
+
+
+@pytest.mark.parametrize("name", [pytest.param("SIGINT", marks=pytest.mark.slow), "SIGTERM"])
+def test_train_interrupted_writes_metrics_and_says_where(tmp_path, name):
+    sig, code = SIGNALS[name]
+    status, err, done = _interrupt(tmp_path, ["train", *COMMON, "--optimizer", "sgd", "--metrics", "m.parquet"], sig,
+                                   "SGD")
+    assert status == code, err
+    line = re.search(r"interrupted at step (\d+): metrics of steps 0\.\.(\d+) written to m\.parquet", err)
+    assert line, err
+    steps, last = map(int, line.groups())
+    assert steps >= done and last == steps - 1
+    frame, meta = read_metrics(tmp_path / "m.parquet")
+    assert frame["step"].tolist() == list(range(steps)) and meta["interrupted"] is True
