@@ -174,16 +174,37 @@ def _as_text(col: Union[pa.Array, pa.ChunkedArray]) -> pa.ChunkedArray:
 
 
 def _steps(path: Path, col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The ``step`` column as int64; GraftlabError for empty, fractional or negative steps (a
+    trace's steps count optimizer steps from 0)."""
     if col.null_count:
         raise GraftlabError(f"{path}: column step has {col.null_count} empty value(s)")
     if pa.types.is_integer(col.type):
-        return col.cast(pa.int64())
-    if pa.types.is_floating(col.type):
+        col = col.cast(pa.int64())
+    elif pa.types.is_floating(col.type):
         vals = col.to_numpy()
         if not (np.isfinite(vals).all() and (vals == np.round(vals)).all()):
             raise GraftlabError(f"{path}: column step must hold whole step numbers")
-        return pa.chunked_array([pa.array(vals.astype(np.int64))])
-    raise GraftlabError(f"{path}: column step must hold integers, not {col.type}")
+        col = pa.chunked_array([pa.array(vals.astype(np.int64))])
+    else:
+        raise GraftlabError(f"{path}: column step must hold integers, not {col.type}")
+    if len(col) and pc.min(col).as_py() < 0:
+        vals = col.to_numpy()
+        first = int(vals[np.flatnonzero(vals < 0)[0]])
+        raise GraftlabError(f"{path}: step {first} is negative (steps count optimizer steps from 0); "
+                            f"{int((vals < 0).sum())} row(s) have a negative step")
+    return col
+
+
+def _check_unique(path: Path, step: np.ndarray, rank: np.ndarray, group: np.ndarray) -> None:
+    """GraftlabError naming the first (step, group) pair that two rows hold (``step``, ``rank``
+    and ``group`` in sorted row order): its ratio would be ambiguous."""
+    if len(step) < 2:
+        return
+    dup = np.flatnonzero((step[1:] == step[:-1]) & (rank[1:] == rank[:-1]))
+    if len(dup):
+        i = int(dup[0])
+        raise GraftlabError(f"{path}: step {int(step[i])} of group {str(group[i])!r} appears in more than one row "
+                            f"({len(dup)} repeated (step, group) row(s)); keep one row per step and group")
 
 
 def _group_names(dataset: ds.Dataset) -> list[str]:
@@ -300,6 +321,7 @@ def read(
     rank = pc.index_in(group, value_set=pa.array(order, pa.string())).to_numpy(zero_copy_only=False)
     idx = np.lexsort((rank, step.to_numpy()))
     out = {"step": step.to_numpy()[idx], "group": np.asarray(group.to_numpy(zero_copy_only=False), dtype=object)[idx]}
+    _check_unique(path, out["step"], rank[idx], out["group"])
     for c in wanted:
         if c in ("step", "group"):
             continue

@@ -169,10 +169,20 @@ def grid(step: np.ndarray, code: np.ndarray, ratio: np.ndarray, names: list[str]
     recorded = np.zeros((len(present), len(steps)), bool)
     recorded[rows, cols] = True
     if int(recorded.sum()) != n:
-        raise GraftlabError("a (step, group) pair appears more than once in the trace")
+        raise GraftlabError(_duplicate(step, code, names))
     r = np.asarray(ratio, dtype=np.float64)
     values[rows, cols] = np.where(np.isfinite(r), r, np.nan)
     return Grid([names[i] for i in present], steps, values, None if recorded.all() else recorded)
+
+
+def _duplicate(step: np.ndarray, code: np.ndarray, names: list[str]) -> str:
+    """The message for rows holding a (step, group) pair twice: the first such pair in row order."""
+    key = step * max(len(names), 1) + code
+    _, first = np.unique(key, return_index=True)
+    seen = np.zeros(len(key), bool)
+    seen[first] = True
+    i = int(np.flatnonzero(~seen)[0])  # the earliest row that repeats an earlier one
+    return f"step {int(step[i])} of group {names[int(code[i])]!r} appears more than once in the trace"
 
 
 def _dense(batches: Any, n_groups: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -240,4 +250,7 @@ def read_grid(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = 
         return Grid([], np.array([], np.int64), np.empty((0, 0))), meta
     names = group.chunk(0).dictionary.to_pylist()  # read_table gives every chunk this dictionary
     code = np.concatenate([c.indices.to_numpy() for c in group.chunks])
-    return grid(table.column("step").to_numpy(), code, table.column("ratio").to_numpy(), names), meta
+    try:
+        return grid(table.column("step").to_numpy(), code, table.column("ratio").to_numpy(), names), meta
+    except GraftlabError as err:  # the grid does not know which file it was read from
+        raise GraftlabError(f"{path}: {err}") from None

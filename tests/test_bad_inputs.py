@@ -99,6 +99,11 @@ def build_sandbox(root: Path) -> None:
     (root / "notes.txt").write_text("a user's file")
     (root / "garbage.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     pq.write_table(pa.table({"x": [1, 2]}), root / "plain.parquet")
+    # tables from other tools: a (step, group) pair twice, a negative step
+    (root / "dup.csv").write_text("step,group,ratio\n0,a.weight,1\n0,b.bias,2\n1,a.weight,1\n1,b.bias,2\n"
+                                  "1,a.weight,3\n2,a.weight,1\n2,b.bias,2\n3,a.weight,1\n3,b.bias,2\n")
+    pq.write_table(pa.table({"step": [0, 0, 1, 1, -4, -4, 2, 2], "group": ["a", "b"] * 4,
+                             "ratio": [1.0] * 8}), root / "negstep.parquet")
     (root / "CK").mkdir()  # a checkpoint folder with no checkpoint in it
     (root / "LOCKED").mkdir()
     make_trace(root / "LOCKED" / "t")
@@ -279,6 +284,10 @@ SAYS: dict[str, tuple[str, ...]] = {
     "start negative": ("--start must be a step number >= 0",),
     "start past the end": ("--start 40 is past the trace's end", "--start + --window <= 40"),
     "unknown --by": ("--by must be 'group' or 'kind', not 'nope'",),
+    "a foreign table with a (step, group) pair twice": ("dup.csv: step 1 of group 'a.weight' appears in more than one row",),
+    "a foreign table with a negative step": ("negstep.parquet: step -4 is negative",),
+    "a corrections file": ("corr/good.json: a graftlab corrections file, not a trace", "graftlab show",
+                           "graftlab train --corrections", "!magic"),
 }
 
 
@@ -364,6 +373,9 @@ for args, why in [
     ("T --window 10 -o T/_graftlab.json --overwrite", "output over the sidecar"),
     ("T --window 10 -o G/c.json", "output inside another trace"),
     ("T --window 10 --nope", "unknown option"),
+    ("dup.csv --window 2", "a foreign table with a (step, group) pair twice"),
+    ("negstep.parquet --window 2", "a foreign table with a negative step"),
+    ("corr/good.json", "a corrections file"),
 ]:
     case(f"distill: {why}", f"distill {args}", *SAYS.get(why, ()))
 # the start is as much the problem as the window
@@ -382,9 +394,10 @@ for args, why in [
     ("", "no trace"), (".", "the current folder"), ("EMPTY", "an empty folder"), ("MINE", "a folder of other files"),
     ("ONLYSIDE", "a trace that never flushed"), ("notes.txt", "a text file"), ("garbage.parquet", "not Parquet"),
     ("plain.parquet", "Parquet without graftlab metadata"), ("NEW/none", "a missing path"),
-    ("T --groups maybe", "bad flag value"),
+    ("T --groups maybe", "bad flag value"), ("negstep.parquet", "a foreign table with a negative step"),
+    ("corr/good.json", "a corrections file"),
 ]:
-    case(f"info: {why}", f"info {args}")
+    case(f"info: {why}", f"info {args}", *SAYS.get(why, ()))
 
 for args, why in [
     ("T", "no output"), ("NAN -f 5 -o NEW/f.png", "all-NaN trace"), ("INF -f 5 -o NEW/f.png", "all-inf trace"),

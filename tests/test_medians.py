@@ -78,8 +78,10 @@ def test_grid_filter_is_per_group_over_recorded_rows():
 
 
 def test_grid_refuses_duplicates_and_bad_widths():
-    with pytest.raises(GraftlabError, match="more than once"):
+    with pytest.raises(GraftlabError, match="step 0 of group 'a' appears more than once"):
         medians.grid(np.array([0, 0, 1]), np.array([0, 0, 0]), np.ones(3), ["a"])
+    with pytest.raises(GraftlabError, match="step 1 of group 'b' appears more than once"):  # the first repeat
+        medians.grid(np.array([0, 0, 1, 1, 1, 2, 2]), np.array([0, 1, 0, 1, 1, 0, 1]), np.ones(7), ["a", "b"])
     for bad in (0, 2, -1, 2.5, True):
         with pytest.raises(GraftlabError, match="positive odd integer"):
             medians.running_median(np.ones(5), bad)

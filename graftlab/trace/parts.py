@@ -78,6 +78,24 @@ class Part:
         return self.scan
 
 
+# ``"format": "graftlab.corrections/<n>"`` among the first bytes: graftlab writes the key first
+_CORRECTIONS_SNIFF = 4096
+
+
+def _is_corrections_file(path: Path) -> bool:
+    """Whether ``path`` is a JSON corrections file (what ``graftlab distill`` writes), given where a
+    trace was expected: a few KiB are read, and only after the file failed to open as Parquet."""
+    import re
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_CORRECTIONS_SNIFF)
+    except OSError:
+        return False
+    return (head.lstrip()[:1] == b"{"
+            and re.search(rb'"format"\s*:\s*"graftlab\.corrections/', head) is not None)
+
+
 def open_part(path: Path, scan: bool = False) -> Part:
     """Read ``path``'s footer; GraftlabError if it is not readable Parquet or its schema is damaged.
 
@@ -97,6 +115,10 @@ def open_part(path: Path, scan: bool = False) -> Part:
         kv = dict(footer.metadata or {})
         parquet_names = list(footer.schema.names)
     except READ_ERRORS as err:
+        if _is_corrections_file(Path(path)):
+            raise GraftlabError(
+                f"{path}: a graftlab corrections file, not a trace: see it with `graftlab show {path}`, train with "
+                f"it with `graftlab train --corrections {path}` (Python: graftlab.load_corrections)") from None
         raise GraftlabError(f"{path}: not a readable Parquet file ({describe(err)})") from None
     stored = kv.get(b"ARROW:schema")
     if stored is not None:  # the same names twice: a flipped byte in one copy shows
