@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,8 +53,14 @@ def distill(
     out = output if output is not None else default_output(trace, format)
     # every path before reading a large trace: the output is not the trace, nor inside a trace folder
     check_output(out, "corrections file", overwrite=overwrite, inputs=[("trace", trace)])
-    corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
-               outlier=outlier or None, allow_divergence=allow_divergence)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
+                   outlier=outlier or None, allow_divergence=allow_divergence)
+    notes = corr.source.get("warnings") or []
+    for w in caught:  # the notes are printed below, one line each; anything else as Python shows it
+        if not any(str(w.message).endswith(n) for n in notes):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     save(corr, out, format=format, overwrite=overwrite)
 
     src, records = corr.source, corr.group_sources
@@ -85,6 +92,8 @@ def distill(
                       f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
+    for note in notes:
+        console.print(f"[yellow]warning: {note}", soft_wrap=True)
     if src.get("divergence"):
         div = src["divergence"]
         console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "

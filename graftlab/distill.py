@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,7 +34,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis, degenerate, divergence, medians
+from graftlab import analysis, degenerate, distill_notes, divergence, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
@@ -111,6 +110,7 @@ def distill(
     groups = _groups(grid.groups if whole else analysis.group_order(df), table)
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
+    notes = distill_notes.settings(path, round, tie, tied, filter, window)
     if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
         tied = tied & analysis.attention_weights(groups, kinds)
     rule = _Rule(round, kinds, tied)
@@ -120,7 +120,7 @@ def distill(
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
     rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier,
                                                           precision=meta.get("precision"))
-    spread, notes = _tied_spread(path, round, first_win["median"], rule)
+    spread, spread_notes = distill_notes.tied_spread(path, round, first_win["median"], rule.flags, rule.tied)
     marks_seen = None if allow_divergence else marks
     later = pd.Series(math.nan, index=groups)
     if whole:
@@ -160,7 +160,7 @@ def distill(
         "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
         "degenerate": method,
         "tied_spread": None if math.isnan(spread) else float(spread),
-        "warnings": notes,
+        "warnings": notes + spread_notes,
         "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
@@ -249,20 +249,6 @@ def _check_usable(path: Path, df: pd.DataFrame, medians: pd.Series, start: int, 
             f"{path}: no group has a finite positive ratio in steps {start}..{start + window - 1} (all NaN, "
             f"infinite or zero: no step of D, or no step of M), nothing to distill: {_names(medians.index)}"
         )
-
-
-def _tied_spread(path: Path, round: str, medians: pd.Series, rule: "_Rule") -> tuple[float, list[str]]:
-    """How far apart the medians that D_beta ties to one beta are (max/min of the unflagged ones),
-    and a warning when more than ``analysis.SPREAD_WARN``: one beta then over- or undershoots."""
-    if analysis.parse_round(round)[0] not in ("dbeta", "dbeta_attn"):
-        return math.nan, []
-    spread = analysis.tied_spread(medians[rule.flags == ""], rule.tied)
-    if not spread > analysis.SPREAD_WARN:
-        return spread, []
-    note = (f"{round}: the tied groups' medians span {spread:.3g}x (more than {analysis.SPREAD_WARN:g}x); "
-            "one beta over- or undershoots some of them")
-    warnings.warn(f"{path}: {note}", stacklevel=3)
-    return spread, [note]
 
 
 def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:

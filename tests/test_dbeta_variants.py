@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -98,3 +101,34 @@ def test_distill_paper_rule_warns_and_narrow_tie_does_not(tmp_path):
     assert corr.source["warnings"] == [] and corr.source["tied_spread"] < 10
     # rounding without beta computes no spread
     assert distill(trace, window=20, round="pow10").source["tied_spread"] is None
+
+
+def test_tie_that_matches_nothing_and_wide_filter_warn(tmp_path):
+    trace, ratios = _trace(tmp_path)
+    with pytest.warns(UserWarning, match="the tie regex 'nomatch' matches none of the 9 group names") as caught:
+        corr = distill(trace, window=20, round="D500", tie="nomatch")
+    assert not any(corr.source["groups"][g]["tied"] for g in corr.multipliers)
+    assert len(caught) == 1 and corr.source["warnings"] == [str(caught[0].message).split(": ", 1)[1]]
+    with pytest.warns(UserWarning, match=r"median filter \(width 21\) is wider than the window \(20 steps\)"):
+        corr = distill(trace, window=20, round="pow10", filter=21)
+    assert len(corr.source["warnings"]) == 1
+    # a tie that matches, a filter within the window, or a tie without D rounding: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert distill(trace, window=20, round="D200", tie=r"attn\.query\.weight").source["warnings"] == []
+        assert distill(trace, window=20, round="pow10", tie="nomatch", filter=19).source["warnings"] == []
+
+
+def test_cli_prints_each_warning_on_one_line(tmp_path):
+    import shlex
+
+    trace, _ = _trace(tmp_path)
+    argv = f"distill {shlex.quote(str(trace))} --window 5 --round D500 --tie nomatch --filter 7 -o {tmp_path / 'c.json'}"
+    res = subprocess.run([sys.executable, "-m", "graftlab", *shlex.split(argv)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr, res.stderr  # not Python's two-line format
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 2, res.stdout
+    assert "the tie regex 'nomatch' matches none" in lines[0] and "ties no group to beta" in lines[0]
+    assert "median filter (width 7) is wider than the window (5 steps)" in lines[1]
