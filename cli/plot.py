@@ -25,9 +25,10 @@ def plot(
     from graftlab.plots.render import render
     from graftlab.trace import read_metadata
 
-    for trace in traces:
-        if note(read_metadata(trace)):
-            typer.echo(f"{trace}: {note(read_metadata(trace))}", err=True)
-    for path in render(traces, figure, out, steps=steps, width=width, window=window, round=round,
-                       overwrite=overwrite):
+    notes = [f"{trace}: {n}" for trace in traces if (n := note(read_metadata(trace)))]
+    written = render(traces, figure, out, steps=steps, width=width, window=window, round=round, overwrite=overwrite)
+    # after the outputs are checked and written: a refused command prints its one error line only
+    for line in notes:
+        typer.echo(line, err=True)
+    for path in written:
         typer.echo(str(path))

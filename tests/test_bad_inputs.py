@@ -102,6 +102,8 @@ def build_sandbox(root: Path) -> None:
     # tables from other tools: a (step, group) pair twice, a negative step
     (root / "dup.csv").write_text("step,group,ratio\n0,a.weight,1\n0,b.bias,2\n1,a.weight,1\n1,b.bias,2\n"
                                   "1,a.weight,3\n2,a.weight,1\n2,b.bias,2\n3,a.weight,1\n3,b.bias,2\n")
+    (root / "plain.csv").write_text("step,group,ratio\n" + "".join(f"{s},{g},{r}\n" for s in range(40)
+                                                                 for g, r in (("a.weight", 1.5), ("b.bias", 0.2))))
     pq.write_table(pa.table({"step": [0, 0, 1, 1, -4, -4, 2, 2], "group": ["a", "b"] * 4,
                              "ratio": [1.0] * 8}), root / "negstep.parquet")
     (root / "CK").mkdir()  # a checkpoint folder with no checkpoint in it
@@ -417,6 +419,9 @@ for args, why in [
     ("T -f 5 --width -3 -o NEW/f.png", "negative width"), ("T -f corrections --window 0 -o NEW/f.png", "window 0"),
     ("T -f corrections --round nope -o NEW/f.png", "bad rounding"), ("EMPTY -f 5 -o NEW/f.png", "not a trace"),
     ("NEW/none -f 5 -o NEW/f.png", "missing trace"), ("notes.txt -f 5 -o NEW/f.png", "a text file"),
+    # a table without graftlab metadata: its note is not printed when the command is refused
+    ("plain.csv -f 5 -o notes.txt", "no metadata, output exists"), ("plain.csv -f 5 -o NEW/f.xyz", "no metadata, bad suffix"),
+    ("plain.csv -o notes.txt", "no metadata, all figures into a file"), ("plain.csv -f 4 -o NEW/f.png", "no metadata, figure 4"),
 ]:
     case(f"plot: {why}", f"plot {args}")
 
