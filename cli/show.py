@@ -7,30 +7,54 @@ from typing import List
 
 import typer
 
+# files past the first few get letters too; a table of three files or more may pass 100 columns
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+WIDTH = 100  # the kind table of two files fits this many columns
+
 
 def show(
     files: List[Path] = typer.Argument(..., help="Corrections files written by `graftlab distill` (JSON)."),
-    by: str = typer.Option("group", "--by", help="group (one row per group) or kind (medians over each kind's groups)."),
+    by: str = typer.Option("group", "--by", help="group (one row per group) or kind (medians over each kind's unflagged groups)."),
 ) -> None:
     """Show corrections files side by side: factors per group (or kind), medians and drift."""
     from rich.console import Console
     from rich.table import Table
 
     from graftlab.corrections import compare
+    from graftlab.errors import GraftlabError
 
-    df = compare(*files, by=by)
-    table = Table(title=" vs ".join(str(f) for f in files) + f", per {by}")
+    if len(files) > len(_LETTERS):
+        raise GraftlabError(f"show takes at most {len(_LETTERS)} corrections files, got {len(files)}")
+    # one letter per file in the headers (the legend names the files): a file name would not fit
+    letters = list(_LETTERS[:len(files)])
+    df = compare(*files, labels=letters, by=by)
+    flagged = df.pop("flagged") if "flagged" in df.columns else None
+    table = Table(title=(f"{files[0]}, per {by}" if len(files) == 1 else f"per {by}"))
     table.add_column(df.index.name or by, no_wrap=True)
     for col in df.columns:
-        table.add_column(col, justify="left" if col == "kind" else "right")
+        table.add_column(_header(col, len(files)), justify="left" if col == "kind" else "right")
     for name, row in df.iterrows():
         table.add_row(str(name), *(_cell(col, v) for col, v in row.items()))
     longest = max((len(str(n)) for n in df.index), default=10)
     console = Console()
-    Console(width=max(console.width, longest + 14 * len(df.columns))).print(table)
+    need = WIDTH if by == "kind" else longest + 12 * len(df.columns)
+    Console(width=max(console.width, need)).print(table)
+    if len(files) > 1:
+        legend = ", ".join(f"{k} = {f}" for k, f in zip(letters, files))
+        console.print(legend + ("; ratio B/A = factor B / factor A" if len(files) == 2 else ""), soft_wrap=True)
+    if flagged is not None and flagged.sum():
+        per_kind = ", ".join(f"{k}: {int(n)}" for k, n in flagged.items() if n)
+        console.print(f"left out of the kind medians: {int(flagged.sum())} flagged group(s) ({per_kind}); "
+                      "--by group lists them", soft_wrap=True)
     if any(c.startswith("drift") for c in df.columns):
         console.print("drift = median ratio over the trace's last window / over the first window "
                       "(far from 1: a static factor fits only part of the run)")
+
+
+def _header(col: str, n_files: int) -> str:
+    if col == "factor ratio":
+        return "ratio B/A"
+    return col.rsplit(" ", 1)[0] if n_files == 1 and " " in col else col
 
 
 def _cell(col: str, v) -> str:

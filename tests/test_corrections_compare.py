@@ -55,9 +55,49 @@ def test_show_command(tmp_path):
     a, b = save(A, tmp_path / "a.json"), save(B, tmp_path / "b.json")
     res = CliRunner().invoke(app, ["show", str(a), str(b)])
     assert res.exit_code == 0, res.output
-    assert "factor a" in res.output and "factor b" in res.output and "drift" in res.output
+    assert "factor A" in res.output and "factor B" in res.output and "drift" in res.output
+    assert f"A = {a}, B = {b}" in res.output  # the legend
     assert "0.5x" in res.output  # q's factor ratio
     res = CliRunner().invoke(app, ["show", str(a), "--by", "kind"])
     assert res.exit_code == 0 and "groups" in res.output
     res = CliRunner().invoke(app, ["show", str(tmp_path / "none.json")])
     assert res.exit_code != 0 and "no such corrections file" in str(res.exception)
+
+
+def test_kind_medians_leave_flagged_groups_out():
+    """A degenerate K bias (median 1.2e5, factor from the stand-in) does not move the K median."""
+    kinds = {"k.w": "K", "k.w2": "K", "k.b": "K", "q.w": "Q"}
+    c = corr({"k.w": 500.0, "k.w2": 500.0, "k.b": 500.0, "q.w": 500.0},
+             {"k.w": 2000.0, "k.w2": 2162.0, "k.b": 1.243e5, "q.w": 900.0}, {g: 1.0 for g in kinds}, kinds)
+    c.source["groups"]["k.b"].update(flags="degenerate", stand_in=2081.0)
+    c2 = corr({g: 100.0 for g in kinds}, {"k.w": 700.0, "k.w2": 800.0, "k.b": 600.0, "q.w": 300.0},
+              {g: 1.0 for g in kinds}, kinds)  # the same bias unflagged here: left out of both files
+    df = compare(c, c2, by="kind")
+    assert df.at["K", "median A"] == pytest.approx(2081.0) and df.at["K", "median B"] == pytest.approx(750.0)
+    assert df["groups"].tolist() == [2, 1] and df["flagged"].tolist() == [1, 0]
+    assert "flagged" not in compare(c).columns  # per group: the flags are not a column
+
+
+def test_show_by_kind_fits_100_columns(tmp_path):
+    import re
+
+    kinds = {f"bert.encoder.layer.{i}.attention.self.{w}": k for i in range(2)
+             for w, k in (("query.weight", "Q"), ("key.weight", "K"), ("key.bias", "K"), ("value.weight", "V"))}
+    kinds.update({"bert.embeddings.word_embeddings.weight": "embedding", "cls.predictions.bias": "output"})
+    files = []
+    for j, scale in enumerate((1.0, 0.7)):
+        med = {g: scale * (1.243e5 if g.endswith("key.bias") else 941.4 + i) for i, g in enumerate(kinds)}
+        c = corr({g: 0.00102 * scale for g in kinds}, med, {g: 0.137 for g in kinds}, kinds)
+        for g in kinds:
+            if g.endswith("key.bias"):
+                c.source["groups"][g].update(flags="degenerate", stand_in=2081.0)
+        files.append(save(c, tmp_path / f"run{j}.bs{8192 * (j + 1)}.corrections.json"))
+    res = CliRunner().invoke(app, ["show", *map(str, files), "--by", "kind"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    table = [ln for ln in lines if re.match(r"^[┏┃┡│└]", ln)]
+    assert table and max(len(ln) for ln in table) <= 100, "\n".join(table)
+    assert "…" not in res.output  # no header cut short
+    assert any(ln.startswith(f"A = {files[0]}, B = {files[1]}") for ln in lines)
+    assert "left out of the kind medians: 2 flagged group(s) (K: 2)" in res.output
+    assert "1.243e+05" not in res.output and "1.24e+05" not in res.output

@@ -43,8 +43,8 @@ def _rows(corr: Corrections) -> pd.DataFrame:
         rows.append({"group": g, "kind": d.kind, "factor": float(factor),
                      "last": float(pieces[-1][1]) if pieces and static is None else math.nan,
                      "median": math.nan if d.median is None else float(d.median),
-                     "drift": math.nan if d.drift is None else float(d.drift)})
-    return pd.DataFrame(rows, columns=["group", "kind", *FIELDS]).set_index("group")
+                     "drift": math.nan if d.drift is None else float(d.drift), "flagged": bool(d.flags)})
+    return pd.DataFrame(rows, columns=["group", "kind", *FIELDS, "flagged"]).set_index("group")
 
 
 def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = "group") -> pd.DataFrame:
@@ -56,8 +56,10 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
     (first-window median ratio ``||M step|| / ||D step||``) and ``drift <label>`` (later-window
     median / first-window median; NaN where the trace held one window). A group a file lacks is NaN
     in its columns. With two files, ``factor ratio`` is the second file's factor over the first's.
-    ``by="kind"``: the same columns, each the median over the groups of a kind (``groups``: how
-    many). Columns that are NaN for every row are left out. ``labels`` default to the file names
+    ``by="kind"``: the same columns, each the median over the unflagged groups of a kind
+    (``groups``: how many; ``flagged``: how many were left out because a file flags them, e.g. a
+    degenerate K bias whose own median is no ratio of two learning rates and whose factor is a
+    stand-in). Columns that are NaN for every row are left out. ``labels`` default to the file names
     (``A``, ``B``, ... for objects).
 
     Raises :class:`~graftlab.errors.GraftlabError` with no source, a bad ``by`` or ``labels`` of the
@@ -82,9 +84,15 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
     if len(tables) == 2:
         out["factor ratio"] = out[f"factor {labels[1]}"] / out[f"factor {labels[0]}"]
     if by == "kind":
-        numeric = out.drop(columns="kind")
-        grouped = numeric.groupby(out["kind"], sort=False)
-        out = grouped.median()
-        out.insert(0, "groups", grouped.size())
-    keep = [c for c in out.columns if c in ("kind", "groups") or not np.isnan(out[c].to_numpy(dtype=float)).all()]
+        flagged = pd.Series(False, index=out.index)
+        for t in tables:  # flagged in any file: every file's medians then cover the same groups
+            flagged |= t["flagged"].reindex(order, fill_value=False).to_numpy(dtype=bool)
+        kinds = out["kind"]
+        used = out.drop(columns="kind")[~flagged]
+        out = used.groupby(kinds[~flagged], sort=False).median().reindex(pd.unique(kinds))
+        out.index.name = "kind"
+        out.insert(0, "groups", (~flagged).groupby(kinds, sort=False).sum().reindex(out.index).astype(int))
+        out.insert(1, "flagged", flagged.groupby(kinds, sort=False).sum().reindex(out.index).astype(int))
+    keep = [c for c in out.columns
+            if c in ("kind", "groups", "flagged") or not np.isnan(out[c].to_numpy(dtype=float)).all()]
     return out[keep]
