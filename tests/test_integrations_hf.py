@@ -124,8 +124,12 @@ def test_callback_refuses_a_trainer_without_a_graft(tmp_path):
     args = training_args(tmp_path / "out", max_steps=1)
     trainer = transformers.Trainer(model=tiny_bert(), args=args, train_dataset=dataset(),
                                    callbacks=[hf.RecorderCallback(tmp_path / "trace")])
-    with pytest.raises(GraftlabError, match="needs a graftlab.Graft"):
+    with pytest.raises(GraftlabError, match="needs a graftlab.Graft") as err:
         trainer.train()
+    msg = str(err.value)
+    # the optimizer the Trainer built, not accelerate's wrapper, and how to pass a Graft instead
+    assert "trains with AdamW (inside AcceleratedOptimizer)" in msg, msg
+    assert "optimizers=(graftlab.integrations.hf.graft_optimizer(model, args, direction=" in msg and "\n" not in msg
     assert not (tmp_path / "trace").exists()
 
 

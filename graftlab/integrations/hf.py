@@ -119,7 +119,7 @@ class RecorderCallback(transformers.TrainerCallback):
                        optimizer: Any = None, **kwargs: Any) -> None:
         if optimizer is None:
             raise GraftlabError("RecorderCallback: the Trainer has no optimizer at the start of training")
-        graft = Recorder._find_graft(optimizer)  # the Trainer's optimizer, inside accelerate's wrapper
+        graft = _graft_of(optimizer)
         kw = dict(self.recorder_kwargs)
         meta = {"task": type(model).__name__ if model is not None else None, "seed": args.seed,
                 "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -147,6 +147,26 @@ class RecorderCallback(transformers.TrainerCallback):
             self.recorder = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # when train() returns, on any rank, the trace is complete
+
+
+def _graft_of(optimizer: Any) -> Graft:
+    """The Graft the Trainer trains with, inside accelerate's ``AcceleratedOptimizer``.
+
+    Raises GraftlabError naming the optimizer inside the wrapper (the Trainer built its own: AdamW
+    by default) and how to hand the Trainer a Graft."""
+    inner = optimizer
+    for _ in range(4):  # AcceleratedOptimizer.optimizer; DeepSpeed-style wrappers nest one more
+        if isinstance(inner, Graft):
+            return inner
+        nested = getattr(inner, "optimizer", None)
+        if nested is None or nested is inner:
+            break
+        inner = nested
+    where = f" (inside {type(optimizer).__name__})" if inner is not optimizer else ""
+    raise GraftlabError(
+        f"RecorderCallback needs a graftlab.Graft optimizer, but the Trainer trains with {type(inner).__name__}{where}: "
+        "pass Trainer(..., optimizers=(graftlab.integrations.hf.graft_optimizer(model, args, "
+        "direction=partial(torch.optim.SGD, lr=0.1)), None))")
 
 
 def _plain(value: Any) -> Any:
