@@ -262,3 +262,18 @@ def test_graftlab_traces_are_not_foreign(tmp_path):
     assert not foreign.is_foreign(next(HF_BERT.glob("part-*.parquet")))
     assert not foreign.is_foreign(tmp_path / "missing")
     assert read_metadata(HF_BERT)["format"] == graftlab.trace.FORMAT_1  # recorded before /2; still read
+
+
+def test_repeated_pairs_and_negative_steps_name_the_file(tmp_path):
+    p = tmp_path / "dup.parquet"
+    pd.DataFrame({"step": [0, 0, 1, 1, 1, 2, 2, 2], "group": ["a", "b", "a", "b", "b", "a", "b", "a"],
+                  "ratio": np.ones(8)}).to_parquet(p)
+    with pytest.raises(GraftlabError, match=rf"^{p}: step 1 of group 'b' appears in more than one row \(2 repeated"):
+        read_trace(p)
+    with pytest.raises(GraftlabError, match=rf"^{p}: step 1 of group 'b'"):
+        distill(p, window=2)
+    n = tmp_path / "neg.csv"
+    n.write_text("step,group,ratio\n0,a,1\n-3,a,1\n-1,a,1\n1,a,1\n")
+    for call in (read_trace, trace_info, trace_extent, lambda q: distill(q, window=1)):
+        with pytest.raises(GraftlabError, match=rf"^{n}: step -3 is negative .*2 row\(s\) have a negative step"):
+            call(n)
