@@ -89,10 +89,22 @@ def _prepare(path: Path, meta: dict[str, Any], group_names: Sequence[str], start
             trace.write_sidecar(path, meta)
             return meta
         trace.truncate(path, start)
-        return old
+        return _extended(path, old, meta)
     trace.prepare_directory(path, overwrite=overwrite or resume, resume=False)
     trace.write_sidecar(path, meta)
     return meta
+
+
+def _extended(path: Path, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The resumed trace's metadata with the resuming run's length: ``config.steps`` (what ``graftlab
+    info`` shows as the run's steps) is the run's now, not the first process's; the sidecar is rewritten."""
+    steps = (new.get("config") or {}).get("steps") if isinstance(new.get("config"), dict) else None
+    config = old.get("config")
+    if steps is None or not isinstance(config, dict) or config.get("steps") == steps or not (path / trace.SIDECAR).exists():
+        return old
+    old = {**old, "config": {**config, "steps": steps}}
+    trace.write_sidecar(path, old)
+    return old
 
 
 def _old_metadata(path: Path) -> dict[str, Any]:
