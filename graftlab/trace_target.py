@@ -64,6 +64,21 @@ def open_trace(
     return lock, meta
 
 
+def release_trace(path: Path, lock: TraceLock, created: bool) -> None:
+    """Release the trace ``path`` a Recorder opened (``lock``); a trace that got no part (nothing
+    was recorded) is removed: its sidecar and lock file, and the folder itself when the Recorder
+    created it (``created``). A user's folder is kept, as it was; ``graftlab info`` would otherwise
+    find a trace of no steps, and the next Recorder on ``path`` an existing trace to refuse."""
+    try:
+        if lock.held and path.is_dir() and not trace.part_files(path):
+            (path / trace.SIDECAR).unlink(missing_ok=True)
+            (path / LOCK_NAME).unlink(missing_ok=True)  # while held: no other writer is in between
+    finally:
+        lock.release()
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def _check_folder(path: Path, overwrite: bool, resume: bool) -> None:
     if not path.is_dir():
         return
