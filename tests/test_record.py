@@ -409,3 +409,14 @@ def test_kind_summary_keeps_degenerate_groups_out():
     # a large ratio with a real gradient is kept
     out = kind_summary(df.assign(norm_g=0.5), meta)
     assert out.attrs["flagged"] == {"n": "no finite ratio"} and out.loc["K", "median"] == pytest.approx(100001.0)
+
+
+def test_info_on_a_live_trace_without_parts_names_its_writer(tmp_path, capsys):
+    from graftlab.cli.app import run
+
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=50):
+        capsys.readouterr()
+        assert run(["info", str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err
+        assert f"being written by pid {os.getpid()}, which has not completed a part file yet" in err, err
