@@ -129,3 +129,25 @@ def test_info_says_a_trace_is_being_written_and_readers_see_complete_parts(tmp_p
     capsys.readouterr()
     assert run(["info", str(tmp_path / "t"), "--no-groups"]) == 0
     assert "being written" not in capsys.readouterr().out  # the writer is gone: nothing to say
+
+
+@pytest.mark.slow
+def test_record_resumed_after_interrupt_continues_its_metrics(tmp_path):
+    """Ctrl-C, then the same command with --resume: the metrics file keeps the first process's rows
+    before the checkpoint's step and gets the resumed ones after them (no --overwrite needed)."""
+    argv = ["record", *COMMON, "--flush-every", "50", "-o", "t", "--metrics", "m.parquet",
+            "--checkpoint-dir", "ck", "--checkpoint-every", "2"]
+    status, err, _ = _interrupt(tmp_path, argv, signal.SIGINT, "Graft")
+    assert status == 130, err
+    first, meta = read_metrics(tmp_path / "m.parquet")
+    assert meta["interrupted"] is True
+    steps = len(first) + 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "graftlab.cli.app", *argv, "--steps", str(steps), "--resume"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    at = int(re.search(r"resuming trace t at step (\d+)", done.stderr).group(1))
+    frame, meta = read_metrics(tmp_path / "m.parquet")
+    assert frame["step"].tolist() == list(range(steps)) and "interrupted" not in meta and meta["resumed_at"] == at
+    assert frame["loss"].iloc[:at].tolist() == first["loss"].iloc[:at].tolist()
+    assert sorted(trace.read_trace(tmp_path / "t")["step"].unique()) == list(range(steps))
