@@ -21,10 +21,19 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
+    from graftlab.errors import GraftlabError
     from graftlab.foreign import note
     from graftlab.trace import trace_info
+    from graftlab.tracelock import writer
 
-    t = trace_info(trace)
+    live = writer(trace) if trace.is_dir() else None
+    by = f"being written by {f'pid {live}' if live else 'another process'}"
+    try:
+        t = trace_info(trace)
+    except GraftlabError as err:
+        if live is None:
+            raise
+        raise GraftlabError(f"{trace}: {by}, which has not completed a part file yet; try again later") from None
     meta = t["metadata"]
     console = Console()
     head = Table(title=str(trace), show_header=False)
@@ -49,6 +58,8 @@ def info(
     for key, value in extra.items():
         head.add_row(key, _fmt(value))
     console.print(head)
+    if live is not None:  # read_trace and distill read the complete parts: the steps above
+        console.print(f"{by}: the steps above are the complete parts so far", soft_wrap=True)
     if note(meta):
         console.print(note(meta), soft_wrap=True)
     if groups:

@@ -34,7 +34,7 @@ from graftlab.kinds import Overrides
 from graftlab.record_buffer import Rows
 from graftlab.record_metadata import group_kinds, groups_meta, run_metadata
 from graftlab.record_writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
-from graftlab.trace_target import open_trace
+from graftlab.trace_target import open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -206,6 +206,7 @@ class Recorder:
 
         # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
         # metadata (every part of one trace carries the same)
+        self._created = not self.path.exists()  # removed again if nothing gets recorded (close)
         self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
                                                every=self.every, overwrite=overwrite, resume=resume)
 
@@ -376,7 +377,8 @@ class Recorder:
 
     def close(self) -> None:
         """Flush, wait for the writer, release the trace, and detach from the optimizer. Safe to
-        call twice."""
+        call twice. A Recorder closed before it recorded a step leaves no trace: the folder it
+        created is removed (an existing folder is kept, without the trace's files)."""
         if self._closed:
             return
         self._closed = True
@@ -392,7 +394,7 @@ class Recorder:
             finally:
                 self._writer.jobs.put(None)
                 self._writer.join()
-                self._lock.release()
+                release_trace(self.path, self._lock, self._created)
                 termination.unwatch(self)
                 for callback in self._writer.on_flush:
                     if callable(getattr(callback, "close", None)):

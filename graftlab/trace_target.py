@@ -64,6 +64,21 @@ def open_trace(
     return lock, meta
 
 
+def release_trace(path: Path, lock: TraceLock, created: bool) -> None:
+    """Release the trace ``path`` a Recorder opened (``lock``); a trace that got no part (nothing
+    was recorded) is removed: its sidecar and lock file, and the folder itself when the Recorder
+    created it (``created``). A user's folder is kept, as it was; ``graftlab info`` would otherwise
+    find a trace of no steps, and the next Recorder on ``path`` an existing trace to refuse."""
+    try:
+        if lock.held and path.is_dir() and not trace.part_files(path):
+            (path / trace.SIDECAR).unlink(missing_ok=True)
+            (path / LOCK_NAME).unlink(missing_ok=True)  # while held: no other writer is in between
+    finally:
+        lock.release()
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def _check_folder(path: Path, overwrite: bool, resume: bool) -> None:
     if not path.is_dir():
         return
@@ -89,10 +104,22 @@ def _prepare(path: Path, meta: dict[str, Any], group_names: Sequence[str], start
             trace.write_sidecar(path, meta)
             return meta
         trace.truncate(path, start)
-        return old
+        return _extended(path, old, meta)
     trace.prepare_directory(path, overwrite=overwrite or resume, resume=False)
     trace.write_sidecar(path, meta)
     return meta
+
+
+def _extended(path: Path, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The resumed trace's metadata with the resuming run's length: ``config.steps`` (what ``graftlab
+    info`` shows as the run's steps) is the run's now, not the first process's; the sidecar is rewritten."""
+    steps = (new.get("config") or {}).get("steps") if isinstance(new.get("config"), dict) else None
+    config = old.get("config")
+    if steps is None or not isinstance(config, dict) or config.get("steps") == steps or not (path / trace.SIDECAR).exists():
+        return old
+    old = {**old, "config": {**config, "steps": steps}}
+    trace.write_sidecar(path, old)
+    return old
 
 
 def _old_metadata(path: Path) -> dict[str, Any]:

@@ -87,18 +87,31 @@ class TraceLock:
         self.release()
 
 
-def check_unlocked(directory: Union[str, os.PathLike]) -> None:
-    """GraftlabError if another process is writing the trace ``directory`` (nothing is created)."""
+def writer(directory: Union[str, os.PathLike]) -> Optional[str]:
+    """The pid (as text; ``""`` when unknown) of the live process writing the trace ``directory``,
+    or None when no process holds its lock. Nothing is created or locked for longer than the test."""
     path = lock_path(directory)
     if fcntl is None or not path.is_file():
-        return
-    fd = os.open(path, os.O_RDONLY)
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        raise GraftlabError(
-            f"{Path(directory)} is being written by another process{_holder(path)}; "
-            "wait for it to finish or write to another folder"
-        ) from None
+        pid = _holder(path)
+        return pid[len(" (pid "):-1] if pid else ""
     finally:
-        os.close(fd)
+        os.close(fd)  # a shared lock taken here goes with the descriptor
+    return None
+
+
+def check_unlocked(directory: Union[str, os.PathLike]) -> None:
+    """GraftlabError if another process is writing the trace ``directory`` (nothing is created)."""
+    pid = writer(directory)
+    if pid is not None:
+        raise GraftlabError(
+            f"{Path(directory)} is being written by another process{f' (pid {pid})' if pid else ''}; "
+            "wait for it to finish or write to another folder"
+        )

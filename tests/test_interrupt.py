@@ -99,3 +99,55 @@ def test_train_interrupted_writes_metrics_and_says_where(tmp_path, name):
     assert steps >= done and last == steps - 1
     frame, meta = read_metrics(tmp_path / "m.parquet")
     assert frame["step"].tolist() == list(range(steps)) and meta["interrupted"] is True
+
+
+def test_info_says_a_trace_is_being_written_and_readers_see_complete_parts(tmp_path, capsys):
+    """A trace another process is recording: ``graftlab info`` says so (with its pid), while
+    ``read_trace`` and ``distill`` keep reading the complete parts."""
+    from graftlab.cli.app import run
+
+    progress = tmp_path / "progress"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(progress), "Graft", "record", *COMMON,
+                             "--flush-every", "2", "-o", "t"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(trace.part_files(tmp_path / "t") if (tmp_path / "t").is_dir() else []) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the recording ended or stalled"
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert run(["info", str(tmp_path / "t"), "--no-groups"]) == 0
+        assert f"being written by pid {proc.pid}" in capsys.readouterr().out
+        df = trace.read_trace(tmp_path / "t")
+        assert df["step"].min() == 0 and df["step"].nunique() >= 4
+        assert run(["distill", str(tmp_path / "t"), "-w", "2", "-o", str(tmp_path / "c.json")]) == 0
+        assert (tmp_path / "c.json").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    capsys.readouterr()
+    assert run(["info", str(tmp_path / "t"), "--no-groups"]) == 0
+    assert "being written" not in capsys.readouterr().out  # the writer is gone: nothing to say
+
+
+@pytest.mark.slow
+def test_record_resumed_after_interrupt_continues_its_metrics(tmp_path):
+    """Ctrl-C, then the same command with --resume: the metrics file keeps the first process's rows
+    before the checkpoint's step and gets the resumed ones after them (no --overwrite needed)."""
+    argv = ["record", *COMMON, "--flush-every", "50", "-o", "t", "--metrics", "m.parquet",
+            "--checkpoint-dir", "ck", "--checkpoint-every", "2"]
+    status, err, _ = _interrupt(tmp_path, argv, signal.SIGINT, "Graft")
+    assert status == 130, err
+    first, meta = read_metrics(tmp_path / "m.parquet")
+    assert meta["interrupted"] is True
+    steps = len(first) + 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "graftlab.cli.app", *argv, "--steps", str(steps), "--resume"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    at = int(re.search(r"resuming trace t at step (\d+)", done.stderr).group(1))
+    frame, meta = read_metrics(tmp_path / "m.parquet")
+    assert frame["step"].tolist() == list(range(steps)) and "interrupted" not in meta and meta["resumed_at"] == at
+    assert frame["loss"].iloc[:at].tolist() == first["loss"].iloc[:at].tolist()
+    assert sorted(trace.read_trace(tmp_path / "t")["step"].unique()) == list(range(steps))

@@ -176,6 +176,26 @@ def test_close_twice_detaches_hook(tmp_path):
     assert not opt._optimizer_step_post_hooks
 
 
+def test_recorder_closed_before_any_step_leaves_no_trace(tmp_path):
+    from graftlab.cli.app import run
+
+    model, opt = setup()
+    Recorder(opt, tmp_path / "x").close()
+    assert not (tmp_path / "x").exists()  # the folder it created goes with it
+    # a user's empty folder is kept, empty again
+    (tmp_path / "mine").mkdir()
+    Recorder(opt, tmp_path / "mine").close()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    # the same path opens again without overwrite, and records
+    with Recorder(opt, tmp_path / "x") as rec:
+        train(model, opt, 2, rec)
+    assert sorted(trace.read_trace(tmp_path / "x").step.unique()) == [0, 1]
+    assert run(["info", str(tmp_path / "x"), "--no-groups"]) == 0
+    # a resumed trace that gets no new step keeps its steps
+    Recorder(opt, tmp_path / "x", resume=True).close()
+    assert sorted(trace.read_trace(tmp_path / "x").step.unique()) == [0, 1]
+
+
 def test_resume_continues_numbering(tmp_path):
     model, opt = setup()
     with Recorder(opt, tmp_path / "t", flush_every=4) as rec:
@@ -389,3 +409,14 @@ def test_kind_summary_keeps_degenerate_groups_out():
     # a large ratio with a real gradient is kept
     out = kind_summary(df.assign(norm_g=0.5), meta)
     assert out.attrs["flagged"] == {"n": "no finite ratio"} and out.loc["K", "median"] == pytest.approx(100001.0)
+
+
+def test_info_on_a_live_trace_without_parts_names_its_writer(tmp_path, capsys):
+    from graftlab.cli.app import run
+
+    model, opt = setup()
+    with Recorder(opt, tmp_path / "t", flush_every=50):
+        capsys.readouterr()
+        assert run(["info", str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err
+        assert f"being written by pid {os.getpid()}, which has not completed a part file yet" in err, err

@@ -155,7 +155,12 @@ class RunConfig:
 
     def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
         out = getattr(self, "out", None)  # a trace folder this run creates: nothing else goes in it
-        check_output(self.metrics, "metrics file", overwrite=overwrite, inputs=inputs, new_traces=[out])
+        metrics = check_output(self.metrics, "metrics file", overwrite=overwrite, inputs=inputs, new_traces=[out],
+                               may_exist=self.resume)
+        if metrics is not None and self.resume:  # continued, if it is this run's (graftlab.runs.metrics)
+            from graftlab.runs.metrics import resumed_metrics
+
+            resumed_metrics(metrics, dataclasses.asdict(self), overwrite)
         check_output(self.checkpoint_dir, "checkpoint_dir", folder=True, inputs=inputs, new_traces=[out])
 
     def resolve(self, task: Task) -> "RunConfig":

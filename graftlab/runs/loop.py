@@ -28,7 +28,7 @@ from graftlab.errors import DivergedError, GraftlabError
 from graftlab.optimizers import describe
 from graftlab.runs.divergence import Divergence, Restart
 from graftlab.runs.restarts import Guard
-from graftlab.runs.metrics import METRICS_FORMAT, write_metrics
+from graftlab.runs.metrics import METRICS_FORMAT, continued, resumed_metrics, write_metrics
 from graftlab.schedules import Product, make_schedule
 from graftlab.tasks import Task
 
@@ -96,13 +96,21 @@ def fit(
     writes, averages losses over ranks and holds the checkpoints of ``config.checkpoint_dir``.
     """
     config.validate_loop()
-    path = check_output_file(config.metrics if metrics_path is None else metrics_path, "metrics file", overwrite)
+    path = check_output_file(config.metrics if metrics_path is None else metrics_path, "metrics file",
+                             overwrite or config.resume)
     config = resolve_config(config, task)
+    # a resumed run continues its own metrics file (checked before any step, replaced only whole at the end)
+    prior = resumed_metrics(path, asdict(config), overwrite) if path is not None and config.resume else None
+    if prior is None and path is not None and config.resume and path.exists():
+        overwrite = True  # another run's file, which resumed_metrics lets go only with overwrite
     rt = runtime or Runtime.current()
     scheduler, factor = _lr_schedule(config, schedule_owner, lr_factor)
     _seed_and_threads(config)
     task.model.train()
     ckpt, first = rt.checkpoints(config, task.model, optimizer, scheduler)  # first > 0: resumed
+    if prior is not None:
+        _note_metrics_gap(prior, first, path, rt)
+        overwrite = True
     batches = _batches_from(task, first)
     base_lr = float(schedule_owner.defaults["lr"])
     guard = Guard(config, task.model, optimizer, scheduler, task.device, rt.env.distributed, ckpt, first, on_restart)
@@ -118,29 +126,45 @@ def fit(
         bar.close()
         with termination.deferred():  # a second SIGTERM does not cut the metrics file in half
             stop.fit_result = _finish(config, task, optimizer, loop, guard, rt, path, metadata, overwrite,
-                                      interrupted=True)
+                                      interrupted=True, prior=prior)
         raise
     finally:
         bar.close()
         termination.unwatch(loop)
-    return _finish(config, task, optimizer, loop, guard, rt, path, metadata, overwrite)
+    return _finish(config, task, optimizer, loop, guard, rt, path, metadata, overwrite, prior=prior)
 
 
 def _finish(config: RunConfig, task: Task, optimizer: Optimizer, loop: "_Loop", guard: Guard, rt: Runtime,
-            path: Any, metadata: Optional[dict[str, Any]], overwrite: bool, interrupted: bool = False) -> FitResult:
+            path: Any, metadata: Optional[dict[str, Any]], overwrite: bool, interrupted: bool = False,
+            prior: Optional[pd.DataFrame] = None) -> FitResult:
     """The result of the steps ``loop`` ran (all, up to a divergence, or up to an interruption),
-    with its metrics file written."""
+    with its metrics file written (after ``prior``'s rows before the resumed step)."""
     wall = time.perf_counter() - loop.start
     rate = loop.executed / max(loop.train_time or wall - loop.eval_time, 1e-9)
     stopped = loop.diverged
-    result = FitResult(loop.final, loop.frame(), wall, rate, loop.done, stopped.step if stopped else None,
+    frame = continued(prior, loop.first, loop.frame())
+    result = FitResult(loop.final, frame, wall, rate, loop.done, stopped.step if stopped else None,
                        str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale)
     if path is not None and rt.writes:
         meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
         if interrupted:
             meta["interrupted"] = True  # stopped by Ctrl-C or SIGTERM: no final evaluation
+        if loop.first:
+            meta["resumed_at"] = loop.first  # rows before it: the run's earlier process, when its file was there
         write_metrics(path, result.metrics, meta, overwrite)
     return result
+
+
+def _note_metrics_gap(prior: pd.DataFrame, first: int, path: Any, rt: Runtime) -> None:
+    """One stderr line when the continued metrics file lacks steps before the resumed step (the
+    earlier process was killed before it wrote them): the file will not have those rows."""
+    steps = prior["step"] if "step" in prior.columns else pd.Series([], dtype="int64")
+    have = int((steps < first).sum())
+    if have < first and rt.writes:
+        import sys
+
+        print(f"metrics file {path}: continued at step {first}, but it holds {have} of the {first} steps before it "
+              "(the earlier run stopped before writing them)", file=sys.stderr, flush=True)
 
 
 def _lr_schedule(config: RunConfig, owner: Optimizer, lr_factor: Optional[Union[Factor, list[Factor]]]):

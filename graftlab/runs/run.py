@@ -76,8 +76,12 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
                             metadata=meta, model=names, overwrite=overwrite or fresh, start_step=start_step,
                             resume=resume and not fresh)
 
-    run = _Recording(open_recorder(rt.resume_step(config), config.resume), open_recorder,
+    start = rt.resume_step(config)
+    continues = path.is_dir() and bool(trace.part_files(path))
+    run = _Recording(open_recorder(start, config.resume), open_recorder,
                      marks=config.on_divergence == "restart", restarts=resumed_restarts(config))
+    if start and rt.writes:
+        _say_resumed(path, start, config.checkpoint_dir, continues)
     try:
         result = fit(config, task, graft, schedule_owner=m_opt, runtime=rt, progress=progress,
                      on_step=lambda step, loss: run.log(loss=rt.mean(loss)), on_restart=run.rewind,
@@ -156,6 +160,16 @@ def train(
     except (KeyboardInterrupt, SystemExit) as stop:
         _say_interrupted(stop, None)
         raise
+
+
+def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continues: bool) -> None:
+    """One stderr line: where a resumed recording's trace starts (a new or empty trace begins at the
+    checkpoint's step, not at 0) or continues (``continues``: the trace held steps)."""
+    where = f"the checkpoint of step {start} in {checkpoint_dir}"
+    if continues:
+        _warn(f"resuming trace {path} at step {start} ({where})")
+    else:
+        _warn(f"trace {path} starts at step {start}: the run resumes from {where}")
 
 
 def _say_interrupted(stop: BaseException, trace_path: Optional[Path]) -> None:
