@@ -478,6 +478,8 @@ def test_case_count():
     ids = [cid for cid, *_ in CASES]
     assert len(set(ids)) == len(ids), "case ids must be unique"
     assert len(CASES) > 200
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"| {len(CASES)} cases: each one `error:` line" in readme, "README's reliability table counts the cases"
     print(f"\nbad-input cases: {len(CASES)}")
 
 
