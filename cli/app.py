@@ -46,9 +46,10 @@ def _root(
     """Learning-rate grafting toolkit: record -> distill -> train."""
 
 
-def in_cli_terms(message: str, params: Sequence[Any]) -> str:
+def in_cli_terms(message: str, params: Sequence[Any], from_file: Optional[dict[str, str]] = None) -> str:
     """``message`` with the Python names of ``params``' options (click parameters) replaced by
-    their flags.
+    their flags, or, for the names in ``from_file`` (option name -> config file), by the config
+    file's key (``config key 'warmup' (run.toml)``): the user set that value there, not as a flag.
 
     ``name=True`` becomes the flag (``name=False`` the ``--no-`` form of an on/off option),
     ``name=value`` becomes ``--flag value``, and a bare ``name`` with an underscore (never an
@@ -59,14 +60,23 @@ def in_cli_terms(message: str, params: Sequence[Any]) -> str:
     (``start + window <= 40``).
     """
     flags: dict[str, str] = {}
+    from_file = from_file or {}
     for p in params:
         if getattr(p, "param_type_name", None) != "option" or not p.name:
+            continue
+        name = re.escape(p.name)
+        edge = r"(?<![\w./-])"  # not inside a path or a longer name
+        if p.name in from_file:
+            flag = f"config key {p.name!r} ({from_file[p.name]})"
+            flags[p.name] = flag
+            message = re.sub(rf"{edge}{name}=(True|False)\b", lambda m: f"{flag} = {m[1].lower()}", message)
+            message = re.sub(rf"{edge}{name}=(?=\S)", f"{flag} = ", message)
+            if "_" in p.name:
+                message = re.sub(rf"{edge}{name}(?![\w/=-]|\.\w)", lambda m: flag, message)
             continue
         flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         flags[p.name] = flag
         off = next((o for o in p.secondary_opts if o.startswith("--")), None)
-        name = re.escape(p.name)
-        edge = r"(?<![\w./-])"  # not inside a path or a longer name
         message = re.sub(rf"{edge}{name}=True\b", flag, message)
         if off:
             message = re.sub(rf"{edge}{name}=False\b", off, message)
@@ -109,10 +119,33 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
         except GraftlabError as err:
             if err.names_parameters and err.args and isinstance(err.args[0], str):
                 params = typer.main.get_command(app).commands[name].params
-                err.args = (in_cli_terms(err.args[0], params), *err.args[1:])
+                err.args = (in_cli_terms(err.args[0], params, _from_config_file(params, kwargs)),
+                            *err.args[1:])
             raise
 
     return run
+
+
+# options whose config key is spelled differently (``--hparam`` adds to the ``hparams`` mapping)
+_CONFIG_KEYS = {"hparam": "hparams", "m_hparam": "m_hparams", "d_hparam": "d_hparams", "fsdp": "parallel"}
+
+
+def _from_config_file(params: Sequence[Any], given: dict[str, Any]) -> dict[str, str]:
+    """The options of the running command whose value came from its ``--config`` file: the key is
+    in the file and the option was not given on the command line (every option of a command that
+    reads a config file defaults to None, or False for an on/off one, so that the file's value
+    stands). Option name -> the file, as the user wrote it."""
+    config = given.get("config")
+    if config is None:
+        return {}
+    from graftlab.config.files import read_config_keys
+
+    try:
+        keys = read_config_keys(config)
+    except GraftlabError:
+        return {}
+    return {p.name: str(config) for p in params
+            if p.name and given.get(p.name) in (None, False, [], ()) and _CONFIG_KEYS.get(p.name, p.name) in keys}
 
 
 # One module per command under cli/, each exposing one function named like the command.

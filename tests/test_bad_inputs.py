@@ -170,6 +170,8 @@ def build_sandbox(root: Path) -> None:
     (y / "ok.yaml").write_text("steps: 3\nbatch_size: 2\n")
     (y / "stpes.yaml").write_text("stpes: 4\n")
     (y / "m_lr_str.toml").write_text('magnitude_lr = "fast"\n')
+    (y / "warmup50.toml").write_text("warmup = 50\n")
+    (y / "m_lr_neg.yaml").write_text("magnitude_lr: -1\n")
     make_trace(root / "D")  # a trace whose default corrections file exists
     (root / "D.corrections.json").write_text(corrections(multipliers={n: 1.0 for n, *_ in GROUPS}))
 
@@ -301,6 +303,15 @@ case("record: stpes in YAML", record("--config cfg/stpes.yaml"), "stpes (did you
      "valid keys are task, size, data, steps, epochs, batch_size", "checkpoint_dir", "!--")
 case("record: magnitude_lr a string in TOML", record("--config cfg/m_lr_str.toml"),
      "config file 'cfg/m_lr_str.toml': config key 'magnitude_lr' must be a number, got 'fast'", "!--")
+# a value the config file set is named as its key there, one given on the command line as its flag
+case("record: warmup from TOML longer than training", record("--config cfg/warmup50.toml --steps 10"),
+     "config key 'warmup' (cfg/warmup50.toml) (50 steps) must be shorter than training (10 steps)", "!--warmup")
+case("record: --warmup over the TOML's, longer than training", record("--config cfg/warmup50.toml --warmup 60 --steps 10"),
+     "--warmup (60 steps) must be shorter than training", "!config key")
+case("record: magnitude_lr negative in YAML", record("--config cfg/m_lr_neg.yaml"),
+     "config key 'magnitude_lr' (cfg/m_lr_neg.yaml) must be a finite number >= 0", "!--magnitude-lr")
+case("record: --magnitude-lr over the YAML's, negative", record("--config cfg/m_lr_neg.yaml --magnitude-lr -2"),
+     "--magnitude-lr must be a finite number >= 0, got -2", "!config key")
 
 for args, why in [
     ("-o notes.txt", "out is a file"), ("-o notes.txt --overwrite", "out is a file, --overwrite"),
