@@ -9,6 +9,7 @@ from the running command's own option list.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -93,6 +94,7 @@ _SUBJECT = re.compile(r"^(?P<names>[\w-]+(?:(?:, | and | or )[\w-]+)*)(?= (?:mus
 _OP = r" (?:<=|>=|<|>|\+|\*) "
 _FORMULA = re.compile(rf"(?<![\w./-])(?P<name>[a-z]\w*)(?={_OP})|(?P<op>{_OP})(?P<after>[a-z]\w*)(?![\w./=-])")
 _EITHER = re.compile(r"(?<=\beither )(?P<names>[\w-]+(?: or [\w-]+)+)\b")
+_LEAVE = re.compile(r"(?<=\bleave )(?P<names>[\w-]+)(?= unset\b)")
 
 
 def _named_subjects(message: str, flags: dict[str, str]) -> str:
@@ -102,7 +104,7 @@ def _named_subjects(message: str, flags: dict[str, str]) -> str:
             return match[0]  # English, not a list of this command's options
         return "".join(flags.get(w, w) if i % 2 == 0 else w for i, w in enumerate(words))
 
-    message = _EITHER.sub(names, _SUBJECT.sub(names, message, count=1))
+    message = _LEAVE.sub(names, _EITHER.sub(names, _SUBJECT.sub(names, message, count=1)))
     def operand(match: "re.Match[str]") -> str:
         if match["name"]:
             return flags.get(match["name"], match["name"])
@@ -158,6 +160,36 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _similar_options(typed: str, params: Sequence[Any]) -> list[str]:
+    """The running command's long options closest to the unknown ``typed`` (``--steps`` ->
+    ``--start``): difflib's similarity of the names, ties and near misses decided by a shared
+    start (a user misremembers a name's end more often than its beginning)."""
+    import difflib
+
+    name = typed.lstrip("-")
+    scored = []
+    for p in params:
+        for opt in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())):
+            if not opt.startswith("--"):
+                continue
+            other = opt[2:]
+            prefix = len(os.path.commonprefix([name, other]))
+            score = difflib.SequenceMatcher(None, name, other).ratio() + 0.1 * min(prefix, 3)
+            if score >= 0.6:
+                scored.append((score, opt))
+    return [opt for _, opt in sorted(scored, key=lambda s: -s[0])[:2]]
+
+
+def _usage_message(err: Any) -> str:
+    """The parser's message; an unknown option with the command's own closest options (click
+    offers only near spellings, so ``--steps`` got ``--tie`` and never ``--start``)."""
+    if type(err).__name__ == "NoSuchOption" and getattr(err, "ctx", None) is not None:
+        close = _similar_options(err.option_name, err.ctx.command.params)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f"; see graftlab {err.ctx.command.name} --help"
+        return f"No such option: {err.option_name}{hint}"
+    return err.format_message()
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
 
@@ -178,7 +210,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if type(err).__name__ == "NoArgsIsHelpError":
             err.show()  # `graftlab` or `graftlab COMMAND` alone: the help, as before
             return 2
-        typer.echo(f"error: {_one_line(err.format_message())}", err=True)
+        typer.echo(f"error: {_one_line(_usage_message(err))}", err=True)
         return int(getattr(err, "exit_code", 2))
     return code if isinstance(code, int) else 0
 
