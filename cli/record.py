@@ -78,8 +78,12 @@ def _report(cfg, res) -> None:
 
     console = Console()
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())
-    console.print(f"{cfg.magnitude}#{cfg.direction} on {cfg.task}: {res.fit.steps} steps, {res.groups} groups, "
-                  f"{res.fit.steps_per_second:.1f} steps/s; held-out {final}")
+    fit, first = res.fit, res.fit.resumed_at
+    speed = (f"{fit.steps_per_second:.1f} steps/s" if not first else
+             "nothing left to train" if fit.steps <= first else
+             f"{fit.steps_per_second:.1f} steps/s of this process (steps {first}..{fit.steps - 1})")
+    console.print(f"{cfg.magnitude}#{cfg.direction} on {cfg.task}: {fit.steps} steps, {res.groups} groups, "
+                  f"{speed}; held-out {final}")
     if res.fit.restarts:
         console.print(f"restarted {len(res.fit.restarts)} time(s) after diverging (from steps "
                       f"{', '.join(str(r.from_step) for r in res.fit.restarts)}), lr x{res.fit.lr_scale:g} since; "

@@ -82,8 +82,15 @@ def _report(cfg, result, corrections) -> None:
     if result.restarts:
         table.add_row("restarts", f"{len(result.restarts)} (from steps {', '.join(str(r.from_step) for r in result.restarts)}; "
                       f"lr x{result.lr_scale:g})")
-    table.add_row("steps/s", f"{result.steps_per_second:.1f}")
-    table.add_row("wall time", f"{result.wall_time:.1f} s")
+    if result.resumed_at and result.steps <= result.resumed_at:
+        table.add_row("resumed", f"the run was already complete at step {result.resumed_at}: nothing trained")
+    elif result.resumed_at:  # the rates of this process's steps only, not of the whole run
+        span = f"steps {result.resumed_at}..{result.steps - 1}"
+        table.add_row("steps/s of this process", f"{result.steps_per_second:.1f} ({span})")
+        table.add_row("wall time of this process", f"{result.wall_time:.1f} s")
+    else:
+        table.add_row("steps/s", f"{result.steps_per_second:.1f}")
+        table.add_row("wall time", f"{result.wall_time:.1f} s")
     console = Console()
     console.print(table)
     if result.path:

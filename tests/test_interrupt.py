@@ -76,7 +76,8 @@ def test_record_interrupted_writes_metrics_and_says_where(tmp_path, name):
                                               "--metrics", "m.parquet"], sig, "Graft")
     assert status == code, err
     line = re.search(r"interrupted at step (\d+): trace t holds steps 0\.\.(\d+); "
-                     r"metrics of steps 0\.\.(\d+) written to m\.parquet", err)
+                     r"metrics of steps 0\.\.(\d+) written to m\.parquet; "
+                     r"the run cannot be resumed \(it has no checkpoint_dir\)", err)
     assert line, err
     steps, last_traced, last_metric = map(int, line.groups())
     assert steps >= done and last_traced == last_metric == steps - 1
@@ -93,7 +94,8 @@ def test_train_interrupted_writes_metrics_and_says_where(tmp_path, name):
     status, err, done = _interrupt(tmp_path, ["train", *COMMON, "--optimizer", "sgd", "--metrics", "m.parquet"], sig,
                                    "SGD")
     assert status == code, err
-    line = re.search(r"interrupted at step (\d+): metrics of steps 0\.\.(\d+) written to m\.parquet", err)
+    line = re.search(r"interrupted at step (\d+): metrics of steps 0\.\.(\d+) written to m\.parquet; "
+                     r"the run cannot be resumed \(it has no checkpoint_dir\)", err)
     assert line, err
     steps, last = map(int, line.groups())
     assert steps >= done and last == steps - 1
@@ -135,8 +137,9 @@ def test_info_says_a_trace_is_being_written_and_readers_see_complete_parts(tmp_p
 def test_record_resumed_after_interrupt_continues_its_metrics(tmp_path):
     """Ctrl-C, then the same command with --resume: the metrics file keeps the first process's rows
     before the checkpoint's step and gets the resumed ones after them (no --overwrite needed)."""
+    # a constant schedule without warmup: the shorter resumed run gives the steps run the same rates
     argv = ["record", *COMMON, "--flush-every", "50", "-o", "t", "--metrics", "m.parquet",
-            "--checkpoint-dir", "ck", "--checkpoint-every", "2"]
+            "--checkpoint-dir", "ck", "--checkpoint-every", "2", "--schedule", "constant", "--warmup", "0"]
     status, err, _ = _interrupt(tmp_path, argv, signal.SIGINT, "Graft")
     assert status == 130, err
     first, meta = read_metrics(tmp_path / "m.parquet")
@@ -151,3 +154,19 @@ def test_record_resumed_after_interrupt_continues_its_metrics(tmp_path):
     assert frame["step"].tolist() == list(range(steps)) and "interrupted" not in meta and meta["resumed_at"] == at
     assert frame["loss"].iloc[:at].tolist() == first["loss"].iloc[:at].tolist()
     assert sorted(trace.read_trace(tmp_path / "t")["step"].unique()) == list(range(steps))
+
+
+@pytest.mark.parametrize("command", ["record", "train"])
+def test_interrupted_says_where_resume_continues(tmp_path, command):
+    """The newest checkpoint may lie steps before the step the run stopped at: the line says which
+    step a resumed run continues from (not the trace's last step)."""
+    extra = ["-o", "t"] if command == "record" else ["--optimizer", "sgd"]
+    status, err, _ = _interrupt(tmp_path, [command, *COMMON, *extra, "--checkpoint-dir", "ck",
+                                           "--checkpoint-every", "2"], signal.SIGTERM,
+                                "Graft" if command == "record" else "SGD")
+    assert status == 143, err
+    line = re.search(r"interrupted at step (\d+)(?:: .*)?[:;] resuming continues from the checkpoint of step (\d+) in ck$",
+                     err, re.M)
+    assert line, err
+    stopped, at = map(int, line.groups())
+    assert at % 2 == 0 and stopped - 2 <= at <= stopped

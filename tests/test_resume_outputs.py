@@ -15,7 +15,9 @@ from graftlab.cli.app import run
 from graftlab.runs import read_metrics
 
 COMMON = ["--task", "bert", "--size", "tiny", "--batch-size", "2", "--eval-every", "0", "--device", "cpu",
-          "--seed", "0", "--quiet", "--checkpoint-dir", "ck", "--checkpoint-every", "3"]
+          "--seed", "0", "--quiet", "--checkpoint-dir", "ck", "--checkpoint-every", "3",
+          # a longer resumed run keeps the rates of the steps already run only with a constant schedule
+          "--schedule", "constant", "--warmup", "0"]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from graftlab.errors import GraftlabError
 
@@ -71,3 +71,70 @@ def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+# Settings that fix the learning rate of every step (graftlab.schedules.make_schedule); a checkpoint
+# keeps them so that a resumed run can tell whether it would give the steps already run other rates.
+SCHEDULE_SETTINGS = ("steps", "schedule", "warmup", "power", "milestones", "gamma")
+
+
+def schedule_settings(config: Any) -> dict[str, Any]:
+    """The lr schedule settings of a resolved run config (what a checkpoint stores under ``lr_schedule``)."""
+    return {key: _plain(getattr(config, key, None)) for key in SCHEDULE_SETTINGS}
+
+
+def check_resumed_schedule(config: Any) -> Optional[str]:
+    """Refuse to resume ``config`` (resolved: ``steps`` and ``schedule`` filled) from a checkpoint
+    saved under other lr schedule settings when they give the steps already run other learning
+    rates: the schedule is a function of the run's length (``steps``), so a longer run would have
+    decayed more slowly, and the trace/metrics would hold two schedules glued together.
+
+    Returns a note when the settings differ but the rates of the steps already run do not (a
+    constant schedule without warmup extends a run), None otherwise; checkpoints saved before
+    the settings were stored are not checked.
+
+    Raises:
+        GraftlabError: naming the checkpoint's and this run's settings (``steps=80`` / ``steps=100``).
+    """
+    from graftlab.distributed.checkpoints import CHECKPOINT_META, Checkpoints, checkpoint_step
+    from graftlab.schedules import make_schedule
+
+    directory = getattr(config, "checkpoint_dir", None)
+    if directory is None or not getattr(config, "resume", False):
+        return None
+    latest = Checkpoints(directory, None, None).latest()
+    if latest is None:
+        return None
+    try:
+        extra = json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None
+    theirs, mine = extra.get("lr_schedule"), schedule_settings(config)
+    if not isinstance(theirs, dict) or _json(theirs) == _json(mine):
+        return None
+    done = int(extra.get("step", checkpoint_step(latest)))
+    changed = [k for k in SCHEDULE_SETTINGS if _json(theirs.get(k)) != _json(mine[k])]
+    was = ", ".join(f"{k}={theirs.get(k)!r}" for k in changed)
+    now = ", ".join(f"{k}={mine[k]!r}" for k in changed)
+
+    def rates(s: dict[str, Any]) -> list[float]:
+        f = make_schedule(s["schedule"], s["steps"], s["warmup"] or 0.0, power=s["power"],
+                          milestones=s["milestones"], gamma=s["gamma"])
+        return [float(f(i)) for i in range(done + 1)]  # the rate of each step run, and of the next
+
+    try:
+        same = rates({**mine, **theirs}) == rates(mine)
+    except (GraftlabError, TypeError, KeyError):
+        same = False
+    where = f"the checkpoint of step {done} in {directory}"
+    if not same:
+        raise GraftlabError(
+            f"resume=True: {where} was saved by a run with {was}; this run has {now}, which gives the {done} "
+            f"steps already run other learning rates ({mine['schedule']!r} schedule): resume with {was}, or start "
+            "a new run with another checkpoint_dir")
+    return (f"resuming {where} (saved with {was}) with {now}: the {mine['schedule']!r} schedule gives the steps "
+            "already run the same learning rates")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -217,6 +217,9 @@ class RecordConfig(RunConfig):
             raise GraftlabError(f"unknown granularity {self.granularity!r}: choose {', '.join(GRANULARITIES)}")
         if self.every < 1 or self.flush_every < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {self.every} and {self.flush_every}")
+        if self.steps is not None and self.every > self.steps:
+            raise GraftlabError(f"every={self.every} is more than steps={self.steps}: the trace would hold step 0 "
+                                "only; choose every <= steps")
 
     def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
         super()._validate_outputs(overwrite, inputs)
@@ -241,7 +244,11 @@ class RecordConfig(RunConfig):
         out = super().resolve(task)
         lrs = {name: task.default_lr(opt) for name, opt in
                (("magnitude_lr", out.magnitude), ("direction_lr", out.direction)) if getattr(out, name) is None}
-        return dataclasses.replace(out, **lrs) if lrs else out
+        out = dataclasses.replace(out, **lrs) if lrs else out
+        if out.every > out.steps:  # steps from epochs, known only now
+            raise GraftlabError(f"every={out.every} is more than the run's {out.steps} steps: the trace would hold "
+                                "step 0 only; choose a smaller every")
+        return out
 
 
 C = TypeVar("C", bound=RunConfig)

@@ -10,6 +10,7 @@ run the steps (:class:`_Loop`), then build the metrics table and write it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
@@ -22,6 +23,7 @@ from torch.optim import Optimizer
 
 from graftlab import termination
 from graftlab.config import RunConfig, check_output_file, resolve_config
+from graftlab.config.resume import check_resumed_schedule
 from graftlab.distributed.runtime import Runtime
 from graftlab.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
@@ -48,6 +50,7 @@ class FitResult:
     divergence: Optional[Divergence] = None  # what stopped the run (loss/groups, steps), if anything did
     restarts: list[Restart] = field(default_factory=list)  # restarts after divergences, in order
     lr_scale: float = 1.0  # factor the restarts left on the schedule owner's learning rate
+    resumed_at: int = 0  # steps done by the checkpoint this process resumed from (wall_time, steps_per_second: its own)
 
     def raise_if_diverged(self) -> None:
         """A :class:`~graftlab.errors.DivergedError` (one line) when the run stopped on a divergence."""
@@ -107,6 +110,9 @@ def fit(
     scheduler, factor = _lr_schedule(config, schedule_owner, lr_factor)
     _seed_and_threads(config)
     task.model.train()
+    note = check_resumed_schedule(config)  # before the checkpoint is loaded: a refusal changes nothing
+    if note and rt.writes:
+        print(note, file=sys.stderr, flush=True)
     ckpt, first = rt.checkpoints(config, task.model, optimizer, scheduler)  # first > 0: resumed
     if prior is not None:
         _note_metrics_gap(prior, first, path, rt)
@@ -116,7 +122,11 @@ def fit(
     guard = Guard(config, task.model, optimizer, scheduler, task.device, rt.env.distributed, ckpt, first, on_restart)
     loop = _Loop(config, task, optimizer, scheduler, rt, on_step, guard,
                  lrs=lambda step: base_lr * factor(step), first=first)
-    bar = _Progress(config.steps, progress and rt.writes, f"{task.name}/{task.size} {type(optimizer).__name__}")
+    if first >= config.steps and rt.writes:  # resumed from the final checkpoint: only the end evaluation is left
+        print(f"the run is already complete at step {first}", file=sys.stderr, flush=True)
+    bar = _Progress(config.steps, progress and rt.writes and first < config.steps,
+                    f"{task.name}/{task.size} {type(optimizer).__name__}")
+    bar.rewind(first)  # a resumed run's bar starts at its checkpoint's step
     termination.watch(loop)  # SIGTERM unwinds like Ctrl-C, so the steps run get their metrics
     try:
         loop.run(batches, bar)
@@ -144,7 +154,8 @@ def _finish(config: RunConfig, task: Task, optimizer: Optimizer, loop: "_Loop", 
     stopped = loop.diverged
     frame = continued(prior, loop.first, loop.frame())
     result = FitResult(loop.final, frame, wall, rate, loop.done, stopped.step if stopped else None,
-                       str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale)
+                       str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale,
+                       loop.first)
     if path is not None and rt.writes:
         meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
         if interrupted:

@@ -212,8 +212,12 @@ class Guard:
         s._last_lr = lrs
 
     def extra(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that a resumed run goes on with the same lr scale."""
-        return {"divergence": {"restarts": self.count, "lr_scale": self.lr_scale}}
+        """What a checkpoint keeps so that a resumed run goes on with the same lr scale, and can
+        tell whether its schedule settings give the steps already run the same rates."""
+        from graftlab.config.resume import schedule_settings
+
+        return {"divergence": {"restarts": self.count, "lr_scale": self.lr_scale},
+                "lr_schedule": schedule_settings(self.config)}
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return _checkpoint_state(self.ckpt.latest())

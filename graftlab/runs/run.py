@@ -20,6 +20,7 @@ import pandas as pd
 from graftlab import trace
 from graftlab.analysis import kind_summary
 from graftlab.config import RecordConfig, RunConfig, TrainConfig
+from graftlab.config.resume import check_resumed_schedule
 from graftlab.distributed import is_main
 from graftlab.distributed.runtime import Runtime
 from graftlab.divergence import RESTART_COLUMN
@@ -58,6 +59,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     config.validate(overwrite=overwrite)
     rt = Runtime.start(config.device)
     task, config = _task(config, rt)
+    check_resumed_schedule(config)  # before the recorder cuts the trace back to the checkpoint's step
     names = rt.wrap_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, this rank's rows
     m_opt = make_optimizer(config.magnitude, task.model.parameters(), config.magnitude_lr, **config.m_hparams)
     d_opt = make_optimizer(config.direction, task.model.parameters(), config.direction_lr, **config.d_hparams)
@@ -88,7 +90,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
                      overwrite=overwrite, metadata={"trace": str(path)})
     except (KeyboardInterrupt, SystemExit) as stop:
         run.recorder.close()  # the buffered rows first: the line below says what is on disk
-        _say_interrupted(stop, path if rt.writes else None)
+        _say_interrupted(stop, path if rt.writes else None, config)
         raise
     finally:
         run.recorder.close()
@@ -143,6 +145,7 @@ def train(
         loaded = load_corrections(corrections)
         config = _for_corrections(config, loaded, corrections, allow_other_optimizer)
     config.validate(overwrite=overwrite, inputs=[("corrections file", corrections)])
+    _check_checkpoint_to_resume(config)
     rt = Runtime.start(config.device)
     task, config = _task(config, rt)
     named = list(rt.wrap_task(task, config.parallel).named_parameters())  # torchrun: DDP or FSDP2
@@ -158,8 +161,19 @@ def train(
         return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
                    metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
     except (KeyboardInterrupt, SystemExit) as stop:
-        _say_interrupted(stop, None)
+        _say_interrupted(stop, None, config)
         raise
+
+
+def _check_checkpoint_to_resume(config: TrainConfig) -> None:
+    """A plain run with ``resume=True`` continues a checkpoint or nothing: a mistyped or empty
+    checkpoint_dir would silently train from scratch (``record`` refuses the same, see
+    :func:`graftlab.config.resume.check_resumable`)."""
+    from graftlab.distributed.checkpoints import resume_step
+
+    if config.resume and config.checkpoint_dir is not None and resume_step(config) == 0:
+        raise GraftlabError(f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint: "
+                            "check checkpoint_dir, or leave out resume=True to train from scratch")
 
 
 def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continues: bool) -> None:
@@ -172,9 +186,10 @@ def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continue
         _warn(f"trace {path} starts at step {start}: the run resumes from {where}")
 
 
-def _say_interrupted(stop: BaseException, trace_path: Optional[Path]) -> None:
+def _say_interrupted(stop: BaseException, trace_path: Optional[Path], config: RunConfig) -> None:
     """One stderr line for a run stopped by Ctrl-C or SIGTERM (``fit`` attached what it ran and
-    wrote): the step it stopped at, the trace's steps on disk, the metrics file."""
+    wrote): the step it stopped at, the trace's steps on disk, the metrics file, and where a
+    resumed run would continue (the newest checkpoint, which may lie before the step it stopped at)."""
     result: Optional[FitResult] = getattr(stop, "fit_result", None)
     if result is None:
         return  # not an interruption fit handled (an exit asked for, or ranks of a torchrun job)
@@ -189,7 +204,23 @@ def _say_interrupted(stop: BaseException, trace_path: Optional[Path]) -> None:
     if result.path is not None:
         span = f"steps {steps.iloc[0]}..{steps.iloc[-1]}" if len(steps) else "no step"
         what.append(f"metrics of {span} written to {result.path}")
+    what.append(_resume_hint(config))
     _warn(": ".join(what[:2]) + "".join(f"; {w}" for w in what[2:]))
+
+
+def _resume_hint(config: RunConfig) -> str:
+    """What resuming the interrupted run does: continue from its newest checkpoint, start over, or nothing."""
+    from graftlab.distributed.checkpoints import resume_step
+
+    if config.checkpoint_dir is None:
+        return "the run cannot be resumed (it has no checkpoint_dir)"
+    try:
+        at = resume_step(dataclasses.replace(config, resume=True))
+    except GraftlabError:
+        at = 0
+    if at == 0:
+        return f"the run cannot be resumed: {config.checkpoint_dir} holds no checkpoint of it yet"
+    return f"resuming continues from the checkpoint of step {at} in {config.checkpoint_dir}"
 
 
 def _task(config: C, rt: Runtime) -> tuple[Task, C]:
