@@ -118,7 +118,9 @@ def read_trace(
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
     ``columns``. A table another tool wrote (Parquet without graftlab metadata, or CSV, with columns
     ``step, group`` and ``ratio`` or ``norm_m, norm_d``), or a ``/2`` part file away from its
-    ``_graftlab.json``, is read by :func:`graftlab.foreign.read`.
+    ``_graftlab.json`` (or a directory of them), is read by :func:`graftlab.foreign.read`. Recorded
+    steps missing between part files (one deleted: :mod:`graftlab.trace.gaps`) inside ``steps``
+    give one ``UserWarning`` naming them.
     """
     from graftlab import foreign
 
