@@ -9,6 +9,7 @@ from the running command's own option list.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -46,9 +47,10 @@ def _root(
     """Learning-rate grafting toolkit: record -> distill -> train."""
 
 
-def in_cli_terms(message: str, params: Sequence[Any]) -> str:
+def in_cli_terms(message: str, params: Sequence[Any], from_file: Optional[dict[str, str]] = None) -> str:
     """``message`` with the Python names of ``params``' options (click parameters) replaced by
-    their flags.
+    their flags, or, for the names in ``from_file`` (option name -> config file), by the config
+    file's key (``config key 'warmup' (run.toml)``): the user set that value there, not as a flag.
 
     ``name=True`` becomes the flag (``name=False`` the ``--no-`` form of an on/off option),
     ``name=value`` becomes ``--flag value``, and a bare ``name`` with an underscore (never an
@@ -59,14 +61,23 @@ def in_cli_terms(message: str, params: Sequence[Any]) -> str:
     (``start + window <= 40``).
     """
     flags: dict[str, str] = {}
+    from_file = from_file or {}
     for p in params:
         if getattr(p, "param_type_name", None) != "option" or not p.name:
+            continue
+        name = re.escape(p.name)
+        edge = r"(?<![\w./-])"  # not inside a path or a longer name
+        if p.name in from_file:
+            flag = f"config key {p.name!r} ({from_file[p.name]})"
+            flags[p.name] = flag
+            message = re.sub(rf"{edge}{name}=(True|False)\b", lambda m: f"{flag} = {m[1].lower()}", message)
+            message = re.sub(rf"{edge}{name}=(?=\S)", f"{flag} = ", message)
+            if "_" in p.name:
+                message = re.sub(rf"{edge}{name}(?![\w/=-]|\.\w)", lambda m: flag, message)
             continue
         flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         flags[p.name] = flag
         off = next((o for o in p.secondary_opts if o.startswith("--")), None)
-        name = re.escape(p.name)
-        edge = r"(?<![\w./-])"  # not inside a path or a longer name
         message = re.sub(rf"{edge}{name}=True\b", flag, message)
         if off:
             message = re.sub(rf"{edge}{name}=False\b", off, message)
@@ -83,6 +94,7 @@ _SUBJECT = re.compile(r"^(?P<names>[\w-]+(?:(?:, | and | or )[\w-]+)*)(?= (?:mus
 _OP = r" (?:<=|>=|<|>|\+|\*) "
 _FORMULA = re.compile(rf"(?<![\w./-])(?P<name>[a-z]\w*)(?={_OP})|(?P<op>{_OP})(?P<after>[a-z]\w*)(?![\w./=-])")
 _EITHER = re.compile(r"(?<=\beither )(?P<names>[\w-]+(?: or [\w-]+)+)\b")
+_LEAVE = re.compile(r"(?<=\bleave )(?P<names>[\w-]+)(?= unset\b)")
 
 
 def _named_subjects(message: str, flags: dict[str, str]) -> str:
@@ -92,7 +104,7 @@ def _named_subjects(message: str, flags: dict[str, str]) -> str:
             return match[0]  # English, not a list of this command's options
         return "".join(flags.get(w, w) if i % 2 == 0 else w for i, w in enumerate(words))
 
-    message = _EITHER.sub(names, _SUBJECT.sub(names, message, count=1))
+    message = _LEAVE.sub(names, _EITHER.sub(names, _SUBJECT.sub(names, message, count=1)))
     def operand(match: "re.Match[str]") -> str:
         if match["name"]:
             return flags.get(match["name"], match["name"])
@@ -109,10 +121,33 @@ def _speaking_cli(name: str, command: Callable[..., Any]) -> Callable[..., Any]:
         except GraftlabError as err:
             if err.names_parameters and err.args and isinstance(err.args[0], str):
                 params = typer.main.get_command(app).commands[name].params
-                err.args = (in_cli_terms(err.args[0], params), *err.args[1:])
+                err.args = (in_cli_terms(err.args[0], params, _from_config_file(params, kwargs)),
+                            *err.args[1:])
             raise
 
     return run
+
+
+# options whose config key is spelled differently (``--hparam`` adds to the ``hparams`` mapping)
+_CONFIG_KEYS = {"hparam": "hparams", "m_hparam": "m_hparams", "d_hparam": "d_hparams", "fsdp": "parallel"}
+
+
+def _from_config_file(params: Sequence[Any], given: dict[str, Any]) -> dict[str, str]:
+    """The options of the running command whose value came from its ``--config`` file: the key is
+    in the file and the option was not given on the command line (every option of a command that
+    reads a config file defaults to None, or False for an on/off one, so that the file's value
+    stands). Option name -> the file, as the user wrote it."""
+    config = given.get("config")
+    if config is None:
+        return {}
+    from graftlab.config.files import read_config_keys
+
+    try:
+        keys = read_config_keys(config)
+    except GraftlabError:
+        return {}
+    return {p.name: str(config) for p in params
+            if p.name and given.get(p.name) in (None, False, [], ()) and _CONFIG_KEYS.get(p.name, p.name) in keys}
 
 
 # One module per command under cli/, each exposing one function named like the command.
@@ -123,6 +158,36 @@ for _module in (record, info, distill, show, train, plot, demo, experiment):
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _similar_options(typed: str, params: Sequence[Any]) -> list[str]:
+    """The running command's long options closest to the unknown ``typed`` (``--steps`` ->
+    ``--start``): difflib's similarity of the names, ties and near misses decided by a shared
+    start (a user misremembers a name's end more often than its beginning)."""
+    import difflib
+
+    name = typed.lstrip("-")
+    scored = []
+    for p in params:
+        for opt in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())):
+            if not opt.startswith("--"):
+                continue
+            other = opt[2:]
+            prefix = len(os.path.commonprefix([name, other]))
+            score = difflib.SequenceMatcher(None, name, other).ratio() + 0.1 * min(prefix, 3)
+            if score >= 0.6:
+                scored.append((score, opt))
+    return [opt for _, opt in sorted(scored, key=lambda s: -s[0])[:2]]
+
+
+def _usage_message(err: Any) -> str:
+    """The parser's message; an unknown option with the command's own closest options (click
+    offers only near spellings, so ``--steps`` got ``--tie`` and never ``--start``)."""
+    if type(err).__name__ == "NoSuchOption" and getattr(err, "ctx", None) is not None:
+        close = _similar_options(err.option_name, err.ctx.command.params)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f"; see graftlab {err.ctx.command.name} --help"
+        return f"No such option: {err.option_name}{hint}"
+    return err.format_message()
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
@@ -145,7 +210,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if type(err).__name__ == "NoArgsIsHelpError":
             err.show()  # `graftlab` or `graftlab COMMAND` alone: the help, as before
             return 2
-        typer.echo(f"error: {_one_line(err.format_message())}", err=True)
+        typer.echo(f"error: {_one_line(_usage_message(err))}", err=True)
         return int(getattr(err, "exit_code", 2))
     return code if isinstance(code, int) else 0
 

@@ -13,6 +13,13 @@ def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
+def in_cli_terms(note: str) -> str:
+    """A distill note (worded in the library's parameters) in this command's flags."""
+    from graftlab.cli import app
+
+    return app.in_cli_terms(note, typer.main.get_command(app.app).commands["distill"].params)
+
+
 def _flag(d) -> str:
     """The flag with the few words of evidence behind a degenerate verdict."""
     short = (d.evidence or {}).get("short")
@@ -53,6 +60,8 @@ def distill(
     out = output if output is not None else default_output(trace, format)
     # every path before reading a large trace: the output is not the trace, nor inside a trace folder
     check_output(out, "corrections file", overwrite=overwrite, inputs=[("trace", trace)])
+    if not out.parent.is_dir():
+        raise GraftlabError(f"--out {str(out)!r}: its folder {str(out.parent)!r} does not exist")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         corr = run(trace, window=window, round=round, schedule=schedule, filter=filter, tie=tie, start=start,
@@ -93,7 +102,7 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:
-        console.print(f"[yellow]warning: {note}", soft_wrap=True)
+        console.print(f"[yellow]warning: {in_cli_terms(note)}", soft_wrap=True)
     if src.get("divergence"):
         div = src["divergence"]
         console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "

@@ -20,15 +20,17 @@ def show(
     from rich.console import Console
     from rich.table import Table
 
-    from graftlab.corrections import compare
+    from graftlab.corrections import compare, load_corrections
     from graftlab.errors import GraftlabError
 
     if len(files) > len(_LETTERS):
         raise GraftlabError(f"show takes at most {len(_LETTERS)} corrections files, got {len(files)}")
     # one letter per file in the headers (the legend names the files): a file name would not fit
     letters = list(_LETTERS[:len(files)])
-    df = compare(*files, labels=letters, by=by)
+    corrs = [load_corrections(f) for f in files]
+    df = compare(*corrs, labels=letters, by=by)
     flagged = df.pop("flagged") if "flagged" in df.columns else None
+    partial = df.pop("partial") if "partial" in df.columns else None
     table = Table(title=(f"{files[0]}, per {by}" if len(files) == 1 else f"per {by}"))
     table.add_column(df.index.name or by, no_wrap=True)
     for col in df.columns:
@@ -42,6 +44,15 @@ def show(
     if len(files) > 1:
         legend = ", ".join(f"{k} = {f}" for k, f in zip(letters, files))
         console.print(legend + ("; ratio B/A = factor B / factor A" if len(files) == 2 else ""), soft_wrap=True)
+    lrs = [c.direction_lr for c in corrs]
+    if len(set(lrs)) > 1:  # each file's factors multiply its own D lr: equal factors are not equal lrs
+        said = ", ".join(f"{k} {'unknown' if lr is None else f'{lr:g}'}" for k, lr in zip(letters, lrs))
+        console.print(f"warning: the factors are relative to different D learning rates ({said}): "
+                      "compare lr x factor, not the factors", soft_wrap=True)
+    if partial is not None and partial.sum():
+        per_kind = ", ".join(f"{k}: {int(n)}" for k, n in partial.items() if n)
+        console.print(f"kind medians are over the groups every file holds: {int(partial.sum())} group(s) only "
+                      f"some files hold are left out ({per_kind}); --by group lists them", soft_wrap=True)
     if flagged is not None and flagged.sum():
         per_kind = ", ".join(f"{k}: {int(n)}" for k, n in flagged.items() if n)
         console.print(f"left out of the kind medians: {int(flagged.sum())} flagged group(s) ({per_kind}); "

@@ -252,17 +252,21 @@ def parse_round(spec: str) -> tuple[str, Optional[float]]:
     s = str(spec).strip()
     if s.lower() in ("none", "pow10"):
         return s.lower(), None
-    m = re.fullmatch(r"[Dd]([Aa]?)(.+)", s)  # a lone "DA" is D<beta> with beta "A": refused as such
+    m = re.fullmatch(r"([Dd])([Aa]?)(.+)", s)
     if m:
-        form = "DA" if m.group(1) else "D"
+        # "DA" only before what reads as a number ("DA500", "DA-5", "DAinf"): "Dabc" and a lone
+        # "DA" are D<beta> with a beta that is no number, and are told so in the form typed
+        attn = bool(m.group(2)) and re.match(r"[\d.+-]|inf|nan", m.group(3), re.I) is not None
+        text = m.group(3) if attn or not m.group(2) else m.group(2) + m.group(3)
+        form = m.group(1) + (m.group(2) if attn else "")
         try:
-            beta = float(m.group(2))
+            beta = float(text)
         except ValueError:
             beta = math.nan
         if math.isfinite(beta) and beta > 0:
-            return ("dbeta_attn" if m.group(1) else "dbeta"), beta
-        raise GraftlabError(f"bad rounding {spec!r}: {form}<beta> needs a positive finite beta, e.g. {form}500")
-    raise GraftlabError(f"bad rounding {spec!r}: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
+            return ("dbeta_attn" if attn else "dbeta"), beta
+        raise GraftlabError(f"round {spec!r}: {form}<beta> needs a positive finite beta, e.g. {form}500")
+    raise GraftlabError(f"round {spec!r} is not a rounding: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
 
 
 def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -> pd.Series:

@@ -227,7 +227,7 @@ def check_settings(window: Any, start: Any, round: str, filter: Optional[int], o
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
     if filter is not None and filter != 0:
-        analysis.median_filter([], filter)  # validates the width
+        medians.check_width(filter, "filter")
 
 
 def _names(groups: Any, limit: int = 5) -> str:

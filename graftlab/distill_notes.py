@@ -28,12 +28,18 @@ def settings(path: Path, round: str, tie: Optional[str], tied: pd.Series, filter
 
     - a ``tie`` regex that matches no group name under ``D<beta>`` rounding ties nothing, so every
       group keeps its own median rounded to a power of ten: a typo would pass unseen;
+    - a ``tie`` regex under any other rounding is not used at all (only ``D<beta>`` and
+      ``DA<beta>`` tie groups to beta): the user meant a rounding they did not ask for;
     - a median filter wider than the window: the paper filters with width 51 series of thousands of
       steps (Figures 4-8, Section 5); wider than a window, each filtered value is mostly a median
       over neighbouring windows (in a schedule) or over the whole window (static), so windows blur.
     """
     notes = []
-    if tie is not None and analysis.parse_round(round)[0] in ("dbeta", "dbeta_attn") and not tied.any():
+    dbeta = analysis.parse_round(round)[0] in ("dbeta", "dbeta_attn")
+    if tie is not None and not dbeta:
+        notes.append(warn(path, f"tie={tie!r} only applies with round=D<beta> or round=DA<beta>; "
+                                f"round={round!r} ties no group"))
+    if tie is not None and dbeta and not tied.any():
         notes.append(warn(path, f"the tie regex {tie!r} matches none of the {len(tied)} group names: {round} "
                                 "ties no group to beta (each keeps its own median, rounded)"))
     if filter and filter > window:

@@ -32,9 +32,13 @@ from graftlab.errors import GraftlabError
 _BLOCK = 16
 
 
-def check_width(width: Any) -> int:
+def check_width(width: Any, name: str = "median filter width") -> int:
+    """``width`` as an int; ``name``: the parameter that set it, for the message.
+
+    Raises:
+        GraftlabError: ``width`` is not a positive odd integer."""
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or width % 2 == 0:
-        raise GraftlabError(f"median filter width must be a positive odd integer, got {width!r}")
+        raise GraftlabError(f"{name} must be a positive odd integer (a median filter's width), got {width!r}")
     return int(width)
 
 

@@ -151,13 +151,13 @@ def make_schedule(
         return partial(constant, warmup=w)
     if name == "poly":
         if power <= 0:
-            raise GraftlabError(f"poly schedule power must be > 0, got {power}")
+            raise GraftlabError(f"power must be > 0 for the poly schedule, got {power}")
         return partial(poly, total_steps=total_steps, warmup=w, power=power, end=end)
     if name == "cosine":
         return partial(cosine, total_steps=total_steps, warmup=w, end=end)
     milestones = tuple(float(m) for m in milestones)
     if any(not 0 < m < 1 for m in milestones) or list(milestones) != sorted(milestones):
-        raise GraftlabError(f"step milestones must be increasing fractions in (0, 1), got {list(milestones)}")
+        raise GraftlabError(f"milestones must be increasing fractions in (0, 1) for the step schedule, got {list(milestones)}")
     if not 0 < gamma <= 1:
-        raise GraftlabError(f"step schedule gamma must lie in (0, 1], got {gamma}")
+        raise GraftlabError(f"gamma must lie in (0, 1] for the step schedule, got {gamma}")
     return partial(step_decay, total_steps=total_steps, warmup=w, milestones=milestones, gamma=gamma)

@@ -141,7 +141,15 @@ def test_parse_round(spec, want):
 
 @pytest.mark.parametrize("spec", ["D0", "Dabc", "D-5", "D", "Dnan", "Dinf", "pow2", "", "500"])
 def test_parse_round_rejects(spec):
-    with pytest.raises(GraftlabError, match="bad rounding"):
+    with pytest.raises(GraftlabError, match=f"^round '{spec}'"):
+        A.parse_round(spec)
+
+
+@pytest.mark.parametrize("spec,form", [("Dabc", "D"), ("DA", "D"), ("dA", "d"), ("DA0", "DA"), ("DA-5", "DA"),
+                                       ("DAinf", "DA"), ("Da.", "Da"), ("D0", "D")])
+def test_parse_round_names_the_form_typed(spec, form):
+    """"Dabc" is D<beta> with a beta that is no number (not DA<beta> with "bc"), said as typed."""
+    with pytest.raises(GraftlabError, match=f"{form}<beta> needs a positive finite beta, e.g. {form}500"):
         A.parse_round(spec)
 
 

@@ -141,6 +141,8 @@ def build_sandbox(root: Path) -> None:
     (c / "export.csv").write_text("group,kind,factor\na,other,1.0\n")
     (c / "source_bad.json").write_text(corrections(multipliers={"a": 1}, source={"groups": {"a": {"n_finite": -3}}}))
     (c / "source_list.json").write_text(corrections(multipliers={"a": 1}, source={"groups": [1]}))
+    (c / "for_adam.json").write_text(corrections(multipliers={"global": 1.0},
+                                                   source={"metadata": {"direction": {"class": "Adam"}}}))
     (c / "unknown_groups.json").write_text(corrections(multipliers={"no.such.layer": 2.0}))
     y = root / "cfg"
     y.mkdir()
@@ -170,6 +172,8 @@ def build_sandbox(root: Path) -> None:
     (y / "ok.yaml").write_text("steps: 3\nbatch_size: 2\n")
     (y / "stpes.yaml").write_text("stpes: 4\n")
     (y / "m_lr_str.toml").write_text('magnitude_lr = "fast"\n')
+    (y / "warmup50.toml").write_text("warmup = 50\n")
+    (y / "m_lr_neg.yaml").write_text("magnitude_lr: -1\n")
     make_trace(root / "D")  # a trace whose default corrections file exists
     (root / "D.corrections.json").write_text(corrections(multipliers={n: 1.0 for n, *_ in GROUPS}))
 
@@ -288,6 +292,12 @@ SAYS: dict[str, tuple[str, ...]] = {
     "unknown --by": ("--by must be 'group' or 'kind', not 'nope'",),
     "a foreign table with a (step, group) pair twice": ("dup.csv: step 1 of group 'a.weight' appears in more than one row",),
     "a foreign table with a negative step": ("negstep.parquet: step -4 is negative",),
+    "unknown rounding": ("--round 'nope' is not a rounding", "!bad rounding"),
+    "Dabc": ("--round 'Dabc': D<beta> needs a positive finite beta, e.g. D500", "!DA"),
+    "even filter": ("--filter must be a positive odd integer", "got 4"),
+    "output folder missing": ("--out 'NEW/dir/c.json'", "'NEW/dir' does not exist"),
+    "unknown option": ("No such option: --nope", "!Possible options"),
+    "unknown option, close to one": ("No such option: --steps (did you mean --start?)",),
     "a corrections file": ("corr/good.json: a graftlab corrections file, not a trace", "graftlab show",
                            "graftlab train --corrections", "!magic"),
 }
@@ -296,11 +306,25 @@ SAYS: dict[str, tuple[str, ...]] = {
 for args, why in SHARED:
     case(f"record: {why}", record(args), *SAYS.get(why, ()))
     case(f"train: {why}", train(args), *SAYS.get(why, ()))
+case("record: step milestones decreasing", record("--schedule step --milestones 0.9,0.5"),
+     "--milestones must be increasing", "!step milestones")
+case("record: step gamma above 1", record("--schedule step --gamma 2"), "--gamma must lie in (0, 1]")
+case("train: corrections for another optimizer", train("--corrections corr/for_adam.json --optimizer sgd"),
+     "not --optimizer sgd", "leave --optimizer unset to train adam", "pass --allow-other-optimizer")
 case("record: no out", "record --steps 3 --batch-size 2 --device cpu --quiet", "--out is required")
 case("record: stpes in YAML", record("--config cfg/stpes.yaml"), "stpes (did you mean steps?)",
      "valid keys are task, size, data, steps, epochs, batch_size", "checkpoint_dir", "!--")
 case("record: magnitude_lr a string in TOML", record("--config cfg/m_lr_str.toml"),
      "config file 'cfg/m_lr_str.toml': config key 'magnitude_lr' must be a number, got 'fast'", "!--")
+# a value the config file set is named as its key there, one given on the command line as its flag
+case("record: warmup from TOML longer than training", record("--config cfg/warmup50.toml --steps 10"),
+     "config key 'warmup' (cfg/warmup50.toml) (50 steps) must be shorter than training (10 steps)", "!--warmup")
+case("record: --warmup over the TOML's, longer than training", record("--config cfg/warmup50.toml --warmup 60 --steps 10"),
+     "--warmup (60 steps) must be shorter than training", "!config key")
+case("record: magnitude_lr negative in YAML", record("--config cfg/m_lr_neg.yaml"),
+     "config key 'magnitude_lr' (cfg/m_lr_neg.yaml) must be a finite number >= 0", "!--magnitude-lr")
+case("record: --magnitude-lr over the YAML's, negative", record("--config cfg/m_lr_neg.yaml --magnitude-lr -2"),
+     "--magnitude-lr must be a finite number >= 0, got -2", "!config key")
 
 for args, why in [
     ("-o notes.txt", "out is a file"), ("-o notes.txt --overwrite", "out is a file, --overwrite"),
@@ -374,7 +398,7 @@ for args, why in [
     ("TF.parquet --window 10 -o TF.parquet --overwrite", "output over the trace file"),
     ("T --window 10 -o T/_graftlab.json --overwrite", "output over the sidecar"),
     ("T --window 10 -o G/c.json", "output inside another trace"),
-    ("T --window 10 --nope", "unknown option"),
+    ("T --window 10 --nope", "unknown option"), ("T --steps 5", "unknown option, close to one"),
     ("dup.csv --window 2", "a foreign table with a (step, group) pair twice"),
     ("negstep.parquet --window 2", "a foreign table with a negative step"),
     ("corr/good.json", "a corrections file"),

@@ -101,3 +101,34 @@ def test_show_by_kind_fits_100_columns(tmp_path):
     assert any(ln.startswith(f"A = {files[0]}, B = {files[1]}") for ln in lines)
     assert "left out of the kind medians: 2 flagged group(s) (K: 2)" in res.output
     assert "1.243e+05" not in res.output and "1.24e+05" not in res.output
+
+
+def test_kind_rows_of_two_files_cover_the_same_groups_and_ratio_the_factors_shown():
+    """B lacks v2: V's medians are over v alone in both files, the ratio is factor B / factor A of
+    the row, and the row says one group was left out."""
+    df = compare(A, B, by="kind")
+    assert df["groups"].tolist() == [1, 1, 1] and df["partial"].tolist() == [0, 0, 1]
+    assert df.at["V", "factor A"] == pytest.approx(0.8) and df.at["V", "factor B"] == pytest.approx(1.6)
+    rows = df.dropna(subset=["factor A", "factor B"])
+    assert (rows["factor ratio"] == rows["factor B"] / rows["factor A"]).all()
+    # a ratio of medians, not a median of ratios: three groups whose own ratios are 1, 1, 4
+    kinds = {"a": "V", "b": "V", "c": "V"}
+    x = corr({"a": 1.0, "b": 2.0, "c": 3.0}, {g: 1.0 for g in kinds}, {g: 1.0 for g in kinds}, kinds)
+    y = corr({"a": 1.0, "b": 2.0, "c": 12.0}, {g: 1.0 for g in kinds}, {g: 1.0 for g in kinds}, kinds)
+    row = compare(x, y, by="kind").loc["V"]
+    assert row["factor A"] == 2.0 and row["factor B"] == 2.0 and row["factor ratio"] == 1.0
+    assert "partial" not in compare(A, by="kind").columns
+
+
+def test_show_says_which_groups_the_kind_medians_leave_out_and_differing_d_lrs(tmp_path):
+    a, b = save(A, tmp_path / "a.json"), save(B, tmp_path / "b.json")
+    res = CliRunner().invoke(app, ["show", str(a), str(b), "--by", "kind"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "only some files hold are left out (V: 1)" in res.output
+    assert "warning" not in res.output  # both at D lr 0.1
+    unknown = Corrections(multipliers=dict(B.multipliers), source={**B.source, "direction_lr": None})
+    c = save(unknown, tmp_path / "c.json")
+    res = CliRunner().invoke(app, ["show", str(a), str(c)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "(A 0.1, B unknown)" in warned[0], res.output

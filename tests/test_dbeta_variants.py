@@ -112,11 +112,17 @@ def test_tie_that_matches_nothing_and_wide_filter_warn(tmp_path):
     with pytest.warns(UserWarning, match=r"median filter \(width 21\) is wider than the window \(20 steps\)"):
         corr = distill(trace, window=20, round="pow10", filter=21)
     assert len(corr.source["warnings"]) == 1
-    # a tie that matches, a filter within the window, or a tie without D rounding: no warning
+    # a tie that matches, a filter within the window: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert distill(trace, window=20, round="D200", tie=r"attn\.query\.weight").source["warnings"] == []
-        assert distill(trace, window=20, round="pow10", tie="nomatch", filter=19).source["warnings"] == []
+        assert distill(trace, window=20, round="pow10", filter=19).source["warnings"] == []
+    # a tie without D<beta>/DA<beta> rounding ties nothing, whatever it matches
+    for tie in ("nomatch", r"attn\.query\.weight"):
+        with pytest.warns(UserWarning, match=r"tie='.*' only applies with round=D<beta> or round=DA<beta>; "
+                                             r"round='pow10' ties no group"):
+            corr = distill(trace, window=20, round="pow10", tie=tie)
+        assert len(corr.source["warnings"]) == 1
 
 
 def test_cli_prints_each_warning_on_one_line(tmp_path):
@@ -132,3 +138,13 @@ def test_cli_prints_each_warning_on_one_line(tmp_path):
     assert len(lines) == 2, res.stdout
     assert "the tie regex 'nomatch' matches none" in lines[0] and "ties no group to beta" in lines[0]
     assert "median filter (width 7) is wider than the window (5 steps)" in lines[1]
+
+
+def test_cli_warns_of_a_tie_without_dbeta_rounding(tmp_path, capsys):
+    from graftlab.cli.app import run
+
+    trace, _ = _trace(tmp_path)
+    assert run(["distill", str(trace), "--window", "5", "--tie", "x", "-o", str(tmp_path / "c.json")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    assert lines == ["warning: --tie 'x' only applies with --round D<beta> or --round DA<beta>; --round 'none' "
+                     "ties no group"]

@@ -93,7 +93,7 @@ def test_quick_config_is_small():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(window=0), "window"), (dict(window=41), "window"), (dict(round="Dabc"), "bad rounding"),
+    (dict(window=0), "window"), (dict(window=41), "window"), (dict(round="Dabc"), "round 'Dabc'"),
     (dict(steps=3), "at least 4 steps"), (dict(momentum=-1.0), "momentum"), (dict(size="huge"), "unknown size"),
     (dict(device="tpu"), "unknown device"),
 ])

@@ -289,8 +289,8 @@ def test_bad_inputs(tmp_path):
     short = small_trace(tmp_path / "short.trace")
     msg = one_line_error(cli(short, "--window", 2000), "longer than the trace")
     assert "300 steps" in msg
-    one_line_error(cli(short, "--window", 100, "--round", "D0"), "bad rounding 'D0'")
-    one_line_error(cli(short, "--window", 100, "--round", "Dabc"), "bad rounding 'Dabc'")
+    one_line_error(cli(short, "--window", 100, "--round", "D0"), "--round 'D0'")
+    one_line_error(cli(short, "--window", 100, "--round", "Dabc"), "--round 'Dabc': D<beta>")
     one_line_error(cli(short, "--window", 100, "--filter", 4), "odd")
     one_line_error(cli(tmp_path / "nothing"), "no such trace")
 
@@ -309,7 +309,7 @@ def test_cli_error_line_and_exit_code(tmp_path):
     res = subprocess.run([sys.executable, "-m", "graftlab", "distill", str(short), "--round", "D0", "--window", "10"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: bad rounding 'D0': D<beta> needs a positive finite beta, e.g. D500"]
+    assert res.stderr.strip().splitlines() == ["error: --round 'D0': D<beta> needs a positive finite beta, e.g. D500"]
 
 
 def test_default_window_fits_a_short_trace_and_says_so(tmp_path):
@@ -327,7 +327,7 @@ def test_bad_round_is_said_before_an_existing_output(tmp_path):
     short = small_trace(tmp_path / "short.trace")
     out = tmp_path / "keep.json"
     out.write_text("precious")
-    one_line_error(cli(short, "--round", "D0", "-o", out), "bad rounding 'D0'")
+    one_line_error(cli(short, "--round", "D0", "-o", out), "--round 'D0'")
     assert out.read_text() == "precious"
 
 

@@ -106,6 +106,16 @@ def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig, *, sour
 
 def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of config keys."""
+    values = read_config_keys(path)
+    return config_from_dict(values, cls, source=str(Path(path).expanduser()))
+
+
+def read_config_keys(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of keys to values a YAML or TOML config file holds, unconverted.
+
+    Raises:
+        GraftlabError: the file is missing, unreadable, not UTF-8, not parseable or not a mapping.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise GraftlabError(f"config file {str(p)!r} does not exist")
@@ -130,7 +140,7 @@ def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
         raise GraftlabError(f"cannot parse config file {str(p)!r}: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise GraftlabError(f"config file {str(p)!r} must hold a mapping of keys to values")
-    return config_from_dict({str(k): v for k, v in values.items()}, cls, source=str(p))
+    return {str(k): v for k, v in values.items()}
 
 
 def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = TrainConfig, **overrides: Any) -> C:

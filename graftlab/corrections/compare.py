@@ -56,10 +56,12 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
     (first-window median ratio ``||M step|| / ||D step||``) and ``drift <label>`` (later-window
     median / first-window median; NaN where the trace held one window). A group a file lacks is NaN
     in its columns. With two files, ``factor ratio`` is the second file's factor over the first's.
-    ``by="kind"``: the same columns, each the median over the unflagged groups of a kind
-    (``groups``: how many; ``flagged``: how many were left out because a file flags them, e.g. a
-    degenerate K bias whose own median is no ratio of two learning rates and whose factor is a
-    stand-in). Columns that are NaN for every row are left out. ``labels`` default to the file names
+    ``by="kind"``: the same columns, each the median over the unflagged groups of a kind that every
+    file holds, so each file's medians cover the same groups (``groups``: how many; ``flagged``: how
+    many were left out because a file flags them, e.g. a degenerate K bias whose own median is no
+    ratio of two learning rates and whose factor is a stand-in; with several files ``partial``: how
+    many were left out because some file lacks them); ``factor ratio`` is the row's second factor
+    over its first. Columns that are NaN for every row are left out. ``labels`` default to the file names
     (``A``, ``B``, ... for objects).
 
     Raises :class:`~graftlab.errors.GraftlabError` with no source, a bad ``by`` or ``labels`` of the
@@ -85,14 +87,23 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
         out["factor ratio"] = out[f"factor {labels[1]}"] / out[f"factor {labels[0]}"]
     if by == "kind":
         flagged = pd.Series(False, index=out.index)
-        for t in tables:  # flagged in any file: every file's medians then cover the same groups
+        held = pd.Series(True, index=out.index)
+        for t in tables:  # flagged in any file or missing from one: every file's medians then cover the same groups
             flagged |= t["flagged"].reindex(order, fill_value=False).to_numpy(dtype=bool)
-        kinds = out["kind"]
-        used = out.drop(columns="kind")[~flagged]
-        out = used.groupby(kinds[~flagged], sort=False).median().reindex(pd.unique(kinds))
+            held &= out.index.isin(t.index)
+        kinds, used = out["kind"], held & ~flagged
+        out = out.drop(columns="kind")[used].groupby(kinds[used], sort=False).median().reindex(pd.unique(kinds))
+        if len(tables) == 2:  # of the medians, as the row shows them (a median of ratios is another number)
+            out["factor ratio"] = out[f"factor {labels[1]}"] / out[f"factor {labels[0]}"]
         out.index.name = "kind"
-        out.insert(0, "groups", (~flagged).groupby(kinds, sort=False).sum().reindex(out.index).astype(int))
-        out.insert(1, "flagged", flagged.groupby(kinds, sort=False).sum().reindex(out.index).astype(int))
+
+        def count(mask: pd.Series) -> pd.Series:
+            return mask.groupby(kinds, sort=False).sum().reindex(out.index).astype(int)
+
+        out.insert(0, "groups", count(used))
+        out.insert(1, "flagged", count(flagged & held))
+        if len(tables) > 1:
+            out.insert(2, "partial", count(~held))
     keep = [c for c in out.columns
-            if c in ("kind", "groups", "flagged") or not np.isnan(out[c].to_numpy(dtype=float)).all()]
+            if c in ("kind", "groups", "flagged", "partial") or not np.isnan(out[c].to_numpy(dtype=float)).all()]
     return out[keep]
