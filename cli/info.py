@@ -13,6 +13,14 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _files(trace: Path, n: int, foreign: dict) -> str:
+    """Where the rows are: "one CSV file", "one Parquet file", "3 part files", "42 Parquet files"."""
+    if trace.is_file():
+        return "one CSV file" if foreign.get("format") == "csv" else "one Parquet file"
+    kind = "Parquet file" if foreign and not foreign.get("orphan") else "part file"
+    return f"{'one' if n == 1 else n} {kind}{'' if n == 1 else 's'}"
+
+
 def info(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     groups: bool = typer.Option(True, "--groups/--no-groups", help="List every group with its kind."),
@@ -22,7 +30,7 @@ def info(
     from rich.table import Table
 
     from graftlab.errors import GraftlabError
-    from graftlab.foreign import note
+    from graftlab.foreign import note, source
     from graftlab.trace import trace_info
     from graftlab.tracelock import writer
 
@@ -41,14 +49,16 @@ def info(
     head.add_column("value", overflow="fold")
     foreign = meta.get("foreign") or {}
     for key in ("format", "granularity", "task", "batch_size", "seed", "device", "every"):
-        value = f"{foreign['format']} table (no graftlab metadata)" if key == "format" and foreign else meta.get(key)
+        value = source(meta) if key == "format" and foreign else meta.get(key)
         head.add_row(key, _fmt(value))
     for role in ("magnitude", "direction"):
         opt = meta.get(role) or {}
         head.add_row(role, f"{opt.get('class', '-')} {_fmt(opt.get('hyperparameters'))}")
     head.add_row("versions", _fmt(meta.get("versions")))
-    head.add_row("steps", f"{_fmt(t['first_step'])} .. {_fmt(t['last_step'])} ({t['steps']} recorded)")
-    head.add_row("rows", f"{t['rows']} in {t['parts']} part file(s), {t['bytes'] / max(t['rows'], 1):.1f} bytes/row")
+    head.add_row("steps", f"{_fmt(t['first_step'])} .. {_fmt(t['last_step'])} ({t['steps']} recorded)"
+                 + "".join(f"; steps {a}..{b} missing (a part file is gone?)" for a, b in t.get("gaps") or []))
+    head.add_row("rows", f"{t['rows']} rows in {_files(trace, t['parts'], foreign)}, "
+                         f"{t['bytes'] / max(t['rows'], 1):.1f} bytes/row")
     computed = t.get("computed") or []
     head.add_row("columns", ", ".join(c for c in t["columns"] if c not in computed) + " (stored)"
                  + ("; ratio = norm_m / norm_d, computed on read" if "ratio" in computed else ""))

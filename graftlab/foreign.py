@@ -8,9 +8,9 @@ is still a trace. Accepted here:
 - a Parquet file, or a directory of Parquet files with any names (pandas, pyarrow, polars, DuckDB,
   Spark; hive partitions such as ``group=.../`` included), whose schema holds no graftlab metadata:
   e.g. ``pd.read_parquet("runs/t").to_parquet("x.parquet")``;
-- a single ``graftlab.trace/2`` part file away from its trace's ``_graftlab.json`` (copied out of
-  the directory, or a slice of it written with pyarrow, which keeps the part's marker): the run
-  metadata is not found, and is inferred as for any table;
+- ``graftlab.trace/2`` part files away from their trace's ``_graftlab.json`` (one copied out of the
+  directory, a slice of one written with pyarrow, which keeps the part's marker, or a directory of
+  copied parts): the run metadata is not found, and is inferred as for any table;
 - a CSV file (``.csv``, one header row) with those columns; ``inf``/``nan``/empty cells are
   non-finite values.
 
@@ -99,7 +99,8 @@ def is_foreign(path: PathLike) -> bool:
         if (p / SIDECAR).exists():
             return False
         files = _parquet_files(p)
-        return bool(files) and not _has_graftlab_metadata(files[0])
+        # part files copied without their trace's sidecar: read as the single copied part is
+        return bool(files) and (not _has_graftlab_metadata(files[0]) or _orphan_part(files[0]))
     return False
 
 
@@ -224,7 +225,7 @@ def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str],
     Keys as in :mod:`graftlab.trace` (``format`` is None), plus ``foreign``:
     ``{"format": source, "inferred": [...], "unknown": [...], "computed": [...], "orphan": bool}``;
     ``computed`` lists ``"ratio"`` when the table has the norms and no ratio; ``orphan``: the table
-    is a ``graftlab.trace/2`` part away from its ``_graftlab.json``.
+    is a ``graftlab.trace/2`` part (or a directory of them) away from its ``_graftlab.json``.
     """
     from graftlab.kinds import classify_names, to_dict
 
@@ -249,12 +250,25 @@ def infer_metadata(names: Iterable[str], *, source: str, columns: Iterable[str],
     }
 
 
-def note(meta: dict[str, Any]) -> Optional[str]:
-    """One line saying what a foreign trace's metadata inferred and what is unknown; None otherwise."""
+def source(meta: dict[str, Any]) -> Optional[str]:
+    """What a foreign trace is, in the words ``info`` (its format row) and :func:`note` both use:
+    ``"graftlab.trace/2 part file(s) without the _graftlab.json of their trace"`` or ``"parquet table
+    (no graftlab metadata)"``; None for a graftlab trace's metadata."""
     info = meta.get("foreign") if isinstance(meta, dict) else None
     if not isinstance(info, dict):
         return None
-    what = (f"run metadata not found (a {FORMAT} part file without the {SIDECAR} of its trace)"
+    if info.get("orphan"):
+        return f"{FORMAT} part file(s) without the {SIDECAR} of their trace"
+    return f"{info.get('format')} table (no graftlab metadata)"
+
+
+def note(meta: dict[str, Any]) -> Optional[str]:
+    """One line saying what a foreign trace's metadata inferred and what is unknown; None otherwise."""
+    what = source(meta)
+    if what is None:
+        return None
+    info = meta["foreign"]
+    what = (f"run metadata not found ({what}; copying the trace's {SIDECAR} beside the part files restores it)"
             if info.get("orphan") else f"no graftlab metadata ({info.get('format')} table)")
     computed = "; ratio computed as norm_m / norm_d" if "ratio" in (info.get("computed") or []) else ""
     return (f"{what}: kinds and transformer blocks inferred from the group names; unknown: "
@@ -270,7 +284,8 @@ def metadata(path: PathLike) -> dict[str, Any]:
         names = _group_names(dataset)
     except GraftlabError as err:
         raise GraftlabError(f"{path}: {err}") from None
-    orphan = fmt == "parquet" and path.is_file() and _orphan_part(path)
+    files = [path] if path.is_file() else _parquet_files(path)
+    orphan = fmt == "parquet" and bool(files) and _orphan_part(files[0])
     return infer_metadata(names, source=fmt, columns=dataset.schema.names, orphan=orphan)
 
 
@@ -368,6 +383,6 @@ def info(path: PathLike) -> dict[str, Any]:
         columns.insert(columns.index("norm_d") + 1, "ratio")
     return {
         "metadata": meta, "parts": len(files), "rows": len(col), "first_step": mm["min"], "last_step": mm["max"],
-        "steps": len(pc.unique(col)) if len(col) else 0, "columns": columns, "computed": computed,
+        "steps": len(pc.unique(col)) if len(col) else 0, "gaps": [], "columns": columns, "computed": computed,
         "bytes": sum(f.stat().st_size for f in files),
     }

@@ -44,7 +44,8 @@ Formats (both are read; a trace keeps the format it was started in, so a resumed
   stored: the norms are, losslessly, and readers compute ``norm_m / norm_d`` in float32, which is
   bit-identical to the ratio a float32 Graft computes. A single-file ``/2`` trace
   (:func:`write_table`) holds the metadata in its footer; a part file copied out of its directory
-  holds only the marker, so it is read as a table without metadata (:mod:`graftlab.foreign`). About 7 bytes per row (bench/RESULTS.md).
+  holds only the marker, so it (or a directory of such parts without the sidecar) is read as a table
+  without metadata (:mod:`graftlab.foreign`). About 7 bytes per row (bench/RESULTS.md).
 - ``graftlab.trace/1``: every part stores ``ratio`` and repeats the full metadata in its footer
   (and the sidecar holds a copy); about 12 bytes per row.
 

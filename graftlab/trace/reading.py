@@ -1,6 +1,7 @@
 """Reading a trace: its metadata, its rows as an Arrow table or a DataFrame, its extent from the footers."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -8,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graftlab.errors import GraftlabError
+from graftlab.trace.gaps import describe as describe_gaps
 from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, trace_files
 from graftlab.trace.parts import READ_ERRORS, check_part, describe, open_part, step_bounds, trace_metadata
 from graftlab.trace.scanning import (
@@ -62,8 +64,12 @@ def read_table(
     then group order. ``required`` narrows the required columns returned (``("step", "group",
     "ratio")`` reads a ``/1`` trace's norms not at all). Same arguments and errors as :func:`read_trace`.
     """
-    path = Path(path)
-    required = list(required)
+    table, scan = _table(Path(path), steps, groups, columns, list(required))
+    return table, scan.meta
+
+
+def _table(path: Path, steps, groups, columns, required: list[str]) -> tuple[pa.Table, Any]:
+    """:func:`read_table`'s table, and the scan it came from."""
     scan = _scanner(path, steps, columns, required)
     try:
         table = scan.dataset.to_table(columns=scan.stored + scan.extras, filter=scan.filter)
@@ -79,7 +85,7 @@ def read_table(
     if "ratio" in required:
         table = with_ratio(table)
     order = [c for c in REQUIRED if c in required] + scan.extras
-    return table.select(order).replace_schema_metadata(None), scan.meta
+    return table.select(order).replace_schema_metadata(None), scan
 
 
 def read_trace(
@@ -112,7 +118,9 @@ def read_trace(
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
     ``columns``. A table another tool wrote (Parquet without graftlab metadata, or CSV, with columns
     ``step, group`` and ``ratio`` or ``norm_m, norm_d``), or a ``/2`` part file away from its
-    ``_graftlab.json``, is read by :func:`graftlab.foreign.read`.
+    ``_graftlab.json`` (or a directory of them), is read by :func:`graftlab.foreign.read`. Recorded
+    steps missing between part files (one deleted: :mod:`graftlab.trace.gaps`) inside ``steps``
+    give one ``UserWarning`` naming them.
     """
     from graftlab import foreign
 
@@ -123,11 +131,14 @@ def read_trace(
     if groups is None:
         scan = _scanner(path, steps, columns, list(REQUIRED))
         df = _stream_to_pandas(scan)
-        meta = scan.meta
     if df is None:  # rows out of order (or a groups filter): read whole, sort, convert
-        table, meta = read_table(path, steps=steps, groups=groups, columns=columns)
+        table, scan = _table(path, steps, groups, columns, list(REQUIRED))
         df = _to_pandas(table)
         del table
+    meta = scan.meta
+    if scan.gaps:
+        warnings.warn(f"{path}: {describe_gaps(scan.gaps)} are missing between the trace's part files "
+                      "(a part file is gone?)", stacklevel=2)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
     df.attrs["graftlab"] = meta
@@ -180,8 +191,9 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
 def trace_info(path: PathLike) -> dict[str, Any]:
     """What a trace holds, from the Parquet footers only (no data pages are read).
 
-    Returns ``{"metadata", "format", "parts", "rows", "first_step", "last_step", "steps", "columns",
-    "computed", "bytes"}``; ``steps`` counts recorded steps (rows / groups); ``columns`` are those
+    Returns ``{"metadata", "format", "parts", "rows", "first_step", "last_step", "steps", "gaps",
+    "columns", "computed", "bytes"}``; ``steps`` counts recorded steps (rows / groups); ``gaps`` lists
+    the ``(first, last)`` recorded steps missing between parts (:mod:`graftlab.trace.gaps`); ``columns`` are those
     :func:`read_trace` returns, ``computed`` those of them not stored (``["ratio"]`` for ``/2``). Every part's footer is checked as
     :func:`read_trace` checks it, so a duplicated or damaged part is an error here too.
     """
@@ -190,7 +202,7 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     if foreign.is_foreign(path):
         return foreign.info(path)
     path = Path(path)
-    fmt, meta, parts = open_parts(path, None)
+    fmt, meta, parts, missing = open_parts(path, None)
     if not path.is_dir():
         parts[0].bounds = step_bounds(parts[0])
     columns: list[str] = []
@@ -208,5 +220,5 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     return {"metadata": meta, "format": fmt, "parts": len(parts), "rows": rows,
             "first_step": min(b[0] for b in bounds) if bounds else None,
             "last_step": max(b[1] for b in bounds) if bounds else None,
-            "steps": rows // n_groups, "columns": columns, "computed": computed,
+            "steps": rows // n_groups, "gaps": missing, "columns": columns, "computed": computed,
             "bytes": sum(p.path.stat().st_size for p in parts)}

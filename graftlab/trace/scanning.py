@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graftlab.errors import GraftlabError
+from graftlab.trace import gaps
 from graftlab.trace.layout import REQUIRED, STORED, PathLike, part_first_step, trace_files
 from graftlab.trace.parts import (
     READ_ERRORS, Part, check_part, check_sequence, describe, open_part, parquet_format, trace_metadata,
@@ -40,20 +41,22 @@ def _prune(files: list[Path], start: Optional[int], stop: Optional[int]) -> list
 
 
 def open_parts(path: Path, steps: Optional[tuple[Optional[int], Optional[int]]],
-          scan: bool = False) -> tuple[str, dict, list[Part]]:
-    """The trace's format, metadata and the checked parts that can hold ``steps`` (``scan``: ready to
-    be scanned, see :func:`~graftlab.trace.parts.open_part`)."""
-    files = trace_files(path)
-    first = open_part(files[0], scan)
+          scan: bool = False) -> tuple[str, dict, list[Part], list[tuple[int, int]]]:
+    """The trace's format, metadata, the checked parts that can hold ``steps`` (``scan``: ready to
+    be scanned, see :func:`~graftlab.trace.parts.open_part`), and the runs of recorded steps missing
+    between parts that meet ``steps`` (:func:`graftlab.trace.gaps.find`)."""
+    every = trace_files(path)
+    first = open_part(every[0], scan)
     fmt, meta = trace_metadata(path, first)
-    if path.is_dir() and steps is not None:
-        files = _prune(files, *steps)
+    files = _prune(every, *steps) if path.is_dir() and steps is not None else every
     parts = [first if f == first.path else open_part(f, scan) for f in files]
     for p in parts:
         check_part(p, fmt, first.key)
+    missing: list[tuple[int, int]] = []
     if path.is_dir():
         check_sequence(parts)
-    return fmt, meta, parts
+        missing = gaps.find(meta, [p.bounds for p in parts], gaps.next_part(every, files), steps)
+    return fmt, meta, parts, missing
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Scan:
     stored: list[str]
     extras: list[str]
     rows: int  # rows of the parts scanned: a bound on what the filter keeps
+    gaps: list[tuple[int, int]]  # recorded steps missing in the steps asked for (graftlab.trace.gaps)
 
     @property
     def names(self) -> list[str]:
@@ -77,7 +81,7 @@ class _Scan:
 def _scanner(path: Path, steps, columns, required: list[str]) -> _Scan:
     import pyarrow.dataset as ds
 
-    fmt, meta, parts = open_parts(path, steps, scan=True)
+    fmt, meta, parts, missing = open_parts(path, steps, scan=True)
     start, stop = steps if steps is not None else (None, None)
     stored = [c for c in STORED[fmt] if c in required or (c in ("norm_m", "norm_d") and "ratio" in required)]
     try:
@@ -105,7 +109,7 @@ def _scanner(path: Path, steps, columns, required: list[str]) -> _Scan:
         flt = cond if flt is None else flt & cond
     fmt_, fs = parquet_format()
     dataset = ds.FileSystemDataset([p.fragment() for p in parts], schema, fmt_, fs)
-    return _Scan(path, fmt, meta, dataset, flt, stored, extras, sum(p.rows for p in parts))
+    return _Scan(path, fmt, meta, dataset, flt, stored, extras, sum(p.rows for p in parts), missing)
 
 
 class GroupCodes:
