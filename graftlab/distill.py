@@ -38,7 +38,8 @@ from graftlab import analysis, degenerate, distill_notes, divergence, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.jsonable import jsonable
-from graftlab.trace import group_table, read_metadata, read_trace, trace_extent
+from graftlab.trace import gaps, group_table, read_metadata, read_trace, trace_extent
+from graftlab.trace.scanning import open_parts
 
 PathLike = Union[str, os.PathLike]
 
@@ -106,6 +107,7 @@ def distill(
              else divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign)))
     windows = ([(s, min(s + window, length)) for s in range(start, length, window)] if schedule
                else [(start, start + window)])
+    _check_gaps(path, windows, foreign)
     late = divergence.check_windows(path, marks, windows, allow_divergence)
     groups = _groups(grid.groups if whole else analysis.group_order(df), table)
     kinds = analysis.group_kinds(groups, table)
@@ -268,6 +270,17 @@ def _prefix_marks(path: Path, start: int, foreign: bool) -> divergence.Marks:
     if start <= 0:
         return divergence.Marks()
     return divergence.find(read_trace(path, steps=(0, start)), foreign)
+
+
+def _check_gaps(path: Path, windows: list[tuple[int, int]], foreign: bool) -> None:
+    """GraftlabError when a window holds steps missing between the parts of a recorded trace (a part
+    file gone, :mod:`graftlab.trace.gaps`): its medians would cover fewer steps than it says. Only
+    the footers of the parts the windows span are read; a single file or a foreign table has no
+    parts to lose."""
+    if not windows or foreign or not path.is_dir():
+        return
+    missing = open_parts(path, (min(a for a, _ in windows), max(b for _, b in windows)))[3]
+    gaps.check_windows(path, missing, windows)
 
 
 def _ratio_grid(path: Path, start: int, filter: Optional[int]) -> medians.Grid:

@@ -140,11 +140,8 @@ def check_windows(where: Any, marks: Marks, windows: Sequence[tuple[int, int]], 
     :class:`GraftlabError` naming them unless ``allow`` (then they are returned for the record).
 
     Distilling such a window would turn the ratios of a diverging run (or of one whose learning
-    rate a restart changed) into corrections. A window holding steps missing from the trace ``where``
-    (a part file gone, :mod:`graftlab.trace.gaps`) is refused too, ``allow`` or not: its medians
-    would cover fewer steps than it says.
+    rate a restart changed) into corrections.
     """
-    _check_gaps(where, windows)
     first = marks.first
     if first is None:
         return []
@@ -161,18 +158,3 @@ def check_windows(where: Any, marks: Marks, windows: Sequence[tuple[int, int]], 
         )
     return late
 
-
-def _check_gaps(where: Any, windows: Sequence[tuple[int, int]]) -> None:
-    """GraftlabError when one of ``windows`` holds steps missing between the parts of the recorded
-    trace at ``where`` (only the footers of the parts the windows span are read)."""
-    from pathlib import Path
-
-    from graftlab import foreign
-    from graftlab.trace import gaps
-    from graftlab.trace.scanning import open_parts
-
-    path = Path(where)
-    if not windows or not path.is_dir() or foreign.is_foreign(path):
-        return  # a single file has no parts to lose; a foreign table records no ``every``
-    missing = open_parts(path, (min(a for a, _ in windows), max(b for _, b in windows)))[3]
-    gaps.check_windows(where, missing, windows)
