@@ -538,3 +538,11 @@ def test_real_process_prints_one_line_and_exits_2(argv, sandbox):
                          cwd=sandbox, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr
+
+
+def test_missing_data_names_the_option(sandbox):
+    """The library names the parameter (``data 'x' does not exist``); the command line the flag."""
+    res = subprocess.run([sys.executable, "-m", "graftlab", "record", "--data", "nope", "-o", "t", "--steps", "2"],
+                         capture_output=True, text=True, cwd=sandbox, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == "error: --data 'nope' does not exist"
+    assert not (sandbox / "t").exists()

@@ -220,7 +220,7 @@ def test_batches_are_seeded(bert):
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"name": "gpt2"}, "unknown task"), ({"name": "gpt", "size": "huge"}, "unknown size"), ({"name": "bert", "size": "huge"}, "unknown size"),
-     ({"name": "bert", "data": "/no/such/path"}, "does not exist"), ({"name": "resnet", "batch_size": 0}, "batch size"),
+     ({"name": "bert", "data": "/no/such/path"}, "^data '/no/such/path' does not exist$"), ({"name": "resnet", "batch_size": 0}, "batch size"),
      ({"name": "bert", "device": "tpu"}, "unknown device")],
 )
 def test_bad_task_arguments(kwargs, match):

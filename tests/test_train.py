@@ -356,7 +356,7 @@ def test_correction_notes_warn_about_base_lr_and_double_schedules():
     notes = _correction_notes(sched, TrainConfig(lr=0.1, schedule="step"))
     assert len(notes) == 2
     assert "relative to lr 0.05" in notes[0] and "base lr is 0.1" in notes[0]
-    assert "schedule='constant' with warmup=0" in notes[1]
+    assert "a constant schedule without warmup follows them alone" in notes[1]
     assert len(_correction_notes(sched, TrainConfig(lr=0.05, schedule="constant", warmup=0.0))) == 0
     static = Corrections(multipliers={"fc.weight": 10.0}, source={"direction_lr": 0.1})
     assert _correction_notes(static, TrainConfig(lr=0.1, schedule="poly")) == []

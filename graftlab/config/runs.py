@@ -139,7 +139,7 @@ class RunConfig:
         if self.size not in SIZES:
             raise GraftlabError(f"unknown size {self.size!r}: choose one of {', '.join(SIZES)}")
         if self.data is not None and not Path(self.data).expanduser().exists():
-            raise GraftlabError(f"data path {self.data!r} does not exist")
+            raise GraftlabError(f"data {self.data!r} does not exist")
         if self.batch_size < 1:
             raise GraftlabError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.eval_size is not None and self.eval_size < 1:

@@ -309,6 +309,6 @@ def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:
         notes.append(
             "the file holds schedules, which already contain the recorded run's warmup and decay; "
             f"this run also applies its own '{config.schedule}' schedule with warmup {config.warmup or 0:g} "
-            "(schedule='constant' with warmup=0 follows them alone)"
+            "(a constant schedule without warmup follows them alone)"
         )
     return notes

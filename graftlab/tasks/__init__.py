@@ -83,7 +83,7 @@ def get_task(
     if data is not None:
         path = Path(data).expanduser()
         if not path.exists():
-            raise GraftlabError(f"data path {str(path)!r} does not exist")
+            raise GraftlabError(f"data {str(path)!r} does not exist")
         data = str(path.resolve())
     dev = resolve_device(device)
     kwargs = dict(size=size, data=data, batch_size=int(batch_size), seed=int(seed), device=dev, eval_size=eval_size)
