@@ -114,6 +114,21 @@ def test_user_text_folder(tmp_path):
     assert torch.isfinite(task.loss(task.model, next(task.train_batches())))
 
 
+def _block_shapes(blocks: int, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the transformer blocks bert and gpt share (separate Q, K, V, out)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(blocks):
+        for part in ("query", "key", "value", "out"):
+            shapes[f"blocks.{i}.attn.{part}.weight"] = (hidden, hidden)
+            shapes[f"blocks.{i}.attn.{part}.bias"] = (hidden,)
+        for norm in ("attn_norm", "ffn_norm"):
+            shapes[f"blocks.{i}.{norm}.weight"] = (hidden,)
+            shapes[f"blocks.{i}.{norm}.bias"] = (hidden,)
+        shapes.update({f"blocks.{i}.ffn.fc1.weight": (ffn, hidden), f"blocks.{i}.ffn.fc1.bias": (ffn,),
+                       f"blocks.{i}.ffn.fc2.weight": (hidden, ffn), f"blocks.{i}.ffn.fc2.bias": (hidden,)})
+    return shapes
+
+
 # --- models -----------------------------------------------------------------------------------------
 
 def test_bert_parameter_names_and_shapes():
@@ -125,15 +140,7 @@ def test_bert_parameter_names_and_shapes():
         "head.transform.weight": (16, 16), "head.transform.bias": (16,), "head.norm.weight": (16,),
         "head.norm.bias": (16,), "head.decoder.weight": (50, 16), "head.decoder.bias": (50,),
     }
-    for i in range(2):
-        for part in ("query", "key", "value", "out"):
-            expected[f"blocks.{i}.attn.{part}.weight"] = (16, 16)
-            expected[f"blocks.{i}.attn.{part}.bias"] = (16,)
-        for norm in ("attn_norm", "ffn_norm"):
-            expected[f"blocks.{i}.{norm}.weight"] = (16,)
-            expected[f"blocks.{i}.{norm}.bias"] = (16,)
-        expected.update({f"blocks.{i}.ffn.fc1.weight": (32, 16), f"blocks.{i}.ffn.fc1.bias": (32,),
-                         f"blocks.{i}.ffn.fc2.weight": (16, 32), f"blocks.{i}.ffn.fc2.bias": (16,)})
+    expected.update(_block_shapes(blocks=2, hidden=16, ffn=32))
     assert shapes == expected
 
 
@@ -237,15 +244,7 @@ def test_gpt_parameter_names_and_clean_kinds():
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     expected = {"embeddings.word.weight": (50, 16), "embeddings.position.weight": (10, 16),
                 "final_norm.weight": (16,), "final_norm.bias": (16,), "head.decoder.weight": (50, 16)}
-    for i in range(2):
-        for part in ("query", "key", "value", "out"):
-            expected[f"blocks.{i}.attn.{part}.weight"] = (16, 16)
-            expected[f"blocks.{i}.attn.{part}.bias"] = (16,)
-        for norm in ("attn_norm", "ffn_norm"):
-            expected[f"blocks.{i}.{norm}.weight"] = (16,)
-            expected[f"blocks.{i}.{norm}.bias"] = (16,)
-        expected.update({f"blocks.{i}.ffn.fc1.weight": (32, 16), f"blocks.{i}.ffn.fc1.bias": (32,),
-                         f"blocks.{i}.ffn.fc2.weight": (16, 32), f"blocks.{i}.ffn.fc2.bias": (16,)})
+    expected.update(_block_shapes(blocks=2, hidden=16, ffn=32))
     assert shapes == expected
     want = {"query": "Q", "key": "K", "value": "V", "out": "attn_out", "fc1": "ffn", "fc2": "ffn",
             "attn_norm": "norm", "ffn_norm": "norm", "word": "embedding", "position": "embedding",
