@@ -78,10 +78,38 @@ GRIDS = {
 # 128, 27M parameters, bf16 autocast, data on the device), batch 32, 1000 steps (4.1M tokens, 4.6
 # epochs of the KJV's 0.89M training tokens: more epochs over this corpus overfit), 10 runs at once
 # sharing the GPU. docs/results.md gives the time estimate and how it was made.
+#
+# "cpu256" is the regime where tuned Adam beats tuned SGD by more than a nat on a 2-core CPU: gpt/tiny at
+# batch 256 (docs/results.md), 300 steps (about 2 min a run on one thread), two runs at a time, with
+# the per-layer schedule also applied to some groups only (ABLATIONS). "cpu16" and "cpu64" are the
+# same at batch 16 and 64 for the gap-against-batch-size curve (equal steps; experiments/gap_curve.py),
+# with the per-layer schedule as the only correction.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"task": "gpt", "size": "base", "batch_size": 32, "steps": 1000, "seeds": 3, "eval_size": 512,
             "device": "cuda", "jobs": 10},
+    **{f"cpu{b}": {"task": "gpt", "size": "tiny", "batch_size": b, "steps": 300, "seeds": 3, "eval_size": 128,
+                   "device": "cpu", "jobs": 2, "threads": 1} for b in (16, 64, 256)},
 }
+# What a preset changes besides the command-line settings: initial grids (half-decade exponents,
+# still extended until the best is interior), which corrections run, and the ablations.
+PLANS: dict[str, dict[str, Any]] = {
+    "cpu256": {"adam_ks": range(-6, -2), "sgd_ks": range(-3, 1), "ablations": True},  # Adam 1e-3..3.16e-2, SGD 0.0316..1
+    "cpu64": {"adam_ks": range(-6, -3), "sgd_ks": range(-3, 0), "corrections": ["schedule"]},
+    "cpu16": {"adam_ks": range(-7, -4), "sgd_ks": range(-3, 0), "corrections": ["schedule"]},
+}
+# The per-layer schedule applied to some groups only (by kind); every other group follows plain SGD's
+# own lr schedule (warmup and decay, step by step), so the run differs from tuned SGD only there.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "schedule_out_emb": ("output", "embedding"),
+    "schedule_qk": ("Q", "K"),
+    "schedule_no_out": ("-output",),  # every kind but the output layer
+}
+ABLATION_LABELS = {
+    "schedule_out_emb": "SGD + schedule on output layer and embeddings only",
+    "schedule_qk": "SGD + schedule on Q and K only",
+    "schedule_no_out": "SGD + schedule on all but the output layer",
+}
+ALL_LABELS = {**LABELS, **ABLATION_LABELS}
 
 
 def resolve(s: Settings) -> Settings:
@@ -103,7 +131,8 @@ def defaults(s: Settings) -> dict[str, Any]:
         raise GraftlabError(f"unknown task {task!r} for the transformer experiment: choose one of {', '.join(TASKS)}")
     full_steps = {"bert": 150, "gpt": 120}[task]  # sized for ~1 hour on 2 heavily shared cores (docs/results.md)
     steps = s.pick("steps", full_steps, 8)
-    grids = GRIDS[task]
+    plan = PLANS.get(s.preset or "", {})
+    grids = {"adam": plan.get("adam_ks", GRIDS[task]["adam"]), "sgd": plan.get("sgd_ks", GRIDS[task]["sgd"])}
     if s.quick and s.preset is None:  # one point per grid: checks the pipeline, tunes nothing
         grids = {k: [list(v)[2]] for k, v in grids.items()}
     return {
@@ -123,6 +152,8 @@ def defaults(s: Settings) -> dict[str, Any]:
         "device": s.device or "auto",
         "data": s.data,
         "jobs": s.jobs or 1,
+        "corrections": list(plan.get("corrections", CORRECTIONS)),
+        "ablations": list(ABLATIONS) if plan.get("ablations") else [],
     }
 
 
@@ -167,6 +198,32 @@ def block_beta(corr, kinds: Optional[Sequence[str]] = None) -> float:
     if not meds:
         meds = [g["median"] for g in groups.values() if not g.get("flags") and g.get("median")]
     return one_digit(float(np.median(meds)))
+
+
+def subset_schedule(schedule, trace: Path, kinds: Sequence[str], steps: int):
+    """The per-layer ``schedule`` corrections kept on the groups of ``kinds`` only (``"-K"``: every
+    kind but K); every other group gets plain SGD's own lr schedule, one piece per step (the recorded
+    M lr over its peak: the task's warmup and decay), since the run itself has a constant lr."""
+    from graftlab.corrections import Corrections
+    from graftlab.trace import read_metadata, read_trace
+
+    peak = float(read_metadata(trace)["config"]["magnitude_lr"])
+    lr = read_trace(trace, columns=["step", "lr"]).groupby("step")["lr"].first().sort_index()
+    plain = [[int(t), float(v) / peak] for t, v in lr.items() if t < steps]
+    exclude = {k[1:] for k in kinds if k.startswith("-")}
+    include = {k for k in kinds if not k.startswith("-")}
+
+    def corrected(group: str) -> bool:
+        kind = schedule.kind(group)
+        return kind not in exclude if exclude else kind in include
+
+    kept = [g for g in schedule.schedule if corrected(g)]
+    if not kept:
+        raise GraftlabError(f"no group of kind {', '.join(kinds)} in the schedule")
+    sched = {g: (pieces if corrected(g) else plain) for g, pieces in schedule.schedule.items()}
+    source = {**schedule.source, "subset": list(kinds), "corrected_groups": kept,
+              "other_groups": "plain SGD lr schedule (recorded lr / peak, per step)"}
+    return Corrections(multipliers={}, schedule=sched, source=source)
 
 
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
@@ -225,17 +282,20 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
     ex.corrections("dbeta_qk", lambda: distill(trace, window=p["window"], round=f"D{beta_qk:g}", tie=qk_tie))
     ex.corrections("global", lambda: global_factor(trace, p["window"], sgd_lr))
     ex.corrections("schedule", lambda: distill(trace, window=p["schedule_window"], schedule=True, round="none"))
+    for a in p["ablations"]:
+        ex.corrections(a, lambda: subset_schedule(ex.load("schedule"), trace, ABLATIONS[a], p["steps"]))
     ex.say(f"D_beta: beta = {beta:g} (blocks), {beta_attn:g} (attention weights), {beta_qk:g} (Q/K weights)")
 
     def corrected(method: str, seed: int) -> Job:
-        extra = {"schedule": "constant", "warmup": 0.0} if method == "schedule" else {}
+        extra = {"schedule": "constant", "warmup": 0.0} if method.startswith("schedule") else {}
         cfg = TrainConfig(optimizer="sgd", lr=sgd_lr, hparams=mom, seed=seed, **{**common, **extra})
         return Job(f"sgd_{method}_s{seed}", cfg, "train", ex.out / "corrections" / f"{method}.json")
 
-    ex.batch([corrected(m, sd) for sd in seeds for m in CORRECTIONS])
+    methods = p["corrections"] + p["ablations"]
+    ex.batch([corrected(m, sd) for sd in seeds for m in methods])
     names = {
         "adam": [adam(adam_lr, sd).name for sd in seeds], "sgd": [sgd(sgd_lr, sd).name for sd in seeds],
-        "graft": [graft(sd).name for sd in seeds], **{m: [corrected(m, sd).name for sd in seeds] for m in CORRECTIONS},
+        "graft": [graft(sd).name for sd in seeds], **{m: [corrected(m, sd).name for sd in seeds] for m in methods},
     }
     elapsed = time.time() - t0
     betas = {"dbeta": beta, "dbeta_attn": beta_attn, "dbeta_qk": beta_qk}
@@ -248,9 +308,9 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
 def gap_over_training(ex: Experiment, names: dict[str, list[str]]) -> pd.DataFrame:
     """Mean held-out loss per method at every evaluation step (seeds averaged)."""
     curves = {}
-    for m in METHODS:
+    for m in names:
         series = [ex.runs[n].evals("loss") for n in names[m]]
-        curves[LABELS[m]] = pd.concat(series, axis=1).mean(axis=1)
+        curves[ALL_LABELS[m]] = pd.concat(series, axis=1).mean(axis=1)
     out = pd.DataFrame(curves)
     out.index = out.index.astype(int)
     return out.rename_axis("step")
@@ -273,6 +333,21 @@ def figure(ex: Experiment, curves: pd.DataFrame, task: str):
     return ex.save_figure(fig, f"{NAME}.png")
 
 
+def ablation_lines(ex: Experiment, p: dict) -> list[str]:
+    """The ablations' section of results.md: which groups each one corrects (their rows are in the
+    comparison table)."""
+    if not p["ablations"]:
+        return []
+    lines = ["## Where the gap lives: the per-layer schedule on some groups only", "",
+             "The rows below 'SGD + per-layer schedule' in the comparison table apply the seed-0 schedule to "
+             "the groups listed here only; every other group follows plain SGD's own lr schedule (the task's "
+             "warmup and decay, one piece per step), so each run differs from tuned SGD only on those groups.", ""]
+    for a in p["ablations"]:
+        groups = ex.load(a).source.get("corrected_groups") or []
+        lines.append(f"- {ABLATION_LABELS[a]}: {len(groups)} groups ({', '.join(groups)})")
+    return lines + [""]
+
+
 def dbeta_table(ex: Experiment) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per kind: the median first-quarter ratio and the factors each D_beta rule gives (median over
     the kind's unflagged groups), plus each rule's tied spread and warnings."""
@@ -293,7 +368,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
            trace: Path, grids: pd.DataFrame, elapsed: float) -> str:
     from graftlab.trace import group_table, read_metadata, read_trace
 
-    table, stats = compare(ex, names, LABELS, refs=["adam", "sgd"])
+    table, stats = compare(ex, names, ALL_LABELS, refs=["adam", "sgd"])
     table["gap closed"] = ["-" if m in ("adam", "sgd") else gap_closed(stats, m, "adam", "sgd") for m in names]
     ex.write("comparison.csv", table.to_csv(index=False))
     curves = gap_over_training(ex, names)
@@ -312,7 +387,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
     ex.write("drift.csv", drift.to_csv())
     dtable, dinfo = dbeta_table(ex)
 
-    per_seed = pd.DataFrame({LABELS[m]: stats["values"][m] for m in names}).T
+    per_seed = pd.DataFrame({ALL_LABELS[m]: stats["values"][m] for m in names}).T
     per_seed.columns = [f"seed {c}" for c in per_seed.columns]
     grid_cols = ["optimizer", "lr", "held-out loss", "held-out accuracy", "diverged", "chosen"]
     grid_view = grids[[c for c in grid_cols if c in grids.columns]]
@@ -356,6 +431,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
         "",
         markdown(per_seed.reset_index(names="method"), floatfmt=".4f"),
         "",
+        *ablation_lines(ex, p),
         "## Held-out loss during training (mean over seeds)",
         "",
         markdown(curves.reset_index(), floatfmt=".4f"),
