@@ -1,4 +1,4 @@
-"""``graftlab demo``: record -> distill -> train on the bundled BERT task, with a results table and figures."""
+"""``graftlab demo``: record -> distill -> train on the bundled GPT task (batch 256), with a results table and figures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,23 +9,29 @@ import typer
 
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A sub-minute version (40 steps, batch 8)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 300; quick: 40]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 16; quick: 8]."),
+    task: Optional[str] = typer.Option(None, "--task", help="gpt (next-token) or bert (masked LM) [default: gpt]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 150; quick: 40]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 256; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
     round: Optional[str] = typer.Option(None, "--round", help="none, pow10, D<beta>, or Dauto (beta from the run) [default: none]."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum in D and the SGD runs [default: 0]."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum in D and the SGD runs [default: 0.9]."),
+    magnitude_lr: Optional[float] = typer.Option(None, "--magnitude-lr", help="Adam's lr [default: 3.16e-3, tuned for gpt at batch 256]."),
+    direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="SGD's lr [default: 0.1, tuned for gpt at batch 256]."),
+    jobs: int = typer.Option(2, "--jobs", help="Runs at once, each in its own process; 1 runs them one after another."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (a GPU when there is one)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for PyTorch; 1 ran the quick demo 5x faster than 2 on a loaded 2-core machine, 0 takes PyTorch's own count."),
     seed: int = typer.Option(0, "--seed", help="Seed for init, data order and masking."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="New folder to write [default: runs/demo-<timestamp>]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Record Adam#SGD on bert, distill per-layer corrections, train SGD with and without them and Adam."""
+    """Record Adam#SGD on gpt, distill per-layer corrections, train SGD with and without them and Adam."""
     from graftlab.demo import DemoConfig, format_gap, format_table, run_demo
 
-    given = {k: v for k, v in dict(steps=steps, batch_size=batch_size, window=window, round=round,
-                                   momentum=momentum).items() if v is not None}
-    common = dict(device=device, threads=threads or None, seed=seed, out=str(out) if out is not None else None)
+    given = {k: v for k, v in dict(task=task, steps=steps, batch_size=batch_size, window=window, round=round,
+                                   momentum=momentum, magnitude_lr=magnitude_lr,
+                                   direction_lr=direction_lr).items() if v is not None}
+    common = dict(device=device, threads=threads or None, seed=seed, jobs=jobs,
+                  out=str(out) if out is not None else None)
     cfg = DemoConfig.quick(**given, **common) if quick else DemoConfig(**given, **common)
     res = run_demo(cfg, progress=not quiet, echo=typer.echo)
     typer.echo("")

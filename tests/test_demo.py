@@ -25,10 +25,10 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     assert list(table["run"]) == ["Adam#SGD (recorded)", "sgd", "sgd+corrections (static medians)",
                                   "sgd+schedule (per-layer schedule)", "adam"]
     assert table["steps"].tolist() == [40] * 5
-    assert table["mlm_accuracy"].between(0, 1).all() and (table["mlm_loss"] > 0).all()
+    assert table["accuracy"].between(0, 1).all() and (table["loss"] > 0).all()
     # the printed table is the written one
     for r in table.itertuples():
-        assert f"| {r.run} |" in res.output and f"{r.mlm_loss:.4f}" in res.output
+        assert f"| {r.run} |" in res.output and f"{r.loss:.4f}" in res.output
     summary = json.loads((out / "demo.json").read_text())
     assert f"SGD-Adam held-out loss gap: {summary['gap_nats']:.3f} nats" in res.output
     assert "sgd+corrections (static medians): closed" in res.output
@@ -79,9 +79,9 @@ def test_choose_beta_two_significant_digits():
 
 
 def test_format_table_marks_divergence():
-    t = pd.DataFrame([{"run": "sgd", "optimizer": "sgd", "lr": "0.1", "mlm_accuracy": 0.1, "mlm_loss": 5.0,
+    t = pd.DataFrame([{"run": "sgd", "optimizer": "sgd", "lr": "0.1", "accuracy": 0.1, "loss": 5.0,
                        "diverged_at": 12.0}, {"run": "adam", "optimizer": "adam", "lr": "0.001",
-                                              "mlm_accuracy": 0.2, "mlm_loss": 4.0, "diverged_at": math.nan}])
+                                              "accuracy": 0.2, "loss": 4.0, "diverged_at": math.nan}])
     text = format_table(t)
     assert "sgd (diverged at step 12)" in text and "| adam | adam | 0.001 | 0.2000 | 4.0000 |" in text
 
@@ -118,7 +118,7 @@ def test_demo_runs_share_the_recording_settings(tmp_path):
 
 def _results(sgd, corrected, scheduled, adam):
     return pd.DataFrame({"run": ["sgd", "sgd+corrections (static medians)", "sgd+schedule (per-layer schedule)", "adam"],
-                         "mlm_loss": [sgd, corrected, scheduled, adam]})
+                         "loss": [sgd, corrected, scheduled, adam]})
 
 
 def test_gap_closed_in_nats_and_as_a_fraction_only_outside_noise():
