@@ -286,3 +286,38 @@ def test_gpu_preset_reduced_on_cpu(tmp_path):
     rows = _table_rows(text, set(transformer.LABELS.values()))
     assert set(rows) == set(transformer.LABELS.values()) and all(c[1] == "2" for c in rows.values())
     assert "[±" in rows[transformer.LABELS["graft"]][5]  # a paired difference with its interval
+
+
+# --- the batch-256 regime: presets and the per-layer schedule on some groups only ------------------------
+
+def test_cpu_presets_and_plans():
+    s = transformer.resolve(Settings(preset="cpu256"))
+    assert (s.task, s.size, s.batch_size, s.steps, s.seeds, s.jobs, s.threads) == ("gpt", "tiny", 256, 300, 3, 2, 1)
+    p = transformer.defaults(s)
+    assert p["ablations"] == list(transformer.ABLATIONS) and p["corrections"] == transformer.CORRECTIONS
+    assert p["adam_ks"] == [-6, -5, -4, -3] and p["sgd_ks"] == [-3, -2, -1, 0]
+    p16 = transformer.defaults(transformer.resolve(Settings(preset="cpu16", steps=7)))
+    assert p16["batch_size"] == 16 and p16["steps"] == 7 and p16["corrections"] == ["schedule"] and not p16["ablations"]
+    assert transformer.defaults(transformer.resolve(Settings(preset="gpu")))["ablations"] == []
+
+
+def test_subset_schedule_keeps_the_chosen_kinds_and_gives_the_rest_plain_sgd():
+    from graftlab.distill import distill
+    from graftlab.trace import read_metadata, read_trace
+
+    trace = Path(__file__).resolve().parents[1] / "sample_traces" / "bert-adam-sgd-bs16"
+    sched = distill(trace, window=250, schedule=True, round="none")
+    steps = 2000
+    peak = float(read_metadata(trace)["config"]["magnitude_lr"])
+    lr = read_trace(trace, columns=["step", "lr"]).groupby("step")["lr"].first()
+    for kinds, chosen in ((("Q", "K"), lambda k: k in ("Q", "K")), (("-output",), lambda k: k != "output")):
+        sub = transformer.subset_schedule(sched, trace, kinds, steps)
+        assert set(sub.schedule) == set(sched.schedule) and not sub.multipliers
+        for g, pieces in sub.schedule.items():
+            if chosen(sched.kind(g)):
+                assert pieces == sched.schedule[g] and g in sub.source["corrected_groups"]
+            else:  # plain SGD's own schedule, one piece per step
+                assert [s for s, _ in pieces] == list(range(steps))
+                assert [f for _, f in pieces] == pytest.approx((lr.to_numpy()[:steps] / peak).tolist())
+    with pytest.raises(GraftlabError, match="no group of kind"):
+        transformer.subset_schedule(sched, trace, ("nothing",), steps)
