@@ -73,6 +73,7 @@ class Settings:
     jobs: Optional[int] = None  # runs at once, each in its own process (default 1)
     data: Optional[str] = None  # a text file or folder replacing the bundled corpus (text tasks)
     overwrite: bool = False  # rewrite results.md and settings.json of a finished experiment in out
+    finished_only: bool = False  # start no run: write the tables from the runs already finished
 
     @classmethod
     def from_argv(cls, name: str, description: str, argv: Optional[Sequence[str]] = None) -> "Settings":
@@ -92,6 +93,9 @@ class Settings:
         p.add_argument("--jobs", type=int, help="runs at once, each in its own process (default 1)")
         p.add_argument("--data", help="text file or folder replacing the bundled corpus")
         p.add_argument("--overwrite", action="store_true", help="rewrite the tables of a finished experiment")
+        p.add_argument("--finished-only", action="store_true", dest="finished_only",
+                       help="start no run: tables from the finished runs (methods with missing seeds are "
+                            "reported on the seeds they have, the missing runs listed)")
         return cls(**vars(p.parse_args(argv)))
 
     def validate(self) -> None:
@@ -174,6 +178,7 @@ class Experiment:
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     pool: Optional[cf.ProcessPoolExecutor] = None
+    missing: list[str] = field(default_factory=list)  # runs not done (finished_only)
 
     @classmethod
     def open(cls, name: str, settings: Settings) -> "Experiment":
@@ -222,13 +227,18 @@ class Experiment:
         return self.batch([Job(name, config, "record")])[0]
 
     def batch(self, jobs: Sequence[Job]) -> list[Run]:
-        """Run ``jobs`` (finished ones are read back), ``settings.jobs`` at a time; in order."""
+        """Run ``jobs`` (finished ones are read back), ``settings.jobs`` at a time; in order. With
+        ``settings.finished_only`` nothing is run: only the finished ones come back (in order) and
+        the others are noted in :attr:`missing`."""
         out: dict[str, Run] = {}
         todo: list[tuple[Job, Any]] = []
         for job in jobs:
             done = self._done(job.name, job.config)
             if done is not None:
                 out[job.name] = done
+                continue
+            if self.settings.finished_only:
+                self.missing.append(job.name)
                 continue
             cfg = dataclasses.replace(job.config, metrics=str(self.metrics_path(job.name)))
             if job.kind == "record":
@@ -257,7 +267,7 @@ class Experiment:
                 fut.result()  # a failed run stops the experiment with its own error
                 job = futures[fut]
                 out[job.name] = self._finished(job)
-        return [out[job.name] for job in jobs]
+        return [out[job.name] for job in jobs if job.name in out]
 
     def _finished(self, job: Job) -> Run:
         frame, meta = read_metrics(self.metrics_path(job.name))

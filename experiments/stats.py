@@ -106,7 +106,8 @@ def compare(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One row per method (``names[method][i]`` is its seed-``i`` run): final held-out ``metrics`` as
     mean ± std over seeds, and for each method in ``refs`` the per-seed paired difference of ``key``
-    to it (:func:`fmt_paired`). Diverged runs are counted and left out of means and pairs.
+    to it (:func:`fmt_paired`). Diverged runs are counted and left out of means and pairs; runs not in
+    ``ex.runs`` (not done) are left out too, and ``seeds`` counts the runs done.
 
     Also returns the paired statistics ``stats[method][ref]`` and the per-seed values
     ``stats["values"][method]`` for the summary text.
@@ -114,7 +115,10 @@ def compare(
     def values(m: str, metric: str) -> list[float]:
         out = []
         for n in names[m]:
-            r = ex.runs[n]
+            r = ex.runs.get(n)
+            if r is None:
+                out.append(math.nan)
+                continue
             v = r.final.get(metric, math.nan)
             out.append(v if not r.diverged and math.isfinite(v) else math.nan)
         return out
@@ -122,11 +126,11 @@ def compare(
     stats: dict[str, Any] = {"values": {m: values(m, key) for m in names}}
     rows = []
     for m in names:
-        row: dict[str, Any] = {"method": labels[m], "seeds": len(names[m]),
-                               "diverged": sum(ex.runs[n].diverged for n in names[m])}
+        done = [ex.runs[n] for n in names[m] if n in ex.runs]
+        row: dict[str, Any] = {"method": labels[m], "seeds": len(done), "diverged": sum(r.diverged for r in done)}
         for metric in metrics:
             vals = [v for v in values(m, metric) if math.isfinite(v)]
-            row[f"held-out {metric}"] = pm(*mean_std(vals))
+            row[f"held-out {metric}"] = pm(*mean_std(vals)) if done else "not run"
         stats[m] = {}
         for ref in refs:
             p = paired(values(m, key), values(ref, key))
