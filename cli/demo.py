@@ -10,7 +10,7 @@ import typer
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A sub-minute version (40 steps, batch 8)."),
     task: Optional[str] = typer.Option(None, "--task", help="gpt (next-token) or bert (masked LM) [default: gpt]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 150; quick: 40]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 120; quick: 40]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 256; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
     round: Optional[str] = typer.Option(None, "--round", help="none, pow10, D<beta>, or Dauto (beta from the run) [default: none]."),

@@ -54,7 +54,7 @@ SCHEDULE_PIECES = 8  # windows of the per-layer schedule over the recording
 
 @dataclass
 class DemoConfig:
-    steps: int = 150  # steps of every run (the recording and the four trainings)
+    steps: int = 120  # steps of every run (the recording and the four trainings)
     batch_size: int = 256
     size: str = "tiny"
     task: str = "gpt"  # gpt (next-token) or bert (masked LM)
