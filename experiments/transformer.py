@@ -272,7 +272,11 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
 
     # 2. the traces and the other seeds' baselines, 3. corrections distilled once from seed 0
     seeds = range(p["seeds"])
-    ex.batch([graft(0)] + [j for sd in seeds[1:] for j in (adam(adam_lr, sd), sgd(sgd_lr, sd), graft(sd))])
+    others = [j for sd in seeds[1:] for j in (adam(adam_lr, sd), sgd(sgd_lr, sd), graft(sd))]
+    # the seed-0 trace beside as many other-seed runs as keep the workers busy; the rest go into the
+    # corrected runs' batch, so no worker waits for the slowest run of a phase
+    busy = max(p["jobs"] - 1, 0)
+    ex.batch([graft(0)] + others[:busy])
     trace = ex.runs["graft_s0"].trace
     ex.corrections("median", lambda: distill(trace, window=p["window"], round="none"))
     beta = block_beta(ex.load("median"))
@@ -300,7 +304,7 @@ def _run(ex: Experiment, p: dict, distill) -> Path:
     rest = [m for m in p["corrections"] if m not in first]
     order = [(m, sd) for m in first for sd in seeds] + [(m, 0) for m in rest]
     order += [(m, sd) for m in p["ablations"] for sd in seeds[:n_abl]] + [(m, sd) for m in rest for sd in seeds[1:]]
-    ex.batch([corrected(m, sd) for m, sd in order])
+    ex.batch(others[busy:] + [corrected(m, sd) for m, sd in order])
     names = {
         "adam": [adam(adam_lr, sd).name for sd in seeds], "sgd": [sgd(sgd_lr, sd).name for sd in seeds],
         "graft": [graft(sd).name for sd in seeds], **{m: [corrected(m, sd).name for sd in seeds] for m in p["corrections"]},
