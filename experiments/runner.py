@@ -212,6 +212,10 @@ class Experiment:
             return None
         frame, meta = read_metrics(path)
         _check_same(name, path, meta.get("config") or {}, config)
+        if meta.get("interrupted"):  # stopped by a signal: its metrics are partial, so it runs again
+            self.say(f"redo  {name}: interrupted at step {meta.get('steps')}")
+            path.unlink()
+            return None
         trace = self.out / "traces" / name
         run = Run(name, frame, meta, True, trace if trace.exists() else None)
         self.runs[name] = run
