@@ -213,7 +213,7 @@ class Experiment:
         frame, meta = read_metrics(path)
         _check_same(name, path, meta.get("config") or {}, config)
         if meta.get("interrupted"):  # stopped by a signal: its metrics are partial, so it runs again
-            self.say(f"redo  {name}: interrupted at step {meta.get('steps')}")
+            self.say(f"{'undone' if self.settings.finished_only else 'redo  '} {name}: interrupted at step {meta.get('steps')}")
             path.unlink()
             return None
         trace = self.out / "traces" / name

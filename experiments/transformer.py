@@ -364,6 +364,7 @@ def ablation_lines(ex: Experiment, p: dict, abl_names: dict[str, list[str]]) -> 
         gap = stats["sgd"]["adam"]["mean"]
         table["gap closed"] = ["-" if m in ("adam", "sgd") else f"{100 * -stats[m]['sgd']['mean'] / gap:.0f}% (1 seed)"
                                for m in abl_names]
+    table.loc[table["held-out loss"] == "not run", "gap closed"] = "not run"
     ex.write("ablations.csv", table.to_csv(index=False))
     lines = ["## Where the gap lives: the per-layer schedule on some groups only", "",
              f"The seed-0 per-layer schedule applied to the groups listed here only, on seed{'s' if n > 1 else ''} "
@@ -400,6 +401,7 @@ def report(ex: Experiment, p: dict, names: dict, adam_lr: float, sgd_lr: float, 
 
     table, stats = compare(ex, names, ALL_LABELS, refs=["adam", "sgd"])
     table["gap closed"] = ["-" if m in ("adam", "sgd") else gap_closed(stats, m, "adam", "sgd") for m in names]
+    table.loc[table["held-out loss"] == "not run", "gap closed"] = "not run"
     ex.write("comparison.csv", table.to_csv(index=False))
     curves = gap_over_training(ex, names)
     figure(ex, curves, p["task"])
