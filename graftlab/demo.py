@@ -318,10 +318,10 @@ def _distill(config: DemoConfig, trace: Path, folder: Path, echo: Callable[[str]
 
 # the runs' names in the results table, as the README labels them
 LABELS = {"sgd+corrections": "sgd+corrections (static medians)", "sgd+schedule": "sgd+schedule (per-layer schedule)"}
-# One seed cannot tell a smaller SGD-Adam gap from noise: the held-out loss of bert/tiny varies by
-# 0.01-0.025 nats (std) from seed to seed (docs/results.md), so a one-seed difference of two runs
-# varies by about that times sqrt(2).
-NOISE_NATS = 0.05
+# One seed cannot tell a smaller SGD-Adam gap from noise: on gpt/tiny at batch 256 the per-seed
+# SGD-Adam difference of the tuned runs varied by 0.16 nats (std over 3 seeds; each optimizer's
+# held-out loss by about 0.10), on bert/tiny at batch 16 by 0.01-0.025 (docs/results.md).
+NOISE_NATS = 0.15
 
 
 def gap_closed(table: pd.DataFrame) -> pd.DataFrame:

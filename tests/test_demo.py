@@ -124,12 +124,12 @@ def _results(sgd, corrected, scheduled, adam):
 def test_gap_closed_in_nats_and_as_a_fraction_only_outside_noise():
     from graftlab.demo import NOISE_NATS, format_gap, gap_closed
 
-    # the README's run: gap 0.105 nats; static medians closed 42%, the schedule 70%
-    wide = gap_closed(_results(5.7854, 5.7414, 5.7116, 5.6803))
-    assert wide.attrs["gap"] == pytest.approx(0.1051) and wide.attrs["meaningful"]
-    assert wide["fraction"].round(2).tolist() == [0.42, 0.70]
-    text = format_gap(_results(5.7854, 5.7414, 5.7116, 5.6803))
-    assert "gap: 0.105 nats" in text and "closed +0.044 nats = 42% of the gap" in text and "70%" in text
+    # the README's run: gap 0.844 nats; static medians closed -18%, the schedule 82%
+    wide = gap_closed(_results(5.5966, 5.7467, 4.9028, 4.7530))
+    assert wide.attrs["gap"] == pytest.approx(0.8436) and wide.attrs["meaningful"]
+    assert wide["fraction"].round(2).tolist() == [-0.18, 0.82]
+    text = format_gap(_results(5.5966, 5.7467, 4.9028, 4.7530))
+    assert "gap: 0.844 nats" in text and "closed -0.150 nats = -18% of the gap" in text and "82%" in text
 
     small = _results(5.80, 5.79, 5.81, 5.80 - NOISE_NATS / 2)
     closed = gap_closed(small)
