@@ -27,7 +27,7 @@ def experiment(
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: 1).")] = None,
     progress: Annotated[bool, typer.Option("--progress", help="A progress bar per run.")] = False,
     task: Annotated[Optional[str], typer.Option("--task", help="transformer: bert or gpt (default: bert).")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="transformer: gpu (the whole experiment on one GPU in minutes) (default: none).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="transformer: gpu (the whole experiment on one GPU in minutes), cpu256 (gpt/tiny at batch 256 on the CPU), cpu64, cpu16 (default: none).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Runs at once, each in its own process (default: 1).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Text file or folder replacing the bundled corpus (text tasks) (default: the bundled corpus).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rewrite results.md and settings.json of a finished experiment in --out.")] = False,
