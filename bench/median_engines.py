@@ -10,7 +10,7 @@ The two operations ``distill --schedule --filter 51`` needs, on a synthetic ``st
 Engines: pandas (group-by median; rolling median of the steps x groups frame), Polars
 (``group_by().median()``, ``rolling_median().over()``), DuckDB (``median()``; ``median() OVER``
 a 51-row frame), Arrow compute (its only grouped median is the approximate t-digest), and the
-``(groups, steps)`` grid of ``graftlab.medians`` (``bottleneck.nanmedian`` per window block,
+``(groups, steps)`` grid of ``graftlab.distill.medians`` (``bottleneck.nanmedian`` per window block,
 ``bottleneck.move_median`` per group). Each result is compared with the exact float64 medians
 (max relative difference; 0 means identical)::
 
@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import quantiles, table, write_result  # noqa: E402
 
-from graftlab import medians  # noqa: E402
+from graftlab.distill import medians  # noqa: E402
 
 WINDOW, WIDTH = 2000, 51
 

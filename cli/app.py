@@ -140,7 +140,7 @@ def _from_config_file(params: Sequence[Any], given: dict[str, Any]) -> dict[str,
     config = given.get("config")
     if config is None:
         return {}
-    from graftlab.config.files import read_config_keys
+    from graftlab.runs.config_files import read_config_keys
 
     try:
         keys = read_config_keys(config)

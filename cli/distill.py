@@ -45,11 +45,11 @@ def distill(
     from rich.table import Table
 
     from graftlab.corrections import save
-    from graftlab.distill import check_settings, check_window, default_output
-    from graftlab.distill import distill as run
+    from graftlab.distill.pipeline import check_settings, check_window, default_output
+    from graftlab.distill.pipeline import distill as run
     from graftlab.errors import GraftlabError
-    from graftlab.foreign import note as foreign_note
-    from graftlab.outputs import check_output
+    from graftlab.trace.foreign import note as foreign_note
+    from graftlab.io.outputs import check_output
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")

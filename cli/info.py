@@ -30,9 +30,9 @@ def info(
     from rich.table import Table
 
     from graftlab.errors import GraftlabError
-    from graftlab.foreign import note, source
+    from graftlab.trace.foreign import note, source
     from graftlab.trace import trace_info
-    from graftlab.tracelock import writer
+    from graftlab.trace.lock import writer
 
     live = writer(trace) if trace.is_dir() else None
     by = f"being written by {f'pid {live}' if live else 'another process'}"

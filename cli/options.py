@@ -1,7 +1,7 @@
 """Command-line options shared by ``graftlab train`` and ``graftlab record``, defined once.
 
 Every option defaults to None so a value from ``--config FILE`` is only replaced when the option is
-given on the command line (``graftlab.config.make_config`` applies the non-None ones)::
+given on the command line (``graftlab.runs.make_config`` applies the non-None ones)::
 
     def record(task: options.Task = None, steps: options.Steps = None, ...):
         cfg = make_config(config, RecordConfig, task=task, steps=steps, ...)

@@ -21,7 +21,7 @@ def plot(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),
 ) -> None:
     """Render Figures 4-8 (and the distilled corrections) from traces, e.g. --figure 5 -o fig5.png."""
-    from graftlab.foreign import note
+    from graftlab.trace.foreign import note
     from graftlab.plots.render import render
     from graftlab.trace import read_metadata
 

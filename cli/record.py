@@ -48,7 +48,7 @@ def record(
     quiet: options.Quiet = False,
 ) -> None:
     """Record per-group grafting ratios ||M step|| / ||D step|| of a training run."""
-    from graftlab.config import RecordConfig, make_config
+    from graftlab.runs import RecordConfig, make_config
     from graftlab.distributed import is_main
     from graftlab.runs import record as run
 

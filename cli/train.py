@@ -44,7 +44,7 @@ def train(
     max_restarts: options.MaxRestarts = None,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
-    from graftlab.config import make_config
+    from graftlab.runs import make_config
     from graftlab.distributed import is_main
     from graftlab.runs import train as run
 

@@ -55,8 +55,8 @@ def defaults(s: Settings) -> dict[str, Any]:
 
 
 def medians(trace: Path, window: int) -> pd.DataFrame:
-    """Per group: first-window median, kind, flag (from :func:`graftlab.distill.distill`)."""
-    from graftlab.distill import distill
+    """Per group: first-window median, kind, flag (from :func:`graftlab.distill.pipeline.distill`)."""
+    from graftlab.distill.pipeline import distill
 
     info = distill(trace, window=window, round="none", drift=False).source["groups"]
     return pd.DataFrame({

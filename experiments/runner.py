@@ -45,7 +45,7 @@ from graftlab.corrections import Corrections, load_corrections, save
 from graftlab.errors import GraftlabError
 
 # graftlab's run API: imported here only, so a move of these names is one edit.
-from graftlab.config import RecordConfig, TrainConfig
+from graftlab.runs import RecordConfig, TrainConfig
 from graftlab.runs import read_metrics
 from graftlab.runs import record as record_run
 from graftlab.runs import train as train_run
@@ -181,7 +181,7 @@ class Experiment:
         folder, or one holding this experiment's finished runs (reused). Its tables
         (``results.md``, ``settings.json``) are only rewritten with ``settings.overwrite``."""
         from graftlab.errors import OutputExistsError
-        from graftlab.outputs import check_output
+        from graftlab.io.outputs import check_output
 
         settings.validate()
         out = Path(settings.out or f"runs/experiments/{name}{'-quick' if settings.quick else ''}").expanduser()
@@ -290,14 +290,14 @@ class Experiment:
         print(line, flush=True)
 
     def write(self, filename: str, text: str) -> Path:
-        from graftlab.outputs import write_text
+        from graftlab.io.outputs import write_text
 
         return write_text(self.out / filename, text)
 
     def save_figure(self, fig: Any, filename: str) -> Path:
         import matplotlib.pyplot as plt
 
-        from graftlab.outputs import write_atomic
+        from graftlab.io.outputs import write_atomic
 
         path = self.out / filename
         try:

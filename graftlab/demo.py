@@ -35,13 +35,13 @@ from typing import Any, Callable, Optional
 
 import pandas as pd
 
-from graftlab.analysis import parse_round
-from graftlab.config import RecordConfig, TrainConfig
+from graftlab.distill.analysis import parse_round
+from graftlab.runs.config import RecordConfig, TrainConfig
 from graftlab.corrections import save
-from graftlab.distill import distill
+from graftlab.distill.pipeline import distill
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
-from graftlab.outputs import check_output, write_text
+from graftlab.io.jsonable import jsonable
+from graftlab.io.outputs import check_output, write_text
 from graftlab.runs import record, train
 from graftlab.trace import read_metadata
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import graftlab
 from graftlab import distributed as gd
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 
 STEPS = 5
 CKPT_AT = 3  # the checkpoint scenario saves after this many steps

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from graftlab import analysis as A
+from graftlab.distill import analysis as A
 from graftlab.errors import GraftlabError
 
 
@@ -166,7 +166,7 @@ def test_tied_groups_from_blocks_and_regex():
 
 def test_flag_groups_and_fallback():
     med = pd.Series({"q": 8.0, "k": 6.0, "v": 0.8, "ln": 0.09, "kb": 1e4, "dead": np.nan, "still": 0.0})
-    flags = A.flag_groups(med, degenerate=["kb", "dead"])  # as graftlab.degenerate decides them
+    flags = A.flag_groups(med, degenerate=["kb", "dead"])  # as graftlab.distill.degenerate decides them
     assert flags.to_dict() == {"q": "", "k": "", "v": "", "ln": "", "kb": A.FLAG_DEGENERATE,
                                "dead": A.FLAG_EMPTY, "still": A.FLAG_ZERO}
     # a ratio alone flags nothing unless the opt-in outlier rule asks for it

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from graftlab import trace
-from graftlab.tracelock import TraceLock
+from graftlab.trace.lock import TraceLock
 
 ROOT = Path(__file__).resolve().parents[1]
 

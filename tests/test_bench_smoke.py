@@ -92,7 +92,7 @@ def test_recorded_step_never_syncs_with_the_host(tmp_path):
     """A grafted, recorded training step (forward, backward, Graft.step, Recorder.log) raises under
     torch.cuda.set_sync_debug_mode("error") if anything in it waits for the GPU."""
     from graftlab import Graft
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)).cuda()

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from graftlab import analysis
-from graftlab.distill import distill
+from graftlab.distill import analysis
+from graftlab.distill.pipeline import distill
 from graftlab.errors import GraftlabError
 from tests.trace_builder import metadata, write_trace
 

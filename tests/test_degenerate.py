@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 
 import graftlab
 from graftlab.cli.app import app
-from graftlab import degenerate, trace
+from graftlab import trace
+from graftlab.distill import degenerate
 from graftlab.corrections import load_corrections
-from graftlab.distill import distill
-from graftlab.record import Recorder
+from graftlab.distill.pipeline import distill
+from graftlab.record.recorder import Recorder
 from tests import models
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -233,7 +234,7 @@ def test_hf_models_recorded_live(tmp_path):
 
 @pytest.mark.slow
 def test_builtin_tasks_recorded_live(tmp_path):
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
 
     res = record(RecordConfig(task="bert", steps=12, batch_size=4, eval_every=0, eval_size=8, device="cpu",
@@ -290,7 +291,7 @@ def _check_reduced_precision(path, precision, key_biases, window):
     for g in qkv:  # every Q/K/V weight is a real gradient, kept with its own median
         assert not info[g]["flags"] and info[g]["grad_share"] > 100 * degenerate.NOISE_SHARE
         assert corr.multipliers[g] == pytest.approx(info[g]["median"], rel=1e-12)
-    summary = graftlab.analysis.kind_summary(trace.read_trace(path))
+    summary = graftlab.distill.analysis.kind_summary(trace.read_trace(path))
     assert set(summary.attrs["flagged"]) == key_biases
     return info
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
-from graftlab.distill import default_output, distill
+from graftlab.distill.pipeline import default_output, distill
 from graftlab.trace import trace_extent
 from graftlab.trace import read_trace
 from graftlab.errors import GraftlabError
@@ -193,7 +193,7 @@ def test_filter_option_changes_values_not_counts(tmp_path):
     filt = distill(trace, window=100, filter=51)
     assert filt.source["filter"] == 51
     assert filt.group_sources["a"].n_nonfinite == 1
-    from graftlab.analysis import median_filter
+    from graftlab.distill.analysis import median_filter
     want = np.median(median_filter(np.where(np.isfinite(ratios[:100, 0]), ratios[:100, 0], np.nan), 51)[
         np.isfinite(ratios[:100, 0])])
     assert filt.multipliers["a"] == pytest.approx(want, rel=1e-6)
@@ -351,7 +351,7 @@ def test_schedule_over_a_whole_trace_equals_the_row_by_row_medians(tmp_path):
     """distill --schedule on a recorded trace reads a (groups, steps) grid, not rows: same factors as
     median-filtering each group's rows and taking window medians row by row (the path a foreign
     table, read as rows, takes), drift included."""
-    from graftlab import analysis
+    from graftlab.distill import analysis
 
     n, names = 600, ["w.a", "w.b", "w.c"]
     rng = np.random.default_rng(7)

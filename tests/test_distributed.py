@@ -111,7 +111,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(dist_out):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_rank0_trace_equals_single_process_trace(dist_out, tmp_path, mode):
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
     from graftlab.trace import read_trace
 
     model = w.build_model()
@@ -255,7 +255,7 @@ def test_graftlab_record_under_torchrun_fsdp_equals_one_process(tmp_path):
     Three steps is already the smallest useful size: the time (about a minute) is three processes
     importing torch and building the task.
     """
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
     from graftlab.trace import read_trace
 
@@ -286,7 +286,7 @@ def test_record_resumes_from_checkpoint(tmp_path):
     end state equal an uninterrupted 4-step run (constant lr, so the 2-step run is its prefix)."""
     from dataclasses import replace
 
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
     from graftlab.trace import read_trace
 
@@ -314,7 +314,7 @@ def test_a_new_run_keeps_its_own_checkpoints_beside_an_older_runs(tmp_path):
     with the new run's), and --resume continues the run that saved last, from its own newest."""
     from dataclasses import replace
 
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
     from graftlab.trace import read_trace
 

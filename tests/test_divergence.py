@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from graftlab import Graft, trace
-from graftlab.config import RecordConfig, TrainConfig
-from graftlab.distill import distill
-from graftlab.divergence import RESTART_COLUMN, Marks, find
+from graftlab.runs import RecordConfig, TrainConfig
+from graftlab.distill.pipeline import distill
+from graftlab.distill.divergence import RESTART_COLUMN, Marks, find
 from graftlab.errors import DivergedError, GraftlabError
-from graftlab.optimizers import make_optimizer
+from graftlab.graft.optimizers import make_optimizer
 from graftlab.runs import fit, read_metrics, record, train
 from graftlab.runs.divergence import NonFiniteWatch
 from graftlab.tasks import get_task
@@ -456,7 +456,7 @@ def test_restarts_find_their_checkpoints_beside_an_older_runs(tmp_path):
 
 @pytest.mark.parametrize("bad_from, restart_from", [(None, None), (25, None), (None, 30), (25, 30), (3, 12)])
 def test_scan_streams_the_marks_find_gives(tmp_path, bad_from, restart_from):
-    from graftlab.divergence import scan
+    from graftlab.distill.divergence import scan
 
     path = _trace(tmp_path / "t", bad_from=bad_from, restart_from=restart_from, groups=("a", "b", "c"))
     assert scan(path) == find(trace.read_trace(path))

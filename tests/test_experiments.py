@@ -164,7 +164,7 @@ def test_quarter_medians_and_markdown():
 def test_finished_run_with_other_settings_is_an_error(tmp_path):
     from experiments.runner import _check_same
     from graftlab.errors import GraftlabError
-    from graftlab.config import TrainConfig
+    from graftlab.runs import TrainConfig
 
     stored = {"task": "bert", "steps": 300, "lr": 0.1, "seed": 0}
     _check_same("r", tmp_path / "r.parquet", stored, TrainConfig(task="bert", steps=300, lr=0.1 + 1e-16))

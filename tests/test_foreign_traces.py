@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 import graftlab
 from graftlab.cli.app import app
-from graftlab import foreign
+from graftlab.trace import foreign
 from graftlab.corrections import load_corrections
-from graftlab.distill import distill
+from graftlab.distill.pipeline import distill
 from graftlab.trace import trace_extent
 from graftlab.errors import GraftlabError
 from graftlab.trace import group_table, read_metadata, read_trace, trace_info

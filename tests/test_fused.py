@@ -1,6 +1,6 @@
-"""``Graft(..., fused=True)`` (graftlab.fused) against the eager direct path, on every pair it supports.
+"""``Graft(..., fused=True)`` (graftlab.graft.fused) against the eager direct path, on every pair it supports.
 
-The math is checked uncompiled (``graftlab.fused.COMPILE = False`` runs the very functions
+The math is checked uncompiled (``graftlab.graft.fused.COMPILE = False`` runs the very functions
 ``torch.compile`` compiles) in float64 against ``Graft(path="direct")``, and in float32 against the
 float64 run; the slow tests compile the passes (inductor) on a small model and check that the
 compiled code allocates nothing parameter-sized.
@@ -16,9 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from graftlab import Graft, fused
+from graftlab import Graft
+
+from graftlab.graft import fused
 from graftlab.errors import GraftlabError
-from graftlab.fused import FusedDirect
+from graftlab.graft.fused import FusedDirect
 from tests.models import batches, loss_fn, make
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import torch
 
 from graftlab import Graft, Recorder, read_trace
 from graftlab.errors import GraftlabError
-from graftlab.partition import fused_layout, make_partition
+from graftlab.graft.partition import fused_layout, make_partition
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +101,7 @@ def test_split_none_keeps_whole_tensors():
 
 def test_record_distill_and_apply_per_slice(tmp_path):
     from graftlab.corrections import apply, save
-    from graftlab.distill import distill
+    from graftlab.distill.pipeline import distill
     from graftlab.trace import read_metadata
 
     model = gpt2()

@@ -325,10 +325,10 @@ def test_group_added_to_one_child_only_is_refused_before_anything_moves(path):
 def test_graft_docstring_example_runs_as_written():
     import doctest
 
-    import graftlab.graft
+    import graftlab.graft.optimizer
 
     finder = doctest.DocTestFinder()
-    found = finder.find(graftlab.graft.Graft, "Graft", globs={"torch": torch, "Graft": Graft})
+    found = finder.find(graftlab.graft.optimizer.Graft, "Graft", globs={"torch": torch, "Graft": Graft})
     tests = [t for t in found if t.examples]
     assert tests
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from graftlab import Graft, GraftlabError, updates
+from graftlab import Graft, GraftlabError
+
+from graftlab.graft import rules as updates
 from tests.models import batches, loss_fn, make
 from tests.test_graft import flat
 

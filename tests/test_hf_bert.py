@@ -7,7 +7,7 @@ import torch
 
 import graftlab
 from graftlab import trace
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The median engine (graftlab.medians) against direct float64 references, dense and sparse grids."""
+"""The median engine (graftlab.distill.medians) against direct float64 references, dense and sparse grids."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-from graftlab import medians
+from graftlab.distill import medians
 from graftlab.errors import GraftlabError
 
 

@@ -6,7 +6,7 @@ import torch
 
 from graftlab import Graft
 from graftlab.errors import GraftlabError
-from graftlab.optimizers import OPTIMIZERS, describe, hparam_names, make_optimizer, parse_hparams
+from graftlab.graft.optimizers import OPTIMIZERS, describe, hparam_names, make_optimizer, parse_hparams
 
 
 def params():

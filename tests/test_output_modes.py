@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from graftlab.outputs import write_atomic, write_text
+from graftlab.io.outputs import write_atomic, write_text
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
 

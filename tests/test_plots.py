@@ -267,7 +267,7 @@ def test_bad_inputs(tmp_path, layer_traces):
 
 
 def test_corrections_bars_median_and_rounded(layer_traces):
-    from graftlab.distill import distill
+    from graftlab.distill.pipeline import distill
 
     path, _ = layer_traces
     fig = plots.corrections_bars(path, window=200, round="D500")

@@ -1,4 +1,4 @@
-"""No absolute path of the recording machine in trace metadata (graftlab.portable)."""
+"""No absolute path of the recording machine in trace metadata (graftlab.trace.portable)."""
 import json
 import sys
 from pathlib import Path
@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from graftlab import trace
-from graftlab.portable import is_absolute_path, portable_path, portable_paths
-from graftlab.record import Recorder
+from graftlab.trace.portable import is_absolute_path, portable_path, portable_paths
+from graftlab.record.recorder import Recorder
 from tests.test_recorder import batches, setup, step
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ import torch
 import graftlab
 from graftlab import trace
 from graftlab.errors import GraftlabError
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {root!r})
     import graftlab
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
     from tests import models
     torch.set_num_threads(1)
     model = models.make("block", dtype=torch.float32)
@@ -306,7 +306,7 @@ def test_record_config_errors_leave_the_trace_alone(tmp_path, extra, match):
 
 
 def test_record_library_refuses_a_resume_without_checkpoints(tmp_path):
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
 
     model, opt = setup()
@@ -390,7 +390,7 @@ def test_cuda_pinned_flush_matches_last_stats(tmp_path):
 
 
 def test_kind_summary_keeps_degenerate_groups_out():
-    from graftlab.analysis import kind_summary
+    from graftlab.distill.analysis import kind_summary
 
     groups = [("q0", "Q"), ("q1", "Q"), ("a.key.bias", "K"), ("a.key.weight", "K"), ("v", "V"), ("n", "norm")]
     meta = {"groups": [{"name": g, "kind": k} for g, k in groups]}

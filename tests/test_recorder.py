@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import graftlab
-from graftlab import record, trace
+from graftlab import trace
+from graftlab.record import recorder as record
 from graftlab.errors import GraftlabError
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 from tests import models
 
 

@@ -88,7 +88,7 @@ def test_train_resume_without_a_checkpoint_is_refused(capsys, tmp_path):
 
 @pytest.mark.parametrize("steps,every,ok", [(10, 20, False), (10, 11, False), (10, 10, True)])
 def test_record_every_longer_than_the_run_is_refused(capsys, tmp_path, steps, every, ok):
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.errors import GraftlabError
 
     config = RecordConfig(task="bert", size="tiny", steps=steps, every=every, out=str(tmp_path / "t"))

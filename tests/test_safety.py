@@ -20,12 +20,13 @@ import pytest
 import torch
 
 import graftlab
-from graftlab import termination, trace
+from graftlab import trace
+from graftlab.io import termination
 from graftlab.distributed import Checkpoints, save_checkpoint
 from graftlab.distributed.checkpoints import checkpoints_for
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.record import Recorder
-from graftlab.tracelock import TraceLock
+from graftlab.record.recorder import Recorder
+from graftlab.trace.lock import TraceLock
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_a_second_writer_is_refused(tmp_path):
 
 def test_lock_released_when_the_holder_dies(tmp_path):
     (tmp_path / "t").mkdir()
-    code = ("import sys, time; sys.path.insert(0, %r); from graftlab.tracelock import TraceLock; "
+    code = ("import sys, time; sys.path.insert(0, %r); from graftlab.trace.lock import TraceLock; "
             "TraceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)") % str(ROOT)
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "t")], stdout=subprocess.PIPE, text=True)
     try:
@@ -223,7 +224,7 @@ TERM_SCRIPT = textwrap.dedent(
     import os, sys, torch
     sys.path.insert(0, {root!r})
     import graftlab
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
     from tests import models
     torch.set_num_threads(1)
     model = models.make("block", dtype=torch.float32)
@@ -264,7 +265,7 @@ def test_sigterm_writes_the_buffered_rows(tmp_path):
 
 
 def test_sigterm_handler_only_while_recording_and_never_over_anothers(tmp_path):
-    from graftlab import record
+    from graftlab.record import recorder as record
 
     for rec in list(record._OPEN):  # recorders other tests left open keep the handler installed
         rec.close()
@@ -303,7 +304,7 @@ def test_sigterm_after_every_recorder_is_gone_is_the_default_again(tmp_path):
     import gc
 
     code = ("import gc, os, signal, sys, time, torch; sys.path.insert(0, %r); import graftlab; "
-            "from graftlab.record import Recorder; from tests import models; "
+            "from graftlab.record.recorder import Recorder; from tests import models; "
             "m = models.make('mlp'); g = graftlab.Graft(torch.optim.Adam(m.parameters()), torch.optim.SGD(m.parameters(), lr=0.1), names=m); "
             "r = Recorder(g, sys.argv[1]); assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL; "
             "del r, g; gc.collect(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('survived')") % str(ROOT)
@@ -317,7 +318,7 @@ def test_sigterm_after_every_recorder_is_gone_is_the_default_again(tmp_path):
 # --- the record command's resume without a checkpoint ---------------------------------------------
 
 def _config(tmp_path, **kw):
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
 
     base = dict(task="bert", steps=40, batch_size=2, eval_every=0, device="cpu", out=str(tmp_path / "t"),
                 checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=10, resume=True)
@@ -364,7 +365,7 @@ def test_record_resumed_after_its_final_checkpoint_completes(tmp_path):
     steps already"); now it finishes the run with the trace whole and unchanged."""
     from dataclasses import replace
 
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
 
     cfg = RecordConfig(task="bert", steps=4, batch_size=2, eval_every=0, eval_size=2, device="cpu", flush_every=3,

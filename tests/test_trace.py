@@ -360,7 +360,7 @@ def test_bit_flips_are_errors_not_altered_data(tmp_path):
 def test_writes_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     import os
 
-    from graftlab import fsutil
+    from graftlab.io import fsutil
 
     calls = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -401,7 +401,7 @@ def test_bit_flips_in_parts_without_checksums_still_give_one_line(tmp_path):
     pq.write_table(table, part, write_page_checksum=False)
     raw = part.read_bytes()
     rng = np.random.default_rng(1)
-    from graftlab.medians import read_grid
+    from graftlab.distill.medians import read_grid
 
     for _ in range(150):
         part.write_bytes(flip_one_bit(raw, rng))

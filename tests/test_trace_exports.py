@@ -13,11 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 import graftlab
-from graftlab import foreign, trace
+from graftlab import trace
+from graftlab.trace import foreign
 from graftlab.cli.app import app
 from graftlab.corrections import load_corrections
 from graftlab.errors import GraftlabError
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 from graftlab.trace import read_metadata, read_trace, trace_info
 from graftlab.trace.scanning import scan_ratios
 from tests import models
@@ -105,7 +106,7 @@ def test_an_exported_trace_without_ratio_reads_distills_plots_and_infos(tmp_path
     assert res.exit_code == 0, res.output
     assert [ln for ln in res.output.splitlines() if "ratio computed as norm_m / norm_d" in ln]
     corr = load_corrections(out)
-    want = graftlab.distill(recorded, window=20)
+    want = graftlab.distill.distill(recorded, window=20)
     assert set(corr.multipliers) == set(want.multipliers)
     for g, m in want.multipliers.items():
         assert corr.multipliers[g] == pytest.approx(m, rel=1e-6), g

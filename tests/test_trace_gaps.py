@@ -11,10 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 import graftlab
-from graftlab import foreign, trace
+from graftlab import trace
+from graftlab.trace import foreign
 from graftlab.cli.app import app
 from graftlab.errors import GraftlabError
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 from graftlab.trace import read_metadata, read_trace, trace_info
 from tests import models
 
@@ -83,12 +84,12 @@ def test_distill_refuses_a_window_holding_the_gap(gapped, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(GraftlabError, match=r"window of steps 0\.\.49 lacks steps 30\.\.39") as err:
-            graftlab.distill(gapped, window=50)
+            graftlab.distill.distill(gapped, window=50)
         assert "\n" not in str(err.value)
         with pytest.raises(GraftlabError, match=r"lacks steps 30\.\.39"):
-            graftlab.distill(gapped, window=20, schedule=True)
-        graftlab.distill(gapped, window=30)  # steps 0..29 are all there
-        graftlab.distill(gapped, window=20, start=40)
+            graftlab.distill.distill(gapped, window=20, schedule=True)
+        graftlab.distill.distill(gapped, window=30)  # steps 0..29 are all there
+        graftlab.distill.distill(gapped, window=20, start=40)
     res = cli("distill", gapped, "--window", 50, "-o", tmp_path / "c.json")
     assert isinstance(res.exception, GraftlabError) and "lacks steps 30..39" in str(res.exception)
     assert not (tmp_path / "c.json").exists()
@@ -101,7 +102,7 @@ def test_a_trace_recorded_every_k_steps_has_no_gap(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_trace(path)
-        graftlab.distill(path, window=30)
+        graftlab.distill.distill(path, window=30)
     (path / trace.part_name(24)).unlink()
     assert trace_info(path)["gaps"] == [(24, 33)]
 

@@ -10,11 +10,11 @@ import torch
 
 from graftlab import Graft
 from graftlab.errors import GraftlabError
-from graftlab.optimizers import make_optimizer
+from graftlab.graft.optimizers import make_optimizer
 from graftlab.schedules import make_schedule
 from graftlab.tasks import get_task
 from graftlab.tasks.base import Task
-from graftlab.config import TrainConfig, load_config, make_config, resolve_config, total_steps
+from graftlab.runs import TrainConfig, load_config, make_config, resolve_config, total_steps
 from graftlab.runs import fit, read_metrics, train
 from typer.testing import CliRunner
 from graftlab.cli.app import app
@@ -291,7 +291,7 @@ def test_make_config_layers_command_line_over_file(tmp_path):
 def test_train_and_record_configs_share_the_run_fields(tmp_path):
     import dataclasses
 
-    from graftlab.config import RecordConfig, RunConfig
+    from graftlab.runs import RecordConfig, RunConfig
 
     run = [f.name for f in dataclasses.fields(RunConfig)]
     assert len(run) == 25 and {"steps", "schedule", "checkpoint_dir", "metrics", "threads"} <= set(run)
@@ -307,7 +307,7 @@ def test_train_and_record_configs_share_the_run_fields(tmp_path):
 
 
 def test_resolve_fills_task_defaults_and_checks_the_schedule():
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
 
     task = ToyTask()
     rec = RecordConfig(magnitude="adam", direction="sgd", direction_lr=0.3, steps=10).resolve(task)

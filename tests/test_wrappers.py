@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import graftlab
-from graftlab import wrappers
+from graftlab.graft import names as wrappers
 from graftlab.errors import GraftlabError
 
 
@@ -55,15 +55,15 @@ def test_trace_of_a_compiled_model_applies_to_the_plain_one(tmp_path):
             rec.log(loss=loss.detach())
     groups = graftlab.read_trace(tmp_path / "t").attrs["graftlab"]["groups"]
     assert sorted(g["name"] if isinstance(g, dict) else g for g in groups) == sorted(PLAIN)
-    corr = graftlab.distill(tmp_path / "t", window=4)
+    corr = graftlab.distill.distill(tmp_path / "t", window=4)
 
     fresh = _model()
-    applied = graftlab.apply(corr, fresh.named_parameters(), 0.1)
+    applied = graftlab.apply_corrections(corr, fresh.named_parameters(), 0.1)
     assert [g["name"] for g in applied.param_groups] == PLAIN
     # the compiled model's own pairs, the compiled model itself and DataParallel's pairs all match too
     for named in (torch.compile(fresh).named_parameters(), torch.compile(fresh),
                   nn.DataParallel(fresh).named_parameters(), nn.DataParallel(fresh)):
-        again = graftlab.apply(corr, named, 0.1)
+        again = graftlab.apply_corrections(corr, named, 0.1)
         assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in applied.param_groups]
     with pytest.raises(GraftlabError, match="match no parameter"):
-        graftlab.apply(corr, [("other." + n, p) for n, p in fresh.named_parameters()], 0.1)
+        graftlab.apply_corrections(corr, [("other." + n, p) for n, p in fresh.named_parameters()], 0.1)

@@ -25,7 +25,7 @@ class Applied:
     - ``unknown``: file groups that matched no parameter (ignored; only with allow_missing).
 
     Slices: a group named ``<tensor>[<label>]`` is a slice of a fused tensor
-    (:func:`graftlab.partition.fused_layout`, e.g. GPT-2's ``c_attn`` Q/K/V thirds). One tensor
+    (:func:`graftlab.graft.partition.fused_layout`, e.g. GPT-2's ``c_attn`` Q/K/V thirds). One tensor
     has one learning rate in torch.optim, so its param group also holds ``lr_scale``, a tensor
     broadcastable to the parameter holding each slice's factor; :meth:`register` makes an
     optimizer scale each step of that tensor by it, which is the same as scaling the slice's lr
@@ -130,9 +130,9 @@ _PARALLEL = "module."  # DistributedDataParallel's and DataParallel's prefix
 
 def _own_names(named_params: Any) -> Any:
     """Pairs named as the model inside its torch.compile (``_orig_mod.``) and, for a module given
-    whole, DDP/DataParallel wrappers names them (:mod:`graftlab.wrappers`): traces carry those names."""
+    whole, DDP/DataParallel wrappers names them (:mod:`graftlab.graft.names`): traces carry those names."""
     if callable(getattr(named_params, "named_parameters", None)):
-        from graftlab import wrappers
+        from graftlab.graft import names as wrappers
 
         return wrappers.named_parameters(named_params)
     out = []
@@ -148,8 +148,8 @@ _SLICE = re.compile(r"(.+)\[(\w+)\]")
 
 def _slice_of(group: str, names: list[str], params: list[Any]):
     """``(parameter position, dim, start, stop)`` when ``group`` names a slice of a fused
-    parameter (``<name>[<label>]``, :func:`graftlab.partition.fused_layout`), else None."""
-    from graftlab.partition import fused_layout
+    parameter (``<name>[<label>]``, :func:`graftlab.graft.partition.fused_layout`), else None."""
+    from graftlab.graft.partition import fused_layout
 
     m = _SLICE.fullmatch(group)
     if not m or m.group(1) not in names:

@@ -5,7 +5,7 @@
     compare("bs16.corrections.json", by="kind")                         # one row per layer kind
 
 What ``graftlab show`` prints. The drift is the later-window median over the first-window median
-that :func:`graftlab.distill.distill` records (``source["groups"][g]["drift"]``): how far the
+that :func:`graftlab.distill.pipeline.distill` records (``source["groups"][g]["drift"]``): how far the
 ratios moved between the window the factors come from and the end of the trace (Section 5 of the
 paper distills the first window only).
 """

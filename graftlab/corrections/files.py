@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 import pandas as pd
 
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
-from graftlab.outputs import check_output, write_text
+from graftlab.io.jsonable import jsonable
+from graftlab.io.outputs import check_output, write_text
 
 FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"
@@ -27,7 +27,7 @@ PathLike = Union[str, os.PathLike]
 class GroupSource:
     """How one group's factor was found: ``source["groups"][name]`` of a corrections file.
 
-    :func:`graftlab.distill.distill` writes every field but ``stand_in`` (flagged groups only),
+    :func:`graftlab.distill.pipeline.distill` writes every field but ``stand_in`` (flagged groups only),
     ``evidence`` (degenerate groups only) and ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
     hand-written one for a custom partition may give only ``members``).
     """
@@ -45,7 +45,7 @@ class GroupSource:
     stand_in: Optional[float] = None  # the median used instead, for a flagged group
     members: Optional[list[str]] = None  # parameter names of a custom-partition group
     grad_share: Optional[float] = None  # median of norm_g / the model's gradient norm; None: not recorded
-    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.degenerate.Evidence)
+    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.distill.degenerate.Evidence)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from graftlab import termination
+from graftlab.io import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.outputs import write_text
+from graftlab.io.outputs import write_text
 
 CHECKPOINT_FORMAT = "graftlab.checkpoint/1"
 CHECKPOINT_META = "graftlab.json"
@@ -56,7 +56,7 @@ def _before_save(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.optim.Optimizer], Optional[dict]]:
-    from graftlab.graft import Graft
+    from graftlab.graft.optimizer import Graft
 
     if isinstance(optimizer, Graft):
         for role, child in (("magnitude", optimizer.magnitude), ("direction", optimizer.direction)):

@@ -4,7 +4,7 @@ Under FSDP2 each rank holds a shard of every tensor as a ``DTensor``; ``Graft`` 
 math on the local shards and gets the norms of the WHOLE tensors from one all-reduce per step of
 the squared local norms (``2 x n_groups`` values), so the ratios are the ones a single process
 would compute. :class:`ShardLayout` is the sharded side of the norm seam described in
-:mod:`graftlab.norms` (``locals``, ``partial``, ``finish``, ``run_rule``).
+:mod:`graftlab.graft.norms` (``locals``, ``partial``, ``finish``, ``run_rule``).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class ShardLayout:
         out: list[Tensor],
         scratch: Callable[[], list[Tensor]],
     ) -> None:
-        """Run a direct update rule (:mod:`graftlab.updates`) on local pieces.
+        """Run a direct update rule (:mod:`graftlab.graft.rules`) on local pieces.
 
         The rule sees local parameters, gradients and state; state it creates is stored back as
         DTensors placed like their parameter, as ``torch.optim`` keeps it, so state dicts (and

@@ -114,7 +114,7 @@ def smooth(wide: pd.DataFrame, width: Optional[int]) -> pd.DataFrame:
     """Each column median-filtered with window ``width`` (the recorded samples; None: unchanged)."""
     if width is None or width <= 1:
         return wide
-    from graftlab.analysis import median_filter
+    from graftlab.distill.analysis import median_filter
 
     return wide.apply(lambda col: pd.Series(median_filter(col.to_numpy(), width), index=col.index))
 

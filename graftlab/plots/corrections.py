@@ -40,7 +40,7 @@ def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10
     elif Path(source).is_file() and Path(source).suffix == ".json":
         corr = load_corrections(source)
     else:
-        from graftlab.distill import distill
+        from graftlab.distill.pipeline import distill
 
         corr = distill(source, window=window, round=round, filter=filter)
     table = corr.summary()

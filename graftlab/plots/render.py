@@ -98,7 +98,7 @@ def _formats() -> list[str]:
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    from graftlab.outputs import write_atomic
+    from graftlab.io.outputs import write_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
     Raises :class:`GraftlabError` for a bad setting, a trace with nothing to draw, or an output that
     exists (without ``overwrite``), has an unknown suffix, is a trace or lies inside a trace folder.
     """
-    from graftlab.outputs import check_output
+    from graftlab.io.outputs import check_output
 
     out = Path(out)
     inputs = [("trace", t) for t in traces]

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import termination
-from graftlab.config import RunConfig, check_output_file, resolve_config
-from graftlab.config.resume import check_resumed_schedule
+from graftlab.io import termination
+from graftlab.runs.config import RunConfig, check_output_file, resolve_config
+from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed.runtime import Runtime
-from graftlab.divergence import RESTART_COLUMN
+from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
-from graftlab.optimizers import describe
+from graftlab.graft.optimizers import describe
 from graftlab.runs.divergence import Divergence, Restart
 from graftlab.runs.restarts import Guard
 from graftlab.runs.metrics import METRICS_FORMAT, continued, resumed_metrics, write_metrics

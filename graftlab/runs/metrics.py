@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import pandas as pd
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.outputs import write_atomic
+from graftlab.io.outputs import write_atomic
 
 METRICS_FORMAT = "graftlab.metrics/1"
 METADATA_KEY = b"graftlab.metrics"
@@ -59,7 +59,7 @@ def read_metrics(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
 
 def resumed_metrics(path: Path, config: Mapping[str, Any], overwrite: bool) -> Optional[pd.DataFrame]:
     """The rows of the metrics file ``path`` that a run resumed with ``config`` (``asdict`` of its
-    :class:`~graftlab.config.RunConfig`) continues, or None: no file, or (``overwrite``) a file of
+    :class:`~graftlab.runs.RunConfig`) continues, or None: no file, or (``overwrite``) a file of
     another run, which the run then replaces.
 
     The file must be this run's: the fields of :data:`RUN_IDENTITY` recorded in its metadata

@@ -18,16 +18,16 @@ from typing import Any, Callable, Optional, TypeVar
 import pandas as pd
 
 from graftlab import trace
-from graftlab.analysis import kind_summary
-from graftlab.config import RecordConfig, RunConfig, TrainConfig
-from graftlab.config.resume import check_resumed_schedule
+from graftlab.distill.analysis import kind_summary
+from graftlab.runs.config import RecordConfig, RunConfig, TrainConfig
+from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed import is_main
 from graftlab.distributed.runtime import Runtime
-from graftlab.divergence import RESTART_COLUMN
+from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
-from graftlab.optimizers import make_optimizer
-from graftlab.record import Recorder
+from graftlab.graft.optimizer import Graft
+from graftlab.graft.optimizers import make_optimizer
+from graftlab.record.recorder import Recorder
 from graftlab.runs.divergence import Restart
 from graftlab.runs.restarts import resumed_restarts
 from graftlab.runs.loop import FitResult, fit
@@ -40,7 +40,7 @@ C = TypeVar("C", bound=RunConfig)
 class RecordResult:
     trace: Path  # the trace directory
     fit: FitResult  # the training run
-    summary: pd.DataFrame  # graftlab.analysis.kind_summary of the trace (empty on ranks that do not write)
+    summary: pd.DataFrame  # graftlab.distill.analysis.kind_summary of the trace (empty on ranks that do not write)
     groups: int  # number of groups recorded
 
 
@@ -168,7 +168,7 @@ def train(
 def _check_checkpoint_to_resume(config: TrainConfig) -> None:
     """A plain run with ``resume=True`` continues a checkpoint or nothing: a mistyped or empty
     checkpoint_dir would silently train from scratch (``record`` refuses the same, see
-    :func:`graftlab.config.resume.check_resumable`)."""
+    :func:`graftlab.runs.resume_check.check_resumable`)."""
     from graftlab.distributed.checkpoints import resume_step
 
     if config.resume and config.checkpoint_dir is not None and resume_step(config) == 0:

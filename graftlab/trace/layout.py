@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
-from graftlab.fsutil import temporary_name
-from graftlab.tracelock import LOCK_NAME
+from graftlab.io.fsutil import temporary_name
+from graftlab.trace.lock import LOCK_NAME
 
 FORMAT = "graftlab.trace/2"
 FORMAT_1 = "graftlab.trace/1"

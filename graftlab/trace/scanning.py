@@ -151,7 +151,7 @@ def scan_ratios(
 ) -> tuple[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], GroupCodes, dict[str, Any]]:
     """Stream a trace's ``(step, group position, ratio)`` as numpy arrays, one record batch at a time.
 
-    For engines that fill their own arrays (:mod:`graftlab.medians`): the whole trace is never held
+    For engines that fill their own arrays (:mod:`graftlab.distill.medians`): the whole trace is never held
     as columns. Batches come in part order; rows are as stored (the caller checks their order). The
     footers are checked as for :func:`read_trace`; ``codes.names`` lists the groups (metadata order,
     then unknown names as met). Returns ``(batches, codes, metadata)``.

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.fsutil import atomic_path, atomic_write, fsync_directory
-from graftlab.tracelock import LOCK_NAME
+from graftlab.io.fsutil import atomic_path, atomic_write, fsync_directory
+from graftlab.trace.lock import LOCK_NAME
 from graftlab.trace.layout import (
     FLOAT_COLUMNS, FORMAT, FORMAT_1, METADATA_KEY, PART_GLOB, READABLE_FORMATS, SCHEMA, SIDECAR, PathLike, is_trace,
     part_files, part_first_step, part_name, temporary_name, trace_owned,

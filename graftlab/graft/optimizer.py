@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import build, child_steps, graft_state
+from graftlab.graft import build, child_steps, state as graft_state
 from graftlab.errors import GraftlabError
-from graftlab.norms import PlainNorms
-from graftlab.partition import Granularity, Names, TensorNames
+from graftlab.graft.norms import PlainNorms
+from graftlab.graft.partition import Granularity, Names, TensorNames
 
 PATHS = ("auto", "direct", "generic")
 
@@ -39,16 +39,16 @@ class Graft(Optimizer):
             as frozen layers, are allowed). Without it tensors are ``param.0``, ``param.1``, ...
         split: ``"fused"`` (default): at ``"layer"`` granularity a fused tensor graftlab
             recognises (GPT-2's ``attn.c_attn`` weight and bias: Q, K, V thirds of the output
-            dimension; :func:`graftlab.partition.fused_layout`) is grafted as three groups
+            dimension; :func:`graftlab.graft.partition.fused_layout`) is grafted as three groups
             ``<name>[q]``, ``<name>[k]``, ``<name>[v]``, each exactly as if it were its own tensor.
             ``None`` keeps whole tensors. Sharded (FSDP) parameters need ``None``.
         path: ``"auto"`` (default), ``"direct"`` or ``"generic"``. The direct path computes each
             child's step from its state without touching the weights (SGD, Adam, AdamW, Adagrad,
-            RMSprop as exact classes; see :mod:`graftlab.updates`), so tiny steps keep their
+            RMSprop as exact classes; see :mod:`graftlab.graft.rules`), so tiny steps keep their
             digits. The generic path serves any optimizer (another Graft too): M steps, the step
             is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
             both children allow it and the generic one on steps with sparse gradients.
-        fused: run direct steps fused (:mod:`graftlab.fused`; like torch.optim's ``fused=``): both
+        fused: run direct steps fused (:mod:`graftlab.graft.fused`; like torch.optim's ``fused=``): both
             children's steps and norms in one pass, one write of the weights, no buffer; the
             direct path's results up to rounding. The first step compiles (``torch.compile``,
             minutes for a BERT-sized model on a small CPU; bench/RESULTS.md), so it is off by
@@ -177,7 +177,7 @@ class Graft(Optimizer):
 
     @property
     def fused(self) -> bool:
-        """Whether direct steps run fused (``fused=True``; :mod:`graftlab.fused`)."""
+        """Whether direct steps run fused (``fused=True``; :mod:`graftlab.graft.fused`)."""
         return self._fused is not None
 
     @property

@@ -1,4 +1,4 @@
-"""What :func:`graftlab.distill.distill` warns about: settings that run but likely do not do what
+"""What :func:`graftlab.distill.pipeline.distill` warns about: settings that run but likely do not do what
 was meant. Each note is a ``UserWarning`` (prefixed with the trace's path) and a line in the
 corrections' ``source["warnings"]``, which ``graftlab distill`` prints one per line.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 
 import pandas as pd
 
-from graftlab import analysis
+from graftlab.distill import analysis
 
 # the caller of distill(): warn() <- this module's function <- distill() <- the caller
 _STACKLEVEL = 4

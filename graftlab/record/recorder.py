@@ -9,9 +9,9 @@ The training loop changes only by creating and closing the recorder::
             rec.log(loss=loss.detach())   # optional per-step scalars; column lr is recorded for you
 
 The ``lr`` column (M's learning rate each step used) is recorded for you; under torch.distributed
-the same lines run on every rank and rank 0 writes. The Recorder's parts: :mod:`graftlab.record_buffer`
-(the device rows between flushes), :mod:`graftlab.record_writer` (the thread writing part files),
-:mod:`graftlab.record_metadata`; whole runs of the built-in tasks that record: :mod:`graftlab.runs`.
+the same lines run on every rank and rank 0 writes. The Recorder's parts: :mod:`graftlab.record.buffer`
+(the device rows between flushes), :mod:`graftlab.record.writer` (the thread writing part files),
+:mod:`graftlab.record.metadata`; whole runs of the built-in tasks that record: :mod:`graftlab.runs`.
 """
 from __future__ import annotations
 
@@ -25,16 +25,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from graftlab import termination, trace
+from graftlab import trace
+
+from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
-from graftlab.grad_norms import GradNorms
+from graftlab.graft.optimizer import Graft
+from graftlab.record.grad_norms import GradNorms
 from graftlab.kinds import Overrides
-from graftlab.record_buffer import Rows
-from graftlab.record_metadata import group_kinds, groups_meta, run_metadata
-from graftlab.record_writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
-from graftlab.trace_target import open_trace, release_trace
+from graftlab.record.buffer import Rows
+from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
+from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
+from graftlab.record.target import open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -59,7 +61,7 @@ class Recorder:
     The ratio is the one grafting transfers (paper, Section 3, Algorithm 1), per group of the
     partition (Section 3.1: a tensor for ``granularity="layer"``, the model for ``"global"``):
     ``ratio = ||w_M - w_t|| / ||w_D - w_t||``. Recorded over a grafted run (Section 4), it is what
-    Section 5 distills into a learning-rate correction for D alone (:func:`graftlab.distill`).
+    Section 5 distills into a learning-rate correction for D alone (:func:`graftlab.distill.pipeline`).
 
     ``path`` becomes a trace directory (:mod:`graftlab.trace`, format ``graftlab.trace/2``) with
     ``G = len(graft.group_names)`` rows per recorded step; the run metadata (optimizers, groups with
@@ -82,7 +84,7 @@ class Recorder:
     Parquet part, renamed into place when complete, while that step computes; its post-hook waits
     for the part (once per flush, usually done by then). So a process killed at any moment
     (SIGKILL) leaves a readable trace lacking at most the last ``flush_every`` recorded steps.
-    SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.termination`): the
+    SIGTERM is handled like Ctrl-C while a Recorder is open (:mod:`graftlab.io.termination`): the
     process exits with status 143 after the buffered rows are written.
 
     Only one process writes a trace: the Recorder holds an exclusive lock on ``path`` (a hidden
@@ -123,7 +125,7 @@ class Recorder:
             a ``close()`` method are closed with the Recorder.
         grad_every: add column ``norm_g``, each group's gradient norm, on every ``grad_every``-th
             recorded step (NaN on the others; 0: no column). It tells groups whose gradient is float
-            noise (:mod:`graftlab.degenerate`) from large real corrections; a few samples per
+            noise (:mod:`graftlab.distill.degenerate`) from large real corrections; a few samples per
             window suffice, and sparse NaN runs cost almost nothing on disk. Not taken for sharded
             (DTensor) parameters, whose norms would need collectives on every rank.
 
@@ -140,7 +142,7 @@ class Recorder:
             ``metadata`` sets ``format``, ``groups`` or ``granularity``; ``path`` exists without
             ``overwrite``/``resume``, is a file, lies inside another trace, holds something other
             than a trace, or is being written by another process; a resume that
-            :mod:`graftlab.trace_target` refuses; :meth:`log` gets a trace column (``norm_g``
+            :mod:`graftlab.record.target` refuses; :meth:`log` gets a trace column (``norm_g``
             included; or ``lr`` while ``record_lr``) or a non-scalar tensor; writing failed (raised at the next flush,
             :meth:`sync` or :meth:`close`).
 
@@ -308,7 +310,7 @@ class Recorder:
         keeps the last. Rows of earlier parts lack a key first logged later (``read_trace`` fills
         them with NaN). Names are checked here, on every call, so that a bad one never reaches the
         writer thread. ``restart`` is the divergence mark graftlab's own restart code logs
-        (:mod:`graftlab.runs`): :func:`graftlab.distill` reads it (:mod:`graftlab.divergence`) as the
+        (:mod:`graftlab.runs`): :func:`graftlab.distill.pipeline` reads it (:mod:`graftlab.distill.divergence`) as the
         number of restarts after a divergence before this step ran, and refuses windows from the
         first nonzero one on, so log it only with that meaning.
 

@@ -1,4 +1,4 @@
-"""The per-tensor math of the fused grafted step (:mod:`graftlab.fused`), one function per optimizer.
+"""The per-tensor math of the fused grafted step (:mod:`graftlab.graft.fused`), one function per optimizer.
 
 Each rule computes one parameter tensor's step ``w_child - w_t`` from the gradient and the child's
 state, as plain tensor code that ``torch.compile`` fuses into one loop::
@@ -8,7 +8,7 @@ state, as plain tensor code that ``torch.compile`` fuses into one loop::
 ``flags`` (:class:`Flags`) are the settings that change the code; every number (learning rates,
 bias corrections, betas) comes in the row of scalars ``s``, so that changing one never compiles
 again. ``update=True`` advances ``states`` in place exactly as one ``torch.optim`` step would
-(same state keys as torch.optim and :mod:`graftlab.updates`, which computes the same steps with
+(same state keys as torch.optim and :mod:`graftlab.graft.rules`, which computes the same steps with
 foreach ops); ``update=False`` recomputes the same step from the already advanced state. Complex
 tensors arrive as ``torch.view_as_real`` views (real and imaginary parts are separate reals, as
 in torch.optim).
@@ -45,7 +45,7 @@ class Flags(NamedTuple):
 
 # -- the rules: one tensor, ``s`` is this tensor's row of scalars -----------------------------------
 # ``update=True`` advances the state in place and returns the step; ``update=False`` (pass 2)
-# recomputes the same step from the state pass 1 advanced. Op order follows graftlab.updates.
+# recomputes the same step from the state pass 1 advanced. Op order follows graftlab.graft.rules.
 def _grad(f: Flags, g: Tensor, p: Tensor, wd: Tensor) -> Tensor:
     d = -g if f.maximize else g
     return d + wd * p if f.weight_decay else d
@@ -137,7 +137,7 @@ def state_keys(f: Flags) -> tuple[str, ...]:
 
 
 def init_states(f: Flags, group: dict, params: Sequence[Tensor], states: Sequence[dict]) -> list[bool]:
-    """Create missing state tensors as torch.optim (and graftlab.updates) would; True where an SGD
+    """Create missing state tensors as torch.optim (and graftlab.graft.rules) would; True where an SGD
     momentum buffer starts this step (it then takes the gradient as it is, without dampening)."""
     fresh = [False] * len(params)
     for i, (p, s) in enumerate(zip(params, states)):

@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
+from graftlab.io.jsonable import jsonable
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD,

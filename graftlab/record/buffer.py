@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from graftlab.errors import GraftlabError
-from graftlab.grad_norms import GradNorms
+from graftlab.record.grad_norms import GradNorms
 
 
 class Rows:

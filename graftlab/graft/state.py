@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from graftlab import build, child_steps
+from graftlab.graft import build, child_steps
 from graftlab.errors import GraftlabError
 
 if TYPE_CHECKING:
-    from graftlab.graft import Graft
+    from graftlab.graft.optimizer import Graft
 
 
 def state_dict(graft: "Graft") -> dict[str, Any]:
@@ -40,7 +40,7 @@ def load_state_dict(graft: "Graft", state_dict: dict[str, Any]) -> None:
 
     Raises:
         GraftlabError: not a Graft's state dict, saved with another partition, or a child's part
-            does not fit that child (:func:`graftlab.child_steps.check_child_state`).
+            does not fit that child (:func:`graftlab.graft.child_steps.check_child_state`).
     """
     state_dict = dict(state_dict)
     for hook in graft._optimizer_load_state_dict_pre_hooks.values():

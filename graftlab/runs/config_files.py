@@ -12,9 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from graftlab.config.runs import C, TrainConfig
+from graftlab.runs.config import C, TrainConfig
 from graftlab.errors import ConfigFileError, GraftlabError
-from graftlab.optimizers import parse_hparams
+from graftlab.graft.optimizers import parse_hparams
 
 
 # what each declared type is called in a message ("steps must be a whole number, got 'abc'")

@@ -2,7 +2,7 @@
 
 Everything here works on plain arrays or on the long trace DataFrame of :mod:`graftlab.trace`
 (columns ``step``, ``group``, ``ratio``, ...) and reads no files, so each function can be checked
-against a direct reference. :mod:`graftlab.distill` strings them together::
+against a direct reference. :mod:`graftlab.distill.pipeline` strings them together::
 
     df = read_trace(path, steps=(0, 2000))
     med = window_medians(df, 2000)                      # group, median, n_finite, n_nonfinite
@@ -23,14 +23,14 @@ from typing import Mapping, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import medians as engine
+from graftlab.distill import medians as engine
 from graftlab.errors import GraftlabError
 
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
 
 # The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
-# threshold cannot tell a large real correction from noise, see graftlab.degenerate.
+# threshold cannot tell a large real correction from noise, see graftlab.distill.degenerate.
 OUTLIER = 1000.0
 
 FLAG_DEGENERATE = "degenerate"
@@ -49,7 +49,7 @@ def median_filter(values, width: int) -> np.ndarray:
     ``values[max(0, i - h) : i + h + 1]`` with ``h = width // 2``), so the series is not shortened
     and no values are invented. Non-finite values are ignored inside each window; a window with no
     finite value gives NaN. ``width=1`` returns the finite values unchanged (non-finite -> NaN).
-    Computed by :func:`graftlab.medians.running_median` (exact, O(n log width)).
+    Computed by :func:`graftlab.distill.medians.running_median` (exact, O(n log width)).
 
     >>> median_filter([1.0, 5.0, 2.0, float("nan"), 3.0], 3).tolist()
     [3.0, 2.0, 3.5, 2.5, 3.0]
@@ -63,7 +63,7 @@ def median_filter(values, width: int) -> np.ndarray:
 
 
 def _grid(df: pd.DataFrame) -> tuple[engine.Grid, np.ndarray, np.ndarray]:
-    """``df``'s ratios as a :class:`~graftlab.medians.Grid` (groups in order of first appearance),
+    """``df``'s ratios as a :class:`~graftlab.distill.medians.Grid` (groups in order of first appearance),
     and each row's group index and step column in it."""
     codes, names = pd.factorize(df["group"])
     step = df["step"].to_numpy()
@@ -102,7 +102,7 @@ def window_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFram
 
     Returns one row per group (in order of first appearance in ``df``) with columns ``group``,
     ``median`` (NaN when the window holds no finite ratio), ``n_finite`` (ratios used) and
-    ``n_nonfinite`` (rows skipped). Medians are exact (:meth:`graftlab.medians.Grid.window`).
+    ``n_nonfinite`` (rows skipped). Medians are exact (:meth:`graftlab.distill.medians.Grid.window`).
     """
     _check_window(window)
     groups = group_order(df)
@@ -127,7 +127,7 @@ def windowed_medians(df: pd.DataFrame, window: int, start: int = 0) -> pd.DataFr
 
 
 def windows_frame(grid: engine.Grid, window: int, start: int = 0) -> pd.DataFrame:
-    """:func:`windowed_medians` of a :class:`~graftlab.medians.Grid` (long format)."""
+    """:func:`windowed_medians` of a :class:`~graftlab.distill.medians.Grid` (long format)."""
     starts, med, fin, non = grid.windows(window, start)
     n_groups = len(grid.groups)
     return pd.DataFrame({
@@ -321,7 +321,7 @@ def flag_groups(medians: Values, outlier: Optional[float] = None, *, degenerate=
 
     - ``"no finite ratio"``: D never moved the group inside the window.
     - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
-    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.degenerate.assess`
+    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.distill.degenerate.assess`
       decides from what D's step is made of (gradient share, structure), with its evidence.
     - ``outlier`` (opt-in, None or 0: off): also ``"degenerate"`` where the median exceeds ``outlier``
       times the median over all groups' medians (needs at least 3 groups). A ratio threshold cannot
@@ -362,7 +362,7 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
 
     ``df`` is a trace (columns ``group`` and ``ratio`` at least; :func:`graftlab.read_trace`).
     Non-finite ratios (D's step was zero) are skipped, and groups that
-    :func:`graftlab.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
+    :func:`graftlab.distill.degenerate.flag_window` flags (no finite ratio, or degenerate: the attention K
     bias, whose true gradient is zero; ``norm_g`` in ``df`` is its evidence) are kept out
     of the statistics and counted in ``flagged``; ``out.attrs["flagged"]`` maps them to the reason.
     ``meta`` defaults to ``df.attrs["graftlab"]``. Rows are kinds in :data:`graftlab.kinds.KINDS`
@@ -375,7 +375,7 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
     finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    from graftlab.degenerate import flag_window
+    from graftlab.distill.degenerate import flag_window
 
     # norm_g in df, when there, is the evidence
     flags, _, _ = flag_window(df, medians, kinds, precision=meta.get("precision"))

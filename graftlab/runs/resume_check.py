@@ -1,4 +1,4 @@
-"""Whether ``graftlab record`` may resume a trace without a checkpoint (:class:`~graftlab.config.RecordConfig`
+"""Whether ``graftlab record`` may resume a trace without a checkpoint (:class:`~graftlab.runs.RecordConfig`
 with ``resume=True``): only when nothing resumable was ever saved and the trace is this run's start."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from graftlab.errors import GraftlabError
 
 if TYPE_CHECKING:
-    from graftlab.config.runs import RecordConfig
+    from graftlab.runs.config import RecordConfig
 
 # Settings that make a recording another run (a resumed trace must come from the same).
 _RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "steps", "magnitude", "direction", "magnitude_lr",
@@ -61,7 +61,7 @@ def check_resumable(config: "RecordConfig", path: Path, overwrite: bool, *, step
 
 def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
     """Whether a path from a trace's metadata names ``given``: the Recorder stores absolute paths
-    relative to the trace folder (graftlab.portable); a relative one may also be the cwd's."""
+    relative to the trace folder (graftlab.trace.portable); a relative one may also be the cwd's."""
     if not isinstance(recorded, str) or given is None:
         return False
     want = Path(given).expanduser().resolve()

@@ -13,13 +13,13 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 
-from graftlab.config.resume import check_resumable
+from graftlab.runs.resume_check import check_resumable
 from graftlab.distributed.env import MODES
-from graftlab.divergence import ON_DIVERGENCE
+from graftlab.distill.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.optimizers import make_optimizer
-from graftlab.outputs import check_output
-from graftlab.record import DEFAULT_FLUSH_EVERY
+from graftlab.graft.optimizers import make_optimizer
+from graftlab.io.outputs import check_output
+from graftlab.record.recorder import DEFAULT_FLUSH_EVERY
 from graftlab.trace import is_trace
 from graftlab.schedules import SCHEDULES, make_schedule
 from graftlab.tasks import SIZES, TASKS, Task, resolve_device
@@ -234,7 +234,7 @@ class RecordConfig(RunConfig):
                                 "another path (a new or empty folder)")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
-        from graftlab.tracelock import check_unlocked
+        from graftlab.trace.lock import check_unlocked
 
         check_unlocked(path)
         if self.resume:
@@ -282,13 +282,13 @@ def _check_hparam(optimizer: str, key: str, value: Any) -> None:
 
 
 def _has_entries(path: Path) -> bool:
-    from graftlab.tracelock import LOCK_NAME
+    from graftlab.trace.lock import LOCK_NAME
 
     return any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def check_output_file(path: Optional[str | os.PathLike], what: str, overwrite: bool) -> Optional[Path]:
-    """The path of an output file to write, or None; see :func:`graftlab.outputs.check_output`."""
+    """The path of an output file to write, or None; see :func:`graftlab.io.outputs.check_output`."""
     return check_output(path, what, overwrite=overwrite)
 
 

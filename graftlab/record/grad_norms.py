@@ -1,6 +1,6 @@
 """Per-group gradient norms of a Graft's parameters: the trace column ``norm_g`` the Recorder writes.
 
-:mod:`graftlab.degenerate` reads them to tell groups whose gradient is float noise (D's step then
+:mod:`graftlab.distill.degenerate` reads them to tell groups whose gradient is float noise (D's step then
 means nothing) from large real corrections. Taken on the device, without a host sync, into a
 row of the Recorder's ring buffer.
 """
@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from graftlab.graft import Graft
+from graftlab.graft.optimizer import Graft
 
 
 class GradNorms:

@@ -1,6 +1,6 @@
 """What a :class:`~graftlab.Graft` derives from its children's parameter groups, built once at
 construction and again when groups are added: the grafted tensors and their names, the partition,
-the path, the norm seam (:mod:`graftlab.norms`) and the parameter-sized buffers.
+the path, the norm seam (:mod:`graftlab.graft.norms`) and the parameter-sized buffers.
 
 Everything is validated before anything is replaced, so a refused change (tensors the two children
 do not share, a tensor with no name) leaves the Graft as it was.
@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import child_steps, updates
+from graftlab.graft import child_steps, rules as updates
 from graftlab.errors import GraftlabError
-from graftlab.norms import PlainNorms
-from graftlab.partition import Partition, make_partition
+from graftlab.graft.norms import PlainNorms
+from graftlab.graft.partition import Partition, make_partition
 
 
 def same_params(magnitude: Optimizer, direction: Optimizer) -> list[Tensor]:
@@ -104,7 +104,7 @@ def _rules(graft: Any) -> Optional[tuple]:
 
 
 def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tuple], norms, dtype: torch.dtype):
-    """The fused direct step (:mod:`graftlab.fused`) for ``fused=True``, after checking it applies."""
+    """The fused direct step (:mod:`graftlab.graft.fused`) for ``fused=True``, after checking it applies."""
     if not getattr(graft, "_fused_choice", False):  # (a Graft pickled before fused= existed)
         return None
     if rules is None:
@@ -113,7 +113,7 @@ def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tu
         raise GraftlabError(f"fused=True needs the direct path for both children: {why}")
     if not isinstance(norms, PlainNorms):
         raise GraftlabError("fused=True does not take sharded (DTensor) parameters; use fused=False")
-    from graftlab.fused import FusedDirect
+    from graftlab.graft.fused import FusedDirect
 
     units = list(zip(part.unit_tensor, part.slices)) if part.split else None  # Q, K, V thirds: units
     return FusedDirect(graft.magnitude, graft.direction, params, units=units, elementwise=part.elementwise,

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.fsutil import replace_durably
+from graftlab.io.fsutil import replace_durably
 
 PathLike = Union[str, os.PathLike]
 
 
 def replace(tmp: PathLike, path: PathLike) -> None:
     """Rename the complete file ``tmp`` onto ``path``: atomic on one filesystem, and durable (the
-    data and the rename are fsynced; :func:`graftlab.fsutil.replace_durably`)."""
+    data and the rename are fsynced; :func:`graftlab.io.fsutil.replace_durably`)."""
     replace_durably(tmp, path)
 
 

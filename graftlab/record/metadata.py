@@ -10,11 +10,11 @@ from torch import nn
 
 from graftlab import trace
 from graftlab.errors import GraftlabError
-from graftlab.grad_norms import precision_of
-from graftlab.graft import Graft
+from graftlab.record.grad_norms import precision_of
+from graftlab.graft.optimizer import Graft
 from graftlab.kinds import GroupKind, Overrides, _as_kind, _owners, classify_names, group_kind, to_dict
-from graftlab.optimizers import describe
-from graftlab.portable import portable_paths
+from graftlab.graft.optimizers import describe
+from graftlab.trace.portable import portable_paths
 
 # set by the recorder from the Graft: a user's metadata may not replace them
 RESERVED = frozenset({"format", "groups", "granularity"})
@@ -77,7 +77,7 @@ def run_metadata(graft: Graft, kinds: list[GroupKind], user: Mapping[str, Any], 
         "batch_size": None,
         "seed": None,
         "device": str(graft.params[0].device),
-        "precision": precision_of(graft.params),  # the gradients' rounding (graftlab.degenerate)
+        "precision": precision_of(graft.params),  # the gradients' rounding (graftlab.distill.degenerate)
         "every": every,
         "flush_every": flush_every,
         "start_step": start_step,
@@ -88,5 +88,5 @@ def run_metadata(graft: Graft, kinds: list[GroupKind], user: Mapping[str, Any], 
     if clash:
         raise GraftlabError(f"metadata keys {', '.join(clash)} are set by the recorder")
     meta.update(user)
-    # a trace travels: no absolute path of the recording machine (graftlab.portable)
+    # a trace travels: no absolute path of the recording machine (graftlab.trace.portable)
     return portable_paths(meta, path)

@@ -1,6 +1,6 @@
 """How :class:`~graftlab.Graft` obtains each child's step ``w_child - w_t``, on its two paths.
 
-- :func:`direct`: the child's update rule (:mod:`graftlab.updates`) writes the step into a buffer
+- :func:`direct`: the child's update rule (:mod:`graftlab.graft.rules`) writes the step into a buffer
   from the child's own state; the weights are not touched. The child's ``step()`` does not run, so
   its step hooks (and the global optimizer hooks) are fired here, as ``step()`` would fire them.
 - :func:`generic`: the child's own ``step()`` moves the weights from ``w_t`` and the step is read
@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from graftlab import updates
+from graftlab.graft import rules as updates
 from graftlab.errors import GraftlabError
 
 
@@ -87,7 +87,7 @@ def direct(graft: Any, opt: Optimizer, rule: Callable, out: list[Tensor]) -> lis
 
 def fused(graft: Any) -> None:
     """The direct step of both children and the grafted write in two fused passes
-    (:mod:`graftlab.fused`): the same result as :func:`direct` for each child, then the combine."""
+    (:mod:`graftlab.graft.fused`): the same result as :func:`direct` for each child, then the combine."""
     children = (graft.magnitude, graft.direction)
     for opt in children:
         before_step(opt)

@@ -1,6 +1,6 @@
 """Distill a trace into corrections: windowed medians of the per-group ratios (Section 5).
 
-    from graftlab.distill import distill
+    from graftlab.distill.pipeline import distill
     from graftlab.corrections import save
     corr = distill("runs/bert.trace", window=2000, round="D500")   # static per-group multipliers
     save(corr, "runs/bert.corrections.json")
@@ -13,14 +13,14 @@
   become piecewise-constant ``[[start, factor], ...]`` schedules per group.
 
 Flagged groups (no finite ratio, zero M step, or degenerate: see
-:func:`graftlab.analysis.flag_groups`) do not use their own median: they get the median of the
+:func:`graftlab.distill.analysis.flag_groups`) do not use their own median: they get the median of the
 unflagged groups of their kind, or 1.0 where there is none, before rounding.
 
 Drift: when the trace holds at least two windows, the median over its last ``window`` steps is
 divided by the first window's median (``drift``), so overshooting static corrections show.
 
 Divergence: windows holding steps at or after a divergence (non-finite ``norm_m``/``norm_d``, or
-``restart`` marks; see :mod:`graftlab.divergence`) are refused by name unless
+``restart`` marks; see :mod:`graftlab.distill.divergence`) are refused by name unless
 ``allow_divergence=True``; the drift window then ends where the divergence begins.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab import analysis, degenerate, distill_notes, divergence, medians
+from graftlab.distill import analysis, degenerate, notes as distill_notes, divergence, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
+from graftlab.io.jsonable import jsonable
 from graftlab.trace import gaps, group_table, read_metadata, read_trace, trace_extent
 from graftlab.trace.scanning import open_parts
 
@@ -70,7 +70,7 @@ def distill(
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
     applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
-    threshold that also flags groups degenerate (None: off; :mod:`graftlab.degenerate` decides from
+    threshold that also flags groups degenerate (None: off; :mod:`graftlab.distill.degenerate` decides from
     what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
     piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
     static multipliers; the default is a schedule for a global trace. ``drift`` adds each group's
@@ -291,7 +291,7 @@ def _ratio_grid(path: Path, start: int, filter: Optional[int]) -> medians.Grid:
 
 
 def _grid_window(grid: medians.Grid, lo: int, hi: int) -> pd.DataFrame:
-    """:func:`graftlab.analysis.window_medians` of a grid, indexed by group."""
+    """:func:`graftlab.distill.analysis.window_medians` of a grid, indexed by group."""
     med, fin, non = grid.window(lo, hi)
     return pd.DataFrame({"median": med, "n_finite": fin, "n_nonfinite": non},
                         index=pd.Index(grid.groups, name="group"))
@@ -353,7 +353,7 @@ class _Rule:
 def _schedules(windowed: pd.DataFrame, groups: list[str], rule: _Rule,
                first_medians: pd.Series) -> dict[str, list[list]]:
     """Per-group piecewise-constant schedules from consecutive windows' medians (``windowed``, long:
-    :func:`graftlab.analysis.windowed_medians`; Figure 4)."""
+    :func:`graftlab.distill.analysis.windowed_medians`; Figure 4)."""
     rows = []
     for s, part in windowed.groupby("start", sort=True):
         # a window where a group has no finite ratio keeps the previous factor (piecewise)

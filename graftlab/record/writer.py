@@ -33,7 +33,7 @@ class Writer(threading.Thread):
     """Waits for each flushed host buffer, writes it as one part file, then hands the part to the
     ``on_flush`` callbacks (once per flush).
 
-    A job is the tuple :meth:`graftlab.record_buffer.Rows.to_host` builds plus the groups and metadata
+    A job is the tuple :meth:`graftlab.record.buffer.Rows.to_host` builds plus the groups and metadata
     it was recorded under; ``None`` stops the thread. The first error is kept in :attr:`error` (the
     Recorder raises it on the training thread) and later jobs are drained unwritten.
     """

@@ -1,5 +1,5 @@
-"""Per-group medians over tens of millions of trace rows: the engine under :mod:`graftlab.analysis`
-and :mod:`graftlab.distill`.
+"""Per-group medians over tens of millions of trace rows: the engine under :mod:`graftlab.distill.analysis`
+and :mod:`graftlab.distill.pipeline`.
 
 A recorded trace is a dense grid, (recorded steps) x (groups), in step then group order. The engine
 holds its ratios as a :class:`Grid`: one contiguous float64 row per group (``(G, S)``), NaN where a

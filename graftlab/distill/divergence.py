@@ -12,7 +12,7 @@ marks, both plain columns that any Parquet reader sees:
   each step appears once: the rows of the attempt that diverged are replaced.
 
 :func:`find` locates the first marked step of a table; :func:`check_windows` is how
-:func:`graftlab.distill.distill` refuses windows that follow a divergence, naming them.
+:func:`graftlab.distill.pipeline.distill` refuses windows that follow a divergence, naming them.
 """
 from __future__ import annotations
 

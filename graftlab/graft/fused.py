@@ -1,7 +1,7 @@
 """The fused direct grafted step: two passes over memory instead of two optimizer steps.
 
 ``M.step(); D.step()`` with torch's fused kernels reads the gradient twice and writes the weights
-twice; the direct path of :class:`~graftlab.Graft` (see :mod:`graftlab.updates`) builds each child's
+twice; the direct path of :class:`~graftlab.Graft` (see :mod:`graftlab.graft.rules`) builds each child's
 step in a buffer with foreach ops, about 20 passes over parameter-sized memory for Adam#SGD. The
 grafted step of the paper's Algorithm 1 needs much less::
 
@@ -13,7 +13,7 @@ grafted step of the paper's Algorithm 1 needs much less::
 
 so each state tensor is read and written once, the weights once, and no parameter-sized buffer is
 needed at all. The per-tensor math below is plain tensor code, identical in result to
-:mod:`graftlab.updates` (same state keys, same step counters, float rounding aside). With
+:mod:`graftlab.graft.rules` (same state keys, same step counters, float rounding aside). With
 ``compile=True`` each pass over a bucket of up to ``bucket_size`` tensors is one ``torch.compile``d
 function (inductor: one C++ loop nest on CPU, Triton kernels on a GPU) with dynamic sizes, so the
 one-off compile costs the same for any model size; a bucket is compiled once per distinct set of
@@ -39,9 +39,9 @@ import torch.fx.experimental._config as fx_config
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import updates
+from graftlab.graft import rules as updates
 from graftlab.errors import GraftlabError
-from graftlab.fused_rules import KINDS, RULES, Flags, flags_of, init_states, scalars, state_keys
+from graftlab.graft.fused_rules import KINDS, RULES, Flags, flags_of, init_states, scalars, state_keys
 
 # -- the two passes over a bucket of tensors --------------------------------------------------------
 def _passes(fm: Flags, fd: Flags, norm_dtype: torch.dtype, elementwise: bool):

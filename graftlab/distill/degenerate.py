@@ -220,7 +220,7 @@ def assess(
     ``shares``: :func:`gradient_shares` of the same steps, or None; ``outlier``: the opt-in rule's
     factor (None or 0: off); ``precision``: the dtype of the run's gradients (trace metadata
     ``precision``; None: float32), which sets :func:`noise_share`. Groups without a finite positive median are never called degenerate
-    here (they are flagged for that by :func:`graftlab.analysis.flag_groups`).
+    here (they are flagged for that by :func:`graftlab.distill.analysis.flag_groups`).
     """
     med = pd.Series(medians, dtype=np.float64)
     names = [str(g) for g in med.index]
@@ -278,10 +278,10 @@ def flag_window(
     outlier: Optional[float] = None,
     precision: Optional[str] = None,
 ) -> tuple[pd.Series, dict[str, Evidence], dict[str, Any]]:
-    """Flags (:func:`graftlab.analysis.flag_groups`), evidence per group and the method, for the
+    """Flags (:func:`graftlab.distill.analysis.flag_groups`), evidence per group and the method, for the
     window whose trace rows are ``rows`` and whose per-group medians are ``medians``;
     ``precision`` is the trace metadata's (None: float32)."""
-    from graftlab.analysis import flag_groups
+    from graftlab.distill.analysis import flag_groups
 
     shares = gradient_shares(rows)
     evidence = assess(medians, kinds, shares=shares, outlier=outlier, precision=precision)

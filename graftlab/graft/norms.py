@@ -16,7 +16,7 @@ The interface (both classes)::
     from_squares(sq) -> (norm_m, norm_d)     # whole-tensor norms from per-tensor squares (fused path;
                                              # PlainNorms only)
     finish(part_m, part_d) -> (norm_m, norm_d)   # (n_groups,) each: the whole-group norms
-    run_rule(rule, group, params, states, out, scratch)  # a graftlab.updates rule on the pieces
+    run_rule(rule, group, params, states, out, scratch)  # a graftlab.graft.rules rule on the pieces
 
 ``steps`` are real tensors (complex ones are passed as ``torch.view_as_real`` views); norms are
 accumulated in ``dtype`` (float32, or float64 for float64 parameters) and stay on the device.
@@ -52,7 +52,7 @@ class PlainNorms:
 
     def from_squares(self, sq: Tensor) -> tuple[Tensor, Tensor]:
         """``(norm_m, norm_d)`` per group from ``(2, n_tensors)`` squared per-tensor norms (the fused
-        path's pass 1 reduces them; :mod:`graftlab.fused`)."""
+        path's pass 1 reduces them; :mod:`graftlab.graft.fused`)."""
         if self.index is not None:
             sq = torch.zeros((2, self.n_groups), device=sq.device, dtype=self.dtype).index_add_(1, self.index, sq)
         norms = sq.sqrt()
@@ -65,5 +65,5 @@ class PlainNorms:
     @staticmethod
     def run_rule(rule: Callable, group: dict, params: list[Tensor], states: list[dict], out: list[Tensor],
                  scratch: Callable[[], list[Tensor]]) -> None:
-        """Run a direct update rule (:mod:`graftlab.updates`) on the whole tensors."""
+        """Run a direct update rule (:mod:`graftlab.graft.rules`) on the whole tensors."""
         rule(group, params, [p.grad for p in params], states, out, scratch)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from graftlab import wrappers
+from graftlab.graft import names as wrappers
 from graftlab.errors import GraftlabError
 
 GRANULARITIES = ("global", "layer", "coordinate")
@@ -81,7 +81,7 @@ def named_tensors(names: Names) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs from a module's ``named_parameters()`` or from pairs given as they are.
 
     A module is named as the model inside torch.compile / DDP / DataParallel wrappers names its
-    parameters (:mod:`graftlab.wrappers`), so a trace of a compiled model matches the plain one.
+    parameters (:mod:`graftlab.graft.names`), so a trace of a compiled model matches the plain one.
     Raises GraftlabError when ``names`` is neither.
     """
     if names is None:

@@ -7,7 +7,7 @@ What it refuses, before anything in ``path`` changes:
 
 - ``path`` is a file (a trace is a folder: a user's file never becomes one), lies inside another
   trace folder, is a folder of other files, or exists without ``overwrite``/``resume``;
-- another process is writing ``path`` (:class:`~graftlab.tracelock.TraceLock`);
+- another process is writing ``path`` (:class:`~graftlab.trace.lock.TraceLock`);
 - ``resume`` would drop every recorded step (a fresh optimizer at step 0: load its checkpoint
   first), would leave a gap (the trace ends before the step the run resumes at), or continues a
   trace recorded with other groups or another run (seed, task, batch size, every, optimizers).
@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 
 from graftlab import trace
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.outputs import trace_folder_of
-from graftlab.tracelock import LOCK_NAME, TraceLock
+from graftlab.io.outputs import trace_folder_of
+from graftlab.trace.lock import LOCK_NAME, TraceLock
 
 # Metadata that makes a resumed run another run than the one the trace holds.
 IDENTITY = ("task", "seed", "batch_size", "every", "granularity")
