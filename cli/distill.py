@@ -49,7 +49,7 @@ def distill(
     from graftlab.distill.pipeline import distill as run
     from graftlab.errors import GraftlabError
     from graftlab.trace.foreign import note as foreign_note
-    from graftlab.io.outputs import check_output
+    from graftlab.trace.outputs import check_output
 
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")

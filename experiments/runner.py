@@ -181,7 +181,7 @@ class Experiment:
         folder, or one holding this experiment's finished runs (reused). Its tables
         (``results.md``, ``settings.json``) are only rewritten with ``settings.overwrite``."""
         from graftlab.errors import OutputExistsError
-        from graftlab.io.outputs import check_output
+        from graftlab.trace.outputs import check_output
 
         settings.validate()
         out = Path(settings.out or f"runs/experiments/{name}{'-quick' if settings.quick else ''}").expanduser()

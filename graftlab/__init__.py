@@ -23,7 +23,7 @@ import pkgutil
 import sys
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from graftlab.version import VERSION as __version__  # noqa: E402
 
 # The public API, one deliberate list (name -> the module that defines it). The stages themselves are
 # packages: graftlab.graft, .record, .trace, .distill, .corrections, .runs.

@@ -41,7 +41,8 @@ from graftlab.corrections import save
 from graftlab.distill.pipeline import distill
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
-from graftlab.io.outputs import check_output, write_text
+from graftlab.io.outputs import write_text
+from graftlab.trace.outputs import check_output
 from graftlab.runs import record, train
 from graftlab.trace import read_metadata
 

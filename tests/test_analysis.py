@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from graftlab.distill import analysis as A
+from graftlab.distill import analysis as A, degenerate
 from graftlab.errors import GraftlabError
 
 
@@ -166,12 +166,12 @@ def test_tied_groups_from_blocks_and_regex():
 
 def test_flag_groups_and_fallback():
     med = pd.Series({"q": 8.0, "k": 6.0, "v": 0.8, "ln": 0.09, "kb": 1e4, "dead": np.nan, "still": 0.0})
-    flags = A.flag_groups(med, degenerate=["kb", "dead"])  # as graftlab.distill.degenerate decides them
-    assert flags.to_dict() == {"q": "", "k": "", "v": "", "ln": "", "kb": A.FLAG_DEGENERATE,
-                               "dead": A.FLAG_EMPTY, "still": A.FLAG_ZERO}
+    flags = degenerate.flag_groups(med, degenerate=["kb", "dead"])  # as graftlab.distill.degenerate decides them
+    assert flags.to_dict() == {"q": "", "k": "", "v": "", "ln": "", "kb": degenerate.FLAG_DEGENERATE,
+                               "dead": degenerate.FLAG_EMPTY, "still": degenerate.FLAG_ZERO}
     # a ratio alone flags nothing unless the opt-in outlier rule asks for it
-    assert (A.flag_groups(med) == A.FLAG_DEGENERATE).sum() == 0
-    assert A.flag_groups(med, outlier=A.OUTLIER).to_dict() == flags.to_dict()
+    assert (degenerate.flag_groups(med) == degenerate.FLAG_DEGENERATE).sum() == 0
+    assert degenerate.flag_groups(med, outlier=degenerate.OUTLIER).to_dict() == flags.to_dict()
     kinds = pd.Series({"q": "Q", "k": "K", "v": "V", "ln": "norm", "kb": "K", "dead": "norm", "still": "other"})
-    fb = A.fallback_factors(med, kinds, flags)
+    fb = degenerate.fallback_factors(med, kinds, flags)
     assert fb.to_dict() == {"q": 8.0, "k": 6.0, "v": 0.8, "ln": 0.09, "kb": 6.0, "dead": 0.09, "still": 1.0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graftlab
-from graftlab.distill.analysis import flag_groups
+from graftlab.distill.degenerate import flag_groups
 from graftlab.errors import GraftlabError
 from tests import models
 

@@ -15,7 +15,8 @@ import pandas as pd
 
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
-from graftlab.io.outputs import check_output, write_text
+from graftlab.io.outputs import write_text
+from graftlab.trace.outputs import check_output
 
 FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"

@@ -24,18 +24,13 @@ import numpy as np
 import pandas as pd
 
 from graftlab.distill import medians as engine
+from graftlab.distill.degenerate import flag_window
 from graftlab.errors import GraftlabError
 
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
 
-# The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
-# threshold cannot tell a large real correction from noise, see graftlab.distill.degenerate.
-OUTLIER = 1000.0
 
-FLAG_DEGENERATE = "degenerate"
-FLAG_ZERO = "zero M step"
-FLAG_EMPTY = "no finite ratio"
 
 Values = Union[Mapping[str, float], pd.Series]
 
@@ -316,45 +311,6 @@ def group_kinds(groups: list[str], table: pd.DataFrame) -> pd.Series:
                      index=groups, dtype=object)
 
 
-def flag_groups(medians: Values, outlier: Optional[float] = None, *, degenerate=()) -> pd.Series:
-    """Flag groups whose median cannot serve as a correction; ``""`` where fine.
-
-    - ``"no finite ratio"``: D never moved the group inside the window.
-    - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
-    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.distill.degenerate.assess`
-      decides from what D's step is made of (gradient share, structure), with its evidence.
-    - ``outlier`` (opt-in, None or 0: off): also ``"degenerate"`` where the median exceeds ``outlier``
-      times the median over all groups' medians (needs at least 3 groups). A ratio threshold cannot
-      tell a large real correction (Q/K weights: Table 5's 470-1090) from noise, hence off by default.
-    """
-    med = pd.Series(medians, dtype=np.float64)
-    flags = pd.Series("", index=med.index, dtype=object)
-    good = np.isfinite(med) & (med > 0)
-    flags[good & med.index.isin(list(degenerate))] = FLAG_DEGENERATE
-    flags[~np.isfinite(med)] = FLAG_EMPTY
-    flags[np.isfinite(med) & (med <= 0)] = FLAG_ZERO
-    good = med[good]
-    if outlier and len(good) >= 3:
-        ref = float(np.median(good.to_numpy()))
-        flags[good.index[good > outlier * ref]] = FLAG_DEGENERATE
-    return flags
-
-
-def fallback_factors(medians: Values, kinds: Values, flags: Values) -> pd.Series:
-    """Stand-in medians for flagged groups: the median over unflagged groups of the same kind,
-    or 1.0 (D's recorded learning rate unchanged) when the kind has none. Unflagged groups keep
-    their own median."""
-    med = pd.Series(medians, dtype=np.float64)
-    kind = pd.Series(kinds).reindex(med.index)
-    flag = pd.Series(flags).reindex(med.index).fillna("")
-    ok = flag == ""
-    out = med.copy()
-    for name in med.index[~ok]:
-        peers = med[ok & (kind == kind[name]) & np.isfinite(med) & (med > 0)]
-        out[name] = float(np.median(peers.to_numpy())) if len(peers) else 1.0
-    return out
-
-
 # --------------------------------------------------------------------------- per-kind summary
 
 def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFrame:
@@ -375,8 +331,6 @@ def kind_summary(df: pd.DataFrame, meta: Optional[Mapping] = None) -> pd.DataFra
     kinds = {g["name"]: g.get("kind") or "other" for g in meta.get("groups") or []}
     finite = df[np.isfinite(df["ratio"].to_numpy(dtype=np.float64))]
     medians = finite.groupby("group", sort=False)["ratio"].median().reindex(names)
-    from graftlab.distill.degenerate import flag_window
-
     # norm_g in df, when there, is the evidence
     flags, _, _ = flag_window(df, medians, kinds, precision=meta.get("precision"))
     frame = pd.DataFrame({"median": medians, "kind": [kinds.get(g, "other") for g in names],

@@ -44,10 +44,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
+
+# The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
+# threshold cannot tell a large real correction from noise, see graftlab.distill.degenerate.
+OUTLIER = 1000.0
+
+FLAG_DEGENERATE = "degenerate"
+FLAG_ZERO = "zero M step"
+FLAG_EMPTY = "no finite ratio"
+
+Values = Union[Mapping[str, float], pd.Series]
 
 GRAD_COLUMN = "norm_g"
 
@@ -220,7 +230,7 @@ def assess(
     ``shares``: :func:`gradient_shares` of the same steps, or None; ``outlier``: the opt-in rule's
     factor (None or 0: off); ``precision``: the dtype of the run's gradients (trace metadata
     ``precision``; None: float32), which sets :func:`noise_share`. Groups without a finite positive median are never called degenerate
-    here (they are flagged for that by :func:`graftlab.distill.analysis.flag_groups`).
+    here (they are flagged for that by :func:`flag_groups`).
     """
     med = pd.Series(medians, dtype=np.float64)
     names = [str(g) for g in med.index]
@@ -278,12 +288,49 @@ def flag_window(
     outlier: Optional[float] = None,
     precision: Optional[str] = None,
 ) -> tuple[pd.Series, dict[str, Evidence], dict[str, Any]]:
-    """Flags (:func:`graftlab.distill.analysis.flag_groups`), evidence per group and the method, for the
+    """Flags (:func:`flag_groups`), evidence per group and the method, for the
     window whose trace rows are ``rows`` and whose per-group medians are ``medians``;
     ``precision`` is the trace metadata's (None: float32)."""
-    from graftlab.distill.analysis import flag_groups
-
     shares = gradient_shares(rows)
     evidence = assess(medians, kinds, shares=shares, outlier=outlier, precision=precision)
     flags = flag_groups(medians, degenerate=[g for g, e in evidence.items() if e.degenerate])
     return flags, evidence, method(shares, outlier, precision)
+
+
+def flag_groups(medians: Values, outlier: Optional[float] = None, *, degenerate=()) -> pd.Series:
+    """Flag groups whose median cannot serve as a correction; ``""`` where fine.
+
+    - ``"no finite ratio"``: D never moved the group inside the window.
+    - ``"zero M step"``: median 0 (M never moves it; a factor of 0 would freeze it under D).
+    - ``"degenerate"``: the groups in ``degenerate``, which :func:`graftlab.distill.degenerate.assess`
+      decides from what D's step is made of (gradient share, structure), with its evidence.
+    - ``outlier`` (opt-in, None or 0: off): also ``"degenerate"`` where the median exceeds ``outlier``
+      times the median over all groups' medians (needs at least 3 groups). A ratio threshold cannot
+      tell a large real correction (Q/K weights: Table 5's 470-1090) from noise, hence off by default.
+    """
+    med = pd.Series(medians, dtype=np.float64)
+    flags = pd.Series("", index=med.index, dtype=object)
+    good = np.isfinite(med) & (med > 0)
+    flags[good & med.index.isin(list(degenerate))] = FLAG_DEGENERATE
+    flags[~np.isfinite(med)] = FLAG_EMPTY
+    flags[np.isfinite(med) & (med <= 0)] = FLAG_ZERO
+    good = med[good]
+    if outlier and len(good) >= 3:
+        ref = float(np.median(good.to_numpy()))
+        flags[good.index[good > outlier * ref]] = FLAG_DEGENERATE
+    return flags
+
+
+def fallback_factors(medians: Values, kinds: Values, flags: Values) -> pd.Series:
+    """Stand-in medians for flagged groups: the median over unflagged groups of the same kind,
+    or 1.0 (D's recorded learning rate unchanged) when the kind has none. Unflagged groups keep
+    their own median."""
+    med = pd.Series(medians, dtype=np.float64)
+    kind = pd.Series(kinds).reindex(med.index)
+    flag = pd.Series(flags).reindex(med.index).fillna("")
+    ok = flag == ""
+    out = med.copy()
+    for name in med.index[~ok]:
+        peers = med[ok & (kind == kind[name]) & np.isfinite(med) & (med > 0)]
+        out[name] = float(np.median(peers.to_numpy())) if len(peers) else 1.0
+    return out

@@ -13,7 +13,7 @@
   become piecewise-constant ``[[start, factor], ...]`` schedules per group.
 
 Flagged groups (no finite ratio, zero M step, or degenerate: see
-:func:`graftlab.distill.analysis.flag_groups`) do not use their own median: they get the median of the
+:func:`graftlab.distill.degenerate.flag_groups`) do not use their own median: they get the median of the
 unflagged groups of their kind, or 1.0 where there is none, before rounding.
 
 Drift: when the trace holds at least two windows, the median over its last ``window`` steps is
@@ -339,7 +339,7 @@ class _Rule:
     flags: Optional[pd.Series] = None
 
     def stand_in(self, medians: pd.Series) -> pd.Series:
-        return analysis.fallback_factors(medians, self.kinds, self.flags)
+        return degenerate.fallback_factors(medians, self.kinds, self.flags)
 
     def factors(self, medians: pd.Series) -> pd.Series:
         """NaN where a window gives an unflagged group no usable median (a schedule carries over)."""

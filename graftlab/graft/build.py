@@ -122,7 +122,7 @@ def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tu
 
 def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
     if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
-        from graftlab.distributed.shards import shard_layout  # only sharded tensors need it
+        from graftlab.graft.shards import shard_layout  # only sharded tensors need it
 
         layout = shard_layout(params, part.tensor_group, len(part.group_names), dtype)
         if layout is not None:

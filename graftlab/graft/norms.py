@@ -6,7 +6,7 @@ on where the tensors live, so ``Graft`` talks to them through one interface with
 
 - :class:`PlainNorms` (this module): whole tensors in one process (or replicated, as under DDP);
   per-tensor norms with ``torch._foreach_norm``, summed per group with one ``index_add_``.
-- :class:`graftlab.distributed.shards.ShardLayout`: FSDP2 / DTensor shards; each rank sums the
+- :class:`graftlab.graft.shards.ShardLayout`: FSDP2 / DTensor shards; each rank sums the
   squares of its local pieces and one all-reduce of ``2 x n_groups`` values gives the whole norms.
 
 The interface (both classes)::

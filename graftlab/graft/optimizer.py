@@ -212,7 +212,7 @@ class Graft(Optimizer):
 
     @property
     def _layout(self):
-        """The :class:`~graftlab.distributed.shards.ShardLayout` when parameters are sharded, else None."""
+        """The :class:`~graftlab.graft.shards.ShardLayout` when parameters are sharded, else None."""
         return None if isinstance(self._norms, PlainNorms) else self._norms
 
     # -- optimizer protocol ----------------------------------------------------------------

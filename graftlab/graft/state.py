@@ -1,21 +1,21 @@
 """A :class:`~graftlab.Graft`'s state: its state dict (both children in torch.optim's format, the
 partition and the step count) and what ``pickle``/``copy.deepcopy`` keep of it.
 
-The Graft's ``state_dict``, ``load_state_dict`` and ``__getstate__`` call these; the hooks
+The Graft's ``state_dict``, ``load_state_dict`` and ``__getstate__`` call these with itself (typed
+as the ``Optimizer`` it is, so that this module does not import the one that imports it); the hooks
 registered on the Graft fire here as torch.optim's own methods fire them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch.optim import Optimizer
 
 from graftlab.graft import build, child_steps
 from graftlab.errors import GraftlabError
 
-if TYPE_CHECKING:
-    from graftlab.graft.optimizer import Graft
 
-
-def state_dict(graft: "Graft") -> dict[str, Any]:
+def state_dict(graft: Optimizer) -> dict[str, Any]:
     """``{"magnitude": M.state_dict(), "direction": D.state_dict(), "graft": {granularity, groups, steps}}``."""
     for hook in graft._optimizer_state_dict_pre_hooks.values():
         hook(graft)
@@ -35,7 +35,7 @@ def state_dict(graft: "Graft") -> dict[str, Any]:
     return state
 
 
-def load_state_dict(graft: "Graft", state_dict: dict[str, Any]) -> None:
+def load_state_dict(graft: Optimizer, state_dict: dict[str, Any]) -> None:
     """Load both children and the step count; nothing changes when the dict is refused.
 
     Raises:
@@ -66,7 +66,7 @@ def load_state_dict(graft: "Graft", state_dict: dict[str, Any]) -> None:
         hook(graft)
 
 
-def getstate(graft: "Graft") -> dict[str, Any]:
+def getstate(graft: Optimizer) -> dict[str, Any]:
     """What pickling keeps: the children, the settings, the step count and the last stats; the
     buffers are built again on unpickling."""
     gran = graft._granularity

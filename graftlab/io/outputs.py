@@ -1,17 +1,8 @@
-"""Where a command may write, checked before anything is written, and files replaced only whole.
+"""Files replaced only whole: written under a hidden temporary name beside the target, fsynced and
+renamed into place (:func:`write_atomic`, :func:`replace`), so an interrupted or failed write, or a
+crash of the machine, leaves the old file or nothing, never half a file.
 
-Every command checks all its output paths first (:func:`check_output`), so a mistake costs nothing:
-
-- a file standing where a parent folder goes (``-o notes.txt/x``) is an error, found before any work;
-- an output file that is also an input (``distill T.parquet -o T.parquet``) is an error, as is one
-  inside an input folder;
-- nothing but trace parts goes into a trace folder (``distill -o T/c.json``, ``--metrics
-  T/m.parquet``): ``pandas.read_parquet(T)`` would choke on it, or read it as rows;
-- an existing output is an :class:`~graftlab.errors.OutputExistsError` unless ``overwrite``.
-
-Files are written under a hidden temporary name beside the target, fsynced and renamed into place
-(:func:`write_atomic`, :func:`replace`), so an interrupted or failed write, or a crash of the
-machine, leaves the old file or nothing, never half a file.
+Where a command may write is checked before this, by :func:`graftlab.trace.outputs.check_output`.
 """
 from __future__ import annotations
 
@@ -19,7 +10,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Union
 
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.io.fsutil import replace_durably
@@ -31,108 +22,6 @@ def replace(tmp: PathLike, path: PathLike) -> None:
     """Rename the complete file ``tmp`` onto ``path``: atomic on one filesystem, and durable (the
     data and the rename are fsynced; :func:`graftlab.io.fsutil.replace_durably`)."""
     replace_durably(tmp, path)
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
-def _within(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (by resolved path)."""
-    p, f = path.resolve(), folder.resolve()
-    return p == f or f in p.parents
-
-
-def _is_trace_file(path: Path) -> bool:
-    from graftlab.trace import is_trace
-
-    try:
-        return is_trace(path)
-    except (OSError, ValueError):
-        return False
-
-
-def trace_folder_of(path: PathLike) -> Optional[Path]:
-    """The trace directory ``path`` is, or lies inside (its nearest existing folders), or None."""
-    from graftlab.trace import is_trace
-
-    p = Path(path).expanduser()
-    for folder in (p, *p.parents):
-        if folder.is_dir():
-            try:
-                if is_trace(folder):
-                    return folder
-            except OSError:
-                return None
-    return None
-
-
-def check_parents(path: PathLike, what: str) -> None:
-    """GraftlabError if a file (not a folder) stands where one of ``path``'s parents goes."""
-    p = Path(path).expanduser()
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise GraftlabError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
-            return
-
-
-def check_output(
-    path: Optional[PathLike],
-    what: str,
-    *,
-    overwrite: bool = False,
-    folder: bool = False,
-    inputs: Iterable[tuple[str, Optional[PathLike]]] = (),
-    new_traces: Iterable[Optional[PathLike]] = (),
-    may_exist: bool = False,
-    trace: bool = False,
-) -> Optional[Path]:
-    """Check the output ``path`` (a file, or a ``folder``) before anything is written; returns it.
-
-    ``what`` names it in messages (``"metrics file"``). ``inputs`` are ``(name, path)`` pairs the
-    command reads: the output may be none of them nor lie inside one. ``new_traces`` are trace
-    folders the same command will create (``record``'s ``out``): the output may not go inside those
-    either. An existing file output needs ``overwrite`` (an :class:`OutputExistsError`), unless
-    ``may_exist`` (a folder the command adds files to, a trace to resume). A ``trace`` output (the
-    trace folder ``record`` writes) may be a trace but not lie inside one. Raises
-    :class:`GraftlabError` with one line naming the path and what is wrong.
-    """
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    check_parents(p, what)
-    if folder:
-        if p.exists() and not p.is_dir():
-            raise GraftlabError(f"{what} {str(p)!r} is a file, not a folder")
-    elif p.is_dir():
-        raise GraftlabError(f"{what} {str(p)!r} is a folder, not a file")
-    for name, source in inputs:
-        if source is None:
-            continue
-        src = Path(source).expanduser()
-        if _same(p, src) or (src.is_dir() and _within(p, src)):
-            raise GraftlabError(f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
-    holder = trace_folder_of(p.parent if trace else p)
-    if holder is not None:
-        where = "is a trace folder" if holder == p else f"is inside the trace folder {str(holder)!r}"
-        raise GraftlabError(f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
-    if not trace and p.is_file() and _is_trace_file(p):
-        raise GraftlabError(f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
-    for t in new_traces:
-        if t is not None and _within(p, Path(t).expanduser()):
-            raise GraftlabError(
-                f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
-                "only trace parts: choose a path outside it"
-            )
-    if not folder and not may_exist and p.exists() and not overwrite:
-        raise OutputExistsError(p, what)
-    return p
 
 
 def write_atomic(path: PathLike, write: Callable[[Path], None], *, overwrite: bool = True,

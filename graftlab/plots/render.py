@@ -122,7 +122,7 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
     Raises :class:`GraftlabError` for a bad setting, a trace with nothing to draw, or an output that
     exists (without ``overwrite``), has an unknown suffix, is a trace or lies inside a trace folder.
     """
-    from graftlab.io.outputs import check_output
+    from graftlab.trace.outputs import check_output
 
     out = Path(out)
     inputs = [("trace", t) for t in traces]

@@ -21,9 +21,9 @@ RESERVED = frozenset({"format", "groups", "granularity"})
 
 
 def versions() -> dict[str, str]:
-    import graftlab
+    from graftlab.version import VERSION
 
-    return {"graftlab": graftlab.__version__, "torch": torch.__version__}
+    return {"graftlab": VERSION, "torch": torch.__version__}
 
 
 def group_kinds(graft: Graft, model: Optional[nn.Module], kinds: Overrides) -> list[GroupKind]:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from graftlab import trace
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.io.outputs import trace_folder_of
+from graftlab.trace.outputs import trace_folder_of
 from graftlab.trace.lock import LOCK_NAME, TraceLock
 
 # Metadata that makes a resumed run another run than the one the trace holds.

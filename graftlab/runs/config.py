@@ -18,7 +18,7 @@ from graftlab.distributed.env import MODES
 from graftlab.distill.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.graft.optimizers import make_optimizer
-from graftlab.io.outputs import check_output
+from graftlab.trace.outputs import check_output
 from graftlab.record.recorder import DEFAULT_FLUSH_EVERY
 from graftlab.trace import is_trace
 from graftlab.schedules import SCHEDULES, make_schedule
@@ -288,7 +288,7 @@ def _has_entries(path: Path) -> bool:
 
 
 def check_output_file(path: Optional[str | os.PathLike], what: str, overwrite: bool) -> Optional[Path]:
-    """The path of an output file to write, or None; see :func:`graftlab.io.outputs.check_output`."""
+    """The path of an output file to write, or None; see :func:`graftlab.trace.outputs.check_output`."""
     return check_output(path, what, overwrite=overwrite)
 
 

@@ -5,20 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from graftlab.errors import GraftlabError
-
-if TYPE_CHECKING:
-    from graftlab.runs.config import RecordConfig
 
 # Settings that make a recording another run (a resumed trace must come from the same).
 _RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "steps", "magnitude", "direction", "magnitude_lr",
                  "direction_lr", "m_hparams", "d_hparams", "granularity", "every", "schedule", "warmup")
 
 
-def check_resumable(config: "RecordConfig", path: Path, overwrite: bool, *, steps: int) -> None:
-    """Refuse to start the recording of ``config`` (``steps`` steps, its defaults filled) over in the
+def check_resumable(config: Any, path: Path, overwrite: bool, *, steps: int) -> None:
+    """Refuse to start the recording of ``config`` (a RecordConfig; ``steps`` steps, its defaults filled) over in the
     trace ``path`` unless the trace holds the start of this same run, checkpointing into this
     checkpoint_dir and cut before its first checkpoint was due: nothing resumable was ever saved.
     Anything else (a mistyped checkpoint_dir, a run recorded without checkpoints, another run's

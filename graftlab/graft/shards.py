@@ -13,7 +13,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from graftlab.distributed.env import _AVAILABLE, DTensor, dist
+
+if torch.distributed.is_available():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+else:  # builds without distributed support: nothing here can be sharded
+    dist = None
+    DTensor = ()  # isinstance(x, ()) is always False
 from graftlab.errors import GraftlabError
 
 
@@ -119,7 +125,7 @@ class ShardLayout:
 
 def shard_layout(params: Sequence[Tensor], tensor_group: Sequence[int], n_groups: int, dtype: torch.dtype):
     """A :class:`ShardLayout` when any of ``params`` is a DTensor, else None (the plain path)."""
-    if not _AVAILABLE or not any(isinstance(p, DTensor) for p in params):
+    if dist is None or not any(isinstance(p, DTensor) for p in params):
         return None
     return ShardLayout(params, tensor_group, n_groups, dtype)
 
