@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (1 if args.quick else 2)
     step, code, ratio = data(steps, groups)
     want_windows = reference(step, code, ratio, groups)
-    # the filter reference: the library's (exact against statistics.median in tests/test_medians.py)
+    # the filter reference: the library's (exact against statistics.median in tests/distill/test_medians.py)
     want_filter = medians.grid(step, code, ratio, [str(i) for i in range(groups)]).filtered(WIDTH).values
     found = engines(step, code, ratio, groups)
     times: dict[str, dict[str, list[float]]] = {k: {"windows": [], "filter": []} for k in found}

@@ -20,7 +20,7 @@ from graftlab.trace import read_trace
 from graftlab.errors import GraftlabError
 from tests.trace_builder import metadata, write_trace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The paper's Table 5 (BERT-Large, batch 8K): medians of Adam#SGD ratios over the first 2000 steps.
 # (name, kind, block, median, D500 value of Table 6b / the rule)
@@ -267,7 +267,7 @@ def small_trace(path, n=300, **kw):
 def test_bad_inputs(tmp_path):
     plain = tmp_path / "plain.parquet"
     pd.DataFrame({"x": [1, 2]}).to_parquet(plain)
-    # a table from another tool is a trace when it has the columns (tests/test_foreign_traces.py)
+    # a table from another tool is a trace when it has the columns (tests/trace/test_foreign_traces.py)
     one_line_error(cli(plain), "no graftlab metadata, and a table needs columns step, group, ratio")
 
     nocol = small_trace(tmp_path / "nocol.trace", drop=("ratio",))

@@ -13,7 +13,7 @@ import torch
 
 import graftlab
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "trainers.md"
 
 

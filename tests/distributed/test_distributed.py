@@ -24,7 +24,7 @@ from graftlab import distributed as gd
 from graftlab.errors import GraftlabError
 from tests import dist_worker as w
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FSDP_SCENARIOS = ("direct_layer", "generic_layer", "direct_custom", "generic_global", "direct_coordinate")
 TOL = dict(rtol=1e-12, atol=1e-14)  # float64 runs: only the summation order differs
 

@@ -19,11 +19,11 @@ from graftlab.graft.optimizers import make_optimizer
 from graftlab.runs import fit, read_metrics, record, train
 from graftlab.runs.divergence import NonFiniteWatch
 from graftlab.tasks import get_task
-from tests.test_train import ToyTask
+from tests.runs.test_train import ToyTask
 from tests.trace_builder import metadata
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BERT = dict(task="bert", batch_size=8, eval_size=16, eval_every=0, device="cpu", schedule="constant", warmup=0)
 
 

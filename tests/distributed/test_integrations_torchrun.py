@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import graftlab
-from tests.test_integrations_docs import snippet
+from tests.integrations.test_integrations_docs import snippet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # runs each script as `python script.py` would, in its own directory, one after the other: one
 # torchrun launch for several scripts (each process can join one process group only)

@@ -22,7 +22,7 @@ from graftlab.errors import GraftlabError
 from graftlab.record.recorder import Recorder
 from tests import models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup(dtype=torch.float32, granularity="layer"):

@@ -6,7 +6,7 @@ file, a checkpoint folder, ... The case passes when the exit code is 2, stderr i
 starting with ``error:`` (holding the words the case expects, if any, and never ``None`` or a
 ``--flag`` where a config file's key is meant), stdout is empty, and no file or folder in the
 sandbox was created, removed or changed. The count of cases is what the README's reliability table reports
-(``pytest tests/test_bad_inputs.py -q`` prints it).
+(``pytest tests/cli/test_bad_inputs.py -q`` prints it).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pytest
 from graftlab import trace
 from graftlab.trace.lock import TraceLock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A small BERT-like layer-wise partition (name, kind, ffn, block) and the ratio each group records.
 GROUPS = [
@@ -502,7 +502,7 @@ def test_case_count():
     ids = [cid for cid, *_ in CASES]
     assert len(set(ids)) == len(ids), "case ids must be unique"
     assert len(CASES) > 200
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"| {len(CASES)} cases: each one `error:` line" in readme, "README's reliability table counts the cases"
     print(f"\nbad-input cases: {len(CASES)}")
 

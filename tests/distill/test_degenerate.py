@@ -27,8 +27,8 @@ from graftlab.distill.pipeline import distill
 from graftlab.record.recorder import Recorder
 from tests import models
 
-DATA = Path(__file__).resolve().parent / "data"
-ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[1] / "data"
+ROOT = Path(__file__).resolve().parents[2]
 HF_BERT = DATA / "hf-bert-2x64"
 HF_GPT2 = DATA / "hf-gpt2-2x64"
 runner = CliRunner()

@@ -21,7 +21,7 @@ import pytest
 from graftlab import trace
 from graftlab.runs import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AFTER = 3  # send the signal once this step (0-based) is done
 
 RUNNER = """

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from graftlab.cli.app import app
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ToyTask(Task):

@@ -9,9 +9,9 @@ import pytest
 from graftlab import trace
 from graftlab.trace.portable import is_absolute_path, portable_path, portable_paths
 from graftlab.record.recorder import Recorder
-from tests.test_recorder import batches, setup, step
+from tests.record.test_recorder import batches, setup, step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _strings(value):

@@ -1,7 +1,7 @@
 """Graft keeps every promise of torch.optim.Optimizer, tested as torch tests its optimizers: a table of
 optimizer pairs x paths x granularities through schedulers, hooks, state-dict round trips,
 deepcopy/pickle and add_param_group (compile, complex, sparse and gradient ownership are in
-tests/test_graft_inputs.py)."""
+tests/graft/test_graft_inputs.py)."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from graftlab import Graft, GraftlabError
 from tests.models import batches, loss_fn, make
-from tests.test_graft import flat, trajectory
+from tests.graft.test_graft import flat, trajectory
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ Whatever the file holds, the reader either returns a value that keeps the contra
 The normal suite runs the ``ci`` profile (a few hundred cases in all); ``GRAFTLAB_FUZZ=full`` runs
 ten times more examples per property::
 
-    GRAFTLAB_FUZZ=full OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bad_inputs_fuzz.py -s
+    GRAFTLAB_FUZZ=full OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/cli/test_bad_inputs_fuzz.py -s
 
 Trace files here are malformed in every way the reader owns (metadata, columns missing from the
 whole trace, values, names, filters); the file-level defects that graftlab.trace's storage layer

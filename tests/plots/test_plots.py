@@ -513,7 +513,7 @@ def test_plots_docstring_names_shipped_sample_traces():
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     docs = "".join(m.__doc__ or "" for m in (plots, plots.layers, plots.panels, plots.schedule))
     named = set(re.findall(r"sample_traces/([\w.-]+)", docs))
     assert named >= {"bert-adam-sgd-bs16", "bert-adam-sgd-bs64", "resnet-sgd-adagrad-global"}

@@ -14,7 +14,7 @@ Points without checkpoints check the losses only, and that ``--resume`` without 
 without touching the trace. The normal suite runs a few points; the whole suite (39 points, 42
 kills) runs with::
 
-    GRAFTLAB_KILL_POINTS=all OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_kill.py -s
+    GRAFTLAB_KILL_POINTS=all OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/runs/test_kill.py -s
 
 (``GRAFTLAB_KILL_POINTS=N`` runs the first N). It prints the figures the README's reliability
 table reports: kills tried, steps lost at most, permanent gaps.
@@ -37,7 +37,7 @@ import pytest
 
 from graftlab import trace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, FLUSH, CKPT = 40, 5, 10
 TASK = {"task": "bert", "size": "tiny", "batch_size": 2, "seed": 0, "device": "cpu", "eval_size": 2}
 KILL, TERM = signal.SIGKILL, signal.SIGTERM

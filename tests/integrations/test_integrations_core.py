@@ -10,7 +10,7 @@ import pytest
 
 from graftlab.integrations import require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = ("transformers", "accelerate", "lightning", "pytorch_lightning", "lightning_fabric", "tensorboard")
 
 

@@ -66,7 +66,7 @@ def test_distill_overwrite_keeps_the_corrections_file_mode(tmp_path, umask):
     from pathlib import Path
 
     umask(0o002)
-    sample = Path(__file__).resolve().parent.parent / "sample_traces" / "bert-adam-sgd-bs16"
+    sample = Path(__file__).resolve().parents[2] / "sample_traces" / "bert-adam-sgd-bs16"
     out = tmp_path / "c.json"
     args = ["distill", str(sample), "--window", "500", "-o", str(out)]
     assert CliRunner().invoke(app, args).exit_code == 0

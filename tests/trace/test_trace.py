@@ -17,7 +17,7 @@ from graftlab.errors import GraftlabError
 from graftlab.trace.scanning import scan_ratios
 
 GROUPS = ["a.weight", "a.bias", "b.weight"]
-SAMPLE_V1 = Path(__file__).resolve().parent.parent / "sample_traces" / "bert-adam-sgd-bs16"
+SAMPLE_V1 = Path(__file__).resolve().parents[2] / "sample_traces" / "bert-adam-sgd-bs16"
 
 
 def meta(fmt: str = trace.FORMAT) -> dict:
@@ -423,7 +423,7 @@ def test_readme_snippet_reads_a_recorded_trace_with_pandas_polars_and_duckdb(tmp
 
     import graftlab
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text[text.index("## Versions and contracts"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     torch.manual_seed(0)

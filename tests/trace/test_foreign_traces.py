@@ -1,6 +1,6 @@
 """Traces from other tools: Parquet (pandas, pyarrow, polars, DuckDB) and CSV tables of step, group, ratio.
 
-The tables hold the real Hugging Face BERT trace of tests/data (see tests/test_degenerate.py) without
+The tables hold the real Hugging Face BERT trace of tests/data (see tests/distill/test_degenerate.py) without
 any graftlab metadata, so every result can be checked against the same trace read by graftlab.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from graftlab.trace import trace_extent
 from graftlab.errors import GraftlabError
 from graftlab.trace import group_table, read_metadata, read_trace, trace_info
 
-DATA = Path(__file__).resolve().parent / "data"
-ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[1] / "data"
+ROOT = Path(__file__).resolve().parents[2]
 HF_BERT = DATA / "hf-bert-2x64"
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from graftlab import Graft, GraftlabError
 
 from graftlab.graft import rules as updates
 from tests.models import batches, loss_fn, make
-from tests.test_graft import flat
+from tests.graft.test_graft import flat
 
 torch.set_num_threads(1)
 

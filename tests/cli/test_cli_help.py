@@ -87,7 +87,7 @@ def test_readme_task_table_has_every_task():
 
     from graftlab.tasks import TASKS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("Built-in tasks", 1)[1].split("\n\n")[1]
     rows = {m.group(1) for m in re.finditer(r"^\| `(\w+)` \|", table, re.M)}
     assert rows == set(TASKS), rows
