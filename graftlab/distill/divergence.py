@@ -94,8 +94,8 @@ def find(df: pd.DataFrame, foreign: bool = False) -> Marks:
 
 def scan(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = None) -> Marks:
     """:func:`find` over the trace at ``path`` (``steps=(start, stop)``: of those steps only), one
-    record batch at a time: a 40M-row trace is never held as a table. For graftlab traces; a
-    foreign one is read whole by :func:`graftlab.trace.read_trace` and passed to :func:`find`."""
+    record batch at a time: a 40M-row trace is never held as a table. A norm column that a
+    foreign table lacks (unknown) marks nothing, as in :func:`find`."""
     import pyarrow.compute as pc
 
     from graftlab.trace.scanning import scan_batches
@@ -103,8 +103,14 @@ def scan(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = None)
     batches, meta = scan_batches(path, ("step", "group", "norm_m", "norm_d"), (RESTART_COLUMN,), steps=steps)
     nonfinite, groups, restart_step, restarts = None, set(), None, 0
     for batch in batches:
-        bad = pc.or_(pc.invert(pc.is_finite(batch.column("norm_m"))), pc.invert(pc.is_finite(batch.column("norm_d"))))
-        if pc.any(bad).as_py():
+        norms = [c for c in ("norm_m", "norm_d") if c in batch.schema.names]  # a foreign table may lack them
+        if not norms:
+            bad = None
+        elif len(norms) == 1:
+            bad = pc.invert(pc.is_finite(batch.column(norms[0])))
+        else:
+            bad = pc.or_(pc.invert(pc.is_finite(batch.column("norm_m"))), pc.invert(pc.is_finite(batch.column("norm_d"))))
+        if bad is not None and pc.any(bad).as_py():
             rows = batch.filter(bad)
             first = pc.min(rows.column("step")).as_py()
             at = rows.filter(pc.equal(rows.column("step"), first)).column("group")

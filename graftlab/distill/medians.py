@@ -190,7 +190,7 @@ def _duplicate(step: np.ndarray, code: np.ndarray, names: list[str]) -> str:
 
 
 def _dense(batches: Any, n_groups: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """``(steps (S,), ratios (S*G,) float32)`` when the streamed rows form a dense grid in step then
+    """``(steps (S,), ratios (S*G,) float32, or float64 where a batch is)`` when the streamed rows form a dense grid in step then
     group order (rows ``j*G .. j*G+G-1`` are step ``steps[j]``, groups 0..G-1), else None.
 
     Checked batch by batch (a batch may begin or end inside a step), so no long column is ever held
@@ -214,7 +214,8 @@ def _dense(batches: Any, n_groups: Any) -> Optional[tuple[np.ndarray, np.ndarray
             return None
         heads = rows[starts] % g == 0
         steps_out.append(firsts[heads])
-        ratios.append(np.asarray(r, np.float32))
+        # float32 as recorded; a table another tool wrote may hold float64, which is kept
+        ratios.append(np.asarray(r, np.float64 if np.asarray(r).dtype == np.float64 else np.float32))
         last = (block[-1], s[-1])
         o += m
     if g is None or o % g:
@@ -248,6 +249,17 @@ def read_grid(path: Any, steps: Optional[tuple[Optional[int], Optional[int]]] = 
         if len(dense[0]) == 0:
             return Grid([], np.array([], np.int64), np.empty((0, 0))), meta
         return _dense_grid(codes.names, *dense), meta
+    if meta.get("foreign"):  # rows in any order: collected as compact columns, then placed
+        batches, codes, meta = scan_ratios(path, steps=steps)
+        cols = [(s, c, np.asarray(r, np.float32 if r.dtype == np.float32 else np.float64)) for s, c, r in batches]
+        if not cols:
+            return Grid([], np.array([], np.int64), np.empty((0, 0))), meta
+        step, code, ratio = (np.concatenate([c[i] for c in cols]) for i in range(3))
+        del cols
+        try:
+            return grid(step, code, ratio, codes.names), meta
+        except GraftlabError as err:
+            raise GraftlabError(f"{path}: {err}") from None
     table, meta = read_table(path, steps=steps, columns=[], required=("step", "group", "ratio"))
     group = table.column("group")
     if group.num_chunks == 0 or table.num_rows == 0:

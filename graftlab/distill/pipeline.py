@@ -95,10 +95,10 @@ def distill(
 
     foreign = bool(meta.get("foreign"))
     # read_trace opens only the part files and row groups that can hold the steps asked for; a
-    # schedule over a whole recorded trace reads its ratios into a (groups, steps) grid instead of
-    # rows, and rows only for the first window's checks
-    whole = schedule and not foreign
-    df = _read(path, start, None if schedule and foreign else start + window, None if whole else filter)
+    # schedule over a whole trace (recorded, or a table another tool wrote) streams its ratios into
+    # a (groups, steps) grid instead of rows, and reads rows only for the first window's checks
+    whole = bool(schedule)
+    df = _read(path, start, start + window, None if whole else filter)
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
     grid = _ratio_grid(path, start, filter) if whole else None

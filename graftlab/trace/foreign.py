@@ -34,18 +34,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
+from graftlab.trace import tables
 from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR
 
 PathLike = Union[str, os.PathLike]
 
 COLUMNS = ("step", "group", "ratio")
 OPTIONAL = ("norm_m", "norm_d")  # with both, ``ratio`` may be left out: it is computed from them
-CSV_SUFFIX = ".csv"
-_FLOATS = ("ratio", "norm_m", "norm_d", "norm_g")
+CSV_SUFFIX = tables.CSV_SUFFIX
 
 
 # --------------------------------------------------------------------------- recognising
@@ -73,14 +72,7 @@ def _orphan_part(file: Path) -> bool:
     return isinstance(meta, dict) and is_marker(meta)
 
 
-def _parquet_files(directory: Path) -> list[Path]:
-    """Data files under ``directory`` as pyarrow's dataset discovery sees them (hidden ones skipped)."""
-    out = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
-        out.extend(Path(root) / f for f in sorted(files)
-                   if not f.startswith((".", "_")) and f.endswith((".parquet", ".pq", ".parq")))
-    return out
+_parquet_files = tables.parquet_files
 
 
 def is_foreign(path: PathLike) -> bool:
@@ -106,36 +98,6 @@ def is_foreign(path: PathLike) -> bool:
 
 # --------------------------------------------------------------------------- opening
 
-@functools.lru_cache(maxsize=2)
-def _csv_table(path: str, mtime_ns: int, size: int) -> pa.Table:
-    """The parsed CSV (kept for the next call on the same unchanged file: distill opens it 3 times)."""
-    import pyarrow.csv as pcsv
-
-    types = {"step": pa.int64(), "group": pa.string(), **{c: pa.float64() for c in _FLOATS}}
-    try:
-        names = pcsv.open_csv(path).schema.names
-        opts = pcsv.ConvertOptions(column_types={k: v for k, v in types.items() if k in names},
-                                   strings_can_be_null=False)
-        return pcsv.read_csv(path, convert_options=opts)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise GraftlabError(f"{path}: not a readable CSV trace ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def _dataset(path: Path) -> tuple[ds.Dataset, str]:
-    """The table behind ``path`` as a pyarrow dataset, and its format (``parquet`` or ``csv``)."""
-    if path.is_file() and path.name.lower().endswith(CSV_SUFFIX):
-        st = path.stat()
-        return ds.dataset(_csv_table(str(path), st.st_mtime_ns, st.st_size)), "csv"
-    try:
-        return ds.dataset(str(path), format="parquet", partitioning="hive"), "parquet"
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
-        raise GraftlabError(f"{path}: not a readable Parquet table ({_first_line(err)})") from None
-
-
 def _computes_ratio(names: Iterable[str]) -> bool:
     """A table without ``ratio`` but with both norms: ``ratio`` is computed from them."""
     names = list(names)
@@ -152,10 +114,15 @@ def _check_columns(path: Path, names: list[str]) -> None:
         )
 
 
-def _ratio(path: Path, table: pa.Table) -> pa.ChunkedArray:
+def _open(path: Path) -> tables.Table:
+    table = tables.Table(path)
+    _check_columns(path, table.names)
+    return table
+
+
+def _ratio(path: Path, m: Any, d: Any) -> Any:
     """``norm_m / norm_d`` as :func:`graftlab.read_trace` computes it for a ``/2`` trace: float32 when
     both norms are float32 (bit-identical to the Graft's), else float64; not finite where D's is 0."""
-    m, d = table.column("norm_m"), table.column("norm_d")
     if not (pa.types.is_float32(m.type) and pa.types.is_float32(d.type)):
         try:
             m, d = m.cast(pa.float64()), d.cast(pa.float64())
@@ -165,55 +132,16 @@ def _ratio(path: Path, table: pa.Table) -> pa.ChunkedArray:
     return pc.divide(m, d)
 
 
-def _as_text(col: Union[pa.Array, pa.ChunkedArray]) -> pa.ChunkedArray:
-    col = col if isinstance(col, pa.ChunkedArray) else pa.chunked_array([col])
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    if not pa.types.is_string(col.type):
-        col = col.cast(pa.string())
-    return col
-
-
-def _steps(path: Path, col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """The ``step`` column as int64; GraftlabError for empty, fractional or negative steps (a
-    trace's steps count optimizer steps from 0)."""
-    if col.null_count:
-        raise GraftlabError(f"{path}: column step has {col.null_count} empty value(s)")
-    if pa.types.is_integer(col.type):
-        col = col.cast(pa.int64())
-    elif pa.types.is_floating(col.type):
-        vals = col.to_numpy()
-        if not (np.isfinite(vals).all() and (vals == np.round(vals)).all()):
-            raise GraftlabError(f"{path}: column step must hold whole step numbers")
-        col = pa.chunked_array([pa.array(vals.astype(np.int64))])
-    else:
-        raise GraftlabError(f"{path}: column step must hold integers, not {col.type}")
-    if len(col) and pc.min(col).as_py() < 0:
-        vals = col.to_numpy()
-        first = int(vals[np.flatnonzero(vals < 0)[0]])
-        raise GraftlabError(f"{path}: step {first} is negative (steps count optimizer steps from 0); "
-                            f"{int((vals < 0).sum())} row(s) have a negative step")
-    return col
-
-
-def _check_unique(path: Path, step: np.ndarray, rank: np.ndarray, group: np.ndarray) -> None:
-    """GraftlabError naming the first (step, group) pair that two rows hold (``step``, ``rank``
-    and ``group`` in sorted row order): its ratio would be ambiguous."""
+def _check_unique(path: Path, step: np.ndarray, rank: np.ndarray, group: Any) -> None:
+    """GraftlabError naming the first (step, group) pair that two rows hold (``step`` and ``rank``
+    in sorted row order, ``group(i)`` the name of row ``i``): its ratio would be ambiguous."""
     if len(step) < 2:
         return
     dup = np.flatnonzero((step[1:] == step[:-1]) & (rank[1:] == rank[:-1]))
     if len(dup):
         i = int(dup[0])
-        raise GraftlabError(f"{path}: step {int(step[i])} of group {str(group[i])!r} appears in more than one row "
+        raise GraftlabError(f"{path}: step {int(step[i])} of group {group(i)!r} appears in more than one row "
                             f"({len(dup)} repeated (step, group) row(s)); keep one row per step and group")
-
-
-def _group_names(dataset: ds.Dataset) -> list[str]:
-    """Group names in order of first appearance (reads only the ``group`` column)."""
-    col = _as_text(dataset.to_table(columns=["group"]).column("group"))
-    if col.null_count:
-        raise GraftlabError("column group has empty values")
-    return [str(g) for g in pc.unique(col).to_pylist()]
 
 
 # --------------------------------------------------------------------------- metadata
@@ -276,20 +204,31 @@ def note(meta: dict[str, Any]) -> Optional[str]:
 
 
 def metadata(path: PathLike) -> dict[str, Any]:
-    """The inferred metadata of the foreign trace at ``path`` (reads only its ``group`` column)."""
+    """The inferred metadata of the foreign trace at ``path`` (one streamed pass over its ``step``
+    and ``group`` columns, :func:`graftlab.trace.tables.summary`; kept while the files are unchanged)."""
     path = Path(path)
-    dataset, fmt = _dataset(path)
-    _check_columns(path, dataset.schema.names)
-    try:
-        names = _group_names(dataset)
-    except GraftlabError as err:
-        raise GraftlabError(f"{path}: {err}") from None
-    files = [path] if path.is_file() else _parquet_files(path)
-    orphan = fmt == "parquet" and bool(files) and _orphan_part(files[0])
-    return infer_metadata(names, source=fmt, columns=dataset.schema.names, orphan=orphan)
+    return dict(_metadata(path, tables._signature(path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata(path: Path, signature: tuple) -> dict[str, Any]:
+    table = _open(path)
+    names = tables.summary(path).names
+    files = table.files()
+    orphan = table.fmt == "parquet" and bool(files) and _orphan_part(files[0])
+    return infer_metadata(names, source=table.fmt, columns=table.names, orphan=orphan)
 
 
 # --------------------------------------------------------------------------- reading
+
+def _wanted(path: Path, names: list[str], columns: Optional[Iterable[str]]) -> list[str]:
+    wanted = list(dict.fromkeys(list(COLUMNS) + list(OPTIONAL) + list(columns if columns is not None else names)))
+    computed = _computes_ratio(names)
+    unknown = [c for c in wanted if c not in names and c not in OPTIONAL and not (c == "ratio" and computed)]
+    if unknown:
+        raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
+    return wanted
+
 
 def read(
     path: PathLike,
@@ -300,73 +239,74 @@ def read(
 ) -> pd.DataFrame:
     """:func:`graftlab.read_trace` for a foreign trace: the same columns, order and ``attrs``.
 
-    Rows come sorted by step, then by first appearance of the group. ``norm_m``/``norm_d`` that the
-    table lacks are NaN (unknown); a ``ratio`` it lacks is ``norm_m / norm_d`` (:func:`_ratio`).
-    Float columns come as float64, ``step`` as int64, ``group`` as str.
+    Rows come sorted by step, then by first appearance of the group; ``group`` is a Categorical
+    whose categories are the groups in that order (as :func:`graftlab.read_trace` gives a graftlab
+    trace's). ``norm_m``/``norm_d`` that the table lacks are NaN (unknown); a ``ratio`` it lacks is
+    ``norm_m / norm_d`` (:func:`_ratio`). Float columns come as float64, ``step`` as int64. Only the
+    columns asked for are read, and of a Parquet table only the row groups that can hold ``steps``;
+    a CSV file is parsed block by block, keeping the rows in ``steps``.
     """
     path = Path(path)
-    dataset, fmt = _dataset(path)
-    names = dataset.schema.names
-    _check_columns(path, names)
-    wanted = list(dict.fromkeys(list(COLUMNS) + list(OPTIONAL) + list(columns if columns is not None else names)))
-    computed = _computes_ratio(names)
-    unknown = [c for c in wanted if c not in names and c not in OPTIONAL and not (c == "ratio" and computed)]
-    if unknown:
-        raise GraftlabError(f"{path}: trace has no column(s) {', '.join(unknown)}")
-    flt = None
-    start, stop = steps if steps is not None else (None, None)
-    if start is not None:
-        flt = ds.field("step") >= start
-    if stop is not None:
-        flt = (ds.field("step") < stop) if flt is None else flt & (ds.field("step") < stop)
-    try:
-        meta = metadata(path)
-        table = dataset.to_table(columns=[c for c in wanted if c in names], filter=flt)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
-        raise GraftlabError(f"{path}: not a readable trace ({_first_line(err)})") from None
-    if computed:
-        table = table.append_column("ratio", _ratio(path, table))
-        names = [*names, "ratio"]
-    group = _as_text(table.column("group"))
-    if groups is not None:
-        keep = pc.is_in(group, value_set=pa.array([str(g) for g in groups], pa.string()))
-        table, group = table.filter(keep), group.filter(keep)
-    step = _steps(path, table.column("step"))
-    order = [g["name"] for g in meta["groups"]]
-    rank = pc.index_in(group, value_set=pa.array(order, pa.string())).to_numpy(zero_copy_only=False)
-    idx = np.lexsort((rank, step.to_numpy()))
-    out = {"step": step.to_numpy()[idx], "group": np.asarray(group.to_numpy(zero_copy_only=False), dtype=object)[idx]}
-    _check_unique(path, out["step"], rank[idx], out["group"])
+    table = _open(path)
+    names = table.names
+    wanted = _wanted(path, names, columns)
+    meta = metadata(path)
+    order = tables.NameOrder([g["name"] for g in meta["groups"]])
+    stored = [c for c in wanted if c in names]
+    keep = None if groups is None else pa.array([str(g) for g in groups], pa.string())
+    parts: dict[str, list] = {c: [] for c in stored}
+    codes = []
+    for batch in table.batches(stored, steps):
+        code = order.codes(batch.column("group"))
+        if keep is not None:
+            mask = np.isin(code, np.asarray(pc.index_in(keep, value_set=order.known).drop_null()))
+            batch, code = batch.filter(pa.array(mask)), code[mask]
+        codes.append(code)
+        parts["step"].append(tables.steps_column(path, batch.column("step")))
+        for c in stored:
+            if c not in ("step", "group"):
+                parts[c].append(batch.column(c))
+    code = np.concatenate(codes) if codes else np.array([], np.int32)
+    step = (np.concatenate([np.asarray(s) for s in parts["step"]]) if codes else np.array([], np.int64))
+    idx = np.lexsort((code, step))
+    step, code = step[idx], code[idx]
+    categories = pd.Index(order.names, dtype=object)
+    _check_unique(path, step, code, lambda i: categories[code[i]])
+    out: dict[str, Any] = {"step": step, "group": pd.Categorical.from_codes(code, categories=categories)}
+    cols = {c: (pa.chunked_array(parts[c], table.schema([c]).field(0).type)) for c in stored
+            if c not in ("step", "group")}
+    if _computes_ratio(names):
+        cols["ratio"] = _ratio(path, cols["norm_m"], cols["norm_d"])
     for c in wanted:
         if c in ("step", "group"):
             continue
-        if c not in names:
+        if c not in cols:
             out[c] = np.full(len(idx), np.nan)
             continue
-        col = table.column(c)
-        if c in _FLOATS:
+        col = cols[c]
+        if c in tables.FLOATS:
             try:
                 col = col.cast(pa.float64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise GraftlabError(f"{path}: column {c} must hold numbers, not {col.type}") from None
-            out[c] = col.to_numpy(zero_copy_only=False)[idx]  # nulls become NaN: unknown
+            out[c] = col.to_numpy()[idx]  # nulls become NaN: unknown
         else:
             out[c] = col.to_pandas().to_numpy()[idx]
     df = pd.DataFrame(out)
+    if groups is not None:
+        df["group"] = df["group"].cat.remove_unused_categories()
     df.attrs["graftlab"] = meta
     return df
 
 
 def extent(path: PathLike) -> tuple[int, int]:
-    """``(first_step, last_step)`` of a foreign trace (reads its ``step`` column)."""
+    """``(first_step, last_step)`` of a foreign trace (:func:`graftlab.trace.tables.summary`)."""
     path = Path(path)
-    dataset, _ = _dataset(path)
-    _check_columns(path, dataset.schema.names)
-    col = _steps(path, dataset.to_table(columns=["step"]).column("step"))
-    if len(col) == 0:
+    _open(path)
+    s = tables.summary(path)
+    if s.rows == 0:
         raise GraftlabError(f"{path}: the trace is empty (no recorded steps)")
-    mm = pc.min_max(col).as_py()
-    return int(mm["min"]), int(mm["max"])
+    return int(s.first), int(s.last)
 
 
 def info(path: PathLike) -> dict[str, Any]:
@@ -374,15 +314,69 @@ def info(path: PathLike) -> dict[str, Any]:
     are those :func:`read` returns, ``computed`` those of them the table does not store)."""
     path = Path(path)
     meta = metadata(path)
-    dataset, fmt = _dataset(path)
-    files = [path] if path.is_file() else _parquet_files(path)
-    col = _steps(path, dataset.to_table(columns=["step"]).column("step"))
-    mm = pc.min_max(col).as_py() if len(col) else {"min": None, "max": None}
-    columns, computed = list(dataset.schema.names), list(meta["foreign"]["computed"])
+    table = _open(path)
+    s = tables.summary(path)
+    files = table.files()
+    columns, computed = list(table.names), list(meta["foreign"]["computed"])
     if computed:  # where read_trace puts it
         columns.insert(columns.index("norm_d") + 1, "ratio")
     return {
-        "metadata": meta, "parts": len(files), "rows": len(col), "first_step": mm["min"], "last_step": mm["max"],
-        "steps": len(pc.unique(col)) if len(col) else 0, "gaps": [], "columns": columns, "computed": computed,
+        "metadata": meta, "parts": len(files), "rows": s.rows, "first_step": s.first, "last_step": s.last,
+        "steps": tables.distinct_steps(path), "gaps": [], "columns": columns, "computed": computed,
         "bytes": sum(f.stat().st_size for f in files),
     }
+
+
+# --------------------------------------------------------------------------- streaming
+
+def scan_ratios(path: PathLike, *, steps: Optional[tuple[Optional[int], Optional[int]]] = None):
+    """:func:`graftlab.trace.scanning.scan_ratios` for a foreign trace: ``(batches, codes, metadata)``,
+    the batches ``(step int64, group position int32, ratio)`` numpy arrays in row order, ``codes.names``
+    the groups in order of first appearance. Only ``step``, ``group`` and the ratio (or the norms
+    it is computed from) are read."""
+    path = Path(path)
+    table = _open(path)
+    meta = metadata(path)
+    codes = tables.NameOrder([g["name"] for g in meta["groups"]])
+    computed = _computes_ratio(table.names)
+    cols = ["step", "group", *(OPTIONAL if computed else ("ratio",))]
+
+    def batches():
+        for batch in table.batches(cols, steps):
+            ratio = (_ratio(path, batch.column("norm_m"), batch.column("norm_d")) if computed
+                     else batch.column("ratio"))
+            if not pa.types.is_floating(ratio.type):
+                try:
+                    ratio = ratio.cast(pa.float64())
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise GraftlabError(f"{path}: column ratio must hold numbers, not {ratio.type}") from None
+            yield (np.asarray(tables.steps_column(path, batch.column("step"))), codes.codes(batch.column("group")),
+                   ratio.to_numpy(zero_copy_only=False))
+
+    return batches(), codes, meta
+
+
+def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str] = (), *,
+                 steps: Optional[tuple[Optional[int], Optional[int]]] = None):
+    """:func:`graftlab.trace.scanning.scan_batches` for a foreign trace: ``(batches, metadata)``.
+    Norm columns the table lacks are left out of the batches (unknown, not NaN); ``ratio`` is
+    computed per batch where the table has the norms only."""
+    path = Path(path)
+    table = _open(path)
+    meta = metadata(path)
+    required = list(required)
+    computed = _computes_ratio(table.names)
+    cols = [c for c in required if c in table.names]
+    if "ratio" in required and computed:
+        cols += [c for c in OPTIONAL if c not in cols]
+    cols += [c for c in optional if c in table.names and c not in cols]
+
+    def batches():
+        for batch in table.batches(cols, steps):
+            step = tables.steps_column(path, batch.column("step"))
+            batch = batch.set_column(batch.schema.get_field_index("step"), "step", step)
+            if "ratio" in required and computed:
+                batch = batch.append_column("ratio", _ratio(path, batch.column("norm_m"), batch.column("norm_d")))
+            yield batch
+
+    return batches(), meta

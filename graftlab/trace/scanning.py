@@ -156,6 +156,10 @@ def scan_ratios(
     footers are checked as for :func:`read_trace`; ``codes.names`` lists the groups (metadata order,
     then unknown names as met). Returns ``(batches, codes, metadata)``.
     """
+    from graftlab.trace import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.scan_ratios(path, steps=steps)
     path = Path(path)
     scan = _scanner(path, steps, [], ["step", "group", "ratio"])
     codes = GroupCodes(scan.names, path)
@@ -188,6 +192,10 @@ def scan_batches(
     divergence marks of a 40M-row trace). ``group`` stays dictionary-encoded as stored; a ``/2``
     trace's ``ratio`` is computed per batch. Footers are checked as for :func:`read_trace`.
     Returns ``(batches, metadata)``."""
+    from graftlab.trace import foreign
+
+    if foreign.is_foreign(path):  # norm columns the table lacks are left out of its batches
+        return foreign.scan_batches(path, required, optional, steps=steps)
     path = Path(path)
     required = list(required)
     scan = _scanner(path, steps, None, required)
