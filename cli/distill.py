@@ -1,12 +1,15 @@
 """``graftlab distill TRACE``: windowed medians of a trace's ratios -> a corrections file."""
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+SHOWN = 50  # groups printed by default: a table of 10^5 groups helps nobody on a terminal
 
 
 def _num(v, fmt: str = "{:.4g}") -> str:
@@ -39,6 +42,7 @@ def distill(
     format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Distill windows that follow a divergence (non-finite norms or restart marks) instead of refusing them."),
+    max_groups: int = typer.Option(SHOWN, "--max-groups", help="Print at most this many groups (and flagged groups), saying how many are left out (0: all); the file holds every group."),
 ) -> None:
     """Distill per-group learning-rate corrections from a grafting trace."""
     from rich.console import Console
@@ -51,6 +55,8 @@ def distill(
     from graftlab.trace.foreign import note as foreign_note
     from graftlab.trace.outputs import check_output
 
+    if max_groups < 0:
+        raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     if not (math.isfinite(outlier) and outlier >= 0):
@@ -82,23 +88,31 @@ def distill(
     table.add_column("group", overflow="fold")
     for col in ("kind", "median", "factor", "finite", "drift", "flags"):
         table.add_column(col, justify="right" if col in ("median", "factor", "finite", "drift") else "left")
-    for g, d in records.items():
+    shown = list(records.items()) if max_groups == 0 else list(itertools.islice(records.items(), max_groups))
+    for g, d in shown:
         total = d.n_finite + d.n_nonfinite
         factor = _num(d.factor, "{:g}")
         if mode == "schedule" and len(corr.schedule.get(g, [])) > 1:
             factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
         table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
                       ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
-    longest = max((len(g) for g in records), default=10)
+    longest = max((len(g) for g, _ in shown), default=10)
     console = Console(width=max(Console().width, longest + 80))
     console.print(table)
+    if len(shown) < len(records):
+        console.print(f"{len(records) - len(shown)} more groups not listed (--max-groups 0 lists all; {out} holds every group)",
+                      soft_wrap=True)
     if window is None:
         console.print(f"window {used} steps: the paper's 2000, capped to the first quarter of the trace "
                       f"(steps {src['steps'][0]}..{src['steps'][1]}); set it with --window")
-    for g, flag in src["flagged"].items():
+    flagged = list(src["flagged"].items())
+    for g, flag in (flagged if max_groups == 0 else flagged[:max_groups]):
         why = (records[g].evidence or {}).get("reason")
         console.print(f"flagged {g} ({flag}{': ' + why if why else ''}): uses the stand-in median "
                       f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
+    if 0 < max_groups < len(flagged):
+        console.print(f"{len(flagged) - max_groups} more flagged groups not listed (each uses the stand-in median; "
+                      f"--max-groups 0 lists all)", soft_wrap=True)
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:

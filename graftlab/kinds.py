@@ -281,6 +281,8 @@ def classify_names(
     callable ``name -> kind | None`` (None falls back to the rules).
     """
     modules = modules or {}
+    if not modules and overrides is None:
+        return _classify_many(names)
     out: dict[str, GroupKind] = {}
     for n in names:
         ruled = classify(n, modules.get(n))
@@ -290,6 +292,42 @@ def classify_names(
         elif overrides is not None:
             value = overrides.get(n)
         out[n] = ruled if value is None else _as_kind(value, ruled)
+    return out
+
+
+# the first ``<container>.<digits>.`` of a name: the block index _block_index finds
+_BLOCK_PART = re.compile(r"(?:^|\.)(?:" + "|".join(sorted(BLOCK_CONTAINERS)) + r")\.(\d+)\.", re.IGNORECASE)
+
+
+def _classify_many(names: Iterable[str]) -> dict[str, GroupKind]:
+    """:func:`classify` of many names (no modules), each distinct shape of name classified once.
+
+    A name's block index is the one part no rule reads other than as the block (no name set holds
+    a bare number, and a number that follows a block container is never a ``downsample``/``shortcut``
+    child), so names that differ only there share one classification: the 24 blocks of a model, or
+    the 10^5 to 10^6 groups of finer partitions, cost a few hundred calls of :func:`classify`.
+    """
+    names = list(names)
+    shapes: dict[str, GroupKind] = {}
+    made: dict[tuple, GroupKind] = {}
+    out: dict[str, GroupKind] = {}
+    search = _BLOCK_PART.search
+    for n in names:
+        m = search(n)
+        if m is None:
+            key, block = n, None
+        else:
+            a, b = m.span(1)
+            key, block = n[:a] + "0" + n[b:], int(m.group(1))
+        kind = shapes.get(key)
+        if kind is None:
+            kind = shapes[key] = classify(key)
+        if m is not None:
+            triple = (kind.kind, kind.ffn, block)
+            kind = made.get(triple)
+            if kind is None:
+                kind = made[triple] = GroupKind(*triple)
+        out[n] = kind
     return out
 
 

@@ -218,7 +218,9 @@ def attention_weights(groups: list[str], kinds: Values) -> pd.Series:
     Returns a bool Series indexed by ``groups``.
     """
     kind = pd.Series(kinds).reindex(groups)
-    out = [str(kind.get(g)) in ATTENTION_KINDS and str(g).rsplit(".", 1)[-1].lower().endswith("weight") for g in groups]
+    names = pd.Series(groups, dtype=object).astype(str)
+    weight = names.str.rsplit(".", n=1).str[-1].str.lower().str.endswith("weight")
+    out = kind.astype(str).isin(ATTENTION_KINDS).to_numpy() & weight.to_numpy(dtype=bool)
     return pd.Series(out, index=groups, dtype=bool)
 
 
@@ -296,19 +298,21 @@ def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = Non
         except re.error as err:
             raise GraftlabError(f"tie={tie!r} is not a valid regex: {err}") from None
         return pd.Series([bool(rx.search(g)) for g in groups], index=groups, dtype=bool)
-    block = table["block"] if "block" in table.columns else pd.Series(dtype=object)
-    out = []
-    for g in groups:
-        b = block.get(g) if g in block.index else None
-        out.append(b is not None and not (isinstance(b, float) and math.isnan(b)))
-    return pd.Series(out, index=groups, dtype=bool)
+    if "block" not in table.columns:
+        return pd.Series(False, index=groups, dtype=bool)
+    block = table["block"]
+    block = block[~block.index.duplicated()].reindex(groups)
+    return pd.Series(block.notna().to_numpy(), index=groups, dtype=bool)
 
 
 def group_kinds(groups: list[str], table: pd.DataFrame) -> pd.Series:
     """Each group's kind from the metadata (``other`` where the metadata does not say)."""
-    kind = table["kind"] if "kind" in table.columns else pd.Series(dtype=object)
-    return pd.Series([str(kind.get(g) or "other") if g in kind.index else "other" for g in groups],
-                     index=groups, dtype=object)
+    if "kind" not in table.columns:
+        return pd.Series("other", index=groups, dtype=object)
+    kind = table["kind"]
+    kind = kind[~kind.index.duplicated()].reindex(groups)
+    kind = kind.where(kind.notna() & (kind.astype(str) != ""), "other")
+    return pd.Series(kind.astype(str).to_numpy(dtype=object), index=groups, dtype=object)
 
 
 # --------------------------------------------------------------------------- per-kind summary

@@ -234,25 +234,30 @@ def assess(
     """
     med = pd.Series(medians, dtype=np.float64)
     names = [str(g) for g in med.index]
-    med.index = names
-    present = set(names)
-    usable = med[np.isfinite(med) & (med > 0)]
-    ref = float(np.median(usable.to_numpy())) if outlier and len(usable) >= 3 else None
+    values = med.to_numpy()
+    usable = values[np.isfinite(values) & (values > 0)]
+    ref = float(np.median(usable)) if outlier and len(usable) >= 3 else None
+    # plain dicts of Python floats: the loop below runs once per group (10^5 to 10^6 of them)
+    by_name = dict(zip(names, values.tolist()))
+    kind_of = dict(zip(kinds.index, kinds.tolist())) if isinstance(kinds, pd.Series) else kinds
+    share_of = ({} if shares is None else
+                dict(zip([str(g) for g in shares.index], shares.to_numpy(np.float64).tolist())))
+    isfinite = math.isfinite
     out: dict[str, Evidence] = {}
     for g in names:
-        m = med[g]
-        share = None
-        if shares is not None and g in shares.index and np.isfinite(shares[g]):
-            share = float(shares[g])
-        structure = gradient_free(g, kinds.get(g))
-        sib = sibling(g, present)
+        m = by_name[g]
+        share = share_of.get(g)
+        if share is not None and not isfinite(share):
+            share = None
+        structure = gradient_free(g, kind_of.get(g))
+        sib = sibling(g, by_name)
         sib_factor = None
-        if sib is not None and np.isfinite(med[sib]) and med[sib] > 0 and np.isfinite(m):
-            sib_factor = float(m / med[sib])
-        outlier_factor = float(m / ref) if ref and np.isfinite(m) else None
+        if sib is not None and isfinite(by_name[sib]) and by_name[sib] > 0 and isfinite(m):
+            sib_factor = float(m / by_name[sib])
+        outlier_factor = float(m / ref) if ref and isfinite(m) else None
         basis = None
         bound = noise_share(precision, structure)
-        if np.isfinite(m) and m > 0:
+        if isfinite(m) and m > 0:
             if share is not None:
                 basis = BASIS_GRADIENT if share < bound else None
             elif structure and sib_factor is not None and sib_factor >= SIBLING_FACTOR:
@@ -328,9 +333,13 @@ def fallback_factors(medians: Values, kinds: Values, flags: Values) -> pd.Series
     med = pd.Series(medians, dtype=np.float64)
     kind = pd.Series(kinds).reindex(med.index)
     flag = pd.Series(flags).reindex(med.index).fillna("")
-    ok = flag == ""
+    ok = (flag == "").to_numpy()
+    values = med.to_numpy()
     out = med.copy()
-    for name in med.index[~ok]:
-        peers = med[ok & (kind == kind[name]) & np.isfinite(med) & (med > 0)]
-        out[name] = float(np.median(peers.to_numpy())) if len(peers) else 1.0
+    if ok.all():
+        return out
+    peers = ok & np.isfinite(values) & (values > 0)
+    per_kind = pd.Series(values[peers]).groupby(kind.to_numpy()[peers]).median()
+    stand_in = kind[~ok].map(per_kind).fillna(1.0).to_numpy(np.float64)
+    out[~ok] = stand_in
     return out

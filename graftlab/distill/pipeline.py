@@ -142,10 +142,10 @@ def distill(
                     else analysis.windowed_medians(df, window, start))
         del grid, df  # the schedule needs only the window medians from here
         sched = _schedules(windowed, groups, rule, first_win["median"])
-        first_factor = pd.Series({g: sched[g][0][1] for g in groups})
+        first_factor = pd.Series([sched[g][0][1] for g in groups], index=groups, dtype=np.float64)
     else:
         first_factor = rule.factors(first_win["median"])
-        multipliers = {g: float(first_factor[g]) for g in groups}
+        multipliers = dict(zip(groups, first_factor.reindex(groups).to_numpy(np.float64).tolist()))
 
     records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
@@ -159,7 +159,7 @@ def distill(
         "filter": int(filter) if filter else None,
         "tie": tie,
         "outlier": outlier,
-        "flagged": {g: rule.flags[g] for g in groups if rule.flags[g]},
+        "flagged": {g: f for g, f in zip(groups, rule.flags.reindex(groups).tolist()) if f},
         "degenerate": method,
         "tied_spread": None if math.isnan(spread) else float(spread),
         "warnings": notes + spread_notes,
@@ -370,34 +370,56 @@ def _schedules(windowed: pd.DataFrame, groups: list[str], rule: _Rule,
 def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
              first_factor: pd.Series, later: pd.Series,
              evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
-    """Each group's :class:`GroupSource`: what its factor was made from."""
-    stand_in = rule.stand_in(first_win["median"])
+    """Each group's :class:`GroupSource`: what its factor was made from (columns taken out of
+    pandas once: 10^5 to 10^6 groups are a Python loop over plain lists)."""
+    stand_in = rule.stand_in(first_win["median"]).reindex(groups).tolist()
+    median = first_win["median"].reindex(groups).to_numpy(np.float64)
+    later_ = later.reindex(groups).to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = np.where(median > 0, later_ / median, np.nan)
+    cols = {
+        "kind": rule.kinds.reindex(groups).tolist(), "tied": rule.tied.reindex(groups).astype(bool).tolist(),
+        "median": median.tolist(), "factor": first_factor.reindex(groups).to_numpy(np.float64).tolist(),
+        "n_finite": first_win["n_finite"].reindex(groups).astype(np.int64).tolist(),
+        "n_nonfinite": first_win["n_nonfinite"].reindex(groups).astype(np.int64).tolist(),
+        "later": later_.tolist(), "drift": drift.tolist(), "flags": rule.flags.reindex(groups).tolist(),
+    }
+    known = table.reindex(groups)
+    blocks = known["block"].tolist() if "block" in known.columns else [None] * len(groups)
+    members = known["members"].tolist() if "members" in known.columns else [None] * len(groups)
     out = {}
-    for g in groups:
-        median = first_win.at[g, "median"]
-        members = table.at[g, "members"] if "members" in table.columns and g in table.index else None
+    for i, g in enumerate(groups):
+        mem, ev, flag = members[i], evidence[g], cols["flags"][i]
         out[g] = GroupSource(
-            kind=rule.kinds[g],
-            block=_block(table["block"].get(g)) if "block" in table.columns and g in table.index else None,
-            tied=bool(rule.tied[g]),
-            median=jsonable(median),
-            factor=jsonable(first_factor[g]),
-            n_finite=int(first_win.at[g, "n_finite"]),
-            n_nonfinite=int(first_win.at[g, "n_nonfinite"]),
-            later_median=jsonable(later[g]),
-            drift=jsonable(later[g] / median) if median > 0 else None,
-            flags=rule.flags[g],
-            stand_in=jsonable(stand_in[g]) if rule.flags[g] else None,
-            members=([str(m) for m in members]
-                     if isinstance(members, (list, tuple)) and list(members) != [g] else None),
-            grad_share=jsonable(evidence[g].grad_share),
-            evidence=evidence[g].to_dict() if evidence[g].degenerate else None,
+            kind=cols["kind"][i],
+            block=_block(blocks[i]),
+            tied=cols["tied"][i],
+            median=_num(cols["median"][i]),
+            factor=_num(cols["factor"][i]),
+            n_finite=cols["n_finite"][i],
+            n_nonfinite=cols["n_nonfinite"][i],
+            later_median=_num(cols["later"][i]),
+            drift=_num(cols["drift"][i]) if cols["median"][i] > 0 else None,
+            flags=flag,
+            stand_in=_num(stand_in[i]) if flag else None,
+            members=([str(m) for m in mem] if isinstance(mem, (list, tuple)) and list(mem) != [g] else None),
+            grad_share=_num(ev.grad_share),
+            evidence=ev.to_dict() if ev.degenerate else None,
         )
     return out
 
 
+def _num(v: Any) -> Optional[float]:
+    """A finite float, else None (what :func:`jsonable` makes of a median)."""
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
 def _block(v: Any) -> Optional[int]:
     """A block index from the metadata table (pandas turns int columns with None into floats)."""
+    if v is None or type(v) is int:
+        return v
+    if type(v) is float:  # a column with missing blocks holds floats: NaN where there is none
+        return int(v) if math.isfinite(v) else None
     v = jsonable(v)
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
