@@ -104,19 +104,30 @@ def kinds_of(df: pd.DataFrame) -> pd.DataFrame:
 
 def ratio_table(df: pd.DataFrame, column: str = "ratio") -> pd.DataFrame:
     """Steps x groups table of ``column`` in metadata group order; non-finite values become NaN."""
-    wide = df.pivot_table(index="step", columns="group", values=column, aggfunc="first", sort=True)
-    order = [g for g in pd.unique(df["group"]) if g in wide.columns]
-    wide = wide[order].astype("float64")
-    return wide.where(np.isfinite(wide))
+    # placed by (step, group) position in numpy: pivot_table costs seconds per 10^5 groups
+    codes, names = pd.factorize(df["group"])
+    steps, rows = np.unique(df["step"].to_numpy(), return_inverse=True)
+    values = np.full((len(steps), len(names)), np.nan)
+    # the first row of a (step, group) held twice wins, as pivot_table's "first" (assigned last)
+    values[rows[::-1], codes[::-1]] = df[column].to_numpy(dtype=np.float64)[::-1]
+    present = ~np.isnan(values)  # steps and groups with no value at all are left out, as pivot_table does
+    keep_rows, keep_cols = present.any(axis=1), present.any(axis=0)
+    values = values[keep_rows][:, keep_cols]
+    values[~np.isfinite(values)] = np.nan
+    return pd.DataFrame(values, index=pd.Index(steps[keep_rows], name="step"),
+                        columns=pd.Index([str(g) for g in np.asarray(names, dtype=object)[keep_cols]], dtype=object,
+                                         name="group"))
 
 
 def smooth(wide: pd.DataFrame, width: Optional[int]) -> pd.DataFrame:
     """Each column median-filtered with window ``width`` (the recorded samples; None: unchanged)."""
     if width is None or width <= 1:
         return wide
-    from graftlab.distill.analysis import median_filter
+    from graftlab.distill.medians import running_median
 
-    return wide.apply(lambda col: pd.Series(median_filter(col.to_numpy(), width), index=col.index))
+    values = wide.to_numpy(dtype=np.float64).T.copy()  # (groups, steps): every column in one call
+    values[~np.isfinite(values)] = np.nan
+    return pd.DataFrame(running_median(values, width).T, index=wide.index, columns=wide.columns)
 
 
 def metadata(df: pd.DataFrame) -> dict[str, Any]:
@@ -293,6 +304,8 @@ def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
 
 def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8) -> list[str]:
     """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn."""
+    if wide.shape[1] > MANY_LINES:
+        return _line_collections(ax, wide, kinds, lw=lw, alpha=alpha)
     drawn = []
     for group in wide.columns:
         col = wide[group].dropna()
@@ -302,4 +315,37 @@ def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float 
         ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw, alpha=alpha,
                 gid=str(group))
         drawn.append(label)
+    return drawn
+
+
+_PER_PATH = 200  # groups joined into one path
+MANY_LINES = 2000  # past this many groups, one path per kind (one Line2D each costs ~1 ms to draw)
+
+
+def _line_collections(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float, alpha: float) -> list[str]:
+    """:func:`plot_groups` for many groups: the same lines (NaNs dropped), joined into one path per
+    kind label (NaN between groups breaks it there; gid = the label), thinner as they crowd. A path
+    is transformed to the log axis in one numpy call, where 10^5 separate lines take 10^5."""
+    x = wide.index.to_numpy(dtype=np.float64)
+    values = wide.to_numpy(dtype=np.float64).T  # (groups, steps)
+    labels = kinds["label"].reindex(wide.columns).to_numpy(dtype=object)
+    finite = ~np.isnan(values)
+    drawn: list[str] = []
+    for label in pd.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        ok = finite[rows]
+        counts = ok.sum(axis=1)
+        counts = counts[counts > 0]
+        if not len(counts):
+            continue
+        ys = values[rows][ok]  # each group's finite values, group after group
+        xs = np.broadcast_to(x, ok.shape)[ok]
+        ends = np.cumsum(counts)
+        for lo in range(0, len(counts), _PER_PATH):  # paths of bounded length: Agg strokes each whole
+            a = ends[lo - 1] if lo else 0
+            cut = ends[lo:lo + _PER_PATH][:-1] - a
+            b = ends[min(lo + _PER_PATH, len(counts)) - 1]
+            ax.plot(np.insert(xs[a:b], cut, np.nan), np.insert(ys[a:b], cut, np.nan), color=LABEL_COLORS[label],
+                    lw=lw / 2, alpha=alpha / 2, antialiased=False, gid=str(label))
+        drawn += [label] * len(counts)
     return drawn

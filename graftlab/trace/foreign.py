@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
 from graftlab.trace import tables
-from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR
+from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR, frame_metadata
 
 PathLike = Union[str, os.PathLike]
 
@@ -295,7 +295,7 @@ def read(
     df = pd.DataFrame(out)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
-    df.attrs["graftlab"] = meta
+    df.attrs["graftlab"] = frame_metadata(meta)
     return df
 
 

@@ -115,3 +115,20 @@ def is_trace(path: PathLike) -> bool:
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
         return False
     return any(all(c in names for c in cols) for cols in STORED.values())
+
+
+class GroupList(list):
+    """The metadata's ``groups`` as a DataFrame's ``attrs`` hold them: a list that ``copy.deepcopy``
+    shares instead of copying. pandas deep-copies ``attrs`` on nearly every operation (each column
+    access), which for 10^5 groups cost a second apiece; the group records are read, not edited."""
+
+    def __deepcopy__(self, memo: dict) -> "GroupList":
+        return self
+
+
+def frame_metadata(meta: dict) -> dict:
+    """``meta`` as ``df.attrs["graftlab"]`` holds it: its ``groups`` a :class:`GroupList`."""
+    groups = meta.get("groups")
+    if isinstance(groups, list) and not isinstance(groups, GroupList):
+        meta = {**meta, "groups": GroupList(groups)}
+    return meta

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from graftlab.errors import GraftlabError
 from graftlab.trace.gaps import describe as describe_gaps
-from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, trace_files
+from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, frame_metadata, trace_files
 from graftlab.trace.parts import READ_ERRORS, check_part, describe, open_part, step_bounds, trace_metadata
 from graftlab.trace.scanning import (
     _in_order, _indices, _scanner, _stream_to_pandas, _to_pandas, open_parts, scan_ratios,
@@ -141,7 +141,7 @@ def read_trace(
                       "(a part file is gone?)", stacklevel=2)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
-    df.attrs["graftlab"] = meta
+    df.attrs["graftlab"] = frame_metadata(meta)
     return df
 
 
