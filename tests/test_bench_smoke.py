@@ -154,3 +154,11 @@ def test_trace_size_quick(_results):
     fresh = out["traces"][-1]
     assert fresh["format"] == "graftlab.trace/2" and fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
     assert out["read_cost"]["wall"]["/2"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_foreign_scale_quick(_results, tmp_path):
+    out = _script("foreign_scale").main(["--quick", "--repeats", "1", "--data", str(tmp_path / "data")])
+    r = out["results"]
+    assert {"window_ratio", "schedule_ratio", "info_many", "distill_many", "plot5_many"} <= set(r)
+    assert r["schedule"]["max_rss_mb"] > 0 and json.loads((_results / "foreign_scale.quick.json").read_text())
