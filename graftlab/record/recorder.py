@@ -312,8 +312,8 @@ class Recorder:
         step it was computed for (:mod:`graftlab.record.steps`): after a step that did not happen
         (GradScaler skipped it; its gradients were then zeroed) it is dropped, and no row is written
         for that step; under gradient accumulation the values of a step's micro-batches are
-        averaged into its row (the mean micro-batch loss, as the HF Trainer logs it). Logging a key
-        a second time before the next step counts as the next batch's value. Tensors (one element,
+        averaged into its row (the mean micro-batch loss, as the HF Trainer logs it). A value logged
+        twice for one step keeps the last. Tensors (one element,
         any device) stay on their device until the next flush, so logging costs no host sync.
         Every logged column is float64 in the trace whether its values came as Python numbers or
         tensors. Earlier parts of the trace are widened with nulls when a key is first logged

@@ -4,7 +4,8 @@ A logged value belongs to the step it was computed for, and a step that did not 
 another step's row. In the documented loop (``loss.backward(); opt.step(); opt.zero_grad();
 rec.log(loss=...)``) three things can come between two steps:
 
-- the step ran: the values logged after it (until a key is logged a second time) go to its row;
+- the step ran: the values logged after it go to its row (a value logged twice keeps the last),
+  until the gradients change (another backward, a ``zero_grad``): later values are another batch's;
 - the step was skipped and its gradients discarded (``GradScaler`` found inf/NaN and did not call
   ``step()``; the loop then called ``zero_grad``, or the gradients are gone): the values logged for
   it are dropped. No row is written for a step that did not happen;
@@ -14,8 +15,9 @@ rec.log(loss=...)``) three things can come between two steps:
   value logged after it. For a loss that is the mean loss over the step's micro-batches: the loss
   of the batch whose mean gradient the step took, and what the HF Trainer logs for the step.
 
-Telling the two apart costs no host sync: ``Graft.zero_grad`` counts its calls, and whether any
-grafted tensor still has a gradient is read from ``p.grad is None``.
+Telling these apart costs no host sync: ``Graft.zero_grad`` counts its calls, a backward pass
+bumps the version counter of the gradient it accumulates into, and whether any grafted tensor still
+has a gradient is read from ``p.grad is None``.
 """
 from __future__ import annotations
 
@@ -54,14 +56,21 @@ class StepLog:
         self.graft = graft
         self.row: Optional[int] = None  # the buffer row of the last step (None: not recorded)
         self.open = False  # values logged now belong to the last step
-        self.keys: set[str] = set()  # keys logged for the last step
+        self.logged = False  # something was logged for the last step
         self.carried: dict[str, list] = {}  # micro-batch values the last step took over
         self.pending: dict[str, list] = {}  # micro-batch values waiting for the next step
         self._zero_grads = self._calls()
         self._pending_zero_grads = self._zero_grads
+        self._token = self._gradient_token()
 
     def _calls(self) -> int:
         return getattr(self.graft, "_zero_grad_calls", 0)
+
+    def _gradient_token(self) -> Optional[tuple[int, int]]:
+        """Which gradient the first grafted tensor with one holds, and its version: another backward
+        pass changes it (accumulating in place bumps the version)."""
+        g = next((p.grad for p in self.graft.params if p.grad is not None), None)
+        return None if g is None else (id(g), g._version)
 
     def _gradients_gone(self) -> bool:
         return all(p.grad is None for p in self.graft.params)
@@ -74,7 +83,7 @@ class StepLog:
     def stepped(self, row: Optional[int]) -> dict[str, Any]:
         """A step ran (recorded in ``row``, or not recorded: None); returns the means of the
         micro-batch values it takes over, to put in its row."""
-        self.row, self.open, self.keys = row, True, set()
+        self.row, self.open, self.logged = row, True, False
         self.carried, self.pending = self.pending, {}
         return {k: _mean(v) for k, v in self.carried.items()}
 
@@ -85,8 +94,10 @@ class StepLog:
     def place(self, scalars: dict[str, Any]) -> dict[str, Any]:
         """Where ``scalars`` (checked with :func:`scalar`) go: returns the values to put in
         :attr:`row` now (empty when they wait for the next step or are dropped)."""
-        calls = self._calls()
-        if not self.open or any(k in self.keys for k in scalars):  # another batch than the step's own
+        calls, token = self._calls(), self._gradient_token()
+        changed = calls != self._zero_grads or token != self._token
+        self._token = token
+        if not self.open or (self.logged and changed):  # another batch than the step's own
             self.open = False
             if calls != self._zero_grads or self._gradients_gone():  # its step was skipped: drop
                 self.pending = {}
@@ -97,5 +108,5 @@ class StepLog:
             self._zero_grads = calls
             return {}
         self._zero_grads = calls
-        self.keys.update(scalars)
+        self.logged = True
         return {k: _mean([*self.carried.get(k, ()), v]) for k, v in scalars.items()}
