@@ -70,7 +70,7 @@ class StepLog:
         """Which gradient the first grafted tensor with one holds, and its version: another backward
         pass changes it (accumulating in place bumps the version)."""
         g = next((p.grad for p in self.graft.params if p.grad is not None), None)
-        return None if g is None else (id(g), g._version)
+        return None if g is None else (id(g), getattr(g, "_version", 0))
 
     def _gradients_gone(self) -> bool:
         return all(p.grad is None for p in self.graft.params)

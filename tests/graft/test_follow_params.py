@@ -262,3 +262,20 @@ def test_add_param_group_with_unnamed_tensors_names_them_by_position():
                                   torch.optim.SGD(head.parameters(), lr=0.1), names=head)
     with pytest.raises(GraftlabError, match="no name"):
         module_named.add_param_group({"params": list(nn.Linear(2, 2).parameters())})
+
+
+def test_fused_layout_follows_data_replaced_in_place_of_the_same_parameter():
+    model, ref = mlp(), mlp()
+    graft = graftlab.Graft(torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=0.1),
+                           names=model, fused=True)
+    ref_graft = graftlab.Graft(torch.optim.Adam(ref.parameters(), lr=1e-2), torch.optim.SGD(ref.parameters(), lr=0.1),
+                               names=ref, fused=True)
+    data = batches(4, dtype=torch.float32)
+    train(model, graft, data[:2])
+    train(ref, ref_graft, data[:2])
+    for p in model.parameters():
+        p.data = p.data.clone()  # same Parameter, new storage: the fused views of the old one are stale
+    train(model, graft, data[2:])
+    train(ref, ref_graft, data[2:])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 calls optimizer.train()/eval()), the loss first logged after parts were written, a move to CUDA."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -48,3 +49,16 @@ def test_trainer_moves_the_model_to_cuda_after_the_graft_was_built(tmp_path):
     assert graft.last_stats.device.type == "cuda" and graft.steps == 8
     df = graftlab.read_trace(tmp_path / "trace")
     assert df.step.nunique() == 8 and df.ratio.notna().all()
+
+
+def test_accumulated_step_loss_is_what_the_trainer_logs(tmp_path):
+    model = tiny_bert()
+    args = training_args(tmp_path / "out", gradient_accumulation_steps=2, logging_steps=1, max_steps=4)
+    graft = hf.graft_optimizer(model, args, direction=SGD)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(graft, None),
+                                   callbacks=[hf.RecorderCallback(tmp_path / "trace")])
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    got = graftlab.read_trace(tmp_path / "trace").groupby("step")["loss"].first()
+    assert graft.steps == 4 and len(logged) == 4
+    np.testing.assert_allclose(got.to_numpy(), logged, rtol=1e-6)
