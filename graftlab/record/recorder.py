@@ -31,7 +31,7 @@ from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
 from graftlab.graft.optimizer import Graft
-from graftlab.record.grad_norms import GradNorms
+from graftlab.record.grad_norms import GradNorms, precision_of
 from graftlab.kinds import Overrides
 from graftlab.record.buffer import Rows
 from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
@@ -214,6 +214,7 @@ class Recorder:
                                                every=self.every, overwrite=overwrite, resume=resume)
 
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
+        self._derived = self._where()  # metadata the recorder derived, kept current unless the user set it
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
         self._writer = Writer(self.path, callbacks)
         self._writer.start()
@@ -293,10 +294,16 @@ class Recorder:
         self.flush()
         self._groups = list(self.graft.group_names)
         self.group_kinds = group_kinds(self.graft, self._model, self._kinds)
-        self.metadata = {**self.metadata, "groups": groups_meta(self.graft, self.group_kinds)}
+        derived = self._where()
+        moved = {k: v for k, v in derived.items() if self.metadata.get(k) == self._derived.get(k)}
+        self.metadata = {**self.metadata, **moved, "groups": groups_meta(self.graft, self.group_kinds)}
+        self._derived = derived
         trace.write_sidecar(self.path, self.metadata)
         self._buffer.regroup()
         self._grads = self._grad_norms()
+
+    def _where(self) -> dict[str, Any]:
+        return {"device": str(self.graft.params[0].device), "precision": precision_of(self.graft.params)}
 
     def _grad_norms(self) -> Optional[GradNorms]:
         if not self._grad_every:

@@ -124,6 +124,7 @@ def test_recording_follows_a_model_cast_mid_run(tmp_path):
     assert df.step.unique().tolist() == [0, 1, 2, 3]
     assert np.isfinite(df.ratio).all() and df.loss.notna().all()
     np.testing.assert_allclose(df.ratio, 10.0, rtol=1e-6)
+    assert df.attrs["graftlab"]["precision"] == "float64"  # the sidecar says what the rows now are
 
 
 def test_a_column_first_logged_after_the_first_flush_is_read_by_every_reader(tmp_path):
