@@ -71,7 +71,8 @@ class Graft(Optimizer):
     dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
     parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
     child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
-    construction; none with ``fused=True`` (until a step takes the generic path). A step does no
+    construction (again, at the next step, for tensors cast, moved or swapped since); none with
+    ``fused=True`` (until a step takes the generic path). A step does no
     host-device synchronisation and allocates nothing parameter-sized.
 
     Attributes:
@@ -223,7 +224,8 @@ class Graft(Optimizer):
     def last_stats(self) -> Tensor:
         """``(3, n_groups)``: ``norm_m``, ``norm_d``, ``ratio`` of the last step (NaN before the first).
 
-        The same tensor is updated in place every step (a new one when groups are added).
+        The same tensor is updated in place every step (a new one when groups are added or the
+        parameters are cast or moved).
         """
         return self._stats
 
@@ -240,7 +242,9 @@ class Graft(Optimizer):
         ``param_group`` goes to M as to any optimizer (its options, such as ``lr``, are M's; M's
         defaults fill the rest). D gets the same tensors with its own defaults, updated by the
         options in ``direction``. ``params`` may hold ``(name, tensor)`` pairs, which name new
-        groups at layer granularity. Raises GraftlabError for a malformed group or tensors the
+        groups at layer granularity; a tensor without a name is ``param.<i>`` by its position
+        ``i`` among the grafted tensors, as torch numbers them (with ``names=`` given as pairs;
+        a module given as ``names=`` must name it). Raises GraftlabError for a malformed group or tensors the
         optimizers already hold; nothing changes then.
         """
         m_group, d_group = build.children_groups(self, param_group, direction or {})
