@@ -273,8 +273,8 @@ def read(
     categories = pd.Index(order.names, dtype=object)
     _check_unique(path, step, code, lambda i: categories[code[i]])
     out: dict[str, Any] = {"step": step, "group": pd.Categorical.from_codes(code, categories=categories)}
-    cols = {c: (pa.chunked_array(parts[c], table.schema([c]).field(0).type)) for c in stored
-            if c not in ("step", "group")}
+    cols = {c: (pa.chunked_array(parts[c]) if parts[c] else pa.chunked_array([], table.schema([c]).field(0).type))
+            for c in stored if c not in ("step", "group")}
     if _computes_ratio(names):
         cols["ratio"] = _ratio(path, cols["norm_m"], cols["norm_d"])
     for c in wanted:
