@@ -373,10 +373,11 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
 
     def batches():
         for batch in table.batches(cols, steps):
-            step = tables.steps_column(path, batch.column("step"))
-            batch = batch.set_column(batch.schema.get_field_index("step"), "step", step)
+            names = list(batch.schema.names)
+            arrays = [tables.steps_column(path, c) if n == "step" else c for n, c in zip(names, batch.columns)]
             if "ratio" in required and computed:
-                batch = batch.append_column("ratio", _ratio(path, batch.column("norm_m"), batch.column("norm_d")))
-            yield batch
+                arrays.append(_ratio(path, batch.column("norm_m"), batch.column("norm_d")))
+                names.append("ratio")
+            yield pa.RecordBatch.from_arrays(arrays, names)
 
     return batches(), meta

@@ -153,3 +153,21 @@ def test_many_groups_go_through_info_and_distill(tmp_path, groups):
     assert kinds["bert.encoder.layer.0.attention.self.query.weight[7]"]["kind"] == "Q"
     assert kinds["bert.encoder.layer.1.output.dense.weight[3]"]["block"] == 1
     assert elapsed < 60  # about 0.1 ms per group; was 1.5 ms of Python per group
+
+
+def test_a_divergence_in_a_foreign_table_is_found_by_the_streamed_schedule(tmp_path):
+    from graftlab.distill import divergence
+    from graftlab.errors import GraftlabError
+
+    df = _frame(400)
+    df["norm_d"] = 1.0
+    df["norm_m"] = np.nan_to_num(df["ratio"].to_numpy(), nan=1.0, posinf=1.0)
+    df.loc[(df["step"] == 250) & (df["group"] == NAMES[3]), "norm_d"] = np.inf
+    path = _dict_parquet(df.drop(columns="ratio"), tmp_path / "t.parquet", 5 * 30)
+    marks = divergence.scan(path)
+    assert marks == divergence.find(read_trace(path), foreign=True)
+    assert marks.nonfinite_step == 250 and marks.groups == (NAMES[3],)
+    with pytest.raises(GraftlabError, match="divergence"):
+        distill(path, window=100, schedule=True)
+    corr = distill(path, window=100, schedule=True, allow_divergence=True)
+    assert corr.source["divergence"]["first"] == 250
