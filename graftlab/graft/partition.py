@@ -108,6 +108,7 @@ class TensorNames:
 
     def __init__(self, names: Names) -> None:
         self.auto = names is None
+        self.generated = 0  # tensors named param.<i> for want of a name
         self.pairs = named_tensors(names)
         self._index()
 
@@ -120,6 +121,7 @@ class TensorNames:
         return {"auto": self.auto, "pairs": self.pairs}
 
     def __setstate__(self, state: dict) -> None:
+        self.generated = 0
         self.__dict__.update(state)
         self._index()  # identities change in a copy
 
@@ -143,6 +145,7 @@ class TensorNames:
             )
         for i, p in enumerate(params):
             if id(p) not in self._by_id:
+                self.generated += id(p) not in given
                 name = given.get(id(p), f"param.{len(self.pairs)}")
                 self.pairs.append((name, p))
                 self._by_id[id(p)] = name
