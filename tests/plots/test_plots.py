@@ -323,6 +323,26 @@ def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_p
     assert "one trace" in str(res.exception)
 
 
+def test_cli_plot_all_to_an_image_name_writes_named_files_beside_it(layer_traces, global_trace, tmp_path):
+    from typer.testing import CliRunner
+
+    from graftlab.cli.app import app
+
+    a, _ = layer_traces
+    runner = CliRunner()
+    res = runner.invoke(app, ["plot", str(a), "--steps", "100", "--window", "100", "-o", str(tmp_path / "x.png")])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "x.png").exists()  # no folder named like an image
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["x-corrections.png", "x-figure5.png", "x-figure6.png", "x-figure7.png", "x-figure8.png"]
+    assert (tmp_path / "x-figure5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["plot", str(a), "--steps", "100", "--window", "100", "-o", str(tmp_path / "x.png")])
+    assert res.exit_code != 0 and "exists" in str(res.exception)  # each file is checked, none replaced
+    res = runner.invoke(app, ["plot", str(global_trace), "-o", str(tmp_path / "g.svg")])  # one figure: the name
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g.svg").read_text().lstrip().startswith("<?xml")
+
+
 # --- what the figures show a reader: titles, labels, scales, legends inside the canvas ----------------
 
 FIGURES = {
