@@ -156,7 +156,7 @@ def distill(
 
     records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
-        "trace": str(path.resolve()),
+        "trace": str(trace_path),  # as given: an absolute path would not survive moving the folder
         "window": int(window),
         "start": int(start),
         "steps": [int(extent[0]), int(extent[1])],

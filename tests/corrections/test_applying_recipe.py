@@ -89,3 +89,24 @@ def test_allow_missing_that_matches_nothing_warns_with_counts():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a file that matches whole says nothing
         apply(files()["static"], model(), 0.1)
+
+
+def test_print_of_corrections_is_a_summary_not_a_screenful():
+    many = Corrections(multipliers={f"layer.{i}.weight": float(i + 1) for i in range(200)},
+                       source={"direction_lr": 0.1, "trace": "runs/t", "round": "none"})
+    text = repr(many)
+    lines = text.splitlines()
+    assert lines[0] == "Corrections(200 static multiplier(s) from runs/t, round none, relative to D's lr 0.1)"
+    assert lines[1].split() == ["layer.0.weight", "x", "1"] and len(lines) == 10
+    assert "192 more" in lines[-1] and "summary()" in lines[-1]
+    sched = files()["per_layer"]
+    assert "schedule 1 .. 3 (2 pieces)" in str(sched).splitlines()[1]
+
+
+def test_distill_stores_the_trace_path_as_given(tmp_path, monkeypatch):
+    from graftlab.distill.pipeline import distill
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    corr = distill("sample_traces/bert-adam-sgd-bs16", window=50, round="none")
+    assert corr.source["trace"] == "sample_traces/bert-adam-sgd-bs16"
