@@ -98,9 +98,8 @@ def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[in
         decade_axis(ax)
         ax.set_ylabel(f"{m}'s learning rate; {d}'s correction", fontsize="small")
         ax.legend(loc="best")
-        if own:
-            figure_title(fig, what)
-            ax.set_title(run)
+        if own:  # both lines centred on the figure, not the second on the axes beside the y label
+            figure_title(fig, f"{what}\n{run}")
         else:
             ax.set_title(f"{what}\n{run}")
     return fig
