@@ -165,6 +165,20 @@ def transfer_figure(wide: pd.DataFrame, small: int, large: int, title: str):
                ylabel=f"median ratio at batch {large}")
         ax.set_title(f"{title}: first-quarter medians, batch {small} vs {large}", loc="center")
         ax.legend(handles=handles, fontsize="small", loc="upper left", ncol=1)
+        qk = wide[wide["kind"].isin(["Q", "K"])]
+        if len(qk):  # the Q and K points share one corner of the plot: a zoom on it tells them apart
+            inset = ax.inset_axes([0.6, 0.06, 0.37, 0.34])
+            for kind in ("Q", "K"):
+                part = qk[qk["kind"] == kind]
+                color = kind_color(kind)
+                inset.scatter(part[small], part[large], s=22, marker=_MARKERS[kind], linewidths=1.1,
+                              facecolors="none" if kind == "K" else color, edgecolors=color, alpha=0.85)
+            pts = qk[[small, large]].to_numpy(dtype=float)
+            (x0, y0), (x1, y1) = pts.min(axis=0) / 1.08, pts.max(axis=0) * 1.08
+            inset.set(xscale="log", yscale="log", xlim=(x0, x1), ylim=(y0, y1))
+            inset.tick_params(labelsize="x-small", which="both")
+            inset.set_title("Q and K, zoomed", fontsize="x-small")
+            ax.indicate_inset_zoom(inset, edgecolor="0.4")
     return fig
 
 
