@@ -32,7 +32,7 @@ def train(
     threads: options.Threads = None,
     eval_every: options.EvalEvery = None,
     metrics: options.Metrics = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the run's results: result.json (held-out metrics, settings), model.pt (the trained state_dict) and metrics.parquet (unless --metrics).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the run's results: result.json (held-out metrics, settings), model.pt (the trained state_dict) and metrics.parquet (unless --metrics) (default: none: the results are printed only).")] = None,
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
