@@ -118,14 +118,14 @@ def distill(
     kinds = analysis.group_kinds(groups, table)
     tied = analysis.tied_groups(groups, table, tie)
     notes = distill_notes.settings(path, round, tie, tied, filter, window)
-    if len(idle_seen):
-        notes.append(distill_notes.warn(path, idle.note(np.asarray(idle_seen))))
     if analysis.parse_round(round)[0] == "dbeta_attn":  # DA<beta>: tie the attention weight matrices only
         tied = tied & analysis.attention_weights(groups, kinds)
     rule = _Rule(round, kinds, tied)
     first_win = (_grid_window(grid, start, start + window) if whole
                  else analysis.window_medians(df, window, start).set_index("group")).reindex(groups)
     _check_usable(path, df, first_win["median"], start, window)
+    if len(idle_seen):  # said once the trace is known to be usable: a refused command says one thing
+        notes.append(distill_notes.warn(path, idle.note(np.asarray(idle_seen))))
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
     rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier,
                                                           precision=meta.get("precision"))
