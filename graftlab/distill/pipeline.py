@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from graftlab.distill import analysis, degenerate, idle, notes as distill_notes, divergence, medians
-from graftlab.corrections import Corrections, GroupSource
+from graftlab.distill.records import group_records
+from graftlab.corrections import Corrections
 from graftlab.errors import GraftlabError
-from graftlab.io.jsonable import jsonable
 from graftlab.trace import gaps, group_table, read_metadata, read_trace, trace_extent
 from graftlab.trace.scanning import open_parts
 
@@ -154,7 +154,7 @@ def distill(
         first_factor = rule.factors(first_win["median"])
         multipliers = dict(zip(groups, first_factor.reindex(groups).to_numpy(np.float64).tolist()))
 
-    records = _records(groups, table, rule, first_win, first_factor, later, evidence)
+    records = group_records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
         "trace": str(trace_path),  # as given: an absolute path would not survive moving the folder
         "window": int(window),
@@ -380,63 +380,6 @@ def _schedules(windowed: pd.DataFrame, groups: list[str], rule: _Rule,
         if g not in sched:
             sched[g] = [[0, float(fallback[g])]]
     return sched
-
-
-def _records(groups: list[str], table: pd.DataFrame, rule: _Rule, first_win: pd.DataFrame,
-             first_factor: pd.Series, later: pd.Series,
-             evidence: dict[str, degenerate.Evidence]) -> dict[str, GroupSource]:
-    """Each group's :class:`GroupSource`: what its factor was made from (columns taken out of
-    pandas once: 10^5 to 10^6 groups are a Python loop over plain lists)."""
-    stand_in = rule.stand_in(first_win["median"]).reindex(groups).tolist()
-    median = first_win["median"].reindex(groups).to_numpy(np.float64)
-    later_ = later.reindex(groups).to_numpy(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        drift = np.where(median > 0, later_ / median, np.nan)
-    cols = {
-        "kind": rule.kinds.reindex(groups).tolist(), "tied": rule.tied.reindex(groups).astype(bool).tolist(),
-        "median": median.tolist(), "factor": first_factor.reindex(groups).to_numpy(np.float64).tolist(),
-        "n_finite": first_win["n_finite"].reindex(groups).astype(np.int64).tolist(),
-        "n_nonfinite": first_win["n_nonfinite"].reindex(groups).astype(np.int64).tolist(),
-        "later": later_.tolist(), "drift": drift.tolist(), "flags": rule.flags.reindex(groups).tolist(),
-    }
-    known = table.reindex(groups)
-    blocks = known["block"].tolist() if "block" in known.columns else [None] * len(groups)
-    members = known["members"].tolist() if "members" in known.columns else [None] * len(groups)
-    out = {}
-    for i, g in enumerate(groups):
-        mem, ev, flag = members[i], evidence[g], cols["flags"][i]
-        out[g] = GroupSource(
-            kind=cols["kind"][i],
-            block=_block(blocks[i]),
-            tied=cols["tied"][i],
-            median=_num(cols["median"][i]),
-            factor=_num(cols["factor"][i]),
-            n_finite=cols["n_finite"][i],
-            n_nonfinite=cols["n_nonfinite"][i],
-            later_median=_num(cols["later"][i]),
-            drift=_num(cols["drift"][i]) if cols["median"][i] > 0 else None,
-            flags=flag,
-            stand_in=_num(stand_in[i]) if flag else None,
-            members=([str(m) for m in mem] if isinstance(mem, (list, tuple)) and list(mem) != [g] else None),
-            grad_share=_num(ev.grad_share),
-            evidence=ev.to_dict() if ev.degenerate else None,
-        )
-    return out
-
-
-def _num(v: Any) -> Optional[float]:
-    """A finite float, else None (what :func:`jsonable` makes of a median)."""
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
-def _block(v: Any) -> Optional[int]:
-    """A block index from the metadata table (pandas turns int columns with None into floats)."""
-    if v is None or type(v) is int:
-        return v
-    if type(v) is float:  # a column with missing blocks holds floats: NaN where there is none
-        return int(v) if math.isfinite(v) else None
-    v = jsonable(v)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _direction_lr(meta: dict[str, Any]) -> Optional[float]:
