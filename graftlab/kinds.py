@@ -250,6 +250,12 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
     return GroupKind("other", None, n.block)
 
 
+def whole_name(group: str) -> str:
+    """The tensor a group is a slice of (``"x.key.bias[head 3]"`` -> ``"x.key.bias"``), or ``group``."""
+    sliced = _SLICE.fullmatch(group)
+    return sliced.group(1) if sliced else group
+
+
 def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
     if isinstance(value, GroupKind):
         return value
