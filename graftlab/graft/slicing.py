@@ -44,13 +44,14 @@ class Slicing:
     ``heads``: parameter name -> number of heads (Q, the fused tensors and the output projection);
     ``kv_heads``: parameter name -> number of K/V heads where it differs (grouped-query attention);
     ``conv1d``: names of Hugging Face ``Conv1D`` weights (stored ``(in, out)``, transposed against
-    ``nn.Linear``); ``default_heads``: the count for attention tensors not in ``heads``;
+    ``nn.Linear``); ``attn_out``: ``nn.MultiheadAttention`` output weights; ``default_heads``: the count for attention tensors not in ``heads``;
     ``row_block``: vocabulary rows per group (``"vocab"``).
     """
 
     heads: dict[str, int] = field(default_factory=dict)
     kv_heads: dict[str, int] = field(default_factory=dict)
     conv1d: frozenset = frozenset()
+    attn_out: frozenset = frozenset()  # output projections known from their module, whatever their name
     default_heads: Optional[int] = None
     row_block: int = 1
 
@@ -86,16 +87,14 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
     if not isinstance(names, nn.Module):
         return out
     found: dict[str, tuple[Optional[int], Optional[int]]] = {}
-    conv = set()
+    conv, outs = set(), set()
     for mname, module in wrappers.named_modules(names):
-        found[mname] = (_count(module, HEAD_ATTRS) if mname else None, _count(module, KV_ATTRS) if mname else None)
+        found[mname] = (_count(module, HEAD_ATTRS), _count(module, KV_ATTRS))
         if type(module).__name__ == "Conv1D":
             conv.add(f"{mname}.weight" if mname else "weight")
-    root = wrappers.unwrap(names)
-    root_heads = _count(getattr(root, "config", None), HEAD_ATTRS) if hasattr(root, "config") else None
-    root_kv = _count(getattr(root, "config", None), KV_ATTRS) if hasattr(root, "config") else None
-    if heads is None and out.default_heads is None:
-        out.default_heads = root_heads
+        if isinstance(module, nn.MultiheadAttention):
+            outs.add(f"{mname}.out_proj.weight" if mname else "out_proj.weight")
+    root_kv = found.get("", (None, None))[1]
     for pname, _ in wrappers.named_parameters(names):
         if pname in out.heads or (heads is not None and not isinstance(heads, Mapping)):
             continue
@@ -111,7 +110,7 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
         kv = kv or root_kv
         if kv is not None:
             out.kv_heads[pname] = kv
-    out.conv1d = frozenset(conv)
+    out.conv1d, out.attn_out = frozenset(conv), frozenset(outs)
     return out
 
 
@@ -160,7 +159,7 @@ def units_of(name: str, shape: Sequence[int], kind: str, granularity: str, slici
         dim = 1 if (name in slicing.conv1d and len(shape) == 2) else 0
         n = _heads(name, shape, slicing, kind, shape[dim])
         return _equal("", dim, 0, shape[dim], n, "head")
-    if kind == "attn_out" and leaf == "weight" and len(shape) == 2:
+    if (kind == "attn_out" or name in slicing.attn_out) and leaf == "weight" and len(shape) == 2:
         dim = 0 if name in slicing.conv1d else 1  # the input: one block of columns per head
         n = _heads(name, shape, slicing, "Q", shape[dim])
         return _equal("", dim, 0, shape[dim], n, "head")
