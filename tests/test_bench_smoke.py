@@ -154,3 +154,12 @@ def test_trace_size_quick(_results):
     fresh = out["traces"][-1]
     assert fresh["format"] == "graftlab.trace/2" and fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
     assert out["read_cost"]["wall"]["/2"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_slice_record_cost_quick(_results):
+    res = _script("slice_record_cost").main(["--quick", "--granularities", "vocab", "--row-blocks", "100",
+                                              "--every", "5", "--block", "5", "--repeats", "1"])
+    rows = {r["every"]: r for r in res["rows"]}
+    assert set(rows) == {1, 5} and rows[1]["groups"] > 100  # 2 x 20 row blocks beside the heads
+    assert rows[1]["bytes_per_recorded_step"] > 0 and rows[1]["ratio"] > 0

@@ -95,21 +95,19 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
         if isinstance(module, nn.MultiheadAttention):
             outs.add(f"{mname}.out_proj.weight" if mname else "out_proj.weight")
     root_kv = found.get("", (None, None))[1]
+    given = isinstance(heads, int)
     for pname, _ in wrappers.named_parameters(names):
-        if pname in out.heads or (heads is not None and not isinstance(heads, Mapping)):
+        if given or pname in out.heads:
             continue
         parts = pname.split(".")[:-1]
         h = kv = None
-        for i in range(len(parts), -1, -1):  # the nearest module that says
-            hh, kk = found.get(".".join(parts[:i]), (None, None))
-            if hh is not None and h is None:
-                h, kv = hh, kk
+        for i in range(len(parts), -1, -1):  # the nearest module (or its config) that says
+            h, kv = found.get(".".join(parts[:i]), (None, None))
+            if h is not None:
+                out.heads[pname] = h
                 break
-        if h is not None:
-            out.heads[pname] = h
-        kv = kv or root_kv
-        if kv is not None:
-            out.kv_heads[pname] = kv
+        if (kv or root_kv) is not None:
+            out.kv_heads[pname] = kv or root_kv
     out.conv1d, out.attn_out = frozenset(conv), frozenset(outs)
     return out
 
