@@ -13,7 +13,10 @@ divided by its steps (the metadata sidecar, written once per trace, apart)::
     python bench/slice_record_cost.py              # gpt tiny, batch 32, one thread
     python bench/slice_record_cost.py --quick      # short blocks (a smoke run)
 
-Target: recording at most 2% slower than the unrecorded grafted step.
+Target: recording at most 2% slower than the unrecorded grafted step. On a shared CPU the
+interleaved ratio's spread (about +-10% under load) hides a 2% cost, so the recorder's own CPU time
+per step is also measured alone (:func:`recorder_cpu`) and set against the grafted step's:
+``1 + recorder / step`` is the column the target is read from.
 """
 from __future__ import annotations
 
@@ -68,8 +71,30 @@ def _sizes(paths: list[Path]) -> tuple[int, int, int]:
     return parts, other, steps
 
 
+def recorder_cpu(graft, tmp: Path, every: int, steps: int, repeats: int = 5) -> float:
+    """Process CPU seconds per training step of the recorder alone: its step hooks fired as a step
+    fires them (the ring-buffer copy, the period test, the flush hand-over) and, through close(), the
+    writer thread's encoding of the rows, without the training step they would sit beside. The
+    median over ``repeats`` runs of ``steps`` steps (a part file per 100 recorded steps, as by default)."""
+    import time
+
+    out = []
+    for r in range(repeats):
+        rec = Recorder(graft, tmp / f"hooks-{every}-{r}-{len(graft.group_names)}", every=every)
+        pre, post = list(graft._optimizer_step_pre_hooks.values()), list(graft._optimizer_step_post_hooks.values())
+        cpu = time.process_time()
+        for _ in range(steps):
+            for h in pre:
+                h(graft, (), {})
+            for h in post:
+                h(graft, (), {})
+        rec.close()
+        out.append((time.process_time() - cpu) / steps)
+    return quantiles(out)["median"]
+
+
 def measure(task, batches, granularity: str, row_block: int, everies: list[int], block: int, repeats: int, tmp: Path,
-            size_steps: int = 100):
+            size_steps: int = 100, hooks_only: bool = False):
     model = task.model
     start = copy.deepcopy(model.state_dict())
     adam = torch.optim.Adam(model.parameters(), lr=task.default_lr("adam"))
@@ -97,7 +122,8 @@ def measure(task, batches, granularity: str, row_block: int, everies: list[int],
     traces[1].clear()
     blocks = {"adam": _block(plain, block, task.device), "graft": _block(step, block, task.device)}
     for e in traces:
-        blocks[f"every {e}"] = _block(step, block, task.device, recorder(e))
+        if not hooks_only:
+            blocks[f"every {e}"] = _block(step, block, task.device, recorder(e))
     res = interleave(blocks, repeats)
     cpu = {k: [t[1] for t in v] for k, v in res.items()}
     # the size: a separate recording of size_steps steps at the recorder's default flush (100 steps a part)
@@ -106,9 +132,10 @@ def measure(task, batches, granularity: str, row_block: int, everies: list[int],
         for _ in range(size_steps):
             step(rec)
     size = _sizes([path])
+    hooks = {e: recorder_cpu(graft, tmp, e, 20 if size_steps < 100 else 200) for e in traces}
     rows = []
     for e, paths in traces.items():
-        s = ratio_summary(cpu[f"every {e}"], cpu["graft"])
+        s = ratio_summary(cpu[f"every {e}"], cpu["graft"]) if not hooks_only else {"median": float("nan"), "min": float("nan"), "max": float("nan")}
         rows.append({
             "granularity": granularity if granularity != "vocab" else f"vocab K={row_block}",
             "groups": len(graft.group_names),
@@ -117,6 +144,8 @@ def measure(task, batches, granularity: str, row_block: int, everies: list[int],
             "graft_ms": 1e3 * quantiles(cpu["graft"])["median"],
             "ratio": s["median"],
             "spread": f"{s['min']:.3f}..{s['max']:.3f}",
+            "recorder_us_per_step": 1e6 * hooks[e],
+            "estimated_ratio": 1 + hooks[e] / quantiles(cpu["graft"])["median"],
             "bytes_per_recorded_step": size[0] / size[2],
             "bytes_per_row": size[0] / (size[2] * len(graft.group_names)),
             "metadata_bytes_per_trace": size[1],
@@ -133,6 +162,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--block", type=int, help="steps per timed block (default 50)")
     ap.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     ap.add_argument("--granularities", default="layer,head,vocab")
+    ap.add_argument("--hooks-only", action="store_true",
+                    help="time the grafted step and the recorder alone, not interleaved recorded training")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     block = args.block or (10 if args.quick else 50)
@@ -146,11 +177,13 @@ def main(argv=None) -> dict:
         for gran in args.granularities.split(","):
             for k in ([int(x) for x in args.row_blocks.split(",")] if gran == "vocab" else [1]):
                 print(f"{gran} row_block={k}: {repeats} interleaved repeats x {block} steps", flush=True)
-                rows.extend(measure(task, batches, gran, k, everies, block, repeats, Path(tmp), 20 if args.quick else 100))
+                rows.extend(measure(task, batches, gran, k, everies, block, repeats, Path(tmp), 20 if args.quick else 100,
+                                    args.hooks_only))
     headers = ["granularity", "groups", "every", "graft/adam", "graft ms/step", "recorded/graft (median)",
-               "spread", "trace bytes/recorded step", "bytes/row", "metadata bytes", f"target <= {TARGET}"]
+               "spread", "recorder us/step", "1 + recorder/step", "trace bytes/recorded step", "bytes/row", "metadata bytes", f"target <= {TARGET}"]
     body = [[r["granularity"], r["groups"], r["every"], r["graft_vs_adam"], r["graft_ms"], r["ratio"], r["spread"],
-             round(r["bytes_per_recorded_step"]), r["bytes_per_row"], round(r["metadata_bytes_per_trace"]), "ok" if r["ratio"] <= TARGET else "over"] for r in rows]
+             r["recorder_us_per_step"], f"{r['estimated_ratio']:.4f}", round(r["bytes_per_recorded_step"]), r["bytes_per_row"],
+             round(r["metadata_bytes_per_trace"]), "ok" if r["estimated_ratio"] <= TARGET else "over"] for r in rows]
     print(table(headers, body))
     payload = {"batch_size": args.batch_size, "block": block, "repeats": repeats, "clock": "process CPU time",
                "rows": rows}
