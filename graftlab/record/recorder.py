@@ -235,14 +235,17 @@ class Recorder:
     def _find_graft(opt: Any) -> Graft:
         seen = opt
         for _ in range(4):  # accelerate, Lightning and DeepSpeed-style wrappers keep the optimizer inside
-            if isinstance(opt, Graft):
-                return opt
             inner = getattr(opt, "optimizer", None)
             if not isinstance(inner, torch.optim.Optimizer):
                 inner = getattr(opt, "_optimizer", None)
-            if not isinstance(inner, torch.optim.Optimizer):
-                break
-            opt = inner
+            if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+                # unwrap first: Lightning's wrapper is itself a Graft subclass holding a copy of the
+                # Graft's attributes, whose last_stats the Graft's steps never update
+                opt = inner
+                continue
+            if isinstance(opt, Graft):
+                return opt
+            break
         raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(seen).__name__}")
 
     # -- recording (hot path: no host sync) ------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import numpy as np
 import pytest
 
 from graftlab import trace
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, FLUSH, CKPT = 40, 5, 10
@@ -91,27 +93,34 @@ class Server:
     """The fork server (tests/kill_worker.py): one interpreter, one child per command."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.kill_worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-        assert self._read().get("ready")
+        # its own process group: the forked runs are in it too, and stop() ends them all
+        self.proc = procs.spawn([sys.executable, "-m", "tests.kill_worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env)
+        assert self._read(procs.timeout(300)).get("ready")
 
-    def _read(self) -> dict:
+    def _read(self, seconds: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
+        if not ready:
+            procs.stop(self.proc)
+            raise AssertionError(f"the kill server gave no answer in {seconds:.0f} s (stopped with its runs)")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("the kill server died")
         return json.loads(line)
 
-    def ask(self, **msg) -> dict:
+    def ask(self, seconds: float = 60, **msg) -> dict:
+        """Send ``msg``; its answer within ``procs.timeout(seconds)`` (a 40-step run ends in ~20 s alone)."""
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
-        return self._read()
+        return self._read(procs.timeout(seconds))
 
     def close(self) -> None:
         try:
             self.ask(quit=True)
-        except (RuntimeError, BrokenPipeError, ValueError):
+            self.proc.wait(timeout=procs.timeout(60))
+        except (RuntimeError, BrokenPipeError, ValueError, AssertionError, subprocess.TimeoutExpired):
             pass
-        self.proc.wait(timeout=60)
+        procs.stop(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +161,7 @@ def on_disk(path: Path) -> list[int]:
 def run_until_killed(server: Server, argv: list[str], kill: Kill, work: Path, rng: random.Random, tag: str):
     progress, log = work / f"progress-{tag}", work / f"log-{tag}"
     pid = server.ask(run=argv, progress=str(progress), log=str(log))["pid"]
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + procs.timeout(600)
     polled = time.monotonic()
     while kill.after not in reported(progress):
         if time.monotonic() > deadline:
@@ -169,14 +178,14 @@ def run_until_killed(server: Server, argv: list[str], kill: Kill, work: Path, rn
         os.kill(pid, kill.sig)
     except ProcessLookupError:
         pass
-    status = server.ask(wait=pid)["status"]
+    status = server.ask(wait=pid, seconds=300)["status"]
     return status, reported(progress), log
 
 
 def run_to_end(server: Server, argv: list[str], work: Path, tag: str) -> tuple[int, Path]:
     progress, log = work / f"progress-{tag}", work / f"log-{tag}"
     pid = server.ask(run=argv, progress=str(progress), log=str(log))["pid"]
-    return server.ask(wait=pid)["status"], log
+    return server.ask(wait=pid, seconds=600)["status"], log
 
 
 def check_losses(kill: Kill, done_steps: list[int], out: Path) -> None:
