@@ -64,8 +64,9 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
-        # workers in sessions of their own (torchrun's) get the same grace to leave by themselves
-        psutil.wait_procs([p for p in tree[1:] if _alive(p)], timeout=grace)
+        # a launcher that exited has passed the signal on (torchrun does) or never will: its
+        # workers in sessions of their own get a second to leave by themselves
+        psutil.wait_procs([p for p in tree[1:] if _alive(p)], timeout=1.0 if proc.poll() is not None else grace)
     for p in tree[1:]:
         if _alive(p):
             try:
