@@ -242,7 +242,8 @@ class Recorder:
                 inner = getattr(opt, "_optimizer", None)
             if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
                 # unwrap first: Lightning's wrapper is itself a Graft subclass holding a copy of the
-                # Graft's attributes, whose last_stats the Graft's steps never update
+                # Graft's attributes, so what the Graft rebuilds later (its stats tensor when groups
+                # are added or the parameters cast or moved) the copy never sees
                 opt = inner
                 continue
             if isinstance(opt, Graft):

@@ -134,8 +134,9 @@ def test_callback_needs_exactly_one_graft(tmp_path, grafts):
 def test_recorder_finds_the_graft_inside_lightnings_own_wrappers(tmp_path):
     """The optimizer objects Lightning hands around are wrappers: LightningOptimizer (what
     ``self.optimizers()`` returns in a LightningModule; a Graft subclass holding a copy of the
-    Graft's attributes) and the Fabric optimizer from ``fabric.setup``. A Recorder given either
-    records the Graft inside: its rows are the Graft's own ``last_stats`` of each step."""
+    Graft's attributes, which goes stale when the Graft rebuilds them) and the Fabric optimizer
+    from ``fabric.setup``. A Recorder given either records the Graft inside (it took Lightning's
+    copy for the Graft before): its rows are the Graft's own ``last_stats`` of each step."""
     from lightning.fabric import Fabric
     from lightning.pytorch.core.optimizer import LightningOptimizer
 
