@@ -198,8 +198,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     exit code 2 (3 for a run that diverged); a run stopped by Ctrl-C or SIGTERM exits 130 or 143
     after its outputs are flushed.
     """
+    from graftlab.io.notes import one_line_warnings
+
     try:
-        code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
+        with one_line_warnings():  # a warning is a line like every other note, not a file path and a source line
+            code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
     except GraftlabError as err:
         typer.echo(f"error: {_one_line(err)}", err=True)
         return int(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)
