@@ -259,6 +259,31 @@ class Section:
     tables: Sequence[str]  # keys of the result's "tables", in order
     notes: Callable[[dict], str] = lambda res: ""
     captions: dict = None
+    render: Optional[Callable[[dict], str]] = None  # a table built from the result's rows, not stored in it
+
+
+def _slice_rows(res: dict) -> str:
+    """Recording per head and per row: the recorder timed alone (this result) beside the interleaved
+    end-to-end ratio and the trace sizes (``slice_record_cost.interleaved``)."""
+    inter = load("slice_record_cost.interleaved") or {"rows": []}
+    ratio = {(r["granularity"], r["every"]): r for r in inter["rows"]}
+    head = ["granularity", "groups", "every", "grafted step ms (CPU)", "graft / plain Adam", "recorder alone, us/step",
+            "1 + recorder / step", "interleaved recorded / unrecorded (median, spread)", "trace bytes per recorded step",
+            "bytes/row", "sidecar bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["rows"]:
+        i = ratio.get((r["granularity"], r["every"]))
+        inter_cell = f"{i['ratio']:.3f} ({i['spread']})" if i else "-"
+        lines.append("| " + " | ".join([
+            r["granularity"], str(r["groups"]), str(r["every"]), f"{r['graft_ms']:.1f}", f"{r['graft_vs_adam']:.2f}",
+            f"{r['recorder_us_per_step']:.0f}", f"{r['estimated_ratio']:.4f}", inter_cell,
+            f"{r['bytes_per_recorded_step']:,.0f}", f"{r['bytes_per_row']:.2f}", f"{r['metadata_bytes_per_trace']:,}",
+        ]) + " |")
+    when = f" Interleaved run: `{inter.get('command', '-')}` ({run_of(inter)})." if inter.get("rows") else ""
+    return ("\"recorder alone\" fires the Recorder's step hooks as a step does and closes it (the writer thread's "
+            "encoding included); \"1 + recorder / step\" sets it against the median grafted step. The interleaved "
+            "ratio is the end-to-end check; under load its spread is wider than the effect it measures." + when
+            + "\n\n" + "\n".join(lines))
 
 
 SECTIONS: list[Section] = [
@@ -282,6 +307,9 @@ SECTIONS: list[Section] = [
     Section("cli_start", "Command start-up against `python -c \"import pandas, pyarrow.parquet\"`, "
                          "`python -c pass` and `python -c \"import torch\"`", ["cli_start"]),
     Section("bitflip", "One flipped bit per part file: caught, harmless, or altered data", ["bitflip"]),
+    Section("slice_record_cost", "Recording per head and per vocabulary row: gpt tiny", [],
+            lambda r: f"batch {r.get('batch_size')}, one thread, Adam#SGD; clock: {r.get('clock')}.",
+            render=_slice_rows),
 ]
 
 
@@ -297,6 +325,8 @@ def sections() -> str:
         note = s.notes(res)
         if note:
             out += [note, ""]
+        if s.render is not None:
+            out += [s.render(res), ""]
         for key in s.tables:
             tab = (res.get("tables") or {}).get(key)
             if tab:

@@ -22,8 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from common import ROOT, machine  # noqa: E402
 
-SCRIPTS = ("step_cost", "record_cost", "divergence_check", "distill_cost", "median_engines", "trace_size", "cli_start",
-           "bitflip")
+# result name -> the script and its arguments
+RUNS = {name: (name, []) for name in ("step_cost", "record_cost", "divergence_check", "distill_cost", "median_engines",
+                                      "trace_size", "cli_start", "bitflip")}
+RUNS["slice_record_cost.interleaved"] = ("slice_record_cost", ["--every", "10,50,100"])
+RUNS["slice_record_cost"] = ("slice_record_cost", ["--hooks-only", "--every", "10,50,100"])
+SCRIPTS = tuple(RUNS)
 # suite -> (pytest arguments, environment): the full forms of what `make test` runs reduced
 SUITES = {
     "kill_suite": (["tests/runs/test_kill.py"], {"GRAFTLAB_KILL_POINTS": "all"}),
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
                 env.update(extra, GRAFTLAB_RESULTS=str(ROOT / "bench" / "results"))
             else:
-                cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py")] + (["--quick"] if args.quick else [])
+                script, extra_args = RUNS[name]
+                cmd = [sys.executable, str(ROOT / "bench" / f"{script}.py"), *extra_args] + (["--quick"] if args.quick else [])
             print(f"\n=== {' '.join(cmd[1:])}", flush=True)
             start = time.perf_counter()
             rc = subprocess.call(cmd, cwd=ROOT, env=env)
