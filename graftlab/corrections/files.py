@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 import pandas as pd
 
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
 from graftlab.io.outputs import write_text
@@ -300,6 +301,7 @@ def load_corrections(path: PathLike) -> Corrections:
         raise GraftlabError(f"{path}: no such corrections file")
     if path.is_dir():
         raise GraftlabError(f"{path}: is a directory, not a corrections file")
+    check_regular(path, "corrections file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

@@ -16,6 +16,7 @@ the same lines run on every rank and rank 0 writes. The Recorder's parts: :mod:`
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import time
 import weakref
@@ -36,7 +37,7 @@ from graftlab.kinds import Overrides
 from graftlab.record.buffer import Rows
 from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
 from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
-from graftlab.record.target import open_trace, release_trace
+from graftlab.record.target import first_part_written, open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -214,7 +215,7 @@ class Recorder:
 
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
-        self._writer = Writer(self.path, callbacks)
+        self._writer = Writer(self.path, callbacks, after_first=functools.partial(first_part_written, self.path))
         self._writer.start()
         self._buffer = Rows(self.flush_every)
         self._grad_every = int(grad_every)

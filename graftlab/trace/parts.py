@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import GraftlabError
 from graftlab.trace.layout import FORMAT, METADATA_KEY, READABLE_FORMATS, SIDECAR, STORED, part_first_step
 
@@ -162,6 +163,7 @@ def is_marker(meta: dict[str, Any]) -> bool:
 def read_sidecar(directory: Path, where: Optional[Path] = None) -> dict[str, Any]:
     """The run metadata in ``directory``'s sidecar; errors name ``where`` (default: ``directory``)."""
     path = directory / SIDECAR
+    check_regular(path, "trace sidecar")  # a FIFO would be waited on forever
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
