@@ -34,7 +34,7 @@ from graftlab.errors import GraftlabError
 from graftlab.graft.optimizer import Graft
 from graftlab.record.grad_norms import GradNorms
 from graftlab.kinds import Overrides
-from graftlab.record.buffer import Rows
+from graftlab.record.buffer import Rows, check_fits
 from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
 from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
 from graftlab.record.target import first_part_written, open_trace, release_trace
@@ -209,6 +209,7 @@ class Recorder:
 
         # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
         # metadata (every part of one trace carries the same)
+        check_fits(self.flush_every, len(graft.group_names))  # a buffer beyond memory: refused before the trace
         self._created = not self.path.exists()  # removed again if nothing gets recorded (close)
         self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
                                                every=self.every, overwrite=overwrite, resume=resume)

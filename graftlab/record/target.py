@@ -48,6 +48,11 @@ def open_trace(
     outer = trace_folder_of(path.parent)
     if outer is not None:
         raise GraftlabError(f"{path} is inside the trace folder {outer}, which holds only trace parts")
+    if path.is_dir() and replacing.active(path):
+        # a writer killed while replacing this trace left the old files aside: put them back (or
+        # drop them, when its first part made it to disk) before anything is decided about path
+        with TraceLock(path):
+            replacing.recover(path)
     _check_folder(path, overwrite, resume)
     created = not path.exists()
     lock = TraceLock(path)

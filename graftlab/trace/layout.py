@@ -21,6 +21,9 @@ READABLE_FORMATS = (FORMAT_1, FORMAT)
 METADATA_KEY = b"graftlab"
 SIDECAR = "_graftlab.json"
 PART_GLOB = "part-*.parquet"
+# where a recording that replaces or cuts back a trace keeps the old files until its first part
+# is durable (graftlab.trace.replacing)
+BACKUP = ".graftlab-replaced"
 PART_NAME = re.compile(r"part-(\d{12})\.parquet")
 REQUIRED = ("step", "group", "norm_m", "norm_d", "ratio")
 # What each format stores: /2 leaves ``ratio`` out (read_trace computes it from the norms, exactly).
@@ -115,6 +118,10 @@ def trace_files(path: Path) -> list[Path]:
         raise GraftlabError(f"{path}: not a trace (neither a file nor a directory)")
     files = part_files(path)
     if not files:
+        if (path / BACKUP).is_dir():
+            raise GraftlabError(f"{path}: a recording that was replacing this trace stopped before its first part; "
+                                f"the old trace waits in {path / BACKUP}: move its files back into {path}, or record into {path} "
+                                "again (a recording puts them back first)")
         raise GraftlabError(f"{path}: not a trace (no {PART_GLOB} files; an empty or interrupted recording?)")
     for f in files:  # a FIFO named like a part would be waited on forever
         check_regular(f, "trace part")

@@ -27,9 +27,7 @@ from typing import Optional
 
 from graftlab.errors import GraftlabError
 from graftlab.io.fsutil import atomic_write, fsync_directory
-from graftlab.trace.layout import PART_NAME, SIDECAR, PathLike
-
-BACKUP = ".graftlab-replaced"
+from graftlab.trace.layout import BACKUP, PART_NAME, SIDECAR, PathLike
 _ORIGINAL = ".original.json"  # T's own files when the backup began
 _SEALED = ".prepared.json"  # the part names T held when the preparation ended
 
