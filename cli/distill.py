@@ -90,7 +90,7 @@ def distill(
         table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
                       ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
     longest = max((len(g) for g in records), default=10)
-    console = Console(width=max(Console().width, longest + 80))
+    console = Console(markup=False, width=max(Console(markup=False).width, longest + 80))
     console.print(table)
     if window is None:
         console.print(f"window {used} steps: the paper's 2000, capped to the first quarter of the trace "
@@ -102,11 +102,11 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:
-        console.print(f"[yellow]warning: {in_cli_terms(note)}", soft_wrap=True)
+        console.print(f"warning: {in_cli_terms(note)}", soft_wrap=True, style="yellow")
     if src.get("divergence"):
         div = src["divergence"]
-        console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "
-                      f"(from step {div['first']}); their factors come from a diverging or restarted run")
+        console.print(f"warning: {len(div['windows'])} window(s) hold steps that follow a divergence "
+                      f"(from step {div['first']}); their factors come from a diverging or restarted run", style="yellow")
     lr = src.get("direction_lr")
     unknown = foreign_note(src.get("metadata") or {})
     if unknown:

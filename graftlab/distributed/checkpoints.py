@@ -408,6 +408,12 @@ def resume_step(config: Any) -> int:
         return 0
     check_same_run(latest, config)  # before a recorder cuts a trace back to another run's step
     try:
+        verify(latest, json.loads((latest / CHECKPOINT_META).read_text()))  # and before it trusts the folder
+    except (OSError, ValueError, AttributeError) as err:
+        if isinstance(err, GraftlabError):
+            raise
+        raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None
+    try:
         return int((json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}).get("step", 0))
     except (OSError, ValueError, TypeError, AttributeError) as err:
         raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None

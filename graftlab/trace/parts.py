@@ -152,6 +152,20 @@ def decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
     if groups is not None and not (isinstance(groups, list)
                                    and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in groups)):
         raise GraftlabError(f"{where}: graftlab metadata 'groups' must be a list of objects with a 'name'")
+    if groups:
+        names = [g["name"] for g in groups]
+        if "" in names:
+            raise GraftlabError(f"{where}: graftlab metadata names a group '' (a group needs a name)")
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise GraftlabError(f"{where}: graftlab metadata names the group {twice!r} twice")
+    for key in ("every", "flush_every"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise GraftlabError(f"{where}: graftlab metadata {key!r} must be a whole number >= 1, got {value!r}")
+    start = meta.get("start_step")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise GraftlabError(f"{where}: graftlab metadata 'start_step' must be a whole number >= 0, got {start!r}")
     return meta
 
 
