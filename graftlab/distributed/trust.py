@@ -154,7 +154,10 @@ def check_same_run(path: PathLike, config: Any) -> None:
         return
     mine = run_identity(config)
     for key in IDENTITY:
-        if key in theirs and key in mine and json.dumps(theirs[key], sort_keys=True) != json.dumps(mine[key], sort_keys=True):
+        # a None here is a setting not resolved yet (the task's default lr): it cannot differ
+        if theirs.get(key) is None or mine.get(key) is None:
+            continue
+        if json.dumps(theirs[key], sort_keys=True) != json.dumps(mine[key], sort_keys=True):
             raise GraftlabError(
                 f"resume=True: the newest checkpoint in checkpoint_dir {str(Path(path).parent)!r} belongs to another "
                 f"run ({key}={theirs[key]!r}, this run has {key}={mine[key]!r}); resume that run with its own "

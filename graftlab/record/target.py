@@ -69,6 +69,8 @@ def open_trace(
         try:
             if held:
                 replacing.restore(path)  # the old trace back, as it was
+                if lock.created_file:
+                    (path / LOCK_NAME).unlink(missing_ok=True)
         finally:
             lock.release()
         if created and held:  # a failed open leaves no folder behind (never the lock of a writer that won)
@@ -94,6 +96,8 @@ def release_trace(path: Path, lock: TraceLock, created: bool) -> None:
     try:
         if lock.held and path.is_dir() and replacing.active(path):
             replacing.restore(path)
+            if lock.created_file:
+                (path / LOCK_NAME).unlink(missing_ok=True)
         elif lock.held and path.is_dir() and not trace.part_files(path):
             (path / trace.SIDECAR).unlink(missing_ok=True)
             (path / LOCK_NAME).unlink(missing_ok=True)  # while held: no other writer is in between

@@ -74,13 +74,19 @@ class TraceLock:
     def __init__(self, directory: Union[str, os.PathLike]) -> None:
         self.directory = Path(directory)
         self._fd: Optional[int] = None
+        self.created_file = False  # whether acquire() created the lock file
 
     def acquire(self) -> "TraceLock":
         if self._fd is not None:
             raise GraftlabError(f"{self.directory}: the trace lock is already held by this writer")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = lock_path(self.directory)
-        fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
+        try:  # whether this writer made the file: a writer that leaves the folder as it found it removes it
+            fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            self.created_file = True
+        except FileExistsError:
+            fd = _open_lock_file(path, os.O_RDWR)
+            self.created_file = False
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
