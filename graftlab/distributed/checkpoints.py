@@ -121,7 +121,8 @@ def save_checkpoint(
         except BaseException as err:
             if is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(err, Exception) and not isinstance(err, GraftlabError):
+            # torch's CheckpointException is a BaseException: all but an interruption become one line
+            if not isinstance(err, (GraftlabError, KeyboardInterrupt, SystemExit, GeneratorExit)):
                 raise GraftlabError(f"{path}: saving the checkpoint failed ({reason(err)})") from err
             raise
     _barrier()
@@ -174,8 +175,8 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     try:
         with termination.deferred(), _one_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is one line
-        if isinstance(err, GraftlabError):
+    except BaseException as err:  # noqa: BLE001 - a damaged checkpoint is one line (CheckpointException included)
+        if isinstance(err, (GraftlabError, KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         raise GraftlabError(f"{path}: cannot load the checkpoint ({reason(err)})") from err
     set_model_state_dict(model, state["model"])
