@@ -263,7 +263,9 @@ class Checkpoints:
                 saved = (p / CHECKPOINT_META).stat().st_mtime
             run = extra.get("run")
             if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
-                continue  # not a checkpoint graftlab saved: its run id could name a path anywhere
+                # not a checkpoint graftlab saved: its run id would become part of a folder name
+                raise GraftlabError(f"{p}: the checkpoint's run id {run!r} is not one graftlab writes (letters and "
+                                    "digits); move it out of checkpoint_dir")
             out.append(_Found(int(m.group(1)), run, float(saved), p))
         return out
 

@@ -53,8 +53,9 @@ def reason(err: BaseException) -> str:
         if isinstance(e, OSError):
             return describe_os_error(e)
         failures = getattr(e, "failures", None)  # torch's CheckpointException: {rank: exception}
-        if isinstance(failures, dict):
+        if isinstance(failures, dict):  # {rank: exception} or {rank: (exception, stack)}
             for f in failures.values():
+                f = f[0] if isinstance(f, tuple) and f else f
                 if isinstance(f, BaseException):
                     return reason(f)
         e = e.__cause__ or e.__context__

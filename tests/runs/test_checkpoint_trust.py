@@ -97,11 +97,10 @@ def test_a_run_id_read_from_disk_never_becomes_a_path(tmp_path, run_id):
     model, opt = model_and_opt()
     save_checkpoint(folder / "step-00000002", model, opt, extra={"step": 2, "run": run_id})
     ckpt = Checkpoints(folder, model, opt)
-    assert ckpt.latest() is None  # not a checkpoint graftlab saved: never resumed from, never a name
-    with pytest.raises(GraftlabError, match="run id"):
-        ckpt.resume(folder / "step-00000002")
-    ckpt.save(3)
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir()) == ["cks", "step-00000002", "step-00000003"]
+    for act in (ckpt.latest, lambda: ckpt.resume(folder / "step-00000002"), lambda: ckpt.save(3)):
+        with pytest.raises(GraftlabError, match="run id"):  # never resumed from, never part of a name
+            act()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir()) == ["cks", "step-00000002"]
 
 
 def config(**kw):
