@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import subprocess
+import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -135,3 +137,31 @@ def test_a_failed_save_keeps_the_old_checkpoint(tmp_path):
     finally:
         subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+def test_a_save_onto_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) makes every write past 64 KiB fail as a full disk does;
+    torch's own message for it ("unexpected pos") becomes the system's reason."""
+    ck = saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        import torch
+        from torch import nn
+        from graftlab.distributed.checkpoints import save_checkpoint
+        from graftlab.errors import GraftlabError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with an error instead of a signal
+        model = nn.Linear(512, 512)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        try:
+            save_checkpoint({str(ck)!r}, model, opt, extra={{"step": 9}}, overwrite=True)
+        except GraftlabError as err:
+            print("error:", err)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [l for l in res.stdout.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "saving the checkpoint failed" in lines[0], res.stdout + res.stderr
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no half-written checkpoint left beside it
