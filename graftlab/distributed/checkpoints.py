@@ -82,7 +82,14 @@ def save_checkpoint(
     Each rank writes its own shards, replicated tensors are written once, and the checkpoint loads
     on any number of processes (:func:`load_checkpoint`), one included. ``extra`` (JSON: step,
     scheduler state, config) goes to ``graftlab.json`` beside the shards, written by rank 0.
-    An existing ``path`` is an error unless ``overwrite``.
+    An existing ``path`` is an error unless ``overwrite``; it is replaced only once the new
+    checkpoint is complete (written under a hidden name beside it, then renamed), so a failed save
+    (a full disk) leaves it as it was. ``graftlab.json`` records a SHA-256 of every file saved, which
+    :func:`load_checkpoint` checks before DCP unpickles anything (:mod:`graftlab.distributed.trust`).
+
+    Raises:
+        GraftlabError: ``path`` exists without ``overwrite``, or the save failed (one line with the
+            operating system's reason).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -135,6 +142,10 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     The model and optimizer may be wrapped or sharded differently and run on a different number of
     processes than when saved. Returns the checkpoint's metadata (``extra`` holds what was saved
     with it). Every rank calls it.
+
+    Raises:
+        GraftlabError: the folder is not a complete graftlab checkpoint, a file's digest differs
+            from the one recorded at save time (nothing is unpickled then), or DCP cannot load it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (

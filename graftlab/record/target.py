@@ -1,5 +1,6 @@
 """Opening a trace folder for a :class:`~graftlab.Recorder`: every check first, then the lock, then
-(and only then) replacing or truncating the old trace.
+(and only then) replacing or truncating the old trace, whose files wait aside until the new run's
+first part is durable (:mod:`graftlab.trace.replacing`: put back if the run fails before it).
 
     lock, meta = open_trace(path, meta, group_names, start_step=0, every=1, overwrite=False, resume=False)
 
