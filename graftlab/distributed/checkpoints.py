@@ -24,7 +24,9 @@ from torch.utils.hooks import RemovableHandle
 from graftlab.io import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.distributed.trust import RUN_ID, check_same_run, digests, put_in_place, reason, run_identity, verify
+from graftlab.distributed.trust import (
+    RUN_ID, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, run_identity, verify,
+)
 from graftlab.io.outputs import write_text
 
 CHECKPOINT_FORMAT = "graftlab.checkpoint/1"
@@ -112,6 +114,16 @@ def save_checkpoint(
     # written under a hidden name and renamed into place: an old checkpoint at ``path`` is deleted
     # only once the new one is complete, and a failed save (a full disk) leaves it as it was
     tmp = Path(_from_main(str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.tmp"))))
+    held = None
+    if is_main():
+        if path.parent.is_dir():
+            clean_stale_saves(path.parent)  # the folders of a killed save
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held = hold(tmp)
+        except OSError as err:  # a read-only or full folder: one line, nothing changed
+            raise GraftlabError(f"{path}: saving the checkpoint failed ({reason(err)})") from None
+    _barrier()
     # SIGTERM waits until the checkpoint is committed (inside dcp.save the exit would become an error)
     with termination.deferred():
         try:
@@ -128,10 +140,15 @@ def save_checkpoint(
         except BaseException as err:
             if is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
+                if held is not None:
+                    os.close(held)
+                    held = None
             # torch's CheckpointException is a BaseException: all but an interruption become one line
             if not isinstance(err, (GraftlabError, KeyboardInterrupt, SystemExit, GeneratorExit)):
                 raise GraftlabError(f"{path}: saving the checkpoint failed ({reason(err)})") from err
             raise
+    if held is not None:
+        os.close(held)
     _barrier()
     return path
 

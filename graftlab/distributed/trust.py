@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from graftlab.errors import GraftlabError
+
+try:  # POSIX; elsewhere a killed save's folder is never known to be abandoned and stays
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 from graftlab.io.fsutil import describe_os_error, fsync_directory
 
 CHECKPOINT_META = "graftlab.json"
@@ -163,3 +168,48 @@ def check_same_run(path: PathLike, config: Any) -> None:
                 f"resume=True: the newest checkpoint in checkpoint_dir {str(Path(path).parent)!r} belongs to another "
                 f"run ({key}={theirs[key]!r}, this run has {key}={mine[key]!r}); resume that run with its own "
                 "settings, or give this run its own checkpoint_dir")
+
+
+# a checkpoint being saved (``.tmp``) or an old one being replaced (``.old``), beside its final name
+_SAVING = re.compile(r"\.step-\d{8,}(?:-[0-9A-Za-z]+)?\.[0-9a-f]{16}\.(?:tmp|old)")
+
+
+def hold(folder: Path) -> Optional[int]:
+    """Create the folder a checkpoint is saved into and take an ``flock`` on it, held until the
+    returned descriptor is closed: :func:`clean_stale_saves` leaves a held folder alone."""
+    os.mkdir(folder, 0o755)
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def clean_stale_saves(directory: PathLike) -> list[str]:
+    """Delete the hidden folders of checkpoint saves a killed process left in ``directory`` (only
+    graftlab's names for them, only real folders, and only those no live save holds)."""
+    if fcntl is None:
+        return []
+    try:
+        names = [n for n in os.listdir(directory) if _SAVING.fullmatch(n)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        p = Path(directory) / name
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(p)
+            removed.append(name)
+        except OSError:
+            pass  # a live save holds it
+        finally:
+            os.close(fd)
+    return removed
+

@@ -165,3 +165,22 @@ def test_a_save_onto_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_pa
     assert len(lines) == 1 and "saving the checkpoint failed" in lines[0], res.stdout + res.stderr
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no half-written checkpoint left beside it
+
+
+def test_a_killed_saves_folder_is_removed_by_the_next_save_and_a_live_one_kept(tmp_path):
+    from graftlab.distributed.trust import hold
+
+    folder = tmp_path / "cks"
+    folder.mkdir()
+    stale = folder / f".step-00000002.{'a' * 16}.tmp"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"half")
+    live = folder / f".step-00000003.{'b' * 16}.tmp"
+    fd = hold(live)  # another process's save in progress
+    (folder / ".step-notes.tmp").mkdir()  # not graftlab's pattern: a user's
+    try:
+        model, opt = model_and_opt()
+        save_checkpoint(folder / "step-00000004", model, opt, extra={"step": 4})
+        assert sorted(p.name for p in folder.iterdir()) == [live.name, ".step-notes.tmp", "step-00000004"]
+    finally:
+        os.close(fd)
