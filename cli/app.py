@@ -208,8 +208,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     after its outputs are flushed. An error of the operating system (a read-only folder, a full
     disk, a name too long) is one ``error:`` line too, naming the path, with exit code 2.
     """
+    from graftlab.io.notes import one_line_warnings
+
     try:
-        code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
+        with one_line_warnings():  # a warning is a line like every other note, not a file path and a source line
+            code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
     except GraftlabError as err:
         typer.echo(f"error: {_one_line(err)}", err=True)
         return int(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)

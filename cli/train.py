@@ -32,6 +32,7 @@ def train(
     threads: options.Threads = None,
     eval_every: options.EvalEvery = None,
     metrics: options.Metrics = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the run's results: result.json (held-out metrics, settings), model.pt (the trained state_dict) and metrics.parquet (unless --metrics) (default: none: the results are printed only).")] = None,
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
@@ -44,6 +45,9 @@ def train(
     max_restarts: options.MaxRestarts = None,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
+    import dataclasses
+
+    from graftlab.errors import GraftlabError
     from graftlab.runs import make_config
     from graftlab.distributed import is_main
     from graftlab.runs import train as run
@@ -56,12 +60,25 @@ def train(
         checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
         on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
     )
+    inputs = [("config file", config), ("corrections file", corrections)]
+    if out is not None:
+        from graftlab.runs import train_out
+
+        if fsdp:  # the whole model is on no one process
+            raise GraftlabError("out saves the whole model from one process; with fsdp use checkpoint_dir")
+        train_out.check_out(out, overwrite=overwrite, metrics=cfg.metrics, inputs=inputs)
+        if cfg.metrics is None:
+            cfg = dataclasses.replace(cfg, metrics=train_out.metrics_path(out))
     # every option and path, before any work
-    cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
+    cfg.validate(overwrite=overwrite, inputs=inputs)
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
                  allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
+        if out is not None:
+            train_out.write(out, result, cfg, corrections)
         _report(cfg, result, corrections)
+        if out is not None:
+            typer.echo(f"results: {out} (result.json, model.pt)")
     result.raise_if_diverged()  # after the report and the metrics file: one line, exit code 3
 
 

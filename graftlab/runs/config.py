@@ -60,7 +60,10 @@ class RunConfig:
     # without checkpoint_dir and with on_divergence="restart": steps between in-memory restart points (0: 100)
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
     seed: int = 0  # seeds model init, data order, masking and dropout
-    threads: Optional[int] = None  # CPU threads for PyTorch; None: PyTorch's default (1 is far faster on a busy machine)
+    # CPU threads for PyTorch; None: PyTorch's default (the core count). 1 by default: on a shared,
+    # loaded machine PyTorch's threads wait on each other (bert tiny, 2 cores at load 15-18: 0.9-1.0
+    # steps/s with 1 thread, 0.1-0.8 with 2); on an idle machine pass its core count
+    threads: Optional[int] = 1
     # --- evaluation and logging ---
     eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
     eval_size: Optional[int] = None  # held-out sequences/images per evaluation; None: task default
