@@ -28,6 +28,12 @@ DEFAULT_STEPS = 300
 GRANULARITIES = ("layer", "global", "coordinate", "head", "vocab")
 
 
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 16 per core (torch.set_num_threads(100000) crashes
+    the process instead of refusing)."""
+    return 16 * (os.cpu_count() or 1)
+
+
 @dataclass
 class RunConfig:
     """The fields every run shares; see :class:`TrainConfig` and :class:`RecordConfig`."""
@@ -109,6 +115,8 @@ class RunConfig:
             raise GraftlabError(f"log_every must be >= 1, got {self.log_every}")
         if self.threads is not None and self.threads < 1:
             raise GraftlabError(f"threads must be at least 1, got {self.threads}")
+        if self.threads is not None and self.threads > max_threads():
+            raise GraftlabError(f"threads must be at most {max_threads()} (16 per CPU core here), got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise GraftlabError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         if self.checkpoint_dir is None:
