@@ -97,7 +97,7 @@ def distill(
         table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
                       ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
     longest = max((len(g) for g, _ in shown), default=10)
-    console = Console(width=max(Console().width, longest + 80))
+    console = Console(width=max(Console().width, longest + 80), markup=False)
     console.print(table)
     if len(shown) < len(records):
         console.print(f"{len(records) - len(shown)} more groups not listed (--max-groups 0 lists all; {out} holds every group)",

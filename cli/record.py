@@ -13,7 +13,8 @@ def record(
     task: options.Task = None,
     magnitude: Optional[str] = typer.Option(None, "--magnitude", "-m", help="M, the step size: sgd, adam, adamw, adagrad, rmsprop (default: adam)."),
     direction: Optional[str] = typer.Option(None, "--direction", "-d", help="D, the direction: sgd, adam, adamw, adagrad, rmsprop (default: sgd)."),
-    granularity: Optional[str] = typer.Option(None, "--granularity", "-g", help="layer (one group per tensor), global or coordinate (default: layer)."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", "-g", help="layer (one group per tensor), global, coordinate, head (attention per head) or vocab (head, plus embedding and output rows) (default: layer)."),
+    row_block: Optional[int] = typer.Option(None, "--row-block", help="With --granularity vocab: vocabulary rows per group (default: 1)."),
     steps: options.Steps = None,
     epochs: options.Epochs = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Trace directory to write (required, here or in --config)."),
@@ -55,7 +56,7 @@ def record(
     cfg = make_config(
         config, RecordConfig, task=task, size=size, data=options.path_str(data), steps=steps, epochs=epochs,
         batch_size=batch_size, magnitude=magnitude, direction=direction, magnitude_lr=magnitude_lr,
-        direction_lr=direction_lr, m_hparams=m_hparam, d_hparams=d_hparam, granularity=granularity,
+        direction_lr=direction_lr, m_hparams=m_hparam, d_hparams=d_hparam, granularity=granularity, row_block=row_block,
         schedule=schedule, warmup=warmup, power=power, milestones=milestones, gamma=gamma, device=device, seed=seed,
         threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), out=options.path_str(out),
         every=every, flush_every=flush_every, parallel="fsdp" if fsdp else None,
@@ -76,7 +77,7 @@ def _report(cfg, res) -> None:
 
     from graftlab.kinds import KIND_LABELS
 
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())
     fit, first = res.fit, res.fit.resumed_at
     speed = (f"{fit.steps_per_second:.1f} steps/s" if not first else

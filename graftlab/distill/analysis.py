@@ -26,6 +26,7 @@ import pandas as pd
 from graftlab.distill import medians as engine
 from graftlab.distill.degenerate import flag_window
 from graftlab.errors import GraftlabError
+from graftlab.kinds import whole_name
 
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
@@ -218,7 +219,7 @@ def attention_weights(groups: list[str], kinds: Values) -> pd.Series:
     Returns a bool Series indexed by ``groups``.
     """
     kind = pd.Series(kinds).reindex(groups)
-    names = pd.Series(groups, dtype=object).astype(str)
+    names = pd.Series([whole_name(str(g)) for g in groups], dtype=object)
     weight = names.str.rsplit(".", n=1).str[-1].str.lower().str.endswith("weight")
     out = kind.astype(str).isin(ATTENTION_KINDS).to_numpy() & weight.to_numpy(dtype=bool)
     return pd.Series(out, index=groups, dtype=bool)

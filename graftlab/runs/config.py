@@ -25,7 +25,13 @@ from graftlab.schedules import SCHEDULES, make_schedule
 from graftlab.tasks import SIZES, TASKS, Task, resolve_device
 
 DEFAULT_STEPS = 300
-GRANULARITIES = ("layer", "global", "coordinate")
+GRANULARITIES = ("layer", "global", "coordinate", "head", "vocab")
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 16 per core (torch.set_num_threads(100000) crashes
+    the process instead of refusing)."""
+    return 16 * (os.cpu_count() or 1)
 
 
 @dataclass
@@ -109,6 +115,8 @@ class RunConfig:
             raise GraftlabError(f"log_every must be >= 1, got {self.log_every}")
         if self.threads is not None and self.threads < 1:
             raise GraftlabError(f"threads must be at least 1, got {self.threads}")
+        if self.threads is not None and self.threads > max_threads():
+            raise GraftlabError(f"threads must be at most {max_threads()} (16 per CPU core here), got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise GraftlabError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         if self.checkpoint_dir is None:
@@ -208,7 +216,8 @@ class RecordConfig(RunConfig):
     direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
     m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
     d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
-    granularity: str = "layer"  # layer | global | coordinate
+    granularity: str = "layer"  # layer | global | coordinate | head | vocab
+    row_block: int = 1  # vocab: vocabulary rows per group
     out: Optional[str] = None  # trace directory
     every: int = 1  # record every k-th step
     flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
@@ -218,6 +227,8 @@ class RecordConfig(RunConfig):
         _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr")
         if self.granularity not in GRANULARITIES:
             raise GraftlabError(f"unknown granularity {self.granularity!r}: choose {', '.join(GRANULARITIES)}")
+        if isinstance(self.row_block, bool) or not isinstance(self.row_block, int) or self.row_block < 1:
+            raise GraftlabError(f"row_block must be a positive int, got {self.row_block!r}")
         if self.every < 1 or self.flush_every < 1:
             raise GraftlabError(f"every and flush_every must be >= 1, got {self.every} and {self.flush_every}")
         if self.steps is not None and self.every > self.steps:

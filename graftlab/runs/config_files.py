@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from graftlab.runs.config import C, TrainConfig
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import ConfigFileError, GraftlabError
 from graftlab.graft.optimizers import parse_hparams
 
@@ -117,6 +118,7 @@ def read_config_keys(path: str | os.PathLike) -> dict[str, Any]:
         GraftlabError: the file is missing, unreadable, not UTF-8, not parseable or not a mapping.
     """
     p = Path(path).expanduser()
+    check_regular(p, "config file")
     if not p.is_file():
         raise GraftlabError(f"config file {str(p)!r} does not exist")
     try:

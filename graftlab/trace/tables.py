@@ -171,7 +171,10 @@ def steps_column(path: Path, col: pa.Array) -> pa.Array:
     if col.null_count:
         raise GraftlabError(f"{path}: column step has {col.null_count} empty value(s)")
     if pa.types.is_integer(col.type):
-        return col.cast(pa.int64())
+        try:
+            return col.cast(pa.int64())  # checked: a uint64 step past 2**63 - 1 is no step number
+        except (pa.ArrowInvalid, OverflowError):
+            raise GraftlabError(f"{path}: column step holds values beyond the largest step number (2**63 - 1)") from None
     if pa.types.is_floating(col.type):
         vals = np.asarray(col)
         if not (np.isfinite(vals).all() and (vals == np.round(vals)).all()):
@@ -226,6 +229,11 @@ class NameOrder:
     def names(self) -> list[str]:
         return self.known.to_pylist()
 
+    def check(self, path: Path) -> None:
+        """GraftlabError for an empty group name (a group needs a name)."""
+        if len(self.known) and pc.any(pc.equal(pc.utf8_length(self.known), 0)).as_py():
+            raise GraftlabError(f"{path}: column group holds an empty name (a group needs a name)")
+
 
 def _signature(path: Path) -> tuple:
     files = [path] if path.is_file() else parquet_files(path)
@@ -249,6 +257,7 @@ def _summary(path: Path, signature: tuple) -> Summary:
             if batch.column("group").null_count:
                 raise GraftlabError(f"{path}: column group has empty values")
             order.add(batch.column("group"))
+        order.check(path)
         return Summary(order.names, bounds[0], int(bounds[1]), int(bounds[2]), None)
     rows, lo, hi, negative, first_negative = 0, None, None, 0, None
     distinct: list[np.ndarray] = []
@@ -269,6 +278,7 @@ def _summary(path: Path, signature: tuple) -> Summary:
     if negative:
         raise GraftlabError(f"{path}: step {first_negative} is negative (steps count optimizer steps from 0); "
                             f"{negative} row(s) have a negative step")
+    order.check(path)
     n_steps = len(np.unique(np.concatenate(distinct))) if distinct else 0
     return Summary(order.names, rows, lo, hi, n_steps)
 
