@@ -127,8 +127,9 @@ class Table:
 
     def step_bounds(self) -> Optional[tuple[int, int, int]]:
         """``(rows, first step, last step)`` from the Parquet footers alone, when ``step`` is an
-        integer column whose statistics every row group holds; else None (the column is read)."""
-        if self.fmt != "parquet" or not pa.types.is_integer(self.dataset.schema.field("step").type):
+        signed integer column whose statistics every row group holds; else None (the column is read)."""
+        # unsigned steps are read and checked (a uint64 past 2**63 - 1 is no step number)
+        if self.fmt != "parquet" or not pa.types.is_signed_integer(self.dataset.schema.field("step").type):
             return None
         import pyarrow.parquet as pq
 
