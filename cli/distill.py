@@ -13,13 +13,6 @@ def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
-def in_cli_terms(note: str) -> str:
-    """A distill note (worded in the library's parameters) in this command's flags."""
-    from graftlab.cli import app
-
-    return app.in_cli_terms(note, typer.main.get_command(app.app).commands["distill"].params)
-
-
 def _flag(d) -> str:
     """The flag with the few words of evidence behind a degenerate verdict."""
     short = (d.evidence or {}).get("short")
@@ -102,7 +95,7 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:
-        console.print(f"[yellow]warning: {in_cli_terms(note)}", soft_wrap=True)
+        console.print(f"[yellow]warning: {note}", soft_wrap=True)
     if src.get("divergence"):
         div = src["divergence"]
         console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.errors import GraftlabError, placeholders, OutputExistsError
 from graftlab.trace.layout import is_trace
 
 PathLike = Union[str, os.PathLike]
@@ -59,13 +59,19 @@ def trace_folder_of(path: PathLike) -> Optional[Path]:
     return None
 
 
+def _error(what: str, message: str) -> GraftlabError:
+    """An error about output ``what``: a parameter placeholder (``"{out}"``) makes it the error's
+    parameter, said as its flag on the command line."""
+    return GraftlabError(message, param=placeholders(what))
+
+
 def check_parents(path: PathLike, what: str) -> None:
     """GraftlabError if a file (not a folder) stands where one of ``path``'s parents goes."""
     p = Path(path).expanduser()
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise GraftlabError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+                raise _error(what, f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
             return
 
 
@@ -96,25 +102,25 @@ def check_output(
     check_parents(p, what)
     if folder:
         if p.exists() and not p.is_dir():
-            raise GraftlabError(f"{what} {str(p)!r} is a file, not a folder")
+            raise _error(what, f"{what} {str(p)!r} is a file, not a folder")
     elif p.is_dir():
-        raise GraftlabError(f"{what} {str(p)!r} is a folder, not a file")
+        raise _error(what, f"{what} {str(p)!r} is a folder, not a file")
     for name, source in inputs:
         if source is None:
             continue
         src = Path(source).expanduser()
         if _same(p, src) or (src.is_dir() and _within(p, src)):
-            raise GraftlabError(f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
+            raise _error(what, f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
     holder = trace_folder_of(p.parent if trace else p)
     if holder is not None:
         where = "is a trace folder" if holder == p else f"is inside the trace folder {str(holder)!r}"
-        raise GraftlabError(f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
+        raise _error(what, f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
     if not trace and p.is_file() and _is_trace_file(p):
-        raise GraftlabError(f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
+        raise _error(what, f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
     for t in new_traces:
         if t is not None and _within(p, Path(t).expanduser()):
-            raise GraftlabError(
-                f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
+            raise _error(
+                what, f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
                 "only trace parts: choose a path outside it"
             )
     if not folder and not may_exist and p.exists() and not overwrite:
