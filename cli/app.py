@@ -109,7 +109,9 @@ def _from_config_file(params: Sequence[Any], given: dict[str, Any]) -> dict[str,
 # One module per command under cli/, each exposing one function named like the command.
 for _module in (record, info, distill, show, train, plot, demo, experiment):
     _name = _module.__name__.rsplit(".", 1)[1]
-    app.command(_name)(_speaking_cli(_name, getattr(_module, _name)))
+    _command = getattr(_module, _name)
+    # the summary in `graftlab --help` whole: click cuts it to 45 characters with "..."
+    app.command(_name, short_help=(_command.__doc__ or "").strip().splitlines()[0])(_speaking_cli(_name, _command))
 
 
 def _one_line(text: str) -> str:
