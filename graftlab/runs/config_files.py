@@ -22,6 +22,8 @@ def _field_value(cls: type, name: str, value: Any, error: Callable[[str], Graftl
     -> its text), then checked against the field's schema (:func:`graftlab.runs.fields.check_value`);
     ``error(what is wrong)`` is the exception for a value it cannot be."""
     default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if value is None and default.default is not None:  # `steps:` with nothing after it
+        raise error("cannot be empty")
     kind = type(default.default_factory()) if default.default_factory is not dataclasses.MISSING else None
     if kind is list and isinstance(value, str):  # --milestones 0.5,0.75
         parts = [v.strip() for v in value.split(",")]
@@ -127,7 +129,12 @@ def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = 
         GraftlabError: an override that is not a field of ``cls`` or not of its type, named as the
             parameter it is (``lr must be a finite number, got nan``).
     """
-    base = load_config(config_path, cls) if config_path is not None else cls()
+    if config_path is None:
+        base = cls()
+    else:  # a file's value an option replaces is not checked: the option's is
+        replaced = {k for k, v in overrides.items() if v is not None and not isinstance(getattr(cls(), k, None), dict)}
+        given = {k: v for k, v in read_config_keys(config_path).items() if k not in replaced}
+        base = config_from_dict(given, cls, source=str(Path(config_path).expanduser()))
     values = asdict(base)
     unknown = sorted(k for k in overrides if k not in values)
     if unknown:

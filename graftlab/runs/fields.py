@@ -135,7 +135,7 @@ def _says(cls: type, name: str, err: Any) -> str:
     words = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in words:
         bound = next(iter(ctx.values()))
-        return f"must be {words[kind]} {bound}"
+        return f"must be {words[kind]} {int(bound) if float(bound).is_integer() else bound}"
     if kind == "finite_number":
         return "must be a finite number"
     if getattr(settings(cls).get(name), "path", False):

@@ -246,9 +246,9 @@ def _for_corrections(config: TrainConfig, loaded: Any, source: str | os.PathLike
         return dataclasses.replace(config, **changes)
     if config.optimizer.lower() != d_opt and not allow_other:
         raise GraftlabError(
-            f"{source}: the corrections were distilled for D={d_opt}, not optimizer={config.optimizer}; "
-            f"leave optimizer unset to train {d_opt}, or pass allow_other_optimizer=True"
-        )
+            f"{source}: the corrections were distilled for D={d_opt}, not {{optimizer={config.optimizer}}}; "
+            f"leave {{optimizer}} unset to train {d_opt}, or pass {{allow_other_optimizer=True}}",
+            param=("optimizer", "allow_other_optimizer"))
     return config
 
 
