@@ -214,7 +214,8 @@ def _distill(config: DemoConfig, trace: Path, folder: Path, echo: Callable[[str]
     if spec.lower() == "dauto":
         beta = choose_beta(distill(trace, window=window, round="none"))
         if beta is None:
-            raise GraftlabError("round='Dauto' needs groups inside transformer blocks with a usable median")
+            raise GraftlabError("{round='Dauto'} needs groups inside transformer blocks with a usable median",
+                                param="round")
         spec = f"D{beta:g}"
     corr = distill(trace, window=window, round=spec)
     corr_path = save(corr, folder / "corrections.json")

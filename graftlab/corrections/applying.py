@@ -242,23 +242,21 @@ def apply(
     if unknown and not allow_missing:
         raise GraftlabError(
             f"{len(unknown)} group(s) in the corrections match no parameter of this model "
-            f"(a file from another model?): {_listing(unknown)}; pass allow_missing=True to ignore them"
-        )
+            f"(a file from another model?): {_listing(unknown)}; pass {{allow_missing=True}} to ignore them",
+            param="allow_missing")
     slices = {g: _slice_of(g, names, params) for g in corrections.groups if g not in names}
     slices = {g: v for g, v in slices.items() if v is not None and targets[g]}
     sliced_schedules = sorted(g for g in slices if g in corrections.schedule)
     if sliced_schedules:
         raise GraftlabError(
             f"schedules for slices of a fused tensor are not supported ({_listing(sliced_schedules)}): "
-            "distill static multipliers (schedule=False) for such a model"
-        )
+            "distill static multipliers ({schedule=False}) for such a model", param="schedule")
     covered = {i for g in corrections.groups for i in targets[g]}
     missing = [n for i, n in enumerate(names) if i not in covered]
     if missing and not allow_missing:
         raise GraftlabError(
             f"{len(missing)} model parameter(s) have no correction in the file: {_listing(missing)}; "
-            "pass allow_missing=True to keep factor 1 for them"
-        )
+            "pass {allow_missing=True} to keep factor 1 for them", param="allow_missing")
 
     mult = [1.0] * len(names)
     scale: dict[int, Any] = {}

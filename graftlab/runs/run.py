@@ -172,8 +172,9 @@ def _check_checkpoint_to_resume(config: TrainConfig) -> None:
     from graftlab.distributed.checkpoints import resume_step
 
     if config.resume and config.checkpoint_dir is not None and resume_step(config) == 0:
-        raise GraftlabError(f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint: "
-                            "check checkpoint_dir, or leave out resume=True to train from scratch")
+        raise GraftlabError(f"{{resume=True}}: {{checkpoint_dir}} {config.checkpoint_dir!r} holds no complete "
+                            "checkpoint: check {checkpoint_dir}, or leave out {resume=True} to train from scratch",
+                            param=("resume", "checkpoint_dir"))
 
 
 def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continues: bool) -> None:
