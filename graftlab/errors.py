@@ -87,3 +87,42 @@ class DivergedError(GraftlabError):
     from the 2 of a bad input, after the metrics and trace of the steps run are written."""
 
     exit_code = 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks for constructors (Graft, Recorder), torch.optim style: each wrong type or value is
+# one GraftlabError naming its parameter, raised before anything is built.
+
+
+def check_whole(name: str, value: object, *, ge: int = 0, le: Optional[int] = None, optional: bool = False) -> Optional[int]:
+    """``value`` as an int in ``[ge, le]`` (None allowed when ``optional``); a bool, a float such as
+    2.5 or a string is refused, never truncated or parsed."""
+    import numbers
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GraftlabError(f"{{{name}}} must be a whole number{_range(ge, le)}, got {value!r}", param=name)
+    if value < ge or (le is not None and value > le):
+        raise GraftlabError(f"{{{name}}} must be a whole number{_range(ge, le)}, got {value!r}", param=name)
+    return int(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` as a bool; ``1``, ``"yes"`` or None are refused (a typo, not a switch)."""
+    if not isinstance(value, bool):
+        raise GraftlabError(f"{{{name}}} must be True or False, got {value!r}", param=name)
+    return value
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> object:
+    """``value`` if it is one of ``choices``."""
+    choices = tuple(choices)
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        said = ", ".join(repr(c) for c in choices)
+        raise GraftlabError(f"{{{name}}} must be one of {said}, got {value!r}", param=name)
+    return value
+
+
+def _range(ge: int, le: Optional[int]) -> str:
+    return f" in [{ge}, {le}]" if le is not None else f" >= {ge}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import time
 import weakref
 from pathlib import Path
@@ -29,7 +30,7 @@ from graftlab import trace
 
 from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
-from graftlab.errors import GraftlabError
+from graftlab.errors import GraftlabError, check_flag, check_whole
 from graftlab.graft.optimizer import Graft
 from graftlab.record.grad_norms import GradNorms
 from graftlab.kinds import Overrides
@@ -39,6 +40,7 @@ from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # n
 from graftlab.record.target import open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
+MAX_FLUSH_EVERY = 10**6  # recorded steps one part may hold before it is written
 DEFAULT_FLUSH_SECONDS = 30.0
 DEFAULT_GRAD_EVERY = 10
 
@@ -175,15 +177,27 @@ class Recorder:
         grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
         graft = self._find_graft(graft)
-        if int(every) < 1 or int(flush_every) < 1:
-            raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
-        if isinstance(grad_every, bool) or int(grad_every) < 0:
-            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
-        if flush_seconds is not None and not (isinstance(flush_seconds, (int, float)) and flush_seconds > 0):
-            raise GraftlabError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise GraftlabError(f"{{path}} must be a folder name (str or os.PathLike), got {path!r}", param="path")
+        every, grad_every = check_whole("every", every, ge=1), check_whole("grad_every", grad_every, ge=0)
+        # a part's rows are held on the device until written: a bound that fits any run's memory
+        flush_every = check_whole("flush_every", flush_every, ge=1, le=MAX_FLUSH_EVERY)
+        start_step = check_whole("start_step", start_step, ge=0, optional=True)
+        for name, flag in (("overwrite", overwrite), ("resume", resume), ("record_lr", record_lr)):
+            check_flag(name, flag)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise GraftlabError(f"{{metadata}} must be a mapping (a dict) or None, got {type(metadata).__name__}",
+                                param="metadata")
+        if model is not None and not isinstance(model, nn.Module):
+            raise GraftlabError(f"{{model}} must be a torch.nn.Module or None, got {type(model).__name__}",
+                                param="model")
+        if flush_seconds is not None and (isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float))
+                                          or not 0 < flush_seconds < math.inf):
+            raise GraftlabError(f"{{flush_seconds}} must be a positive number of seconds or None, got {flush_seconds!r}",
+                                param="flush_seconds")
         callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
         if not all(callable(c) for c in callbacks):
-            raise GraftlabError("on_flush must be a callable f(table, metadata) or a list of them")
+            raise GraftlabError("{on_flush} must be a callable f(table, metadata) or a list of them", param="on_flush")
         self.graft = graft
         self.path = Path(path)
         self.every = int(every)
@@ -191,8 +205,6 @@ class Recorder:
         self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
         self.record_lr = bool(record_lr)
         self._next_step = graft.steps if start_step is None else int(start_step)
-        if self._next_step < 0:
-            raise GraftlabError(f"start_step must be >= 0, got {start_step}")
         self.group_kinds = group_kinds(graft, model, kinds)
         self.metadata = run_metadata(graft, self.group_kinds, metadata or {}, self.path, every=self.every,
                                      flush_every=self.flush_every, start_step=self._next_step)

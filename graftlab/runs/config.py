@@ -20,14 +20,13 @@ from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.graft.optimizers import OPTIMIZERS, make_optimizer
 from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, setting
 from graftlab.trace.outputs import check_output
-from graftlab.record.recorder import DEFAULT_FLUSH_EVERY
+from graftlab.record.recorder import DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY as MAX_FLUSH
 from graftlab.trace import is_trace
 from graftlab.schedules import SCHEDULES, make_schedule
 from graftlab.tasks import SIZES, TASKS, Task, resolve_device
 
 DEFAULT_STEPS = 300
 GRANULARITIES = ("layer", "global", "coordinate")
-MAX_FLUSH = 10**6  # recorded steps one part holds in memory before it is written
 
 
 @dataclass
