@@ -13,7 +13,6 @@ makes one option of each, so a new run option is one field there. Every option d
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import inspect
 from pathlib import Path
@@ -54,8 +53,8 @@ def _option(field: dataclasses.Field, hint: Any, s: Setting) -> tuple[Any, Any]:
         kind: Any = list[str]
     elif s.path:
         kind = Path
-    elif s.choices is not None:  # listed in the help as [a|b|c], checked by the parser
-        kind = enum.Enum(field.name, {c: c for c in s.choices}, type=str)
+    elif s.choices is not None:  # listed in the help; checked with the field's schema, as in a config file
+        kind, extra["metavar"] = str, "<" + "|".join(s.choices) + ">"
     else:
         args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
         base = args[0] if args else hint
@@ -93,8 +92,6 @@ def run_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]
                 s = settings(cls)[name]
                 if s.switch is not None:
                     value = s.switch if value else None
-                if isinstance(value, enum.Enum):
-                    value = value.value
                 if value is not None and value != []:
                     values[name] = value
             return func(values, **{k: v for k, v in kwargs.items() if k in names})
