@@ -298,14 +298,14 @@ def compile_tie(tie: str) -> "re.Pattern[str]":
     """
     for m in re.finditer(r"\{(\d+)(?:,(\d*))?\}", tie):
         if max(int(m[1]), int(m[2] or 0)) > MAX_REPEAT:
-            raise GraftlabError(f"{{tie={tie!r}}} repeats more than {MAX_REPEAT} times ({m[0]}): group names are "
+            raise GraftlabError(f"{{tie}} {tie!r} repeats more than {MAX_REPEAT} times ({m[0]}): group names are "
                                 "short; write a shorter count", param="tie")
     if len(tie) > 10_000:
         raise GraftlabError(f"{{tie}} is {len(tie)} characters long: at most 10000", param="tie")
     try:
         return re.compile(tie)
     except (re.error, OverflowError, RecursionError) as err:
-        raise GraftlabError(f"{{tie={tie!r}}} is not a valid regex: {err}", param="tie") from None
+        raise GraftlabError(f"{{tie}} {tie!r} is not a valid regex: {err}", param="tie") from None
 
 
 def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = None) -> pd.Series:

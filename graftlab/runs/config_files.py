@@ -129,22 +129,19 @@ def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = 
         GraftlabError: an override that is not a field of ``cls`` or not of its type, named as the
             parameter it is (``lr must be a finite number, got nan``).
     """
-    if config_path is None:
-        base = cls()
-    else:  # a file's value an option replaces is not checked: the option's is
-        replaced = {k for k, v in overrides.items() if v is not None and not isinstance(getattr(cls(), k, None), dict)}
-        given = {k: v for k, v in read_config_keys(config_path).items() if k not in replaced}
-        base = config_from_dict(given, cls, source=str(Path(config_path).expanduser()))
-    values = asdict(base)
-    unknown = sorted(k for k in overrides if k not in values)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in overrides if k not in fields)
     if unknown:
-        raise GraftlabError(f"unknown parameter(s) {_unknown(unknown, list(values))} of {cls.__name__}")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        def error(what: str, key: str = key) -> GraftlabError:
-            return GraftlabError(f"{{{key}}} {what}", param=key)
+        raise GraftlabError(f"unknown parameter(s) {_unknown(unknown, sorted(fields))} of {cls.__name__}")
+    given = {}
+    for key, value in overrides.items():  # the options first: a bad one is named as given
+        if value is not None:
+            def error(what: str, key: str = key) -> GraftlabError:
+                return GraftlabError(f"{{{key}}} {what}", param=key)
 
-        value = _field_value(cls, key, value, error)
+            given[key] = _field_value(cls, key, value, error)
+    # then the file's values, every one of them, whether an option replaces it or not
+    values = asdict(load_config(config_path, cls) if config_path is not None else cls())
+    for key, value in given.items():
         values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
     return cls(**values)
