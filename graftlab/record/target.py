@@ -149,9 +149,9 @@ def _check_same_run(path: Path, old: dict[str, Any], new: dict[str, Any], group_
     for key in IDENTITY:
         a, b = old.get(key), new.get(key)
         if a is not None and b is not None and a != b:
-            raise GraftlabError(f"{path}: cannot resume, the trace was recorded with {key}={a!r} and this run has "
-                                f"{key}={b!r}; record another trace (or pass {{overwrite=True}} to replace it)",
-                                param="overwrite")
+            raise GraftlabError(f"{path}: cannot resume, the trace was recorded with {{{key}={a!r}}} and this run "
+                                f"has {{{key}={b!r}}}; record another trace (or pass {{overwrite=True}} to replace it)",
+                                param=("overwrite", key))
     for role in ("magnitude", "direction"):
         a, b = (old.get(role) or {}).get("class"), (new.get(role) or {}).get("class")
         if a and b and a != b:

@@ -91,9 +91,9 @@ def resumed_metrics(path: Path, config: Mapping[str, Any], overwrite: bool) -> O
         if a is not None and b is not None and _json(a) != _json(b):
             if overwrite:
                 return None
-            raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds another run ({key}={a!r}, "
-                                f"this run has {key}={b!r}); choose another metrics file, or pass {{overwrite=True}} "
-                                "to replace it", param=_NAMES)
+            raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds another run "
+                                f"({{{key}={a!r}}}, this run has {{{key}={b!r}}}); choose another metrics file, or "
+                                "pass {overwrite=True} to replace it", param=(*_NAMES, key))
     return frame
 
 

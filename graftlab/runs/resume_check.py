@@ -55,8 +55,8 @@ def check_resumable(config: Any, path: Path, overwrite: bool, *, steps: int) -> 
         a, b = recorded.get(key), mine.get(key)
         same = _same_path(a, b, path) if key == "data" else _json(a) == _json(b)
         if a is not None and b is not None and not same:
-            raise GraftlabError(f"{refuse}, and they are another run's ({key}={a!r}, this run has {key}={b!r}); "
-                                "pass {overwrite=True} to record from scratch", param=_RESUME)
+            raise GraftlabError(f"{refuse}, and they are another run's ({{{key}={a!r}}}, this run has {{{key}={b!r}}}); "
+                                "pass {overwrite=True} to record from scratch", param=(*_RESUME, key))
 
 
 def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
@@ -114,8 +114,8 @@ def check_resumed_schedule(config: Any) -> Optional[str]:
         return None
     done = int(extra.get("step", checkpoint_step(latest)))
     changed = [k for k in SCHEDULE_SETTINGS if _json(theirs.get(k)) != _json(mine[k])]
-    was = ", ".join(f"{k}={theirs.get(k)!r}" for k in changed)
-    now = ", ".join(f"{k}={mine[k]!r}" for k in changed)
+    was = ", ".join(f"{{{k}={theirs.get(k)!r}}}" for k in changed)  # the settings, as placeholders
+    now = ", ".join(f"{{{k}={mine[k]!r}}}" for k in changed)
 
     def rates(s: dict[str, Any]) -> list[float]:
         f = make_schedule(s["schedule"], s["steps"], s["warmup"] or 0.0, power=s["power"],
@@ -131,9 +131,9 @@ def check_resumed_schedule(config: Any) -> Optional[str]:
         raise GraftlabError(
             f"{{resume=True}}: {where} was saved by a run with {was}; this run has {now}, which gives the {done} "
             f"steps already run other learning rates ({mine['schedule']!r} schedule): resume with {was}, or start "
-            "a new run with another {checkpoint_dir}", param=_RESUME)
-    return (f"resuming {where} (saved with {was}) with {now}: the {mine['schedule']!r} schedule gives the steps "
-            "already run the same learning rates")
+            "a new run with another {checkpoint_dir}", param=(*_RESUME, *changed))
+    return GraftlabError(f"resuming {where} (saved with {was}) with {now}: the {mine['schedule']!r} schedule gives "
+                         "the steps already run the same learning rates", param=changed).say()
 
 
 def _plain(value: Any) -> Any:
