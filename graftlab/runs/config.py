@@ -11,19 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence, TypeVar
 
-import torch
+from typing import TYPE_CHECKING
 
-from graftlab.runs.resume_check import check_resumable
-from graftlab.distributed.env import MODES
 from graftlab.distill.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.graft.optimizers import OPTIMIZERS, make_optimizer
 from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, setting
-from graftlab.trace.outputs import check_output
-from graftlab.record.recorder import DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY as MAX_FLUSH
-from graftlab.trace import is_trace
+from graftlab.runs.resume_check import check_resumable
 from graftlab.schedules import SCHEDULES, make_schedule
-from graftlab.tasks import SIZES, TASKS, Task, resolve_device
+from graftlab.trace import is_trace
+from graftlab.trace.outputs import check_output
+
+if TYPE_CHECKING:
+    from graftlab.tasks import Task
+
+# The choices of the settings, here without importing torch (the command line's help lists them,
+# and `graftlab --help` imports no torch); tests/runs/test_train.py checks each against the module
+# that defines it (graftlab.tasks, graftlab.graft.optimizers, graftlab.graft.partition, ...).
+TASKS = ("bert", "gpt", "resnet")
+SIZES = ("tiny", "small", "base")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+MODES = ("none", "ddp", "fsdp")
+DEFAULT_FLUSH_EVERY = 100  # graftlab.record.recorder's
+MAX_FLUSH = 10**6  # graftlab.record.recorder.MAX_FLUSH_EVERY
 
 DEFAULT_STEPS = 300
 GRANULARITIES = ("layer", "global", "coordinate")
@@ -140,6 +149,8 @@ class RunConfig:
             raise GraftlabError(f"{{data}} {self.data!r} does not exist", param="data")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
             raise GraftlabError(f"unknown {{device}} {self.device!r}: choose cpu, cuda, cuda:N or auto", param="device")
+        from graftlab.tasks import resolve_device
+
         resolve_device(self.device)
 
     def _validate_optimizers(self) -> None:
@@ -172,7 +183,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
 
-    optimizer: Optional[str] = setting(None, "The optimizer.", choices=tuple(OPTIMIZERS),
+    optimizer: Optional[str] = setting(None, "The optimizer.", choices=OPTIMIZERS,
                                        default_text="D's optimizer of --corrections, else adam")
     lr: Optional[float] = setting(None, "Peak learning rate.", ge=0, default_text="D's recorded lr with "
                                   "--corrections, else the task's default for the optimizer")
@@ -195,8 +206,8 @@ class RecordConfig(RunConfig):
     """A grafted run M#D that records every group's ratio to a trace (``graftlab record``)."""
 
     # M gives the step size (the schedule is attached to it), D the direction
-    magnitude: str = setting("adam", "M, the step size.", aliases=("-m",), choices=tuple(OPTIMIZERS))
-    direction: str = setting("sgd", "D, the direction.", aliases=("-d",), choices=tuple(OPTIMIZERS))
+    magnitude: str = setting("adam", "M, the step size.", aliases=("-m",), choices=OPTIMIZERS)
+    direction: str = setting("sgd", "D, the direction.", aliases=("-d",), choices=OPTIMIZERS)
     magnitude_lr: Optional[float] = setting(None, "M's peak learning rate, the step size.", aliases=("--lr",),
                                             ge=0, default_text="the task's for M")
     direction_lr: Optional[float] = setting(None, "D's learning rate.", ge=0, default_text="the task's for D")
@@ -256,6 +267,10 @@ C = TypeVar("C", bound=RunConfig)
 def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str, hparams_field: str) -> None:
     for key, value in hparams.items():
         hparams[key] = check_hparam(name, key, value, hparams_field)
+    import torch
+
+    from graftlab.graft.optimizers import make_optimizer
+
     # on one throwaway parameter, the optimizer's own checks of names and ranges run before the task is built
     try:
         make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.0 if lr is None else lr, **hparams)

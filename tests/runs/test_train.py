@@ -503,3 +503,18 @@ def test_make_config_errors_name_their_parameter(given, says, param):
     with pytest.raises(GraftlabError) as info:
         make_config(None, RecordConfig, **given).validate(outputs=False)
     assert says in str(info.value) and param in info.value.params
+
+
+def test_setting_choices_match_the_modules_that_define_them():
+    """config.py lists the choices without importing torch; they are the defining modules' own."""
+    import graftlab.runs.config as config
+    from graftlab import tasks
+    from graftlab.distributed.env import MODES
+    from graftlab.graft.optimizers import OPTIMIZERS
+    from graftlab.graft.partition import GRANULARITIES
+    from graftlab.record.recorder import DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY
+
+    assert config.TASKS == tasks.TASKS and config.SIZES == tasks.SIZES and config.MODES == MODES
+    assert config.OPTIMIZERS == tuple(OPTIMIZERS)
+    assert set(GRANULARITIES) <= set(config.GRANULARITIES)
+    assert (config.DEFAULT_FLUSH_EVERY, config.MAX_FLUSH) == (DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY)
