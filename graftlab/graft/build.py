@@ -1,9 +1,19 @@
-"""What a :class:`~graftlab.Graft` derives from its children's parameter groups, built once at
-construction and again when groups are added: the grafted tensors and their names, the partition,
-the path, the norm seam (:mod:`graftlab.graft.norms`) and the parameter-sized buffers.
+"""What a :class:`~graftlab.Graft` derives from its children's parameter groups, built at
+construction and again whenever those groups change: the grafted tensors and their names, the
+partition, the path, the norm seam (:mod:`graftlab.graft.norms`), the fused layout and the
+parameter-sized buffers.
+
+Training stacks change the parameters after the optimizer is built: ``model.double()`` and
+``model.to(device)`` keep the Parameter objects but replace their data (dtype, device); accelerate
+and FSDP2 swap the tensors in ``optimizer.param_groups`` (the Graft's groups are M's:
+``AcceleratedOptimizer._switch_parameters``, ``fsdp2_switch_optimizer_parameters``).
+:func:`signature` notices all of these at every step from tensor metadata alone (no host sync), and
+:func:`build` then follows them: a swap in M's groups is carried into D's (:func:`carry_swaps`), and
+everything derived is rebuilt, so no step ever runs on stale tensors or buffers.
 
 Everything is validated before anything is replaced, so a refused change (tensors the two children
-do not share, a tensor with no name) leaves the Graft as it was.
+do not share, a tensor with no name, a child whose state lives elsewhere than its tensor) leaves
+the Graft as it was.
 """
 from __future__ import annotations
 
@@ -37,10 +47,62 @@ def same_params(magnitude: Optimizer, direction: Optimizer) -> list[Tensor]:
 
 
 def signature(graft: Any) -> tuple:
-    """Cheap per-step test for groups added to the children: the sizes of their groups."""
-    return tuple(len(g["params"]) for g in graft.magnitude.param_groups), tuple(
-        len(g["params"]) for g in graft.direction.param_groups
-    )
+    """What everything :func:`build` derives depends on, read from tensor metadata only (no host
+    sync): which tensors each child's groups hold, and M's tensors' dtype, device and shape (D's are
+    the same objects once checked). With ``fused=True`` also where each tensor's data lives: the
+    fused layout holds views of it, which ``p.data = ...`` would leave stale."""
+    m = tuple(tuple((id(p), p.dtype, p.device, p.shape) for p in g["params"]) for g in graft.magnitude.param_groups)
+    d = tuple(tuple(map(id, g["params"])) for g in graft.direction.param_groups)
+    if getattr(graft, "_fused_choice", False):
+        return m, d, tuple(p.data_ptr() for g in graft.magnitude.param_groups for p in g["params"])
+    return m, d
+
+
+def carry_swaps(graft: Any) -> Optional[list[list[Tensor]]]:
+    """Carry tensors swapped into M's groups into D's groups, in place; returns D's groups' previous
+    tensor lists (to put back if the rebuild is refused), or None when nothing was swapped.
+
+    A training stack swaps the tensors of ``optimizer.param_groups``, which on a Graft are M's:
+    position by position, the tensor M now holds where it held another grafted before replaces
+    that one wherever D still holds it, and takes over its name (so its group keeps its name).
+    """
+    old = graft._params
+    pm = [p for g in graft.magnitude.param_groups for p in g["params"]]
+    if not old or len(pm) != len(old):
+        return None
+    old_ids = {id(p) for p in old}
+    swap = {id(o): n for o, n in zip(old, pm) if o is not n and id(n) not in old_ids}
+    if not swap or not any(id(p) in swap for g in graft.direction.param_groups for p in g["params"]):
+        return None
+    previous = [list(g["params"]) for g in graft.direction.param_groups]
+    for g in graft.direction.param_groups:
+        g["params"] = [swap.get(id(p), p) for p in g["params"]]
+    for o in old:
+        if id(o) in swap:
+            graft._names.follow(o, swap[id(o)])
+    return previous
+
+
+def _check_states(graft: Any, params: list[Tensor], locals_: list[Tensor]) -> None:
+    """Raise GraftlabError when a torch.optim child already holds state for a tensor on another
+    device or in another dtype than the tensor now has (moved or cast after steps were taken):
+    torch.optim's own step would fail there too, part-way through the groups."""
+    for role in ("magnitude", "direction"):
+        opt = getattr(graft, role)
+        if updates.step_owner(opt) is None:  # another library's optimizer keeps state as it likes
+            continue
+        for p, local in zip(params, locals_):
+            for key, t in opt.state.get(p, {}).items():
+                if not isinstance(t, Tensor) or t.dim() == 0 or key == "step":
+                    continue
+                t = getattr(t, "_local_tensor", t)
+                if t.device != local.device or t.dtype != local.dtype:
+                    name = graft._names.names_for([p])[0] if id(p) in graft._names._by_id else "a parameter"
+                    raise GraftlabError(
+                        f"{name} is now {local.dtype} on {local.device}, but the {role} optimizer "
+                        f"{type(opt).__name__} holds its state {key!r} as {t.dtype} on {t.device}: cast or move "
+                        "the model before the optimizers take a step, or load a state dict after moving it "
+                        "(load_state_dict casts the state to the parameters)")
 
 
 def importable(fn: Any) -> bool:
@@ -77,7 +139,7 @@ def _partition(graft: Any, params: list[Tensor]) -> Partition:
     given = {}
     for group in graft.magnitude.param_groups:  # torch.optim keeps (name, tensor) pairs' names here
         given.update((id(p), n) for p, n in zip(group["params"], group.get("param_names", ())))
-    names = graft._names.names_for(params, given)
+    names = graft._names.names_for(params, given, later=bool(graft._params))
     gran = graft._granularity
     if gran is None:  # unpickled without its label function: the labels seen so far
         known = graft._known_labels
@@ -120,6 +182,11 @@ def _fused(graft: Any, params: list[Tensor], part: Partition, rules: Optional[tu
                        norm_dtype=dtype)
 
 
+def _fits(buffer: Tensor, like: Tensor) -> bool:
+    return (buffer.shape == like.shape and buffer.dtype == like.dtype and buffer.device == like.device
+            and type(buffer) is type(like))
+
+
 def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
     if not all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
         from graftlab.graft.shards import shard_layout  # only sharded tensors need it
@@ -136,11 +203,25 @@ def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
 
 @torch._disable_dynamo  # eager even inside a compiled step: compiled code would drop these updates
 def build(graft: Any) -> None:
-    """(Re)build ``graft``'s partition, path, norm seam and buffers from its children's groups.
+    """(Re)build ``graft``'s partition, path, norm seam and buffers from its children's groups,
+    after carrying a swap made in M's groups into D's (:func:`carry_swaps`).
 
-    Buffers of tensors grafted before are kept; new tensors get new ones (allocated here, never in
-    a step, so that ``torch.compile`` sees them from the first step).
+    Buffers of tensors grafted before are kept where the tensor kept its shape, dtype and device;
+    other tensors get new ones (allocated here, never in a step, so that ``torch.compile`` sees them
+    from the first step). Raises GraftlabError, with D's groups put back and nothing else changed,
+    when the children no longer hold the same tensors or a child's state does not fit its tensor.
     """
+    previous = carry_swaps(graft)
+    try:
+        _build(graft)
+    except BaseException:
+        if previous is not None:
+            for g, ps in zip(graft.direction.param_groups, previous):
+                g["params"] = ps
+        raise
+
+
+def _build(graft: Any) -> None:
     params = same_params(graft.magnitude, graft.direction)
     partition = _partition(graft, params)
     rules = _rules(graft)
@@ -152,12 +233,14 @@ def build(graft: Any) -> None:
     old = {id(p): i for i, p in enumerate(graft._params)}
     locals_ = norms.locals(params)
     device = locals_[0].device
+    _check_states(graft, params, locals_)
 
     def buffers(name: str, like: list[Tensor], wanted: bool) -> Optional[list[Tensor]]:
         prev = getattr(graft, name, None)
         if not wanted:
             return None
         keep = {i: prev[old[id(p)]] for i, p in enumerate(params) if prev is not None and id(p) in old}
+        keep = {i: b for i, b in keep.items() if _fits(b, like[i])}  # cast or moved: a new buffer
         return [keep[i] if i in keep else torch.empty_like(t, memory_format=torch.preserve_format)
                 for i, t in enumerate(like)]
 
@@ -182,6 +265,7 @@ def build(graft: Any) -> None:
     graft._signature = signature(graft)
     graft._index = None if partition.one_tensor_per_group else torch.tensor(partition.tensor_group, device=device)
     shape = (3, len(partition.group_names))
-    if graft._stats is None or graft._stats.shape != shape:
+    stats = graft._stats
+    if stats is None or stats.shape != shape or stats.dtype != norm_dtype or stats.device != device:
         graft._stats = torch.full(shape, float("nan"), device=device, dtype=norm_dtype)
     graft._sparse_only = any(child_steps.refusal(o, False, True) for o in children)

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import inspect
+import re
 from itertools import chain
 from typing import Any, Callable, Optional
 
@@ -149,6 +151,28 @@ def generic(graft: Any, opt: Optimizer, params: list[Tensor], *, first: bool, gr
 
 
 # -- checks made before anything moves ---------------------------------------------------------------
+_REFUSES_NO_CLOSURE = re.compile(r"if\s+closure\s+is\s+None\s*:\s*(#[^\n]*)?\n\s*raise\b")
+
+
+def needs_closure(opt: Optimizer) -> bool:
+    """Whether ``opt.step`` cannot run without a closure: its ``closure`` argument has no default
+    (torch.optim.LBFGS), or its code raises when none is given (SAM and its kin in
+    pytorch_optimizer). Such an optimizer re-evaluates the loss at weights of its own choosing, so
+    it cannot step from the ``(w_t, g_t)`` both children share."""
+    step = getattr(type(opt), "step", None)
+    if step is None or getattr(opt, "_keeps_gradients", False):  # a Graft takes any closure
+        return False
+    try:
+        param = inspect.signature(step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    if param is not None and param.default is inspect.Parameter.empty:
+        return True
+    try:
+        source = inspect.getsource(inspect.unwrap(step))
+    except (OSError, TypeError):
+        return False
+    return bool(_REFUSES_NO_CLOSURE.search(source))
 def refusal(opt: Optimizer, sparse: bool, dense: bool) -> Optional[str]:
     """Why ``opt`` would refuse gradients of these layouts, or None. An optimizer that knows
     (a Graft, about its children) answers through its own ``_refusal`` method."""

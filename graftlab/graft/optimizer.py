@@ -71,7 +71,8 @@ class Graft(Optimizer):
     dtype; complex tensors count as pairs of reals, as in torch.optim. Memory: one
     parameter-sized buffer (two at coordinate granularity, one more on the generic path when a
     child's ``step`` comes from outside torch.optim and may edit gradients), allocated at
-    construction; none with ``fused=True`` (until a step takes the generic path). A step does no
+    construction (again, at the next step, for tensors cast, moved or swapped since); none with
+    ``fused=True`` (until a step takes the generic path). A step does no
     host-device synchronisation and allocates nothing parameter-sized.
 
     Attributes:
@@ -105,8 +106,17 @@ class Graft(Optimizer):
         >>> sd["graft"]
         {'granularity': 'layer', 'groups': ['weight', 'bias'], 'steps': 1}
 
+    Parameters changed after construction are followed, as a torch optimizer follows them:
+    ``model.double()``, ``model.to(device)`` (dtype and device of the same Parameter objects: buffers,
+    norm dtype, ``last_stats`` and the fused layout are rebuilt at the next step) and tensors swapped
+    in the Graft's ``param_groups`` (accelerate, FSDP2: the swap is carried into D's groups, the
+    new tensor keeps the old one's group name). The check reads tensor metadata only. A child
+    whose state already lives on another device or dtype than its tensor is an error, as it is
+    for torch.optim. ``train()``/``eval()`` reach the children that have them (schedule-free).
+
     Raises:
-        GraftlabError: a child that is not an optimizer, the same optimizer twice, children over
+        GraftlabError: a child that is not an optimizer, a child whose ``step`` needs a closure
+            (LBFGS; SAM-style optimizers), the same optimizer twice, children over
             different tensors, an unknown ``granularity`` or ``path``, names that miss an optimized
             tensor, ``path="direct"`` for a child without a direct rule, ``fused=True`` without the
             direct path or with sharded parameters, and at :meth:`step`
@@ -143,6 +153,13 @@ class Graft(Optimizer):
                                 f"{type(names).__name__}", param="names")
         check_choice("split", split, SPLITS)
         check_flag("fused", fused)
+        for role, opt in (("magnitude", magnitude), ("direction", direction)):
+            if child_steps.needs_closure(opt):
+                raise GraftlabError(
+                    f"the {role} optimizer {type(opt).__name__} needs a closure in every step (it evaluates the "
+                    "loss at weights of its own choosing, several times a step), which has no grafted "
+                    "meaning: both children must step from the same (w_t, g_t); choose an optimizer whose "
+                    "step takes the gradient as it is")
         self.magnitude = magnitude
         self.direction = direction
         self._granularity = granularity
@@ -152,6 +169,7 @@ class Graft(Optimizer):
         self._names = TensorNames(names)
         # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
         self._step_count = torch.zeros((), dtype=torch.int64)
+        self._zero_grad_calls = 0  # the Recorder tells a skipped step from an accumulating micro-batch by it
         # torch.optim.Optimizer's own set-up minus its param_groups (the Graft's are M's): hooks,
         # the step wrapper that fires them, an (empty) per-parameter state
         Optimizer.__setstate__(self, {"state": defaultdict(dict)})
@@ -213,7 +231,8 @@ class Graft(Optimizer):
     def last_stats(self) -> Tensor:
         """``(3, n_groups)``: ``norm_m``, ``norm_d``, ``ratio`` of the last step (NaN before the first).
 
-        The same tensor is updated in place every step (a new one when groups are added).
+        The same tensor is updated in place every step (a new one when groups are added or the
+        parameters are cast or moved).
         """
         return self._stats
 
@@ -230,7 +249,9 @@ class Graft(Optimizer):
         ``param_group`` goes to M as to any optimizer (its options, such as ``lr``, are M's; M's
         defaults fill the rest). D gets the same tensors with its own defaults, updated by the
         options in ``direction``. ``params`` may hold ``(name, tensor)`` pairs, which name new
-        groups at layer granularity. Raises GraftlabError for a malformed group or tensors the
+        groups at layer granularity; a tensor without a name is ``param.<i>`` by its position
+        ``i`` among the grafted tensors, as torch numbers them (with ``names=`` given as pairs;
+        a module given as ``names=`` must name it). Raises GraftlabError for a malformed group or tensors the
         optimizers already hold; nothing changes then.
         """
         m_group, d_group = build.children_groups(self, param_group, direction or {})
@@ -247,10 +268,38 @@ class Graft(Optimizer):
             self.direction.param_groups.pop()
             raise
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One grafted step. A ``closure`` is evaluated once, before the children step.
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad`` (over M's groups: the same tensors as D's)."""
+        self._zero_grad_calls = getattr(self, "_zero_grad_calls", 0) + 1
+        super().zero_grad(set_to_none)
 
-        Raises GraftlabError, before anything changes, for gradients a child is known to refuse.
+    def train(self) -> None:
+        """Put the children that have a train mode in it (schedule-free optimizers: their step
+        refuses to run otherwise), M first. accelerate's ``AcceleratedOptimizer`` and the HF Trainer
+        call it when the optimizer they hold has it."""
+        self._children_call("train")
+
+    def eval(self) -> None:
+        """Put the children that have an eval mode in it (schedule-free optimizers swap the weights
+        to their averaged iterate), M first; :meth:`train` undoes it. Only one child should move
+        the weights this way: both would move the same tensors from their own averages."""
+        self._children_call("eval")
+
+    def _children_call(self, method: str) -> None:
+        for child in (self.magnitude, self.direction):
+            fn = getattr(child, method, None)
+            if callable(fn):
+                fn()
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One grafted step. A ``closure`` is evaluated once, before the children step, and the
+        children step on the gradients it left (so ``step(closure)`` is ``closure(); step()``).
+        Children that need a closure of their own (LBFGS, SAM) are refused at construction.
+
+        Before stepping, the Graft checks from tensor metadata (no host sync) that its children's
+        groups hold the tensors, dtypes and devices it was built for, and follows a change
+        (:mod:`graftlab.graft.build`). Raises GraftlabError, before anything changes, for gradients
+        a child is known to refuse or a change it cannot follow.
         """
         loss = None
         if closure is not None:

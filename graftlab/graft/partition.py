@@ -108,6 +108,8 @@ class TensorNames:
 
     def __init__(self, names: Names) -> None:
         self.auto = names is None
+        # pairs given as a list: tensors added later without a name are named by their position
+        self.listed = names is not None and not isinstance(names, nn.Module)
         self.pairs = named_tensors(names)
         self._index()
 
@@ -117,11 +119,19 @@ class TensorNames:
             self._by_id.setdefault(id(p), name)
 
     def __getstate__(self) -> dict:
-        return {"auto": self.auto, "pairs": self.pairs}
+        return {"auto": self.auto, "listed": self.listed, "pairs": self.pairs}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"listed": False, **state})
         self._index()  # identities change in a copy
+
+    def follow(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Give ``new`` the name of ``old``: a tensor a training stack swapped in for it (sharded,
+        moved); the group keeps its name and so its column in a trace."""
+        name = self._by_id.get(id(old))
+        if name is not None and id(new) not in self._by_id:
+            self.pairs.append((name, new))
+            self._by_id[id(new)] = name
 
     def add(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Name tensors not named yet (a tensor keeps the first name it gets)."""
@@ -130,11 +140,18 @@ class TensorNames:
                 self.pairs.append((str(name), p))
                 self._by_id[id(p)] = str(name)
 
-    def names_for(self, params: Sequence[torch.Tensor], given: Optional[Mapping[int, str]] = None) -> list[str]:
+    def names_for(self, params: Sequence[torch.Tensor], given: Optional[Mapping[int, str]] = None,
+                  later: bool = False) -> list[str]:
         """Names of ``params``; ``given`` maps ``id(tensor)`` to a name for tensors not named yet
-        (``param_names`` of an optimizer's groups). Raises GraftlabError for tensors with no name."""
-        given = given or {}
+        (``param_names`` of an optimizer's groups). With ``later`` (tensors added after
+        construction) and names given as a list, an unnamed tensor is named ``param.<i>`` by its
+        position ``i`` among ``params``, as torch.optim's state dict numbers parameters. Raises
+        GraftlabError for tensors with no name otherwise."""
+        given = dict(given or {})
         missing = [i for i, p in enumerate(params) if id(p) not in self._by_id and id(p) not in given]
+        if missing and later and self.listed:
+            given.update((id(params[i]), f"param.{i}") for i in missing)
+            missing = []
         if missing and not self.auto:
             raise GraftlabError(
                 f"names do not match the optimizers' parameters: {len(missing)} optimized tensor(s) have no "

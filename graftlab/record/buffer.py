@@ -32,8 +32,11 @@ class Rows:
         self.host_cols: dict[str, np.ndarray] = {}  # values logged as numbers (float64)
 
     def fits(self, stats: Tensor) -> bool:
-        """Whether ``stats`` has the groups of the rows buffered so far."""
-        return self.stats is None or stats.shape == self.stats.shape[1:]
+        """Whether ``stats`` has the groups, dtype and device of the rows buffered so far (a model
+        cast or moved after the Graft was built changes the latter two)."""
+        held = self.stats
+        return held is None or (stats.shape == held.shape[1:] and stats.dtype == held.dtype
+                                and stats.device == held.device)
 
     def regroup(self) -> None:
         """Start over with other groups (after a flush): the stats buffers are sized anew."""

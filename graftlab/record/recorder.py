@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import time
 import weakref
 from pathlib import Path
@@ -30,17 +29,18 @@ from graftlab import trace
 
 from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
-from graftlab.errors import GraftlabError, check_flag, check_whole
+from graftlab.errors import GraftlabError
+from graftlab.record.arguments import MAX_FLUSH_EVERY, check_arguments  # noqa: F401 - MAX_FLUSH_EVERY: its name here too
 from graftlab.graft.optimizer import Graft
-from graftlab.record.grad_norms import GradNorms
+from graftlab.record.grad_norms import GradNorms, precision_of
 from graftlab.kinds import Overrides
 from graftlab.record.buffer import Rows
 from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
+from graftlab.record.steps import StepLog, scalar
 from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
 from graftlab.record.target import open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
-MAX_FLUSH_EVERY = 10**6  # recorded steps one part may hold before it is written
 DEFAULT_FLUSH_SECONDS = 30.0
 DEFAULT_GRAD_EVERY = 10
 
@@ -177,24 +177,10 @@ class Recorder:
         grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
         graft = self._find_graft(graft)
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise GraftlabError(f"{{path}} must be a folder name (str or os.PathLike), got {path!r}", param="path")
-        every, grad_every = check_whole("every", every, ge=1), check_whole("grad_every", grad_every, ge=0)
-        # a part's rows are held on the device until written: a bound that fits any run's memory
-        flush_every = check_whole("flush_every", flush_every, ge=1, le=MAX_FLUSH_EVERY)
-        start_step = check_whole("start_step", start_step, ge=0, optional=True)
-        for name, flag in (("overwrite", overwrite), ("resume", resume), ("record_lr", record_lr)):
-            check_flag(name, flag)
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise GraftlabError(f"{{metadata}} must be a mapping (a dict) or None, got {type(metadata).__name__}",
-                                param="metadata")
-        if model is not None and not isinstance(model, nn.Module):
-            raise GraftlabError(f"{{model}} must be a torch.nn.Module or None, got {type(model).__name__}",
-                                param="model")
-        if flush_seconds is not None and (isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float))
-                                          or not 0 < flush_seconds < math.inf):
-            raise GraftlabError(f"{{flush_seconds}} must be a positive number of seconds or None, got {flush_seconds!r}",
-                                param="flush_seconds")
+        every, flush_every, grad_every, start_step = check_arguments(
+            path, every=every, flush_every=flush_every, grad_every=grad_every, start_step=start_step,
+            flush_seconds=flush_seconds, metadata=metadata, model=model,
+            flags={"overwrite": overwrite, "resume": resume, "record_lr": record_lr})
         callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
         if not all(callable(c) for c in callbacks):
             raise GraftlabError("{on_flush} must be a callable f(table, metadata) or a list of them", param="on_flush")
@@ -225,6 +211,7 @@ class Recorder:
                                                every=self.every, overwrite=overwrite, resume=resume)
 
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
+        self._derived = self._where()  # metadata the recorder derived, kept current unless the user set it
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
         self._writer = Writer(self.path, callbacks)
         self._writer.start()
@@ -232,7 +219,7 @@ class Recorder:
         self._grad_every = int(grad_every)
         self._grads = self._grad_norms()
         self._deadline = math.inf  # monotonic time by which the buffered rows must be flushed
-        self._last_row: Optional[int] = None
+        self._steps = StepLog(graft)  # which step a logged value belongs to
         self._lr: Any = None
         self._waiting = False  # a part handed to the writer that the next post-hook waits for
         # host-side bookkeeping (counters, the buffer, the flush clock): under torch.compile(graft.step)
@@ -259,6 +246,7 @@ class Recorder:
 
     # -- recording (hot path: no host sync) ------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._steps.before_step()
         if self.record_lr:
             self._lr = self.graft.magnitude.param_groups[0].get("lr")
         # a full (or old) buffer goes now, log() having filled its last row: the part is written
@@ -283,28 +271,36 @@ class Recorder:
         if self._waiting:
             self._wait()  # so no more than flush_every recorded steps are ever off the disk
         if step % self.every:
-            self._last_row = None
+            self._steps.stepped(None)
             return
         stats = self.graft.last_stats
         if not self._buffer.fits(stats):
             self._regroup()
         if self._buffer.n == 0 and self.flush_seconds is not None:
             self._deadline = time.monotonic() + self.flush_seconds
-        self._last_row = self._buffer.add(stats, step, self._grads)
+        row = self._buffer.add(stats, step, self._grads)
         if self._lr is not None:
-            self._buffer.put(self._last_row, "lr", self._lr)
+            self._buffer.put(row, "lr", self._lr)
+        for key, value in self._steps.stepped(row).items():  # accumulated micro-batches' means
+            self._buffer.put(row, key, value)
 
     def _regroup(self) -> None:
-        """The Graft gained groups (``add_param_group``): write the rows buffered so far under the
-        old groups, then record every group from this step on; later parts and the sidecar carry
-        the grown group list in their metadata."""
+        """The Graft gained groups (``add_param_group``), or its stats changed dtype or device (the
+        model was cast or moved): write the rows buffered so far, then record every group from this
+        step on; later parts and the sidecar carry the grown group list in their metadata."""
         self.flush()
         self._groups = list(self.graft.group_names)
         self.group_kinds = group_kinds(self.graft, self._model, self._kinds)
-        self.metadata = {**self.metadata, "groups": groups_meta(self.graft, self.group_kinds)}
+        derived = self._where()
+        moved = {k: v for k, v in derived.items() if self.metadata.get(k) == self._derived.get(k)}
+        self.metadata = {**self.metadata, **moved, "groups": groups_meta(self.graft, self.group_kinds)}
+        self._derived = derived
         trace.write_sidecar(self.path, self.metadata)
         self._buffer.regroup()
         self._grads = self._grad_norms()
+
+    def _where(self) -> dict[str, Any]:
+        return {"device": str(self.graft.params[0].device), "precision": precision_of(self.graft.params)}
 
     def _grad_norms(self) -> Optional[GradNorms]:
         if not self._grad_every:
@@ -315,13 +311,18 @@ class Recorder:
     def log(self, **scalars: Union[Tensor, float, int]) -> None:
         """Attach per-step scalars (``loss=tensor``, ``tokens=4096``) to the step just taken.
 
-        Call it after ``optimizer.step()``; on steps that are not recorded it does nothing, and so
-        it does on ranks other than 0. Tensors (one element, any device) stay on their device until
-        the next flush, so logging costs no host sync. Every logged column is float64 in the trace
-        whether its values came as Python numbers or tensors; a value logged twice for one step
-        keeps the last. Rows of earlier parts lack a key first logged later (``read_trace`` fills
-        them with NaN). Names are checked here, on every call, so that a bad one never reaches the
-        writer thread. ``restart`` is the divergence mark graftlab's own restart code logs
+        Call it after ``optimizer.step()`` (and ``zero_grad()``) for every batch; on steps that are
+        not recorded it does nothing, and so it does on ranks other than 0. A value belongs to the
+        step it was computed for (:mod:`graftlab.record.steps`): after a step that did not happen
+        (GradScaler skipped it; its gradients were then zeroed) it is dropped, and no row is written
+        for that step; under gradient accumulation the values of a step's micro-batches are
+        averaged into its row (the mean micro-batch loss, as the HF Trainer logs it). A value logged
+        twice for one step keeps the last. Tensors (one element,
+        any device) stay on their device until the next flush, so logging costs no host sync.
+        Every logged column is float64 in the trace whether its values came as Python numbers or
+        tensors. Earlier parts of the trace are widened with nulls when a key is first logged
+        later, so every part has one schema. Names are checked here, on every call, so that a bad
+        one never reaches the writer thread. ``restart`` is the divergence mark graftlab's own restart code logs
         (:mod:`graftlab.runs`): :func:`graftlab.distill.pipeline` reads it (:mod:`graftlab.distill.divergence`) as the
         number of restarts after a divergence before this step ran, and refuses windows from the
         first nonzero one on, so log it only with that meaning.
@@ -340,10 +341,13 @@ class Recorder:
                 raise GraftlabError(
                     "cannot log 'lr': the recorder writes the lr each step used (record_lr=True); "
                     "log it under another name or create the Recorder with record_lr=False")
-        if not self.active or self._closed or self._last_row is None:
+        values = {key: scalar(key, value) for key, value in scalars.items()}
+        if not self.active or self._closed:
             return
-        for key, value in scalars.items():
-            self._buffer.put(self._last_row, key, value)
+        placed = self._steps.place(values)
+        if self._steps.row is not None:
+            for key, value in placed.items():
+                self._buffer.put(self._steps.row, key, value)
 
     # -- flushing -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -382,7 +386,7 @@ class Recorder:
         self.rows_flushed += n
         self._buffer.clear()
         self._deadline = math.inf
-        self._last_row = None
+        self._steps.flushed()
 
     def _raise_writer_error(self) -> None:
         err = self._writer.error

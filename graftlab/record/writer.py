@@ -45,6 +45,7 @@ class Writer(threading.Thread):
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
         self.parts: list[Path] = []
+        self.fields: Optional[dict] = None  # every part's columns (trace.conform), read at the first write
 
     def run(self) -> None:
         while True:
@@ -60,6 +61,18 @@ class Writer(threading.Thread):
                 self.error = err
             finally:
                 self.jobs.task_done()  # sync() waits on these
+
+    def _one_schema(self, table: Any) -> Any:
+        """``table`` with every column of the trace; parts written before a new column are widened."""
+        if self.fields is None:  # a resumed trace: the columns its parts already have
+            self.fields = trace.part_fields(self.directory)
+        new = [f for f in table.schema if f.name not in self.fields]
+        if new:
+            grown = bool(self.fields)
+            self.fields.update((f.name, f) for f in new)
+            if grown:
+                trace.widen_parts(self.directory, self.fields)
+        return trace.conform(table, self.fields)
 
     # each job carries its groups and metadata: a Graft may gain groups between flushes
     def _write(self, steps, host_stats, host_dev, event, keys, dev_keys, host_scalars, names, meta) -> None:
@@ -84,7 +97,7 @@ class Writer(threading.Thread):
         for key in [k for k in scalars if scalar_name_problem(k)]:
             warnings.warn(f"graftlab: logged scalar {key!r} not written ({scalar_name_problem(key)})", stacklevel=1)
             del scalars[key]
-        table = trace.build_table(steps, names, stats, scalars, meta, per_group)
+        table = self._one_schema(trace.build_table(steps, names, stats, scalars, meta, per_group))
         self.parts.append(trace.write_part(self.directory, table))
         if self.on_flush:
             table = trace.with_ratio(table)  # callbacks see the trace columns, as read_trace gives them

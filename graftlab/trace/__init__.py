@@ -84,20 +84,23 @@ from graftlab.trace.writing import (
     COMPRESSION_LEVEL,
     FLOAT_ENCODING,
     build_table,
+    conform,
     metadata_bytes,
+    part_fields,
     part_marker,
     prepare_directory,
     truncate,
     write_part,
     write_sidecar,
     write_table,
+    widen_parts,
 )
 
 __all__ = [
     "COMPRESSION", "COMPRESSION_LEVEL", "FLOAT_ENCODING", "FORMAT", "FORMAT_1", "METADATA_KEY", "PART_GLOB",
-    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "group_table", "is_trace",
-    "metadata_bytes", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
+    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "conform", "group_table", "is_trace",
+    "metadata_bytes", "part_fields", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
     "read_metadata", "read_table", "read_trace", "temporary_name", "trace_extent", "trace_files", "trace_info",
     "with_ratio",
-    "truncate", "write_part", "write_sidecar", "write_table",
+    "truncate", "write_part", "write_sidecar", "write_table", "widen_parts",
 ]

@@ -207,3 +207,45 @@ def truncate(path: PathLike, start_step: int) -> None:
     for tmp in path.glob(temporary_name(PART_GLOB).name):
         tmp.unlink()
     fsync_directory(path)
+
+
+# -- one schema for every part --------------------------------------------------------------------
+# pandas, pyarrow.dataset and DuckDB take a folder's schema from one part and drop columns the
+# others add; polars refuses parts that differ. So every part of a trace holds every column of the
+# trace, in one order: a column first logged after earlier parts were written widens them with nulls.
+def part_fields(directory: PathLike) -> dict[str, pa.Field]:
+    """The union of the columns of the parts in ``directory``, in order of first appearance."""
+    fields: dict[str, pa.Field] = {}
+    for part in part_files(directory):
+        try:
+            schema = pq.read_schema(part)
+        except (pa.ArrowException, OSError):
+            continue  # the reader reports a broken part; widening skips it
+        for f in schema:
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def conform(table: pa.Table, fields: dict[str, pa.Field]) -> pa.Table:
+    """``table`` with the columns of ``fields`` in their order, those it lacks as nulls, and its
+    own other columns after them; its schema metadata kept."""
+    names = [*fields, *(n for n in table.column_names if n not in fields)]
+    if names == table.column_names:
+        return table
+    own = set(table.column_names)
+    schema = pa.schema([table.schema.field(n) if n in own else fields[n] for n in names], metadata=table.schema.metadata)
+    columns = [table.column(n) if n in own else pa.nulls(table.num_rows, fields[n].type) for n in names]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def widen_parts(directory: PathLike, fields: dict[str, pa.Field]) -> None:
+    """Rewrite (atomically, each under a temporary name) the parts of ``directory`` that lack some of
+    ``fields``, adding those columns as nulls. Each part is complete at every moment."""
+    for part in part_files(directory):
+        try:
+            if set(pq.read_schema(part).names) >= set(fields):
+                continue
+            table = pq.read_table(part, page_checksum_verification=True)
+        except (pa.ArrowException, OSError):
+            continue
+        write_table(conform(table, fields), part)

@@ -187,7 +187,7 @@ def test_a_bad_scalar_name_that_reaches_the_writer_costs_its_column_not_the_rows
         with Recorder(opt, tmp_path / "t", flush_every=100) as rec:
             for x, y in batches(3):
                 rec.log(loss=step(model, opt, x, y))
-                rec._buffer.put(rec._last_row, "norm_g", 5.0)
+                rec._buffer.put(rec._steps.row, "norm_g", 5.0)
     df = graftlab.read_trace(tmp_path / "t")
     assert sorted(df.step.unique()) == [0, 1, 2] and df["loss"].notna().all()
     assert not (df["norm_g"] == 5.0).any()
