@@ -65,7 +65,7 @@ def flag_namer(params: Sequence[Any], from_file: Optional[dict[str, str]] = None
             return python_name(param, value)
         flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         off = next((o for o in p.secondary_opts if o.startswith("--")), None)
-        if value is None or (value == "True" and p.is_flag):
+        if value is None or (p.is_flag and value != "False"):  # an on/off option, or a switch (--fsdp)
             return flag
         if value == "False" and off:
             return off
@@ -156,8 +156,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     exit code 2 (3 for a run that diverged); a run stopped by Ctrl-C or SIGTERM exits 130 or 143
     after its outputs are flushed.
     """
+    from graftlab.io.notes import one_line_warnings
+
     try:
-        code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
+        with one_line_warnings():  # a warning is a line like every other note, not a file path and a source line
+            code = app(args=None if argv is None else list(argv), prog_name="graftlab", standalone_mode=False)
     except GraftlabError as err:
         typer.echo(f"error: {_one_line(err)}", err=True)
         return int(getattr(err, "exit_code", 2))  # 3: a run that diverged (graftlab.errors.DivergedError)

@@ -16,22 +16,39 @@ def train(
     corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) [default: none: plain training].")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
     allow_other_optimizer: Annotated[bool, typer.Option("--allow-other-optimizer", help="Train --optimizer with corrections distilled for another D.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the run's results: result.json (held-out metrics, settings), model.pt (the trained state_dict) and metrics.parquet (unless --metrics) [default: none: the results are printed only].")] = None,
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
+    import dataclasses
+
     from graftlab.distributed import is_main
+    from graftlab.errors import GraftlabError
     from graftlab.runs import make_config
     from graftlab.runs import train as run
 
     cfg = make_config(config, TrainConfig, **values)
-    # every option and path, before any work
-    cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
+    inputs = [("config file", config), ("corrections file", corrections)]
+    if out is not None:
+        from graftlab.runs import train_out
+
+        if cfg.parallel == "fsdp":  # the whole model is on no one process
+            raise GraftlabError("{out} saves the whole model from one process; with {parallel=fsdp} use "
+                                "{checkpoint_dir}", param=("out", "parallel", "checkpoint_dir"))
+        train_out.check_out(out, overwrite=overwrite, metrics=cfg.metrics, inputs=inputs)
+        if cfg.metrics is None:
+            cfg = dataclasses.replace(cfg, metrics=train_out.metrics_path(out))
+    cfg.validate(overwrite=overwrite, inputs=inputs)  # every option and path, before any work
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
                  allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
+        if out is not None:
+            train_out.write(out, result, cfg, corrections)
         _report(cfg, result, corrections)
+        if out is not None:
+            typer.echo(f"results: {out} (result.json, model.pt)")
     result.raise_if_diverged()  # after the report and the metrics file: one line, exit code 3
 
 

@@ -155,12 +155,15 @@ class Job:
 
 def _work(kind: str, config: Any, corrections: Optional[str], threads: int) -> None:
     """Body of one run in a worker process (the metrics file is its result)."""
+    from graftlab.io.notes import one_line_warnings
+
     torch.set_num_threads(threads)
-    if kind == "record":
-        # a trace without its metrics file is an interrupted run: record it again from scratch
-        record_run(config, overwrite=True, progress=False)
-    else:
-        train_run(config, corrections=corrections, progress=False)
+    with one_line_warnings():  # a worker process's warnings read as the command's own lines
+        if kind == "record":
+            # a trace without its metrics file is an interrupted run: record it again from scratch
+            record_run(config, overwrite=True, progress=False)
+        else:
+            train_run(config, corrections=corrections, progress=False)
 
 
 @dataclass

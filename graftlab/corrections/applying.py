@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -18,9 +19,16 @@ class Applied:
     - ``param_groups``: one torch param-group dict per parameter, ``{"params": [p], "lr":
       base_lr * multiplier, "name": name, "factor": multiplier}``, in ``named_params`` order; pass
       it to the optimizer.
-    - ``lr_factor``: the global schedule (``step -> factor``), or None without one.
+    - ``lr_factor``: the global schedule (``step -> factor``), or None without one (and None with
+      per-group schedules: use :meth:`scheduler`, which covers every case).
     - ``group_lr_factors``: with per-group schedules, one ``step -> factor`` per param group (the
       global factor included), else None. A LambdaLR over the optimizer must use this list.
+
+    In a training loop, the same three lines for static factors and schedules::
+
+        applied = graftlab.apply_corrections(corr, model, base_lr=0.1)
+        opt = torch.optim.SGD(applied.param_groups, lr=0.1)
+        scheduler = applied.scheduler(opt)        # scheduler.step() after each opt.step()
     - ``missing``: model parameters the file had no factor for (factor 1; only with allow_missing).
     - ``unknown``: file groups that matched no parameter (ignored; only with allow_missing).
 
@@ -53,6 +61,35 @@ class Applied:
             return [b * f(step) for b, f in zip(base, self.group_lr_factors)]
         s = self.lr_factor(step) if self.lr_factor is not None else 1.0
         return [b * s for b in base]
+
+    def scheduler(self, optimizer: Any, run_schedule: Optional[Callable[[int], float]] = None) -> Any:
+        """The one way to put these corrections on ``optimizer`` (built over :attr:`param_groups`),
+        whatever the file holds: a ``torch.optim.lr_scheduler.LambdaLR`` whose factor at step ``t``
+        is the file's schedule (global or per group; 1.0 for a file of static multipliers only)
+        times ``run_schedule(t)`` (the run's own warmup/decay, or None), and the per-slice
+        ``lr_scale`` hooks of :meth:`register` when a fused tensor has them. Call ``scheduler.step()`` after each ``optimizer.step()``,
+        as for any torch scheduler: the factor at step ``t`` applies to update ``t``.
+
+        Raises :class:`~graftlab.errors.GraftlabError` when ``optimizer`` does not hold one param
+        group per entry of :attr:`param_groups` (an optimizer built over ``model.parameters()``
+        instead of ``applied.param_groups`` would silently get none of the static factors).
+        """
+        import torch
+
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise GraftlabError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        ours = [g["params"][0] for g in self.param_groups]
+        theirs = [g["params"][0] if len(g["params"]) == 1 else None for g in groups]
+        if len(groups) != len(ours) or any(a is not b for a, b in zip(ours, theirs)):
+            raise GraftlabError(
+                f"the optimizer has {len(groups)} param group(s), not the {len(ours)} of applied.param_groups: "
+                "build it over them, e.g. torch.optim.SGD(applied.param_groups, lr=base_lr)"
+            )
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda(run_schedule))
+        # the hooks live on the optimizer (not on the scheduler, whose state_dict would save them)
+        self.register(optimizer)
+        return sched
 
     def register(self, optimizer: Any) -> "_ScaleHooks":
         """Make ``optimizer`` (built over ``param_groups``) apply the per-slice ``lr_scale``s: its
@@ -106,6 +143,42 @@ class _ScaleHooks:
 def _listing(names: Sequence[str], limit: int = 5) -> str:
     head = ", ".join(names[:limit])
     return head + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _unmatched(unknown: list[str], names: list[str], groups: Sequence[str]) -> str:
+    """Why file groups ``unknown`` match none of the parameter ``names``, and the fix."""
+    head = f"{len(unknown)} of {len(groups)} group(s) in the corrections match no parameter of this model"
+    if unknown and all(re.fullmatch(r"param\.\d+", g) for g in unknown):
+        return (f"{head} ({_listing(unknown)}): the trace was recorded by a Graft built without names=, "
+                "so its groups are param.0, param.1, ... and carry no layer names; record again with "
+                "Graft(..., names=model)")
+    ours, theirs = _prefix(unknown, names), _prefix(names, unknown)
+    if ours:  # the model's names carry a wrapper prefix the recorded model did not have
+        return (f"{head}: the model's names start with {ours!r} and the file's do not ({unknown[0]!r} is "
+                f"{ours + unknown[0]!r} here); pass the inner module (model.{ours.rstrip('.')}) or "
+                f"[(n.removeprefix({ours!r}), p) for n, p in model.named_parameters()]")
+    if theirs:  # the recorded model was wrapped, this one is not
+        return (f"{head}: the file's names start with {theirs!r} and the model's do not; pass "
+                f"[({theirs!r} + n, p) for n, p in model.named_parameters()]")
+    return (f"{head} (a file from another model?): {_listing(unknown)}; pass {{allow_missing=True}} to apply "
+            "the groups that do match")
+
+
+def _prefix(short: Sequence[str], long: Sequence[str]) -> str:
+    """The prefix that, put before names in ``short``, gives names in ``long`` for most of them
+    (``"net."`` for a model wrapped in a parent module), or "" when none does for half of them."""
+    from collections import Counter
+
+    ends = {}
+    for n in long:
+        parts = n.split(".")
+        for k in range(1, len(parts)):
+            ends.setdefault(".".join(parts[k:]), []).append(".".join(parts[:k]) + ".")
+    counts = Counter(p for g in short for p in set(ends.get(g, ())))
+    if not counts:
+        return ""
+    prefix, n = counts.most_common(1)[0]
+    return prefix if n * 2 >= len(short) else ""
 
 
 def _named(named_params: Any) -> tuple[list[str], list[Any]]:
@@ -225,7 +298,9 @@ def apply(
     ``named_params`` are not unique ``(name, parameter)`` pairs, file groups match no parameter (a
     file from another model) or parameters have no factor; the last two are allowed with
     ``allow_missing=True`` (uncovered parameters keep factor 1 and are listed in ``Applied.missing``,
-    unmatched groups in ``Applied.unknown``).
+    unmatched groups in ``Applied.unknown``, and a ``UserWarning`` gives both counts). A
+    mismatch that a name prefix explains (a model wrapped in a parent module, ``net.``; a trace
+    recorded without ``names=``, ``param.0``) says so and how to fix it.
     """
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
         raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
@@ -240,10 +315,7 @@ def apply(
         if all(inner_targets[g] for g in corrections.groups):
             names, targets, unknown = inner, inner_targets, []
     if unknown and not allow_missing:
-        raise GraftlabError(
-            f"{len(unknown)} group(s) in the corrections match no parameter of this model "
-            f"(a file from another model?): {_listing(unknown)}; pass {{allow_missing=True}} to ignore them",
-            param="allow_missing")
+        raise GraftlabError(_unmatched(unknown, names, corrections.groups), param="allow_missing")
     slices = {g: _slice_of(g, names, params) for g in corrections.groups if g not in names}
     slices = {g: v for g, v in slices.items() if v is not None and targets[g]}
     sliced_schedules = sorted(g for g in slices if g in corrections.schedule)
@@ -257,6 +329,15 @@ def apply(
         raise GraftlabError(
             f"{len(missing)} model parameter(s) have no correction in the file: {_listing(missing)}; "
             "pass {allow_missing=True} to keep factor 1 for them", param="allow_missing")
+
+    if missing or unknown:
+        matched = len(corrections.groups) - len(unknown)
+        warnings.warn(
+            f"corrections: {len(missing)} of {len(names)} parameter tensors have no factor and keep factor 1; "
+            f"{len(unknown)} of {len(corrections.groups)} file group(s) match no parameter"
+            + (" (nothing in the file applies to this model)" if matched == 0 else ""),
+            stacklevel=2,
+        )
 
     mult = [1.0] * len(names)
     scale: dict[int, Any] = {}

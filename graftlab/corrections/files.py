@@ -170,6 +170,36 @@ class Corrections:
     def kind(self, group: str) -> str:
         return (self.group_sources.get(group) or GroupSource()).kind
 
+    _SHOWN = 8  # groups a repr lists; the whole table is summary()
+
+    def __repr__(self) -> str:
+        """One line saying what the file holds, then its first groups and factors (not a screenful:
+        a BERT-base file has 200 groups and a per-group schedule thousands of pieces)."""
+        what = []
+        if self.multipliers:
+            what.append(f"{len(self.multipliers)} static multiplier(s)")
+        if self.schedule:
+            pieces = sum(len(p) for p in self.schedule.values())
+            what.append(f"schedule(s) for {len(self.schedule)} group(s), {pieces} piece(s)")
+        src = self.source
+        base = f", relative to D's lr {self.direction_lr:g}" if self.direction_lr is not None else ""
+        origin = f" from {src['trace']}" if src.get("trace") else ""
+        head = (f"Corrections({' and '.join(what) or 'empty'}{origin}"
+                + (f", round {src['round']}" if src.get("round") else "") + f"{base})")
+        lines = [head]
+        groups = self.groups
+        width = min(max((len(g) for g in groups[:self._SHOWN]), default=0), 60)
+        for g in groups[:self._SHOWN]:
+            if g in self.multipliers:
+                value = f"x {self.multipliers[g]:.4g}"
+            else:
+                p = self.schedule[g]
+                value = f"schedule {p[0][1]:.4g} .. {p[-1][1]:.4g} ({len(p)} pieces)"
+            lines.append(f"  {g:<{width}}  {value}")
+        if len(groups) > self._SHOWN:
+            lines.append(f"  ... {len(groups) - self._SHOWN} more (corrections.summary() lists every group)")
+        return "\n".join(lines)
+
 
 # --------------------------------------------------------------------------- save / load
 

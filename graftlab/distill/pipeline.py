@@ -25,6 +25,7 @@ Divergence: windows holding steps at or after a divergence (non-finite ``norm_m`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-from graftlab.distill import analysis, degenerate, notes as distill_notes, divergence, medians
+from graftlab.distill import analysis, degenerate, idle, notes as distill_notes, divergence, medians
 from graftlab.corrections import Corrections, GroupSource
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
@@ -98,10 +99,14 @@ def distill(
     # schedule over a whole recorded trace reads its ratios into a (groups, steps) grid instead of
     # rows, and rows only for the first window's checks
     whole = schedule and not foreign
-    df = _read(path, start, None if schedule and foreign else start + window, None if whole else filter)
+    idle_seen: list[int] = []
+    df = _read(path, start, None if schedule and foreign else start + window, None if whole else filter, idle_seen)
     if df.empty:
         raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
-    grid = _ratio_grid(path, start, filter) if whole else None
+    grid = None
+    if whole:  # the grid holds every step from start on (the rows only the first window's)
+        grid, grid_idle = _ratio_grid(path, start, filter)
+        idle_seen = sorted(set(idle_seen) | set(grid_idle.tolist()))
     # a divergence before or inside the windows: the prefix is read only when a window starts late
     marks = (divergence.scan(path) if whole
              else divergence.merge(divergence.find(df, foreign), _prefix_marks(path, start, foreign)))
@@ -119,6 +124,8 @@ def distill(
     first_win = (_grid_window(grid, start, start + window) if whole
                  else analysis.window_medians(df, window, start).set_index("group")).reindex(groups)
     _check_usable(path, df, first_win["median"], start, window)
+    if len(idle_seen):  # said once the trace is known to be usable: a refused command says one thing
+        notes.append(distill_notes.warn(path, idle.note(np.asarray(idle_seen))))
     in_window = df[(df["step"] >= start) & (df["step"] < start + window)]
     rule.flags, evidence, method = degenerate.flag_window(in_window, first_win["median"], rule.kinds, outlier,
                                                           precision=meta.get("precision"))
@@ -149,7 +156,7 @@ def distill(
 
     records = _records(groups, table, rule, first_win, first_factor, later, evidence)
     source = {
-        "trace": str(path.resolve()),
+        "trace": str(trace_path),  # as given: an absolute path would not survive moving the folder
         "window": int(window),
         "start": int(start),
         "steps": [int(extent[0]), int(extent[1])],
@@ -260,9 +267,13 @@ def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
     return extent[1] + (every if isinstance(every, int) and every > 0 else 1)
 
 
-def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int]) -> pd.DataFrame:
+def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int],
+          idle_seen: Optional[list] = None) -> pd.DataFrame:
     df = read_trace(path, steps=(start, stop))
     df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is read separately
+    df, steps = idle.without_idle(df)  # before the filter, which would spread their zeros
+    if idle_seen is not None:
+        idle_seen.extend(steps.tolist())
     return analysis.filter_groups(df, filter) if filter else df
 
 
@@ -284,11 +295,15 @@ def _check_gaps(path: Path, windows: list[tuple[int, int]], foreign: bool) -> No
     gaps.check_windows(path, missing, windows)
 
 
-def _ratio_grid(path: Path, start: int, filter: Optional[int]) -> medians.Grid:
-    """The trace's ratios from ``start`` on as a (groups, steps) grid, median-filtered by ``filter``:
-    a 100,000-step x 400-group trace is 320 MB there, against several GB as rows."""
+def _ratio_grid(path: Path, start: int, filter: Optional[int]) -> tuple[medians.Grid, np.ndarray]:
+    """The trace's ratios from ``start`` on as a (groups, steps) grid, median-filtered by ``filter``
+    (a 100,000-step x 400-group trace is 320 MB there, against several GB as rows), without its
+    idle steps (:mod:`graftlab.distill.idle`), and those steps."""
     grid, _ = medians.read_grid(path, steps=(start, None))
-    return grid.filtered(filter) if filter else grid
+    values, steps = idle.grid_without_idle(grid.values, grid.steps)
+    if len(steps):
+        grid = dataclasses.replace(grid, values=values)
+    return (grid.filtered(filter) if filter else grid), steps
 
 
 def _grid_window(grid: medians.Grid, lo: int, hi: int) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The grafted meta-optimizer M#D (the paper's Section 3, Algorithm 1). See :class:`Graft`."""
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
@@ -176,6 +177,14 @@ class Graft(Optimizer):
         self._params: list[Tensor] = []
         self._stats: Optional[Tensor] = None
         build.build(self)
+        if self._names.generated and granularity != "global":
+            # said now, not when a corrections file or a figure fails to find any layer by name
+            warnings.warn(
+                f"Graft built without names=: {self._names.generated} parameter tensor(s) are named param.0, "
+                "param.1, ... in the groups, the trace and any corrections; pass names=model (or "
+                "(name, tensor) pairs) to name them as model.named_parameters() does",
+                stacklevel=2,
+            )
 
     # -- the Graft's groups are M's groups ---------------------------------------------------
     @property

@@ -108,6 +108,7 @@ class TensorNames:
 
     def __init__(self, names: Names) -> None:
         self.auto = names is None
+        self.generated = 0  # tensors named param.<i> for want of a name
         # pairs given as a list: tensors added later without a name are named by their position
         self.listed = names is not None and not isinstance(names, nn.Module)
         self.pairs = named_tensors(names)
@@ -122,6 +123,7 @@ class TensorNames:
         return {"auto": self.auto, "listed": self.listed, "pairs": self.pairs}
 
     def __setstate__(self, state: dict) -> None:
+        self.generated = 0
         self.__dict__.update({"listed": False, **state})
         self._index()  # identities change in a copy
 
@@ -160,6 +162,7 @@ class TensorNames:
             )
         for i, p in enumerate(params):
             if id(p) not in self._by_id:
+                self.generated += id(p) not in given
                 name = given.get(id(p), f"param.{len(self.pairs)}")
                 self.pairs.append((name, p))
                 self._by_id[id(p)] = name

@@ -103,11 +103,17 @@ def kinds_of(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def ratio_table(df: pd.DataFrame, column: str = "ratio") -> pd.DataFrame:
-    """Steps x groups table of ``column`` in metadata group order; non-finite values become NaN."""
+    """Steps x groups table of ``column`` in metadata group order; non-finite values become NaN.
+
+    For ``ratio`` (drawn on log axes) zeros become NaN too: a step where M took no step in any group
+    (M's lr 0, as at the start of a warmup from 0; :mod:`graftlab.distill.idle`) and a group whose M
+    step was zero have no place on a log axis, and a line to them would fall off the plot.
+    """
     wide = df.pivot_table(index="step", columns="group", values=column, aggfunc="first", sort=True)
     order = [g for g in pd.unique(df["group"]) if g in wide.columns]
     wide = wide[order].astype("float64")
-    return wide.where(np.isfinite(wide))
+    keep = np.isfinite(wide) & (wide > 0) if column == "ratio" else np.isfinite(wide)
+    return wide.where(keep)
 
 
 def smooth(wide: pd.DataFrame, width: Optional[int]) -> pd.DataFrame:
@@ -274,7 +280,11 @@ def kind_handles(labels: Sequence[str]) -> tuple[list, list[str]]:
     from matplotlib.lines import Line2D
 
     present = [lab for lab in LABEL_ORDER if lab in set(labels)]
-    return [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present], present
+    handles = [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present]
+    if DEGENERATE_LABEL in set(labels):
+        handles.append(Line2D([], [], color="0.35", lw=2, ls=":"))
+        present.append(DEGENERATE_LABEL)
+    return handles, present
 
 
 def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
@@ -291,15 +301,44 @@ def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
     return fitted_legend(ax_or_fig, handles, present, **kwargs)
 
 
-def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8) -> list[str]:
-    """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn."""
+DEGENERATE_LABEL = "degenerate (zero true gradient; not a correction)"
+# LayerNorms and other small groups are drawn above the many block lines that would hide them
+_ON_TOP = {KIND_LABELS["norm"]: 3.0}
+
+
+def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
+    """The groups whose D step is float noise over the steps of ``df`` (the attention K biases of a
+    BERT: their true gradient is zero), decided as ``distill`` decides them
+    (:mod:`graftlab.distill.degenerate`): drawn with a mark of their own, since their ratio is
+    an artifact, not a correction."""
+    from graftlab.distill import degenerate
+
+    r = df["ratio"].to_numpy(dtype=np.float64)
+    ok = np.isfinite(r) & (r > 0)
+    med = pd.Series(r[ok]).groupby(df["group"].astype(str).to_numpy()[ok]).median()
+    shares = degenerate.gradient_shares(df)
+    evidence = degenerate.assess(med, kinds["kind"].to_dict(), shares=shares,
+                                 precision=metadata(df).get("precision"))
+    return {g for g, e in evidence.items() if e.degenerate}
+
+
+def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8,
+                degenerate: Sequence[str] = ()) -> list[str]:
+    """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn.
+
+    LayerNorm lines are drawn above the others; ``degenerate`` groups dotted and faint, with
+    :data:`DEGENERATE_LABEL` among the labels returned (see :func:`kind_handles`)."""
     drawn = []
     for group in wide.columns:
         col = wide[group].dropna()
         if col.empty:
             continue
         label = kinds.at[group, "label"]
-        ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw, alpha=alpha,
+        odd = group in set(degenerate)
+        ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw,
+                alpha=0.45 if odd else alpha, ls=":" if odd else "-", zorder=_ON_TOP.get(label, 2.0),
                 gid=str(group))
-        drawn.append(label)
+        drawn.append(DEGENERATE_LABEL if odd else label)
+        if odd:
+            drawn.append(label)
     return drawn

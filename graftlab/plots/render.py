@@ -118,8 +118,10 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
            dpi: int = 150) -> list[Path]:
     """Draw ``figure`` (``4``-``8``, ``corrections`` or ``all``) from ``traces`` into ``out``.
 
-    ``out`` is a file for one figure (its suffix picks the format) and a directory for ``all``
-    (``figure5.png``, ...; only the figures the traces can draw). ``steps`` holds the first-N
+    ``out`` is a file for one figure (its suffix picks the format). For ``all`` (only the figures
+    the traces can draw) it is a directory (``out/figure5.png``, ...), or an image name whose
+    figures go beside it, named after it (``x.png`` -> ``x-figure5.png``, ``x-figure6.png``, ...;
+    ``x.png`` itself when one figure applies). ``steps`` holds the first-N
     iteration counts per trace (default 2000), ``width`` overrides the median filter width (1: off),
     ``window``/``round`` are the corrections chart's distill settings. Existing files are kept
     unless ``overwrite``. Every figure is drawn before any file is written, and each file is
@@ -148,13 +150,21 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
         fig = draw(traces, figure, steps=steps, width=width, window=window, round=round)
         _save(fig, out, dpi)
         return [out]
-    if out.exists() and not out.is_dir():
-        raise GraftlabError(f"{out} is a file: --figure all writes into a directory")
-    check_output(out, "figure folder", folder=True, inputs=inputs)
     names = applicable(traces[0])
     if len(traces) == 2 and applicable(traces[1]) != names:
         raise GraftlabError("the two traces have different granularities (one global, one per-layer)")
-    targets = {f: out / f"{FILENAMES[f]}.png" for f in names}
+    if not out.is_dir() and out.suffix[1:].lower() in _formats():
+        # an image name for several figures: files beside it that say which figure each is
+        # (x.png -> x-figure5.png, ...), never a folder named like an image
+        if out.parent != Path("") and not out.parent.is_dir():
+            raise GraftlabError(f"{out}: its folder {str(out.parent)!r} does not exist")
+        targets = ({names[0]: out} if len(names) == 1 else
+                   {f: out.with_name(f"{out.stem}-{FILENAMES[f]}{out.suffix}") for f in names})
+    else:
+        if out.exists() and not out.is_dir():
+            raise GraftlabError(f"{out} is a file: --figure all writes into a directory")
+        check_output(out, "figure folder", folder=True, inputs=inputs)
+        targets = {f: out / f"{FILENAMES[f]}.png" for f in names}
     for path in targets.values():
         check_output(path, "figure file", overwrite=overwrite, inputs=inputs)
     figures = {}

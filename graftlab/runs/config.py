@@ -80,8 +80,10 @@ class RunConfig:
     resume: bool = setting(False, "Continue from the newest checkpoint in --checkpoint-dir, on any number of "
                            "processes.", switch=True)
     seed: int = setting(0, "Seed for init, data order, masking and dropout.", ge=0, lt=2**63)
-    threads: Optional[int] = setting(None, "CPU threads for PyTorch; 1 is much faster on a shared machine.",
-                                     default_text="PyTorch's own", ge=1, le=4096)
+    # 1 by default: on a shared, loaded machine PyTorch's threads wait on each other (bert tiny, 2
+    # cores at load 15-18: 0.9-1.0 steps/s with 1 thread, 0.1-0.8 with 2)
+    threads: Optional[int] = setting(1, "CPU threads for PyTorch; 1 ran up to 9x faster than 2 on a loaded 2-core "
+                                     "machine; on an idle machine give its core count.", ge=1, le=4096)
     # --- evaluation and logging ---
     eval_every: int = setting(100, "Evaluate on held-out data every N steps, 0 = only at the end.", ge=0, le=MAX_STEPS)
     eval_size: Optional[int] = setting(None, "Held-out sequences/images per evaluation.", cli=False, ge=1, le=MAX_COUNT)

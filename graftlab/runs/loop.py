@@ -27,6 +27,7 @@ from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed.runtime import Runtime
 from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
+from graftlab.graft.names import unwrap
 from graftlab.graft.optimizers import describe
 from graftlab.runs.divergence import Divergence, Restart
 from graftlab.runs.restarts import Guard
@@ -51,6 +52,7 @@ class FitResult:
     restarts: list[Restart] = field(default_factory=list)  # restarts after divergences, in order
     lr_scale: float = 1.0  # factor the restarts left on the schedule owner's learning rate
     resumed_at: int = 0  # steps done by the checkpoint this process resumed from (wall_time, steps_per_second: its own)
+    model: Optional[Any] = field(default=None, repr=False)  # the trained model (unwrapped from DDP/compile)
 
     def raise_if_diverged(self) -> None:
         """A :class:`~graftlab.errors.DivergedError` (one line) when the run stopped on a divergence."""
@@ -156,7 +158,7 @@ def _finish(config: RunConfig, task: Task, optimizer: Optimizer, loop: "_Loop", 
     frame = continued(prior, loop.first, loop.frame())
     result = FitResult(loop.final, frame, wall, rate, loop.done, stopped.step if stopped else None,
                        str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale,
-                       loop.first)
+                       loop.first, unwrap(task.model))
     if path is not None and rt.writes:
         meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
         if interrupted:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -264,7 +265,9 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     """``(param groups, lr factor, metrics metadata)`` of a run with corrections file ``loaded``."""
     from graftlab.corrections import apply
 
-    applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
+    with warnings.catch_warnings():  # the counts are said below, on one line, in the run's words
+        warnings.simplefilter("ignore", UserWarning)
+        applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
     _check_lr_range(loaded, applied, source)
     notes = _correction_notes(loaded, config)
     missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))

@@ -286,3 +286,30 @@ def test_gpu_preset_reduced_on_cpu(tmp_path):
     rows = _table_rows(text, set(transformer.LABELS.values()))
     assert set(rows) == set(transformer.LABELS.values()) and all(c[1] == "2" for c in rows.values())
     assert "[±" in rows[transformer.LABELS["graft"]][5]  # a paired difference with its interval
+
+
+def test_batch_transfer_figure_tells_overlapping_q_and_k_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from experiments.batch_transfer import transfer_figure
+
+    wide = pd.DataFrame({"seed": [0, 0, 0], "group": ["q.weight", "k.weight", "v.weight"], "kind": ["Q", "K", "V"],
+                         16: [600.0, 600.0, 2.7], 64: [950.0, 950.0, 3.6]})
+    fig = transfer_figure(wide, 16, 64, "bert/small")
+    ax = fig.axes[0]
+    assert ax.get_title() == "bert/small: first-quarter medians, batch 16 vs 64"
+    q, k = ax.collections[0], ax.collections[1]  # drawn in the figures' kind order: Q, K, V
+    # the same point, told apart: K is an open marker of another shape over Q's filled one
+    assert (q.get_offsets() == k.get_offsets()).all()
+    qv, kv = q.get_paths()[0].vertices, k.get_paths()[0].vertices
+    assert qv.shape != kv.shape or not np.allclose(qv, kv)  # circle and triangle
+    assert q.get_facecolor()[0][3] > 0
+    assert k.get_facecolor().size == 0 or k.get_facecolor()[0][3] == 0  # open
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:3] == ["self-attention Q", "self-attention K", "self-attention V"]
+    assert labels[3:] == ["x1 (no rescaling)", "x2 (square root)", "x4 (linear)"]
+    plt.close(fig)

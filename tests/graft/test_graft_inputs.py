@@ -340,3 +340,18 @@ def test_wrong_argument_types_are_one_error_each(kwargs, message, param):
         Graft(torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(a.parameters(), lr=0.1), **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert err.value.params == (param,)
+
+
+def test_layer_groups_without_names_are_said_at_construction():
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"without names=: 4 parameter tensor\(s\) are named param\.0.*names=model"):
+        g = Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert g.group_names == ("param.0", "param.1", "param.2", "param.3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named, or global (one group, "global"): nothing to say
+        Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1), names=model)
+        Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1), granularity="global")
+        named = list(model.named_parameters())  # torch's own named param groups name them too
+        Graft(torch.optim.Adam(named), torch.optim.SGD(named, lr=0.1))

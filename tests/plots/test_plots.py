@@ -323,6 +323,26 @@ def test_cli_plot_writes_and_refuses_overwrite(layer_traces, global_trace, tmp_p
     assert "one trace" in str(res.exception)
 
 
+def test_cli_plot_all_to_an_image_name_writes_named_files_beside_it(layer_traces, global_trace, tmp_path):
+    from typer.testing import CliRunner
+
+    from graftlab.cli.app import app
+
+    a, _ = layer_traces
+    runner = CliRunner()
+    res = runner.invoke(app, ["plot", str(a), "--steps", "100", "--window", "100", "-o", str(tmp_path / "x.png")])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "x.png").exists()  # no folder named like an image
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["x-corrections.png", "x-figure5.png", "x-figure6.png", "x-figure7.png", "x-figure8.png"]
+    assert (tmp_path / "x-figure5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["plot", str(a), "--steps", "100", "--window", "100", "-o", str(tmp_path / "x.png")])
+    assert res.exit_code != 0 and "exists" in str(res.exception)  # each file is checked, none replaced
+    res = runner.invoke(app, ["plot", str(global_trace), "-o", str(tmp_path / "g.svg")])  # one figure: the name
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g.svg").read_text().lstrip().startswith("<?xml")
+
+
 # --- what the figures show a reader: titles, labels, scales, legends inside the canvas ----------------
 
 FIGURES = {
@@ -396,15 +416,18 @@ def test_each_figure_says_what_it_shows(layer_traces):
         "7": _suptitle(plots.figure7(a, b)),
         "8": _suptitle(plots.figure8(a, b, steps=(400, 200))),
     }
-    assert titles["5"] == "Figure 5: per-layer learning-rate corrections, unfiltered"
-    assert titles["5 filtered"] == "Figure 5: per-layer learning-rate corrections, median-filtered (width 51)"
+    # Figure 5's two title lines are one centred suptitle (an axes title sits off-centre beside the y label)
+    assert titles["5"] == ("Figure 5: per-layer learning-rate corrections, unfiltered "
+                           "bert, Adam#SGD, batch size 32: first 400 iterations")
+    assert titles["5 filtered"] == ("Figure 5: per-layer learning-rate corrections, median-filtered (width 51) "
+                                    "bert, Adam#SGD, batch size 32: first 400 iterations")
     assert titles["6"] == "Figure 6: per-layer learning-rate corrections, median-filtered (width 51)"
     assert titles["7"] == "Figure 7: per-layer learning-rate corrections over all iterations, unfiltered"
     assert titles["8"] == ("Figure 8: per-layer learning-rate corrections by parameter type, "
                            "median-filtered (width 51)")
     assert len(set(titles.values())) == len(titles)
     # the panels name the run and the iterations they hold
-    assert plots.figure5(a, steps=400).axes[0].get_title() == "bert, Adam#SGD, batch size 32: first 400 iterations"
+    assert plots.figure5(a, steps=400).axes[0].get_title() == ""
     fig6 = plots.figure6(a, b, steps=(400, 200))
     assert [ax.get_title() for ax in fig6.axes] == ["(a) bert, Adam#SGD, batch size 32: first 400 iterations",
                                                     "(b) bert, Adam#SGD, batch size 128: first 200 iterations"]
@@ -420,7 +443,7 @@ def test_each_figure_says_what_it_shows(layer_traces):
     # on the caller's axes the figure's title heads the panel
     fig, ax = plt.subplots()
     plots.figure5(a, steps=100, width=51, ax=ax)
-    assert ax.get_title().splitlines()[0] == titles["5 filtered"] and fig.get_suptitle() == ""
+    assert ax.get_title().splitlines()[0] == titles["5 filtered"].split(" bert,")[0] and fig.get_suptitle() == ""
     # a DataFrame that starts mid-run is labelled with its iterations, not as "first"
     mid = read_trace(a, steps=(100, 300))
     assert plots.figure7(mid).axes[0].get_title().endswith("iterations 100-299")
@@ -442,9 +465,14 @@ def test_axes_labels_and_decade_log_scales(layer_traces, global_trace):
     ratio = plots.common.RATIO_LABEL
     for fig in (plots.figure5(a, steps=400), plots.figure6(a, b, steps=(400, 200)), plots.figure7(a, b)):
         fig.canvas.draw()
+        first, *rest = fig.axes
+        assert first.get_ylabel() == ratio
+        _check_decade_axis(first)
         for ax in fig.axes:
-            assert ax.get_ylabel() == ratio and ax.get_xlabel() == "Training iterations"
-            _check_decade_axis(ax)
+            assert ax.get_xlabel() == "Training iterations"
+        for ax in rest:  # the runs side by side share the first panel's y axis, labelled once
+            assert ax.get_shared_y_axes().joined(ax, first) and ax.get_ylim() == first.get_ylim()
+            assert ax.get_ylabel() == "" and ax.get_yscale() == "log"
     fig = plots.figure8(a, b, steps=(400, 200))
     fig.canvas.draw()
     for sub in fig.subfigs:
@@ -484,9 +512,18 @@ def test_figure8_panels_per_kind_and_their_legends(layer_traces):
     for title, kind, ffn in plots.PANELS[:6]:
         assert {kinds[ln.get_gid()] for ln in _lines(by_title[title])} == {(kind, ffn)}
     assert {kinds[ln.get_gid()][0] for ln in _lines(by_title["Embeddings"])} == {"embedding"}
-    # one legend for the block shades, one for the layer kinds of "Others", both beside the grid
-    block_legend, others_legend = sub.legends
-    assert block_legend.get_title().get_text() == "Transformer block"
+    # one legend for the block shades beside the top row's last panel, one for the layer kinds of
+    # "Others" beside that panel: each next to what it explains, over no panel, in readable type
+    block_legend, others_legend = by_title["Attention out"].get_legend(), by_title["Others"].get_legend()
+    assert not sub.legends
+    assert block_legend.get_title().get_text() == "Transformer\nblock"
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for legend, panel in ((block_legend, by_title["Attention out"]), (others_legend, by_title["Others"])):
+        box, pbox = legend.get_window_extent(renderer), panel.get_window_extent(renderer)
+        assert 0 <= box.x0 - pbox.x1 <= 0.05 * fig.bbox.width and abs(box.y1 - pbox.y1) <= 0.02 * fig.bbox.height
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in sub.axes)
+        assert min(t.get_fontsize() for t in legend.get_texts()) >= 8
     assert _legend_labels(block_legend) == ["block 0", "block 1"]
     q = _lines(by_title["Attention Q"])
     assert [matplotlib.colors.to_rgb(h.get_color()) for h in block_legend.get_lines()] == \
@@ -502,7 +539,7 @@ def test_figure8_panels_per_kind_and_their_legends(layer_traces):
 def test_figure8_block_legend_of_a_deep_model(tmp_path):
     deep = write_trace(tmp_path / "deep", steps=60, spec=groups_spec(12))
     fig = plots.figure8(deep, steps=60, width=None)
-    block_legend = fig.subfigs[0].legends[0]
+    block_legend = fig.subfigs[0].axes[3].get_legend()
     labels = _legend_labels(block_legend)
     assert len(labels) <= 8 and labels[0] == "block 0" and labels[-1] == "block 11"
     fig.canvas.draw()

@@ -431,7 +431,8 @@ def test_readme_snippet_reads_a_recorded_trace_with_pandas_polars_and_duckdb(tmp
     graft = graftlab.Graft(torch.optim.Adam(model.parameters(), 1e-2), torch.optim.SGD(model.parameters(), 0.1),
                            names=model)
     (tmp_path / "runs").mkdir()
-    with graftlab.Recorder(graft, tmp_path / "runs" / "bert.trace", flush_every=3, model=model):
+    # runs/t: the trace the README's `graftlab record ... --out runs/t` writes
+    with graftlab.Recorder(graft, tmp_path / "runs" / "t", flush_every=3, model=model):
         for _ in range(7):
             model(torch.randn(8, 4)).pow(2).mean().backward()
             graft.step()
@@ -439,7 +440,7 @@ def test_readme_snippet_reads_a_recorded_trace_with_pandas_polars_and_duckdb(tmp
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(code, ns)
-    mine = trace.read_trace("runs/bert.trace")
+    mine = trace.read_trace("runs/t")
     want = mine["ratio"].to_numpy()
     order = {g: i for i, g in enumerate(mine.group.cat.categories)}  # read_trace's rows: step, then group order
     for other in (ns["df"], ns["lf"].to_pandas(), ns["rel"].df()):
