@@ -431,7 +431,7 @@ def test_run_options_are_the_config_fields(command, cls):
     fields = {name: s for name, s in settings(cls).items() if s.flag is not None}
     assert set(fields) <= set(params)
     own = set(params) - set(fields)
-    assert own <= {"config", "overwrite", "quiet", "corrections", "allow_missing", "allow_other_optimizer"}, own
+    assert own <= {"config", "overwrite", "quiet", "corrections", "allow_missing", "allow_other_optimizer", "out"}, own
     for name, s in fields.items():
         assert s.flag in params[name].opts and params[name].help.startswith(s.help), name
 
