@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 import tomllib
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,8 @@ def _field_value(cls: type, name: str, value: Any, error: Callable[[str], Graftl
     -> its text), then checked against the field's schema (:func:`graftlab.runs.fields.check_value`);
     ``error(what is wrong)`` is the exception for a value it cannot be."""
     default = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if value is None and default.default is not None:  # `steps:` with nothing after it
+    hint = typing.get_type_hints(cls)[name]
+    if value is None and type(None) not in typing.get_args(hint):  # `batch_size:` with nothing after it
         raise error("cannot be empty")
     kind = type(default.default_factory()) if default.default_factory is not dataclasses.MISSING else None
     if kind is list and isinstance(value, str):  # --milestones 0.5,0.75
