@@ -89,7 +89,7 @@ def distill(
         table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
                       ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
     longest = max((len(g) for g in records), default=10)
-    console = Console(width=max(Console().width, longest + 80))
+    console = Console(width=max(Console().width, longest + 80), markup=False)
     console.print(table)
     if window is None:
         console.print(f"window {used} steps: the paper's 2000, capped to the first quarter of the trace "

@@ -43,7 +43,7 @@ def info(
             raise
         raise GraftlabError(f"{trace}: {by}, which has not completed a part file yet; try again later") from None
     meta = t["metadata"]
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     head = Table(title=str(trace), show_header=False)
     head.add_column("key", style="bold")
     head.add_column("value", overflow="fold")
@@ -82,4 +82,4 @@ def info(
             table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
                           _fmt(g.get("shape")), _fmt(g.get("numel")))
         longest = max((len(g["name"]) for g in meta.get("groups") or []), default=10)
-        Console(width=max(console.width, longest + 60)).print(table)
+        Console(width=max(console.width, longest + 60), markup=False).print(table)

@@ -12,7 +12,7 @@ from graftlab.cli.distill import ROUND_HELP
 def plot(
     traces: List[Path] = typer.Argument(..., help="One trace, or two runs (e.g. two batch sizes) for figures 6-8."),
     figure: str = typer.Option("all", "--figure", "-f",
-                               help="4, 5, 6, 7, 8, corrections, or all (the ones the traces can draw)."),
+                               help="4, 5, 6, 7, 8, corrections, rows (a vocab trace's row ratios against token frequency), or all (the ones the traces can draw)."),
     out: str = typer.Option(..., "--out", "-o", help="Output file (one figure: .png, .pdf or .svg); with --figure all a directory (DIR/figure5.png, ...) or an image name (x.png -> x-figure5.png, x-figure6.png, ...)."),
     steps: Optional[List[int]] = typer.Option(
         None, "--steps", help="First N iterations for figures 5, 6, 8 (repeat once per trace) [default: 2000]."),

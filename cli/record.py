@@ -36,7 +36,7 @@ def _report(cfg, res) -> None:
 
     from graftlab.kinds import KIND_LABELS
 
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.fit.final.items())
     fit, first = res.fit, res.fit.resumed_at
     speed = (f"{fit.steps_per_second:.1f} steps/s" if not first else

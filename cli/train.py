@@ -78,7 +78,7 @@ def _report(cfg, result, corrections) -> None:
     else:
         table.add_row("steps/s", f"{result.steps_per_second:.1f}")
         table.add_row("wall time", f"{result.wall_time:.1f} s")
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     console.print(table)
     if result.path:
         console.print(f"metrics: {result.path}")

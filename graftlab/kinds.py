@@ -75,7 +75,7 @@ class GroupKind:
 # Fused query-key-value tensors (GPT-2's ``attn.c_attn``, ``qkv``, nn.MultiheadAttention's
 # ``in_proj_weight``) hold Q, K and V in one tensor; a per-tensor ratio cannot be split among them, so
 # they are ``other`` (with their block index) unless a partition splits them into slices named
-# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.graft.partition.fused_layout), which are Q, K and V. Users who want them labelled differently pass
+# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.graft.partition.fused_layout; ``[q head 3]`` per head), which are Q, K and V. Users who want them labelled differently pass
 # ``overrides``. Hugging Face's ``Conv1D`` is a linear layer despite its name and is classified by
 # name, not as a convolution.
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,8 @@ ATTN_OUT_NAMES = frozenset({"out", "out_proj", "o_proj", "o", "c_proj", "proj", 
 FC1_NAMES = frozenset({"fc1", "c_fc", "up_proj", "gate_proj", "lin1", "linear1", "wi", "wi_0", "wi_1", "w1",
                        "w3", "dense_h_to_4h", "fc_in", "gate_up_proj", "intermediate"})
 FC2_NAMES = frozenset({"fc2", "down_proj", "lin2", "linear2", "w2", "dense_4h_to_h", "fc_out", "c_proj"})
-_SLICE = re.compile(r"(.+)\[(\w+)\]")
+# a slice's group name (graftlab.graft.slicing): "[q]", "[head 3]", "[q head 3]", "[rows 0-99]", "[row 5]"
+_SLICE = re.compile(r"(.+)\[(?:([qkv])(?: head \d+)?|head \d+|rows? \d+(?:-\d+)?)\]")
 _NORM_NAME = re.compile(r"(norm|^(ln|bn|gn)(_?\d+|_f|_final)?$)")
 _CONV_NAME = re.compile(r"^(conv\w*|stem)$")
 _EMBED_NAME = re.compile(r"(embed|^(wte|wpe|cls_token|pos_token|mask_token)$)")
@@ -237,9 +238,9 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
     GroupKind(kind='norm', ffn=None, block=None)
     """
     sliced = _SLICE.fullmatch(name)
-    if sliced:  # a slice of a fused tensor (graftlab.graft.partition): "...c_attn.weight[q]" is Q
+    if sliced:  # a slice (graftlab.graft.slicing): "...c_attn.weight[q head 3]" is Q, "...[head 3]" its tensor's
         whole = classify(sliced.group(1), module)
-        label = sliced.group(2).upper()
+        label = (sliced.group(2) or "").upper()
         return GroupKind(label, None, whole.block) if label in ("Q", "K", "V") else whole
     n = _Name.parse(name)
     for rule in RULES:
@@ -247,6 +248,12 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
         if found is not None:
             return GroupKind(found[0], found[1], n.block)
     return GroupKind("other", None, n.block)
+
+
+def whole_name(group: str) -> str:
+    """The tensor a group is a slice of (``"x.key.bias[head 3]"`` -> ``"x.key.bias"``), or ``group``."""
+    sliced = _SLICE.fullmatch(group)
+    return sliced.group(1) if sliced else group
 
 
 def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:

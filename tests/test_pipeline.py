@@ -186,3 +186,30 @@ def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
     assert tool["package-dir"] == {"graftlab.cli": "cli"}
     assert conf["project"]["scripts"]["graftlab"] == "graftlab.cli.app:main"
     assert Path(graftlab.cli.__file__).resolve().parent == root / "cli"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity,extra", [("head", []), ("vocab", ["--row-block", 100])])
+def test_gpt_per_head_and_per_row_block_trace_to_corrected_sgd(tmp_path, monkeypatch, granularity, extra):
+    cfg = small_config(tmp_path)
+    trace = tmp_path / "gpt.trace"
+    invoke("record", "--task", "gpt", "--granularity", granularity, *extra, "--steps", 6, "--out", trace,
+           "--config", cfg, "--device", "cpu", "--quiet")
+    groups = set(read_trace(trace)["group"])
+    assert "blocks.1.attn.key.weight[head 3]" in groups and "blocks.0.attn.out.weight[head 0]" in groups
+    assert ("head.decoder.weight[rows 0-99]" in groups) == (granularity == "vocab")
+    assert ("head.decoder.weight" in groups) == (granularity == "head")
+    invoke("distill", trace, "--window", 3, "--schedule")
+    corr_path = tmp_path / "gpt.trace.corrections.json"
+    assert set(load_corrections(corr_path).schedule) == groups  # per-slice schedules
+    res = invoke("show", corr_path, "--by", "kind")
+    assert "Q" in res.output and "output" in res.output
+    built = []
+    real = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    invoke("train", "--task", "gpt", "--corrections", corr_path, "--steps", 2, "--config", cfg, "--device", "cpu",
+           "--quiet")
+    (opt,) = built
+    scaled = {g["name"]: g for g in opt.param_groups if g.get("lr_scale") is not None}
+    assert "blocks.0.attn.query.weight" in scaled and scaled["blocks.0.attn.query.weight"]["lr_scale"].shape == (64, 1)
+    assert ("head.decoder.weight" in scaled) == (granularity == "vocab")

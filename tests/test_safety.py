@@ -27,7 +27,7 @@ from graftlab.distributed.checkpoints import checkpoints_for
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.record.recorder import Recorder
 from graftlab.trace.lock import TraceLock
-from tests import models
+from tests import models, procs
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 16  # groups of the block model
@@ -208,14 +208,10 @@ def test_lock_released_when_the_holder_dies(tmp_path):
     (tmp_path / "t").mkdir()
     code = ("import sys, time; sys.path.insert(0, %r); from graftlab.trace.lock import TraceLock; "
             "TraceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)") % str(ROOT)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "t")], stdout=subprocess.PIPE, text=True)
-    try:
+    with procs.started([sys.executable, "-c", code, tmp_path / "t"], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(GraftlabError, match=rf"another process \(pid {proc.pid}\)"):
             TraceLock(tmp_path / "t").acquire()
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     TraceLock(tmp_path / "t").acquire().release()  # the kernel dropped it with the process
 
 
@@ -246,17 +242,13 @@ def test_sigterm_writes_the_buffered_rows(tmp_path):
     script = tmp_path / "rec.py"
     script.write_text(TERM_SCRIPT.format(root=str(ROOT)))
     progress = tmp_path / "progress"
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "t"), str(progress)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 300
+    with procs.started([sys.executable, script, tmp_path / "t", progress], cwd=ROOT) as proc:
+        deadline = time.monotonic() + procs.timeout(300)
         while time.monotonic() < deadline and len(progress.read_text().split() if progress.exists() else []) < 30:
             time.sleep(0.01)
         assert proc.poll() is None, "recording process ended early"
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert proc.wait(timeout=procs.timeout(60)) == 143
     done = [int(s) for s in progress.read_text().split()]
     assert len(done) >= 30
     assert recorded(tmp_path / "t")[: len(done)] == done  # every completed step, though none was flushed

@@ -26,6 +26,7 @@ import pandas as pd
 from graftlab.distill import medians as engine
 from graftlab.distill.degenerate import flag_window
 from graftlab.errors import GraftlabError
+from graftlab.kinds import whole_name
 
 # D_beta keeps the non-tied groups inside this range of powers of ten (the paper's {0.1, 1, 10, 100}).
 POW10_RANGE = (0.1, 100.0)
@@ -218,7 +219,8 @@ def attention_weights(groups: list[str], kinds: Values) -> pd.Series:
     Returns a bool Series indexed by ``groups``.
     """
     kind = pd.Series(kinds).reindex(groups)
-    out = [str(kind.get(g)) in ATTENTION_KINDS and str(g).rsplit(".", 1)[-1].lower().endswith("weight") for g in groups]
+    out = [str(kind.get(g)) in ATTENTION_KINDS and whole_name(str(g)).rsplit(".", 1)[-1].lower().endswith("weight")
+           for g in groups]
     return pd.Series(out, index=groups, dtype=bool)
 
 

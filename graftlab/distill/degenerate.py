@@ -49,6 +49,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import pandas as pd
 
+from graftlab.kinds import whole_name
+
 # The opt-in outlier rule's usual factor (``flag_groups(outlier=OUTLIER)``; off by default): a ratio
 # threshold cannot tell a large real correction from noise, see graftlab.distill.degenerate.
 OUTLIER = 1000.0
@@ -162,7 +164,7 @@ def gradient_free(name: str, kind: Optional[str]) -> Optional[str]:
     >>> gradient_free("bert.encoder.layer.0.attention.self.key.bias", "K") is not None
     True
     """
-    if kind == "K" and name.rsplit(".", 1)[-1] == "bias":
+    if kind == "K" and whole_name(name).rsplit(".", 1)[-1] == "bias":  # per head too: "key.bias[head 3]"
         return _KEY_BIAS
     return None
 

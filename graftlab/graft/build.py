@@ -27,6 +27,7 @@ from graftlab.graft import child_steps, rules as updates
 from graftlab.errors import GraftlabError
 from graftlab.graft.norms import PlainNorms
 from graftlab.graft.partition import Partition, make_partition
+from graftlab.graft.units import UnitPlan
 
 
 def same_params(magnitude: Optimizer, direction: Optimizer) -> list[Tensor]:
@@ -151,7 +152,7 @@ def _partition(graft: Any, params: list[Tensor]) -> Partition:
             )
         gran = known.__getitem__
     split = getattr(graft, "_split", None)
-    return make_partition(names, gran, [tuple(p.shape) for p in params], split)
+    return make_partition(names, gran, [tuple(p.shape) for p in params], split, getattr(graft, "_slicing", None))
 
 
 def _rules(graft: Any) -> Optional[tuple]:
@@ -194,11 +195,16 @@ def _norms(params: list[Tensor], part: Partition, dtype: torch.dtype):
         layout = shard_layout(params, part.tensor_group, len(part.group_names), dtype)
         if layout is not None:
             if part.split:
+                if part.granularity in ("head", "vocab"):
+                    raise GraftlabError(
+                        f"sharded parameters cannot be grafted per head or per row yet (granularity="
+                        f"{part.granularity!r}): use granularity='layer' with split=None under FSDP")
                 raise GraftlabError(
                     "sharded parameters cannot be split into slices (fused Q/K/V): pass split=None to graft "
                     "whole tensors")
             return layout
-    return PlainNorms(part.tensor_group, len(part.group_names), dtype, params[0].device)
+    plan = UnitPlan(part.unit_tensor, part.slices, params[0].device) if part.split else None
+    return PlainNorms(part.tensor_group, len(part.group_names), dtype, params[0].device, plan)
 
 
 @torch._disable_dynamo  # eager even inside a compiled step: compiled code would drop these updates
@@ -250,6 +256,7 @@ def _build(graft: Any) -> None:
     graft._rules = rules
     graft._norm_dtype = norm_dtype
     graft._norms = norms
+    graft._plan = getattr(norms, "plan", None)
     graft._complex = any(p.is_complex() for p in params)
     graft._fused = fused
     # fused: no buffers (a step that takes the generic path allocates its own)

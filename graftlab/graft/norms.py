@@ -12,7 +12,8 @@ on where the tensors live, so ``Graft`` talks to them through one interface with
 The interface (both classes)::
 
     locals(tensors) -> list[Tensor]          # the pieces this process computes on
-    partial(steps) -> Tensor                 # (n_groups,) what this process knows of each group
+    partial(steps) -> Tensor                 # (n_groups,) what this process knows of each group (steps:
+                                             # one per parameter; PlainNorms takes the units itself)
     from_squares(sq) -> (norm_m, norm_d)     # whole-tensor norms from per-tensor squares (fused path;
                                              # PlainNorms only)
     finish(part_m, part_d) -> (norm_m, norm_d)   # (n_groups,) each: the whole-group norms
@@ -23,18 +24,22 @@ accumulated in ``dtype`` (float32, or float64 for float64 parameters) and stay o
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from graftlab.graft.units import UnitPlan
 
 
 class PlainNorms:
     """Group norms of whole tensors in one process: nothing to reduce across processes."""
 
-    def __init__(self, tensor_group: Sequence[int], n_groups: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, tensor_group: Sequence[int], n_groups: int, dtype: torch.dtype, device: torch.device,
+                 plan: Optional[UnitPlan] = None):
         self.dtype = dtype
         self.n_groups = n_groups
+        self.plan = plan  # split tensors: the norms are per unit (graftlab.graft.units)
         grouped = list(tensor_group) != list(range(len(tensor_group)))
         self.index = torch.tensor(list(tensor_group), device=device) if grouped else None
 
@@ -43,8 +48,12 @@ class PlainNorms:
         return list(tensors)
 
     def partial(self, steps: Sequence[Tensor]) -> Tensor:
-        """The group norms themselves: per-tensor norms, combined per group as sqrt(sum of squares)."""
-        per_tensor = torch.stack(torch._foreach_norm(steps, 2, dtype=self.dtype))
+        """The group norms themselves: per-tensor (per-unit) norms, combined per group as sqrt(sum of
+        squares). ``steps``: one tensor per parameter."""
+        if self.plan is not None:
+            per_tensor = self.plan.norms(steps, self.dtype)
+        else:
+            per_tensor = torch.stack(torch._foreach_norm(steps, 2, dtype=self.dtype))
         if self.index is None:
             return per_tensor
         sq = torch.zeros(self.n_groups, device=per_tensor.device, dtype=self.dtype)

@@ -13,6 +13,7 @@ from graftlab.graft import build, child_steps, state as graft_state
 from graftlab.errors import GraftlabError, check_choice, check_flag
 from graftlab.graft.norms import PlainNorms
 from graftlab.graft.partition import GRANULARITIES, SPLITS, Granularity, Names, TensorNames
+from graftlab.graft.slicing import slicing_for
 
 PATHS = ("auto", "direct", "generic")
 
@@ -35,7 +36,12 @@ class Graft(Optimizer):
         magnitude: optimizer M over the model's parameters. Its learning rate is the step size.
         direction: optimizer D over the same tensors (its groups may be arranged differently).
         granularity: ``"layer"`` (default: one group per tensor), ``"global"`` (one group),
-            ``"coordinate"`` (one group per element), or a function from parameter name to label.
+            ``"coordinate"`` (one group per element), ``"head"`` (as ``"layer"``, with attention
+            Q/K/V weights and biases and the attention output weight one group per head:
+            ``<name>[head 3]``, ``<name>[q head 3]`` for fused tensors), ``"vocab"`` (as ``"head"``,
+            with the word embedding and output layer one group per ``row_block`` vocabulary rows:
+            ``<name>[rows 0-99]``; :mod:`graftlab.graft.slicing`), or a function from parameter
+            name to label.
         names: an ``nn.Module`` or ``(name, tensor)`` pairs naming the tensors (extra names, such
             as frozen layers, are allowed). Without it tensors are ``param.0``, ``param.1``, ...
         split: ``"fused"`` (default): at ``"layer"`` granularity a fused tensor graftlab
@@ -49,6 +55,10 @@ class Graft(Optimizer):
             digits. The generic path serves any optimizer (another Graft too): M steps, the step
             is measured, ``w_t`` is restored, D steps. ``"auto"`` takes the direct path where
             both children allow it and the generic one on steps with sparse gradients.
+        heads: for ``"head"``/``"vocab"``: the number of attention heads (an int, or a mapping
+            parameter name -> count); default: read from ``names`` (the module's or its config's
+            ``num_heads``/``num_attention_heads``/``n_head``/``heads``).
+        row_block: for ``"vocab"``: vocabulary rows per group (default 1).
         fused: run direct steps fused (:mod:`graftlab.graft.fused`; like torch.optim's ``fused=``): both
             children's steps and norms in one pass, one write of the weights, no buffer; the
             direct path's results up to rounding. The first step compiles (``torch.compile``,
@@ -139,6 +149,8 @@ class Graft(Optimizer):
         path: str = "auto",
         split: Optional[str] = "fused",
         fused: bool = False,
+        heads: Any = None,
+        row_block: int = 1,
     ) -> None:
         for role, opt in (("magnitude", magnitude), ("direction", direction)):
             if not isinstance(opt, Optimizer):
@@ -168,6 +180,8 @@ class Graft(Optimizer):
         self._split = split
         self._fused_choice = bool(fused)
         self._names = TensorNames(names)
+        # head counts and Conv1D layouts come from the module: kept, as the names are
+        self._slicing = slicing_for(names, heads, row_block) if granularity in ("head", "vocab") else None
         # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
         self._step_count = torch.zeros((), dtype=torch.int64)
         self._zero_grad_calls = 0  # the Recorder tells a skipped step from an accumulating micro-batch by it
@@ -338,7 +352,7 @@ class Graft(Optimizer):
                 raise
             finally:
                 child_steps.restore_grads(self._params, grads)
-        factors = self._record(*self._norms.finish(part_m, part_d))
+        factors = self._factors(*self._norms.finish(part_m, part_d))
         self._combine(params, step, factors, direct)
 
     @torch._disable_dynamo
@@ -386,15 +400,14 @@ class Graft(Optimizer):
     def _child_norms(self, params: list[Tensor], direct: bool, grads=None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Both children's steps and their group norms; returns the partial norms and D's step."""
         real = child_steps.real_views if self._complex else list
-        units = self.partition.units  # slices of split tensors are groups of their own
         step = self._child_step(self.magnitude, 0, params, direct, grads)
-        part_m = self._group_norms(real(units(step)))
+        part_m = self._group_norms(real(step))
         if self.partition.elementwise:
             abs_m = real(self._abs_m)
             torch._foreach_copy_(abs_m, real(step))
             torch._foreach_abs_(abs_m)
         step = self._child_step(self.direction, 1, params, direct, grads)
-        return part_m, self._group_norms(real(units(step))), step
+        return part_m, self._group_norms(real(step)), step
 
     def _child_step(self, opt: Optimizer, which: int, params, direct: bool, grads) -> list[Tensor]:
         if direct:
@@ -402,7 +415,8 @@ class Graft(Optimizer):
         return child_steps.generic(self, opt, params, first=which == 0, grads=grads)
 
     def _group_norms(self, steps: list[Tensor]) -> Tensor:
-        """What this process knows of each group's norm (the norm itself unless sharded)."""
+        """What this process knows of each group's norm (the norm itself unless sharded); ``steps``
+        has one tensor per parameter (slices of split tensors are taken by the norm seam)."""
         return self._norms.partial(steps)
 
     def _factors(self, norm_m: Tensor, norm_d: Tensor) -> Tensor:
@@ -413,14 +427,20 @@ class Graft(Optimizer):
         factor = torch.where(norm_d > 0, self._stats[2], 0.0)
         return factor if self._index is None else factor[self._index]
 
-    def _record(self, norm_m: Tensor, norm_d: Tensor) -> list[Tensor]:
-        return list(self._factors(norm_m, norm_d).unbind())
-
-    def _combine(self, params: list[Tensor], step: list[Tensor], factors: list[Tensor], direct: bool) -> None:
-        """w_{t+1} = w_t + factor * D's step (per coordinate: |M's step| * sign(D's step))."""
+    def _combine(self, params: list[Tensor], step: list[Tensor], factor: Tensor, direct: bool) -> None:
+        """w_{t+1} = w_t + factor * D's step (per coordinate: |M's step| * sign(D's step)); ``factor``:
+        ``(n_tensors,)`` or, for split tensors, ``(n_units,)``."""
         real = child_steps.real_views if self._complex else list
-        units = self.partition.units  # one factor per unit (a slice or a whole tensor)
-        params, step = real(units(params)), real(units(step))
+        plan = self._plan  # split tensors: one factor per unit (a head, a row block, a Q/K/V third)
+        if plan is not None:
+            if direct:
+                plan.addcmul_(real(params), real(step), factor)
+                return
+            plan.mul_(real(step), factor)  # the units cover every tensor: the add is on whole tensors
+            torch._foreach_add_(real(params), real(self._buf))
+            return
+        factors = list(factor.unbind())
+        params, step = real(params), real(step)
         if self.partition.elementwise:
             torch._foreach_sign_(step)  # sign(0) == 0 keeps w_t where D does not move
             if direct:
@@ -432,4 +452,4 @@ class Graft(Optimizer):
             return
         else:
             torch._foreach_mul_(step, factors)
-        torch._foreach_add_(params, real(units(self._buf)))  # generic: step lives in params, w_t in the buffer
+        torch._foreach_add_(params, real(self._buf))  # generic: step lives in params, w_t in the buffer

@@ -4,6 +4,9 @@ A partition names every parameter tensor and assigns it to one group:
 
 - ``"global"``: one group, named ``global``;
 - ``"layer"``: one group per parameter tensor, named as ``named_parameters()`` names it;
+- ``"head"``: as ``"layer"``, with attention Q/K/V and output weights one group per head;
+- ``"vocab"``: as ``"head"``, with the word embedding and output layer per block of vocabulary rows
+  (:mod:`graftlab.graft.slicing`);
 - ``"coordinate"``: one group per element (norms are reported per tensor);
 - a callable ``name -> label``: one group per distinct label, in order of first appearance.
 
@@ -23,8 +26,9 @@ from torch import nn
 
 from graftlab.graft import names as wrappers
 from graftlab.errors import GraftlabError
+from graftlab.graft.slicing import Slicing, units_of, vocab_rows
 
-GRANULARITIES = ("global", "layer", "coordinate")
+GRANULARITIES = ("global", "layer", "head", "vocab", "coordinate")
 SPLITS = ("fused", None)
 Slice = tuple[int, int, int]  # (dim, start, stop) of a unit inside its tensor
 
@@ -69,7 +73,7 @@ class Partition:
 
     @property
     def one_tensor_per_group(self) -> bool:
-        return self.granularity in ("layer", "coordinate")
+        return self.granularity in ("layer", "head", "vocab", "coordinate")
 
     def members(self, group: str) -> list[str]:
         """Names of the parameter tensors in ``group``."""
@@ -181,8 +185,11 @@ def name_parameters(params: Sequence[torch.Tensor], names: Names) -> list[str]:
 def fused_layout(name: str, shape: Sequence[int]) -> Optional[tuple[int, tuple[str, ...]]]:
     """``(dim, labels)`` when parameter ``name`` of ``shape`` is a fused layout graftlab splits:
     GPT-2's ``attn.c_attn`` (Hugging Face ``Conv1D``: weight ``(in, 3 * d)``, bias ``(3 * d,)``),
-    whose last dimension holds Q, K and V in thirds, in that order; else None."""
+    whose last dimension holds Q, K and V in thirds, in that order, and ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` ``(3 * d, d)`` / ``in_proj_bias`` ``(3 * d,)``, whose rows do; else None."""
     parts = name.split(".")
+    if parts[-1] in ("in_proj_weight", "in_proj_bias") and len(shape) in (1, 2) and shape[0] % 3 == 0 and shape[0]:
+        return 0, ("q", "k", "v")  # nn.MultiheadAttention: Q, K, V thirds of the rows
     if len(parts) >= 2 and parts[-2] == "c_attn" and parts[-1] in ("weight", "bias") and len(shape) in (1, 2):
         if shape[-1] % 3 == 0 and shape[-1] > 0:
             return len(shape) - 1, ("q", "k", "v")
@@ -204,9 +211,41 @@ def _split_units(names: tuple[str, ...], shapes: Sequence[Sequence[int]]):
     return tuple(unit_names), tuple(unit_tensor), tuple(slices)
 
 
+def _sliced(names: tuple[str, ...], shapes: Sequence[Sequence[int]], granularity: str,
+            slicing: Optional[Slicing]) -> Partition:
+    """The head or vocab partition: every tensor's units (:func:`graftlab.graft.slicing.units_of`)."""
+    from graftlab.kinds import classify
+
+    if len(set(names)) != len(names):
+        raise GraftlabError(f"parameter names must be unique for granularity={granularity!r}")
+    slicing = slicing or Slicing()
+    kinds = [classify(n).kind for n in names]
+    vocab = vocab_rows(names, shapes, kinds) if granularity == "vocab" else None
+    if granularity == "vocab" and vocab is None:
+        raise GraftlabError("granularity='vocab' found no word embedding (a 2-D tensor of kind embedding) to "
+                            "split into rows; use granularity='head'")
+    unit_names, unit_tensor, slices = [], [], []
+    for i, (n, shape, kind) in enumerate(zip(names, shapes, kinds)):
+        units = units_of(n, tuple(shape), kind, granularity, slicing, vocab)
+        if units is None:
+            unit_names.append(n), unit_tensor.append(i), slices.append(None)
+            continue
+        for label, sl in units:
+            unit_names.append(f"{n}[{label}]"), unit_tensor.append(i), slices.append(sl)
+    if len(unit_names) == len(names):
+        raise GraftlabError(f"granularity={granularity!r} found no attention tensor to split per head "
+                            "(nothing named as a Q, K, V or attention-output projection); use granularity='layer'")
+    units = tuple(unit_names)
+    return Partition(granularity, units, units, tuple(range(len(units))), tuple(unit_tensor), tuple(slices))
+
+
 def make_partition(param_names: Sequence[str], granularity: Granularity,
-                   shapes: Optional[Sequence[Sequence[int]]] = None, split: Optional[str] = None) -> Partition:
+                   shapes: Optional[Sequence[Sequence[int]]] = None, split: Optional[str] = None,
+                   slicing: Optional[Slicing] = None) -> Partition:
     """Build the :class:`Partition` of ``param_names`` for ``granularity``.
+
+    ``"head"`` and ``"vocab"`` need ``shapes`` and take head counts and the row block from
+    ``slicing`` (:func:`graftlab.graft.slicing.slicing_for`).
 
     ``split="fused"`` with ``shapes`` (one per name) splits the fused layouts of
     :func:`fused_layout` into named slices at ``"layer"`` granularity (other granularities keep
@@ -219,6 +258,10 @@ def make_partition(param_names: Sequence[str], granularity: Granularity,
     if split not in SPLITS:
         raise GraftlabError(f"unknown split {split!r}: expected 'fused' or None")
     names = tuple(param_names)
+    if granularity in ("head", "vocab"):
+        if shapes is None:
+            raise GraftlabError(f"granularity={granularity!r} needs the tensors' shapes")
+        return _sliced(names, shapes, granularity, slicing)
     if split == "fused" and granularity == "layer" and shapes is not None:
         if len(set(names)) != len(names):
             raise GraftlabError("parameter names must be unique for granularity='layer'")

@@ -78,6 +78,7 @@ def getstate(graft: Optimizer) -> dict[str, Any]:
     return {
         "magnitude": graft.magnitude, "direction": graft.direction, "_granularity": gran, "_known_labels": known,
         "_path_choice": graft._path_choice, "_split": graft._split, "_fused_choice": graft._fused_choice,
+        "_slicing": getattr(graft, "_slicing", None),
         "_names": graft._names, "_step_count": graft._step_count,
         "state": graft.state,
         "_stats": graft._stats,

@@ -18,9 +18,9 @@ from graftlab.errors import GraftlabError
 from graftlab.plots.common import PathLike
 from graftlab.trace import read_metadata
 
-FIGURES = ("4", "5", "6", "7", "8", "corrections")
+FIGURES = ("4", "5", "6", "7", "8", "corrections", "rows")
 FILENAMES = {"4": "figure4", "5": "figure5", "6": "figure6", "7": "figure7", "8": "figure8",
-             "corrections": "corrections"}
+             "corrections": "corrections", "rows": "rows"}
 
 
 def applicable(trace: PathLike) -> list[str]:
@@ -28,7 +28,8 @@ def applicable(trace: PathLike) -> list[str]:
     meta = read_metadata(trace)
     if meta.get("granularity") == "global" or len(meta.get("groups") or []) == 1:
         return ["4"]
-    return ["5", "6", "7", "8", "corrections"]
+    rows = ["rows"] if meta.get("granularity") == "vocab" else []  # per-row ratios against token frequency
+    return ["5", "6", "7", "8", "corrections", *rows]
 
 
 def _steps(steps: Optional[Sequence[int]], n: int, default: int = 2000):
@@ -66,7 +67,7 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
         raise GraftlabError(f"give one or two traces, got {len(traces)}")
     if figure not in FIGURES:
         raise GraftlabError(f"unknown figure {figure!r}: expected one of {', '.join(FIGURES)} or all")
-    if figure in ("4", "5", "corrections") and len(traces) > 1:
+    if figure in ("4", "5", "corrections", "rows") and len(traces) > 1:
         raise GraftlabError(f"figure {figure} draws one trace, got {len(traces)}")
     _check_width(width)
     n = _steps(steps, len(traces))
@@ -84,6 +85,8 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
         return plots.figure7(*traces, **wide)
     if figure == "8":
         return plots.figure8(*traces, steps=n, **wide)
+    if figure == "rows":
+        return plots.rows_figure(traces[0], steps=n[0])
     from graftlab.trace import trace_extent
 
     first, last = trace_extent(traces[0])
@@ -116,7 +119,8 @@ def _save(fig, path: Path, dpi: int) -> None:
 def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Optional[Sequence[int]] = None,
            width: Optional[int] = None, window: Optional[int] = None, round: str = "none", overwrite: bool = False,
            dpi: int = 150) -> list[Path]:
-    """Draw ``figure`` (``4``-``8``, ``corrections`` or ``all``) from ``traces`` into ``out``.
+    """Draw ``figure`` (``4``-``8``, ``corrections``, ``rows`` (a vocab trace's per-row ratios against
+    token frequency) or ``all``) from ``traces`` into ``out``.
 
     ``out`` is a file for one figure (its suffix picks the format). For ``all`` (only the figures
     the traces can draw) it is a directory (``out/figure5.png``, ...), or an image name whose
@@ -170,7 +174,7 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
     figures = {}
     try:
         for f in targets:
-            use = traces[:1] if f in ("4", "5", "corrections") else traces
+            use = traces[:1] if f in ("4", "5", "corrections", "rows") else traces
             figures[f] = draw(use, f, steps=steps[:1] if steps and len(use) == 1 else steps, width=width,
                               window=window, round=round)
     except BaseException:

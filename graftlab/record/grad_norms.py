@@ -45,10 +45,13 @@ class GradNorms:
         # a parameter without a gradient counts as zero; sparse gradients by their stored values
         grads = [self._zero if g is None else (g.coalesce()._values() if g.is_sparse else g) for g in grads]
         part = self.graft.partition
-        if part.split:  # a slice's gradient norm is that of its own elements
-            grads = [grads[t] if s is None or grads[t].dim() == 0 else grads[t].narrow(s[0], s[1], s[2] - s[1])
-                     for t, s in zip(part.unit_tensor, part.slices)]
-        per = torch.stack(torch._foreach_norm(grads, 2, dtype=ring.dtype))
+        plan = getattr(self.graft, "_plan", None)
+        if part.split and plan is not None:  # a slice's gradient norm is that of its own elements
+            if any(g.dim() == 0 and p.dim() for g, p in zip(grads, self.graft.params)):
+                grads = [torch.zeros_like(p) if g.dim() == 0 and p.dim() else g for g, p in zip(grads, self.graft.params)]
+            per = plan.norms(grads, ring.dtype)
+        else:
+            per = torch.stack(torch._foreach_norm(grads, 2, dtype=ring.dtype))
         if self.per_tensor:
             ring[row].copy_(per)
             return

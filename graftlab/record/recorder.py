@@ -234,14 +234,18 @@ class Recorder:
     def _find_graft(opt: Any) -> Graft:
         seen = opt
         for _ in range(4):  # accelerate, Lightning and DeepSpeed-style wrappers keep the optimizer inside
-            if isinstance(opt, Graft):
-                return opt
             inner = getattr(opt, "optimizer", None)
             if not isinstance(inner, torch.optim.Optimizer):
                 inner = getattr(opt, "_optimizer", None)
-            if not isinstance(inner, torch.optim.Optimizer):
-                break
-            opt = inner
+            if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+                # unwrap first: Lightning's wrapper is itself a Graft subclass holding a copy of the
+                # Graft's attributes, so what the Graft rebuilds later (its stats tensor when groups
+                # are added or the parameters cast or moved) the copy never sees
+                opt = inner
+                continue
+            if isinstance(opt, Graft):
+                return opt
+            break
         raise GraftlabError(f"Recorder needs a graftlab.Graft optimizer, got {type(seen).__name__}")
 
     # -- recording (hot path: no host sync) ------------------------------------------------------

@@ -35,7 +35,7 @@ DEFAULT_FLUSH_EVERY = 100  # graftlab.record.recorder's
 MAX_FLUSH = 10**6  # graftlab.record.recorder.MAX_FLUSH_EVERY
 
 DEFAULT_STEPS = 300
-GRANULARITIES = ("layer", "global", "coordinate")
+GRANULARITIES = ("layer", "global", "coordinate", "head", "vocab")
 
 
 @dataclass
@@ -219,8 +219,10 @@ class RecordConfig(RunConfig):
     d_hparams: dict = setting(default_factory=dict, help="D hyperparameter NAME=VALUE, repeatable, e.g. "
                               "momentum=0.9.", flag="--d-hparam", repeat=True, default_text="the task's for D",
                               metavar="NAME=VALUE")
-    granularity: str = setting("layer", "Groups: layer (one per tensor), global (one for the model) or "
-                               "coordinate (one per entry).", aliases=("-g",), choices=GRANULARITIES)
+    granularity: str = setting("layer", "Groups: layer (one per tensor), global (one for the model), coordinate "
+                               "(one per entry), head (attention per head) or vocab (head, plus embedding and "
+                               "output rows).", aliases=("-g",), choices=GRANULARITIES)
+    row_block: int = setting(1, "With --granularity vocab: vocabulary rows per group.", ge=1, le=MAX_COUNT)
     out: Optional[str] = setting(None, "Trace directory to write.", aliases=("-o",), path=True,
                                  default_text="required, here or in --config")
     every: int = setting(1, "Record every k-th step.", ge=1, le=MAX_STEPS)

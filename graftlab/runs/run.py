@@ -64,7 +64,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     names = rt.wrap_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, this rank's rows
     m_opt = make_optimizer(config.magnitude, task.model.parameters(), config.magnitude_lr, **config.m_hparams)
     d_opt = make_optimizer(config.direction, task.model.parameters(), config.direction_lr, **config.d_hparams)
-    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
+    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names, row_block=config.row_block)
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
@@ -157,7 +157,7 @@ def train(
     if loaded is not None:
         from graftlab.corrections.applying import register_scales
 
-        register_scales(optimizer)  # per-slice factors of fused tensors (GPT-2's c_attn)
+        register_scales(optimizer, rt.resume_step(config))  # per-slice factors: Q/K/V thirds, heads, rows
     try:
         return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
                    metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)

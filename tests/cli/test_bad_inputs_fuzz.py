@@ -15,11 +15,13 @@ their own tests beside that code.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +32,8 @@ from hypothesis import strategies as st
 
 from graftlab.corrections import load_corrections, save
 from graftlab.errors import GraftlabError
-from graftlab.trace import FORMAT, METADATA_KEY, REQUIRED, part_name, read_trace
+from graftlab.trace import FORMAT, METADATA_KEY, READABLE_FORMATS, REQUIRED, part_name, read_trace
+from tests import results
 
 PROFILES = {"ci": 60, "full": 2000}
 for _name, _n in PROFILES.items():
@@ -40,7 +43,27 @@ PROFILE = os.environ.get("GRAFTLAB_FUZZ", "ci")
 if PROFILE not in PROFILES:
     raise ValueError(f"GRAFTLAB_FUZZ must be one of {', '.join(PROFILES)}, got {PROFILE!r}")
 settings.load_profile(f"graftlab-{PROFILE}")
-PROPERTIES = 6  # the @given tests below; the README counts PROPERTIES x examples
+RUN: dict[str, int] = {}  # examples each property ran (hypothesis calls the body once per example)
+
+
+def counted(test):
+    """Count the examples hypothesis runs through ``test`` (under @given, above the body)."""
+    @functools.wraps(test)
+    def body(*args, **kwargs):
+        RUN[test.__name__] = RUN.get(test.__name__, 0) + 1
+        return test(*args, **kwargs)
+    return body
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _count_examples():
+    """After the module: the examples run, written for the README's reliability table when
+    ``GRAFTLAB_RESULTS`` is set (tests/results.py)."""
+    yield
+    if RUN:
+        results.write("fuzz", {"profile": PROFILE, "max_examples": PROFILES[PROFILE], "examples": dict(RUN),
+                               "total": sum(RUN.values()), "properties": len(RUN)},
+                      f"GRAFTLAB_FUZZ={PROFILE} python -m pytest tests/cli/test_bad_inputs_fuzz.py")
 
 # ------------------------------------------------------------------------------------ corrections
 
@@ -93,6 +116,7 @@ def _check_corrections(path: Path) -> None:
 
 
 @given(st.binary(max_size=300))
+@counted
 def test_load_corrections_arbitrary_bytes(data):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "c.json"
@@ -101,6 +125,7 @@ def test_load_corrections_arbitrary_bytes(data):
 
 
 @given(json_value)
+@counted
 def test_load_corrections_arbitrary_json(value):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "c.json"
@@ -111,6 +136,7 @@ def test_load_corrections_arbitrary_json(value):
 @given(near_valid, st.integers(0, 3))
 @example({"format": "graftlab.corrections/1", "multipliers": {"global": 10**400}}, 0)  # found: OverflowError
 @example({"format": "graftlab.corrections/1", "schedule": {"global": [[0, 1], [10**400, 2]]}}, 0)
+@counted
 def test_load_corrections_near_valid(data, nesting):
     text = json.dumps(data)
     text = "[" * nesting * 4000 + text + "]" * nesting * 4000  # deep nesting (4000+ levels) on some
@@ -123,12 +149,13 @@ def test_load_corrections_near_valid(data, nesting):
 # ------------------------------------------------------------------------------------------ traces
 
 names = st.lists(st.text(min_size=0, max_size=6), min_size=1, max_size=4, unique=True)
+FUTURE_TRACE_FORMATS = ["graftlab.trace/3", "graftlab.trace/10", "graftlab.trace/2.1"]
 floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 
 @st.composite
 def metadata(draw, groups):
-    kind = draw(st.sampled_from(["valid", "junk", "none", "json-list", "other-format", "newer", "bad-groups"]))
+    kind = draw(st.sampled_from(["valid", "junk", "none", "json-list", "other-format", "future", "bad-groups"]))
     meta = {"format": FORMAT, "granularity": "layer", "groups": [{"name": g} for g in groups], "every": 1}
     if kind == "valid":
         return json.dumps(meta).encode()
@@ -140,8 +167,8 @@ def metadata(draw, groups):
         return json.dumps([1, 2]).encode()
     if kind == "other-format":
         return json.dumps({**meta, "format": draw(json_leaf)}).encode()
-    if kind == "newer":
-        return json.dumps({**meta, "format": "graftlab.trace/2"}).encode()
+    if kind == "future":  # a format a later graftlab may write: refused, never guessed at
+        return json.dumps({**meta, "format": draw(st.sampled_from(FUTURE_TRACE_FORMATS))}).encode()
     return json.dumps({**meta, "groups": draw(json_value)}).encode()
 
 
@@ -169,6 +196,14 @@ def trace_parts(draw):
     return meta, parts
 
 
+def _format(meta: Optional[bytes]) -> object:
+    try:
+        value = json.loads(meta)
+    except (TypeError, ValueError):
+        return None
+    return value.get("format") if isinstance(value, dict) else None
+
+
 def _empty_part(meta: bytes):
     table = pa.table({"step": pa.array([], pa.int64()), "group": pa.array([], pa.string()),
                       **{c: pa.array([], pa.float32()) for c in ("norm_m", "norm_d", "ratio")}})
@@ -191,6 +226,7 @@ def _written(d: Path, parts, single_file: bool) -> Path:
        st.one_of(st.none(), st.lists(st.text(max_size=4), max_size=3)))
 @example(_empty_part(json.dumps({"format": FORMAT, "groups": [{"name": "a"}]}).encode()), False, None, [])  # found
 @example(_empty_part(json.dumps({"format": FORMAT, "groups": [None]}).encode()), False, None, None)  # found
+@counted
 def test_read_trace_malformed_traces(parts_, single_file, steps, groups):
     meta, parts = parts_
     with tempfile.TemporaryDirectory() as d:
@@ -199,6 +235,7 @@ def test_read_trace_malformed_traces(parts_, single_file, steps, groups):
             df = read_trace(path, steps=steps, groups=groups)
         except GraftlabError:
             return
+    assert _format(meta) not in FUTURE_TRACE_FORMATS, "a trace of a format this graftlab does not know was read"
     assert {"step", "group", "ratio"} <= set(df.columns)  # norm_m, norm_d too unless a foreign table (no metadata)
     assert meta is None or set(REQUIRED) <= set(df.columns)
     step = df["step"].to_numpy()
@@ -212,6 +249,7 @@ def test_read_trace_malformed_traces(parts_, single_file, steps, groups):
 
 
 @given(st.binary(min_size=0, max_size=200), st.booleans())
+@counted
 def test_read_trace_files_that_are_not_parquet(data, in_folder):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / ("t" if in_folder else "t.parquet")
@@ -226,6 +264,7 @@ file_name = st.text(max_size=12).filter(lambda s: "/" not in s and "\x00" not in
 
 
 @given(st.one_of(file_name, st.integers(0, 10**12 - 1).map(part_name)))
+@counted
 def test_read_trace_odd_folder_contents(name):
     """A trace folder holding a file of any name (a part's included) that is not a trace part."""
     with tempfile.TemporaryDirectory() as d:
@@ -233,6 +272,49 @@ def test_read_trace_odd_folder_contents(name):
         t.mkdir()
         (t / name).write_text("not a part")
         try:
-            read_trace(t)
+            df = read_trace(t)
         except GraftlabError:
-            pass
+            return
+    raise AssertionError(f"a folder holding only {name!r} (not a part) read as a trace of {len(df)} rows")
+
+
+# ------------------------------------------------------------------------ formats not yet written
+
+@pytest.mark.parametrize("fmt", FUTURE_TRACE_FORMATS)
+@pytest.mark.parametrize("stored", ["sidecar", "part"])
+def test_a_trace_of_a_future_format_is_refused_by_name(tmp_path, capsys, fmt, stored):
+    """A trace whose sidecar or part names a format after this graftlab's: reading refuses with one
+    error naming the format and the formats it reads; `graftlab info` prints one error line, exit 2."""
+    from graftlab.cli.app import run
+    from graftlab.trace import FORMAT_1, SIDECAR
+    from tests.trace_builder import metadata, write_trace
+
+    steps = np.arange(4)
+    path = write_trace(tmp_path / "t", metadata([{"name": "a"}, {"name": "b"}]), steps, np.ones((4, 2)),
+                       fmt=FORMAT_1 if stored == "part" else FORMAT)
+    assert len(read_trace(path)) == 8  # readable as written
+    if stored == "sidecar":
+        meta = json.loads((path / SIDECAR).read_text())
+        (path / SIDECAR).write_text(json.dumps({**meta, "format": fmt}))
+    else:  # a /1 trace keeps its metadata in each part's footer, and its sidecar says the same
+        (path / SIDECAR).unlink()
+        part = next(path.glob("*.parquet"))
+        table = pq.read_table(part)
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps({**meta, "format": fmt})}), part)
+    with pytest.raises(GraftlabError, match=rf"{fmt}.*not one this graftlab reads") as err:
+        read_trace(path)
+    assert all(f in str(err.value) for f in READABLE_FORMATS)
+    capsys.readouterr()
+    assert run(["info", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fmt in lines[0], captured.err
+
+
+def test_a_corrections_file_of_a_future_format_is_refused_by_name(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": "graftlab.corrections/2", "multipliers": {"global": 2.0}}))
+    with pytest.raises(GraftlabError, match=r"corrections format graftlab\.corrections/2 is not one this graftlab "
+                                            r"reads \(graftlab\.corrections/1\)"):
+        load_corrections(path)

@@ -129,14 +129,15 @@ def test_batch_transfer_cli_and_interrupted_run(tmp_path):
     assert "skip  bs4_s0" in res.output and "run   bs16_s0" in res.output
 
 
-def test_unknown_experiment_is_one_error_line():
-    from typer.testing import CliRunner
+def test_unknown_experiment_is_one_error_line(capsys):
+    from graftlab.cli.app import run
 
-    from cli.app import app
-
-    res = CliRunner().invoke(app, ["experiment", "nope"])
-    assert res.exit_code != 0
-    assert "unknown experiment 'nope'" in str(res.exception) or "unknown experiment" in res.output
+    assert run(["experiment", "nope"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and "unknown experiment 'nope'" in lines[0]
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_errors_against_float64_reference():

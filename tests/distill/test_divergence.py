@@ -332,8 +332,14 @@ def test_bad_divergence_settings(changes, match):
         TrainConfig(**changes).validate(outputs=False)
 
 
-def test_checkpoint_every_without_a_dir_spaces_in_memory_restart_points():
-    TrainConfig(on_divergence="restart", checkpoint_every=5).validate(outputs=False)
+@pytest.mark.parametrize("every, point", [(5, 25), (8, 24), (12, 24), (20, 20)])
+def test_checkpoint_every_without_a_dir_spaces_in_memory_restart_points(every, point):
+    """Without a checkpoint_dir, ``checkpoint_every`` sets where the in-memory copies are taken: the
+    first restart after the divergence at step 26 goes back to the newest multiple of it."""
+    TrainConfig(on_divergence="restart", checkpoint_every=every).validate(outputs=False)
+    result = _shift_fit(checkpoint_every=every, divergence_lr_factor=0.1)[0]
+    assert (result.restarts[0].from_step, result.restarts[0].divergence.step) == (point, 26)
+    assert result.restarts[0].source == "memory"
 
 
 # --- distill and traces that diverged ----------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import graftlab
 from graftlab import distributed as gd
 from graftlab.errors import GraftlabError
 from tests import dist_worker as w
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP_SCENARIOS = ("direct_layer", "generic_layer", "direct_custom", "generic_global", "direct_coordinate")
@@ -39,9 +39,7 @@ def dist_out(tmp_path_factory) -> Path:
         pytest.skip("GRAFTLAB_DIST_DEVICE=cuda needs two GPUs")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "dist_worker.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    procs.run(cmd, seconds=600, cwd=ROOT, env=env)  # ~60 s alone
     return out
 
 
@@ -266,8 +264,7 @@ def test_graftlab_record_under_torchrun_fsdp_equals_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "graftlab",
            *args, "--fsdp", "--out", str(tmp_path / "dist")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = procs.run(cmd, seconds=600, cwd=ROOT, env=env)  # 36 s alone
     assert proc.stdout.count("trace written to") == 1  # rank 0 reports
     record(RecordConfig(task="bert", steps=3, batch_size=4, eval_every=0, eval_size=4, log_every=1, device="cpu",
                         out=str(tmp_path / "one")), progress=False)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,9 +21,8 @@ def test_fsdp2_switch_of_a_graft_built_before_fully_shard_steps_as_one_built_aft
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "tests.distributed.fsdp2_swap_worker", str(port)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = procs.run([sys.executable, "-m", "tests.distributed.fsdp2_swap_worker", port], seconds=600, cwd=ROOT,
+                     env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["names_kept"] and out["sharded"]
     assert out["weights_diff"] == 0.0 and out["stats_diff"] == 0.0

@@ -5,7 +5,6 @@ data-parallel through accelerate and writes its trace from rank 0."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import graftlab
+from tests import procs
 from tests.integrations.test_integrations_docs import snippet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,9 +40,7 @@ def runs(tmp_path_factory):
         (base / name).mkdir()
         scripts[name] = base / name / "train.py"
         scripts[name].write_text(code)
-    one = subprocess.run([sys.executable, str(scripts["one"])], cwd=base / "one", env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    procs.run([sys.executable, scripts["one"]], seconds=300, cwd=base / "one", env=ENV)
     torchrun(base, scripts["plain"], scripts["ddp"])
     return base
 
@@ -55,9 +53,7 @@ def torchrun(base: Path, *scripts: Path) -> None:
     (base / "driver.py").write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(base / "driver.py"), *map(str, scripts)]
-    proc = subprocess.run(cmd, cwd=base, env=ENV, capture_output=True, text=True, timeout=400)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    proc = procs.run(cmd, seconds=600, cwd=base, env=ENV)
     assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
 
 

@@ -129,3 +129,38 @@ def test_callback_needs_exactly_one_graft(tmp_path, grafts):
     with pytest.raises(GraftlabError, match="exactly one graftlab.Graft"):
         trainer(tmp_path, [RecorderCallback(tmp_path / "pl")], max_steps=1).fit(Module(grafts=grafts), loader(1))
     assert not (tmp_path / "pl").exists()
+
+
+def test_recorder_finds_the_graft_inside_lightnings_own_wrappers(tmp_path):
+    """The optimizer objects Lightning hands around are wrappers: LightningOptimizer (what
+    ``self.optimizers()`` returns in a LightningModule; a Graft subclass holding a copy of the
+    Graft's attributes, which goes stale when the Graft rebuilds them) and the Fabric optimizer
+    from ``fabric.setup``. A Recorder given either records the Graft inside (it took Lightning's
+    copy for the Graft before): its rows are the Graft's own ``last_stats`` of each step."""
+    from lightning.fabric import Fabric
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    graft = graftlab.Graft(torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=0.1),
+                           names=model)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fab_model, fab_opt = fabric.setup(model, graft)
+    # a LightningOptimizer steps through its Trainer's strategy, which ends in the Graft's step
+    wrappers = {"lightning": (LightningOptimizer(graft), graft.step), "fabric": (fab_opt, fab_opt.step)}
+    for name, (wrapper, step) in wrappers.items():
+        assert wrapper is not graft
+        stats, start = [], graft.steps  # a Recorder numbers rows from the Graft's step count
+        with graftlab.Recorder(wrapper, tmp_path / name, model=model) as rec:
+            assert rec.graft is graft, name
+            for _ in range(3):
+                graft.zero_grad()
+                fabric.backward(fab_model(torch.randn(8, 4)).pow(2).mean())
+                step()
+                stats.append(graft.last_stats[2].clone())
+        df = graftlab.read_trace(tmp_path / name)
+        assert df["step"].tolist() == [start + s for s in range(3) for _ in graft.group_names], name
+        np.testing.assert_array_equal(df["ratio"].to_numpy(), torch.cat(stats).numpy(), err_msg=name)
+    with pytest.raises(GraftlabError, match="needs a graftlab.Graft"):
+        graftlab.Recorder(LightningOptimizer(graft.magnitude), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

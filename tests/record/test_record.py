@@ -20,7 +20,7 @@ import graftlab
 from graftlab import trace
 from graftlab.errors import GraftlabError
 from graftlab.record.recorder import Recorder
-from tests import models
+from tests import models, procs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -252,15 +252,13 @@ def test_sigkill_leaves_readable_prefix(tmp_path):
     script = tmp_path / "rec.py"
     script.write_text(KILL_SCRIPT.format(root=str(ROOT)))
     out = tmp_path / "t"
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 120
+    with procs.started([sys.executable, script, out], cwd=ROOT) as proc:
+        deadline = time.monotonic() + procs.timeout(120)
         while time.monotonic() < deadline and len(list(out.glob("part-*"))) < 4:
             time.sleep(0.02)
         assert proc.poll() is None, "recording process ended early"
         os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+        proc.wait(timeout=procs.timeout(30))
     df = trace.read_trace(out)
     per_step = df.groupby("step").size()
     n = len(per_step)

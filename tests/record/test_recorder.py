@@ -353,11 +353,11 @@ def test_a_failing_on_flush_stops_recording_with_an_error(tmp_path):
 
 
 # -- wrappers around the Graft --------------------------------------------------------------------
-def test_finds_the_graft_inside_optimizer_wrappers(tmp_path):
+def test_finds_the_graft_inside_duck_typed_wrappers(tmp_path):
+    """Wrappers that keep the optimizer in ``.optimizer`` or ``._optimizer`` (DeepSpeed-style); the
+    real Lightning, Fabric and accelerate wrappers are tested in tests/integrations/."""
     model, opt = setup()
-    accelerate_like = types.SimpleNamespace(optimizer=opt)
-    lightning_like = types.SimpleNamespace(_optimizer=opt)
-    for i, wrapper in enumerate((accelerate_like, lightning_like)):
+    for i, wrapper in enumerate((types.SimpleNamespace(optimizer=opt), types.SimpleNamespace(_optimizer=opt))):
         rec = Recorder(wrapper, tmp_path / f"t{i}")
         assert rec.graft is opt
         rec.close()

@@ -20,6 +20,7 @@ import pytest
 
 from graftlab import trace
 from graftlab.runs import read_metrics
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 AFTER = 3  # send the signal once this step (0-based) is done
@@ -49,19 +50,24 @@ def _interrupt(tmp_path: Path, argv: list[str], sig: int, optimizer: str) -> tup
     (exit status, stderr, steps reported)."""
     progress, err = tmp_path / "progress", tmp_path / "stderr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(progress), optimizer, *argv],
-                                cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 300
+    with open(err, "w") as stderr, procs.started([sys.executable, "-c", RUNNER, progress, optimizer, *argv],
+                                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                                 stderr=stderr) as proc:
+        deadline = time.monotonic() + procs.timeout(300)
         while AFTER not in _reported(progress):
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
                 raise AssertionError(f"the run ended or stalled before step {AFTER}:\n{err.read_text()}")
             time.sleep(0.01)
         proc.send_signal(sig)
-        status = proc.wait(timeout=120)
+        try:
+            status = proc.wait(timeout=procs.timeout(120))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not stop after {name_of(sig)}:\n{err.read_text()}") from None
     return status, err.read_text(), len(_reported(progress))
+
+
+def name_of(sig: int) -> str:
+    return signal.Signals(sig).name
 
 
 COMMON = ["--task", "bert", "--size", "tiny", "--batch-size", "2", "--steps", "5000", "--eval-every", "0",
@@ -110,11 +116,10 @@ def test_info_says_a_trace_is_being_written_and_readers_see_complete_parts(tmp_p
 
     progress = tmp_path / "progress"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(progress), "Graft", "record", *COMMON,
-                             "--flush-every", "2", "-o", "t"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
+    with procs.started([sys.executable, "-c", RUNNER, progress, "Graft", "record", *COMMON, "--flush-every", "2",
+                        "-o", "t"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + procs.timeout(300)
         while len(trace.part_files(tmp_path / "t") if (tmp_path / "t").is_dir() else []) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "the recording ended or stalled"
             time.sleep(0.01)
@@ -125,9 +130,8 @@ def test_info_says_a_trace_is_being_written_and_readers_see_complete_parts(tmp_p
         assert df["step"].min() == 0 and df["step"].nunique() >= 4
         assert run(["distill", str(tmp_path / "t"), "-w", "2", "-o", str(tmp_path / "c.json")]) == 0
         assert (tmp_path / "c.json").exists()
-    finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        proc.wait(timeout=procs.timeout(120))
     capsys.readouterr()
     assert run(["info", str(tmp_path / "t"), "--no-groups"]) == 0
     assert "being written" not in capsys.readouterr().out  # the writer is gone: nothing to say
@@ -146,9 +150,8 @@ def test_record_resumed_after_interrupt_continues_its_metrics(tmp_path):
     assert meta["interrupted"] is True
     steps = len(first) + 3
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "graftlab.cli.app", *argv, "--steps", str(steps), "--resume"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = procs.run([sys.executable, "-m", "graftlab.cli.app", *argv, "--steps", str(steps), "--resume"],
+                     seconds=300, cwd=tmp_path, env=env)
     at = int(re.search(r"resuming trace t at step (\d+)", done.stderr).group(1))
     frame, meta = read_metrics(tmp_path / "m.parquet")
     assert frame["step"].tolist() == list(range(steps)) and "interrupted" not in meta and meta["resumed_at"] == at

@@ -338,10 +338,17 @@ def test_cli_train_and_refusal(tmp_path):
 
 
 def test_threads_setting():
+    """``threads`` sets torch's thread count (this module runs at 1, so start elsewhere), None
+    leaves it as it is, and 0 is refused."""
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(3)
         toy_fit(threads=1, steps=2, eval_every=0)
         assert torch.get_num_threads() == 1
+        toy_fit(threads=2, steps=2, eval_every=0)
+        assert torch.get_num_threads() == 2
+        toy_fit(threads=None, steps=2, eval_every=0)
+        assert torch.get_num_threads() == 2
         with pytest.raises(GraftlabError, match="threads"):
             toy_fit(threads=0, steps=2)
     finally:
