@@ -325,7 +325,7 @@ def test_user_mistakes_raise_graftlab_errors_in_api_terms():
 
 
 @pytest.mark.parametrize("kwargs,message,param", [
-    (dict(granularity=3), "granularity must be one of 'global', 'layer', 'coordinate' or a function", "granularity"),
+    (dict(granularity=3), "or a function from parameter name to group label, got 3", "granularity"),
     (dict(granularity=None), "granularity must be one of", "granularity"),
     (dict(names="model"), "names must be the model (an nn.Module), its named_parameters() or None, got str", "names"),
     (dict(names=5), "names must be the model", "names"),

@@ -481,7 +481,7 @@ def test_a_new_field_is_a_new_option_of_both_commands():
     ("out: [a, b]\n", "config key 'out' must be a path (text), got ['a', 'b']"),
     ("steps: 1.0e+23\n", "config key 'steps' must be a whole number"),
     ("steps: 10000000000\n", "config key 'steps' must be <= 1000000000"),
-    ("granularity: rows\n", "config key 'granularity' must be one of layer, global, coordinate, got 'rows'"),
+    ("granularity: rows\n", "config key 'granularity' must be one of layer, global, coordinate, head, vocab, got 'rows'"),
     ("d_hparams: {momentum: true}\n", "sgd hyperparameter momentum must be a finite number, got True"),
     ("batch_size:\n", "config key 'batch_size' cannot be empty"),
 ])
