@@ -148,13 +148,23 @@ def _usage_message(err: Any) -> str:
     return err.format_message()
 
 
+def os_error_line(err: OSError) -> str:
+    """One line for an operating-system error the library did not word itself: the path(s) it
+    names and the system's reason (``'out/t': Permission denied``)."""
+    from graftlab.io.fsutil import describe_os_error
+
+    where = [repr(os.fsdecode(f)) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(where)}: {describe_os_error(err)}" if where else describe_os_error(err)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
 
     A user's mistake, whether the library finds it (:class:`GraftlabError`) or the option parser
     does (an unknown option, a value that is not a number), is one ``error:`` line on stderr and
     exit code 2 (3 for a run that diverged); a run stopped by Ctrl-C or SIGTERM exits 130 or 143
-    after its outputs are flushed.
+    after its outputs are flushed. An error of the operating system (a read-only folder, a full
+    disk, a name too long) is one ``error:`` line too, naming the path, with exit code 2.
     """
     from graftlab.io.notes import one_line_warnings
 
@@ -167,6 +177,18 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except typer.Abort:
         typer.echo("Aborted!", err=True)
         return 1
+    except OSError as err:  # the operating system refused: a read-only folder, a full disk, a long name
+        typer.echo(f"error: {_one_line(os_error_line(err))}", err=True)
+        return 2
+    except MemoryError:
+        typer.echo("error: out of memory: the run needs more memory than this machine has (a smaller "
+                   "--batch-size, --size or --flush-every)", err=True)
+        return 2
+    except ValueError as err:  # a NUL byte in a path reaches the operating system as ValueError
+        if "null byte" not in str(err):
+            raise
+        typer.echo("error: a path cannot hold a NUL byte", err=True)
+        return 2
     except typer.TyperException as err:  # the parser's: usage errors, bad values, unknown options
         if type(err).__name__ == "NoArgsIsHelpError":
             err.show()  # `graftlab` or `graftlab COMMAND` alone: the help, as before

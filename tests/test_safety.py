@@ -82,7 +82,11 @@ def test_resume_with_a_fresh_graft_keeps_every_part(tmp_path):
     assert files(tmp_path / "t") == before
     with Recorder(fresh, tmp_path / "t", resume=True, overwrite=True, flush_every=2):  # asked for: start over
         pass
-    assert recorded(tmp_path / "t") == []
+    assert files(tmp_path / "t") == before  # but nothing was recorded: the old trace stays whole
+    model, fresh = setup()
+    with Recorder(fresh, tmp_path / "t", resume=True, overwrite=True, flush_every=2) as rec:
+        step(model, fresh, rec)
+    assert recorded(tmp_path / "t") == [0]  # replaced once the new run's first part was on disk
 
 
 def test_resume_refuses_a_gap_and_another_run(tmp_path):

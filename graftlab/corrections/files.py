@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import sys
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Optional, Union
 
 import pandas as pd
 
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
 from graftlab.io.outputs import write_text
@@ -203,21 +205,32 @@ class Corrections:
 
 # --------------------------------------------------------------------------- save / load
 
+# a text cell a spreadsheet would run as a formula (CSV injection): OWASP's list of leading characters
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell as the CSV export writes it: one starting like a formula gets a leading ``'``,
+    which spreadsheets show as text and strip (``=HYPERLINK(...)`` stays a name, never a formula)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _csv_text(c: Corrections) -> str:
-    kinds = {g: d.kind for g, d in c.group_sources.items()}
+    kinds = {csv_cell(g): csv_cell(d.kind) for g, d in c.group_sources.items()}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if c.schedule:
         w.writerow(["group", "kind", "start", "factor"])
         for g, f in c.multipliers.items():
-            w.writerow([g, kinds.get(g, "other"), "", repr(float(f))])
+            w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), "", repr(float(f))])
         for g, pieces in c.schedule.items():
             for s, f in pieces:
-                w.writerow([g, kinds.get(g, "other"), int(s), repr(float(f))])
+                w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), int(s), repr(float(f))])
     else:
         w.writerow(["group", "kind", "factor"])
         for g, f in c.multipliers.items():
-            w.writerow([g, kinds.get(g, "other"), repr(float(f))])
+            w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), repr(float(f))])
     return buf.getvalue()
 
 
@@ -262,6 +275,9 @@ def _factor(v: Any, where: str, path: Path) -> float:
         raise GraftlabError(f"{path}: {where} is {_short(v)}, not a number")
     if not _finite(v) or v <= 0:
         raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be finite and positive")
+    if float(v) < sys.float_info.min:  # subnormal: 1e-320 x lr is 0 or noise in any float format
+        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be normal numbers "
+                            f"(>= {sys.float_info.min:.3g}), not subnormal")
     return float(v)
 
 
@@ -283,6 +299,12 @@ def _validate(data: Any, path: Path) -> Corrections:
         raise GraftlabError(f"{path}: 'schedule' must be an object of group -> [[start, factor], ...]")
     if not isinstance(source, dict):
         raise GraftlabError(f"{path}: 'source' must be an object")
+    for key in ("metadata", "groups"):
+        if source.get(key) is not None and not isinstance(source[key], dict):
+            raise GraftlabError(f"{path}: 'source.{key}' must be an object, not {type(source[key]).__name__}")
+    named = [*mult, *sched]
+    if "" in named:
+        raise GraftlabError(f"{path}: a factor is given for the group '' (a group needs a name)")
     if not mult and not sched:
         raise GraftlabError(f"{path}: corrections file has neither multipliers nor a schedule")
     multipliers = {str(g): _factor(v, f"multiplier of {g}", path) for g, v in mult.items()}
@@ -330,6 +352,7 @@ def load_corrections(path: PathLike) -> Corrections:
         raise GraftlabError(f"{path}: no such corrections file")
     if path.is_dir():
         raise GraftlabError(f"{path}: is a directory, not a corrections file")
+    check_regular(path, "corrections file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

@@ -72,9 +72,30 @@ def make_optimizer(
     if not params:
         raise GraftlabError("the optimizer got no parameters")
     try:
-        return cls(params, lr=float(lr), **hparams)
+        opt = cls(params, lr=float(lr), **hparams)
     except (ValueError, TypeError) as err:  # torch's own range checks (negative momentum, ...)
         raise GraftlabError(f"{name}: {err}") from None
+    switches = {k: v for k, v in hparams.items() if k in _IMPLEMENTATION_ARGS and v}
+    if switches:
+        _probe(cls, name, opt, switches)
+    return opt
+
+
+def _probe(cls: type[Optimizer], name: str, opt: Optimizer, switches: dict[str, Any]) -> None:
+    """GraftlabError when an implementation switch (``capturable=True``, ``fused=True``) does not run
+    on the parameters' device: torch checks some only at the first step (an AssertionError then,
+    after a run has started and its outputs were opened). One step on a one-element copy shows it."""
+    p = next((p for g in opt.param_groups for p in g["params"]), None)
+    if p is None:
+        return
+    probe = torch.zeros(1, dtype=p.dtype, device=p.device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        cls([probe], lr=0.0, **switches).step()
+    except Exception as err:  # noqa: BLE001 - whatever torch raises, the switch cannot run here
+        flags = ", ".join(f"{k}={v!r}" for k, v in switches.items())
+        text = " ".join(str(err).split())[:200] or type(err).__name__
+        raise GraftlabError(f"{name}: {flags} does not run on {p.device.type} parameters ({text})") from None
 
 
 def _parse_scalar(text: str) -> Any:

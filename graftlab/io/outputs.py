@@ -7,13 +7,13 @@ Where a command may write is checked before this, by :func:`graftlab.trace.outpu
 from __future__ import annotations
 
 import os
-import secrets
+import re
 import stat
 from pathlib import Path
 from typing import Callable, Union
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.io.fsutil import replace_durably
+from graftlab.io.fsutil import clean_temporaries, create_temporary, replace_durably
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,7 +34,8 @@ def write_atomic(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     file keeps its mode.
     """
     path = Path(path)
-    tmp = _create_temporary(path)
+    clean_temporaries(path.parent if str(path.parent) else ".", re.escape(path.name))
+    tmp, fd = create_temporary(path)
     try:
         write(tmp)
         _keep_mode(path, tmp)
@@ -42,21 +43,9 @@ def write_atomic(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
             raise OutputExistsError(path, what)
         replace(tmp, path)
     finally:
+        os.close(fd)
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _create_temporary(path: Path) -> Path:
-    """An empty hidden file beside ``path``, created as ``open()`` creates files (``0o666`` less the
-    umask, default ACLs applied), unlike :func:`tempfile.mkstemp`, whose ``0o600`` would become the
-    output's mode on the rename."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
 
 
 def _keep_mode(path: Path, tmp: Path) -> None:

@@ -8,6 +8,7 @@ loop never waits on the device; :meth:`Rows.to_host` moves everything in one cop
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -18,11 +19,35 @@ from graftlab.errors import GraftlabError
 from graftlab.record.grad_norms import GradNorms
 
 
+# bytes a buffered row holds per group (3 stats and a gradient norm, float32) on the device, and the
+# same again in the pinned host copy a flush makes; plus its step (int64)
+_ROW_BYTES_PER_GROUP = 2 * 4 * 4
+
+
+def memory_bytes() -> Optional[int]:
+    """The machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(rows: int, groups: int = 1) -> None:
+    """GraftlabError when ``rows`` buffered steps of ``groups`` groups cannot fit in this machine's
+    memory (``flush_every=10**11``): refused before a trace is touched, not a MemoryError later."""
+    need = int(rows) * (8 + _ROW_BYTES_PER_GROUP * max(int(groups), 1))
+    have = memory_bytes()
+    if have is not None and need > have // 2:
+        raise GraftlabError(f"flush_every={rows} buffers {need / 2**30:.3g} GiB of rows between flushes, more than "
+                            f"half of this machine's {have / 2**30:.3g} GiB of memory; flush more often")
+
+
 class Rows:
     """Up to ``size`` recorded steps: the Graft's stats, gradient norms and logged scalars."""
 
     def __init__(self, size: int) -> None:
         self.size = size
+        check_fits(size)
         self.n = 0  # rows filled since the last flush
         self.stats: Optional[Tensor] = None  # (size, 3, G) device ring buffer
         self.grads: Optional[Tensor] = None  # (size, G) gradient norms, NaN where not taken

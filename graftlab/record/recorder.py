@@ -16,6 +16,7 @@ the same lines run on every rank and rank 0 writes. The Recorder's parts: :mod:`
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import time
 import weakref
@@ -34,11 +35,11 @@ from graftlab.record.arguments import MAX_FLUSH_EVERY, check_arguments  # noqa: 
 from graftlab.graft.optimizer import Graft
 from graftlab.record.grad_norms import GradNorms, precision_of
 from graftlab.kinds import Overrides
-from graftlab.record.buffer import Rows
+from graftlab.record.buffer import Rows, check_fits
 from graftlab.record.metadata import group_kinds, groups_meta, run_metadata
 from graftlab.record.steps import StepLog, scalar
 from graftlab.record.writer import GRAD_COLUMN, Writer, scalar_name_problem  # noqa: F401 - GRAD_COLUMN: its name here before
-from graftlab.record.target import open_trace, release_trace
+from graftlab.record.target import first_part_written, open_trace, release_trace
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_FLUSH_SECONDS = 30.0
@@ -206,6 +207,7 @@ class Recorder:
 
         # checks, then the lock, then the old trace replaced or truncated; a resumed trace keeps its
         # metadata (every part of one trace carries the same)
+        check_fits(self.flush_every, len(graft.group_names))  # a buffer beyond memory: refused before the trace
         self._created = not self.path.exists()  # removed again if nothing gets recorded (close)
         self._lock, self.metadata = open_trace(self.path, self.metadata, graft.group_names, start_step=self._next_step,
                                                every=self.every, overwrite=overwrite, resume=resume)
@@ -213,7 +215,7 @@ class Recorder:
         self._model, self._kinds = model, kinds  # to name the kinds of groups added later
         self._derived = self._where()  # metadata the recorder derived, kept current unless the user set it
         self._groups = list(graft.group_names)  # the groups the buffer holds, in its column order
-        self._writer = Writer(self.path, callbacks)
+        self._writer = Writer(self.path, callbacks, after_first=functools.partial(first_part_written, self.path))
         self._writer.start()
         self._buffer = Rows(self.flush_every)
         self._grad_every = int(grad_every)

@@ -1,5 +1,6 @@
 """Opening a trace folder for a :class:`~graftlab.Recorder`: every check first, then the lock, then
-(and only then) replacing or truncating the old trace.
+(and only then) replacing or truncating the old trace, whose files wait aside until the new run's
+first part is durable (:mod:`graftlab.trace.replacing`: put back if the run fails before it).
 
     lock, meta = open_trace(path, meta, group_names, start_step=0, every=1, overwrite=False, resume=False)
 
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence
 from graftlab import trace
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.trace.outputs import trace_folder_of
+from graftlab.trace import replacing
 from graftlab.trace.lock import LOCK_NAME, TraceLock
 
 # Metadata that makes a resumed run another run than the one the trace holds.
@@ -47,16 +49,32 @@ def open_trace(
     outer = trace_folder_of(path.parent)
     if outer is not None:
         raise GraftlabError(f"{path} is inside the trace folder {outer}, which holds only trace parts")
+    if path.is_dir() and replacing.active(path):
+        # a writer killed while replacing this trace left the old files aside: put them back (or
+        # drop them, when its first part made it to disk) before anything is decided about path
+        with TraceLock(path):
+            replacing.recover(path)
     _check_folder(path, overwrite, resume)
     created = not path.exists()
     lock = TraceLock(path)
     try:
         lock.acquire()
+        # a writer killed while replacing this trace left the old files aside: settle that first
+        replacing.recover(path)
+        trace.clean_trace_temporaries(path)
         _check_folder(path, overwrite, resume)  # again, now that no other writer can change it
         meta = _prepare(path, meta, group_names, start_step, every, overwrite, resume)
+        replacing.seal(path)
     except BaseException:
-        lock.release()
-        if created:  # a failed open leaves no folder behind
+        held = lock.held
+        try:
+            if held:
+                replacing.restore(path)  # the old trace back, as it was
+                if lock.created_file:
+                    (path / LOCK_NAME).unlink(missing_ok=True)
+        finally:
+            lock.release()
+        if created and held:  # a failed open leaves no folder behind (never the lock of a writer that won)
             (path / LOCK_NAME).unlink(missing_ok=True)
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
@@ -64,13 +82,24 @@ def open_trace(
     return lock, meta
 
 
+def first_part_written(path: Path) -> None:
+    """Called once the run's first part is durable: the old files kept aside go."""
+    replacing.discard(path)
+
+
 def release_trace(path: Path, lock: TraceLock, created: bool) -> None:
-    """Release the trace ``path`` a Recorder opened (``lock``); a trace that got no part (nothing
-    was recorded) is removed: its sidecar and lock file, and the folder itself when the Recorder
-    created it (``created``). A user's folder is kept, as it was; ``graftlab info`` would otherwise
-    find a trace of no steps, and the next Recorder on ``path`` an existing trace to refuse."""
+    """Release the trace ``path`` a Recorder opened (``lock``). A run that got no part to disk
+    leaves the folder as it found it: a trace it was replacing or resuming comes back whole
+    (:mod:`graftlab.trace.replacing`); a new one is removed (its sidecar and lock file, and the
+    folder itself when the Recorder created it ``created``). A user's folder is kept, as it was;
+    ``graftlab info`` would otherwise find a trace of no steps, and the next Recorder on ``path``
+    an existing trace to refuse."""
     try:
-        if lock.held and path.is_dir() and not trace.part_files(path):
+        if lock.held and path.is_dir() and replacing.active(path):
+            replacing.restore(path)
+            if lock.created_file:
+                (path / LOCK_NAME).unlink(missing_ok=True)
+        elif lock.held and path.is_dir() and not trace.part_files(path):
             (path / trace.SIDECAR).unlink(missing_ok=True)
             (path / LOCK_NAME).unlink(missing_ok=True)  # while held: no other writer is in between
     finally:
@@ -82,10 +111,10 @@ def release_trace(path: Path, lock: TraceLock, created: bool) -> None:
 def _check_folder(path: Path, overwrite: bool, resume: bool) -> None:
     if not path.is_dir():
         return
-    entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
-    if not entries:
+    entries = [p for p in path.iterdir() if p.name not in (LOCK_NAME, replacing.BACKUP)]
+    if not entries and not (path / replacing.BACKUP).exists():
         return
-    if not trace.is_trace(path):
+    if entries and not trace.is_trace(path):
         raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not "
                             f"{'resuming' if resume else 'replacing'} it")
     if not (overwrite or resume):
@@ -118,6 +147,8 @@ def _extended(path: Path, old: dict[str, Any], new: dict[str, Any]) -> dict[str,
     if steps is None or not isinstance(config, dict) or config.get("steps") == steps or not (path / trace.SIDECAR).exists():
         return old
     old = {**old, "config": {**config, "steps": steps}}
+    replacing.begin(path)  # the old sidecar is kept until the first new part, like the parts
+    replacing.stash(path, trace.SIDECAR)
     trace.write_sidecar(path, old)
     return old
 

@@ -38,9 +38,11 @@ class Writer(threading.Thread):
     Recorder raises it on the training thread) and later jobs are drained unwritten.
     """
 
-    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = ()) -> None:
+    def __init__(self, directory: Path, on_flush: Sequence[Callable[[Any, dict], None]] = (),
+                 after_first: Optional[Callable[[], None]] = None) -> None:
         super().__init__(name="graftlab-trace-writer", daemon=True)
         self.directory = directory
+        self.after_first = after_first  # once the first part is durable (the replaced trace may go)
         self.on_flush = list(on_flush)
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=4)
         self.error: Optional[BaseException] = None
@@ -99,6 +101,9 @@ class Writer(threading.Thread):
             del scalars[key]
         table = self._one_schema(trace.build_table(steps, names, stats, scalars, meta, per_group))
         self.parts.append(trace.write_part(self.directory, table))
+        if self.after_first is not None:
+            after, self.after_first = self.after_first, None
+            after()
         if self.on_flush:
             table = trace.with_ratio(table)  # callbacks see the trace columns, as read_trace gives them
         for callback in self.on_flush:

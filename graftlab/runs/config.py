@@ -38,6 +38,12 @@ DEFAULT_STEPS = 300
 GRANULARITIES = ("layer", "global", "coordinate", "head", "vocab")
 
 
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 16 per core (torch.set_num_threads(100000) crashes
+    the process instead of refusing)."""
+    return 16 * (os.cpu_count() or 1)
+
+
 @dataclass
 class RunConfig:
     """The fields every run shares; see :class:`TrainConfig` and :class:`RecordConfig`.
@@ -129,6 +135,9 @@ class RunConfig:
                                 param="milestones")
         if self.epochs is None:  # the length is known before the task: check the schedule against it
             self.check_schedule(self.steps or DEFAULT_STEPS)
+        if self.threads is not None and self.threads > max_threads():
+            raise GraftlabError(f"{{threads}} must be at most {max_threads()} (16 per CPU core here), got {self.threads}",
+                                param="threads")
         if self.checkpoint_dir is None:
             if self.resume:
                 raise GraftlabError("{resume=True} needs {checkpoint_dir} (the checkpoints to resume from)",

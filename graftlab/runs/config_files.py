@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from graftlab.runs.config import C, TrainConfig
 from graftlab.runs.fields import check_value
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import ConfigFileError, GraftlabError
 from graftlab.graft.optimizers import parse_hparams
 
@@ -94,6 +95,7 @@ def read_config_keys(path: str | os.PathLike) -> dict[str, Any]:
         GraftlabError: the file is missing, unreadable, not UTF-8, not parseable or not a mapping.
     """
     p = Path(path).expanduser()
+    check_regular(p, "config file")
     if not p.is_file():
         raise GraftlabError(f"config file {str(p)!r} does not exist")
     try:

@@ -283,13 +283,15 @@ class _Loop:
 
     def _after_divergence(self, found: Divergence, bar: "_Progress") -> Optional[int]:
         """Restart (the step to run next) or stop (None) after ``found``."""
+        from rich.markup import escape  # group names are data: "[/]" is a name, not markup
+
         step = self.guard.restart(found)
         if step is None:
             self.diverged = found
-            bar.print(f"[red]{found.message()}: stopping after step {found.detected}")
+            bar.print(f"[red]{escape(found.message())}: stopping after step {found.detected}")
             return None
         event = self.guard.restarts[-1]
-        bar.print(f"[yellow]{found.message()}: restart {event.count} of {self.guard.max_restarts} from step "
+        bar.print(f"[yellow]{escape(found.message())}: restart {event.count} of {self.guard.max_restarts} from step "
                   f"{step} with the lr x{event.lr_scale:g}")
         self.done = self.logged = step
         self.evals = {s: v for s, v in self.evals.items() if s < step}

@@ -69,6 +69,7 @@ from graftlab.trace.layout import (
     SIDECAR,
     STORED,
     PathLike,
+    clean_trace_temporaries,
     is_trace,
     part_files,
     part_first_step,
@@ -98,7 +99,8 @@ from graftlab.trace.writing import (
 
 __all__ = [
     "COMPRESSION", "COMPRESSION_LEVEL", "FLOAT_ENCODING", "FORMAT", "FORMAT_1", "METADATA_KEY", "PART_GLOB",
-    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "conform", "group_table", "is_trace",
+    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "clean_trace_temporaries",
+    "conform", "group_table", "is_trace",
     "metadata_bytes", "part_fields", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
     "read_metadata", "read_table", "read_trace", "temporary_name", "trace_extent", "trace_files", "trace_info",
     "with_ratio",

@@ -180,7 +180,10 @@ def _steps(path: Path, col: pa.ChunkedArray) -> pa.ChunkedArray:
     if col.null_count:
         raise GraftlabError(f"{path}: column step has {col.null_count} empty value(s)")
     if pa.types.is_integer(col.type):
-        col = col.cast(pa.int64())
+        try:
+            col = col.cast(pa.int64())  # checked: a uint64 step past 2**63 - 1 is no step number
+        except (pa.ArrowInvalid, OverflowError):
+            raise GraftlabError(f"{path}: column step holds values beyond the largest step number (2**63 - 1)") from None
     elif pa.types.is_floating(col.type):
         vals = col.to_numpy()
         if not (np.isfinite(vals).all() and (vals == np.round(vals)).all()):
@@ -213,7 +216,10 @@ def _group_names(dataset: ds.Dataset) -> list[str]:
     col = _as_text(dataset.to_table(columns=["group"]).column("group"))
     if col.null_count:
         raise GraftlabError("column group has empty values")
-    return [str(g) for g in pc.unique(col).to_pylist()]
+    names = [str(g) for g in pc.unique(col).to_pylist()]
+    if "" in names:
+        raise GraftlabError("column group holds an empty name (a group needs a name)")
+    return names
 
 
 # --------------------------------------------------------------------------- metadata

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,11 +31,36 @@ def lock_path(directory: Union[str, os.PathLike]) -> Path:
     return Path(directory) / LOCK_NAME
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor on the lock file ``path``, never through a symbolic link (``O_NOFOLLOW``) and
+    only on a regular file (a FIFO planted there is not waited on: ``O_NONBLOCK``)."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise GraftlabError(f"{path} is a symbolic link; the trace lock is never taken through one: "
+                                "remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GraftlabError(f"{path} is not a regular file; the trace lock cannot be taken: remove it")
+    return fd
+
+
 def _holder(path: Path) -> str:
     try:
-        pid = path.read_text().strip()
-    except OSError:
+        fd = _open_lock_file(path, os.O_RDONLY)
+    except (OSError, GraftlabError):
         return ""
+    try:
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+    except OSError:
+        pid = ""
+    finally:
+        os.close(fd)
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
@@ -48,13 +74,19 @@ class TraceLock:
     def __init__(self, directory: Union[str, os.PathLike]) -> None:
         self.directory = Path(directory)
         self._fd: Optional[int] = None
+        self.created_file = False  # whether acquire() created the lock file
 
     def acquire(self) -> "TraceLock":
         if self._fd is not None:
             raise GraftlabError(f"{self.directory}: the trace lock is already held by this writer")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = lock_path(self.directory)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # whether this writer made the file: a writer that leaves the folder as it found it removes it
+            fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            self.created_file = True
+        except FileExistsError:
+            fd = _open_lock_file(path, os.O_RDWR)
+            self.created_file = False
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,8 +126,8 @@ def writer(directory: Union[str, os.PathLike]) -> Optional[str]:
     if fcntl is None or not path.is_file():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock_file(path, os.O_RDONLY)
+    except (OSError, GraftlabError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -15,10 +15,12 @@ themselves are :mod:`graftlab.io.outputs`'.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from graftlab.errors import GraftlabError, placeholders, OutputExistsError
+from graftlab.errors import GraftlabError, OutputExistsError, placeholders
+from graftlab.io.fsutil import describe_os_error, file_kind
 from graftlab.trace.layout import is_trace
 
 PathLike = Union[str, os.PathLike]
@@ -99,7 +101,39 @@ def check_output(
     if path is None:
         return None
     p = Path(path).expanduser()
-    check_parents(p, what)
+    try:
+        _check_kind(p, what, folder)
+        check_parents(p, what)
+        return _check_output(p, what, overwrite=overwrite, folder=folder, inputs=inputs, new_traces=new_traces,
+                             may_exist=may_exist, trace=trace)
+    except (OSError, ValueError) as err:
+        if isinstance(err, GraftlabError):
+            raise
+        raise _error(what, f"{what} {str(p)!r}: {describe_os_error(err)}") from None
+
+
+def _check_kind(p: Path, what: str, folder: bool) -> None:
+    """An output is a regular file or a folder, or does not exist yet: a FIFO, a device or a
+    socket is never replaced by a file (``-o /dev/null --overwrite``), and a symbolic link (dangling,
+    a loop, or one to a file elsewhere) is not written through nor replaced. Names with a NUL byte
+    are refused here, before any call that would raise ValueError."""
+    if "\x00" in str(p):
+        raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        if folder and p.is_dir():
+            return  # a folder reached through a link: files are created inside it, the link stays
+        raise _error(what, f"{what} {str(p)!r} is a symbolic link; not writing through it nor replacing it: "
+                            "give the path it points to, or another one")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _error(what, f"{what} {str(p)!r} is {file_kind(mode)}; not replacing it: choose another path")
+
+
+def _check_output(p: Path, what: str, *, overwrite: bool, folder: bool, inputs, new_traces, may_exist: bool,
+                  trace: bool) -> Path:
     if folder:
         if p.exists() and not p.is_dir():
             raise _error(what, f"{what} {str(p)!r} is a file, not a folder")

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,31 @@ def build_sandbox(root: Path) -> None:
     (y / "m_lr_true.yaml").write_text("magnitude_lr: true\n")
     (y / "out_list.yaml").write_text("out: [a, b]\n")
     (y / "steps_1e23.yaml").write_text("steps: 1.0e+23\n")
+    # file contents that are not what they claim (sidecars, columns, arrays, corrections, checkpoints)
+    for name, edit in (("EVERY0", lambda m: m.update(every=0)),
+                       ("DUPGROUP", lambda m: m["groups"].append(dict(m["groups"][0]))),
+                       ("EMPTYNAME", lambda m: m["groups"][0].update(name=""))):
+        make_trace(root / name)
+        meta = json.loads((root / name / trace.SIDECAR).read_text())
+        edit(meta)
+        (root / name / trace.SIDECAR).write_text(json.dumps(meta))
+    pq.write_table(pa.table({"step": pa.array([0, 0, 2**64 - 1, 2**64 - 1], pa.uint64()), "group": ["a", "b"] * 2,
+                             "ratio": [1.0] * 4}), root / "u64.parquet")
+    pq.write_table(pa.table({"step": [0, 0, 1, 1], "group": ["", "b"] * 2, "ratio": [1.0] * 4}), root / "noname.parquet")
+    np.savez(root / "obj.npz", x=np.array([{"a": 1}, None], dtype=object), y=np.array([1, 2], dtype=object))
+    (c / "meta_str.json").write_text(corrections(multipliers={"global": 1.0}, source={"metadata": "a string"}))
+    (c / "subnormal.json").write_text(corrections(multipliers={"global": 1e-320}))
+    (c / "subnormal_sched.json").write_text(corrections(schedule={"global": [[0, 1.0], [5, 1e-320]]}))
+    (c / "empty_group.json").write_text(corrections(multipliers={"": 1.0}))
+    for name, extra in (("CKNOSHARDS", {"step": 2, "run": "abc"}), ("CKRUNID", {"step": 2, "run": "/../../X"})):
+        (root / name / "step-00000002").mkdir(parents=True)
+        (root / name / "step-00000002" / "graftlab.json").write_text(json.dumps(
+            {"format": "graftlab.checkpoint/1", "world_size": 1, "graft": None,
+             "parts": ["model", "magnitude", "direction"], "extra": extra}))
+    (y / "nul_out.yaml").write_text('out: "t\\0x"\n')
+    (y / "nul_metrics.yaml").write_text('metrics: "m\\0.parquet"\n')
+    (y / "nul_data.yaml").write_text('data: "d\\0.txt"\n')
+    (root / "RO").mkdir()  # made immutable (chattr +i) in each sandbox: a read-only folder even for root
     make_trace(root / "D")  # a trace whose default corrections file exists
     (root / "D.corrections.json").write_text(corrections(multipliers={n: 1.0 for n, *_ in GROUPS}))
 
@@ -198,7 +224,13 @@ def snapshot(root: Path) -> dict[str, str]:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
         for f in filenames:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha1(Path(p).read_bytes()).hexdigest()
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                out[os.path.relpath(p, root)] = "link:" + os.readlink(p)
+            elif stat.S_ISREG(mode):
+                out[os.path.relpath(p, root)] = hashlib.sha1(Path(p).read_bytes()).hexdigest()
+            else:  # a FIFO: opening it would wait for a writer
+                out[os.path.relpath(p, root)] = f"special:{mode:o}"
     return out
 
 
@@ -504,6 +536,64 @@ for args, why in [
 ]:
     case(f"show: {why}", f"show {args}", *SAYS.get(why, ()))
 
+# file contents: each one line, never a traceback
+LONG = "x" * 300
+for cid, argv, *says in [
+    ("info: a sidecar with every 0", "info EVERY0", "'every' must be a whole number >= 1, got 0"),
+    ("distill: a sidecar with every 0", "distill EVERY0 --window 10", "'every' must be a whole number >= 1"),
+    ("info: a sidecar naming a group twice", "info DUPGROUP", "names the group 'embeddings.word.weight' twice"),
+    ("distill: a sidecar naming a group twice", "distill DUPGROUP --window 10", "twice"),
+    ("info: a sidecar with an empty group name", "info EMPTYNAME", "a group needs a name"),
+    ("plot: a sidecar with an empty group name", "plot EMPTYNAME -f 5 -o NEW/f.png", "a group needs a name"),
+    ("info: a uint64 step column past int64", "info u64.parquet", "beyond the largest step number"),
+    ("distill: a uint64 step column past int64", "distill u64.parquet --window 1", "beyond the largest step number"),
+    ("info: a table with an empty group name", "info noname.parquet", "a group needs a name"),
+    ("train: an npz of object arrays", train("--task resnet --data obj.npz"), "Object arrays cannot be loaded"),
+    ("train: corrections whose source.metadata is a string", train("--corrections corr/meta_str.json"),
+     "'source.metadata' must be an object"),
+    ("show: corrections whose source.metadata is a string", "show corr/meta_str.json", "'source.metadata'"),
+    ("train: a subnormal factor", train("--corrections corr/subnormal.json"), "not subnormal"),
+    ("train: a subnormal factor in a schedule", train("--corrections corr/subnormal_sched.json"), "not subnormal"),
+    ("show: a subnormal factor", "show corr/subnormal.json", "not subnormal"),
+    ("train: a factor for an empty group name", train("--corrections corr/empty_group.json"), "a group needs a name"),
+    ("record: resume from a checkpoint without shards", record("-o NEW/t --resume --checkpoint-dir CKNOSHARDS"),
+     "records no digest of its files"),
+    ("record: resume from a checkpoint whose run id is a path", record("-o NEW/t --resume --checkpoint-dir CKRUNID"),
+     "run id '/../../X' is not one graftlab writes"),
+    # the operating system: FIFOs, devices, links, long names, NUL bytes, read-only folders
+    ("info: a FIFO named like a part", "info FIFOPART", "is a FIFO, not a regular file"),
+    ("distill: a FIFO named like a part", "distill FIFOPART --window 10", "is a FIFO"),
+    ("info: a FIFO as the sidecar", "info FIFOSIDE", "is a FIFO"),
+    ("distill: a FIFO as the sidecar", "distill FIFOSIDE --window 10", "is a FIFO"),
+    ("train: a FIFO as the corrections file", train("--corrections fifo.json"), "is a FIFO"),
+    ("record: a FIFO as the config file", record("--config fifo.yaml"), "is a FIFO"),
+    ("distill: output a FIFO, --overwrite", "distill T --window 10 -o out.fifo --overwrite", "is a FIFO; not replacing it"),
+    ("distill: output /dev/null, --overwrite", "distill T --window 10 -o /dev/null --overwrite", "is a device"),
+    ("plot: output /dev/null, --overwrite", "plot T -f 5 -o /dev/null --overwrite"),
+    ("record: out /dev/null, --overwrite", record("-o /dev/null --overwrite")),
+    ("record: out a FIFO, --overwrite", record("-o out.fifo --overwrite")),
+    ("distill: output a dangling link", "distill T --window 10 -o dangling.json", "symbolic link"),
+    ("distill: output a dangling link, --overwrite", "distill T --window 10 -o dangling.json --overwrite", "symbolic link"),
+    ("distill: output a link loop, --overwrite", "distill T --window 10 -o loop.json --overwrite", "symbolic link"),
+    ("distill: output a link to a user's file, --overwrite", "distill T --window 10 -o link.json --overwrite",
+     "symbolic link"),
+    ("plot: output a dangling link", "plot T -f 5 -o dangling.png", "symbolic link"),
+    ("distill: output name too long", f"distill T --window 10 -o {LONG}.json", "file name too long"),
+    ("record: out name too long", record(f"-o {LONG}"), "file name too long"),
+    ("plot: output name too long", f"plot T -f 5 -o {LONG}.png", "file name too long"),
+    ("record: a NUL byte in out from a config file", record("--config cfg/nul_out.yaml", defaults=True).replace(
+        " -o NEW/t", ""), "NUL byte"),
+    ("train: a NUL byte in metrics from a config file", train("--config cfg/nul_metrics.yaml"), "NUL byte"),
+    ("record: a NUL byte in data from a config file", record("--config cfg/nul_data.yaml")),
+    ("distill: output into a read-only folder", "distill T --window 10 -o RO/c.json", "Operation not permitted"),
+    ("distill: CSV into a read-only folder", "distill T --window 10 --format csv -o RO/c.csv", "not permitted"),
+    ("plot: output into a read-only folder", "plot T -f 5 -o RO/f.png", "not permitted"),
+    ("plot: all figures into a read-only folder", "plot T -o RO/figs", "not permitted"),
+    ("record: out into a read-only folder", record("-o RO/t"), "not permitted"),
+    ("train: metrics into a read-only folder", train("--metrics RO/m.parquet"), "not permitted"),
+]:
+    case(cid, argv, *says)
+
 case("graftlab: unknown command", "nope")
 case("graftlab: unknown root option", "--nope")
 
@@ -516,11 +606,31 @@ def sandbox(template, tmp_path, monkeypatch):
     (done / "runs").mkdir(parents=True)
     (done / "results.md").write_text("# results of a finished experiment\n")
     (done / "settings.json").write_text("{}\n")
+    # things copytree cannot copy (it would open a FIFO and follow a link): made in each sandbox
+    shutil.copytree(root / "T", root / "FIFOPART")
+    os.mkfifo(root / "FIFOPART" / "part-000000000040.parquet")
+    shutil.copytree(root / "T", root / "FIFOSIDE")
+    (root / "FIFOSIDE" / trace.SIDECAR).unlink()
+    os.mkfifo(root / "FIFOSIDE" / trace.SIDECAR)
+    for name in ("fifo.json", "fifo.yaml", "out.fifo"):
+        os.mkfifo(root / name)
+    (root / "dangling.json").symlink_to(root / "NEW" / "nowhere.json")
+    (root / "dangling.png").symlink_to(root / "NEW" / "nowhere.png")
+    (root / "loop.json").symlink_to(root / "loop.json")
+    (root / "link.json").symlink_to(root / "notes.txt")
+    read_only = subprocess.run(["chattr", "+i", str(root / "RO")], capture_output=True).returncode == 0
     monkeypatch.chdir(root)
     monkeypatch.setenv("COLUMNS", "200")
     lock = TraceLock(root / "LOCKED" / "t").acquire()  # another writer holds this trace
     yield root
     lock.release()
+    if read_only:
+        subprocess.run(["chattr", "-i", str(root / "RO")], check=True)
+
+
+def _immutable(path: Path) -> bool:
+    res = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
+    return res.returncode == 0 and "i" in res.stdout.split()[0]
 
 
 PASSED: list[str] = []  # the cases whose every check passed in this run
@@ -551,6 +661,8 @@ def test_case_count():
 def test_bad_input(argv, says, sandbox, capsys):
     from graftlab.cli.app import run
 
+    if " RO/" in argv and not (sandbox / "RO").exists() or (" RO/" in argv and not _immutable(sandbox / "RO")):
+        pytest.skip("chattr +i is not available here: no read-only folder root cannot write into")
     before = snapshot(sandbox)
     code = run(shlex.split(argv))
     out, err = capsys.readouterr()

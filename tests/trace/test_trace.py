@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from graftlab import trace
+from graftlab.trace import replacing
 from graftlab.errors import GraftlabError
 from graftlab.trace.scanning import scan_ratios
 
@@ -202,6 +203,7 @@ def test_temporary_name_is_hidden_from_readers(tmp_path):
     tmp = trace.temporary_name(tmp_path / "part-000000000000.parquet")
     assert tmp.parent == tmp_path and tmp.name.startswith(".")
     assert not tmp.match(trace.PART_GLOB)
+    assert tmp != trace.temporary_name(tmp_path / "part-000000000000.parquet")  # random: never predictable
 
 
 def test_truncate_keeps_earlier_steps_and_drops_half_written_parts(tmp_path):
@@ -223,7 +225,14 @@ def test_prepare_directory_replaces_only_traces(tmp_path):
     with pytest.raises(OutputExistsError, match="pass overwrite=True"):
         trace.prepare_directory(d)
     assert trace.prepare_directory(d, resume=True) == d and trace.is_trace(d)  # kept as it is
+    before = sorted(p.name for p in d.iterdir())
     trace.prepare_directory(d, overwrite=True)
+    # the old files wait in the hidden backup until the new run's first part (then they go)
+    assert [p.name for p in d.iterdir()] == [replacing.BACKUP] and not trace.is_trace(d)
+    replacing.restore(d)
+    assert sorted(p.name for p in d.iterdir()) == before
+    trace.prepare_directory(d, overwrite=True)
+    replacing.discard(d)
     assert d.is_dir() and not any(d.iterdir())
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -379,17 +388,19 @@ def test_writes_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
     part = str(d / "part-000000000000.parquet")
     i = calls.index(("replace", part))
     if Path("/proc/self/fd").exists():
-        assert calls[i - 1] == ("fsync", str(d / ".part-000000000000.parquet.tmp"))  # the data first
+        tmp_part = fsutil.temporary_pattern(r"part-000000000000\.parquet")
+        assert calls[i - 1][0] == "fsync" and tmp_part.fullmatch(Path(calls[i - 1][1]).name)  # the data first
         assert calls[i + 1] == ("fsync", str(d))  # then the rename
-        assert ("fsync", str(d / ".{}.tmp".format(trace.SIDECAR))) in calls
+        side = fsutil.temporary_pattern(trace.SIDECAR.replace(".", r"\."))
+        assert any(c == "fsync" and side.fullmatch(Path(str(f)).name) for c, f in calls)
     out = tmp_path / "x.json"
     fsutil.atomic_write(out, "hello")
-    assert out.read_text() == "hello" and not fsutil.temporary_name(out).exists()
+    assert out.read_text() == "hello" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".x")) == []
     with pytest.raises(RuntimeError):
         with fsutil.atomic_path(out) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
-    assert out.read_text() == "hello" and not fsutil.temporary_name(out).exists()
+    assert out.read_text() == "hello" and not tmp.exists()
 
 
 def test_bit_flips_in_parts_without_checksums_still_give_one_line(tmp_path):
