@@ -121,7 +121,7 @@ def _check_kind(p: Path, what: str, folder: bool) -> None:
         raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
     try:
         mode = os.lstat(p).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file among its parents: check_parents says which
         return
     if stat.S_ISLNK(mode):
         if folder and p.is_dir():
