@@ -12,7 +12,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 300; quick: 40]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 16; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
-    round: Optional[str] = typer.Option(None, "--round", help="none, pow10, D<beta>, or Dauto (beta from the run) [default: none]."),
+    round: Optional[str] = typer.Option(None, "--round", help="Rounding, as `graftlab distill --round`: none, pow10, D<beta>, DA<beta> (only attention Q, K, V tied), or Dauto (D<beta> with beta the median ratio of the groups inside transformer blocks of this run) [default: none]."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum in D and the SGD runs [default: 0]."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (a GPU when there is one)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for PyTorch; 1 ran the quick demo 5x faster than 2 on a loaded 2-core machine, 0 takes PyTorch's own count."),

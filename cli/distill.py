@@ -12,15 +12,14 @@ import typer
 SHOWN = 50  # groups printed by default: a table of 10^5 groups helps nobody on a terminal
 
 
+# one rounding help for every command that distills (distill, plot's corrections chart)
+ROUND_HELP = ("Rounding: none; pow10 (each factor to a power of ten); D<beta> (e.g. D500: groups inside transformer "
+              "blocks, or those --tie matches, get beta, the rest a power of ten); DA<beta> (the same, but only the "
+              "attention weights Q, K, V are tied); `graftlab demo --round` also takes Dauto (beta from the run) [default: none].")
+
+
 def _num(v, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-
-
-def in_cli_terms(note: str) -> str:
-    """A distill note (worded in the library's parameters) in this command's flags."""
-    from graftlab.cli import app
-
-    return app.in_cli_terms(note, typer.main.get_command(app.app).commands["distill"].params)
 
 
 def _flag(d) -> str:
@@ -32,10 +31,10 @@ def _flag(d) -> str:
 def distill(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     window: Optional[int] = typer.Option(None, "--window", "-w", help="Steps per median window; the paper used 2000 at batch 8K, 500 at 32K [default: 2000, capped to the first quarter of the trace]."),
-    round: str = typer.Option("none", "--round", "-r", help="Rounding: none, pow10, D<beta> (e.g. D500) or DA<beta> (attention weights tied only)."),
+    round: str = typer.Option("none", "--round", "-r", help=ROUND_HELP),
     output: Optional[Path] = typer.Option(None, "--out", "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
     schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
-    filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first; the paper's figures use 51 (default: no filter)."),
+    filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first; the paper's figures use 51 [default: no filter]."),
     tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
     start: int = typer.Option(0, "--start", help="First step of the window."),
     outlier: float = typer.Option(0.0, "--outlier", help="Also flag groups whose median exceeds this many times the median over groups (0: off; degenerate groups are found from their gradients without it)."),
@@ -116,7 +115,7 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:
-        console.print(f"[yellow]warning: {in_cli_terms(note)}", soft_wrap=True)
+        console.print(f"[yellow]warning: {note}", soft_wrap=True)
     if src.get("divergence"):
         div = src["divergence"]
         console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "

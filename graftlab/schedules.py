@@ -87,10 +87,11 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
     if warmup is None:
         return 0
     if not math.isfinite(warmup) or warmup < 0:
-        raise GraftlabError(f"warmup must be >= 0 (steps, or a fraction below 1), got {warmup}")
+        raise GraftlabError(f"{{warmup}} must be >= 0 (steps, or a fraction below 1), got {warmup}", param="warmup")
     steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
     if steps >= total_steps:
-        raise GraftlabError(f"warmup ({steps} steps) must be shorter than training ({total_steps} steps)")
+        raise GraftlabError(f"{{warmup}} ({steps} steps) must be shorter than training ({total_steps} steps)",
+                            param="warmup")
     return steps
 
 

@@ -170,7 +170,7 @@ def _unmatched(unknown: list[str], names: list[str], groups: Sequence[str]) -> s
     if theirs:  # the recorded model was wrapped, this one is not
         return (f"{head}: the file's names start with {theirs!r} and the model's do not; pass "
                 f"[({theirs!r} + n, p) for n, p in model.named_parameters()]")
-    return (f"{head} (a file from another model?): {_listing(unknown)}; pass allow_missing=True to apply "
+    return (f"{head} (a file from another model?): {_listing(unknown)}; pass {{allow_missing=True}} to apply "
             "the groups that do match")
 
 
@@ -308,7 +308,7 @@ def apply(
         if all(inner_targets[g] for g in corrections.groups):
             names, targets, unknown = inner, inner_targets, []
     if unknown and not allow_missing:
-        raise GraftlabError(_unmatched(unknown, names, corrections.groups))
+        raise GraftlabError(_unmatched(unknown, names, corrections.groups), param="allow_missing")
     heads = head_counts(corrections.groups)
     slices = {g: slice_of(g, names, params, heads) for g in corrections.groups if g not in names}
     slices = {g: v for g, v in slices.items() if v is not None and targets[g]}
@@ -317,8 +317,7 @@ def apply(
     if missing and not allow_missing:
         raise GraftlabError(
             f"{len(missing)} model parameter(s) have no correction in the file: {_listing(missing)}; "
-            "pass allow_missing=True to keep factor 1 for them"
-        )
+            "pass {allow_missing=True} to keep factor 1 for them", param="allow_missing")
 
     if missing or unknown:
         matched = len(corrections.groups) - len(unknown)

@@ -70,7 +70,7 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
     if not sources:
         raise GraftlabError("compare needs at least one corrections file")
     if by not in ("group", "kind"):
-        raise GraftlabError(f"by must be 'group' or 'kind', not {by!r}")
+        raise GraftlabError(f"{{by}} must be 'group' or 'kind', not {by!r}", param="by")
     labels = list(labels) if labels is not None else [_label(s, i) for i, s in enumerate(sources)]
     if len(labels) != len(sources) or len(set(labels)) != len(labels):
         labels = [f"{lab} ({i + 1})" for i, lab in enumerate(labels)] if len(labels) == len(sources) else None

@@ -166,7 +166,7 @@ def schedule_medians(df: pd.DataFrame, window: int) -> dict[str, list[list]]:
 
 def _check_window(window: int) -> None:
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
+        raise GraftlabError(f"{{window}} must be a positive number of steps, got {window!r}", param="window")
 
 
 # --------------------------------------------------------------------------- rounding
@@ -263,8 +263,10 @@ def parse_round(spec: str) -> tuple[str, Optional[float]]:
             beta = math.nan
         if math.isfinite(beta) and beta > 0:
             return ("dbeta_attn" if attn else "dbeta"), beta
-        raise GraftlabError(f"round {spec!r}: {form}<beta> needs a positive finite beta, e.g. {form}500")
-    raise GraftlabError(f"round {spec!r} is not a rounding: expected none, pow10, D<beta> or DA<beta> (e.g. D500)")
+        raise GraftlabError(f"{{round}} {spec!r}: {form}<beta> needs a positive finite beta, e.g. {form}500",
+                            param="round")
+    raise GraftlabError(f"{{round}} {spec!r} is not a rounding: expected none, pow10, D<beta> or DA<beta> (e.g. D500)",
+                        param="round")
 
 
 def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -> pd.Series:
@@ -287,6 +289,28 @@ def apply_round(medians: Values, spec: str, in_block: Optional[Values] = None) -
 # transformer block index is tied, whatever its kind; embeddings, the MLM/NSP heads, the pooler
 # and the embedding LayerNorm sit outside the blocks and are rounded.
 
+MAX_REPEAT = 1000  # the largest {n} / {n,m} count a tie regex may hold: group names are short
+
+
+def compile_tie(tie: str) -> "re.Pattern[str]":
+    """The ``tie`` regex compiled, with its repetition counts bounded (``a{99999999999}`` overflows
+    the regex engine and ``(a{1000}){1000}`` matches in time exponential in nothing a name needs).
+
+    Raises:
+        GraftlabError: not a valid regex, or a count above :data:`MAX_REPEAT` (``param="tie"``).
+    """
+    for m in re.finditer(r"\{(\d+)(?:,(\d*))?\}", tie):
+        if max(int(m[1]), int(m[2] or 0)) > MAX_REPEAT:
+            raise GraftlabError(f"{{tie}} {tie!r} repeats more than {MAX_REPEAT} times ({m[0]}): group names are "
+                                "short; write a shorter count", param="tie")
+    if len(tie) > 10_000:
+        raise GraftlabError(f"{{tie}} is {len(tie)} characters long: at most 10000", param="tie")
+    try:
+        return re.compile(tie)
+    except (re.error, OverflowError, RecursionError) as err:
+        raise GraftlabError(f"{{tie}} {tie!r} is not a valid regex: {err}", param="tie") from None
+
+
 def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = None) -> pd.Series:
     """Which groups ``D_beta`` ties to beta: those with a block index in the trace metadata.
 
@@ -294,10 +318,7 @@ def tied_groups(groups: list[str], table: pd.DataFrame, tie: Optional[str] = Non
     each group name) replaces the metadata rule.
     """
     if tie is not None:
-        try:
-            rx = re.compile(tie)
-        except re.error as err:
-            raise GraftlabError(f"tie={tie!r} is not a valid regex: {err}") from None
+        rx = compile_tie(tie)
         return pd.Series([bool(rx.search(g)) for g in groups], index=groups, dtype=bool)
     if "block" not in table.columns:
         return pd.Series(False, index=groups, dtype=bool)

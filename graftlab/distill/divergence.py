@@ -160,7 +160,6 @@ def check_windows(where: Any, marks: Marks, windows: Sequence[tuple[int, int]], 
             what = f"{len(late)} windows (starting at steps {starts}) hold"
         raise GraftlabError(
             f"{where}: {what} steps from a divergence on ({marks.reason()}); their ratios would become "
-            "corrections: pass allow_divergence=True to distill them anyway"
-        )
+            "corrections: pass {allow_divergence=True} to distill them anyway", param="allow_divergence")
     return late
 

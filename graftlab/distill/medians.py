@@ -32,13 +32,21 @@ from graftlab.errors import GraftlabError
 _BLOCK = 16
 
 
+MAX_WIDTH = 100_001  # widest median filter: 50,000 steps each side (the paper's is 51)
+
+
 def check_width(width: Any, name: str = "median filter width") -> int:
     """``width`` as an int; ``name``: the parameter that set it, for the message.
 
     Raises:
         GraftlabError: ``width`` is not a positive odd integer."""
+    said, param = (f"{{{name}}}", name) if name.isidentifier() else (name, None)
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or width % 2 == 0:
-        raise GraftlabError(f"{name} must be a positive odd integer (a median filter's width), got {width!r}")
+        raise GraftlabError(f"{said} must be a positive odd integer (a median filter's width), got {width!r}",
+                            param=param)
+    if width > MAX_WIDTH:  # each step's window is held in memory: a wider one is a typo, not a filter
+        raise GraftlabError(f"{said} must be at most {MAX_WIDTH} (a median filter's width), got {width!r}",
+                            param=param)
     return int(width)
 
 

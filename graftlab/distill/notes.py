@@ -37,8 +37,8 @@ def settings(path: Path, round: str, tie: Optional[str], tied: pd.Series, filter
     notes = []
     dbeta = analysis.parse_round(round)[0] in ("dbeta", "dbeta_attn")
     if tie is not None and not dbeta:
-        notes.append(warn(path, f"tie={tie!r} only applies with round=D<beta> or round=DA<beta>; "
-                                f"round={round!r} ties no group"))
+        notes.append(warn(path, f"the tie regex {tie!r} only applies with D<beta> or DA<beta> rounding; "
+                                f"rounding {round!r} ties no group"))
     if tie is not None and dbeta and not tied.any():
         notes.append(warn(path, f"the tie regex {tie!r} matches none of the {len(tied)} group names: {round} "
                                 "ties no group to beta (each keeps its own median, rounded)"))

@@ -208,13 +208,13 @@ def _fit(path: Path, window: Optional[int], start: int) -> tuple[dict[str, Any],
         window = default_window(length)
     if start + window > length:
         if start >= length:
-            what = f"start={start} is past the trace's end"
+            what = f"{{start={start}}} is past the trace's end"
         elif window > length:
-            what = f"window={window} is longer than the trace"
+            what = f"{{window={window}}} is longer than the trace"
         else:
-            what = f"window={window} from start={start} runs past the end of the trace"
-        raise GraftlabError(f"{path}: {what} ({length} steps: {extent[0]}..{extent[1]}); choose start and window "
-                            f"with start + window <= {length}")
+            what = f"{{window={window}}} from {{start={start}}} runs past the end of the trace"
+        raise GraftlabError(f"{path}: {what} ({length} steps: {extent[0]}..{extent[1]}); choose {{start}} and "
+                            f"{{window}} with {{start}} + {{window}} <= {length}", param=("start", "window"))
     return meta, extent, length, window
 
 
@@ -228,13 +228,14 @@ def check_settings(window: Any, start: Any, round: str, filter: Optional[int], o
         analysis.tied_groups([], pd.DataFrame(), tie)  # compiles the regex
     if outlier is not None and (isinstance(outlier, bool) or not isinstance(outlier, (int, float, np.number))
                                 or not math.isfinite(outlier) or outlier < 0):
-        raise GraftlabError(f"outlier must be a finite number >= 0 (0 or None: off), got {outlier!r}")
+        raise GraftlabError(f"{{outlier}} must be a finite number >= 0 (0 or None: off), got {outlier!r}",
+                            param="outlier")
     if window is None:
         pass
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise GraftlabError(f"window must be a positive number of steps, got {window!r}")
+        raise GraftlabError(f"{{window}} must be a positive number of steps, got {window!r}", param="window")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-        raise GraftlabError(f"start must be a step number >= 0, got {start!r}")
+        raise GraftlabError(f"{{start}} must be a step number >= 0, got {start!r}", param="start")
     if filter is not None and filter != 0:
         medians.check_width(filter, "filter")
 

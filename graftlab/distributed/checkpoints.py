@@ -415,7 +415,8 @@ def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimi
     if directory is None:
         # with on_divergence="restart", checkpoint_every alone spaces in-memory restart points
         if resume or (every and getattr(config, "on_divergence", "stop") != "restart"):
-            raise GraftlabError("resume=True and checkpoint_every need checkpoint_dir")
+            raise GraftlabError("{resume=True} and {checkpoint_every} need {checkpoint_dir}",
+                                param=("resume", "checkpoint_every", "checkpoint_dir"))
         return None, 0
     ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)
     if resume and ckpt.latest() is not None:

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from graftlab.graft import build, child_steps, state as graft_state
-from graftlab.errors import GraftlabError
+from graftlab.errors import GraftlabError, check_choice, check_flag
 from graftlab.graft.norms import PlainNorms
-from graftlab.graft.partition import Granularity, Names, TensorNames
+from graftlab.graft.partition import GRANULARITIES, SPLITS, Granularity, Names, TensorNames
 from graftlab.graft.slicing import slicing_for
 
 PATHS = ("auto", "direct", "generic")
@@ -157,8 +157,15 @@ class Graft(Optimizer):
                 raise GraftlabError(f"{role} must be a torch.optim.Optimizer, got {type(opt).__name__}")
         if magnitude is direction:
             raise GraftlabError("magnitude and direction must be two optimizer instances (each keeps its own state)")
-        if path not in PATHS:
-            raise GraftlabError(f"unknown path {path!r}: expected one of {', '.join(PATHS)}")
+        check_choice("path", path, PATHS)
+        if not (callable(granularity) or isinstance(granularity, str) and granularity in GRANULARITIES):
+            raise GraftlabError(f"{{granularity}} must be one of {', '.join(map(repr, GRANULARITIES))} or a function "
+                                f"from parameter name to group label, got {granularity!r}", param="granularity")
+        if names is not None and (isinstance(names, (str, bytes, Tensor)) or not isinstance(names, (nn.Module, Iterable))):
+            raise GraftlabError("{names} must be the model (an nn.Module), its named_parameters() or None, got "
+                                f"{type(names).__name__}", param="names")
+        check_choice("split", split, SPLITS)
+        check_flag("fused", fused)
         for role, opt in (("magnitude", magnitude), ("direction", direction)):
             if child_steps.needs_closure(opt):
                 raise GraftlabError(

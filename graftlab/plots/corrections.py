@@ -24,7 +24,7 @@ from graftlab.plots.common import LABEL_COLORS, Trace, kind_legend, style
 Source = Union[Trace, "Corrections"]  # noqa: F821
 
 
-def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10",
+def corrections_table(source: Source, *, window: Optional[int] = None, round: str = "none",
                       filter: Optional[int] = None) -> pd.DataFrame:
     """One row per group: ``group``, ``kind``, ``median``, ``factor``, ``flags``, ``later_median``, ``tied``.
 
@@ -65,7 +65,7 @@ def _table(corr) -> pd.DataFrame:
     return table
 
 
-def corrections_bars(source: Source, *, window: int = 2000, round: str = "pow10", filter: Optional[int] = None,
+def corrections_bars(source: Source, *, window: Optional[int] = None, round: str = "none", filter: Optional[int] = None,
                      ax: Optional[Axes] = None, fig: Optional[Figure] = None) -> Figure:
     """Per group: the median ratio (bar, coloured by kind) and the factor (dark bar), log scale,
     titled with the trace, the steps of the medians and the rounding.

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from graftlab.distill.medians import check_width
 from graftlab.errors import GraftlabError
 from graftlab.plots.common import PathLike
 from graftlab.trace import read_metadata
@@ -34,15 +35,15 @@ def applicable(trace: PathLike) -> list[str]:
 def _steps(steps: Optional[Sequence[int]], n: int, default: int = 2000):
     steps = list(steps or [])
     if len(steps) > n:
-        raise GraftlabError(f"got {len(steps)} --steps values for {n} trace(s)")
+        raise GraftlabError(f"got {len(steps)} {{steps}} values for {n} trace(s)", param="steps")
     if any(s <= 0 for s in steps):
-        raise GraftlabError(f"--steps must be positive, got {steps}")
+        raise GraftlabError(f"{{steps}} must be positive, got {steps}", param="steps")
     return (steps + [steps[-1] if steps else default] * n)[:n]
 
 
 def _check_width(width: Optional[int]) -> None:
-    if width is not None and (width < 1 or width % 2 == 0):
-        raise GraftlabError(f"--width must be an odd number >= 1 (1: no median filter), got {width}")
+    if width is not None:
+        check_width(width, "width")
 
 
 def _check_drawable(trace: PathLike, steps: Optional[int]) -> None:
@@ -57,7 +58,7 @@ def _check_drawable(trace: PathLike, steps: Optional[int]) -> None:
 
 
 def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[int]] = None,
-         width: Optional[int] = None, window: int = 2000, round: str = "pow10"):
+         width: Optional[int] = None, window: Optional[int] = None, round: str = "none"):
     """One figure as a matplotlib Figure (see :func:`render` for the arguments)."""
     from graftlab import plots
 
@@ -90,14 +91,19 @@ def draw(traces: Sequence[PathLike], figure: str, *, steps: Optional[Sequence[in
 
     first, last = trace_extent(traces[0])
     # a trace shorter than the window is distilled over all of it
-    return plots.corrections_bars(traces[0], window=min(window, last - first + 1), round=round,
+    return plots.corrections_bars(traces[0], window=None if window is None else min(window, last - first + 1), round=round,
                                   filter=width if width and width > 1 else None)
 
 
 def _formats() -> list[str]:
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return list(FigureCanvasBase.get_supported_filetypes())
+    # pgf needs a LaTeX installation and eps/ps Ghostscript for some text: refused up front rather
+    # than failing half-way through a write
+    return [f for f in FigureCanvasBase.get_supported_filetypes() if f not in _NEEDS_TOOLS]
+
+
+_NEEDS_TOOLS = {"pgf", "eps", "ps"}
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -111,7 +117,7 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 
 def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Optional[Sequence[int]] = None,
-           width: Optional[int] = None, window: int = 2000, round: str = "pow10", overwrite: bool = False,
+           width: Optional[int] = None, window: Optional[int] = None, round: str = "none", overwrite: bool = False,
            dpi: int = 150) -> list[Path]:
     """Draw ``figure`` (``4``-``8``, ``corrections``, ``rows`` (a vocab trace's per-row ratios against
     token frequency) or ``all``) from ``traces`` into ``out``.
@@ -130,6 +136,8 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
     """
     from graftlab.trace.outputs import check_output
 
+    if not str(out).strip():  # Path("") is the current folder: never a place the user named
+        raise GraftlabError("{out} is empty: give a file (one figure) or a folder (--figure all)", param="out")
     out = Path(out)
     inputs = [("trace", t) for t in traces]
     _check_width(width)
@@ -139,7 +147,8 @@ def render(traces: Sequence[PathLike], figure: str, out: PathLike, *, steps: Opt
         if not out.suffix:
             raise GraftlabError(f"{out}: give a file name with a suffix (.png, .pdf, .svg)")
         if out.suffix[1:].lower() not in _formats():
-            raise GraftlabError(f"{out}: unknown image format {out.suffix!r}: use one of "
+            raise GraftlabError(f"{out}: unknown or unsupported image format {out.suffix!r} (formats that need "
+                                f"LaTeX or other tools are not offered): use one of "
                                 f"{', '.join('.' + f for f in sorted(_formats()))}")
         check_output(out, "figure file", overwrite=overwrite, inputs=inputs)
         fig = draw(traces, figure, steps=steps, width=width, window=window, round=round)

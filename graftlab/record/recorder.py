@@ -31,6 +31,7 @@ from graftlab import trace
 from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
 from graftlab.errors import GraftlabError
+from graftlab.record.arguments import MAX_FLUSH_EVERY, check_arguments  # noqa: F401 - MAX_FLUSH_EVERY: its name here too
 from graftlab.graft.optimizer import Graft
 from graftlab.record.grad_norms import GradNorms, precision_of
 from graftlab.kinds import Overrides
@@ -177,15 +178,13 @@ class Recorder:
         grad_every: int = DEFAULT_GRAD_EVERY,
     ) -> None:
         graft = self._find_graft(graft)
-        if int(every) < 1 or int(flush_every) < 1:
-            raise GraftlabError(f"every and flush_every must be >= 1, got {every} and {flush_every}")
-        if isinstance(grad_every, bool) or int(grad_every) < 0:
-            raise GraftlabError(f"grad_every must be >= 0 (0: no norm_g column), got {grad_every!r}")
-        if flush_seconds is not None and not (isinstance(flush_seconds, (int, float)) and flush_seconds > 0):
-            raise GraftlabError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
+        every, flush_every, grad_every, start_step = check_arguments(
+            path, every=every, flush_every=flush_every, grad_every=grad_every, start_step=start_step,
+            flush_seconds=flush_seconds, metadata=metadata, model=model,
+            flags={"overwrite": overwrite, "resume": resume, "record_lr": record_lr})
         callbacks = [] if on_flush is None else [on_flush] if callable(on_flush) else list(on_flush)
         if not all(callable(c) for c in callbacks):
-            raise GraftlabError("on_flush must be a callable f(table, metadata) or a list of them")
+            raise GraftlabError("{on_flush} must be a callable f(table, metadata) or a list of them", param="on_flush")
         self.graft = graft
         self.path = Path(path)
         self.every = int(every)
@@ -193,8 +192,6 @@ class Recorder:
         self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
         self.record_lr = bool(record_lr)
         self._next_step = graft.steps if start_step is None else int(start_step)
-        if self._next_step < 0:
-            raise GraftlabError(f"start_step must be >= 0, got {start_step}")
         self.group_kinds = group_kinds(graft, model, kinds)
         self.metadata = run_metadata(graft, self.group_kinds, metadata or {}, self.path, every=self.every,
                                      flush_every=self.flush_every, start_step=self._next_step)

@@ -180,8 +180,9 @@ def _check_same_run(path: Path, old: dict[str, Any], new: dict[str, Any], group_
     for key in IDENTITY:
         a, b = old.get(key), new.get(key)
         if a is not None and b is not None and a != b:
-            raise GraftlabError(f"{path}: cannot resume, the trace was recorded with {key}={a!r} and this run has "
-                                f"{key}={b!r}; record another trace (or pass overwrite=True to replace it)")
+            raise GraftlabError(f"{path}: cannot resume, the trace was recorded with {{{key}={a!r}}} and this run "
+                                f"has {{{key}={b!r}}}; record another trace (or pass {{overwrite=True}} to replace it)",
+                                param=("overwrite", key))
     for role in ("magnitude", "direction"):
         a, b = (old.get(role) or {}).get("class"), (new.get(role) or {}).get("class")
         if a and b and a != b:
@@ -196,8 +197,8 @@ def _check_resume_step(path: Path, extent: tuple[int, int], start: int, every: i
             return False
         raise GraftlabError(
             f"{path}: resuming at step {start} would drop every recorded step ({first}..{last}); load the "
-            "optimizer's checkpoint first (a fresh Graft is at step 0), or pass overwrite=True to record from scratch"
-        )
+            "optimizer's checkpoint first (a fresh Graft is at step 0), or pass {overwrite=True} to record from "
+            "scratch", param="overwrite")
     next_recorded = math.ceil(start / every) * every
     if next_recorded > last + every:
         raise GraftlabError(

@@ -7,22 +7,32 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Annotated, Any, Optional, Sequence, TypeVar
 
-import torch
+from typing import TYPE_CHECKING
 
-from graftlab.runs.resume_check import check_resumable
-from graftlab.distributed.env import MODES
 from graftlab.distill.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.graft.optimizers import make_optimizer
-from graftlab.trace.outputs import check_output
-from graftlab.record.recorder import DEFAULT_FLUSH_EVERY
-from graftlab.trace import is_trace
+from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, setting
+from graftlab.runs.resume_check import check_resumable
 from graftlab.schedules import SCHEDULES, make_schedule
-from graftlab.tasks import SIZES, TASKS, Task, resolve_device
+from graftlab.trace import is_trace
+from graftlab.trace.outputs import check_output
+
+if TYPE_CHECKING:
+    from graftlab.tasks import Task
+
+# The choices of the settings, here without importing torch (the command line's help lists them,
+# and `graftlab --help` imports no torch); tests/runs/test_train.py checks each against the module
+# that defines it (graftlab.tasks, graftlab.graft.optimizers, graftlab.graft.partition, ...).
+TASKS = ("bert", "gpt", "resnet")
+SIZES = ("tiny", "small", "base")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+MODES = ("none", "ddp", "fsdp")
+DEFAULT_FLUSH_EVERY = 100  # graftlab.record.recorder's
+MAX_FLUSH = 10**6  # graftlab.record.recorder.MAX_FLUSH_EVERY
 
 DEFAULT_STEPS = 300
 GRANULARITIES = ("layer", "global", "coordinate", "head", "vocab")
@@ -36,43 +46,63 @@ def max_threads() -> int:
 
 @dataclass
 class RunConfig:
-    """The fields every run shares; see :class:`TrainConfig` and :class:`RecordConfig`."""
+    """The fields every run shares; see :class:`TrainConfig` and :class:`RecordConfig`.
+
+    Each field is one setting (:func:`graftlab.runs.fields.setting`): its help, bounds, choices and
+    command-line flag are declared here and nowhere else.
+    """
 
     # --- what to train ---
-    task: str = "bert"  # built-in task: bert | resnet
-    size: str = "tiny"  # tiny (CPU, ~1 min) | small | base (BERT-base / full-width ResNet-18)
-    data: Optional[str] = None  # None: bundled data (KJV text / Fashion-MNIST); else a user's file or folder
+    task: str = setting("bert", "Built-in task: bert (masked LM on the KJV), gpt (causal LM on the KJV) or "
+                        "resnet (Fashion-MNIST).", choices=TASKS)
+    size: str = setting("tiny", "Model size: tiny (CPU, ~1 min with --threads 1), small, base (BERT-base / "
+                        "full-width ResNet-18).", choices=SIZES)
+    data: Optional[str] = setting(None, "Your data instead of the bundled set: .txt file/folder (bert, gpt), IDX "
+                                  "folder or .npz (resnet).", default_text="the bundled set", path=True)
     # --- how long ---
-    steps: Optional[int] = None  # optimizer steps; None: from `epochs`, or 300 when neither is set
-    epochs: Optional[float] = None  # passes over the training set (alternative to `steps`)
-    batch_size: int = 32
+    steps: Optional[int] = setting(None, "Optimizer steps.", default_text=f"{DEFAULT_STEPS} unless --epochs",
+                                   ge=1, le=MAX_STEPS)
+    epochs: Optional[float] = setting(None, "Passes over the training set, instead of --steps.",
+                                      default_text="none: --steps counts", gt=0, le=MAX_STEPS)
+    batch_size: int = setting(32, "Examples per step.", ge=1, le=MAX_COUNT)
     # --- schedule (a factor on the lr per step) ---
-    schedule: Optional[str] = None  # constant | poly | step | cosine; None: the task's default (bert: poly, resnet: step)
-    warmup: Optional[float] = None  # warmup steps (>= 1) or fraction of the run (< 1); None: task default
-    power: float = 1.0  # poly decay power (1: BERT's linear decay)
-    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # step schedule: x gamma at these fractions
-    gamma: float = 0.1  # step schedule decay factor
+    schedule: Optional[str] = setting(None, "The lr schedule.", choices=SCHEDULES,
+                                      default_text="the task's: poly for bert and gpt, step for resnet")
+    warmup: Optional[float] = setting(None, "Warmup steps (>= 1) or fraction of the run (< 1).",
+                                      default_text="the task's", ge=0, le=MAX_STEPS)
+    power: float = setting(1.0, "poly decay power, 1 is BERT's linear decay.", gt=0, le=1e6)
+    milestones: list = setting(default_factory=lambda: [0.5, 0.75], help="step schedule: comma-separated "
+                               "increasing fractions of the run, each in (0, 1).", default_text="0.5,0.75")
+    gamma: float = setting(0.1, "step schedule decay factor, in (0, 1].", gt=0, le=1)
     # --- system ---
-    device: str = "auto"  # cpu | cuda | auto
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 sharding); see docs/distributed.md
-    checkpoint_dir: Optional[str] = None  # torch.distributed.checkpoint directories step-<N> go here
-    checkpoint_every: int = 0  # save every N steps (0: only at the end when checkpoint_dir is set);
-    # without checkpoint_dir and with on_divergence="restart": steps between in-memory restart points (0: 100)
-    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir (any number of processes)
-    seed: int = 0  # seeds model init, data order, masking and dropout
-    # CPU threads for PyTorch; None: PyTorch's default (the core count). 1 by default: on a shared,
-    # loaded machine PyTorch's threads wait on each other (bert tiny, 2 cores at load 15-18: 0.9-1.0
-    # steps/s with 1 thread, 0.1-0.8 with 2); on an idle machine pass its core count
-    threads: Optional[int] = 1
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one).")
+    parallel: str = setting("ddp", "Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP).",
+                            flag="--fsdp", switch="fsdp", choices=MODES)
+    checkpoint_dir: Optional[str] = setting(None, "Save torch.distributed.checkpoint directories here, one per "
+                                            "checkpoint: step-N.", default_text="no checkpoints", path=True)
+    # 0: only at the end when checkpoint_dir is set; without checkpoint_dir and with
+    # on_divergence="restart": steps between in-memory restart points (0: 100)
+    checkpoint_every: int = setting(0, "Steps between checkpoints, 0 = only at the end.", ge=0, le=MAX_STEPS)
+    resume: bool = setting(False, "Continue from the newest checkpoint in --checkpoint-dir, on any number of "
+                           "processes.", switch=True)
+    seed: int = setting(0, "Seed for init, data order, masking and dropout.", ge=0, lt=2**63)
+    # 1 by default: on a shared, loaded machine PyTorch's threads wait on each other (bert tiny, 2
+    # cores at load 15-18: 0.9-1.0 steps/s with 1 thread, 0.1-0.8 with 2)
+    threads: Optional[int] = setting(1, "CPU threads for PyTorch; 1 ran up to 9x faster than 2 on a loaded 2-core "
+                                     "machine; on an idle machine give its core count.", ge=1, le=4096)
     # --- evaluation and logging ---
-    eval_every: int = 100  # evaluate on held-out data every N steps (0: only at the end)
-    eval_size: Optional[int] = None  # held-out sequences/images per evaluation; None: task default
-    log_every: int = 50  # steps between host syncs for the progress bar
-    metrics: Optional[str] = None  # Parquet file for per-step loss, lr and eval metrics; None: not written
+    eval_every: int = setting(100, "Evaluate on held-out data every N steps, 0 = only at the end.", ge=0, le=MAX_STEPS)
+    eval_size: Optional[int] = setting(None, "Held-out sequences/images per evaluation.", cli=False, ge=1, le=MAX_COUNT)
+    log_every: int = setting(50, "Steps between host syncs for the progress bar.", cli=False, ge=1, le=MAX_STEPS)
+    metrics: Optional[str] = setting(None, "Parquet file for per-step loss, lr and eval metrics.",
+                                     default_text="none written", path=True)
     # --- divergence (every step is checked for a non-finite loss/gradient, without a host sync) ---
-    on_divergence: str = "stop"  # stop | restart (from the last good checkpoint or in-memory snapshot)
-    divergence_lr_factor: float = 0.5  # each restart multiplies the learning rate by this (0 < f < 1)
-    max_restarts: int = 3  # restarts before the run stops anyway
+    on_divergence: str = setting("stop", "When a loss or gradient stops being finite (checked every step): stop "
+                                 "(exit code 3) or restart from the last good state with a smaller lr.",
+                                 choices=ON_DIVERGENCE)
+    divergence_lr_factor: float = setting(0.5, "Each restart multiplies the learning rate by this, in (0, 1).",
+                                          gt=0, lt=1)
+    max_restarts: int = setting(3, "Restarts after divergences before the run stops anyway.", ge=0, le=1000)
 
     def validate(self, *, overwrite: bool = False, outputs: bool = True,
                  inputs: Sequence[tuple[str, Optional[str | os.PathLike]]] = ()) -> None:
@@ -90,50 +120,31 @@ class RunConfig:
         if outputs:
             self._validate_outputs(overwrite, [("data", self.data), *inputs])
 
+    def check_fields(self) -> None:
+        """Every field against its schema (type, bounds, choices; :mod:`graftlab.runs.fields`)."""
+        for name in settings(type(self)):
+            setattr(self, name, check_value(type(self), name, getattr(self, name)))
+
     def validate_loop(self) -> None:
         """The checks :func:`graftlab.runs.fit` needs for any task: length, schedule, loop settings."""
+        self.check_fields()
         if self.steps is not None and self.epochs is not None:
-            raise GraftlabError("give either steps or epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise GraftlabError(f"the run needs at least one step, got steps={self.steps}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise GraftlabError(f"epochs must be a finite number > 0, got {self.epochs}")
-        for name in ("power", "gamma", "warmup"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise GraftlabError(f"{name} must be a finite number, got {value}")
-        if any(not math.isfinite(m) for m in self.milestones):
-            raise GraftlabError(f"milestones must be finite fractions of the run, got {self.milestones}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise GraftlabError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+            raise GraftlabError("give either {steps} or {epochs}, not both", param=("steps", "epochs"))
+        if list(self.milestones) != sorted(set(self.milestones)) or not all(0 < m < 1 for m in self.milestones):
+            raise GraftlabError(f"{{milestones}} must be increasing fractions in (0, 1), got {self.milestones}",
+                                param="milestones")
         if self.epochs is None:  # the length is known before the task: check the schedule against it
             self.check_schedule(self.steps or DEFAULT_STEPS)
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise GraftlabError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every < 1:
-            raise GraftlabError(f"log_every must be >= 1, got {self.log_every}")
-        if self.threads is not None and self.threads < 1:
-            raise GraftlabError(f"threads must be at least 1, got {self.threads}")
         if self.threads is not None and self.threads > max_threads():
-            raise GraftlabError(f"threads must be at most {max_threads()} (16 per CPU core here), got {self.threads}")
-        if not 0 <= self.seed < 2**63:
-            raise GraftlabError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
+            raise GraftlabError(f"{{threads}} must be at most {max_threads()} (16 per CPU core here), got {self.threads}",
+                                param="threads")
         if self.checkpoint_dir is None:
             if self.resume:
-                raise GraftlabError("resume=True needs checkpoint_dir (the checkpoints to resume from)")
+                raise GraftlabError("{resume=True} needs {checkpoint_dir} (the checkpoints to resume from)",
+                                    param=("resume", "checkpoint_dir"))
             if self.checkpoint_every and self.on_divergence != "restart":  # restart: in-memory snapshots
-                raise GraftlabError("checkpoint_every needs checkpoint_dir (where the checkpoints go)")
-        self._validate_divergence()
-
-    def _validate_divergence(self) -> None:
-        if self.on_divergence not in ON_DIVERGENCE:
-            raise GraftlabError(f"unknown on_divergence {self.on_divergence!r}: choose {' or '.join(ON_DIVERGENCE)}")
-        factor = self.divergence_lr_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
-            raise GraftlabError(f"divergence_lr_factor must be a number between 0 and 1 (exclusive), got {factor!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise GraftlabError(f"max_restarts must be a whole number >= 0, got {self.max_restarts!r}")
+                raise GraftlabError("{checkpoint_every} needs {checkpoint_dir} (where the checkpoints go)",
+                                    param=("checkpoint_every", "checkpoint_dir"))
 
     def check_schedule(self, steps: int) -> None:
         """Build the lr schedule for ``steps`` to check its settings (with the schedule and warmup
@@ -145,20 +156,12 @@ class RunConfig:
                           gamma=self.gamma)
 
     def _validate_task(self) -> None:
-        if self.task not in TASKS:
-            raise GraftlabError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
-        if self.size not in SIZES:
-            raise GraftlabError(f"unknown size {self.size!r}: choose one of {', '.join(SIZES)}")
         if self.data is not None and not Path(self.data).expanduser().exists():
-            raise GraftlabError(f"data {self.data!r} does not exist")
-        if self.batch_size < 1:
-            raise GraftlabError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise GraftlabError(f"eval_size must be at least 1, got {self.eval_size}")
-        if self.parallel not in MODES:
-            raise GraftlabError(f"unknown parallel mode {self.parallel!r}: expected one of {', '.join(MODES)}")
+            raise GraftlabError(f"{{data}} {self.data!r} does not exist", param="data")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
-            raise GraftlabError(f"unknown device {self.device!r}: choose cpu, cuda, cuda:N or auto")
+            raise GraftlabError(f"unknown {{device}} {self.device!r}: choose cpu, cuda, cuda:N or auto", param="device")
+        from graftlab.tasks import resolve_device
+
         resolve_device(self.device)
 
     def _validate_optimizers(self) -> None:
@@ -172,7 +175,7 @@ class RunConfig:
             from graftlab.runs.metrics import resumed_metrics
 
             resumed_metrics(metrics, dataclasses.asdict(self), overwrite)
-        check_output(self.checkpoint_dir, "checkpoint_dir", folder=True, inputs=inputs, new_traces=[out])
+        check_output(self.checkpoint_dir, "{checkpoint_dir}", folder=True, inputs=inputs, new_traces=[out])
 
     def resolve(self, task: Task) -> "RunConfig":
         """A copy with ``steps``, ``schedule``, ``warmup`` (and learning rates) left as None filled
@@ -191,13 +194,16 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A plain run: one optimizer (``graftlab train``; with a corrections file, per-layer factors)."""
 
-    # sgd | adam | adamw | adagrad | rmsprop; None: D's optimizer of a corrections file, else adam
-    optimizer: Optional[str] = None
-    lr: Optional[float] = None  # peak learning rate; None: the task's default for this optimizer
-    hparams: dict = field(default_factory=dict)  # optimizer hyperparameters, e.g. {"momentum": 0.9}
+    optimizer: Optional[str] = setting(None, "The optimizer.", choices=OPTIMIZERS,
+                                       default_text="D's optimizer of --corrections, else adam")
+    lr: Optional[float] = setting(None, "Peak learning rate.", ge=0, default_text="D's recorded lr with "
+                                  "--corrections, else the task's default for the optimizer")
+    hparams: dict = setting(default_factory=dict, help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. "
+                            "momentum=0.9, betas=0.9,0.98).", flag="--hparam", repeat=True,
+                            default_text="the task's for the optimizer", metavar="NAME=VALUE")
 
     def _validate_optimizers(self) -> None:
-        _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr")
+        _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr", "hparams")
 
     def resolve(self, task: Task) -> "TrainConfig":
         out = super().resolve(task)
@@ -210,42 +216,46 @@ class TrainConfig(RunConfig):
 class RecordConfig(RunConfig):
     """A grafted run M#D that records every group's ratio to a trace (``graftlab record``)."""
 
-    magnitude: str = "adam"  # M: gives the step size (the schedule is attached here)
-    direction: str = "sgd"  # D: gives the direction
-    magnitude_lr: Optional[float] = None  # None: the task's default for M's optimizer
-    direction_lr: Optional[float] = None  # None: the task's default for D's optimizer
-    m_hparams: dict = field(default_factory=dict)  # M's hyperparameters, e.g. {"betas": (0.9, 0.98)}
-    d_hparams: dict = field(default_factory=dict)  # D's hyperparameters, e.g. {"momentum": 0.9}
-    granularity: str = "layer"  # layer | global | coordinate | head | vocab
-    row_block: int = 1  # vocab: vocabulary rows per group
-    out: Optional[str] = None  # trace directory
-    every: int = 1  # record every k-th step
-    flush_every: int = DEFAULT_FLUSH_EVERY  # recorded steps per part file
+    # M gives the step size (the schedule is attached to it), D the direction
+    magnitude: str = setting("adam", "M, the step size.", aliases=("-m",), choices=OPTIMIZERS)
+    direction: str = setting("sgd", "D, the direction.", aliases=("-d",), choices=OPTIMIZERS)
+    magnitude_lr: Optional[float] = setting(None, "M's peak learning rate, the step size.", aliases=("--lr",),
+                                            ge=0, default_text="the task's for M")
+    direction_lr: Optional[float] = setting(None, "D's learning rate.", ge=0, default_text="the task's for D")
+    m_hparams: dict = setting(default_factory=dict, help="M hyperparameter NAME=VALUE, repeatable, e.g. "
+                              "betas=0.9,0.98.", flag="--m-hparam", repeat=True, default_text="the task's for M",
+                              metavar="NAME=VALUE")
+    d_hparams: dict = setting(default_factory=dict, help="D hyperparameter NAME=VALUE, repeatable, e.g. "
+                              "momentum=0.9.", flag="--d-hparam", repeat=True, default_text="the task's for D",
+                              metavar="NAME=VALUE")
+    granularity: str = setting("layer", "Groups: layer (one per tensor), global (one for the model), coordinate "
+                               "(one per entry), head (attention per head) or vocab (head, plus embedding and "
+                               "output rows).", aliases=("-g",), choices=GRANULARITIES)
+    row_block: int = setting(1, "With --granularity vocab: vocabulary rows per group.", ge=1, le=MAX_COUNT)
+    out: Optional[str] = setting(None, "Trace directory to write.", aliases=("-o",), path=True,
+                                 default_text="required, here or in --config")
+    every: int = setting(1, "Record every k-th step.", ge=1, le=MAX_STEPS)
+    flush_every: int = setting(DEFAULT_FLUSH_EVERY, "Recorded steps per part file; at most this many are lost "
+                               "if the run dies.", ge=1, le=MAX_FLUSH)
 
     def _validate_optimizers(self) -> None:
-        _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr")
-        _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr")
-        if self.granularity not in GRANULARITIES:
-            raise GraftlabError(f"unknown granularity {self.granularity!r}: choose {', '.join(GRANULARITIES)}")
-        if isinstance(self.row_block, bool) or not isinstance(self.row_block, int) or self.row_block < 1:
-            raise GraftlabError(f"row_block must be a positive int, got {self.row_block!r}")
-        if self.every < 1 or self.flush_every < 1:
-            raise GraftlabError(f"every and flush_every must be >= 1, got {self.every} and {self.flush_every}")
+        _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr", "m_hparams")
+        _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr", "d_hparams")
         if self.steps is not None and self.every > self.steps:
-            raise GraftlabError(f"every={self.every} is more than steps={self.steps}: the trace would hold step 0 "
-                                "only; choose every <= steps")
+            raise GraftlabError(f"{{every={self.every}}} is more than {{steps={self.steps}}}: the trace would hold "
+                                "step 0 only; choose {every} <= {steps}", param=("every", "steps"))
 
     def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
         super()._validate_outputs(overwrite, inputs)
         if self.out is None:
-            raise GraftlabError("out is required: the trace directory to write")
+            raise GraftlabError("{out} is required: the trace directory to write", param="out")
         path = Path(self.out).expanduser()
-        check_output(path, "out", folder=True, inputs=inputs, may_exist=True, trace=True)
+        check_output(path, "{out}", folder=True, inputs=inputs, may_exist=True, trace=True)
         if not path.is_dir() or not _has_entries(path):
             return
         if not is_trace(path):  # whatever overwrite says: only a trace is ever replaced
-            raise GraftlabError(f"out {str(path)!r} is a folder that does not hold a graftlab trace: choose "
-                                "another path (a new or empty folder)")
+            raise GraftlabError(f"{{out}} {str(path)!r} is a folder that does not hold a graftlab trace: choose "
+                                "another path (a new or empty folder)", param="out")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
         from graftlab.trace.lock import check_unlocked
@@ -260,39 +270,88 @@ class RecordConfig(RunConfig):
                (("magnitude_lr", out.magnitude), ("direction_lr", out.direction)) if getattr(out, name) is None}
         out = dataclasses.replace(out, **lrs) if lrs else out
         if out.every > out.steps:  # steps from epochs, known only now
-            raise GraftlabError(f"every={out.every} is more than the run's {out.steps} steps: the trace would hold "
-                                "step 0 only; choose a smaller every")
+            raise GraftlabError(f"{{every={out.every}}} is more than the run's {out.steps} steps: the trace would "
+                                "hold step 0 only; choose a smaller {every}", param="every")
         return out
 
 
 C = TypeVar("C", bound=RunConfig)
 
-def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str) -> None:
-    if lr is not None and not (math.isfinite(lr) and lr >= 0):
-        raise GraftlabError(f"{lr_field} must be a finite number >= 0, got {lr}")
+def _check_optimizer(name: str, lr: Optional[float], hparams: dict, lr_field: str, hparams_field: str) -> None:
     for key, value in hparams.items():
-        _check_hparam(name, key, value)
+        hparams[key] = check_hparam(name, key, value, hparams_field)
+    import torch
+
+    from graftlab.graft.optimizers import make_optimizer
+
     # on one throwaway parameter, the optimizer's own checks of names and ranges run before the task is built
     try:
         make_optimizer(name, [torch.zeros(1, requires_grad=True)], 0.0 if lr is None else lr, **hparams)
-    except GraftlabError:
-        raise
+    except GraftlabError as err:
+        raise GraftlabError(f"{{{hparams_field}}}: {err}", param=hparams_field) from None
     except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
-        raise GraftlabError(f"{name}: {err}") from None
+        raise GraftlabError(f"{{{hparams_field}}}: {name}: {err}", param=hparams_field) from None
 
 
-def _check_hparam(optimizer: str, key: str, value: Any) -> None:
-    """A hyperparameter value is a finite number, a boolean, None, or (``betas``) two numbers."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
-        if isinstance(v, bool) or v is None:
-            continue
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise GraftlabError(f"{optimizer} hyperparameter {key} must be finite numbers, got {value!r}")
-    if key == "betas" and (not isinstance(value, (list, tuple)) or len(value) != 2):
-        raise GraftlabError(f"{optimizer} hyperparameter betas needs two numbers (e.g. 0.9,0.999), got {value!r}")
-    if key != "betas" and isinstance(value, (list, tuple)):
-        raise GraftlabError(f"{optimizer} hyperparameter {key} takes one value, got {value!r}")
+def check_hparam(optimizer: str, key: str, value: Any, field_name: str = "hparams") -> Any:
+    """A hyperparameter's value checked against the schema its torch.optim default implies (strict:
+    ``amsgrad`` takes true or false, not 2; ``betas`` two finite numbers; ``momentum`` a finite
+    number); an unknown name is left to the optimizer, which lists the valid ones."""
+    from pydantic import ValidationError
+
+    adapter = _hparam_adapter(optimizer, key)
+    if adapter is None:
+        return value
+    try:
+        out = adapter.validate_python(list(value) if isinstance(value, tuple) else value)
+    except ValidationError as err:
+        kind = _HPARAM_KINDS.get(err.errors()[0]["type"], "")
+        expect = _hparam_expectation(optimizer, key)
+        raise GraftlabError(f"{{{field_name}}}: {optimizer} hyperparameter {key} must be {expect}, got "
+                            f"{value!r}{kind}", param=field_name) from None
+    return tuple(out) if isinstance(out, list) else out
+
+
+_HPARAM_KINDS = {"finite_number": " (not finite)"}
+
+
+def _hparam_default(optimizer: str, key: str) -> Any:
+    import inspect
+
+    from graftlab.graft.optimizers import OPTIMIZERS
+
+    cls = OPTIMIZERS.get(str(optimizer).lower())
+    param = inspect.signature(cls.__init__).parameters.get(key) if cls is not None else None
+    return inspect.Parameter.empty if param is None else param.default
+
+
+def _hparam_expectation(optimizer: str, key: str) -> str:
+    default = _hparam_default(optimizer, key)
+    if isinstance(default, bool) or default is None:
+        return "true or false"
+    if isinstance(default, tuple):
+        return f"{len(default)} finite numbers (e.g. {','.join(map(str, default))})"
+    return "a finite number"
+
+
+def _hparam_adapter(optimizer: str, key: str):
+    import inspect
+
+    from pydantic import Field, TypeAdapter
+
+    default = _hparam_default(optimizer, key)
+    if default is inspect.Parameter.empty:
+        return None
+    number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    if isinstance(default, bool) or default is None:  # on/off switches (None: torch picks)
+        schema = Optional[bool]
+    elif isinstance(default, tuple):
+        schema = Annotated[list[number], Field(min_length=len(default), max_length=len(default))]
+    elif isinstance(default, (int, float)):
+        schema = number
+    else:
+        return None
+    return TypeAdapter(schema, config={"strict": True})
 
 
 def _has_entries(path: Path) -> bool:
@@ -313,12 +372,12 @@ def check_output_file(path: Optional[str | os.PathLike], what: str, overwrite: b
 def total_steps(config: RunConfig, task: Task) -> int:
     """Steps for the run: ``steps``, or ``epochs`` x steps per epoch, or :data:`DEFAULT_STEPS`."""
     if config.steps is not None and config.epochs is not None:
-        raise GraftlabError("give either steps or epochs, not both")
+        raise GraftlabError("give either {steps} or {epochs}, not both", param=("steps", "epochs"))
     if config.steps is not None:
         steps = int(config.steps)
     elif config.epochs is not None:
         if not config.epochs > 0:
-            raise GraftlabError(f"epochs must be > 0, got {config.epochs}")
+            raise GraftlabError(f"{{epochs}} must be > 0, got {config.epochs}", param="epochs")
         steps = int(round(config.epochs * task.steps_per_epoch))
     else:
         steps = DEFAULT_STEPS

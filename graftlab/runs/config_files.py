@@ -1,77 +1,56 @@
-"""Run configs from YAML or TOML files and command-line overrides: each value converted to its
-field's declared type, unknown keys refused with the list of valid ones."""
+"""Run configs from YAML or TOML files and command-line overrides: each value checked against its
+field's schema (:mod:`graftlab.runs.fields`), unknown keys refused with the list of valid ones."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import tomllib
 import typing
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from graftlab.runs.config import C, TrainConfig
+from graftlab.runs.fields import check_value
 from graftlab.io.fsutil import check_regular
 from graftlab.errors import ConfigFileError, GraftlabError
 from graftlab.graft.optimizers import parse_hparams
 
 
-# what each declared type is called in a message ("steps must be a whole number, got 'abc'")
-_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
-          dict: "a mapping of hyperparameters (or a list of name=value)", list: "a list of numbers"}
-
-
-def _coerce(name: str, value: Any, hint: Any, error: Callable[[str], GraftlabError]) -> Any:
-    """Convert a value read from YAML/TOML or the command line to the field's declared type;
+def _field_value(cls: type, name: str, value: Any, error: Callable[[str], GraftlabError]) -> Any:
+    """A value for field ``name`` as written in a file or given on the command line, in the field's
+    shape (``"0.5,0.75"`` -> ``[0.5, 0.75]``; ``["momentum=0.9"]`` -> ``{"momentum": 0.9}``; a path
+    -> its text), then checked against the field's schema (:func:`graftlab.runs.fields.check_value`);
     ``error(what is wrong)`` is the exception for a value it cannot be."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        if value is None:
-            if type(None) in args:
-                return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    if value is None:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    hint = typing.get_type_hints(cls)[name]
+    if value is None and type(None) not in typing.get_args(hint):  # `batch_size:` with nothing after it
         raise error("cannot be empty")
+    kind = type(default.default_factory()) if default.default_factory is not dataclasses.MISSING else None
+    if kind is list and isinstance(value, str):  # --milestones 0.5,0.75
+        parts = [v.strip() for v in value.split(",")]
+        try:
+            value = [float(v) for v in parts]
+        except ValueError:
+            raise error(f"must be comma-separated numbers, got {value!r}") from None
+    elif kind is dict:
+        if isinstance(value, (list, tuple)):  # ["momentum=0.9", ...]
+            try:
+                value = parse_hparams([str(v) for v in value])
+            except GraftlabError as err:
+                raise error(f"({err})") from None
+        elif isinstance(value, dict):
+            value = {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        else:
+            raise error(f"must be a mapping of hyperparameters (or a list of name=value), got {value!r}")
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
     try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "yes", "1")
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            out = float(value)
-            if math.isnan(out):
-                raise error("must be a finite number, got nan")
-            return out
-        if hint is str:
-            return str(value)
-        if hint is dict or origin is dict:
-            if isinstance(value, (list, tuple)):  # ["momentum=0.9", ...]
-                try:
-                    return parse_hparams([str(v) for v in value])
-                except GraftlabError as err:
-                    raise error(f"({err})") from None
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        if hint is list or origin is list:
-            if isinstance(value, str):
-                value = value.split(",")
-            return [float(v) for v in value]
-    except GraftlabError:
-        raise
-    except (TypeError, ValueError, OverflowError):
-        kind = _KINDS.get(origin or hint, getattr(hint, "__name__", str(hint)))
-        raise error(f"must be {kind}, got {value!r}") from None
-    return value
+        return check_value(cls, name, value)
+    except GraftlabError as err:
+        subject = f"{{{name}}} "  # the field's own checks open with its name
+        raise error(err.template[len(subject):] if err.template.startswith(subject) else err.say()) from None
 
 
 def _unknown(names: list[str], valid: list[str]) -> str:
@@ -97,12 +76,10 @@ def config_from_dict(values: dict[str, Any], cls: type[C] = TrainConfig, *, sour
     if unknown:
         raise ConfigFileError(f"{where}unknown config key(s) {_unknown(unknown, fields)}: valid keys are "
                               f"{', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-
     def error(key: str) -> Callable[[str], GraftlabError]:
         return lambda what: ConfigFileError(f"{where}config key {key!r} {what}")
 
-    return cls(**{k: _coerce(k, v, hints[k], error(k)) for k, v in values.items()})
+    return cls(**{k: _field_value(cls, k, v, error(k)) for k, v in values.items()})
 
 
 def load_config(path: str | os.PathLike, cls: type[C] = TrainConfig) -> C:
@@ -156,18 +133,19 @@ def make_config(config_path: Optional[str | os.PathLike] = None, cls: type[C] = 
         GraftlabError: an override that is not a field of ``cls`` or not of its type, named as the
             parameter it is (``lr must be a finite number, got nan``).
     """
-    base = load_config(config_path, cls) if config_path is not None else cls()
-    values = asdict(base)
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(k for k in overrides if k not in values)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in overrides if k not in fields)
     if unknown:
-        raise GraftlabError(f"unknown parameter(s) {_unknown(unknown, list(values))} of {cls.__name__}")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(values.get(key), dict):
-            extra = parse_hparams(value) if isinstance(value, (list, tuple)) else dict(value)
-            values[key] = {**values[key], **extra}
-        else:
-            values[key] = _coerce(key, value, hints[key], lambda what, key=key: GraftlabError(f"{key} {what}"))
+        raise GraftlabError(f"unknown parameter(s) {_unknown(unknown, sorted(fields))} of {cls.__name__}")
+    given = {}
+    for key, value in overrides.items():  # the options first: a bad one is named as given
+        if value is not None:
+            def error(what: str, key: str = key) -> GraftlabError:
+                return GraftlabError(f"{{{key}}} {what}", param=key)
+
+            given[key] = _field_value(cls, key, value, error)
+    # then the file's values, every one of them, whether an option replaces it or not
+    values = asdict(load_config(config_path, cls) if config_path is not None else cls())
+    for key, value in given.items():
+        values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
     return cls(**values)

@@ -61,10 +61,11 @@ class FitResult:
         what = self.divergence.message()
         if self.restarts:
             what += f" (after {len(self.restarts)} restart{'s' if len(self.restarts) > 1 else ''}, lr x{self.lr_scale:g})"
-            hint = "a smaller lr or more max_restarts may help"
+            hint = "a smaller lr or more {max_restarts} may help"
         else:
-            hint = "pass on_divergence=restart to restart with a smaller learning rate"
-        raise DivergedError(f"{what}; stopped after step {self.divergence.detected}; {hint}")
+            hint = "pass {on_divergence=restart} to restart with a smaller learning rate"
+        raise DivergedError(f"{what}; stopped after step {self.divergence.detected}; {hint}",
+                            param=("max_restarts", "on_divergence"))
 
 
 def fit(

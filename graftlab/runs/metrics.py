@@ -25,6 +25,9 @@ RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "optimizer", "lr",
                 "magnitude_lr", "direction_lr", "m_hparams", "d_hparams", "granularity", "every")
 
 
+_NAMES = ("resume", "metrics", "overwrite")  # the parameters a refused continuation names
+
+
 def write_metrics(path: Path, frame: pd.DataFrame, metadata: dict[str, Any], overwrite: bool = False) -> None:
     """Write ``frame`` to Parquet with ``metadata`` (JSON) under key ``graftlab.metrics``; atomic.
 
@@ -73,22 +76,24 @@ def resumed_metrics(path: Path, config: Mapping[str, Any], overwrite: bool) -> O
     except GraftlabError as err:
         if overwrite:
             return None
-        raise GraftlabError(f"resume=True: metrics file {str(path)!r} cannot be continued ({err}); choose another "
-                            "metrics file, or pass overwrite=True to replace it") from None
+        raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} cannot be continued ({err}); choose "
+                            "another metrics file, or pass {overwrite=True} to replace it", param=_NAMES) from None
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     kinds = ["a recording (M#D)" if "magnitude" in c else "a plain run" for c in (recorded, config)]
     if recorded and kinds[0] != kinds[1]:
         if overwrite:
             return None
-        raise GraftlabError(f"resume=True: metrics file {str(path)!r} holds the metrics of {kinds[0]}, not of "
-                            f"{kinds[1]}; choose another metrics file, or pass overwrite=True to replace it")
+        raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds the metrics of {kinds[0]}, not "
+                            f"of {kinds[1]}; choose another metrics file, or pass {{overwrite=True}} to replace it",
+                            param=_NAMES)
     for key in RUN_IDENTITY:
         a, b = recorded.get(key), config.get(key)
         if a is not None and b is not None and _json(a) != _json(b):
             if overwrite:
                 return None
-            raise GraftlabError(f"resume=True: metrics file {str(path)!r} holds another run ({key}={a!r}, this run "
-                                f"has {key}={b!r}); choose another metrics file, or pass overwrite=True to replace it")
+            raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds another run "
+                                f"({{{key}={a!r}}}, this run has {{{key}={b!r}}}); choose another metrics file, or "
+                                "pass {overwrite=True} to replace it", param=(*_NAMES, key))
     return frame
 
 

@@ -122,8 +122,9 @@ class Guard:
             return
         if self.ckpt is None:
             if any(type(p) not in (Tensor, nn.Parameter) for p in self.model.parameters()):
-                raise GraftlabError("on_divergence='restart' with sharded parameters needs checkpoint_dir "
-                                    "(the restart points are checkpoints then)")
+                raise GraftlabError("{on_divergence='restart'} with sharded parameters needs {checkpoint_dir} "
+                                    "(the restart points are checkpoints then)",
+                                    param=("on_divergence", "checkpoint_dir"))
             self.every = int(getattr(cfg, "checkpoint_every", 0) or SNAPSHOT_EVERY)
             self.snapshots = [MemorySnapshot(self.model, self.optimizer, self.scheduler)]
             self.snapshots[0].take(self.first)

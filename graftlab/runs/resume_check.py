@@ -14,6 +14,9 @@ _RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "steps", "magnitu
                  "direction_lr", "m_hparams", "d_hparams", "granularity", "every", "schedule", "warmup")
 
 
+_RESUME = ("resume", "checkpoint_dir", "overwrite")  # the parameters a refused resume names
+
+
 def check_resumable(config: Any, path: Path, overwrite: bool, *, steps: int) -> None:
     """Refuse to start the recording of ``config`` (a RecordConfig; ``steps`` steps, its defaults filled) over in the
     trace ``path`` unless the trace holds the start of this same run, checkpointing into this
@@ -29,31 +32,31 @@ def check_resumable(config: Any, path: Path, overwrite: bool, *, steps: int) -> 
 
     if overwrite or resume_step(config) > 0 or not part_files(path):
         return
-    refuse = (f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint, and the trace "
+    refuse = (f"{{resume=True}}: {{checkpoint_dir}} {config.checkpoint_dir!r} holds no complete checkpoint, and the trace "
               f"{str(path)!r} holds recorded steps that starting over would drop")
     try:
         recorded = read_metadata(path).get("config") or {}
         last = trace_extent(path)[1]
     except GraftlabError as err:
-        raise GraftlabError(f"{refuse} ({err}); pass overwrite=True to record from scratch") from None
+        raise GraftlabError(f"{refuse} ({err}); pass {{overwrite=True}} to record from scratch", param=_RESUME) from None
     theirs = recorded.get("checkpoint_dir")
     if theirs is None or not _same_path(theirs, config.checkpoint_dir, path):
-        how = "without checkpoint_dir" if theirs is None else f"with checkpoint_dir {theirs!r}"
+        how = "without {checkpoint_dir}" if theirs is None else f"with {{checkpoint_dir}} {theirs!r}"
         raise GraftlabError(f"{refuse} (the trace was recorded {how}): check "
-                            "checkpoint_dir, or pass overwrite=True to record from scratch")
+                            "{checkpoint_dir}, or pass {overwrite=True} to record from scratch", param=_RESUME)
     # the checkpoint after step due-1 is saved before step due starts: a trace holding step
     # `due` had its checkpoint committed, so one is missing; up to due-1 it may have been cut
     due = min(config.checkpoint_every or steps, steps)
     if last >= due:
         raise GraftlabError(f"{refuse} (steps up to {last}; a checkpoint was due at step {due}): check "
-                            "checkpoint_dir, or pass overwrite=True to record from scratch")
+                            "{checkpoint_dir}, or pass {overwrite=True} to record from scratch", param=_RESUME)
     mine = dataclasses.asdict(config)
     for key in _RUN_IDENTITY:
         a, b = recorded.get(key), mine.get(key)
         same = _same_path(a, b, path) if key == "data" else _json(a) == _json(b)
         if a is not None and b is not None and not same:
-            raise GraftlabError(f"{refuse}, and they are another run's ({key}={a!r}, this run has {key}={b!r}); "
-                                "pass overwrite=True to record from scratch")
+            raise GraftlabError(f"{refuse}, and they are another run's ({{{key}={a!r}}}, this run has {{{key}={b!r}}}); "
+                                "pass {overwrite=True} to record from scratch", param=(*_RESUME, key))
 
 
 def _same_path(recorded: Any, given: Any, trace_dir: Path) -> bool:
@@ -111,8 +114,8 @@ def check_resumed_schedule(config: Any) -> Optional[str]:
         return None
     done = int(extra.get("step", checkpoint_step(latest)))
     changed = [k for k in SCHEDULE_SETTINGS if _json(theirs.get(k)) != _json(mine[k])]
-    was = ", ".join(f"{k}={theirs.get(k)!r}" for k in changed)
-    now = ", ".join(f"{k}={mine[k]!r}" for k in changed)
+    was = ", ".join(f"{{{k}={theirs.get(k)!r}}}" for k in changed)  # the settings, as placeholders
+    now = ", ".join(f"{{{k}={mine[k]!r}}}" for k in changed)
 
     def rates(s: dict[str, Any]) -> list[float]:
         f = make_schedule(s["schedule"], s["steps"], s["warmup"] or 0.0, power=s["power"],
@@ -126,11 +129,11 @@ def check_resumed_schedule(config: Any) -> Optional[str]:
     where = f"the checkpoint of step {done} in {directory}"
     if not same:
         raise GraftlabError(
-            f"resume=True: {where} was saved by a run with {was}; this run has {now}, which gives the {done} "
+            f"{{resume=True}}: {where} was saved by a run with {was}; this run has {now}, which gives the {done} "
             f"steps already run other learning rates ({mine['schedule']!r} schedule): resume with {was}, or start "
-            "a new run with another checkpoint_dir")
-    return (f"resuming {where} (saved with {was}) with {now}: the {mine['schedule']!r} schedule gives the steps "
-            "already run the same learning rates")
+            "a new run with another {checkpoint_dir}", param=(*_RESUME, *changed))
+    return GraftlabError(f"resuming {where} (saved with {was}) with {now}: the {mine['schedule']!r} schedule gives "
+                         "the steps already run the same learning rates", param=changed).say()
 
 
 def _plain(value: Any) -> Any:

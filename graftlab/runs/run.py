@@ -173,8 +173,9 @@ def _check_checkpoint_to_resume(config: TrainConfig) -> None:
     from graftlab.distributed.checkpoints import resume_step
 
     if config.resume and config.checkpoint_dir is not None and resume_step(config) == 0:
-        raise GraftlabError(f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint: "
-                            "check checkpoint_dir, or leave out resume=True to train from scratch")
+        raise GraftlabError(f"{{resume=True}}: {{checkpoint_dir}} {config.checkpoint_dir!r} holds no complete "
+                            "checkpoint: check {checkpoint_dir}, or leave out {resume=True} to train from scratch",
+                            param=("resume", "checkpoint_dir"))
 
 
 def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continues: bool) -> None:
@@ -247,9 +248,9 @@ def _for_corrections(config: TrainConfig, loaded: Any, source: str | os.PathLike
         return dataclasses.replace(config, **changes)
     if config.optimizer.lower() != d_opt and not allow_other:
         raise GraftlabError(
-            f"{source}: the corrections were distilled for D={d_opt}, not optimizer={config.optimizer}; "
-            f"leave optimizer unset to train {d_opt}, or pass allow_other_optimizer=True"
-        )
+            f"{source}: the corrections were distilled for D={d_opt}, not {{optimizer={config.optimizer}}}; "
+            f"leave {{optimizer}} unset to train {d_opt}, or pass {{allow_other_optimizer=True}}",
+            param=("optimizer", "allow_other_optimizer"))
     return config
 
 

@@ -32,9 +32,9 @@ def check_out(out: str | os.PathLike, *, overwrite: bool = False, metrics: Optio
     ``out`` that is an input or a trace folder.
     """
     inputs = list(inputs)
-    p = check_output(out, "output folder", folder=True, inputs=inputs)
+    p = check_output(out, "{out} folder", folder=True, inputs=inputs)
     if not p.parent.is_dir():
-        raise GraftlabError(f"out {str(p)!r}: its folder {str(p.parent)!r} does not exist")
+        raise GraftlabError(f"{{out}} {str(p)!r}: its folder {str(p.parent)!r} does not exist", param="out")
     for name in (RESULT, MODEL) + (() if metrics is not None else (METRICS,)):
         check_output(p / name, "output file", overwrite=overwrite, inputs=inputs)
     return p

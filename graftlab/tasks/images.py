@@ -152,7 +152,7 @@ def load_images(data: Optional[str]) -> ImageData:
         if not FASHION_MNIST_DIR.is_dir():
             raise GraftlabError(
                 f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist, "
-                "or pass data=PATH to an IDX folder or .npz)"
+                "or pass {data=PATH} to an IDX folder or .npz)", param="data"
             )
         return load_idx_dir(FASHION_MNIST_DIR, "Fashion-MNIST", "MIT (Zalando Research)")
     path = Path(data).expanduser()

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.errors import GraftlabError, OutputExistsError, placeholders
 from graftlab.io.fsutil import describe_os_error, file_kind
 from graftlab.trace.layout import is_trace
 
@@ -61,13 +61,19 @@ def trace_folder_of(path: PathLike) -> Optional[Path]:
     return None
 
 
+def _error(what: str, message: str) -> GraftlabError:
+    """An error about output ``what``: a parameter placeholder (``"{out}"``) makes it the error's
+    parameter, said as its flag on the command line."""
+    return GraftlabError(message, param=placeholders(what))
+
+
 def check_parents(path: PathLike, what: str) -> None:
     """GraftlabError if a file (not a folder) stands where one of ``path``'s parents goes."""
     p = Path(path).expanduser()
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise GraftlabError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+                raise _error(what, f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
             return
 
 
@@ -103,7 +109,7 @@ def check_output(
     except (OSError, ValueError) as err:
         if isinstance(err, GraftlabError):
             raise
-        raise GraftlabError(f"{what} {str(p)!r}: {describe_os_error(err)}") from None
+        raise _error(what, f"{what} {str(p)!r}: {describe_os_error(err)}") from None
 
 
 def _check_kind(p: Path, what: str, folder: bool) -> None:
@@ -112,43 +118,43 @@ def _check_kind(p: Path, what: str, folder: bool) -> None:
     a loop, or one to a file elsewhere) is not written through nor replaced. Names with a NUL byte
     are refused here, before any call that would raise ValueError."""
     if "\x00" in str(p):
-        raise GraftlabError(f"{what} {str(p)!r}: a path cannot hold a NUL byte")
+        raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
     try:
         mode = os.lstat(p).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file among its parents: check_parents says which
         return
     if stat.S_ISLNK(mode):
         if folder and p.is_dir():
             return  # a folder reached through a link: files are created inside it, the link stays
-        raise GraftlabError(f"{what} {str(p)!r} is a symbolic link; not writing through it nor replacing it: "
+        raise _error(what, f"{what} {str(p)!r} is a symbolic link; not writing through it nor replacing it: "
                             "give the path it points to, or another one")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise GraftlabError(f"{what} {str(p)!r} is {file_kind(mode)}; not replacing it: choose another path")
+        raise _error(what, f"{what} {str(p)!r} is {file_kind(mode)}; not replacing it: choose another path")
 
 
 def _check_output(p: Path, what: str, *, overwrite: bool, folder: bool, inputs, new_traces, may_exist: bool,
                   trace: bool) -> Path:
     if folder:
         if p.exists() and not p.is_dir():
-            raise GraftlabError(f"{what} {str(p)!r} is a file, not a folder")
+            raise _error(what, f"{what} {str(p)!r} is a file, not a folder")
     elif p.is_dir():
-        raise GraftlabError(f"{what} {str(p)!r} is a folder, not a file")
+        raise _error(what, f"{what} {str(p)!r} is a folder, not a file")
     for name, source in inputs:
         if source is None:
             continue
         src = Path(source).expanduser()
         if _same(p, src) or (src.is_dir() and _within(p, src)):
-            raise GraftlabError(f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
+            raise _error(what, f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
     holder = trace_folder_of(p.parent if trace else p)
     if holder is not None:
         where = "is a trace folder" if holder == p else f"is inside the trace folder {str(holder)!r}"
-        raise GraftlabError(f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
+        raise _error(what, f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
     if not trace and p.is_file() and _is_trace_file(p):
-        raise GraftlabError(f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
+        raise _error(what, f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
     for t in new_traces:
         if t is not None and _within(p, Path(t).expanduser()):
-            raise GraftlabError(
-                f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
+            raise _error(
+                what, f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
                 "only trace parts: choose a path outside it"
             )
     if not folder and not may_exist and p.exists() and not overwrite:

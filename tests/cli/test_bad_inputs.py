@@ -176,6 +176,10 @@ def build_sandbox(root: Path) -> None:
     (y / "m_lr_str.toml").write_text('magnitude_lr = "fast"\n')
     (y / "warmup50.toml").write_text("warmup = 50\n")
     (y / "m_lr_neg.yaml").write_text("magnitude_lr: -1\n")
+    (y / "steps_true.yaml").write_text("steps: true\n")
+    (y / "m_lr_true.yaml").write_text("magnitude_lr: true\n")
+    (y / "out_list.yaml").write_text("out: [a, b]\n")
+    (y / "steps_1e23.yaml").write_text("steps: 1.0e+23\n")
     # file contents that are not what they claim (sidecars, columns, arrays, corrections, checkpoints)
     for name, edit in (("EVERY0", lambda m: m.update(every=0)),
                        ("DUPGROUP", lambda m: m["groups"].append(dict(m["groups"][0]))),
@@ -315,7 +319,7 @@ SAYS: dict[str, tuple[str, ...]] = {
                                     "!already exists"),
     "out a folder of other files, --overwrite": ("--out 'MINE' is a folder that does not hold a graftlab trace",),
     "resume from an empty checkpoint folder": ("recorded without --checkpoint-dir", "!None"),
-    "every 0": ("--every and --flush-every must be >= 1, got 0",),
+    "every 0": ("--every must be >= 1, got 0",),
     "M lr nan": ("--magnitude-lr must be a finite number, got nan", "!config key"),
     "lr nan": ("--lr must be a finite number, got nan", "!config key"),
     "lr: .nan in YAML": ("config key 'lr' must be a finite number, got nan",),
@@ -341,23 +345,37 @@ for args, why in SHARED:
     case(f"train: {why}", train(args), *SAYS.get(why, ()))
 case("record: step milestones decreasing", record("--schedule step --milestones 0.9,0.5"),
      "--milestones must be increasing", "!step milestones")
-case("record: step gamma above 1", record("--schedule step --gamma 2"), "--gamma must lie in (0, 1]")
+case("record: step gamma above 1", record("--schedule step --gamma 2"), "--gamma must be <= 1, got 2")
 case("train: corrections for another optimizer", train("--corrections corr/for_adam.json --optimizer sgd"),
      "not --optimizer sgd", "leave --optimizer unset to train adam", "pass --allow-other-optimizer")
 case("record: no out", "record --steps 3 --batch-size 2 --device cpu --quiet", "--out is required")
 case("record: stpes in YAML", record("--config cfg/stpes.yaml"), "stpes (did you mean steps?)",
      "valid keys are task, size, data, steps, epochs, batch_size", "checkpoint_dir", "!--")
 case("record: magnitude_lr a string in TOML", record("--config cfg/m_lr_str.toml"),
-     "config file 'cfg/m_lr_str.toml': config key 'magnitude_lr' must be a number, got 'fast'", "!--")
+     "config file 'cfg/m_lr_str.toml': config key 'magnitude_lr' must be a finite number, got 'fast'", "!--")
 # a value the config file set is named as its key there, one given on the command line as its flag
 case("record: warmup from TOML longer than training", record("--config cfg/warmup50.toml --steps 10"),
      "config key 'warmup' (cfg/warmup50.toml) (50 steps) must be shorter than training (10 steps)", "!--warmup")
 case("record: --warmup over the TOML's, longer than training", record("--config cfg/warmup50.toml --warmup 60 --steps 10"),
      "--warmup (60 steps) must be shorter than training", "!config key")
 case("record: magnitude_lr negative in YAML", record("--config cfg/m_lr_neg.yaml"),
-     "config key 'magnitude_lr' (cfg/m_lr_neg.yaml) must be a finite number >= 0", "!--magnitude-lr")
+     "config file 'cfg/m_lr_neg.yaml': config key 'magnitude_lr' must be >= 0, got -1", "!--magnitude-lr")
 case("record: --magnitude-lr over the YAML's, negative", record("--config cfg/m_lr_neg.yaml --magnitude-lr -2"),
-     "--magnitude-lr must be a finite number >= 0, got -2", "!config key")
+     "--magnitude-lr must be >= 0, got -2", "!config key")
+# values checked against their field's schema (strict types, bounds), one line each
+case("record: steps: true in YAML", record("--config cfg/steps_true.yaml", defaults=False) + " -o NEW/t --quiet",
+     "config key 'steps' must be a whole number, got True")
+case("record: magnitude_lr: true in YAML", record("--config cfg/m_lr_true.yaml"),
+     "config key 'magnitude_lr' must be a finite number, got True")
+case("record: out: [a, b] in YAML", "record --config cfg/out_list.yaml --steps 3 --quiet",
+     "config key 'out' must be a path (text), got ['a', 'b']")
+case("record: steps: 1e23 in YAML", record("--config cfg/steps_1e23.yaml", defaults=False) + " --quiet",
+     "config key 'steps' must be a whole number")
+case("record: steps beyond the bound", record("--steps 10000000000"), "--steps must be <= 1000000000")
+case("record: milestones repeated", record("--schedule step --milestones 0.5,0.5"),
+     "--milestones must be increasing fractions in (0, 1), got [0.5, 0.5]")
+case("record: a boolean hyperparameter given 2", record("-d adam --d-hparam amsgrad=2"),
+     "--d-hparam: adam hyperparameter amsgrad must be true or false, got 2")
 
 for args, why in [
     ("-o notes.txt", "out is a file"), ("-o notes.txt --overwrite", "out is a file, --overwrite"),
@@ -448,6 +466,9 @@ case("distill: start past the end, default output exists", "distill D --start 10
      "--start 1000 is past the trace's end", "!already exists")
 case("distill: even filter, default output exists", "distill D --filter 4 --window 10", "!already exists")
 case("distill: --out exists", "distill T --window 10 --out notes.txt", "'notes.txt' already exists")
+case("distill: filter beyond memory", "distill T --filter 1000000001 --window 10", "--filter must be at most 100001")
+case("distill: tie regex repeating 10**11 times", "distill T --tie 'a{99999999999}' --round D5 --window 10",
+     "--tie 'a{99999999999}' repeats more than 1000 times")
 
 for args, why in [
     ("", "no trace"), (".", "the current folder"), ("EMPTY", "an empty folder"), ("MINE", "a folder of other files"),
@@ -479,6 +500,8 @@ for args, why in [
     # a table without graftlab metadata: its note is not printed when the command is refused
     ("plain.csv -f 5 -o notes.txt", "no metadata, output exists"), ("plain.csv -f 5 -o NEW/f.xyz", "no metadata, bad suffix"),
     ("plain.csv -o notes.txt", "no metadata, all figures into a file"), ("plain.csv -f 4 -o NEW/f.png", "no metadata, figure 4"),
+    ("T -f 5 --width 1000000001 -o NEW/f.png", "a filter wider than memory"), ("T -f 5 -o ''", "an empty output"),
+    ("T -f 5 -o NEW/f.pgf", "a format that needs LaTeX"), ("T -o ''", "an empty output folder"),
 ]:
     case(f"plot: {why}", f"plot {args}")
 
@@ -489,6 +512,7 @@ for args, why in [
     ("--momentum -1", "negative momentum"), ("--momentum nan", "nan momentum"), ("--device tpu", "unknown device"),
     ("--seed -1", "negative seed"), ("--out T", "out a trace"), ("--out notes.txt", "out a file"),
     ("--out notes.txt/demo", "out under a file"), ("--out T/demo", "out inside a trace"), ("--out EMPTY", "out exists"),
+    ("--momentum 2", "momentum 2"), ("--momentum 1", "momentum 1"),
 ]:
     case(f"demo: {why}", f"demo --quick --quiet {args}")
 
@@ -499,7 +523,8 @@ for args, why in [
     ("transformer --steps 0", "zero steps"), ("transformer --steps -1", "negative steps"), ("transformer --size huge", "unknown size"),
     ("transformer --batch-size 0", "zero batch"), ("transformer --seeds 0", "zero seeds"), ("transformer --device tpu", "unknown device"),
     ("transformer --eval-size 0", "zero eval size"), ("transformer --threads 0", "zero threads"),
-    ("resnet --steps 0", "resnet zero steps"), ("batch_transfer --batch-size -1", "batch_transfer negative batch"),
+    ("resnet --steps 0", "resnet zero steps"), ("resnet --task gpt", "resnet given a task"),
+    ("batch_transfer --preset gpu", "batch_transfer given a preset"), ("batch_transfer --batch-size -1", "batch_transfer negative batch"),
 ]:
     case(f"experiment: {why}", f"experiment {args} --quick --out NEW/e" if "--out" not in args else f"experiment {args} --quick")
 

@@ -91,3 +91,50 @@ def test_readme_task_table_has_every_task():
     table = readme.split("Built-in tasks", 1)[1].split("\n\n")[1]
     rows = {m.group(1) for m in re.finditer(r"^\| `(\w+)` \|", table, re.M)}
     assert rows == set(TASKS), rows
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_one_default_notation(name):
+    """Every default is written ``[default: X]``; ``(default: X)`` is gone."""
+    out = CliRunner().invoke(app, [name, "--help"], terminal_width=100).output
+    assert "(default" not in out, out
+
+
+@pytest.mark.parametrize("name,flag", [("record", "--task"), ("train", "--task"), ("record", "--granularity"),
+                                       ("record", "--schedule"), ("train", "--optimizer"), ("record", "--magnitude"),
+                                       ("record", "--on-divergence"), ("train", "--size")])
+def test_choices_are_listed(name, flag):
+    head = _entries(CliRunner().invoke(app, [name, "--help"], terminal_width=200).output)[flag].split("  ")[0]
+    assert "|" in head and "<str>" not in head, head
+
+
+def test_schedule_default_names_every_task():
+    from graftlab.tasks import TASKS
+
+    entry = _entries(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output)["--schedule"]
+    for task in TASKS:
+        assert task in entry.split("[default:", 1)[1], entry
+
+
+def test_root_help_keeps_command_summaries_whole():
+    out = CliRunner().invoke(app, ["--help"], terminal_width=100).output
+    assert "..." not in out.split("Commands:", 1)[1], out
+
+
+def test_plot_and_distill_share_rounding_and_window_defaults():
+    import inspect
+
+    from graftlab.cli.distill import distill
+    from graftlab.cli.plot import plot
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default.default
+
+    assert default(plot, "round") == default(distill, "round") == "none"
+    assert default(plot, "window") is None and default(distill, "window") is None  # capped to the trace
+    for name in ("plot", "distill"):
+        entries = _entries(CliRunner().invoke(app, [name, "--help"], terminal_width=200).output)
+        assert "first quarter of the trace" in entries["--window"], name
+        assert "DA<beta>" in entries["--round"] and "Dauto" in entries["--round"], name
+    demo = _entries(CliRunner().invoke(app, ["demo", "--help"], terminal_width=200).output)["--round"]
+    assert "DA<beta>" in demo and "Dauto" in demo

@@ -94,7 +94,7 @@ def test_quick_config_is_small():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(window=0), "window"), (dict(window=41), "window"), (dict(round="Dabc"), "round 'Dabc'"),
-    (dict(steps=3), "at least 4 steps"), (dict(momentum=-1.0), "momentum"), (dict(size="huge"), "unknown size"),
+    (dict(steps=3), "at least 4 steps"), (dict(momentum=-1.0), "momentum"), (dict(size="huge"), "size must be one of tiny, small, base"),
     (dict(device="tpu"), "unknown device"),
 ])
 def test_bad_settings_are_refused_before_the_folder_exists(tmp_path, bad, match):

@@ -119,8 +119,8 @@ def test_tie_that_matches_nothing_and_wide_filter_warn(tmp_path):
         assert distill(trace, window=20, round="pow10", filter=19).source["warnings"] == []
     # a tie without D<beta>/DA<beta> rounding ties nothing, whatever it matches
     for tie in ("nomatch", r"attn\.query\.weight"):
-        with pytest.warns(UserWarning, match=r"tie='.*' only applies with round=D<beta> or round=DA<beta>; "
-                                             r"round='pow10' ties no group"):
+        with pytest.warns(UserWarning, match=r"the tie regex '.*' only applies with D<beta> or DA<beta> rounding; "
+                                             r"rounding 'pow10' ties no group"):
             corr = distill(trace, window=20, round="pow10", tie=tie)
         assert len(corr.source["warnings"]) == 1
 
@@ -146,5 +146,5 @@ def test_cli_warns_of_a_tie_without_dbeta_rounding(tmp_path, capsys):
     trace, _ = _trace(tmp_path)
     assert run(["distill", str(trace), "--window", "5", "--tie", "x", "-o", str(tmp_path / "c.json")]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
-    assert lines == ["warning: --tie 'x' only applies with --round D<beta> or --round DA<beta>; --round 'none' "
+    assert lines == ["warning: the tie regex 'x' only applies with D<beta> or DA<beta> rounding; rounding 'none' "
                      "ties no group"]

@@ -296,11 +296,11 @@ def test_user_mistakes_raise_graftlab_errors_in_api_terms():
     sgd = lambda m, **k: torch.optim.SGD(m.parameters(), **{"lr": 0.1, **k})  # noqa: E731
     cases = [
         (lambda: Graft(sgd(a), sgd(b)), "same parameters"),
-        (lambda: Graft(sgd(a), sgd(a), granularity="rows"), "unknown granularity 'rows'"),
+        (lambda: Graft(sgd(a), sgd(a), granularity="rows"), "granularity must be one of .* got 'rows'"),
         (lambda: Graft(sgd(a), sgd(a), granularity=lambda n: 3), "granularity function returned 3"),
         (lambda: Graft(sgd(a), sgd(a), names=b), "names do not match"),
         (lambda: Graft(sgd(a), sgd(a), names=[1, 2]), "names must be an nn.Module"),
-        (lambda: Graft(sgd(a), sgd(a), path="fast"), "unknown path 'fast'"),
+        (lambda: Graft(sgd(a), sgd(a), path="fast"), "path must be one of 'auto', 'direct', 'generic', got 'fast'"),
         (lambda: Graft(sgd(a), "sgd"), "direction must be a torch.optim.Optimizer"),
         (lambda: Graft(torch.optim.Adadelta(a.parameters()), sgd(a), path="direct"), "no direct path for Adadelta"),
         (lambda: Graft(sgd(a), sgd(a), names=[("x", p) for p in a.parameters()], granularity="layer"),
@@ -322,6 +322,24 @@ def test_user_mistakes_raise_graftlab_errors_in_api_terms():
     with pytest.raises(GraftlabError, match=r"state_dict\['direction'\] has parameter groups of sizes \[1\]"):
         g.load_state_dict(sd)
     assert g.magnitude.state_dict() == before
+
+
+@pytest.mark.parametrize("kwargs,message,param", [
+    (dict(granularity=3), "or a function from parameter name to group label, got 3", "granularity"),
+    (dict(granularity=None), "granularity must be one of", "granularity"),
+    (dict(names="model"), "names must be the model (an nn.Module), its named_parameters() or None, got str", "names"),
+    (dict(names=5), "names must be the model", "names"),
+    (dict(split="rows"), "split must be one of 'fused', None, got 'rows'", "split"),
+    (dict(fused=1), "fused must be True or False, got 1", "fused"),
+    (dict(path=None), "path must be one of 'auto', 'direct', 'generic', got None", "path"),
+])
+def test_wrong_argument_types_are_one_error_each(kwargs, message, param):
+    """Each wrong type is refused up front with the parameter it is about, torch.optim style."""
+    a = make("mlp")
+    with pytest.raises(GraftlabError) as err:
+        Graft(torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(a.parameters(), lr=0.1), **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert err.value.params == (param,)
 
 
 def test_layer_groups_without_names_are_said_at_construction():

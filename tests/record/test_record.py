@@ -275,14 +275,14 @@ def _files(path: Path) -> list[tuple[str, bytes]]:
 @pytest.mark.parametrize("extra,match", [
     (["--resume"], "--resume needs --checkpoint-dir"),  # it used to delete every part, then say so
     (["--overwrite", "--threads", "0"], "threads"),
-    (["--overwrite", "--schedule", "nope"], "unknown schedule"),
+    (["--overwrite", "--schedule", "nope"], "--schedule"),
     (["--overwrite", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
     (["--overwrite", "--granularity", "rows"], "granularity"),
     (["--overwrite", "--m-hparam", "momentum=0.9"], "no hyperparameter"),
     (["--overwrite", "--warmup", "10"], "warmup"),
     (["--overwrite", "--metrics", "{tmp}"], "is a folder"),
     (["--overwrite", "--checkpoint-dir", "{tmp}/t/_graftlab.json"], "is a file"),
-    (["--task", "nope"], "unknown task"),
+    (["--task", "nope"], "--task"),
 ])
 def test_record_config_errors_leave_the_trace_alone(tmp_path, extra, match):
     """Every config mistake is found before the trace (or anything else) is touched."""

@@ -400,3 +400,26 @@ def test_groups_added_while_recording_are_recorded_from_then_on(tmp_path):
     grown = json.loads((tmp_path / "t" / trace.SIDECAR).read_text())
     assert [g["name"] for g in grown["groups"]] == head_names + body_names
     assert {g["name"]: g["kind"] for g in grown["groups"]}["1.weight"] == "norm"
+
+
+@pytest.mark.parametrize("kwargs,message,param", [
+    (dict(every=None), "every must be a whole number >= 1, got None", "every"),
+    (dict(every="x"), "every must be a whole number >= 1, got 'x'", "every"),
+    (dict(every=True), "every must be a whole number >= 1, got True", "every"),
+    (dict(flush_every=2.5), "flush_every must be a whole number in [1, 1000000], got 2.5", "flush_every"),
+    (dict(flush_every=10**11), "flush_every must be a whole number in [1, 1000000]", "flush_every"),
+    (dict(grad_every=-1), "grad_every must be a whole number >= 0, got -1", "grad_every"),
+    (dict(start_step=1.5), "start_step must be a whole number >= 0, got 1.5", "start_step"),
+    (dict(flush_seconds=float("inf")), "flush_seconds must be a positive number of seconds", "flush_seconds"),
+    (dict(overwrite="yes"), "overwrite must be True or False, got 'yes'", "overwrite"),
+    (dict(metadata=["task"]), "metadata must be a mapping (a dict) or None, got list", "metadata"),
+    (dict(model="bert"), "model must be a torch.nn.Module or None, got str", "model"),
+])
+def test_wrong_argument_types_are_one_error_each_and_nothing_is_written(tmp_path, kwargs, message, param):
+    """Refused up front (no truncating 2.5 to 2, no TypeError from int(None)), before the path is touched."""
+    _, opt = setup()
+    with pytest.raises(GraftlabError) as err:
+        Recorder(opt, tmp_path / "t", **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert err.value.params == (param,)
+    assert not (tmp_path / "t").exists()

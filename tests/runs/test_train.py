@@ -239,11 +239,11 @@ def test_train_baseline_refuses_bad_configs_before_building(tmp_path, monkeypatc
     out.write_text("x")
     for bad, match in [
         (dict(metrics=str(out)), "already exists"),
-        (dict(task="nonexistent"), "unknown task"),
-        (dict(optimizer="lbfgs"), "unknown optimizer"),
+        (dict(task="nonexistent"), "task must be one of bert, gpt, resnet"),
+        (dict(optimizer="lbfgs"), "optimizer must be one of sgd"),
         (dict(hparams={"betas": (0.9, 0.99)}), "no hyperparameter"),
         (dict(hparams={"momentum": -1.0}), "momentum"),
-        (dict(schedule="nope"), "unknown schedule"),
+        (dict(schedule="nope"), "schedule must be one of constant"),
         (dict(threads=0), "threads"),
         (dict(resume=True), "resume=True needs checkpoint_dir"),
         (dict(checkpoint_every=5), "checkpoint_every needs checkpoint_dir"),
@@ -418,3 +418,110 @@ def test_train_cli_says_the_other_optimizer_flag(tmp_path):
     res = CliRunner().invoke(app, ["train", "--task", "resnet", "--optimizer", "adam", "--corrections", str(path),
                                    "--steps", "2"])
     assert res.exit_code != 0 and "--allow-other-optimizer" in str(res.exception)
+
+
+# --- one definition of each setting ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,cls", [("record", "RecordConfig"), ("train", "TrainConfig")])
+def test_run_options_are_the_config_fields(command, cls):
+    """Each field with a flag is exactly one option of its command, with that field's help; the
+    command adds only its own few (config, overwrite, quiet, and train's corrections flags)."""
+    import typer
+
+    import graftlab.runs.config as config
+    from graftlab.cli.app import app
+    from graftlab.runs.fields import settings
+
+    cls = getattr(config, cls)
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params if p.name != "help"}
+    fields = {name: s for name, s in settings(cls).items() if s.flag is not None}
+    assert set(fields) <= set(params)
+    own = set(params) - set(fields)
+    assert own <= {"config", "overwrite", "quiet", "corrections", "allow_missing", "allow_other_optimizer", "out"}, own
+    for name, s in fields.items():
+        assert s.flag in params[name].opts and params[name].help.startswith(s.help), name
+
+
+def test_a_new_field_is_a_new_option_of_both_commands():
+    """Adding a setting is one edit: a field declared with ``setting`` becomes a checked option."""
+    import dataclasses
+    from typing import Optional
+
+    import typer
+
+    from graftlab.cli import options
+    from graftlab.runs import make_config
+    from graftlab.runs.config import RecordConfig
+    from graftlab.runs.fields import setting
+
+    @dataclasses.dataclass
+    class Wider(RecordConfig):
+        row_block: Optional[int] = setting(None, "Rows per block.", ge=1, le=4096)
+
+    seen = {}
+
+    @options.run_options(Wider)
+    def wider(values: dict) -> None:
+        seen.update(values)
+
+    app = typer.Typer()
+    app.command()(wider)
+    from typer.testing import CliRunner
+
+    assert CliRunner().invoke(app, ["--row-block", "8", "--task", "gpt"]).exit_code == 0
+    assert seen == {"row_block": 8, "task": "gpt"}
+    with pytest.raises(GraftlabError, match=r"row_block must be <= 4096, got 5000"):
+        make_config(None, Wider, row_block=5000).validate(outputs=False)
+
+
+@pytest.mark.parametrize("text,says", [
+    ("steps: true\n", "config key 'steps' must be a whole number, got True"),
+    ("magnitude_lr: true\n", "config key 'magnitude_lr' must be a finite number, got True"),
+    ("out: [a, b]\n", "config key 'out' must be a path (text), got ['a', 'b']"),
+    ("steps: 1.0e+23\n", "config key 'steps' must be a whole number"),
+    ("steps: 10000000000\n", "config key 'steps' must be <= 1000000000"),
+    ("granularity: rows\n", "config key 'granularity' must be one of layer, global, coordinate, head, vocab, got 'rows'"),
+    ("d_hparams: {momentum: true}\n", "sgd hyperparameter momentum must be a finite number, got True"),
+    ("batch_size:\n", "config key 'batch_size' cannot be empty"),
+])
+def test_config_file_values_are_checked_against_their_schema(tmp_path, text, says):
+    from graftlab.runs import RecordConfig, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(GraftlabError) as info:
+        load_config(path, RecordConfig).validate(outputs=False)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("given,says,param", [
+    (dict(milestones="0.5,0.5"), "milestones must be increasing fractions in (0, 1), got [0.5, 0.5]", "milestones"),
+    (dict(direction="adam", d_hparams=["amsgrad=2"]), "adam hyperparameter amsgrad must be true or false, got 2",
+     "d_hparams"),
+    (dict(steps=10**23), "steps must be <= 1000000000", "steps"),
+    (dict(flush_every=10**11), "flush_every must be <= 1000000", "flush_every"),
+    (dict(every=0), "every must be >= 1, got 0", "every"),
+    (dict(magnitude_lr=float("nan")), "magnitude_lr must be a finite number, got nan", "magnitude_lr"),
+])
+def test_make_config_errors_name_their_parameter(given, says, param):
+    from graftlab.runs import RecordConfig, make_config
+
+    with pytest.raises(GraftlabError) as info:
+        make_config(None, RecordConfig, **given).validate(outputs=False)
+    assert says in str(info.value) and param in info.value.params
+
+
+def test_setting_choices_match_the_modules_that_define_them():
+    """config.py lists the choices without importing torch; they are the defining modules' own."""
+    import graftlab.runs.config as config
+    from graftlab import tasks
+    from graftlab.distributed.env import MODES
+    from graftlab.graft.optimizers import OPTIMIZERS
+    from graftlab.graft.partition import GRANULARITIES
+    from graftlab.record.recorder import DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY
+
+    assert config.TASKS == tasks.TASKS and config.SIZES == tasks.SIZES and config.MODES == MODES
+    assert config.OPTIMIZERS == tuple(OPTIMIZERS)
+    assert set(GRANULARITIES) <= set(config.GRANULARITIES)
+    assert (config.DEFAULT_FLUSH_EVERY, config.MAX_FLUSH) == (DEFAULT_FLUSH_EVERY, MAX_FLUSH_EVERY)
