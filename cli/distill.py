@@ -115,11 +115,11 @@ def distill(
     if src["later_window_start"] is not None:
         console.print(f"drift = median over steps {src['later_window_start']}.. / median over the first window")
     for note in notes:
-        console.print(f"[yellow]warning: {note}", soft_wrap=True)
+        console.print(f"warning: {note}", style="yellow", soft_wrap=True)
     if src.get("divergence"):
         div = src["divergence"]
-        console.print(f"[yellow]warning: {len(div['windows'])} window(s) hold steps that follow a divergence "
-                      f"(from step {div['first']}); their factors come from a diverging or restarted run")
+        console.print(f"warning: {len(div['windows'])} window(s) hold steps that follow a divergence "
+                      f"(from step {div['first']}); their factors come from a diverging or restarted run", style="yellow")
     lr = src.get("direction_lr")
     unknown = foreign_note(src.get("metadata") or {})
     if unknown:

@@ -7,7 +7,7 @@ The pipeline, one package per stage, each importing only the stages before it::
 
 Beside them: ``io/`` (durable writes, output checks), ``distributed/``, ``tasks/`` (the built-in
 models and data), ``plots/`` (the paper's figures from a trace), ``integrations/`` (HF, Lightning,
-TensorBoard); ``errors``, ``kinds`` (layer kinds) and ``schedules`` (lr schedules) are shared by all.
+TensorBoard); ``errors``, ``kinds`` (layer kinds) and ``names`` (parameter names under wrappers) are shared by all.
 
 The command line (``graftlab.cli``, kept in ``cli/`` of the source tree) only parses options and
 calls these.

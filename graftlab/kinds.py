@@ -75,7 +75,7 @@ class GroupKind:
 # Fused query-key-value tensors (GPT-2's ``attn.c_attn``, ``qkv``, nn.MultiheadAttention's
 # ``in_proj_weight``) hold Q, K and V in one tensor; a per-tensor ratio cannot be split among them, so
 # they are ``other`` (with their block index) unless a partition splits them into slices named
-# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.graft.partition.fused_layout; ``[q head 3]`` per head), which are Q, K and V. Users who want them labelled differently pass
+# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.graft.slicing.fused_layout; ``[q head 3]`` per head), which are Q, K and V. Users who want them labelled differently pass
 # ``overrides``. Hugging Face's ``Conv1D`` is a linear layer despite its name and is classified by
 # name, not as a convolution.
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter name -> the module that holds it (first name of shared tensors, as named_parameters)."""
-    from graftlab.graft import names as wrappers
+    from graftlab import names as wrappers
 
     out: dict[str, nn.Module] = {}
     for mod_name, mod in wrappers.named_modules(model):
@@ -346,7 +346,7 @@ def classify_model(model: nn.Module, overrides: Overrides = None) -> dict[str, G
     'K'
     """
     owners = _owners(model)
-    from graftlab.graft import names as wrappers
+    from graftlab import names as wrappers
 
     return classify_names([n for n, _ in wrappers.named_parameters(model)], overrides, owners)
 

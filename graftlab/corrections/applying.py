@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from graftlab.corrections.files import GLOBAL, Corrections
 from graftlab.corrections.slices import SliceSchedule, head_counts, slice_of
 from graftlab.errors import GraftlabError
-from graftlab.schedules import Piecewise, Product
+from graftlab.graft.schedules import Piecewise, Product
 
 
 @dataclass
@@ -213,9 +213,9 @@ _PARALLEL = "module."  # DistributedDataParallel's and DataParallel's prefix
 
 def _own_names(named_params: Any) -> Any:
     """Pairs named as the model inside its torch.compile (``_orig_mod.``) and, for a module given
-    whole, DDP/DataParallel wrappers names them (:mod:`graftlab.graft.names`): traces carry those names."""
+    whole, DDP/DataParallel wrappers names them (:mod:`graftlab.names`): traces carry those names."""
     if callable(getattr(named_params, "named_parameters", None)):
-        from graftlab.graft import names as wrappers
+        from graftlab import names as wrappers
 
         return wrappers.named_parameters(named_params)
     out = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from graftlab.schedules import Piecewise
+from graftlab.graft.schedules import Piecewise
 
 Slice = tuple[int, int, int, int]  # (parameter position, dim, start, stop)
 
@@ -36,7 +36,7 @@ def slice_of(group: str, names: list[str], params: list[Any], heads: dict) -> Op
     """``(parameter position, dim, start, stop)`` when ``group`` names a slice of a parameter in
     ``names`` that its shape has (the partition's own layout, :mod:`graftlab.graft.slicing`), else
     None. ``heads``: :func:`head_counts` of the file's groups."""
-    from graftlab.graft.partition import fused_layout
+    from graftlab.graft.slicing import fused_layout
     from graftlab.graft.slicing import Slicing, parse_group, units_of
     from graftlab.kinds import classify
 

@@ -25,7 +25,7 @@ from graftlab.io import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.distributed.trust import (
-    RUN_ID, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, run_identity, verify,
+    RUN_ID, _extra, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, verify,
 )
 from graftlab.io.outputs import write_text
 
@@ -381,14 +381,6 @@ def checkpoint_step(path: PathLike) -> int:
 
 def _complete(path: Path) -> bool:
     return (path / CHECKPOINT_META).is_file()
-
-
-def _extra(path: Path) -> dict:
-    try:
-        extra = json.loads((path / CHECKPOINT_META).read_text()).get("extra")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return extra if isinstance(extra, dict) else {}
 
 
 def _run_of(path: Path) -> Optional[str]:

@@ -151,6 +151,14 @@ def run_identity(config: Any) -> dict[str, Any]:
     return out
 
 
+def _holds_parts(folder: Path) -> bool:
+    """Whether ``folder`` holds anything named like a trace part (conservatively: any such name)."""
+    try:
+        return folder.is_dir() and any(folder.glob("part-*.parquet"))
+    except OSError:
+        return True
+
+
 def check_same_run(path: PathLike, config: Any) -> None:
     """GraftlabError when the checkpoint ``path`` was saved by another run than ``config``'s (one
     of :data:`IDENTITY` differs): resuming it would continue another run's model and optimizer and
@@ -163,6 +171,8 @@ def check_same_run(path: PathLike, config: Any) -> None:
         # a None here is a setting not resolved yet (the task's default lr): it cannot differ
         if theirs.get(key) is None or mine.get(key) is None:
             continue
+        if key == "out" and not _holds_parts(Path(mine[key])):
+            continue  # a new trace that starts at the checkpoint's step rewrites no other recording's rows
         if json.dumps(theirs[key], sort_keys=True) != json.dumps(mine[key], sort_keys=True):
             raise GraftlabError(
                 f"resume=True: the newest checkpoint in checkpoint_dir {str(Path(path).parent)!r} belongs to another "

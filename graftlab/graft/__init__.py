@@ -8,8 +8,8 @@ size, D its direction) and a partition of the parameters; hands on a :class:`Gra
 Modules: ``optimizer`` (:class:`Graft`), ``state`` (its state dict), ``build`` (slots, buffers and
 norm layouts), ``child_steps`` (stepping M and D from the same ``(w_t, g_t)``), ``rules`` and
 ``fused_rules`` (the direct and fused update rules), ``fused`` (the fused path), ``norms`` (per-group
-norms, foreach), ``partition`` (granularities and group names), ``names`` (parameter names under
-wrappers), ``optimizers`` (optimizers by name).
+norms, foreach), ``partition`` (granularities and group names), ``schedules`` (lr schedules as pure
+functions, which corrections and runs share), ``optimizers`` (optimizers by name).
 """
 from graftlab._lazy import lazy_exports
 

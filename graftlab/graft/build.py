@@ -55,8 +55,25 @@ def signature(graft: Any) -> tuple:
     m = tuple(tuple((id(p), p.dtype, p.device, p.shape) for p in g["params"]) for g in graft.magnitude.param_groups)
     d = tuple(tuple(map(id, g["params"])) for g in graft.direction.param_groups)
     if getattr(graft, "_fused_choice", False):
-        return m, d, tuple(p.data_ptr() for g in graft.magnitude.param_groups for p in g["params"])
+        return m, d, data_pointers(graft)
     return m, d
+
+
+def data_pointers(graft: Any) -> Optional[tuple]:
+    """Where M's tensors' data lives; None inside torch.compile, which cannot trace ``data_ptr``
+    (a graph break) and guards on the tensors it was traced with itself."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(p.data_ptr() for g in graft.magnitude.param_groups for p in g["params"])
+
+
+def changed(graft: Any) -> bool:
+    """Whether the tensors :func:`build` derived everything from have changed since (see
+    :func:`signature`); the data pointers are not compared while compiling."""
+    now, then = signature(graft), graft._signature
+    if len(now) == 3 and now[2] is None and then is not None and len(then) == 3:
+        return now[:2] != then[:2]
+    return now != then
 
 
 def carry_swaps(graft: Any) -> Optional[list[list[Tensor]]]:

@@ -173,12 +173,20 @@ def needs_closure(opt: Optimizer) -> bool:
     except (OSError, TypeError):
         return False
     return bool(_REFUSES_NO_CLOSURE.search(source))
+
+
 def refusal(opt: Optimizer, sparse: bool, dense: bool) -> Optional[str]:
-    """Why ``opt`` would refuse gradients of these layouts, or None. An optimizer that knows
-    (a Graft, about its children) answers through its own ``_refusal`` method."""
-    own = getattr(opt, "_refusal", None)
-    if callable(own):
-        return own(sparse, dense)
+    """Why ``opt`` would refuse gradients of these layouts, or None. A Graft (a child of another
+    Graft) answers about its own path and children."""
+    if hasattr(opt, "magnitude") and hasattr(opt, "direction") and hasattr(opt, "_path_choice"):
+        if sparse and opt._path_choice == "direct":
+            return "has path='direct', which takes no sparse gradients"
+        for role in ("magnitude", "direction"):
+            child = getattr(opt, role)
+            why = refusal(child, sparse, dense)
+            if why:
+                return f"holds a {role} optimizer {type(child).__name__} that {why}"
+        return None
     return updates.gradient_refusal(opt, sparse, dense)
 
 

@@ -46,7 +46,7 @@ class Graft(Optimizer):
             as frozen layers, are allowed). Without it tensors are ``param.0``, ``param.1``, ...
         split: ``"fused"`` (default): at ``"layer"`` granularity a fused tensor graftlab
             recognises (GPT-2's ``attn.c_attn`` weight and bias: Q, K, V thirds of the output
-            dimension; :func:`graftlab.graft.partition.fused_layout`) is grafted as three groups
+            dimension; :func:`graftlab.graft.slicing.fused_layout`) is grafted as three groups
             ``<name>[q]``, ``<name>[k]``, ``<name>[v]``, each exactly as if it were its own tensor.
             ``None`` keeps whole tensors. Sharded (FSDP) parameters need ``None``.
         path: ``"auto"`` (default), ``"direct"`` or ``"generic"``. The direct path computes each
@@ -335,7 +335,7 @@ class Graft(Optimizer):
 
     def _grafted_step(self) -> None:
         """Child steps -> group norms -> combine: the one sequence of every path and layout."""
-        if self._signature != build.signature(self):
+        if build.changed(self):
             build.build(self)
         direct = child_steps.takes_direct_path(self)
         if direct and self._fused is not None:
@@ -384,17 +384,6 @@ class Graft(Optimizer):
             f"granularity={self.partition.granularity!r}, groups={len(self.group_names)}, path={self.path!r}"
             + (", fused=True)" if self.fused else ")")
         )
-
-    def _refusal(self, sparse: bool, dense: bool) -> Optional[str]:
-        """Why this Graft, as another Graft's child, would refuse such gradients (None if it would not)."""
-        if sparse and self._path_choice == "direct":
-            return "has path='direct', which takes no sparse gradients"
-        for role in ("magnitude", "direction"):
-            child = getattr(self, role)
-            why = child_steps.refusal(child, sparse, dense)
-            if why:
-                return f"holds a {role} optimizer {type(child).__name__} that {why}"
-        return None
 
     # -- the step: child steps -> group norms -> combine ----------------------------------------
     def _child_norms(self, params: list[Tensor], direct: bool, grads=None) -> tuple[Tensor, Tensor, list[Tensor]]:

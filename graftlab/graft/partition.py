@@ -24,9 +24,9 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from graftlab.graft import names as wrappers
+from graftlab import names as wrappers
 from graftlab.errors import GraftlabError
-from graftlab.graft.slicing import Slicing, units_of, vocab_rows
+from graftlab.graft.slicing import Slicing, fused_layout, units_of, vocab_rows
 
 GRANULARITIES = ("global", "layer", "head", "vocab", "coordinate")
 SPLITS = ("fused", None)
@@ -85,7 +85,7 @@ def named_tensors(names: Names) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs from a module's ``named_parameters()`` or from pairs given as they are.
 
     A module is named as the model inside torch.compile / DDP / DataParallel wrappers names its
-    parameters (:mod:`graftlab.graft.names`), so a trace of a compiled model matches the plain one.
+    parameters (:mod:`graftlab.names`), so a trace of a compiled model matches the plain one.
     Raises GraftlabError when ``names`` is neither.
     """
     if names is None:
@@ -180,20 +180,6 @@ def name_parameters(params: Sequence[torch.Tensor], names: Names) -> list[str]:
     Raises GraftlabError when a tensor of ``params`` has no name.
     """
     return TensorNames(names).names_for(params)
-
-
-def fused_layout(name: str, shape: Sequence[int]) -> Optional[tuple[int, tuple[str, ...]]]:
-    """``(dim, labels)`` when parameter ``name`` of ``shape`` is a fused layout graftlab splits:
-    GPT-2's ``attn.c_attn`` (Hugging Face ``Conv1D``: weight ``(in, 3 * d)``, bias ``(3 * d,)``),
-    whose last dimension holds Q, K and V in thirds, in that order, and ``nn.MultiheadAttention``'s
-    ``in_proj_weight`` ``(3 * d, d)`` / ``in_proj_bias`` ``(3 * d,)``, whose rows do; else None."""
-    parts = name.split(".")
-    if parts[-1] in ("in_proj_weight", "in_proj_bias") and len(shape) in (1, 2) and shape[0] % 3 == 0 and shape[0]:
-        return 0, ("q", "k", "v")  # nn.MultiheadAttention: Q, K, V thirds of the rows
-    if len(parts) >= 2 and parts[-2] == "c_attn" and parts[-1] in ("weight", "bias") and len(shape) in (1, 2):
-        if shape[-1] % 3 == 0 and shape[-1] > 0:
-            return len(shape) - 1, ("q", "k", "v")
-    return None
 
 
 def _split_units(names: tuple[str, ...], shapes: Sequence[Sequence[int]]):

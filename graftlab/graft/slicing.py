@@ -17,7 +17,7 @@ Group names show the slice: ``blocks.0.attn.query.weight[head 3]``,
 (``[row 5]`` for a single row); :mod:`graftlab.kinds` reads them.
 
 A slice is ``(dim, start, stop)`` of its tensor, as the fused Q/K/V thirds of
-:func:`graftlab.graft.partition.fused_layout`; heads and row blocks are contiguous and equal in
+:func:`fused_layout`; heads and row blocks are contiguous and equal in
 size (the last row block may be shorter), which :mod:`graftlab.graft.units` uses to compute them
 as a few strided reductions instead of one kernel per head or row.
 """
@@ -30,11 +30,26 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from graftlab.errors import GraftlabError
-from graftlab.graft import names as wrappers
+from graftlab import names as wrappers
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 Heads = Union[int, Mapping[str, int], None]
+
+
+
+def fused_layout(name: str, shape: Sequence[int]) -> Optional[tuple[int, tuple[str, ...]]]:
+    """``(dim, labels)`` when parameter ``name`` of ``shape`` is a fused layout graftlab splits:
+    GPT-2's ``attn.c_attn`` (Hugging Face ``Conv1D``: weight ``(in, 3 * d)``, bias ``(3 * d,)``),
+    whose last dimension holds Q, K and V in thirds, in that order, and ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` ``(3 * d, d)`` / ``in_proj_bias`` ``(3 * d,)``, whose rows do; else None."""
+    parts = name.split(".")
+    if parts[-1] in ("in_proj_weight", "in_proj_bias") and len(shape) in (1, 2) and shape[0] % 3 == 0 and shape[0]:
+        return 0, ("q", "k", "v")  # nn.MultiheadAttention: Q, K, V thirds of the rows
+    if len(parts) >= 2 and parts[-2] == "c_attn" and parts[-1] in ("weight", "bias") and len(shape) in (1, 2):
+        if shape[-1] % 3 == 0 and shape[-1] > 0:
+            return len(shape) - 1, ("q", "k", "v")
+    return None
 
 
 @dataclass
@@ -145,7 +160,6 @@ def units_of(name: str, shape: Sequence[int], kind: str, granularity: str, slici
     if granularity == "vocab" and vocab and len(shape) in (1, 2) and shape[0] == vocab and kind in ("embedding", "output"):
         k = slicing.row_block
         return [(_label_range(a, min(a + k, vocab)), (0, a, min(a + k, vocab))) for a in range(0, vocab, k)]
-    from graftlab.graft.partition import fused_layout  # partition imports this module
 
     fused = fused_layout(name, shape)
     if fused is not None:

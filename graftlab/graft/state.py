@@ -19,7 +19,7 @@ def state_dict(graft: Optimizer) -> dict[str, Any]:
     """``{"magnitude": M.state_dict(), "direction": D.state_dict(), "graft": {granularity, groups, steps}}``."""
     for hook in graft._optimizer_state_dict_pre_hooks.values():
         hook(graft)
-    if graft._signature != build.signature(graft):
+    if build.changed(graft):
         build.build(graft)
     state = {
         "magnitude": graft.magnitude.state_dict(),
@@ -50,7 +50,7 @@ def load_state_dict(graft: Optimizer, state_dict: dict[str, Any]) -> None:
     missing = {"magnitude", "direction", "graft"} - set(state_dict)
     if missing:
         raise GraftlabError(f"not a Graft state dict: missing {sorted(missing)}")
-    if graft._signature != build.signature(graft):
+    if build.changed(graft):
         build.build(graft)
     meta = state_dict["graft"]
     if meta.get("granularity") != graft.partition.granularity or list(meta.get("groups", [])) != list(

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Union
 
-from graftlab.errors import GraftlabError, OutputExistsError
+from graftlab.errors import OutputExistsError
 from graftlab.io.fsutil import clean_temporaries, create_temporary, replace_durably
 
 PathLike = Union[str, os.PathLike]

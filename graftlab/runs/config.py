@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from graftlab.distill.divergence import ON_DIVERGENCE
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, setting
 from graftlab.runs.resume_check import check_resumable
-from graftlab.schedules import SCHEDULES, make_schedule
+from graftlab.graft.schedules import SCHEDULES, make_schedule
 from graftlab.trace import is_trace
 from graftlab.trace.outputs import check_output
 

@@ -27,12 +27,12 @@ from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed.runtime import Runtime
 from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
-from graftlab.graft.names import unwrap
+from graftlab.names import unwrap
 from graftlab.graft.optimizers import describe
 from graftlab.runs.divergence import Divergence, Restart
 from graftlab.runs.restarts import Guard
 from graftlab.runs.metrics import METRICS_FORMAT, continued, resumed_metrics, write_metrics
-from graftlab.schedules import Product, make_schedule
+from graftlab.graft.schedules import Product, make_schedule
 from graftlab.tasks import Task
 
 Factor = Callable[[int], float]

@@ -215,7 +215,7 @@ class Guard:
     def extra(self) -> dict[str, Any]:
         """What a checkpoint keeps so that a resumed run goes on with the same lr scale, and can
         tell whether its schedule settings give the steps already run the same rates."""
-        from graftlab.distributed.checkpoints import run_identity
+        from graftlab.distributed.trust import run_identity
         from graftlab.runs.resume_check import schedule_settings
 
         return {"divergence": {"restarts": self.count, "lr_scale": self.lr_scale},

@@ -73,7 +73,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-# Settings that fix the learning rate of every step (graftlab.schedules.make_schedule); a checkpoint
+# Settings that fix the learning rate of every step (graftlab.graft.schedules.make_schedule); a checkpoint
 # keeps them so that a resumed run can tell whether it would give the steps already run other rates.
 SCHEDULE_SETTINGS = ("steps", "schedule", "warmup", "power", "milestones", "gamma")
 
@@ -97,7 +97,7 @@ def check_resumed_schedule(config: Any) -> Optional[str]:
         GraftlabError: naming the checkpoint's and this run's settings (``steps=80`` / ``steps=100``).
     """
     from graftlab.distributed.checkpoints import CHECKPOINT_META, Checkpoints, checkpoint_step
-    from graftlab.schedules import make_schedule
+    from graftlab.graft.schedules import make_schedule
 
     directory = getattr(config, "checkpoint_dir", None)
     if directory is None or not getattr(config, "resume", False):

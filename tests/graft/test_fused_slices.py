@@ -6,7 +6,8 @@ import torch
 
 from graftlab import Graft, Recorder, read_trace
 from graftlab.errors import GraftlabError
-from graftlab.graft.partition import fused_layout, make_partition
+from graftlab.graft.partition import make_partition
+from graftlab.graft.slicing import fused_layout
 
 transformers = pytest.importorskip("transformers")
 

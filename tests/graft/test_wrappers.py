@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import graftlab
-from graftlab.graft import names as wrappers
+from graftlab import names as wrappers
 from graftlab.errors import GraftlabError
 
 

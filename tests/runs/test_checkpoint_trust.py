@@ -121,8 +121,20 @@ def test_another_runs_checkpoint_folder_is_refused(tmp_path, monkeypatch, other)
                     extra={"step": 2, "run": "abc", "identity": run_identity(config())})
     check_same_run(tmp_path / "ck" / "step-00000002", config())  # its own run resumes
     assert resume_step(config()) == 2
+    if "out" in other:  # another recording's trace: one that holds parts
+        (tmp_path / other["out"]).mkdir()
+        (tmp_path / other["out"] / "part-000000000000.parquet").write_bytes(b"")
     with pytest.raises(GraftlabError, match="belongs to another run"):
         resume_step(config(**other))
+
+
+def test_a_checkpoint_starts_a_new_trace_folder(tmp_path, monkeypatch):
+    """A trace folder without parts rewrites no other recording's rows: the run resumes into it."""
+    monkeypatch.chdir(tmp_path)
+    model, opt = model_and_opt()
+    save_checkpoint(tmp_path / "ck" / "step-00000002", model, opt,
+                    extra={"step": 2, "run": "abc", "identity": run_identity(config())})
+    assert resume_step(config(out="new-trace")) == 2
 
 
 def test_a_failed_save_keeps_the_old_checkpoint(tmp_path):

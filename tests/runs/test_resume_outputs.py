@@ -69,12 +69,16 @@ def test_resume_refuses_another_runs_metrics_file(capsys, tmp_path):
     # a recording's --resume does not continue a plain run's metrics either
     code, err = _cli(capsys, "record", *COMMON, "-o", "t", "--steps", "6", "--metrics", "other.parquet", "--resume")
     assert code == 2 and "holds the metrics of a plain run" in err, err
-    # --overwrite replaces it with this run's metrics
+    # another seed is another run: its checkpoint is not resumed, whatever --overwrite says of the metrics
     code, err = _cli(capsys, "train", *COMMON, "--optimizer", "sgd", "--seed", "1", "--steps", "4",
+                     "--metrics", "m.parquet", "--resume", "--overwrite")
+    assert code == 2 and "belongs to another run (seed=0, this run has seed=1)" in err, err
+    # its own run continues from its checkpoint, and its metrics file with it
+    code, err = _cli(capsys, "train", *COMMON, "--optimizer", "sgd", "--steps", "4",
                      "--metrics", "m.parquet", "--resume", "--overwrite")
     assert code == 0, err
     frame, meta = read_metrics("m.parquet")
-    assert meta["config"]["seed"] == 1 and frame["step"].tolist() == [3]
+    assert meta["config"]["seed"] == 0 and frame["step"].tolist() == [0, 1, 2, 3]
 
 
 def test_resume_says_where_the_trace_starts_and_extends_its_config(capsys, tmp_path):

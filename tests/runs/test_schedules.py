@@ -4,7 +4,7 @@ import math
 import pytest
 
 from graftlab.errors import GraftlabError
-from graftlab.schedules import SCHEDULES, make_schedule, warmup_steps
+from graftlab.graft.schedules import SCHEDULES, make_schedule, warmup_steps
 
 
 def values(name, total, warmup, steps, **kw):
@@ -66,7 +66,7 @@ def test_every_schedule_is_positive_over_the_run():
 def test_piecewise_and_product():
     import pickle
 
-    from graftlab.schedules import Piecewise, Product
+    from graftlab.graft.schedules import Piecewise, Product
 
     p = Piecewise([[0, 0.5], [3, 2.0], [5, 0.25]])
     assert [p(s) for s in range(7)] == [0.5, 0.5, 0.5, 2.0, 2.0, 0.25, 0.25]

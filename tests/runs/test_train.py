@@ -11,7 +11,7 @@ import torch
 from graftlab import Graft
 from graftlab.errors import GraftlabError
 from graftlab.graft.optimizers import make_optimizer
-from graftlab.schedules import make_schedule
+from graftlab.graft.schedules import make_schedule
 from graftlab.tasks import get_task
 from graftlab.tasks.base import Task
 from graftlab.runs import TrainConfig, load_config, make_config, resolve_config, total_steps
