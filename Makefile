@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.graftlab-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test bench figures clean
+.PHONY: setup demo test bench notebooks figures clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,20 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# docs/figures/*.png from the sample traces (the commands of docs/figures/README.md)
+figures: $(STAMP)
+	$(BIN)/graftlab plot sample_traces/bert-adam-sgd-bs16 --figure 5 -o docs/figures/figure5.png --overwrite
+	$(BIN)/graftlab plot sample_traces/bert-adam-sgd-bs16 sample_traces/bert-adam-sgd-bs64 --figure 6 \
+	  --steps 2000 --steps 500 -o docs/figures/figure6.png --overwrite
+	$(BIN)/graftlab plot sample_traces/bert-adam-sgd-bs16 sample_traces/bert-adam-sgd-bs64 --figure 8 \
+	  --steps 2000 --steps 500 -o docs/figures/figure8.png --overwrite
+	$(BIN)/graftlab plot sample_traces/resnet-sgd-adagrad-global --figure 4 -o docs/figures/figure4.png --overwrite
+
+# every notebook top to bottom; the executed copies (with their figures) go to runs/notebooks/
+notebooks: $(STAMP)
+	@mkdir -p runs/notebooks
+	OMP_NUM_THREADS=1 $(BIN)/jupyter execute --output='../runs/notebooks/{notebook_name}' notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -157,7 +157,7 @@ def distill_job(path: Path, out: Path, *args: str) -> str:
     schedule = "--schedule" in args
     filt = int(args[args.index("--filter") + 1]) if "--filter" in args else None
     return _child(
-        "from graftlab.distill import distill\nfrom graftlab.corrections import save",
+        "from graftlab.distill.pipeline import distill\nfrom graftlab.corrections import save",
         f"corr = distill({str(path)!r}, window={window}, schedule={schedule}, filter={filt})\n"
         f"save(corr, {str(out)!r}, overwrite=True)\n"
         "extra = {'groups': len(corr.source['groups'])}",

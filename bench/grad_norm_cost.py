@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, ratio_summary, table, write_result  # noqa: E402
 
 from graftlab import Graft  # noqa: E402
-from graftlab.grad_norms import GradNorms  # noqa: E402
-from graftlab.record import DEFAULT_GRAD_EVERY  # noqa: E402
+from graftlab.record.grad_norms import GradNorms  # noqa: E402
+from graftlab.record.recorder import DEFAULT_GRAD_EVERY  # noqa: E402
 from graftlab.tasks import get_task  # noqa: E402
 
 

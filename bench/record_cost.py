@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleave, quantiles, ratio_summary, table, write_result  # noqa: E402
 
 from graftlab import Graft  # noqa: E402
-from graftlab.record import Recorder  # noqa: E402
+from graftlab.record.recorder import Recorder  # noqa: E402
 from graftlab.tasks import get_task  # noqa: E402
 
 TARGET = 1.02

@@ -1,7 +1,7 @@
 """Step cost of grafting against the strongest ways to run both children.
 
 ``Graft(M, D).step()`` on the direct path (eager foreach rules) and on the fused path
-(:mod:`graftlab.fused`: two passes, ``torch.compile``d) is timed against ``M.step(); D.step()`` in
+(:mod:`graftlab.graft.fused`: two passes, ``torch.compile``d) is timed against ``M.step(); D.step()`` in
 every form torch offers the children: its defaults, ``foreach=True``, and ``fused=True`` for the
 children that have a fused kernel (the others keep their foreach form). All forms and candidates are
 warmed up and interleaved in one process on one set of parameters (a BERT-style layout: ~26M
@@ -38,8 +38,8 @@ from common import interleave, quantiles, ratio_summary, table, write_result  # 
 from layouts import PRESETS, bert_shapes, make_params, numel  # noqa: E402
 
 from graftlab import Graft  # noqa: E402
-from graftlab import fused as fused_mod  # noqa: E402
-from graftlab.record import Recorder  # noqa: E402
+from graftlab.graft import fused as fused_mod  # noqa: E402
+from graftlab.record.recorder import Recorder  # noqa: E402
 
 TARGET_RATIO = 0.9  # fused path / strongest baseline
 TARGET_RECORD = 1.02

@@ -63,7 +63,7 @@ def trace_bytes(path: Path) -> dict:
 
 
 def record_fresh(out: Path, steps: int, batch_size: int, eval_size=None) -> Path:
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
 
     cfg = RecordConfig(task="bert", size="tiny", steps=steps, batch_size=batch_size, device="cpu",

@@ -13,7 +13,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each run [default: 120; quick: 40]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: 256; quick: 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Distill window [default: first half of the run]."),
-    round: Optional[str] = typer.Option(None, "--round", help="none, pow10, D<beta>, or Dauto (beta from the run) [default: none]."),
+    round: Optional[str] = typer.Option(None, "--round", help="Rounding, as `graftlab distill --round`: none, pow10, D<beta>, DA<beta> (only attention Q, K, V tied), or Dauto (D<beta> with beta the median ratio of the groups inside transformer blocks of this run) [default: none]."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum in D and the SGD runs [default: 0.9]."),
     magnitude_lr: Optional[float] = typer.Option(None, "--magnitude-lr", help="Adam's lr [default: 3.16e-3, tuned for gpt at batch 256]."),
     direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="SGD's lr [default: 0.1, tuned for gpt at batch 256]."),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+SHOWN = 50  # groups listed by default: a table of 10^5 groups helps nobody on a terminal
+
 
 def _fmt(value) -> str:
     if isinstance(value, (dict, list)):
@@ -23,16 +25,17 @@ def _files(trace: Path, n: int, foreign: dict) -> str:
 
 def info(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
-    groups: bool = typer.Option(True, "--groups/--no-groups", help="List every group with its kind."),
+    groups: bool = typer.Option(True, "--groups/--no-groups", help="List the groups with their kinds."),
+    max_groups: int = typer.Option(SHOWN, "--max-groups", help="List at most this many groups, saying how many are left out (0: all)."),
 ) -> None:
     """Describe a grafting trace without reading its data."""
     from rich.console import Console
     from rich.table import Table
 
     from graftlab.errors import GraftlabError
-    from graftlab.foreign import note, source
+    from graftlab.trace.foreign import note, source
     from graftlab.trace import trace_info
-    from graftlab.tracelock import writer
+    from graftlab.trace.lock import writer
 
     live = writer(trace) if trace.is_dir() else None
     by = f"being written by {f'pid {live}' if live else 'another process'}"
@@ -43,7 +46,7 @@ def info(
             raise
         raise GraftlabError(f"{trace}: {by}, which has not completed a part file yet; try again later") from None
     meta = t["metadata"]
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     head = Table(title=str(trace), show_header=False)
     head.add_column("key", style="bold")
     head.add_column("value", overflow="fold")
@@ -72,14 +75,20 @@ def info(
         console.print(f"{by}: the steps above are the complete parts so far", soft_wrap=True)
     if note(meta):
         console.print(note(meta), soft_wrap=True)
+    if max_groups < 0:
+        raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
     if groups:
-        table = Table(title=f"{len(meta.get('groups') or [])} groups")
+        every = meta.get("groups") or []
+        shown = every if max_groups == 0 else every[:max_groups]
+        table = Table(title=f"{len(every)} groups" + (f" (the first {len(shown)})" if len(shown) < len(every) else ""))
         for col in ("group", "kind", "ffn", "block", "shape", "numel"):
             # a group name is one token to copy: never wrapped, the table widens instead
             table.add_column(col, justify="right" if col in ("block", "numel") else "left",
                              overflow="fold", no_wrap=col == "group")
-        for g in meta.get("groups") or []:
+        for g in shown:
             table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
                           _fmt(g.get("shape")), _fmt(g.get("numel")))
-        longest = max((len(g["name"]) for g in meta.get("groups") or []), default=10)
-        Console(width=max(console.width, longest + 60)).print(table)
+        longest = max((len(g["name"]) for g in shown), default=10)
+        Console(width=max(console.width, longest + 60), markup=False).print(table)
+        if len(shown) < len(every):
+            console.print(f"{len(every) - len(shown)} more groups not listed (--max-groups 0 lists all)", soft_wrap=True)

@@ -1,49 +1,106 @@
-"""Command-line options shared by ``graftlab train`` and ``graftlab record``, defined once.
+"""The options of ``graftlab record`` and ``graftlab train``, built from the run config's fields.
 
-Every option defaults to None so a value from ``--config FILE`` is only replaced when the option is
-given on the command line (``graftlab.config.make_config`` applies the non-None ones)::
+Each field of :class:`graftlab.runs.RecordConfig` / :class:`graftlab.runs.TrainConfig` declared
+with :func:`graftlab.runs.fields.setting` carries its help, choices, bounds and flag; :func:`run_options`
+makes one option of each, so a new run option is one field there. Every option defaults to None
+(an on/off one to off), so a value from ``--config FILE`` stands unless the option is given;
+:func:`graftlab.runs.make_config` applies the given ones and checks each against its field's schema.
 
-    def record(task: options.Task = None, steps: options.Steps = None, ...):
-        cfg = make_config(config, RecordConfig, task=task, steps=steps, ...)
+    @run_options(RecordConfig)
+    def record(values: dict, config: options.Config = None, ...) -> None:
+        cfg = make_config(config, RecordConfig, **values)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-Task = Annotated[Optional[str], typer.Option("--task", help="Built-in task: bert (masked LM on the KJV), gpt (causal LM on the KJV) or resnet (Fashion-MNIST) (default: bert).")]
-Size = Annotated[Optional[str], typer.Option("--size", help="Model size: tiny (CPU, ~1 min), small, base (default: tiny).")]
-Data = Annotated[Optional[Path], typer.Option("--data", help="Your data instead of the bundled set: .txt file/folder (bert, gpt), IDX folder or .npz (resnet) (default: the bundled set).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: 300 unless --epochs).")]
-Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training set, instead of --steps (default: none: --steps counts).")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default: 32).")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: D's recorded lr with --corrections, else the task's default for the optimizer).")]
-Hparam = Annotated[Optional[list[str]], typer.Option("--hparam", help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. momentum=0.9, betas=0.9,0.98) (default: the task's for the optimizer).")]
-Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant, poly, step or cosine (default: bert poly, resnet step).")]
-Power = Annotated[Optional[float], typer.Option("--power", help="poly decay power, 1 is BERT's linear decay (default: 1).")]
-Milestones = Annotated[Optional[str], typer.Option("--milestones", help="step schedule: comma-separated fractions of the run (default: the task's).")]
-Gamma = Annotated[Optional[float], typer.Option("--gamma", help="step schedule decay factor (default: the task's).")]
-Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Warmup steps (>= 1) or fraction of the run (< 1) (default: task's).")]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto (default: auto).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for PyTorch (default: PyTorch's own; 1 is much faster on a shared machine).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and masking (default: 0).")]
-Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file of settings; command-line options override it (default: none).")]
+from graftlab.runs.fields import Setting, settings
+
+Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file of settings (the same names as "
+                                                "the options, with underscores); command-line options override it [default: none].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
-RecordOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing trace folder (and an existing --metrics file).")]
-EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on held-out data every N steps, 0 = only at the end (default: 100).")]
-Metrics = Annotated[Optional[Path], typer.Option("--metrics", help="Parquet file for per-step loss, lr and eval metrics (default: none written).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
-Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard parameters with FSDP2 instead of replicating them (DDP).")]
-CheckpointDir = Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Save torch.distributed.checkpoint directories here, one per checkpoint: step-N (default: no checkpoints).")]
-CheckpointEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints (default: only at the end).")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --checkpoint-dir, on any number of processes.")]
-OnDivergence = Annotated[Optional[str], typer.Option("--on-divergence", help="When a loss or gradient stops being finite (checked every step): stop (exit code 3) or restart from the last good state with a smaller lr (default: stop).")]
-DivergenceLrFactor = Annotated[Optional[float], typer.Option("--divergence-lr-factor", help="Each restart multiplies the learning rate by this (default: 0.5).")]
-MaxRestarts = Annotated[Optional[int], typer.Option("--max-restarts", help="Restarts after divergences before the run stops anyway (default: 3).")]
 
 
-def path_str(path: Optional[Path]) -> Optional[str]:
-    """Config fields hold paths as strings."""
-    return None if path is None else str(path)
+def default_text(field: dataclasses.Field, s: Setting) -> Optional[str]:
+    """The default as help says it, in the one notation every command uses: ``[default: X]``."""
+    if s.switch is not None:
+        return None
+    if s.default_text is not None:
+        return s.default_text
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    return "none" if default is None else str(default)
+
+
+def help_text(help: str, default: Optional[str]) -> str:
+    return help if default is None else f"{help} [default: {default}]"
+
+
+def _option(field: dataclasses.Field, hint: Any, s: Setting) -> tuple[Any, Any]:
+    """(annotation, default) of the command parameter for one config field."""
+    decls = (s.flag, *s.aliases)
+    text = help_text(s.help, default_text(field, s))
+    if s.switch is not None:
+        return Annotated[bool, typer.Option(*decls, help=text)], False
+    extra: dict[str, Any] = {}
+    if s.repeat:
+        kind: Any = list[str]
+    elif s.path:
+        kind = Path
+    elif s.choices is not None:  # listed in the help; checked with the field's schema, as in a config file
+        kind, extra["metavar"] = str, "<" + "|".join(s.choices) + ">"
+    else:
+        args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+        base = args[0] if args else hint
+        kind = base if base in (int, float) else str  # a list field (milestones) is given as 0.5,0.75
+    if s.metavar:
+        extra["metavar"] = s.metavar
+    return Annotated[Optional[kind], typer.Option(*decls, help=text, **extra)], None
+
+
+def run_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command ``f(values, <its own options>)``: the command gets one option per
+    command-line field of ``cls`` besides its own, and ``f`` the given ones as ``values``
+    (field name -> value; the options not given are left out)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "values"]
+        made = []
+        for name, s in settings(cls).items():
+            if s.flag is None:
+                continue
+            annotation, default = _option(fields[name], hints[name], s)
+            made.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+        names = {p.name for p in own}
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            values = {}
+            for name, value in kwargs.items():
+                if name in names:
+                    continue
+                s = settings(cls)[name]
+                if s.switch is not None:
+                    value = s.switch if value else None
+                if value is not None and value != []:
+                    values[name] = value
+            return func(values, **{k: v for k, v in kwargs.items() if k in names})
+
+        params = made + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__wrapped__ = None  # typer reads the signature above, not the wrapped function's
+        del command.__wrapped__
+        return command
+
+    return wrap

@@ -38,9 +38,9 @@ def show(
     for name, row in df.iterrows():
         table.add_row(str(name), *(_cell(col, v) for col, v in row.items()))
     longest = max((len(str(n)) for n in df.index), default=10)
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     need = WIDTH if by == "kind" else longest + 12 * len(df.columns)
-    Console(width=max(console.width, need)).print(table)
+    Console(width=max(console.width, need), markup=False).print(table)
     if len(files) > 1:
         legend = ", ".join(f"{k} = {f}" for k, f in zip(letters, files))
         console.print(legend + ("; ratio B/A = factor B / factor A" if len(files) == 2 else ""), soft_wrap=True)

@@ -7,61 +7,48 @@ from typing import Annotated, Optional
 import typer
 
 from graftlab.cli import options
+from graftlab.runs.config import TrainConfig
 
 
+@options.run_options(TrainConfig)
 def train(
-    task: options.Task = None,
-    size: options.Size = None,
-    data: options.Data = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam, adamw, adagrad or rmsprop (default: D's optimizer of --corrections, else adam).")] = None,
-    lr: options.Lr = None,
-    hparam: options.Hparam = None,
-    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) (default: none: plain training).")] = None,
+    values: dict,
+    corrections: Annotated[Optional[Path], typer.Option("--corrections", help="Corrections file from `graftlab distill` (per-layer factors or an lr schedule) [default: none: plain training].")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Parameters without a correction keep factor 1 instead of being an error.")] = False,
     allow_other_optimizer: Annotated[bool, typer.Option("--allow-other-optimizer", help="Train --optimizer with corrections distilled for another D.")] = False,
-    steps: options.Steps = None,
-    epochs: options.Epochs = None,
-    batch_size: options.BatchSize = None,
-    schedule: options.Schedule = None,
-    power: options.Power = None,
-    milestones: options.Milestones = None,
-    gamma: options.Gamma = None,
-    warmup: options.Warmup = None,
-    device: options.Device = None,
-    seed: options.Seed = None,
-    threads: options.Threads = None,
-    eval_every: options.EvalEvery = None,
-    metrics: options.Metrics = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the run's results: result.json (held-out metrics, settings), model.pt (the trained state_dict) and metrics.parquet (unless --metrics) [default: none: the results are printed only].")] = None,
     config: options.Config = None,
     overwrite: options.Overwrite = False,
     quiet: options.Quiet = False,
-    fsdp: options.Fsdp = False,
-    checkpoint_dir: options.CheckpointDir = None,
-    checkpoint_every: options.CheckpointEvery = None,
-    resume: options.Resume = False,
-    on_divergence: options.OnDivergence = None,
-    divergence_lr_factor: options.DivergenceLrFactor = None,
-    max_restarts: options.MaxRestarts = None,
 ) -> None:
     """Train a built-in task with a plain optimizer: the baseline, or with distilled corrections."""
-    from graftlab.config import make_config
+    import dataclasses
+
     from graftlab.distributed import is_main
+    from graftlab.errors import GraftlabError
+    from graftlab.runs import make_config
     from graftlab.runs import train as run
 
-    cfg = make_config(
-        config, task=task, size=size, data=options.path_str(data), optimizer=optimizer, lr=lr, hparams=hparam,
-        steps=steps, epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup, power=power,
-        milestones=milestones, gamma=gamma, device=device,
-        seed=seed, threads=threads, eval_every=eval_every, metrics=options.path_str(metrics), parallel="fsdp" if fsdp else None,
-        checkpoint_dir=options.path_str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume or None,
-        on_divergence=on_divergence, divergence_lr_factor=divergence_lr_factor, max_restarts=max_restarts,
-    )
-    # every option and path, before any work
-    cfg.validate(overwrite=overwrite, inputs=[("config file", config), ("corrections file", corrections)])
+    cfg = make_config(config, TrainConfig, **values)
+    inputs = [("config file", config), ("corrections file", corrections)]
+    if out is not None:
+        from graftlab.runs import train_out
+
+        if cfg.parallel == "fsdp":  # the whole model is on no one process
+            raise GraftlabError("{out} saves the whole model from one process; with {parallel=fsdp} use "
+                                "{checkpoint_dir}", param=("out", "parallel", "checkpoint_dir"))
+        train_out.check_out(out, overwrite=overwrite, metrics=cfg.metrics, inputs=inputs)
+        if cfg.metrics is None:
+            cfg = dataclasses.replace(cfg, metrics=train_out.metrics_path(out))
+    cfg.validate(overwrite=overwrite, inputs=inputs)  # every option and path, before any work
     result = run(cfg, corrections=corrections, allow_missing=allow_missing, overwrite=overwrite, progress=not quiet,
                  allow_other_optimizer=allow_other_optimizer)
     if is_main():  # under torchrun rank 0 reports
+        if out is not None:
+            train_out.write(out, result, cfg, corrections)
         _report(cfg, result, corrections)
+        if out is not None:
+            typer.echo(f"results: {out} (result.json, model.pt)")
     result.raise_if_diverged()  # after the report and the metrics file: one line, exit code 3
 
 
@@ -91,7 +78,7 @@ def _report(cfg, result, corrections) -> None:
     else:
         table.add_row("steps/s", f"{result.steps_per_second:.1f}")
         table.add_row("wall time", f"{result.wall_time:.1f} s")
-    console = Console()
+    console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     console.print(table)
     if result.path:
         console.print(f"metrics: {result.path}")

@@ -55,8 +55,8 @@ def defaults(s: Settings) -> dict[str, Any]:
 
 
 def medians(trace: Path, window: int) -> pd.DataFrame:
-    """Per group: first-window median, kind, flag (from :func:`graftlab.distill.distill`)."""
-    from graftlab.distill import distill
+    """Per group: first-window median, kind, flag (from :func:`graftlab.distill.pipeline.distill`)."""
+    from graftlab.distill.pipeline import distill
 
     info = distill(trace, window=window, round="none", drift=False).source["groups"]
     return pd.DataFrame({
@@ -127,13 +127,65 @@ def noise_floor(table: pd.DataFrame, batch: int) -> float:
     return float(np.mean(np.abs(diff[np.isfinite(diff)])))
 
 
+# Q and K share a range (both 500-1000 here): distinct markers keep both visible where they overlap
+_MARKERS = {"Q": "o", "K": "^", "V": "s", "attn_out": "D", "ffn": "o", "embedding": "P", "output": "X", "norm": "v"}
+
+
+def transfer_figure(wide: pd.DataFrame, small: int, large: int, title: str):
+    """Each group's median at ``large`` against ``small`` (log-log, one point per group and seed),
+    in the layer-kind colours and style of graftlab's figures, with the three rescaling rules."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from graftlab.kinds import KIND_LABELS
+    from graftlab.plots.common import LABEL_ORDER, kind_color, style
+
+    with style():
+        fig, ax = plt.subplots(figsize=(6.2, 5.6), layout="constrained")
+        kinds = sorted(wide["kind"].unique(), key=lambda k: LABEL_ORDER.index(KIND_LABELS.get(k, KIND_LABELS["other"])))
+        handles = []
+        for kind in kinds:
+            part = wide[wide["kind"] == kind]
+            color = kind_color(kind) if kind in KIND_LABELS else "0.4"
+            marker = _MARKERS.get(kind, "o")
+            hollow = kind == "K"  # drawn over Q: an open marker lets Q's points show through
+            ax.scatter(part[small], part[large], s=30, marker=marker, facecolors="none" if hollow else color,
+                       edgecolors=color, linewidths=1.2, alpha=0.85, zorder=3)
+            handles.append(Line2D([], [], ls="", marker=marker, markersize=6, color=color,
+                                  markerfacecolor="none" if hollow else color,
+                                  label=KIND_LABELS.get(kind, kind)))
+        both = wide[[small, large]].to_numpy(dtype=float)
+        lo, hi = np.nanmin(both), np.nanmax(both)
+        xs = np.array([lo / 1.5, hi * 1.5])
+        styles = {1.0: (":", "0.45"), 2.0: ("-", "0.1"), 4.0: ("--", "0.45")}
+        for label, k in PREDICTIONS.items():
+            ls, c = styles.get(k, ("-.", "0.6"))
+            handles.append(ax.plot(xs, k * xs, ls=ls, color=c, lw=1.1, label=label, zorder=2)[0])
+        ax.set(xscale="log", yscale="log", xlabel=f"median ratio at batch {small}",
+               ylabel=f"median ratio at batch {large}")
+        ax.set_title(f"{title}: first-quarter medians, batch {small} vs {large}", loc="center")
+        ax.legend(handles=handles, fontsize="small", loc="upper left", ncol=1)
+        qk = wide[wide["kind"].isin(["Q", "K"])]
+        if len(qk):  # the Q and K points share one corner of the plot: a zoom on it tells them apart
+            inset = ax.inset_axes([0.6, 0.06, 0.37, 0.34])
+            for kind in ("Q", "K"):
+                part = qk[qk["kind"] == kind]
+                color = kind_color(kind)
+                inset.scatter(part[small], part[large], s=22, marker=_MARKERS[kind], linewidths=1.1,
+                              facecolors="none" if kind == "K" else color, edgecolors=color, alpha=0.85)
+            pts = qk[[small, large]].to_numpy(dtype=float)
+            (x0, y0), (x1, y1) = pts.min(axis=0) / 1.08, pts.max(axis=0) * 1.08
+            inset.set(xscale="log", yscale="log", xlim=(x0, x1), ylim=(y0, y1))
+            inset.tick_params(labelsize="x-small", which="both")
+            inset.set_title("Q and K, zoomed", fontsize="x-small")
+            ax.indicate_inset_zoom(inset, edgecolor="0.4")
+    return fig
+
+
 def report(ex: Experiment, p: dict, table: pd.DataFrame, batches: list[int]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from graftlab.plots import kind_color
 
     small, large = batches
     frame = transfer_table(table, batches)
@@ -143,21 +195,7 @@ def report(ex: Experiment, p: dict, table: pd.DataFrame, batches: list[int]) -> 
 
     wide = table[table["flag"] == ""].pivot_table(index=["seed", "group", "kind"], columns="batch", values="median",
                                                   aggfunc="first").reset_index()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for kind, part in wide.groupby("kind"):
-        try:
-            color = kind_color(kind)
-        except KeyError:
-            color = None
-        ax.scatter(part[small], part[large], s=14, color=color, label=kind)
-    lo = np.nanmin(wide[[small, large]].to_numpy())
-    hi = np.nanmax(wide[[small, large]].to_numpy())
-    xs = np.array([lo, hi])
-    for label, k in PREDICTIONS.items():
-        ax.plot(xs, k * xs, lw=0.8, ls="--" if k != 2 else "-", label=label)
-    ax.set(xscale="log", yscale="log", xlabel=f"median ratio at batch {small}", ylabel=f"median ratio at batch {large}",
-           title=f"bert/{p['size']}: first-quarter medians, B vs 4B")
-    ax.legend(fontsize=7)
+    fig = transfer_figure(wide, small, large, f"bert/{p['size']}")
     ex.save_figure(fig, f"{NAME}.png")
 
     per_kind = table[table["flag"] == ""].groupby(["kind", "batch"])["median"].median().unstack("batch")

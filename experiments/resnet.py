@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = No
 
 
 def _run(ex: Experiment, p: dict) -> Path:
-    from graftlab.distill import distill
+    from graftlab.distill.pipeline import distill
 
     common = dict(task="resnet", size=p["size"], batch_size=p["batch_size"], steps=p["steps"], device=p["device"],
                   eval_every=p["eval_every"], eval_size=p["eval_size"])

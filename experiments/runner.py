@@ -45,7 +45,7 @@ from graftlab.corrections import Corrections, load_corrections, save
 from graftlab.errors import GraftlabError
 
 # graftlab's run API: imported here only, so a move of these names is one edit.
-from graftlab.config import RecordConfig, TrainConfig
+from graftlab.runs import RecordConfig, TrainConfig
 from graftlab.runs import read_metrics
 from graftlab.runs import record as record_run
 from graftlab.runs import train as train_run
@@ -159,12 +159,15 @@ class Job:
 
 def _work(kind: str, config: Any, corrections: Optional[str], threads: int) -> None:
     """Body of one run in a worker process (the metrics file is its result)."""
+    from graftlab.io.notes import one_line_warnings
+
     torch.set_num_threads(threads)
-    if kind == "record":
-        # a trace without its metrics file is an interrupted run: record it again from scratch
-        record_run(config, overwrite=True, progress=False)
-    else:
-        train_run(config, corrections=corrections, progress=False)
+    with one_line_warnings():  # a worker process's warnings read as the command's own lines
+        if kind == "record":
+            # a trace without its metrics file is an interrupted run: record it again from scratch
+            record_run(config, overwrite=True, progress=False)
+        else:
+            train_run(config, corrections=corrections, progress=False)
 
 
 @dataclass
@@ -186,7 +189,7 @@ class Experiment:
         folder, or one holding this experiment's finished runs (reused). Its tables
         (``results.md``, ``settings.json``) are only rewritten with ``settings.overwrite``."""
         from graftlab.errors import OutputExistsError
-        from graftlab.outputs import check_output
+        from graftlab.trace.outputs import check_output
 
         settings.validate()
         out = Path(settings.out or f"runs/experiments/{name}{'-quick' if settings.quick else ''}").expanduser()
@@ -304,14 +307,14 @@ class Experiment:
         print(line, flush=True)
 
     def write(self, filename: str, text: str) -> Path:
-        from graftlab.outputs import write_text
+        from graftlab.io.outputs import write_text
 
         return write_text(self.out / filename, text)
 
     def save_figure(self, fig: Any, filename: str) -> Path:
         import matplotlib.pyplot as plt
 
-        from graftlab.outputs import write_atomic
+        from graftlab.io.outputs import write_atomic
 
         path = self.out / filename
         try:

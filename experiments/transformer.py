@@ -48,7 +48,7 @@ import pandas as pd
 
 from experiments.runner import Experiment, Job, RecordConfig, Settings, TrainConfig, lr_tag, markdown, quarter_medians
 from experiments.stats import compare, gap_closed, half_decade, tune
-from graftlab.analysis import ATTENTION_KINDS
+from graftlab.distill.analysis import ATTENTION_KINDS
 from graftlab.errors import GraftlabError
 
 NAME = "transformer"
@@ -230,7 +230,7 @@ def subset_schedule(schedule, trace: Path, kinds: Sequence[str], steps: int):
 
 def main(argv: Optional[Sequence[str]] = None, settings: Optional[Settings] = None) -> Path:
     s = resolve(settings or Settings.from_argv(NAME, __doc__.splitlines()[0], argv))
-    from graftlab.distill import distill
+    from graftlab.distill.pipeline import distill
 
     p = defaults(s)
     from graftlab.tasks import resolve_device

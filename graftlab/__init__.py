@@ -1,9 +1,13 @@
 """graftlab: learning-rate grafting (M#D) as a toolkit.
 
-The pipeline, one module per stage::
+The pipeline, one package per stage, each importing only the stages before it::
 
-    graft.py (M#D optimizer) -> record.py (Recorder) -> trace/ (the trace contract)
-      -> distill.py (trace -> corrections) -> corrections/ (the corrections contract) -> runs/ (record and train runs)
+    graft/ (M#D optimizer) -> record/ (Recorder) -> trace/ (the trace contract)
+      -> distill/ (trace -> corrections) -> corrections/ (the corrections contract) -> runs/ (record and train runs)
+
+Beside them: ``io/`` (durable writes, output checks), ``distributed/``, ``tasks/`` (the built-in
+models and data), ``plots/`` (the paper's figures from a trace), ``integrations/`` (HF, Lightning,
+TensorBoard); ``errors``, ``kinds`` (layer kinds) and ``names`` (parameter names under wrappers) are shared by all.
 
 The command line (``graftlab.cli``, kept in ``cli/`` of the source tree) only parses options and
 calls these.
@@ -17,38 +21,41 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from graftlab.version import VERSION as __version__  # noqa: E402
 
-# public name -> the module that defines it
+# The public API, one deliberate list (name -> the module that defines it). The stages themselves are
+# packages: graftlab.graft, .record, .trace, .distill, .corrections, .runs.
 _LAZY = {
-    "Applied": "graftlab.corrections",
-    "Corrections": "graftlab.corrections",
-    "GroupSource": "graftlab.corrections",
-    "apply": "graftlab.corrections",
-    "load_corrections": "graftlab.corrections",
-    "save": "graftlab.corrections",
-    "distill": "graftlab.distill",
-    "GraftlabError": "graftlab.errors",
-    "Graft": "graftlab.graft",
-    "Partition": "graftlab.partition",
-    "Recorder": "graftlab.record",
-    "read_metadata": "graftlab.trace",
+    "Graft": "graftlab.graft.optimizer",
+    "Partition": "graftlab.graft.partition",
+    "Recorder": "graftlab.record.recorder",
     "read_trace": "graftlab.trace",
+    "read_metadata": "graftlab.trace",
+    "distill_trace": "graftlab.distill.pipeline",
+    "Corrections": "graftlab.corrections",
+    "Applied": "graftlab.corrections",
+    "GroupSource": "graftlab.corrections",
+    "load_corrections": "graftlab.corrections",
+    "save_corrections": "graftlab.corrections",
+    "apply_corrections": "graftlab.corrections",
+    "GraftlabError": "graftlab.errors",
 }
+# a public name that is another name in its module
+_SOURCE = {"distill_trace": "distill", "save_corrections": "save", "apply_corrections": "apply"}
 
 __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
-    from graftlab.corrections import Applied, Corrections, GroupSource, apply, load_corrections, save  # noqa: F401
-    from graftlab.distill import distill
-    from graftlab.errors import GraftlabError
-    from graftlab.graft import Graft
-    from graftlab.partition import Partition
-    from graftlab.record import Recorder
-    from graftlab.trace import read_metadata, read_trace
+    from graftlab.corrections import Applied, Corrections, GroupSource, load_corrections  # noqa: F401
+    from graftlab.corrections import apply as apply_corrections, save as save_corrections  # noqa: F401
+    from graftlab.distill.pipeline import distill as distill_trace  # noqa: F401
+    from graftlab.errors import GraftlabError  # noqa: F401
+    from graftlab.graft.optimizer import Graft  # noqa: F401
+    from graftlab.graft.partition import Partition  # noqa: F401
+    from graftlab.record.recorder import Recorder  # noqa: F401
+    from graftlab.trace import read_metadata, read_trace  # noqa: F401
 
 
 def _submodule(name: str) -> Any:
@@ -70,26 +77,13 @@ def __getattr__(name: str) -> Any:
     # importing graftlab.corrections first), each imported on first use
     module = _LAZY.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(module), name)
+        value = getattr(importlib.import_module(module), _SOURCE.get(name, name))
     else:
         value = _submodule(name)
         if value is None:
             raise AttributeError(f"module 'graftlab' has no attribute {name!r}")
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """``graftlab.distill`` is the function, as when it was imported eagerly: the import system binds
-    each submodule on its package once imported, which must not replace a function of that name."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY and value.__name__ == _LAZY[name]:
-            value = getattr(value, name)  # the submodule of the same name: bind its function instead
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def _public_modules() -> set[str]:

@@ -38,13 +38,14 @@ from typing import Any, Callable, Optional
 
 import pandas as pd
 
-from graftlab.analysis import parse_round
-from graftlab.config import RecordConfig, TrainConfig
+from graftlab.distill.analysis import parse_round
+from graftlab.runs.config import RecordConfig, TrainConfig
 from graftlab.corrections import save
-from graftlab.distill import distill
+from graftlab.distill.pipeline import distill
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
-from graftlab.outputs import check_output, write_text
+from graftlab.io.jsonable import jsonable
+from graftlab.io.outputs import write_text
+from graftlab.trace.outputs import check_output
 from graftlab.runs import record, train
 from graftlab.trace import read_metadata
 
@@ -86,17 +87,21 @@ class DemoConfig:
         if self.jobs < 1:
             raise GraftlabError(f"jobs must be at least 1, got {self.jobs}")
         if self.steps < 4:
-            raise GraftlabError(f"the demo needs at least 4 steps, got steps={self.steps}")
+            raise GraftlabError(f"the demo needs at least 4 steps, got {{steps={self.steps}}}", param="steps")
         if self.window is not None and not 1 <= self.window <= self.steps:
-            raise GraftlabError(f"window must be between 1 and steps ({self.steps}), got {self.window}")
+            raise GraftlabError(f"{{window}} must be between 1 and {{steps}} ({self.steps}), got {self.window}",
+                                param=("window", "steps"))
+        if not (isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
+                and 0 <= self.momentum < 1):  # torch takes any momentum >= 0; 1 and above never converge
+            raise GraftlabError(f"{{momentum}} must be a number in [0, 1), got {self.momentum!r}", param="momentum")
         if self.round.lower() != "dauto":
             parse_round(self.round)
         folder = Path(self.out).expanduser() if self.out is not None else RUNS
         if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
             raise GraftlabError(f"cannot create the demo folder {str(folder)!r}: a file stands in its path")
-        check_output(folder, "out", folder=True)  # not a trace folder, nor inside one
+        check_output(folder, "{out}", folder=True)  # not a trace folder, nor inside one
         if self.out is not None and folder.exists():
-            raise GraftlabError(f"out {self.out!r} already exists: the demo writes into a new folder")
+            raise GraftlabError(f"{{out}} {self.out!r} already exists: the demo writes into a new folder", param="out")
         # the outputs all go into the new folder, so only the settings are checked here
         self.record_config(folder).validate(outputs=False)
         self.train_config(folder, "sgd", "sgd", self.direction_lr, self.sgd_hparams).validate(outputs=False)
@@ -302,7 +307,8 @@ def _distill(config: DemoConfig, trace: Path, folder: Path, echo: Callable[[str]
     if spec.lower() == "dauto":
         beta = choose_beta(distill(trace, window=window, round="none"))
         if beta is None:
-            raise GraftlabError("round='Dauto' needs groups inside transformer blocks with a usable median")
+            raise GraftlabError("{round='Dauto'} needs groups inside transformer blocks with a usable median",
+                                param="round")
         spec = f"D{beta:g}"
     corr = distill(trace, window=window, round=spec)
     corr_path = save(corr, folder / "corrections.json")

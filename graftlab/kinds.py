@@ -75,7 +75,7 @@ class GroupKind:
 # Fused query-key-value tensors (GPT-2's ``attn.c_attn``, ``qkv``, nn.MultiheadAttention's
 # ``in_proj_weight``) hold Q, K and V in one tensor; a per-tensor ratio cannot be split among them, so
 # they are ``other`` (with their block index) unless a partition splits them into slices named
-# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.partition.fused_layout), which are Q, K and V. Users who want them labelled differently pass
+# ``<tensor>[q]``/``[k]``/``[v]`` (graftlab.graft.slicing.fused_layout; ``[q head 3]`` per head), which are Q, K and V. Users who want them labelled differently pass
 # ``overrides``. Hugging Face's ``Conv1D`` is a linear layer despite its name and is classified by
 # name, not as a convolution.
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,8 @@ ATTN_OUT_NAMES = frozenset({"out", "out_proj", "o_proj", "o", "c_proj", "proj", 
 FC1_NAMES = frozenset({"fc1", "c_fc", "up_proj", "gate_proj", "lin1", "linear1", "wi", "wi_0", "wi_1", "w1",
                        "w3", "dense_h_to_4h", "fc_in", "gate_up_proj", "intermediate"})
 FC2_NAMES = frozenset({"fc2", "down_proj", "lin2", "linear2", "w2", "dense_4h_to_h", "fc_out", "c_proj"})
-_SLICE = re.compile(r"(.+)\[(\w+)\]")
+# a slice's group name (graftlab.graft.slicing): "[q]", "[head 3]", "[q head 3]", "[rows 0-99]", "[row 5]"
+_SLICE = re.compile(r"(.+)\[(?:([qkv])(?: head \d+)?|head \d+|rows? \d+(?:-\d+)?)\]")
 _NORM_NAME = re.compile(r"(norm|^(ln|bn|gn)(_?\d+|_f|_final)?$)")
 _CONV_NAME = re.compile(r"^(conv\w*|stem)$")
 _EMBED_NAME = re.compile(r"(embed|^(wte|wpe|cls_token|pos_token|mask_token)$)")
@@ -237,9 +238,9 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
     GroupKind(kind='norm', ffn=None, block=None)
     """
     sliced = _SLICE.fullmatch(name)
-    if sliced:  # a slice of a fused tensor (graftlab.partition): "...c_attn.weight[q]" is Q
+    if sliced:  # a slice (graftlab.graft.slicing): "...c_attn.weight[q head 3]" is Q, "...[head 3]" its tensor's
         whole = classify(sliced.group(1), module)
-        label = sliced.group(2).upper()
+        label = (sliced.group(2) or "").upper()
         return GroupKind(label, None, whole.block) if label in ("Q", "K", "V") else whole
     n = _Name.parse(name)
     for rule in RULES:
@@ -247,6 +248,12 @@ def classify(name: str, module: Optional[nn.Module] = None) -> GroupKind:
         if found is not None:
             return GroupKind(found[0], found[1], n.block)
     return GroupKind("other", None, n.block)
+
+
+def whole_name(group: str) -> str:
+    """The tensor a group is a slice of (``"x.key.bias[head 3]"`` -> ``"x.key.bias"``), or ``group``."""
+    sliced = _SLICE.fullmatch(group)
+    return sliced.group(1) if sliced else group
 
 
 def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
@@ -261,7 +268,7 @@ def _as_kind(value: Union[str, GroupKind], fallback: GroupKind) -> GroupKind:
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter name -> the module that holds it (first name of shared tensors, as named_parameters)."""
-    from graftlab import wrappers
+    from graftlab import names as wrappers
 
     out: dict[str, nn.Module] = {}
     for mod_name, mod in wrappers.named_modules(model):
@@ -281,6 +288,8 @@ def classify_names(
     callable ``name -> kind | None`` (None falls back to the rules).
     """
     modules = modules or {}
+    if not modules and overrides is None:
+        return _classify_many(names)
     out: dict[str, GroupKind] = {}
     for n in names:
         ruled = classify(n, modules.get(n))
@@ -293,6 +302,42 @@ def classify_names(
     return out
 
 
+# the first ``<container>.<digits>.`` of a name: the block index _block_index finds
+_BLOCK_PART = re.compile(r"(?:^|\.)(?:" + "|".join(sorted(BLOCK_CONTAINERS)) + r")\.(\d+)\.", re.IGNORECASE)
+
+
+def _classify_many(names: Iterable[str]) -> dict[str, GroupKind]:
+    """:func:`classify` of many names (no modules), each distinct shape of name classified once.
+
+    A name's block index is the one part no rule reads other than as the block (no name set holds
+    a bare number, and a number that follows a block container is never a ``downsample``/``shortcut``
+    child), so names that differ only there share one classification: the 24 blocks of a model, or
+    the 10^5 to 10^6 groups of finer partitions, cost a few hundred calls of :func:`classify`.
+    """
+    names = list(names)
+    shapes: dict[str, GroupKind] = {}
+    made: dict[tuple, GroupKind] = {}
+    out: dict[str, GroupKind] = {}
+    search = _BLOCK_PART.search
+    for n in names:
+        m = search(n)
+        if m is None:
+            key, block = n, None
+        else:
+            a, b = m.span(1)
+            key, block = n[:a] + "0" + n[b:], int(m.group(1))
+        kind = shapes.get(key)
+        if kind is None:
+            kind = shapes[key] = classify(key)
+        if m is not None:
+            triple = (kind.kind, kind.ffn, block)
+            kind = made.get(triple)
+            if kind is None:
+                kind = made[triple] = GroupKind(*triple)
+        out[n] = kind
+    return out
+
+
 def classify_model(model: nn.Module, overrides: Overrides = None) -> dict[str, GroupKind]:
     """``{param_name: GroupKind}`` for every parameter of ``model``, using names and module types.
 
@@ -301,7 +346,7 @@ def classify_model(model: nn.Module, overrides: Overrides = None) -> dict[str, G
     'K'
     """
     owners = _owners(model)
-    from graftlab import wrappers
+    from graftlab import names as wrappers
 
     return classify_names([n for n, _ in wrappers.named_parameters(model)], overrides, owners)
 

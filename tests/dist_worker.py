@@ -1,4 +1,4 @@
-"""Multi-process grafting runs for tests/test_distributed.py, and their one-process references.
+"""Multi-process grafting runs for tests/distributed/test_distributed.py, and their one-process references.
 
 Started by the tests as ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT`` (gloo on
 CPU; with ``GRAFTLAB_DIST_DEVICE=cuda`` on two GPUs, NCCL). Every
@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import graftlab
 from graftlab import distributed as gd
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 
 STEPS = 5
 CKPT_AT = 3  # the checkpoint scenario saves after this many steps

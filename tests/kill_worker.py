@@ -33,7 +33,7 @@ def _child(argv: list[str], progress: str, log: str) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         from graftlab.cli.app import run
-        from graftlab.graft import Graft
+        from graftlab.graft.optimizer import Graft
 
         out = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,7 +93,7 @@ def test_recorded_step_never_syncs_with_the_host(tmp_path):
     """A grafted, recorded training step (forward, backward, Graft.step, Recorder.log) raises under
     torch.cuda.set_sync_debug_mode("error") if anything in it waits for the GPU."""
     from graftlab import Graft
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)).cuda()
@@ -132,8 +133,30 @@ def test_proto_size_reencodes_a_trace(tmp_path):
 def test_median_engines_quick(_results):
     out = _script("median_engines").main(["--quick"])
     grid = out["graftlab grid (bottleneck)"]
+    # against float64 references written without the library (numpy.nanmedian over each window)
     assert grid["max_rel_diff"] == {"windows": 0.0, "filter": 0.0}  # the engine is exact
-    assert out["pandas"]["max_rel_diff"]["windows"] == 0.0
+    assert out["pandas"]["max_rel_diff"] == {"windows": 0.0, "filter": 0.0}
+
+
+def test_median_filter_reference_is_scipy_medfilt_inside():
+    """The benchmark's filter reference agrees with scipy.signal.medfilt wherever the two are
+    defined alike: all-finite rows, away from the ends (medfilt pads with zeros), and shrinks its
+    window at the ends and skips non-finite ratios as a hand-computed case says."""
+    from scipy.signal import medfilt
+
+    engines = _script("median_engines")
+    step, code, ratio = engines.data(300, 5)
+    ratio = ratio.reshape(300, 5)
+    ratio[:, 2][np.isinf(ratio[:, 2])] = 1.0  # groups 0, 1, 3, 4 may keep their infs
+    ref = engines.reference_filter(step, code, ratio.reshape(-1), 5, width=51)
+    finite = np.isfinite(ratio).all(axis=0)
+    assert finite[2]
+    for g in np.flatnonzero(finite):
+        want = medfilt(ratio[:, g].astype(np.float64), 51)
+        np.testing.assert_array_equal(ref[g, 25:-25], want[25:-25])
+    x = np.array([5.0, np.inf, 1.0, 4.0, 2.0, 3.0], np.float32)  # one group, width 3
+    got = engines.reference_filter(np.arange(6), np.zeros(6, np.int32), x, 1, width=3)[0]
+    np.testing.assert_array_equal(got, [5.0, np.nan, 2.5, 2.0, 3.0, 2.5])
 
 
 def test_bitflip_quick(_results):
@@ -154,3 +177,20 @@ def test_trace_size_quick(_results):
     fresh = out["traces"][-1]
     assert fresh["format"] == "graftlab.trace/2" and fresh["rows"] > 6 * 40 and 0 < fresh["bytes_per_row"] < 200
     assert out["read_cost"]["wall"]["/2"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_slice_record_cost_quick(_results):
+    res = _script("slice_record_cost").main(["--quick", "--granularities", "vocab", "--row-blocks", "100",
+                                              "--every", "5", "--block", "5", "--repeats", "1"])
+    rows = {r["every"]: r for r in res["rows"]}
+    assert set(rows) == {1, 5} and rows[1]["groups"] > 100  # 2 x 20 row blocks beside the heads
+    assert rows[1]["bytes_per_recorded_step"] > 0 and rows[1]["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_foreign_scale_quick(_results, tmp_path):
+    out = _script("foreign_scale").main(["--quick", "--repeats", "1", "--data", str(tmp_path / "data")])
+    r = out["results"]
+    assert {"window_ratio", "schedule_ratio", "info_many", "distill_many", "plot5_many"} <= set(r)
+    assert r["schedule"]["max_rss_mb"] > 0 and json.loads((_results / "foreign_scale.quick.json").read_text())

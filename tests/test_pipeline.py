@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 import graftlab.runs.run as train_module
 from graftlab.cli.app import app
+from graftlab.errors import GraftlabError
 from graftlab.corrections import load_corrections
 from graftlab.trace import read_trace
 
@@ -129,53 +130,45 @@ def test_train_rejects_bad_corrections(tmp_path):
         assert "allow_missing" not in str(res.exception)
 
 
-def test_cli_says_library_parameter_names_as_its_flags():
-    """Library messages name Python parameters; the CLI, from each command's own options, its flags."""
+def test_cli_says_the_parameters_an_error_names_as_its_flags():
+    """An error names its parameters (``param=``); the CLI says each as the running command's flag
+    for it, from the error's parameters and the command's options: no message text is parsed."""
     import typer
 
-    from graftlab.cli.app import in_cli_terms
+    from graftlab.cli.app import flag_namer
 
     commands = typer.main.get_command(app).commands
-    train = commands["train"].params
-    said = in_cli_terms("checkpoint_every and resume=True need checkpoint_dir; pass overwrite=True, not "
-                        "allow_missing=True, for steps in /runs/checkpoint_dir/x or checkpoint_dir.json", train)
-    assert said == ("--checkpoint-every and --resume need --checkpoint-dir; pass --overwrite, not --allow-missing, "
-                    "for steps in /runs/checkpoint_dir/x or checkpoint_dir.json")
-    distill = commands["distill"].params
-    assert in_cli_terms("window=0 with schedule=False and tie='(' for the window", distill) == (
-        "--window 0 with --static and --tie '(' for the window")
-    # names that are not the command's options stay as they are
-    assert in_cli_terms("checkpoint_dir and overwrite=True", commands["info"].params) == "checkpoint_dir and overwrite=True"
+    train, distill, info = (commands[n].params for n in ("train", "distill", "info"))
+    err = GraftlabError("{checkpoint_every} and {resume=True} need {checkpoint_dir}; pass {overwrite=True}, not "
+                        "{allow_missing=True}, for steps in /runs/checkpoint_dir/x or checkpoint_dir.json",
+                        param=("checkpoint_every", "resume", "checkpoint_dir", "overwrite", "allow_missing"))
+    assert str(err) == ("checkpoint_every and resume=True need checkpoint_dir; pass overwrite=True, not "
+                        "allow_missing=True, for steps in /runs/checkpoint_dir/x or checkpoint_dir.json")
+    assert err.say(flag_namer(train)) == (
+        "--checkpoint-every and --resume need --checkpoint-dir; pass --overwrite, not --allow-missing, "
+        "for steps in /runs/checkpoint_dir/x or checkpoint_dir.json")
+    err = GraftlabError("{window=0} with {schedule=False} and {tie='('} for the window", param=("window", "schedule", "tie"))
+    assert err.say(flag_namer(distill)) == "--window 0 with --static and --tie '(' for the window"
+    # names that are not the command's options stay the library's; an English word is never a flag
+    err = GraftlabError("{checkpoint_dir} and {overwrite=True}: the window and the steps", param=("checkpoint_dir", "overwrite"))
+    assert err.say(flag_namer(info)) == "checkpoint_dir and overwrite=True: the window and the steps"
+    # a value from a config file is named as the file's key
+    err = GraftlabError("{warmup} (50 steps) must be shorter than training", param="warmup")
+    assert err.say(flag_namer(train, {"warmup": "run.toml"})) == (
+        "config key 'warmup' (run.toml) (50 steps) must be shorter than training")
 
 
-def test_cli_says_english_word_parameters_as_flags_only_where_they_are_names():
-    """``window``, ``steps``, ``out``, ``by`` are English words too: they become flags as the subject
-    that opens a message, after "either" and beside an operator, and nowhere else."""
-    import typer
+def test_errors_keep_their_parameters_across_processes():
+    """A worker's error pickles with its parameters, so the parent's CLI still names the flag."""
+    import pickle
 
-    from graftlab.cli.app import in_cli_terms
+    from graftlab.errors import OutputExistsError
 
-    commands = typer.main.get_command(app).commands
-    record, distill, show = (commands[n].params for n in ("record", "distill", "show"))
-    cases = [
-        (record, "out is required: the trace directory to write", "--out is required: the trace directory to write"),
-        (record, "out 'x' is a file, not a folder", "--out 'x' is a file, not a folder"),
-        (record, "every and flush_every must be >= 1, got 0 and 100", "--every and --flush-every must be >= 1, got 0 and 100"),
-        (record, "give either steps or epochs, not both", "give either --steps or --epochs, not both"),
-        (show, "by must be 'group' or 'kind', not 'foo'", "--by must be 'group' or 'kind', not 'foo'"),
-        (distill, "T: choose start + window <= 40", "T: choose --start + --window <= 40"),
-        # English: left alone
-        (record, "steps 3..5 are missing from the trace", "steps 3..5 are missing from the trace"),
-        (record, "every step of the run must be finite", "every step of the run must be finite"),
-        (distill, "window 10 from the start of the trace", "window 10 from the start of the trace"),
-        (distill, "the window must fit the trace", "the window must fit the trace"),
-        (record, "either run or stop", "either run or stop"),
-        (show, "window must be positive", "window must be positive"),  # not one of show's options
-        (distill, "T/window + 1 <= x", "T/window + 1 <= x"),
-    ]
-    for params, message, said in cases:
-        assert in_cli_terms(message, params) == said, message
-
+    err = pickle.loads(pickle.dumps(GraftlabError("{window} must be > 0", param="window")))
+    assert err.params == ("window",) and str(err) == "window must be > 0"
+    err = pickle.loads(pickle.dumps(OutputExistsError("x.json", "{out}")))
+    assert err.params == ("overwrite", "out") and err.path == "x.json"
+    assert str(err) == "out 'x.json' already exists; pass overwrite=True to replace it"
 
 
 def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
@@ -193,3 +186,30 @@ def test_packaging_lists_every_package_and_installs_the_cli_as_graftlab_cli():
     assert tool["package-dir"] == {"graftlab.cli": "cli"}
     assert conf["project"]["scripts"]["graftlab"] == "graftlab.cli.app:main"
     assert Path(graftlab.cli.__file__).resolve().parent == root / "cli"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity,extra", [("head", []), ("vocab", ["--row-block", 100])])
+def test_gpt_per_head_and_per_row_block_trace_to_corrected_sgd(tmp_path, monkeypatch, granularity, extra):
+    cfg = small_config(tmp_path)
+    trace = tmp_path / "gpt.trace"
+    invoke("record", "--task", "gpt", "--granularity", granularity, *extra, "--steps", 6, "--out", trace,
+           "--config", cfg, "--device", "cpu", "--quiet")
+    groups = set(read_trace(trace)["group"])
+    assert "blocks.1.attn.key.weight[head 3]" in groups and "blocks.0.attn.out.weight[head 0]" in groups
+    assert ("head.decoder.weight[rows 0-99]" in groups) == (granularity == "vocab")
+    assert ("head.decoder.weight" in groups) == (granularity == "head")
+    invoke("distill", trace, "--window", 3, "--schedule")
+    corr_path = tmp_path / "gpt.trace.corrections.json"
+    assert set(load_corrections(corr_path).schedule) == groups  # per-slice schedules
+    res = invoke("show", corr_path, "--by", "kind")
+    assert "Q" in res.output and "output" in res.output
+    built = []
+    real = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    invoke("train", "--task", "gpt", "--corrections", corr_path, "--steps", 2, "--config", cfg, "--device", "cpu",
+           "--quiet")
+    (opt,) = built
+    scaled = {g["name"]: g for g in opt.param_groups if g.get("lr_scale") is not None}
+    assert "blocks.0.attn.query.weight" in scaled and scaled["blocks.0.attn.query.weight"]["lr_scale"].shape == (64, 1)
+    assert ("head.decoder.weight" in scaled) == (granularity == "vocab")

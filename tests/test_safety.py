@@ -20,13 +20,14 @@ import pytest
 import torch
 
 import graftlab
-from graftlab import termination, trace
+from graftlab import trace
+from graftlab.io import termination
 from graftlab.distributed import Checkpoints, save_checkpoint
 from graftlab.distributed.checkpoints import checkpoints_for
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.record import Recorder
-from graftlab.tracelock import TraceLock
-from tests import models
+from graftlab.record.recorder import Recorder
+from graftlab.trace.lock import TraceLock
+from tests import models, procs
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 16  # groups of the block model
@@ -81,7 +82,11 @@ def test_resume_with_a_fresh_graft_keeps_every_part(tmp_path):
     assert files(tmp_path / "t") == before
     with Recorder(fresh, tmp_path / "t", resume=True, overwrite=True, flush_every=2):  # asked for: start over
         pass
-    assert recorded(tmp_path / "t") == []
+    assert files(tmp_path / "t") == before  # but nothing was recorded: the old trace stays whole
+    model, fresh = setup()
+    with Recorder(fresh, tmp_path / "t", resume=True, overwrite=True, flush_every=2) as rec:
+        step(model, fresh, rec)
+    assert recorded(tmp_path / "t") == [0]  # replaced once the new run's first part was on disk
 
 
 def test_resume_refuses_a_gap_and_another_run(tmp_path):
@@ -205,16 +210,12 @@ def test_a_second_writer_is_refused(tmp_path):
 
 def test_lock_released_when_the_holder_dies(tmp_path):
     (tmp_path / "t").mkdir()
-    code = ("import sys, time; sys.path.insert(0, %r); from graftlab.tracelock import TraceLock; "
+    code = ("import sys, time; sys.path.insert(0, %r); from graftlab.trace.lock import TraceLock; "
             "TraceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)") % str(ROOT)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "t")], stdout=subprocess.PIPE, text=True)
-    try:
+    with procs.started([sys.executable, "-c", code, tmp_path / "t"], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(GraftlabError, match=rf"another process \(pid {proc.pid}\)"):
             TraceLock(tmp_path / "t").acquire()
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     TraceLock(tmp_path / "t").acquire().release()  # the kernel dropped it with the process
 
 
@@ -223,7 +224,7 @@ TERM_SCRIPT = textwrap.dedent(
     import os, sys, torch
     sys.path.insert(0, {root!r})
     import graftlab
-    from graftlab.record import Recorder
+    from graftlab.record.recorder import Recorder
     from tests import models
     torch.set_num_threads(1)
     model = models.make("block", dtype=torch.float32)
@@ -245,17 +246,13 @@ def test_sigterm_writes_the_buffered_rows(tmp_path):
     script = tmp_path / "rec.py"
     script.write_text(TERM_SCRIPT.format(root=str(ROOT)))
     progress = tmp_path / "progress"
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "t"), str(progress)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 300
+    with procs.started([sys.executable, script, tmp_path / "t", progress], cwd=ROOT) as proc:
+        deadline = time.monotonic() + procs.timeout(300)
         while time.monotonic() < deadline and len(progress.read_text().split() if progress.exists() else []) < 30:
             time.sleep(0.01)
         assert proc.poll() is None, "recording process ended early"
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert proc.wait(timeout=procs.timeout(60)) == 143
     done = [int(s) for s in progress.read_text().split()]
     assert len(done) >= 30
     assert recorded(tmp_path / "t")[: len(done)] == done  # every completed step, though none was flushed
@@ -264,7 +261,7 @@ def test_sigterm_writes_the_buffered_rows(tmp_path):
 
 
 def test_sigterm_handler_only_while_recording_and_never_over_anothers(tmp_path):
-    from graftlab import record
+    from graftlab.record import recorder as record
 
     for rec in list(record._OPEN):  # recorders other tests left open keep the handler installed
         rec.close()
@@ -303,7 +300,7 @@ def test_sigterm_after_every_recorder_is_gone_is_the_default_again(tmp_path):
     import gc
 
     code = ("import gc, os, signal, sys, time, torch; sys.path.insert(0, %r); import graftlab; "
-            "from graftlab.record import Recorder; from tests import models; "
+            "from graftlab.record.recorder import Recorder; from tests import models; "
             "m = models.make('mlp'); g = graftlab.Graft(torch.optim.Adam(m.parameters()), torch.optim.SGD(m.parameters(), lr=0.1), names=m); "
             "r = Recorder(g, sys.argv[1]); assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL; "
             "del r, g; gc.collect(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('survived')") % str(ROOT)
@@ -317,7 +314,7 @@ def test_sigterm_after_every_recorder_is_gone_is_the_default_again(tmp_path):
 # --- the record command's resume without a checkpoint ---------------------------------------------
 
 def _config(tmp_path, **kw):
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
 
     base = dict(task="bert", steps=40, batch_size=2, eval_every=0, device="cpu", out=str(tmp_path / "t"),
                 checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=10, resume=True)
@@ -364,7 +361,7 @@ def test_record_resumed_after_its_final_checkpoint_completes(tmp_path):
     steps already"); now it finishes the run with the trace whole and unchanged."""
     from dataclasses import replace
 
-    from graftlab.config import RecordConfig
+    from graftlab.runs import RecordConfig
     from graftlab.runs import record
 
     cfg = RecordConfig(task="bert", steps=4, batch_size=2, eval_every=0, eval_size=2, device="cpu", flush_every=3,

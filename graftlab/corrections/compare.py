@@ -5,7 +5,7 @@
     compare("bs16.corrections.json", by="kind")                         # one row per layer kind
 
 What ``graftlab show`` prints. The drift is the later-window median over the first-window median
-that :func:`graftlab.distill.distill` records (``source["groups"][g]["drift"]``): how far the
+that :func:`graftlab.distill.pipeline.distill` records (``source["groups"][g]["drift"]``): how far the
 ratios moved between the window the factors come from and the end of the trace (Section 5 of the
 paper distills the first window only).
 """
@@ -70,7 +70,7 @@ def compare(*sources: Source, labels: Optional[Sequence[str]] = None, by: str = 
     if not sources:
         raise GraftlabError("compare needs at least one corrections file")
     if by not in ("group", "kind"):
-        raise GraftlabError(f"by must be 'group' or 'kind', not {by!r}")
+        raise GraftlabError(f"{{by}} must be 'group' or 'kind', not {by!r}", param="by")
     labels = list(labels) if labels is not None else [_label(s, i) for i, s in enumerate(sources)]
     if len(labels) != len(sources) or len(set(labels)) != len(labels):
         labels = [f"{lab} ({i + 1})" for i, lab in enumerate(labels)] if len(labels) == len(sources) else None

@@ -6,16 +6,19 @@ import csv
 import io
 import json
 import math
+import sys
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import pandas as pd
 
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import GraftlabError
-from graftlab.jsonable import jsonable
-from graftlab.outputs import check_output, write_text
+from graftlab.io.jsonable import jsonable
+from graftlab.io.outputs import write_text
+from graftlab.trace.outputs import check_output
 
 FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"
@@ -27,7 +30,7 @@ PathLike = Union[str, os.PathLike]
 class GroupSource:
     """How one group's factor was found: ``source["groups"][name]`` of a corrections file.
 
-    :func:`graftlab.distill.distill` writes every field but ``stand_in`` (flagged groups only),
+    :func:`graftlab.distill.pipeline.distill` writes every field but ``stand_in`` (flagged groups only),
     ``evidence`` (degenerate groups only) and ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
     hand-written one for a custom partition may give only ``members``).
     """
@@ -45,14 +48,19 @@ class GroupSource:
     stand_in: Optional[float] = None  # the median used instead, for a flagged group
     members: Optional[list[str]] = None  # parameter names of a custom-partition group
     grad_share: Optional[float] = None  # median of norm_g / the model's gradient norm; None: not recorded
-    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.degenerate.Evidence)
+    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.distill.degenerate.Evidence)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("stand_in", "members", "evidence"):
-            if out[key] is None:
-                del out[key]
-        return jsonable(out)
+        out = {}
+        for key in _FIELDS:
+            v = getattr(self, key)
+            if v is None and key in ("stand_in", "members", "evidence"):
+                continue
+            # plain values as they are (10^5 groups and more per file); anything else made strict JSON
+            kind = type(v)
+            out[key] = (v if v is None or kind in (str, bool, int) or (kind is float and math.isfinite(v))
+                        else jsonable(v))
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "GroupSource":
@@ -60,11 +68,14 @@ class GroupSource:
         if not isinstance(data, dict):
             raise GraftlabError(f"{where} must be an object, got {data!r}")
         values = {}
-        for f in fields(cls):
-            if data.get(f.name) is not None:
-                values[f.name] = _typed(f.name, data[f.name], where)
+        for name in _FIELDS:
+            v = data.get(name)
+            if v is not None:
+                values[name] = _typed(name, v, where)
         return cls(**values)
 
+
+_FIELDS = tuple(f.name for f in fields(GroupSource))
 
 # The JSON type of each GroupSource field (float for the rest); null is allowed for every field.
 _FIELD_TYPES = {"kind": str, "flags": str, "tied": bool, "block": int, "n_finite": int, "n_nonfinite": int,
@@ -75,6 +86,9 @@ _WANT = {float: "a finite number", int: "a whole number >= 0", list: "a list of 
 
 def _typed(name: str, v: Any, where: str) -> Any:
     kind = _FIELD_TYPES.get(name, float)
+    t = type(v)  # the usual case first: a value of the field's own type (10^5 records a file and more)
+    if t is kind and (kind is str or kind is bool or (kind is float and math.isfinite(v)) or (kind is int and v >= 0)):
+        return v
     try:
         number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     except OverflowError:  # an int beyond float range
@@ -169,24 +183,65 @@ class Corrections:
     def kind(self, group: str) -> str:
         return (self.group_sources.get(group) or GroupSource()).kind
 
+    _SHOWN = 8  # groups a repr lists; the whole table is summary()
+
+    def __repr__(self) -> str:
+        """One line saying what the file holds, then its first groups and factors (not a screenful:
+        a BERT-base file has 200 groups and a per-group schedule thousands of pieces)."""
+        what = []
+        if self.multipliers:
+            what.append(f"{len(self.multipliers)} static multiplier(s)")
+        if self.schedule:
+            pieces = sum(len(p) for p in self.schedule.values())
+            what.append(f"schedule(s) for {len(self.schedule)} group(s), {pieces} piece(s)")
+        src = self.source
+        base = f", relative to D's lr {self.direction_lr:g}" if self.direction_lr is not None else ""
+        origin = f" from {src['trace']}" if src.get("trace") else ""
+        head = (f"Corrections({' and '.join(what) or 'empty'}{origin}"
+                + (f", round {src['round']}" if src.get("round") else "") + f"{base})")
+        lines = [head]
+        groups = self.groups
+        width = min(max((len(g) for g in groups[:self._SHOWN]), default=0), 60)
+        for g in groups[:self._SHOWN]:
+            if g in self.multipliers:
+                value = f"x {self.multipliers[g]:.4g}"
+            else:
+                p = self.schedule[g]
+                value = f"schedule {p[0][1]:.4g} .. {p[-1][1]:.4g} ({len(p)} pieces)"
+            lines.append(f"  {g:<{width}}  {value}")
+        if len(groups) > self._SHOWN:
+            lines.append(f"  ... {len(groups) - self._SHOWN} more (corrections.summary() lists every group)")
+        return "\n".join(lines)
+
 
 # --------------------------------------------------------------------------- save / load
 
+# a text cell a spreadsheet would run as a formula (CSV injection): OWASP's list of leading characters
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell as the CSV export writes it: one starting like a formula gets a leading ``'``,
+    which spreadsheets show as text and strip (``=HYPERLINK(...)`` stays a name, never a formula)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _csv_text(c: Corrections) -> str:
-    kinds = {g: d.kind for g, d in c.group_sources.items()}
+    kinds = {csv_cell(g): csv_cell(d.kind) for g, d in c.group_sources.items()}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if c.schedule:
         w.writerow(["group", "kind", "start", "factor"])
         for g, f in c.multipliers.items():
-            w.writerow([g, kinds.get(g, "other"), "", repr(float(f))])
+            w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), "", repr(float(f))])
         for g, pieces in c.schedule.items():
             for s, f in pieces:
-                w.writerow([g, kinds.get(g, "other"), int(s), repr(float(f))])
+                w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), int(s), repr(float(f))])
     else:
         w.writerow(["group", "kind", "factor"])
         for g, f in c.multipliers.items():
-            w.writerow([g, kinds.get(g, "other"), repr(float(f))])
+            w.writerow([csv_cell(g), kinds.get(csv_cell(g), "other"), repr(float(f))])
     return buf.getvalue()
 
 
@@ -203,13 +258,28 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
-    text = (
-        json.dumps(jsonable(corrections.to_dict()), indent=1, allow_nan=False) + "\n"
-        if format == "json"
-        else _csv_text(corrections)
-    )
+    text = _json_text(jsonable(corrections.to_dict())) if format == "json" else _csv_text(corrections)
     # a hidden temporary file renamed into place; one that appeared meanwhile is still not replaced
     return write_text(path, text, overwrite=overwrite, what="corrections file")
+
+
+_ONE_LINE = 50  # objects with more entries than this (one per group) get one compact line per entry
+
+
+def _json_text(data: Any, indent: str = "") -> str:
+    """``data`` as indented JSON, except that an object of many entries (a record per group) puts
+    each entry on one compact line: json's indenting encoder is pure Python, 20 s for 10^5 groups,
+    where the compact one is C. Strict JSON (no NaN)."""
+    if not isinstance(data, dict) or not data:
+        return json.dumps(data, allow_nan=False) + ("\n" if not indent else "")
+    inner = indent + " "
+    if len(data) > _ONE_LINE:
+        encode = json.JSONEncoder(allow_nan=False).encode  # one encoder for every entry
+        body = ",\n".join(f"{inner}{encode(k)}: {encode(v)}" for k, v in data.items())
+    else:
+        body = ",\n".join(f"{inner}{json.dumps(k)}: {_json_text(v, inner) if isinstance(v, dict) else json.dumps(v, indent=1, allow_nan=False).replace(chr(10), chr(10) + inner)}"
+                           for k, v in data.items())
+    return "{\n" + body + "\n" + indent + "}" + ("\n" if not indent else "")
 
 
 def _short(v: Any, limit: int = 40) -> str:
@@ -231,6 +301,9 @@ def _factor(v: Any, where: str, path: Path) -> float:
         raise GraftlabError(f"{path}: {where} is {_short(v)}, not a number")
     if not _finite(v) or v <= 0:
         raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be finite and positive")
+    if float(v) < sys.float_info.min:  # subnormal: 1e-320 x lr is 0 or noise in any float format
+        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be normal numbers "
+                            f"(>= {sys.float_info.min:.3g}), not subnormal")
     return float(v)
 
 
@@ -252,6 +325,12 @@ def _validate(data: Any, path: Path) -> Corrections:
         raise GraftlabError(f"{path}: 'schedule' must be an object of group -> [[start, factor], ...]")
     if not isinstance(source, dict):
         raise GraftlabError(f"{path}: 'source' must be an object")
+    for key in ("metadata", "groups"):
+        if source.get(key) is not None and not isinstance(source[key], dict):
+            raise GraftlabError(f"{path}: 'source.{key}' must be an object, not {type(source[key]).__name__}")
+    named = [*mult, *sched]
+    if "" in named:
+        raise GraftlabError(f"{path}: a factor is given for the group '' (a group needs a name)")
     if not mult and not sched:
         raise GraftlabError(f"{path}: corrections file has neither multipliers nor a schedule")
     multipliers = {str(g): _factor(v, f"multiplier of {g}", path) for g, v in mult.items()}
@@ -299,6 +378,7 @@ def load_corrections(path: PathLike) -> Corrections:
         raise GraftlabError(f"{path}: no such corrections file")
     if path.is_dir():
         raise GraftlabError(f"{path}: is a directory, not a corrections file")
+    check_regular(path, "corrections file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

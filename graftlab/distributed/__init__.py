@@ -31,7 +31,7 @@ for everything distributed: wrapping the task, whether this rank writes, the mea
 checkpoints.
 
 Modules: :mod:`~graftlab.distributed.env` (device, process group, wrapping),
-:mod:`~graftlab.distributed.shards` (FSDP2 norm math), :mod:`~graftlab.distributed.checkpoints`
+:mod:`~graftlab.graft.shards` (FSDP2 norm math), :mod:`~graftlab.distributed.checkpoints`
 (DCP save/load/resume), :mod:`~graftlab.distributed.runtime` (a run's :class:`Runtime`).
 """
 from graftlab.distributed.checkpoints import (
@@ -64,7 +64,7 @@ from graftlab.distributed.env import (
     wrap_model,
 )
 from graftlab.distributed.runtime import Runtime
-from graftlab.distributed.shards import ShardLayout, shard_layout, step_communication
+from graftlab.graft.shards import ShardLayout, shard_layout, step_communication
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_META", "Checkpoints", "checkpoint_step", "checkpoints_for", "load_checkpoint", "resume_step",

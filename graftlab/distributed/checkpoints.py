@@ -21,10 +21,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from graftlab import termination
+from graftlab.io import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.outputs import write_text
+from graftlab.distributed.trust import (
+    RUN_ID, _extra, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, verify,
+)
+from graftlab.io.outputs import write_text
 
 CHECKPOINT_FORMAT = "graftlab.checkpoint/1"
 CHECKPOINT_META = "graftlab.json"
@@ -56,7 +59,7 @@ def _before_save(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.optim.Optimizer], Optional[dict]]:
-    from graftlab.graft import Graft
+    from graftlab.graft.optimizer import Graft
 
     if isinstance(optimizer, Graft):
         for role, child in (("magnitude", optimizer.magnitude), ("direction", optimizer.direction)):
@@ -81,16 +84,21 @@ def save_checkpoint(
     Each rank writes its own shards, replicated tensors are written once, and the checkpoint loads
     on any number of processes (:func:`load_checkpoint`), one included. ``extra`` (JSON: step,
     scheduler state, config) goes to ``graftlab.json`` beside the shards, written by rank 0.
-    An existing ``path`` is an error unless ``overwrite``.
+    An existing ``path`` is an error unless ``overwrite``; it is replaced only once the new
+    checkpoint is complete (written under a hidden name beside it, then renamed), so a failed save
+    (a full disk) leaves it as it was. ``graftlab.json`` records a SHA-256 of every file saved, which
+    :func:`load_checkpoint` checks before DCP unpickles anything (:mod:`graftlab.distributed.trust`).
+
+    Raises:
+        GraftlabError: ``path`` exists without ``overwrite``, or the save failed (one line with the
+            operating system's reason).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     path = Path(path)
-    if is_main() and path.exists():
-        if not overwrite:
-            raise OutputExistsError(path, "checkpoint")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if is_main() and path.exists() and not overwrite:
+        raise OutputExistsError(path, "checkpoint")
     _before_save(optimizer)  # e.g. the trace rows up to this step, on disk before the checkpoint exists
     _barrier()
     model = unwrap(model)
@@ -103,16 +111,44 @@ def save_checkpoint(
             extra_json = json.dumps(extra)
         except TypeError as e:
             raise GraftlabError(f"checkpoint extra must be JSON-serializable: {e}") from None
+    # written under a hidden name and renamed into place: an old checkpoint at ``path`` is deleted
+    # only once the new one is complete, and a failed save (a full disk) leaves it as it was
+    tmp = Path(_from_main(str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.tmp"))))
+    held = None
+    if is_main():
+        if path.parent.is_dir():
+            clean_stale_saves(path.parent)  # the folders of a killed save
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held = hold(tmp)
+        except OSError as err:  # a read-only or full folder: one line, nothing changed
+            raise GraftlabError(f"{path}: saving the checkpoint failed ({reason(err)})") from None
+    _barrier()
     # SIGTERM waits until the checkpoint is committed (inside dcp.save the exit would become an error)
     with termination.deferred():
-        with _one_process_quiet():
-            dcp.save(state, checkpoint_id=str(path))
-        if is_main():
-            world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
-            meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state)}
-            if extra is not None:
-                meta["extra"] = json.loads(extra_json)
-            write_text(path / CHECKPOINT_META, json.dumps(meta, indent=1))  # a checkpoint is complete once this exists
+        try:
+            with _one_process_quiet():
+                dcp.save(state, checkpoint_id=str(tmp))
+            if is_main():
+                world = dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
+                meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "graft": graft_meta, "parts": sorted(state),
+                        "digests": digests(tmp)}
+                if extra is not None:
+                    meta["extra"] = json.loads(extra_json)
+                write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=1))  # complete once this exists
+                put_in_place(tmp, path)
+        except BaseException as err:
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+                if held is not None:
+                    os.close(held)
+                    held = None
+            # torch's CheckpointException is a BaseException: all but an interruption become one line
+            if not isinstance(err, (GraftlabError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise GraftlabError(f"{path}: saving the checkpoint failed ({reason(err)})") from err
+            raise
+    if held is not None:
+        os.close(held)
     _barrier()
     return path
 
@@ -123,6 +159,10 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     The model and optimizer may be wrapped or sharded differently and run on a different number of
     processes than when saved. Returns the checkpoint's metadata (``extra`` holds what was saved
     with it). Every rank calls it.
+
+    Raises:
+        GraftlabError: the folder is not a complete graftlab checkpoint, a file's digest differs
+            from the one recorded at save time (nothing is unpickled then), or DCP cannot load it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -140,8 +180,11 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise GraftlabError(f"unreadable checkpoint metadata {meta_file}: {e}") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise GraftlabError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise GraftlabError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta.get("parts"), list) or (meta.get("graft") is not None and not isinstance(meta["graft"], dict)):
+        raise GraftlabError(f"{path}: malformed checkpoint metadata {meta_file}")
+    verify(path, meta)  # before DCP unpickles anything
     model = unwrap(model)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     children, graft_meta = ({}, None) if optimizer is None else _optimizer_parts(optimizer)
@@ -157,8 +200,13 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
             raise GraftlabError(f"{path} was saved with a different grafting partition (granularity or groups)")
     for role, child in children.items():
         state[role] = get_optimizer_state_dict(model, child)
-    with termination.deferred(), _one_process_quiet():
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with termination.deferred(), _one_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except BaseException as err:  # noqa: BLE001 - a damaged checkpoint is one line (CheckpointException included)
+        if isinstance(err, (GraftlabError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise GraftlabError(f"{path}: cannot load the checkpoint ({reason(err)})") from err
     set_model_state_dict(model, state["model"])
     for role, child in children.items():
         set_optimizer_state_dict(model, child, state[role])
@@ -242,7 +290,11 @@ class Checkpoints:
             if not isinstance(saved, (int, float)):  # checkpoints of older versions: the file's time
                 saved = (p / CHECKPOINT_META).stat().st_mtime
             run = extra.get("run")
-            out.append(_Found(int(m.group(1)), run if isinstance(run, str) else None, float(saved), p))
+            if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
+                # not a checkpoint graftlab saved: its run id would become part of a folder name
+                raise GraftlabError(f"{p}: the checkpoint's run id {run!r} is not one graftlab writes (letters and "
+                                    "digits); move it out of checkpoint_dir")
+            out.append(_Found(int(m.group(1)), run, float(saved), p))
         return out
 
     def all(self) -> list[Path]:
@@ -285,11 +337,20 @@ class Checkpoints:
         path = Path(path) if path is not None else self.latest()
         if path is None:
             return 0
+        extra = _extra(Path(path))
+        run = extra.get("run")
+        if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
+            raise GraftlabError(f"{path}: the checkpoint's run id {run!r} is not one graftlab writes "
+                                "(letters and digits); not loading it")
         meta = load_checkpoint(path, self.model, self.optimizer)
         extra = meta.get("extra") or {}
-        run = extra.get("run")
-        self.run, self._bound = (run if isinstance(run, str) else None), True
-        step = int(extra.get("step", 0))
+        self.run, self._bound = run, True
+        try:
+            step = int(extra.get("step", 0))
+        except (TypeError, ValueError):
+            raise GraftlabError(f"{path}: the checkpoint's step {extra.get('step')!r} is not a step number") from None
+        if step < 0:
+            raise GraftlabError(f"{path}: the checkpoint's step {step} is negative")
         last_epoch = extra.get("scheduler_last_epoch")
         if self.scheduler is not None and last_epoch is not None:
             self.scheduler.last_epoch = int(last_epoch)
@@ -299,6 +360,7 @@ class Checkpoints:
 
 # step-<8 or more digits>, and -<run> where another run held the plain name
 _NAME = re.compile(r"step-(\d{8,})(?:-([0-9A-Za-z]+))?")
+
 
 
 @dataclass(frozen=True)
@@ -319,14 +381,6 @@ def checkpoint_step(path: PathLike) -> int:
 
 def _complete(path: Path) -> bool:
     return (path / CHECKPOINT_META).is_file()
-
-
-def _extra(path: Path) -> dict:
-    try:
-        extra = json.loads((path / CHECKPOINT_META).read_text()).get("extra")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return extra if isinstance(extra, dict) else {}
 
 
 def _run_of(path: Path) -> Optional[str]:
@@ -353,9 +407,12 @@ def checkpoints_for(config: Any, model: nn.Module, optimizer: torch.optim.Optimi
     if directory is None:
         # with on_divergence="restart", checkpoint_every alone spaces in-memory restart points
         if resume or (every and getattr(config, "on_divergence", "stop") != "restart"):
-            raise GraftlabError("resume=True and checkpoint_every need checkpoint_dir")
+            raise GraftlabError("{resume=True} and {checkpoint_every} need {checkpoint_dir}",
+                                param=("resume", "checkpoint_every", "checkpoint_dir"))
         return None, 0
     ckpt = Checkpoints(directory, model, optimizer, scheduler, every=every)
+    if resume and ckpt.latest() is not None:
+        check_same_run(ckpt.latest(), config)
     first = ckpt.resume() if resume else 0
     steps = getattr(config, "steps", None)
     # first == steps: killed after the final checkpoint; the run has no step left, only its end
@@ -373,7 +430,15 @@ def resume_step(config: Any) -> int:
     latest = Checkpoints(directory, None, None).latest()
     if latest is None:
         return 0
+    check_same_run(latest, config)  # before a recorder cuts a trace back to another run's step
+    try:
+        verify(latest, json.loads((latest / CHECKPOINT_META).read_text()))  # and before it trusts the folder
+    except (OSError, ValueError, AttributeError) as err:
+        if isinstance(err, GraftlabError):
+            raise
+        raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None
     try:
         return int((json.loads((latest / CHECKPOINT_META).read_text()).get("extra") or {}).get("step", 0))
     except (OSError, ValueError, TypeError, AttributeError) as err:
         raise GraftlabError(f"unreadable checkpoint metadata {latest / CHECKPOINT_META}: {err}") from None
+

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
+from graftlab.graft.optimizer import Graft
 from graftlab.integrations import require
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 
 transformers = require("transformers", "hf", "graftlab.integrations.hf")
 

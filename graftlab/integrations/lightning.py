@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
+from graftlab.graft.optimizer import Graft
 from graftlab.integrations import require
-from graftlab.record import Recorder
+from graftlab.record.recorder import Recorder
 
 try:
     import lightning.pytorch as pl

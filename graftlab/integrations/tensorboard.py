@@ -9,7 +9,7 @@ just written::
 For every group kind (Q, K, V, attention out, feedforward, ...; :mod:`graftlab.kinds`) it writes
 scalar ``<tag>/<kind>``: the median over the kind's groups of each group's median finite ratio
 ``||w_M - w_t|| / ||w_D - w_t||`` over the part's steps (the statistic of ``kind_summary``, per
-flush window), at the part's last step. Groups flagged by :func:`graftlab.analysis.flag_groups`
+flush window), at the part's last step. Groups flagged by :func:`graftlab.distill.degenerate.flag_groups`
 (no finite ratio, zero M step, degenerate such as the attention K bias) are left out, as in the
 summaries. Ranks other than 0 record nothing, so the view is never called there and, given a log
 directory, creates nothing.
@@ -34,7 +34,7 @@ def kind_medians(table: Any, meta: dict) -> dict[str, float]:
     run metadata (its ``groups`` give each group's kind; groups missing there are ``other``).
     Kinds whose groups are all flagged are left out.
     """
-    from graftlab.degenerate import flag_window
+    from graftlab.distill.degenerate import flag_window
 
     have = table.columns if isinstance(table, pd.DataFrame) else table.column_names
     cols = [c for c in ("step", "group", "ratio", "norm_g") if c in have]

@@ -26,3 +26,6 @@ __all__ = [
 from graftlab.plots.corrections import corrections_bars, corrections_table  # noqa: E402
 
 __all__ += ["corrections_bars", "corrections_table"]
+from graftlab.plots.rows import row_ratios, rows_figure, token_frequency  # noqa: E402
+
+__all__ += ["row_ratios", "rows_figure", "token_frequency"]

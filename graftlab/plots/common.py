@@ -103,20 +103,37 @@ def kinds_of(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def ratio_table(df: pd.DataFrame, column: str = "ratio") -> pd.DataFrame:
-    """Steps x groups table of ``column`` in metadata group order; non-finite values become NaN."""
-    wide = df.pivot_table(index="step", columns="group", values=column, aggfunc="first", sort=True)
-    order = [g for g in pd.unique(df["group"]) if g in wide.columns]
-    wide = wide[order].astype("float64")
-    return wide.where(np.isfinite(wide))
+    """Steps x groups table of ``column`` in metadata group order; non-finite values become NaN.
+
+    For ``ratio`` (drawn on log axes) zeros become NaN too: a step where M took no step in any group
+    (M's lr 0, as at the start of a warmup from 0; :mod:`graftlab.distill.idle`) and a group whose M
+    step was zero have no place on a log axis, and a line to them would fall off the plot.
+    """
+    # placed by (step, group) position in numpy: pivot_table costs seconds per 10^5 groups
+    codes, names = pd.factorize(df["group"])
+    steps, rows = np.unique(df["step"].to_numpy(), return_inverse=True)
+    values = np.full((len(steps), len(names)), np.nan)
+    # the first row of a (step, group) held twice wins, as pivot_table's "first" (assigned last)
+    values[rows[::-1], codes[::-1]] = df[column].to_numpy(dtype=np.float64)[::-1]
+    present = ~np.isnan(values)  # steps and groups with no value at all are left out, as pivot_table does
+    keep_rows, keep_cols = present.any(axis=1), present.any(axis=0)
+    values = values[keep_rows][:, keep_cols]
+    with np.errstate(invalid="ignore"):
+        values[~np.isfinite(values) | ((values <= 0) if column == "ratio" else False)] = np.nan
+    return pd.DataFrame(values, index=pd.Index(steps[keep_rows], name="step"),
+                        columns=pd.Index([str(g) for g in np.asarray(names, dtype=object)[keep_cols]], dtype=object,
+                                         name="group"))
 
 
 def smooth(wide: pd.DataFrame, width: Optional[int]) -> pd.DataFrame:
     """Each column median-filtered with window ``width`` (the recorded samples; None: unchanged)."""
     if width is None or width <= 1:
         return wide
-    from graftlab.analysis import median_filter
+    from graftlab.distill.medians import running_median
 
-    return wide.apply(lambda col: pd.Series(median_filter(col.to_numpy(), width), index=col.index))
+    values = wide.to_numpy(dtype=np.float64).T.copy()  # (groups, steps): every column in one call
+    values[~np.isfinite(values)] = np.nan
+    return pd.DataFrame(running_median(values, width).T, index=wide.index, columns=wide.columns)
 
 
 def metadata(df: pd.DataFrame) -> dict[str, Any]:
@@ -274,7 +291,11 @@ def kind_handles(labels: Sequence[str]) -> tuple[list, list[str]]:
     from matplotlib.lines import Line2D
 
     present = [lab for lab in LABEL_ORDER if lab in set(labels)]
-    return [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present], present
+    handles = [Line2D([], [], color=LABEL_COLORS[lab], lw=2) for lab in present]
+    if DEGENERATE_LABEL in set(labels):
+        handles.append(Line2D([], [], color="0.35", lw=2, ls=":"))
+        present.append(DEGENERATE_LABEL)
+    return handles, present
 
 
 def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
@@ -291,15 +312,85 @@ def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
     return fitted_legend(ax_or_fig, handles, present, **kwargs)
 
 
-def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8) -> list[str]:
-    """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn."""
+DEGENERATE_LABEL = "degenerate (zero true gradient; not a correction)"
+# LayerNorms and other small groups are drawn above the many block lines that would hide them
+_ON_TOP = {KIND_LABELS["norm"]: 3.0}
+
+
+def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
+    """The groups whose D step is float noise over the steps of ``df`` (the attention K biases of a
+    BERT: their true gradient is zero), decided as ``distill`` decides them
+    (:mod:`graftlab.distill.degenerate`): drawn with a mark of their own, since their ratio is
+    an artifact, not a correction."""
+    from graftlab.distill import degenerate
+
+    r = df["ratio"].to_numpy(dtype=np.float64)
+    ok = np.isfinite(r) & (r > 0)
+    med = pd.Series(r[ok]).groupby(df["group"].astype(str).to_numpy()[ok]).median()
+    shares = degenerate.gradient_shares(df)
+    evidence = degenerate.assess(med, kinds["kind"].to_dict(), shares=shares,
+                                 precision=metadata(df).get("precision"))
+    return {g for g, e in evidence.items() if e.degenerate}
+
+
+def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8,
+                degenerate: Sequence[str] = ()) -> list[str]:
+    """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn.
+
+    LayerNorm lines are drawn above the others; ``degenerate`` groups dotted and faint, with
+    :data:`DEGENERATE_LABEL` among the labels returned (see :func:`kind_handles`). Past
+    :data:`MANY_LINES` groups, the others are joined into a few paths per kind (gid = the kind)."""
+    if wide.shape[1] > MANY_LINES:
+        odd = [g for g in wide.columns if g in set(degenerate)]
+        rest = wide.drop(columns=odd) if odd else wide
+        drawn = _line_collections(ax, rest, kinds, lw=lw, alpha=alpha)
+        if odd:
+            return drawn + plot_groups(ax, wide[odd], kinds, lw=lw, alpha=alpha, degenerate=odd)
+        return drawn
     drawn = []
     for group in wide.columns:
         col = wide[group].dropna()
         if col.empty:
             continue
         label = kinds.at[group, "label"]
-        ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw, alpha=alpha,
+        odd = group in set(degenerate)
+        ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw,
+                alpha=0.45 if odd else alpha, ls=":" if odd else "-", zorder=_ON_TOP.get(label, 2.0),
                 gid=str(group))
-        drawn.append(label)
+        drawn.append(DEGENERATE_LABEL if odd else label)
+        if odd:
+            drawn.append(label)
+    return drawn
+
+
+_PER_PATH = 200  # groups joined into one path
+MANY_LINES = 2000  # past this many groups, one path per kind (one Line2D each costs ~1 ms to draw)
+
+
+def _line_collections(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float, alpha: float) -> list[str]:
+    """:func:`plot_groups` for many groups: the same lines (NaNs dropped), joined into one path per
+    kind label (NaN between groups breaks it there; gid = the label), thinner as they crowd. A path
+    is transformed to the log axis in one numpy call, where 10^5 separate lines take 10^5."""
+    x = wide.index.to_numpy(dtype=np.float64)
+    values = wide.to_numpy(dtype=np.float64).T  # (groups, steps)
+    labels = kinds["label"].reindex(wide.columns).to_numpy(dtype=object)
+    finite = ~np.isnan(values)
+    drawn: list[str] = []
+    for label in pd.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        ok = finite[rows]
+        counts = ok.sum(axis=1)
+        counts = counts[counts > 0]
+        if not len(counts):
+            continue
+        ys = values[rows][ok]  # each group's finite values, group after group
+        xs = np.broadcast_to(x, ok.shape)[ok]
+        ends = np.cumsum(counts)
+        for lo in range(0, len(counts), _PER_PATH):  # paths of bounded length: Agg strokes each whole
+            a = ends[lo - 1] if lo else 0
+            cut = ends[lo:lo + _PER_PATH][:-1] - a
+            b = ends[min(lo + _PER_PATH, len(counts)) - 1]
+            ax.plot(np.insert(xs[a:b], cut, np.nan), np.insert(ys[a:b], cut, np.nan), color=LABEL_COLORS[label],
+                    lw=lw / 2, alpha=alpha / 2, antialiased=False, gid=str(label))
+        drawn += [label] * len(counts)
     return drawn

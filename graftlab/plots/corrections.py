@@ -24,13 +24,17 @@ from graftlab.plots.common import LABEL_COLORS, Trace, kind_legend, style
 Source = Union[Trace, "Corrections"]  # noqa: F821
 
 
-def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10",
+def corrections_table(source: Source, *, window: Optional[int] = None, round: str = "none",
                       filter: Optional[int] = None) -> pd.DataFrame:
     """One row per group: ``group``, ``kind``, ``median``, ``factor``, ``flags``, ``later_median``, ``tied``.
 
     ``source`` is a :class:`~graftlab.corrections.Corrections`, a corrections JSON file, or a trace
     (distilled here with ``window``, ``round`` and ``filter`` as ``graftlab distill`` does).
     """
+    return _table(_corrections(source, window=window, round=round, filter=filter))
+
+
+def _corrections(source: Source, *, window: int, round: str, filter: Optional[int]):
     from graftlab.corrections import Corrections, load_corrections
 
     if isinstance(source, Corrections):
@@ -40,9 +44,13 @@ def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10
     elif Path(source).is_file() and Path(source).suffix == ".json":
         corr = load_corrections(source)
     else:
-        from graftlab.distill import distill
+        from graftlab.distill.pipeline import distill
 
         corr = distill(source, window=window, round=round, filter=filter)
+    return corr
+
+
+def _table(corr) -> pd.DataFrame:
     table = corr.summary()
     info = corr.source.get("groups") or {}
     table["later_median"] = [(info.get(g) or {}).get("later_median") for g in table["group"]]
@@ -57,14 +65,16 @@ def corrections_table(source: Source, *, window: int = 2000, round: str = "pow10
     return table
 
 
-def corrections_bars(source: Source, *, window: int = 2000, round: str = "pow10", filter: Optional[int] = None,
+def corrections_bars(source: Source, *, window: Optional[int] = None, round: str = "none", filter: Optional[int] = None,
                      ax: Optional[Axes] = None, fig: Optional[Figure] = None) -> Figure:
-    """Per group: the median ratio (bar, coloured by kind) and the rounded factor (grey bar), log scale.
+    """Per group: the median ratio (bar, coloured by kind) and the factor (dark bar), log scale,
+    titled with the trace, the steps of the medians and the rounding.
 
     Flagged groups (degenerate, no finite ratio, ...) are hatched and named with their flag: their
     factor is a stand-in, not their own median.
     """
-    table = corrections_table(source, window=window, round=round, filter=filter)
+    corr = _corrections(source, window=window, round=round, filter=filter)
+    table = _table(corr)
     n = len(table)
     if n == 0:
         raise GraftlabError("no groups to chart")
@@ -86,8 +96,10 @@ def corrections_bars(source: Source, *, window: int = 2000, round: str = "pow10"
         # bars run from the axis' left edge to the value (a log axis has no zero)
         ax.barh(y + 0.2, np.nan_to_num(med, nan=lo) - lo, height=0.4, left=lo, color=colors, hatch=hatches,
                 edgecolor="white", gid="median", label="median")
+        rounded = str(corr.source.get("round") or "none").lower() != "none"
+        factor_label = "rounded factor" if rounded else "factor (the median, not rounded)"
         ax.barh(y - 0.2, np.nan_to_num(fac, nan=lo) - lo, height=0.4, left=lo, color="0.15", gid="factor",
-                label="rounded")
+                label=factor_label)
         labels = [g + (f"  [{f}]" if f else "") for g, f in zip(table["group"], table["flags"])]
         ax.set_yticks(y, labels, fontsize="x-small")
         ax.set_ylim(-0.7, n - 0.3)
@@ -97,6 +109,20 @@ def corrections_bars(source: Source, *, window: int = 2000, round: str = "pow10"
                     fontsize="x-small")
         from matplotlib.patches import Patch
 
-        ax.figure.legend([Patch(color="0.6"), Patch(color="0.15")], ["median (colour: layer kind)", "rounded factor"],
+        ax.figure.legend([Patch(color="0.6"), Patch(color="0.15")], ["median (colour: layer kind)", factor_label],
                          loc="outside upper right", fontsize="x-small", ncol=2)
+        ax.set_title(chart_title(corr.source), fontsize="small", loc="center")
     return fig
+
+
+def chart_title(src: dict) -> str:
+    """What the chart shows: the trace, the steps the medians cover and the rounding."""
+    trace = Path(str(src.get("trace") or "corrections")).name
+    start, window = src.get("start") or 0, src.get("window")
+    if src.get("mode") == "schedule":
+        steps = f"schedule, windows of {window} steps (first window shown)"
+    else:
+        steps = f"median over steps {start}..{start + window - 1}" if window else "medians"
+    rnd = str(src.get("round") or "none")
+    rounding = "not rounded" if rnd.lower() == "none" else f"rounded {rnd}"
+    return f"Corrections from {trace}: {steps}, {rounding}" + (f", filter {src['filter']}" if src.get("filter") else "")

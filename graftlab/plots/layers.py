@@ -23,6 +23,7 @@ from graftlab.errors import GraftlabError
 from graftlab.plots.common import (
     MEDIAN_WIDTH,
     Trace,
+    degenerate_groups,
     figure_title,
     filter_text,
     first_steps,
@@ -67,12 +68,13 @@ def ratios(trace: Trace, *, steps: Optional[int] = None, width: Optional[int] = 
     return smooth(ratio_table(df), width), kinds_of(df)
 
 
-def _draw_layers(ax: Axes, df: pd.DataFrame, *, width: Optional[int], title: str, legend: bool) -> list[str]:
+def _draw_layers(ax: Axes, df: pd.DataFrame, *, width: Optional[int], title: Optional[str], legend: bool) -> list[str]:
     wide, kinds = ratios(df, width=width)
-    drawn = plot_groups(ax, wide, kinds)
+    drawn = plot_groups(ax, wide, kinds, degenerate=degenerate_groups(df, kinds))
     ax.set_xlim(wide.index.min(), wide.index.max())
     log_ratio_axis(ax)
-    ax.set_title(title)
+    if title:
+        ax.set_title(title)
     if legend:
         kind_legend(ax, drawn, loc="upper right")
     return drawn
@@ -94,9 +96,9 @@ def figure5(trace: Trace, *, steps: Optional[int] = 2000, width: Optional[int] =
         df = first_steps(trace, steps)
         what = f"Figure 5: per-layer learning-rate corrections, {filter_text(width)}"
         panel = f"{run_label(df)}: {span_text(df, steps)}"
-        drawn = _draw_layers(ax, df, width=width, title=panel if own else f"{what}\n{panel}", legend=not own)
-        if own:  # the paper's layout: the kinds listed under the plot
-            figure_title(fig, what)
+        drawn = _draw_layers(ax, df, width=width, title=None if own else f"{what}\n{panel}", legend=not own)
+        if own:  # the paper's layout: the kinds listed under the plot; both title lines centred on the figure
+            figure_title(fig, f"{what}\n{panel}")
             kind_legend(fig, drawn, loc="outside lower center", ncol=4)
     return fig
 
@@ -104,13 +106,16 @@ def figure5(trace: Trace, *, steps: Optional[int] = 2000, width: Optional[int] =
 def _side_by_side(traces: list[Trace], *, steps: list[Optional[int]], width: Optional[int],
                   fig: Optional[Figure], title: str) -> Figure:
     with style():
-        fig, axes = new_grid(fig, 1, len(traces), figsize=(6.5 * len(traces), 5.0))
+        # one y axis for both runs: their corrections are compared at a glance
+        fig, axes = new_grid(fig, 1, len(traces), figsize=(6.5 * len(traces), 5.0), sharey=True)
         labels: list[str] = []
         for i, (ax, trace, n) in enumerate(zip(axes[0], traces, steps)):
             df = first_steps(trace, n)
             prefix = f"({'ab'[i]}) " if len(traces) > 1 else ""
             labels += _draw_layers(ax, df, width=width, title=f"{prefix}{run_label(df)}: {span_text(df, n)}",
                                    legend=False)
+        for ax in axes[0][1:]:
+            ax.set_ylabel("")  # the shared axis is labelled once, on the left
         figure_title(fig, title)
         kind_legend(fig, labels, loc="outside lower center", ncol=4)
     return fig

@@ -99,8 +99,12 @@ def _draw_run(sub, df: pd.DataFrame, *, width: Optional[int]) -> None:
     for ax, (title, kind, _) in zip(axes.flat, PANELS):
         items = [(g, b) for g, b in panels[title] if wide[g].notna().any()]
         distinct = sns.color_palette("Dark2", max(len(items), 1))
+        # "Others": the kinds with the fewest lines on top, so a kind of two or three lines (the
+        # attention-out biases) is not buried under a dozen LayerNorm and output lines
+        count = pd.Series([kinds.at[g, "kind"] for g, _ in items]).value_counts()
         for i, (group, block) in enumerate(items):
             col = wide[group].dropna()
+            z = 2.0
             if kind == "embedding":
                 color, label = distinct[i], _embedding_label(group)
             elif kind is not None:
@@ -108,29 +112,33 @@ def _draw_run(sub, df: pd.DataFrame, *, width: Optional[int]) -> None:
             else:
                 color, label = kind_color(kinds.at[group, "kind"]), KIND_LABELS[kinds.at[group, "kind"]]
                 other_labels.append(label)
-            ax.plot(col.index.to_numpy(), col.to_numpy(), color=color, lw=0.9, label=label, gid=str(group))
+                z = 2.0 + 1.0 / count[kinds.at[group, "kind"]]
+            ax.plot(col.index.to_numpy(), col.to_numpy(), color=color, lw=1.1, label=label, gid=str(group),
+                    zorder=z)
         ax.set_title(title, fontsize="medium")
         ax.set_xlim(wide.index.min(), wide.index.max())
         if items:
             decade_axis(ax)
         if kind == "embedding" and items:
-            ax.legend(fontsize="x-small", loc="best")
+            ax.legend(fontsize="small", loc="best")
     for ax in axes[:, 0]:
         ax.set_ylabel(RATIO_LABEL, fontsize="small")
     for ax in axes[-1]:
         ax.set_xlabel("Training iterations")
-    # The two legends sit right of the grid, beside the rows they explain: the block shades next to
-    # the top row of block panels, the layer kinds next to "Others" at the bottom right.
+    # The two legends sit right beside the panels they explain: the block shades beside the last
+    # panel of the top row, the layer kinds beside "Others" (the layout makes room for both).
     if blocks:
         step = max(1, int(np.ceil((len(blocks) - 1) / (_MAX_BLOCK_ENTRIES - 1))))
         shown = blocks[::step] if blocks[::step][-1] == blocks[-1] else blocks[::step] + [blocks[-1]]
-        sub.legend([Line2D([], [], color=shades[b], lw=2) for b in shown], [f"block {b}" for b in shown],
-                   loc="outside right upper", fontsize="x-small", title="Transformer block",
-                   title_fontsize="x-small")
+        axes[0, -1].legend([Line2D([], [], color=shades[b], lw=2.5) for b in shown], [f"block {b}" for b in shown],
+                           loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize="small",
+                           title="Transformer\nblock", title_fontsize="small")
     if other_labels:
         handles, labels = kind_handles(other_labels)
-        sub.legend(handles, labels, loc="outside right lower", fontsize="x-small", title='"Others": layer kind',
-                   title_fontsize="x-small")
+        for h in handles:
+            h.set_linewidth(2.5)
+        axes[-1, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
+                            fontsize="small", title='"Others":\nlayer kind', title_fontsize="small")
 
 
 def figure8(trace: Trace, trace2: Optional[Trace] = None, *, steps: Steps = 2000,
@@ -147,7 +155,7 @@ def figure8(trace: Trace, trace2: Optional[Trace] = None, *, steps: Steps = 2000
     traces = _traces(trace, trace2)
     counts = _per_trace(steps, len(traces))
     with style():
-        fig = new_figure(fig, figsize=(14, 5.4 * len(traces) + 0.4))
+        fig = new_figure(fig, figsize=(13, 5.2 * len(traces) + 0.4))
         subfigs = fig.subfigures(len(traces), 1, squeeze=False)[:, 0]
         for i, (sub, run, n) in enumerate(zip(subfigs, traces, counts)):
             df = first_steps(run, n)

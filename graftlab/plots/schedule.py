@@ -55,9 +55,11 @@ def schedule(trace: Trace, *, width: Optional[int] = MEDIAN_WIDTH) -> pd.DataFra
         raise GraftlabError("figure 4 needs the magnitude optimizer's learning rate (an 'lr' column) in the trace")
     df = df.sort_values("step")
     ratio = df.set_index("step")["ratio"].astype("float64")
-    ratio = ratio.where(np.isfinite(ratio))
+    # a step where M's lr was 0 (a warmup from 0) has ratio 0: neither belongs on the log axis
+    ratio = ratio.where(np.isfinite(ratio) & (ratio > 0))
     correction = smooth(ratio.to_frame(), width).iloc[:, 0]
-    return pd.DataFrame({"lr": df.set_index("step")["lr"].astype("float64"), "correction": correction})
+    lr = df.set_index("step")["lr"].astype("float64")
+    return pd.DataFrame({"lr": lr.where(lr > 0), "correction": correction})
 
 
 def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[int] = MEDIAN_WIDTH,
@@ -96,9 +98,8 @@ def figure4(trace: Trace, *, per_epoch: Optional[int] = None, width: Optional[in
         decade_axis(ax)
         ax.set_ylabel(f"{m}'s learning rate; {d}'s correction", fontsize="small")
         ax.legend(loc="best")
-        if own:
-            figure_title(fig, what)
-            ax.set_title(run)
+        if own:  # both lines centred on the figure, not the second on the axes beside the y label
+            figure_title(fig, f"{what}\n{run}")
         else:
             ax.set_title(f"{what}\n{run}")
     return fig

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from graftlab.divergence import name_list
+from graftlab.distill.divergence import name_list
 
 NEVER = torch.iinfo(torch.int64).max
 
@@ -208,7 +208,7 @@ class _DoneEvent:
 def _param_names(params: list[Tensor], model: Optional[nn.Module]) -> list[str]:
     named: dict[int, str] = {}
     if model is not None:
-        from graftlab import wrappers
+        from graftlab import names as wrappers
 
         named = {id(p): n for n, p in wrappers.named_parameters(model)}
     return [named.get(id(p), f"param.{i}") for i, p in enumerate(params)]

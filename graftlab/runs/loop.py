@@ -21,17 +21,18 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from graftlab import termination
-from graftlab.config import RunConfig, check_output_file, resolve_config
-from graftlab.config.resume import check_resumed_schedule
+from graftlab.io import termination
+from graftlab.runs.config import RunConfig, check_output_file, resolve_config
+from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed.runtime import Runtime
-from graftlab.divergence import RESTART_COLUMN
+from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import DivergedError, GraftlabError
-from graftlab.optimizers import describe
+from graftlab.names import unwrap
+from graftlab.graft.optimizers import describe
 from graftlab.runs.divergence import Divergence, Restart
 from graftlab.runs.restarts import Guard
 from graftlab.runs.metrics import METRICS_FORMAT, continued, resumed_metrics, write_metrics
-from graftlab.schedules import Product, make_schedule
+from graftlab.graft.schedules import Product, make_schedule
 from graftlab.tasks import Task
 
 Factor = Callable[[int], float]
@@ -51,6 +52,7 @@ class FitResult:
     restarts: list[Restart] = field(default_factory=list)  # restarts after divergences, in order
     lr_scale: float = 1.0  # factor the restarts left on the schedule owner's learning rate
     resumed_at: int = 0  # steps done by the checkpoint this process resumed from (wall_time, steps_per_second: its own)
+    model: Optional[Any] = field(default=None, repr=False)  # the trained model (unwrapped from DDP/compile)
 
     def raise_if_diverged(self) -> None:
         """A :class:`~graftlab.errors.DivergedError` (one line) when the run stopped on a divergence."""
@@ -59,10 +61,11 @@ class FitResult:
         what = self.divergence.message()
         if self.restarts:
             what += f" (after {len(self.restarts)} restart{'s' if len(self.restarts) > 1 else ''}, lr x{self.lr_scale:g})"
-            hint = "a smaller lr or more max_restarts may help"
+            hint = "a smaller lr or more {max_restarts} may help"
         else:
-            hint = "pass on_divergence=restart to restart with a smaller learning rate"
-        raise DivergedError(f"{what}; stopped after step {self.divergence.detected}; {hint}")
+            hint = "pass {on_divergence=restart} to restart with a smaller learning rate"
+        raise DivergedError(f"{what}; stopped after step {self.divergence.detected}; {hint}",
+                            param=("max_restarts", "on_divergence"))
 
 
 def fit(
@@ -155,7 +158,7 @@ def _finish(config: RunConfig, task: Task, optimizer: Optimizer, loop: "_Loop", 
     frame = continued(prior, loop.first, loop.frame())
     result = FitResult(loop.final, frame, wall, rate, loop.done, stopped.step if stopped else None,
                        str(path) if path else None, optimizer, stopped, list(guard.restarts), guard.lr_scale,
-                       loop.first)
+                       loop.first, unwrap(task.model))
     if path is not None and rt.writes:
         meta = {**_metrics_meta(config, task, optimizer, result, metadata), "divergence": guard.report(stopped)}
         if interrupted:
@@ -280,13 +283,15 @@ class _Loop:
 
     def _after_divergence(self, found: Divergence, bar: "_Progress") -> Optional[int]:
         """Restart (the step to run next) or stop (None) after ``found``."""
+        from rich.markup import escape  # group names are data: "[/]" is a name, not markup
+
         step = self.guard.restart(found)
         if step is None:
             self.diverged = found
-            bar.print(f"[red]{found.message()}: stopping after step {found.detected}")
+            bar.print(f"[red]{escape(found.message())}: stopping after step {found.detected}")
             return None
         event = self.guard.restarts[-1]
-        bar.print(f"[yellow]{found.message()}: restart {event.count} of {self.guard.max_restarts} from step "
+        bar.print(f"[yellow]{escape(found.message())}: restart {event.count} of {self.guard.max_restarts} from step "
                   f"{step} with the lr x{event.lr_scale:g}")
         self.done = self.logged = step
         self.evals = {s: v for s, v in self.evals.items() if s < step}

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import pandas as pd
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.outputs import write_atomic
+from graftlab.io.outputs import write_atomic
 
 METRICS_FORMAT = "graftlab.metrics/1"
 METADATA_KEY = b"graftlab.metrics"
@@ -23,6 +23,9 @@ METADATA_KEY = b"graftlab.metrics"
 # one of them: a resumed run may run longer (or shorter) than the run it continues.
 RUN_IDENTITY = ("task", "size", "data", "seed", "batch_size", "optimizer", "lr", "hparams", "magnitude", "direction",
                 "magnitude_lr", "direction_lr", "m_hparams", "d_hparams", "granularity", "every")
+
+
+_NAMES = ("resume", "metrics", "overwrite")  # the parameters a refused continuation names
 
 
 def write_metrics(path: Path, frame: pd.DataFrame, metadata: dict[str, Any], overwrite: bool = False) -> None:
@@ -59,7 +62,7 @@ def read_metrics(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
 
 def resumed_metrics(path: Path, config: Mapping[str, Any], overwrite: bool) -> Optional[pd.DataFrame]:
     """The rows of the metrics file ``path`` that a run resumed with ``config`` (``asdict`` of its
-    :class:`~graftlab.config.RunConfig`) continues, or None: no file, or (``overwrite``) a file of
+    :class:`~graftlab.runs.RunConfig`) continues, or None: no file, or (``overwrite``) a file of
     another run, which the run then replaces.
 
     The file must be this run's: the fields of :data:`RUN_IDENTITY` recorded in its metadata
@@ -73,22 +76,24 @@ def resumed_metrics(path: Path, config: Mapping[str, Any], overwrite: bool) -> O
     except GraftlabError as err:
         if overwrite:
             return None
-        raise GraftlabError(f"resume=True: metrics file {str(path)!r} cannot be continued ({err}); choose another "
-                            "metrics file, or pass overwrite=True to replace it") from None
+        raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} cannot be continued ({err}); choose "
+                            "another metrics file, or pass {overwrite=True} to replace it", param=_NAMES) from None
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     kinds = ["a recording (M#D)" if "magnitude" in c else "a plain run" for c in (recorded, config)]
     if recorded and kinds[0] != kinds[1]:
         if overwrite:
             return None
-        raise GraftlabError(f"resume=True: metrics file {str(path)!r} holds the metrics of {kinds[0]}, not of "
-                            f"{kinds[1]}; choose another metrics file, or pass overwrite=True to replace it")
+        raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds the metrics of {kinds[0]}, not "
+                            f"of {kinds[1]}; choose another metrics file, or pass {{overwrite=True}} to replace it",
+                            param=_NAMES)
     for key in RUN_IDENTITY:
         a, b = recorded.get(key), config.get(key)
         if a is not None and b is not None and _json(a) != _json(b):
             if overwrite:
                 return None
-            raise GraftlabError(f"resume=True: metrics file {str(path)!r} holds another run ({key}={a!r}, this run "
-                                f"has {key}={b!r}); choose another metrics file, or pass overwrite=True to replace it")
+            raise GraftlabError(f"{{resume=True}}: {{metrics}} file {str(path)!r} holds another run "
+                                f"({{{key}={a!r}}}, this run has {{{key}={b!r}}}); choose another metrics file, or "
+                                "pass {overwrite=True} to replace it", param=(*_NAMES, key))
     return frame
 
 

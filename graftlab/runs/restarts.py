@@ -122,8 +122,9 @@ class Guard:
             return
         if self.ckpt is None:
             if any(type(p) not in (Tensor, nn.Parameter) for p in self.model.parameters()):
-                raise GraftlabError("on_divergence='restart' with sharded parameters needs checkpoint_dir "
-                                    "(the restart points are checkpoints then)")
+                raise GraftlabError("{on_divergence='restart'} with sharded parameters needs {checkpoint_dir} "
+                                    "(the restart points are checkpoints then)",
+                                    param=("on_divergence", "checkpoint_dir"))
             self.every = int(getattr(cfg, "checkpoint_every", 0) or SNAPSHOT_EVERY)
             self.snapshots = [MemorySnapshot(self.model, self.optimizer, self.scheduler)]
             self.snapshots[0].take(self.first)
@@ -214,10 +215,11 @@ class Guard:
     def extra(self) -> dict[str, Any]:
         """What a checkpoint keeps so that a resumed run goes on with the same lr scale, and can
         tell whether its schedule settings give the steps already run the same rates."""
-        from graftlab.config.resume import schedule_settings
+        from graftlab.distributed.trust import run_identity
+        from graftlab.runs.resume_check import schedule_settings
 
         return {"divergence": {"restarts": self.count, "lr_scale": self.lr_scale},
-                "lr_schedule": schedule_settings(self.config)}
+                "lr_schedule": schedule_settings(self.config), "identity": run_identity(self.config)}
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return _checkpoint_state(self.ckpt.latest())

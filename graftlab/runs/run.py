@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -18,16 +19,16 @@ from typing import Any, Callable, Optional, TypeVar
 import pandas as pd
 
 from graftlab import trace
-from graftlab.analysis import kind_summary
-from graftlab.config import RecordConfig, RunConfig, TrainConfig
-from graftlab.config.resume import check_resumed_schedule
+from graftlab.distill.analysis import kind_summary
+from graftlab.runs.config import RecordConfig, RunConfig, TrainConfig
+from graftlab.runs.resume_check import check_resumed_schedule
 from graftlab.distributed import is_main
 from graftlab.distributed.runtime import Runtime
-from graftlab.divergence import RESTART_COLUMN
+from graftlab.distill.divergence import RESTART_COLUMN
 from graftlab.errors import GraftlabError
-from graftlab.graft import Graft
-from graftlab.optimizers import make_optimizer
-from graftlab.record import Recorder
+from graftlab.graft.optimizer import Graft
+from graftlab.graft.optimizers import make_optimizer
+from graftlab.record.recorder import Recorder
 from graftlab.runs.divergence import Restart
 from graftlab.runs.restarts import resumed_restarts
 from graftlab.runs.loop import FitResult, fit
@@ -40,7 +41,7 @@ C = TypeVar("C", bound=RunConfig)
 class RecordResult:
     trace: Path  # the trace directory
     fit: FitResult  # the training run
-    summary: pd.DataFrame  # graftlab.analysis.kind_summary of the trace (empty on ranks that do not write)
+    summary: pd.DataFrame  # graftlab.distill.analysis.kind_summary of the trace (empty on ranks that do not write)
     groups: int  # number of groups recorded
 
 
@@ -63,7 +64,7 @@ def record(config: RecordConfig, *, overwrite: bool = False, progress: bool = Tr
     names = rt.wrap_task(task, config.parallel)  # torchrun: DDP or FSDP2 wrapping, this rank's rows
     m_opt = make_optimizer(config.magnitude, task.model.parameters(), config.magnitude_lr, **config.m_hparams)
     d_opt = make_optimizer(config.direction, task.model.parameters(), config.direction_lr, **config.d_hparams)
-    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names)
+    graft = Graft(m_opt, d_opt, granularity=config.granularity, names=names, row_block=config.row_block)
     path = Path(config.out).expanduser()
     meta = {"task": config.task, "batch_size": config.batch_size, "seed": config.seed,
             "config": dataclasses.asdict(config), "task_info": task.info()}
@@ -156,7 +157,7 @@ def train(
     if loaded is not None:
         from graftlab.corrections.applying import register_scales
 
-        register_scales(optimizer)  # per-slice factors of fused tensors (GPT-2's c_attn)
+        register_scales(optimizer, rt.resume_step(config))  # per-slice factors: Q/K/V thirds, heads, rows
     try:
         return fit(config, task, optimizer, schedule_owner=optimizer, lr_factor=lr_factor, runtime=rt,
                    metrics_path=config.metrics, progress=progress, overwrite=overwrite, metadata=extra)
@@ -168,12 +169,13 @@ def train(
 def _check_checkpoint_to_resume(config: TrainConfig) -> None:
     """A plain run with ``resume=True`` continues a checkpoint or nothing: a mistyped or empty
     checkpoint_dir would silently train from scratch (``record`` refuses the same, see
-    :func:`graftlab.config.resume.check_resumable`)."""
+    :func:`graftlab.runs.resume_check.check_resumable`)."""
     from graftlab.distributed.checkpoints import resume_step
 
     if config.resume and config.checkpoint_dir is not None and resume_step(config) == 0:
-        raise GraftlabError(f"resume=True: checkpoint_dir {config.checkpoint_dir!r} holds no complete checkpoint: "
-                            "check checkpoint_dir, or leave out resume=True to train from scratch")
+        raise GraftlabError(f"{{resume=True}}: {{checkpoint_dir}} {config.checkpoint_dir!r} holds no complete "
+                            "checkpoint: check {checkpoint_dir}, or leave out {resume=True} to train from scratch",
+                            param=("resume", "checkpoint_dir"))
 
 
 def _say_resumed(path: Path, start: int, checkpoint_dir: Optional[str], continues: bool) -> None:
@@ -246,9 +248,9 @@ def _for_corrections(config: TrainConfig, loaded: Any, source: str | os.PathLike
         return dataclasses.replace(config, **changes)
     if config.optimizer.lower() != d_opt and not allow_other:
         raise GraftlabError(
-            f"{source}: the corrections were distilled for D={d_opt}, not optimizer={config.optimizer}; "
-            f"leave optimizer unset to train {d_opt}, or pass allow_other_optimizer=True"
-        )
+            f"{source}: the corrections were distilled for D={d_opt}, not {{optimizer={config.optimizer}}}; "
+            f"leave {{optimizer}} unset to train {d_opt}, or pass {{allow_other_optimizer=True}}",
+            param=("optimizer", "allow_other_optimizer"))
     return config
 
 
@@ -263,7 +265,9 @@ def _apply_corrections(loaded: Any, source: str | os.PathLike, named: list, conf
     """``(param groups, lr factor, metrics metadata)`` of a run with corrections file ``loaded``."""
     from graftlab.corrections import apply
 
-    applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
+    with warnings.catch_warnings():  # the counts are said below, on one line, in the run's words
+        warnings.simplefilter("ignore", UserWarning)
+        applied = apply(loaded, named, config.lr, allow_missing=allow_missing)
     _check_lr_range(loaded, applied, source)
     notes = _correction_notes(loaded, config)
     missing, unknown = list(applied.missing), list(getattr(applied, "unknown", []))

@@ -127,10 +127,17 @@ def load_npz(path: str | os.PathLike) -> ImageData:
     except (OSError, ValueError) as err:
         raise GraftlabError(f"cannot read {str(path)!r} as .npz: {err}") from None
     keys = set(arrays.files)
+
+    def array(key: str) -> np.ndarray:
+        try:  # each array is read here: an object array (a pickle) is refused, never unpickled
+            return arrays[key]
+        except (OSError, ValueError) as err:
+            raise GraftlabError(f"cannot read array {key!r} of {str(path)!r}: {' '.join(str(err).split())}") from None
+
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        parts = [array(k) for k in ("x_train", "y_train", "x_test", "y_test")]
     elif {"x", "y"} <= keys:
-        x, y = arrays["x"], arrays["y"]
+        x, y = array("x"), array("y")
         held = np.arange(len(x)) % HELDOUT_EVERY == HELDOUT_EVERY - 1
         parts = [x[~held], y[~held], x[held], y[held]]
     else:
@@ -145,7 +152,7 @@ def load_images(data: Optional[str]) -> ImageData:
         if not FASHION_MNIST_DIR.is_dir():
             raise GraftlabError(
                 f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist, "
-                "or pass data=PATH to an IDX folder or .npz)"
+                "or pass {data=PATH} to an IDX folder or .npz)", param="data"
             )
         return load_idx_dir(FASHION_MNIST_DIR, "Fashion-MNIST", "MIT (Zalando Research)")
     path = Path(data).expanduser()

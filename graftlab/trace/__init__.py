@@ -17,15 +17,15 @@ ratio      float32                     ``norm_m / norm_d``; not finite where D's
 
 Extra per-step columns are allowed (``lr`` of the magnitude optimizer, ``loss``, ...). The optional
 per-group column ``norm_g`` (float32) is the group's gradient norm, NaN on steps where it was not
-taken; :mod:`graftlab.degenerate` reads it to tell float-noise groups apart. A table without
+taken; :mod:`graftlab.distill.degenerate` reads it to tell float-noise groups apart. A table without
 graftlab metadata (Parquet from another tool, or CSV) is read too, with the metadata inferred
-(:mod:`graftlab.foreign`), when it has ``step, group`` and ``ratio``, or ``step, group, norm_m,
+(:mod:`graftlab.trace.foreign`), when it has ``step, group`` and ``ratio``, or ``step, group, norm_m,
 norm_d`` (a ``/2`` trace exported by pandas, polars or DuckDB): ``ratio`` is then computed as
 ``norm_m / norm_d``, in float32 when both norms are float32, as for a ``/2`` trace.
 
 Part files are named ``part-<first step, 12 digits>.parquet`` so that name order is step order, and
 each is written under a hidden temporary name (:func:`temporary_name`), fsynced and renamed when
-complete (:mod:`graftlab.fsutil`), so a reader never sees a half-written part and a crash loses no
+complete (:mod:`graftlab.io.fsutil`), so a reader never sees a half-written part and a crash loses no
 renamed one. Data pages carry CRC32 checksums that every read verifies. The run metadata is a JSON
 object; metadata keys (all present; unknown values are null)::
 
@@ -45,7 +45,7 @@ Formats (both are read; a trace keeps the format it was started in, so a resumed
   bit-identical to the ratio a float32 Graft computes. A single-file ``/2`` trace
   (:func:`write_table`) holds the metadata in its footer; a part file copied out of its directory
   holds only the marker, so it (or a directory of such parts without the sidecar) is read as a table
-  without metadata (:mod:`graftlab.foreign`). About 7 bytes per row (bench/RESULTS.md).
+  without metadata (:mod:`graftlab.trace.foreign`). About 7 bytes per row (bench/RESULTS.md).
 - ``graftlab.trace/1``: every part stores ``ratio`` and repeats the full metadata in its footer
   (and the sidecar holds a copy); about 12 bytes per row.
 
@@ -69,6 +69,7 @@ from graftlab.trace.layout import (
     SIDECAR,
     STORED,
     PathLike,
+    clean_trace_temporaries,
     is_trace,
     part_files,
     part_first_step,
@@ -84,20 +85,24 @@ from graftlab.trace.writing import (
     COMPRESSION_LEVEL,
     FLOAT_ENCODING,
     build_table,
+    conform,
     metadata_bytes,
+    part_fields,
     part_marker,
     prepare_directory,
     truncate,
     write_part,
     write_sidecar,
     write_table,
+    widen_parts,
 )
 
 __all__ = [
     "COMPRESSION", "COMPRESSION_LEVEL", "FLOAT_ENCODING", "FORMAT", "FORMAT_1", "METADATA_KEY", "PART_GLOB",
-    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "group_table", "is_trace",
-    "metadata_bytes", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
+    "READABLE_FORMATS", "REQUIRED", "SCHEMA", "SIDECAR", "STORED", "PathLike", "build_table", "clean_trace_temporaries",
+    "conform", "group_table", "is_trace",
+    "metadata_bytes", "part_fields", "part_files", "part_first_step", "part_marker", "part_name", "prepare_directory",
     "read_metadata", "read_table", "read_trace", "temporary_name", "trace_extent", "trace_files", "trace_info",
     "with_ratio",
-    "truncate", "write_part", "write_sidecar", "write_table",
+    "truncate", "write_part", "write_sidecar", "write_table", "widen_parts",
 ]

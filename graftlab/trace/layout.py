@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -11,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError
-from graftlab.fsutil import temporary_name
-from graftlab.tracelock import LOCK_NAME
+from graftlab.io.fsutil import check_regular, clean_temporaries, temporary_name, temporary_pattern
+from graftlab.trace.lock import LOCK_NAME
 
 FORMAT = "graftlab.trace/2"
 FORMAT_1 = "graftlab.trace/1"
@@ -20,6 +21,9 @@ READABLE_FORMATS = (FORMAT_1, FORMAT)
 METADATA_KEY = b"graftlab"
 SIDECAR = "_graftlab.json"
 PART_GLOB = "part-*.parquet"
+# where a recording that replaces or cuts back a trace keeps the old files until its first part
+# is durable (graftlab.trace.replacing)
+BACKUP = ".graftlab-replaced"
 PART_NAME = re.compile(r"part-(\d{12})\.parquet")
 REQUIRED = ("step", "group", "norm_m", "norm_d", "ratio")
 # What each format stores: /2 leaves ``ratio`` out (read_trace computes it from the norms, exactly).
@@ -58,12 +62,34 @@ def part_first_step(path: PathLike) -> int:
     return int(m.group(1))
 
 
+# graftlab's own names in a trace folder: what a temporary may stand for, and what replacing a
+# trace may delete (exactly these: a user's ``part-notes.parquet`` or ``part-000000000000 (1).parquet``
+# matches the glob readers use, never these)
+OWNED_NAMES = r"part-\d{12}\.parquet|" + re.escape(SIDECAR)
+_LEGACY_TEMPORARY = re.compile(rf"\.(?:{OWNED_NAMES})\.tmp")  # the fixed names of earlier versions
+
+
 def trace_owned(name: str) -> bool:
-    """Whether a file name in a trace directory belongs to the trace (a part, the sidecar, their
-    hidden temporaries, the writer's lock): what replacing a trace may delete, and nothing else."""
-    if name.startswith(".") and name.endswith(".tmp"):
-        name = name[1:-4]
-    return fnmatch.fnmatchcase(name, PART_GLOB) or name in (SIDECAR, LOCK_NAME)
+    """Whether a file name in a trace directory belongs to the trace: a part named exactly as
+    graftlab names them (:func:`part_name`), the sidecar, the writer's lock, or a temporary of a
+    part or the sidecar in graftlab's pattern. Replacing a trace may delete these and nothing else."""
+    return (PART_NAME.fullmatch(name) is not None or name in (SIDECAR, LOCK_NAME)
+            or temporary_pattern(OWNED_NAMES).fullmatch(name) is not None
+            or _LEGACY_TEMPORARY.fullmatch(name) is not None)
+
+
+def clean_trace_temporaries(directory: PathLike) -> None:
+    """Delete the temporaries of parts and the sidecar a killed writer left in the trace
+    ``directory`` (graftlab's own patterns only; a live writer's are kept)."""
+    clean_temporaries(directory, OWNED_NAMES)
+    try:
+        names = [n for n in os.listdir(directory) if _LEGACY_TEMPORARY.fullmatch(n)]
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(directory, n)
+        if stat.S_ISREG(os.lstat(p).st_mode):  # unlink never follows a link; only files are ours
+            os.unlink(p)
 
 
 def part_files(directory: PathLike) -> list[Path]:
@@ -92,7 +118,13 @@ def trace_files(path: Path) -> list[Path]:
         raise GraftlabError(f"{path}: not a trace (neither a file nor a directory)")
     files = part_files(path)
     if not files:
+        if (path / BACKUP).is_dir():
+            raise GraftlabError(f"{path}: a recording that was replacing this trace stopped before its first part; "
+                                f"the old trace waits in {path / BACKUP}: move its files back into {path}, or record into {path} "
+                                "again (a recording puts them back first)")
         raise GraftlabError(f"{path}: not a trace (no {PART_GLOB} files; an empty or interrupted recording?)")
+    for f in files:  # a FIFO named like a part would be waited on forever
+        check_regular(f, "trace part")
     stray = [f.name for f in files if PART_NAME.fullmatch(f.name) is None]
     if stray:
         raise GraftlabError(
@@ -115,3 +147,20 @@ def is_trace(path: PathLike) -> bool:
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
         return False
     return any(all(c in names for c in cols) for cols in STORED.values())
+
+
+class GroupList(list):
+    """The metadata's ``groups`` as a DataFrame's ``attrs`` hold them: a list that ``copy.deepcopy``
+    shares instead of copying. pandas deep-copies ``attrs`` on nearly every operation (each column
+    access), which for 10^5 groups cost a second apiece; the group records are read, not edited."""
+
+    def __deepcopy__(self, memo: dict) -> "GroupList":
+        return self
+
+
+def frame_metadata(meta: dict) -> dict:
+    """``meta`` as ``df.attrs["graftlab"]`` holds it: its ``groups`` a :class:`GroupList`."""
+    groups = meta.get("groups")
+    if isinstance(groups, list) and not isinstance(groups, GroupList):
+        meta = {**meta, "groups": GroupList(groups)}
+    return meta

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from graftlab.io.fsutil import check_regular
 from graftlab.errors import GraftlabError
 from graftlab.trace.layout import FORMAT, METADATA_KEY, READABLE_FORMATS, SIDECAR, STORED, part_first_step
 
@@ -151,6 +152,20 @@ def decode(raw: Optional[bytes], where: Path) -> dict[str, Any]:
     if groups is not None and not (isinstance(groups, list)
                                    and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in groups)):
         raise GraftlabError(f"{where}: graftlab metadata 'groups' must be a list of objects with a 'name'")
+    if groups:
+        names = [g["name"] for g in groups]
+        if "" in names:
+            raise GraftlabError(f"{where}: graftlab metadata names a group '' (a group needs a name)")
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise GraftlabError(f"{where}: graftlab metadata names the group {twice!r} twice")
+    for key in ("every", "flush_every"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise GraftlabError(f"{where}: graftlab metadata {key!r} must be a whole number >= 1, got {value!r}")
+    start = meta.get("start_step")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise GraftlabError(f"{where}: graftlab metadata 'start_step' must be a whole number >= 0, got {start!r}")
     return meta
 
 
@@ -162,6 +177,7 @@ def is_marker(meta: dict[str, Any]) -> bool:
 def read_sidecar(directory: Path, where: Optional[Path] = None) -> dict[str, Any]:
     """The run metadata in ``directory``'s sidecar; errors name ``where`` (default: ``directory``)."""
     path = directory / SIDECAR
+    check_regular(path, "trace sidecar")  # a FIFO would be waited on forever
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from graftlab.errors import GraftlabError
 from graftlab.trace.gaps import describe as describe_gaps
-from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, trace_files
+from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, frame_metadata, trace_files
 from graftlab.trace.parts import READ_ERRORS, check_part, describe, open_part, step_bounds, trace_metadata
 from graftlab.trace.scanning import (
     _in_order, _indices, _scanner, _stream_to_pandas, _to_pandas, open_parts, scan_ratios,
@@ -27,11 +27,11 @@ __all__ = [
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The run metadata of a trace (``_graftlab.json`` of a ``/2`` directory, else the first part's
-    footer; inferred for a table another tool wrote, see :mod:`graftlab.foreign`).
+    footer; inferred for a table another tool wrote, see :mod:`graftlab.trace.foreign`).
 
     Raises :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace.
     """
-    from graftlab import foreign
+    from graftlab.trace import foreign
 
     if foreign.is_foreign(path):
         return foreign.metadata(path)
@@ -118,11 +118,11 @@ def read_trace(
     required column or holds one of the wrong type, holds a step twice, or lacks a column named in
     ``columns``. A table another tool wrote (Parquet without graftlab metadata, or CSV, with columns
     ``step, group`` and ``ratio`` or ``norm_m, norm_d``), or a ``/2`` part file away from its
-    ``_graftlab.json`` (or a directory of them), is read by :func:`graftlab.foreign.read`. Recorded
+    ``_graftlab.json`` (or a directory of them), is read by :func:`graftlab.trace.foreign.read`. Recorded
     steps missing between part files (one deleted: :mod:`graftlab.trace.gaps`) inside ``steps``
     give one ``UserWarning`` naming them.
     """
-    from graftlab import foreign
+    from graftlab.trace import foreign
 
     if foreign.is_foreign(path):
         return foreign.read(path, steps=steps, groups=groups, columns=columns)
@@ -141,7 +141,7 @@ def read_trace(
                       "(a part file is gone?)", stacklevel=2)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
-    df.attrs["graftlab"] = meta
+    df.attrs["graftlab"] = frame_metadata(meta)
     return df
 
 
@@ -171,9 +171,9 @@ def trace_extent(path: PathLike) -> tuple[int, int]:
     Only the footers of the first and last parts that hold rows are read, so this costs the same on
     a trace of thousands of parts, and no graftlab metadata is needed. Raises
     :class:`~graftlab.errors.GraftlabError` when ``path`` is not a readable trace, lacks a required
-    column, or holds no rows. A foreign table (:mod:`graftlab.foreign`) has its ``step`` column read.
+    column, or holds no rows. A foreign table (:mod:`graftlab.trace.foreign`) has its ``step`` column read.
     """
-    from graftlab import foreign
+    from graftlab.trace import foreign
 
     if foreign.is_foreign(path):
         return foreign.extent(path)
@@ -197,7 +197,7 @@ def trace_info(path: PathLike) -> dict[str, Any]:
     :func:`read_trace` returns, ``computed`` those of them not stored (``["ratio"]`` for ``/2``). Every part's footer is checked as
     :func:`read_trace` checks it, so a duplicated or damaged part is an error here too.
     """
-    from graftlab import foreign
+    from graftlab.trace import foreign
 
     if foreign.is_foreign(path):
         return foreign.info(path)

@@ -151,11 +151,15 @@ def scan_ratios(
 ) -> tuple[Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], GroupCodes, dict[str, Any]]:
     """Stream a trace's ``(step, group position, ratio)`` as numpy arrays, one record batch at a time.
 
-    For engines that fill their own arrays (:mod:`graftlab.medians`): the whole trace is never held
+    For engines that fill their own arrays (:mod:`graftlab.distill.medians`): the whole trace is never held
     as columns. Batches come in part order; rows are as stored (the caller checks their order). The
     footers are checked as for :func:`read_trace`; ``codes.names`` lists the groups (metadata order,
     then unknown names as met). Returns ``(batches, codes, metadata)``.
     """
+    from graftlab.trace import foreign
+
+    if foreign.is_foreign(path):
+        return foreign.scan_ratios(path, steps=steps)
     path = Path(path)
     scan = _scanner(path, steps, [], ["step", "group", "ratio"])
     codes = GroupCodes(scan.names, path)
@@ -188,6 +192,10 @@ def scan_batches(
     divergence marks of a 40M-row trace). ``group`` stays dictionary-encoded as stored; a ``/2``
     trace's ``ratio`` is computed per batch. Footers are checked as for :func:`read_trace`.
     Returns ``(batches, metadata)``."""
+    from graftlab.trace import foreign
+
+    if foreign.is_foreign(path):  # norm columns the table lacks are left out of its batches
+        return foreign.scan_batches(path, required, optional, steps=steps)
     path = Path(path)
     required = list(required)
     scan = _scanner(path, steps, None, required)

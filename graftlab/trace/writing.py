@@ -12,12 +12,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.fsutil import atomic_path, atomic_write, fsync_directory
-from graftlab.tracelock import LOCK_NAME
+from graftlab.io.fsutil import atomic_path, atomic_write, fsync_directory
+from graftlab.trace.lock import LOCK_NAME
 from graftlab.trace.layout import (
-    FLOAT_COLUMNS, FORMAT, FORMAT_1, METADATA_KEY, PART_GLOB, READABLE_FORMATS, SCHEMA, SIDECAR, PathLike, is_trace,
-    part_files, part_first_step, part_name, temporary_name, trace_owned,
+    FLOAT_COLUMNS, FORMAT, FORMAT_1, METADATA_KEY, PART_NAME, READABLE_FORMATS, SCHEMA, SIDECAR, PathLike,
+    clean_trace_temporaries, is_trace, part_files, part_first_step, part_name,
 )
+from graftlab.trace import replacing
 
 # Per-row cost matters (one row per step and group): floats are byte-stream-split before zstd (their
 # exponent bytes then compress well; the low mantissa bits are noise and stay ~3 bytes a value),
@@ -165,23 +166,27 @@ def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool =
 
     An existing non-empty directory is an :class:`~graftlab.errors.OutputExistsError` unless
     ``overwrite`` or ``resume``, and even then only a trace is used: a directory holding no trace is
-    a :class:`GraftlabError`. Replacing a trace deletes only its own files (parts, sidecar and
-    their temporaries; :func:`~graftlab.trace.layout.trace_owned`), never a file a user keeps
-    beside them, and an existing file is never turned into a directory.
+    a :class:`GraftlabError`. Replacing a trace moves only its own files (parts named as graftlab
+    names them, the sidecar; :func:`~graftlab.trace.layout.trace_owned`) aside into the backup
+    folder (:mod:`graftlab.trace.replacing`: restored if the new run fails before its first part),
+    never a file a user keeps beside them, and an existing file is never turned into a directory.
+    Call it holding the trace's lock.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GraftlabError(f"{path} exists and is a file, not a trace folder; choose another path")
     if path.exists():
-        entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
+        entries = [p for p in path.iterdir() if p.name not in (LOCK_NAME, replacing.BACKUP)]
         if entries and not resume:
             if not overwrite:
                 raise OutputExistsError(path, "trace")
             if not is_trace(path):
                 raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not replacing it")
+            clean_trace_temporaries(path)
+            replacing.begin(path)
             for p in entries:
-                if p.is_file() and trace_owned(p.name):
-                    p.unlink()
+                if replacing._restorable(p.name) and replacing._is_file(p):
+                    replacing.stash(path, p.name)
         elif resume and entries and not is_trace(path):
             raise GraftlabError(f"{path} does not hold a graftlab trace to resume")
     path.mkdir(parents=True, exist_ok=True)
@@ -191,11 +196,16 @@ def prepare_directory(path: PathLike, *, overwrite: bool = False, resume: bool =
 
 def truncate(path: PathLike, start_step: int) -> None:
     """Drop the rows with ``step >= start_step`` from a trace directory (a resumed run redoes those
-    steps), and the temporary files of parts that a killed writer left half-written."""
+    steps), and the temporary files of parts that a killed writer left half-written. The parts
+    removed or rewritten are kept aside until the run's first new part (:mod:`graftlab.trace.replacing`)."""
     path = Path(path)
+    clean_trace_temporaries(path)
     for part in part_files(path):
+        if PART_NAME.fullmatch(part.name) is None:
+            continue  # not a name graftlab writes: a user's file, never touched
         if part_first_step(part) >= start_step:
-            part.unlink()
+            replacing.begin(path)
+            replacing.stash(path, part.name)
             continue
         try:
             table = pq.read_table(part, page_checksum_verification=True)
@@ -203,7 +213,49 @@ def truncate(path: PathLike, start_step: int) -> None:
             raise GraftlabError(f"{part}: not a readable Parquet file ({err}); cannot resume into this trace") from None
         steps = table.column("step").to_numpy()
         if steps.size and steps.max() >= start_step:
+            replacing.begin(path)
+            replacing.stash(path, part.name)
             write_table(table.filter(pc.less(table.column("step"), start_step)), part)
-    for tmp in path.glob(temporary_name(PART_GLOB).name):
-        tmp.unlink()
     fsync_directory(path)
+
+
+# -- one schema for every part --------------------------------------------------------------------
+# pandas, pyarrow.dataset and DuckDB take a folder's schema from one part and drop columns the
+# others add; polars refuses parts that differ. So every part of a trace holds every column of the
+# trace, in one order: a column first logged after earlier parts were written widens them with nulls.
+def part_fields(directory: PathLike) -> dict[str, pa.Field]:
+    """The union of the columns of the parts in ``directory``, in order of first appearance."""
+    fields: dict[str, pa.Field] = {}
+    for part in part_files(directory):
+        try:
+            schema = pq.read_schema(part)
+        except (pa.ArrowException, OSError):
+            continue  # the reader reports a broken part; widening skips it
+        for f in schema:
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def conform(table: pa.Table, fields: dict[str, pa.Field]) -> pa.Table:
+    """``table`` with the columns of ``fields`` in their order, those it lacks as nulls, and its
+    own other columns after them; its schema metadata kept."""
+    names = [*fields, *(n for n in table.column_names if n not in fields)]
+    if names == table.column_names:
+        return table
+    own = set(table.column_names)
+    schema = pa.schema([table.schema.field(n) if n in own else fields[n] for n in names], metadata=table.schema.metadata)
+    columns = [table.column(n) if n in own else pa.nulls(table.num_rows, fields[n].type) for n in names]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def widen_parts(directory: PathLike, fields: dict[str, pa.Field]) -> None:
+    """Rewrite (atomically, each under a temporary name) the parts of ``directory`` that lack some of
+    ``fields``, adding those columns as nulls. Each part is complete at every moment."""
+    for part in part_files(directory):
+        try:
+            if set(pq.read_schema(part).names) >= set(fields):
+                continue
+            table = pq.read_table(part, page_checksum_verification=True)
+        except (pa.ArrowException, OSError):
+            continue
+        write_table(conform(table, fields), part)

@@ -1,0 +1,164 @@
+"""Where a command may write, checked before anything is written, and files replaced only whole.
+
+Every command checks all its output paths first (:func:`check_output`), so a mistake costs nothing:
+
+- a file standing where a parent folder goes (``-o notes.txt/x``) is an error, found before any work;
+- an output file that is also an input (``distill T.parquet -o T.parquet``) is an error, as is one
+  inside an input folder;
+- nothing but trace parts goes into a trace folder (``distill -o T/c.json``, ``--metrics
+  T/m.parquet``): ``pandas.read_parquet(T)`` would choke on it, or read it as rows;
+- an existing output is an :class:`~graftlab.errors.OutputExistsError` unless ``overwrite``.
+
+The check belongs to the trace contract because its main rule is about trace folders; the writes
+themselves are :mod:`graftlab.io.outputs`'.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from graftlab.errors import GraftlabError, OutputExistsError, placeholders
+from graftlab.io.fsutil import describe_os_error, file_kind
+from graftlab.trace.layout import is_trace
+
+PathLike = Union[str, os.PathLike]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (by resolved path)."""
+    p, f = path.resolve(), folder.resolve()
+    return p == f or f in p.parents
+
+
+def _is_trace_file(path: Path) -> bool:
+    try:
+        return is_trace(path)
+    except (OSError, ValueError):
+        return False
+
+
+def trace_folder_of(path: PathLike) -> Optional[Path]:
+    """The trace directory ``path`` is, or lies inside (its nearest existing folders), or None."""
+    p = Path(path).expanduser()
+    for folder in (p, *p.parents):
+        if folder.is_dir():
+            try:
+                if is_trace(folder):
+                    return folder
+            except OSError:
+                return None
+    return None
+
+
+def _error(what: str, message: str) -> GraftlabError:
+    """An error about output ``what``: a parameter placeholder (``"{out}"``) makes it the error's
+    parameter, said as its flag on the command line."""
+    return GraftlabError(message, param=placeholders(what))
+
+
+def check_parents(path: PathLike, what: str) -> None:
+    """GraftlabError if a file (not a folder) stands where one of ``path``'s parents goes."""
+    p = Path(path).expanduser()
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _error(what, f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
+def check_output(
+    path: Optional[PathLike],
+    what: str,
+    *,
+    overwrite: bool = False,
+    folder: bool = False,
+    inputs: Iterable[tuple[str, Optional[PathLike]]] = (),
+    new_traces: Iterable[Optional[PathLike]] = (),
+    may_exist: bool = False,
+    trace: bool = False,
+) -> Optional[Path]:
+    """Check the output ``path`` (a file, or a ``folder``) before anything is written; returns it.
+
+    ``what`` names it in messages (``"metrics file"``). ``inputs`` are ``(name, path)`` pairs the
+    command reads: the output may be none of them nor lie inside one. ``new_traces`` are trace
+    folders the same command will create (``record``'s ``out``): the output may not go inside those
+    either. An existing file output needs ``overwrite`` (an :class:`OutputExistsError`), unless
+    ``may_exist`` (a folder the command adds files to, a trace to resume). A ``trace`` output (the
+    trace folder ``record`` writes) may be a trace but not lie inside one. Raises
+    :class:`GraftlabError` with one line naming the path and what is wrong.
+    """
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    try:
+        _check_kind(p, what, folder)
+        check_parents(p, what)
+        return _check_output(p, what, overwrite=overwrite, folder=folder, inputs=inputs, new_traces=new_traces,
+                             may_exist=may_exist, trace=trace)
+    except (OSError, ValueError) as err:
+        if isinstance(err, GraftlabError):
+            raise
+        raise _error(what, f"{what} {str(p)!r}: {describe_os_error(err)}") from None
+
+
+def _check_kind(p: Path, what: str, folder: bool) -> None:
+    """An output is a regular file or a folder, or does not exist yet: a FIFO, a device or a
+    socket is never replaced by a file (``-o /dev/null --overwrite``), and a symbolic link (dangling,
+    a loop, or one to a file elsewhere) is not written through nor replaced. Names with a NUL byte
+    are refused here, before any call that would raise ValueError."""
+    if "\x00" in str(p):
+        raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
+    try:
+        mode = os.lstat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a file among its parents: check_parents says which
+        return
+    if stat.S_ISLNK(mode):
+        if folder and p.is_dir():
+            return  # a folder reached through a link: files are created inside it, the link stays
+        raise _error(what, f"{what} {str(p)!r} is a symbolic link; not writing through it nor replacing it: "
+                            "give the path it points to, or another one")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _error(what, f"{what} {str(p)!r} is {file_kind(mode)}; not replacing it: choose another path")
+
+
+def _check_output(p: Path, what: str, *, overwrite: bool, folder: bool, inputs, new_traces, may_exist: bool,
+                  trace: bool) -> Path:
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise _error(what, f"{what} {str(p)!r} is a file, not a folder")
+    elif p.is_dir():
+        raise _error(what, f"{what} {str(p)!r} is a folder, not a file")
+    for name, source in inputs:
+        if source is None:
+            continue
+        src = Path(source).expanduser()
+        if _same(p, src) or (src.is_dir() and _within(p, src)):
+            raise _error(what, f"{what} {str(p)!r} is the {name} {str(src)!r} (or inside it): choose another path")
+    holder = trace_folder_of(p.parent if trace else p)
+    if holder is not None:
+        where = "is a trace folder" if holder == p else f"is inside the trace folder {str(holder)!r}"
+        raise _error(what, f"{what} {str(p)!r} {where}, which holds only trace parts: choose a path outside it")
+    if not trace and p.is_file() and _is_trace_file(p):
+        raise _error(what, f"{what} {str(p)!r} is a graftlab trace; not replacing it with another kind of file")
+    for t in new_traces:
+        if t is not None and _within(p, Path(t).expanduser()):
+            raise _error(
+                what, f"{what} {str(p)!r} is inside the trace folder {str(Path(t))!r} this run writes, which holds "
+                "only trace parts: choose a path outside it"
+            )
+    if not folder and not may_exist and p.exists() and not overwrite:
+        raise OutputExistsError(p, what)
+    return p
+
+
