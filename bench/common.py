@@ -142,3 +142,21 @@ def run_process(cmd: list[str]) -> dict:
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{err}")
     return {"seconds": wall, "cpu_seconds": rusage.ru_utime + rusage.ru_stime, "max_rss_mb": rusage.ru_maxrss / 1024}
+
+
+def stepper(task, model, optimizer, batches) -> Callable:
+    """``step(rec=None)``: one training step of ``model`` on ``batches`` in a cycle, logging the loss
+    to the Recorder ``rec`` when given (the same step every recording benchmark times)."""
+    state = {"i": 0}
+
+    def step(rec=None) -> None:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        if rec is not None:
+            rec.log(loss=loss.detach())
+
+    return step

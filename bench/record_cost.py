@@ -14,7 +14,6 @@ background writer thread too, so nothing hides on the second core); on CUDA it i
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleave, quantiles, ratio_summary, table, write_result  # noqa: E402
+from common import interleave, quantiles, ratio_summary, stepper, table, write_result  # noqa: E402
 
 from graftlab import Graft  # noqa: E402
 from graftlab.record.recorder import Recorder  # noqa: E402
@@ -37,19 +36,7 @@ def _trainer(task, model, batches, granularity="layer"):
     adam = torch.optim.Adam(model.parameters(), lr=task.default_lr("adam"))
     sgd = torch.optim.SGD(model.parameters(), lr=task.default_lr("sgd"), momentum=0.9)
     graft = Graft(adam, sgd, granularity=granularity, names=model)
-    state = {"i": 0}
-
-    def step(rec=None) -> None:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        loss = task.loss(model, batch)
-        loss.backward()
-        graft.step()
-        graft.zero_grad(set_to_none=False)
-        if rec is not None:
-            rec.log(loss=loss.detach())
-
-    return step, graft
+    return stepper(task, model, graft, batches), graft
 
 
 def _sync(device: torch.device) -> None:

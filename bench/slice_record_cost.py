@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleave, quantiles, ratio_summary, table, write_result  # noqa: E402
+from common import interleave, quantiles, ratio_summary, stepper, table, write_result  # noqa: E402
 from record_cost import _block  # noqa: E402
 
 from graftlab import Graft, read_trace  # noqa: E402
@@ -37,22 +37,6 @@ from graftlab.record.recorder import Recorder  # noqa: E402
 from graftlab.tasks import get_task  # noqa: E402
 
 TARGET = 1.02
-
-
-def _stepper(task, model, opt, batches, graft: bool):
-    state = {"i": 0}
-
-    def step(rec=None) -> None:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        loss = task.loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        if rec is not None:
-            rec.log(loss=loss.detach())
-
-    return step
 
 
 def _sizes(paths: list[Path]) -> tuple[int, int, int]:
@@ -100,11 +84,10 @@ def measure(task, batches, granularity: str, row_block: int, everies: list[int],
     adam = torch.optim.Adam(model.parameters(), lr=task.default_lr("adam"))
     sgd = torch.optim.SGD(model.parameters(), lr=task.default_lr("sgd"), momentum=0.9)
     graft = Graft(adam, sgd, granularity=granularity, row_block=row_block, names=model)
-    step = _stepper(task, model, graft, batches, True)
+    step = stepper(task, model, graft, batches)
     plain_model = copy.deepcopy(model)
     plain_model.load_state_dict(start)
-    plain = _stepper(task, plain_model, torch.optim.Adam(plain_model.parameters(), lr=task.default_lr("adam")),
-                     batches, False)
+    plain = stepper(task, plain_model, torch.optim.Adam(plain_model.parameters(), lr=task.default_lr("adam")), batches)
     traces: dict[int, list[Path]] = {e: [] for e in [1, *everies]}
     made = [0]
 
