@@ -44,6 +44,9 @@ def open_trace(
     metadata every part gets (a resumed trace keeps its own). Raises :class:`GraftlabError`
     (:class:`OutputExistsError` for an existing trace without ``overwrite``/``resume``)."""
     path = Path(path)
+    if path.is_symlink():  # replacing or resuming through it would change the trace it points to
+        raise GraftlabError(f"{path} is a symbolic link; not recording through it: give the trace folder it points "
+                            "to, or another path")
     if path.exists() and not path.is_dir():
         raise GraftlabError(f"{path} exists and is a file, not a trace folder; choose another path")
     outer = trace_folder_of(path.parent)

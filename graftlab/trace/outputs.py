@@ -102,7 +102,7 @@ def check_output(
         return None
     p = Path(path).expanduser()
     try:
-        _check_kind(p, what, folder)
+        _check_kind(p, what, folder and not (trace or overwrite))
         check_parents(p, what)
         return _check_output(p, what, overwrite=overwrite, folder=folder, inputs=inputs, new_traces=new_traces,
                              may_exist=may_exist, trace=trace)
@@ -115,7 +115,8 @@ def check_output(
 def _check_kind(p: Path, what: str, folder: bool) -> None:
     """An output is a regular file or a folder, or does not exist yet: a FIFO, a device or a
     socket is never replaced by a file (``-o /dev/null --overwrite``), and a symbolic link (dangling,
-    a loop, or one to a file elsewhere) is not written through nor replaced. Names with a NUL byte
+    a loop, or one to a file elsewhere) is not written through nor replaced. ``folder`` is True only
+    for a folder output that is added to (not a trace, nothing overwritten): that one may be a link. Names with a NUL byte
     are refused here, before any call that would raise ValueError."""
     if "\x00" in str(p):
         raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
@@ -125,7 +126,7 @@ def _check_kind(p: Path, what: str, folder: bool) -> None:
         return
     if stat.S_ISLNK(mode):
         if folder and p.is_dir():
-            return  # a folder reached through a link: files are created inside it, the link stays
+            return  # a folder reached through a link, only added to: files are created inside it, the link stays
         raise _error(what, f"{what} {str(p)!r} is a symbolic link; not writing through it nor replacing it: "
                             "give the path it points to, or another one")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

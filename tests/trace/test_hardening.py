@@ -356,3 +356,35 @@ def test_counts():
     loss = len(FAILURES) * len(KINDS) + len(USER_FILES) * 2 + 1 + len(WRITERS) * len(WRITE_FAILURES) + 10
     security = 1 + 1 + 1 + 1 + 1 + 1 + 2 + 7 + 1
     print(f"\ndata-loss probes in this file: {loss}; security probes: {security}")
+
+
+def test_a_trace_output_that_is_a_symbolic_link_is_refused_and_its_target_kept(tmp_path):
+    """``-o link --overwrite`` with ``link -> t``: replacing through the link would replace ``t``."""
+    import torch
+
+    from graftlab import Graft, Recorder, read_trace
+
+    model = torch.nn.Linear(3, 2)
+    graft = Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1), names=model)
+    with Recorder(graft, tmp_path / "t") as rec:
+        for _ in range(4):
+            model(torch.ones(1, 3)).sum().backward()
+            graft.step()
+            graft.zero_grad()
+    before = read_trace(tmp_path / "t")
+    (tmp_path / "link").symlink_to(tmp_path / "t", target_is_directory=True)
+    with pytest.raises(GraftlabError, match="symbolic link"):
+        Recorder(graft, tmp_path / "link", overwrite=True)
+    assert read_trace(tmp_path / "t").equals(before)
+    assert rec.path == tmp_path / "t"
+
+
+def test_check_output_refuses_a_link_for_a_trace_or_an_overwrite_and_allows_one_only_added_to(tmp_path):
+    from graftlab.trace.outputs import check_output
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    for kwargs in ({"trace": True, "folder": True, "may_exist": True}, {"folder": True, "overwrite": True}):
+        with pytest.raises(GraftlabError, match="symbolic link"):
+            check_output(tmp_path / "link", "output", **kwargs)
+    assert check_output(tmp_path / "link", "output", folder=True) == tmp_path / "link"
