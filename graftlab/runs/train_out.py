@@ -33,6 +33,12 @@ def check_out(out: str | os.PathLike, *, overwrite: bool = False, metrics: Optio
     """
     inputs = list(inputs)
     p = check_output(out, "{out} folder", folder=True, inputs=inputs)
+    if metrics is not None:  # the metrics file is written during the run: neither out nor one of its files
+        m = Path(metrics).expanduser()
+        own = {p.resolve() / name for name in (RESULT, MODEL)}
+        if m.resolve() == p.resolve() or m.resolve() in own:
+            raise GraftlabError(f"{{metrics}} {str(m)!r} is {{out}} {str(p)!r} or one of the files it receives "
+                                f"({RESULT}, {MODEL}): choose another metrics path", param=("metrics", "out"))
     if not p.parent.is_dir():
         raise GraftlabError(f"{{out}} {str(p)!r}: its folder {str(p.parent)!r} does not exist", param="out")
     for name in (RESULT, MODEL) + (() if metrics is not None else (METRICS,)):

@@ -2,10 +2,12 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from graftlab.cli.app import app
+from graftlab.errors import GraftlabError
 from graftlab.tasks import get_task
 
 ARGS = ["train", "--task", "resnet", "--optimizer", "sgd", "--lr", "0.05", "--steps", "3", "--batch-size", "8",
@@ -44,3 +46,15 @@ def test_out_with_metrics_elsewhere_and_a_file_in_the_way(tmp_path):
     bad = CliRunner().invoke(app, [*ARGS, "--out", str(tmp_path / "f")])
     assert bad.exit_code != 0 and "is a file" in str(bad.exception)
     assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_metrics_that_are_out_or_one_of_its_files_are_refused_before_training(tmp_path):
+    """``--out tr --metrics tr/result.json`` would have the result overwrite the metrics at the end."""
+    from graftlab.runs.train_out import check_out
+
+    for metrics in ("tr/result.json", "tr/model.pt", "tr"):
+        with pytest.raises(GraftlabError, match="one of the files it receives") as err:
+            check_out(tmp_path / "tr", metrics=str(tmp_path / metrics))
+        assert err.value.params == ("metrics", "out")
+    assert not (tmp_path / "tr").exists()
+    assert check_out(tmp_path / "tr", metrics=str(tmp_path / "tr" / "m.parquet")) == tmp_path / "tr"
