@@ -86,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     b = [p["row"]["batch"] for p in points]
@@ -99,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     ax.set(xscale="log", xlabel="batch size (sequences of 32 tokens)", ylabel="held-out loss difference (nats)",
            title=f"gpt/tiny, {points[0]['row']['steps']} steps, mean and 95% interval")
     ax.set_xticks(b, [str(x) for x in b])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # log-axis minor labels would overlap the batches
     ax.legend(fontsize=7)
     fig.savefig(out / "curve.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
