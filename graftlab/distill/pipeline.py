@@ -102,7 +102,9 @@ def distill(
     idle_seen: list[int] = []
     df = _read(path, start, start + window, None if whole else filter, idle_seen)
     if df.empty:
-        raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}")
+        held = f"; it holds steps {extent[0]}..{extent[1]}: pass {{start={extent[0]}}}" if extent[0] > start else ""
+        raise GraftlabError(f"{path}: the trace has no rows in steps {start}..{start + window - 1}{held}",
+                            param="start")
     grid = None
     if whole:  # the grid holds every step from start on (the rows only the first window's)
         grid, grid_idle = _ratio_grid(path, start, filter)
@@ -204,8 +206,8 @@ def _fit(path: Path, window: Optional[int], start: int) -> tuple[dict[str, Any],
     meta = read_metadata(path)
     extent = trace_extent(path)
     length = _length(meta, extent)
-    if window is None:
-        window = default_window(length)
+    if window is None:  # a quarter of the steps the trace holds (a trace may start past step 0)
+        window = default_window(length - min(extent[0], start))
     if start + window > length:
         if start >= length:
             what = f"{{start={start}}} is past the trace's end"

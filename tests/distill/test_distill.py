@@ -375,3 +375,23 @@ def test_schedule_over_a_whole_trace_equals_the_row_by_row_medians(tmp_path):
     plain = tmp_path / "plain.parquet"
     read_trace(path)[["step", "group", "norm_m", "norm_d", "ratio"]].astype({"group": str}).to_parquet(plain)
     assert distill(plain, window=100, schedule=True, filter=51, start=50).schedule == corr.schedule
+
+
+def test_a_trace_that_starts_late_says_where_it_starts_and_sizes_the_default_window_from_its_steps(tmp_path):
+    import torch
+
+    from graftlab import Graft, Recorder
+
+    model = torch.nn.Linear(4, 3)
+    graft = Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1), names=model)
+    torch.manual_seed(0)
+    with Recorder(graft, tmp_path / "t", start_step=1000):
+        for _ in range(40):
+            model(torch.randn(2, 4)).sum().backward()
+            graft.step()
+            graft.zero_grad()
+    with pytest.raises(GraftlabError, match=r"holds steps 1000\.\.1039: pass start=1000") as err:
+        distill(tmp_path / "t")
+    assert err.value.params == ("start",)
+    corr = distill(tmp_path / "t", start=1000)
+    assert corr.source["window"] == 10 and corr.source["start"] == 1000  # a quarter of the 40 steps held
