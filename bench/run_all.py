@@ -25,6 +25,7 @@ from common import ROOT, machine  # noqa: E402
 # result name -> the script and its arguments
 RUNS = {name: (name, []) for name in ("step_cost", "record_cost", "divergence_check", "distill_cost", "median_engines",
                                       "trace_size", "cli_start", "bitflip")}
+RUNS["foreign_scale"] = ("foreign_scale", ["--million"])
 RUNS["slice_record_cost.interleaved"] = ("slice_record_cost", ["--every", "10,50,100"])
 RUNS["slice_record_cost"] = ("slice_record_cost", ["--hooks-only", "--every", "10,50,100"])
 SCRIPTS = tuple(RUNS)
