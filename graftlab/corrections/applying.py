@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from graftlab.corrections.files import GLOBAL, Corrections
+from graftlab.corrections.files import GLOBAL, Corrections, load_corrections
 from graftlab.corrections.slices import SliceSchedule, head_counts, slice_of
 from graftlab.errors import GraftlabError
 from graftlab.graft.schedules import Piecewise, Product
@@ -264,13 +265,14 @@ def _schedules(corrections: Corrections, targets: dict[str, list[int]], n: int, 
 
 
 def apply(
-    corrections: Corrections,
+    corrections: Union[Corrections, str, os.PathLike],
     named_params: Iterable[tuple[str, Any]],
     base_lr: float,
     *,
     allow_missing: bool = False,
 ) -> Applied:
-    """Turn ``corrections`` into per-parameter learning rates and schedules for a plain optimizer.
+    """Turn ``corrections`` (a :class:`Corrections`, or the path of a corrections file) into
+    per-parameter learning rates and schedules for a plain optimizer.
 
     This is the paper's offline transfer (Section 5): D trained alone with the per-layer factors
     distilled from M#D (Table 5 medians, or their D_beta rounding of Table 6b) or a global schedule
@@ -295,6 +297,11 @@ def apply(
     mismatch that a name prefix explains (a model wrapped in a parent module, ``net.``; a trace
     recorded without ``names=``, ``param.0``) says so and how to fix it.
     """
+    if isinstance(corrections, (str, os.PathLike)):
+        corrections = load_corrections(corrections)
+    elif not isinstance(corrections, Corrections):
+        raise GraftlabError(f"corrections must be a Corrections or the path of a corrections file, got "
+                            f"{type(corrections).__name__}", param="corrections")
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
         raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
     names, params = _named(_own_names(named_params))

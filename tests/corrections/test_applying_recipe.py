@@ -110,3 +110,21 @@ def test_distill_stores_the_trace_path_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     corr = distill("sample_traces/bert-adam-sgd-bs16", window=50, round="none")
     assert corr.source["trace"] == "sample_traces/bert-adam-sgd-bs16"
+
+
+def test_apply_takes_the_path_of_a_corrections_file_and_refuses_other_objects(tmp_path):
+    import pytest
+    import torch
+
+    import graftlab
+    from graftlab.corrections import Corrections, save
+    from graftlab.errors import GraftlabError
+
+    model = torch.nn.Linear(3, 2)
+    corr = Corrections(multipliers={"weight": 10.0, "bias": 0.1}, source={"direction_lr": 0.1})
+    save(corr, tmp_path / "c.json")
+    for given in (tmp_path / "c.json", str(tmp_path / "c.json")):
+        applied = graftlab.apply_corrections(given, model, 0.1)
+        assert sorted(g["lr"] for g in applied.param_groups) == pytest.approx([0.01, 1.0])
+    with pytest.raises(GraftlabError, match="must be a Corrections or the path"):
+        graftlab.apply_corrections({"weight": 10.0}, model, 0.1)
