@@ -190,12 +190,9 @@ ROWS: list[Row] = [
         summary("results.schedule_ratio", "x", "<=", 5), "<= 5x"),
     Row(P, "foreign_scale", "the same schedule: peak memory", value("results.schedule.max_rss_mb", "MB", "<", 2048),
         "< 2 GB"),
-    Row(P, "foreign_scale", "100,000 groups x 20 steps: `graftlab info`, wall", summary("results.info_many", "s", "<=", 15),
-        "<= 15 s"),
-    Row(P, "foreign_scale", "100,000 groups x 20 steps: `graftlab distill`, wall",
-        summary("results.distill_many", "s", "<=", 15), "<= 15 s"),
-    Row(P, "foreign_scale", "100,000 groups x 20 steps: `graftlab plot --figure 5`, wall",
-        summary("results.plot5_many", "s", "<=", 15), "<= 15 s"),
+    *(Row(P, "foreign_scale", f"100,000 groups x 20 steps: `graftlab {command}`, wall",
+          summary(f"results.{key}_many", "s", "<=", 15), "<= 15 s")
+      for command, key in (("info", "info"), ("distill", "distill"), ("plot --figure 5", "plot5"))),
     Row(P, "foreign_scale", "1,000,000 groups x 1 step: `graftlab distill`, wall",
         summary("results.distill_million", "s", "<=", 60), "<= 60 s"),
     Row(R, "kill_suite", "`graftlab record` killed (SIGKILL, SIGTERM; at chosen steps, at random moments, during "

@@ -25,7 +25,7 @@ from graftlab.io import termination
 from graftlab.distributed.env import _AVAILABLE, barrier as _barrier, dist, is_main, unwrap
 from graftlab.errors import GraftlabError, OutputExistsError
 from graftlab.distributed.trust import (
-    RUN_ID, _extra, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, verify,
+    RUN_ID, check_same_run, clean_stale_saves, digests, hold, put_in_place, reason, saved_extra, verify,
 )
 from graftlab.io.outputs import write_text
 
@@ -285,7 +285,7 @@ class Checkpoints:
             m = _NAME.fullmatch(p.name)
             if m is None or not _complete(p):
                 continue
-            extra = _extra(p)
+            extra = saved_extra(p)
             saved = extra.get("saved_at")
             if not isinstance(saved, (int, float)):  # checkpoints of older versions: the file's time
                 saved = (p / CHECKPOINT_META).stat().st_mtime
@@ -337,7 +337,7 @@ class Checkpoints:
         path = Path(path) if path is not None else self.latest()
         if path is None:
             return 0
-        extra = _extra(Path(path))
+        extra = saved_extra(Path(path))
         run = extra.get("run")
         if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
             raise GraftlabError(f"{path}: the checkpoint's run id {run!r} is not one graftlab writes "
@@ -384,7 +384,7 @@ def _complete(path: Path) -> bool:
 
 
 def _run_of(path: Path) -> Optional[str]:
-    run = _extra(path).get("run")
+    run = saved_extra(path).get("run")
     return run if isinstance(run, str) else None
 
 

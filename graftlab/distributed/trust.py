@@ -40,7 +40,8 @@ RUN_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 _SAFE_FILE = re.compile(r"[0-9A-Za-z_.-]{1,200}")
 
 
-def _extra(path: Path) -> dict:
+def saved_extra(path: Path) -> dict:
+    """The ``extra`` a checkpoint was saved with (its step, run id and identity); {} where unreadable."""
     try:
         extra = json.loads((path / CHECKPOINT_META).read_text()).get("extra")
     except (OSError, ValueError, AttributeError):
@@ -163,7 +164,7 @@ def check_same_run(path: PathLike, config: Any) -> None:
     """GraftlabError when the checkpoint ``path`` was saved by another run than ``config``'s (one
     of :data:`IDENTITY` differs): resuming it would continue another run's model and optimizer and
     write rows that match neither run. Checkpoints without an identity (older ones) are not checked."""
-    theirs = _extra(Path(path)).get("identity")
+    theirs = saved_extra(Path(path)).get("identity")
     if not isinstance(theirs, dict):
         return
     mine = run_identity(config)
