@@ -330,7 +330,7 @@ def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
     shares = degenerate.gradient_shares(df)
     evidence = degenerate.assess(med, kinds["kind"].to_dict(), shares=shares,
                                  precision=metadata(df).get("precision"))
-    return {g for g, e in evidence.items() if e.degenerate}
+    return set(evidence.degenerate)
 
 
 def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8,
