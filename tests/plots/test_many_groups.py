@@ -83,6 +83,9 @@ def test_figures_6_7_8_of_many_groups_stay_bounded(many):
     assert "groups\nper-kind median, 10-90% band" in others.get_title()
     assert len(others.get_lines()) <= len(KINDS) and len(others.collections) <= len(KINDS)
     assert all(len(ax.get_lines()) <= lines.MANY_GROUPS for ax in fig.axes)  # the 1000 embeddings: lines
+    embeddings = next(ax for ax in fig.axes if ax.get_title().startswith("Embeddings"))
+    # their count in the title, not a legend of 1000 entries taller than the figure
+    assert embeddings.get_title() == "Embeddings (1,000 groups)" and embeddings.get_legend() is None
 
 
 def test_a_trace_of_one_step_draws_a_dot_and_a_bar_per_kind(tmp_path):
