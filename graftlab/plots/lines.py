@@ -65,8 +65,8 @@ def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
              else shares.reindex(names).to_numpy(dtype=np.float64))
     # Without the outlier rule (off here) only two rules can call a group degenerate: a gradient share
     # under the noise bound (the largest is a gradient-free group's), or, where there is no share,
-    # the key-bias structure (kind K). assess() judges group by group in Python, so it is given only
-    # those groups and the weights they are compared with: 10^6 groups cost what their K biases cost.
+    # the key-bias structure (kind K). Medians are taken only for those groups and the weights they
+    # are compared with: at 10^6 groups a median per group over every row is what costs.
     with np.errstate(invalid="ignore"):
         maybe = share < degenerate.noise_share(metadata(df).get("precision"), "gradient-free")
     maybe |= ~np.isfinite(share) & (kinds["kind"].to_numpy() == "K")
