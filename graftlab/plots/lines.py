@@ -38,20 +38,6 @@ def band_text(n_groups: int, sep: str = ": ") -> str:
     return f"{n_groups:,} groups{sep}per-kind median, {lo}-{hi}% band"
 
 
-def _rows_of(df: pd.DataFrame, groups: pd.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of the rows of ``df`` whose group is in ``groups``, those rows' group names as str)."""
-    col = df["group"]
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        # one lookup per category, then the rows by their codes: no str per row
-        codes = col.cat.codes.to_numpy()
-        cats = pd.Index([str(c) for c in col.cat.categories], dtype=object)
-        keep = np.append(cats.isin(groups), False)[codes]  # code -1 (missing) is the appended False
-        return keep, cats.to_numpy()[codes[keep]]
-    names = col.astype(str).to_numpy()
-    keep = pd.Index(names).isin(groups)
-    return keep, names[keep]
-
-
 def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
     """The groups whose D step is float noise over the steps of ``df`` (the attention K biases of a
     BERT: their true gradient is zero), decided as ``distill`` decides them
@@ -59,28 +45,15 @@ def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
     an artifact, not a correction. ``kinds`` is :func:`graftlab.plots.common.kinds_of` of ``df``."""
     from graftlab.distill import degenerate
 
+    col = df["group"]
+    codes, names = (col.cat.codes.to_numpy(), col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) \
+        else pd.factorize(col)  # medians by code: no str per row
+    r = df["ratio"].to_numpy(dtype=np.float64)
+    ok = np.isfinite(r) & (r > 0) & (codes >= 0)
+    med = pd.Series(r[ok]).groupby(codes[ok]).median()
+    med.index = pd.Index([str(names[i]) for i in med.index], dtype=object)
     shares = degenerate.gradient_shares(df)
-    names = kinds.index
-    share = (np.full(len(names), np.nan) if shares is None
-             else shares.reindex(names).to_numpy(dtype=np.float64))
-    # Without the outlier rule (off here) only two rules can call a group degenerate: a gradient share
-    # under the noise bound (the largest is a gradient-free group's), or, where there is no share,
-    # the key-bias structure (kind K). Medians are taken only for those groups and the weights they
-    # are compared with: at 10^6 groups a median per group over every row is what costs.
-    with np.errstate(invalid="ignore"):
-        maybe = share < degenerate.noise_share(metadata(df).get("precision"), "gradient-free")
-    maybe |= ~np.isfinite(share) & (kinds["kind"].to_numpy() == "K")
-    if not maybe.any():
-        return set()
-    chosen = names[maybe]
-    siblings = [s for g in chosen if (s := degenerate.sibling(g, names)) is not None]
-    judged = chosen.append(pd.Index(siblings, dtype=object)).unique()
-    keep, group = _rows_of(df, judged)
-    r = df["ratio"].to_numpy(dtype=np.float64)[keep]
-    ok = np.isfinite(r) & (r > 0)
-    med = pd.Series(r[ok]).groupby(group[ok]).median()
-    evidence = degenerate.assess(med, kinds["kind"].reindex(med.index),
-                                 shares=None if shares is None else shares.reindex(med.index),
+    evidence = degenerate.assess(med, kinds["kind"].reindex(med.index), shares=shares,
                                  precision=metadata(df).get("precision"))
     return set(evidence.degenerate)
 
