@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from graftlab.errors import GraftlabError
 from graftlab.trace import tables
 from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR, frame_metadata
+from graftlab.trace.selection import check_group_names, check_known, check_steps
 
 PathLike = Union[str, os.PathLike]
 
@@ -246,14 +247,16 @@ def read(
     columns asked for are read, and of a Parquet table only the row groups that can hold ``steps``;
     a CSV file is parsed block by block, keeping the rows in ``steps``.
     """
+    steps, groups = check_steps(steps), check_group_names(groups)
     path = Path(path)
     table = _open(path)
     names = table.names
     wanted = _wanted(path, names, columns)
     meta = metadata(path)
     order = tables.NameOrder([g["name"] for g in meta["groups"]])
+    check_known(groups, order.names, path)
     stored = [c for c in wanted if c in names]
-    keep = None if groups is None else pa.array([str(g) for g in groups], pa.string())
+    keep = None if groups is None else pa.array(groups, pa.string())
     parts: dict[str, list] = {c: [] for c in stored}
     codes = []
     for batch in table.batches(stored, steps):
@@ -334,6 +337,7 @@ def scan_ratios(path: PathLike, *, steps: Optional[tuple[Optional[int], Optional
     the batches ``(step int64, group position int32, ratio)`` numpy arrays in row order, ``codes.names``
     the groups in order of first appearance. Only ``step``, ``group`` and the ratio (or the norms
     it is computed from) are read."""
+    steps = check_steps(steps)
     path = Path(path)
     table = _open(path)
     meta = metadata(path)
@@ -361,6 +365,7 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
     """:func:`graftlab.trace.scanning.scan_batches` for a foreign trace: ``(batches, metadata)``.
     Norm columns the table lacks are left out of the batches (unknown, not NaN); ``ratio`` is
     computed per batch where the table has the norms only."""
+    steps = check_steps(steps)
     path = Path(path)
     table = _open(path)
     meta = metadata(path)
