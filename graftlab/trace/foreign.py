@@ -133,6 +133,14 @@ def _ratio(path: Path, m: Any, d: Any) -> Any:
     return pc.divide(m, d)
 
 
+def _floats(path: Path, col: Any, name: str) -> np.ndarray:
+    """A float column as float64 numpy (empty values NaN: unknown); GraftlabError if not numbers."""
+    try:
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise GraftlabError(f"{path}: column {name} must hold numbers, not {col.type}") from None
+
+
 def _check_unique(path: Path, step: np.ndarray, rank: np.ndarray, group: Any) -> None:
     """GraftlabError naming the first (step, group) pair that two rows hold (``step`` and ``rank``
     in sorted row order, ``group(i)`` the name of row ``i``): its ratio would be ambiguous."""
@@ -245,7 +253,9 @@ def read(
     trace's). ``norm_m``/``norm_d`` that the table lacks are NaN (unknown); a ``ratio`` it lacks is
     ``norm_m / norm_d`` (:func:`_ratio`). Float columns come as float64, ``step`` as int64. Only the
     columns asked for are read, and of a Parquet table only the row groups that can hold ``steps``;
-    a CSV file is parsed block by block, keeping the rows in ``steps``.
+    a CSV file is parsed block by block, keeping the rows in ``steps``. A table that stores
+    ``ratio`` beside both norms keeps its ``ratio``, with one ``UserWarning`` counting the rows
+    where it disagrees with ``norm_m / norm_d`` (:class:`graftlab.trace.tables.RatioCheck`).
     """
     steps, groups = check_steps(steps), check_group_names(groups)
     path = Path(path)
@@ -295,6 +305,10 @@ def read(
             out[c] = col.to_numpy()[idx]  # nulls become NaN: unknown
         else:
             out[c] = col.to_pandas().to_numpy()[idx]
+    if all(c in stored for c in ("ratio", *OPTIONAL)):  # all three read anyway: are they one thing?
+        check = tables.RatioCheck()
+        check.add(out["ratio"], out["norm_m"], out["norm_d"], step, lambda i: categories[code[i]])
+        check.warn(path)
     df = pd.DataFrame(out)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
@@ -376,6 +390,8 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
         cols += [c for c in OPTIONAL if c not in cols]
     cols += [c for c in optional if c in table.names and c not in cols]
 
+    check = tables.RatioCheck() if all(c in cols for c in ("ratio", *OPTIONAL)) else None
+
     def batches():
         for batch in table.batches(cols, steps):
             names = list(batch.schema.names)
@@ -383,6 +399,11 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
             if "ratio" in required and computed:
                 arrays.append(_ratio(path, batch.column("norm_m"), batch.column("norm_d")))
                 names.append("ratio")
+            if check is not None:
+                floats = [_floats(path, batch.column(c), c) for c in ("ratio", *OPTIONAL)]
+                check.add(*floats, arrays[names.index("step")], lambda i, g=batch.column("group"): g[i].as_py())
             yield pa.RecordBatch.from_arrays(arrays, names)
+        if check is not None:
+            check.warn(path, stacklevel=2)
 
     return batches(), meta
