@@ -141,6 +141,21 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
     return out
 
 
+def slicing_of(names: Any, granularity: Any, heads: Heads, row_block: int) -> Optional[Slicing]:
+    """:func:`slicing_for` at ``"head"`` and ``"vocab"``, None at other granularities, where
+    ``heads`` and a ``row_block`` other than 1 are refused: they would change nothing."""
+    said = f"{{granularity={granularity}}}" if isinstance(granularity, str) else "a custom granularity"
+    if row_block != 1 and granularity != "vocab":
+        raise GraftlabError(f"{{row_block}} applies only to {{granularity=vocab}} (vocabulary rows per group), "
+                            f"not to {said}", param=("row_block", "granularity"))
+    if granularity not in ("head", "vocab"):
+        if heads is not None:
+            raise GraftlabError(f"{{heads}} applies only to {{granularity=head}} or {{granularity=vocab}} "
+                                f"(attention heads per group), not to {said}", param=("heads", "granularity"))
+        return None
+    return slicing_for(names, heads, row_block)
+
+
 def _check_heads(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise GraftlabError(f"heads must be a positive int (or a mapping name -> int), got {v!r}")

@@ -240,6 +240,9 @@ class RecordConfig(RunConfig):
     def _validate_optimizers(self) -> None:
         _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr", "m_hparams")
         _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr", "d_hparams")
+        if self.row_block != 1 and self.granularity != "vocab":  # said, not ignored
+            raise GraftlabError(f"{{row_block}} applies only to {{granularity=vocab}} (vocabulary rows per group), "
+                                f"not to {{granularity={self.granularity}}}", param=("row_block", "granularity"))
         if self.steps is not None and self.every > self.steps:
             raise GraftlabError(f"{{every={self.every}}} is more than {{steps={self.steps}}}: the trace would hold "
                                 "step 0 only; choose {every} <= {steps}", param=("every", "steps"))

@@ -80,3 +80,20 @@ def test_named_pairs_without_the_module_ask_for_it():
     ps = [p for _, p in pairs]
     with pytest.raises(GraftlabError, match=r"names=.*module"):
         Graft(torch.optim.Adam(ps), torch.optim.SGD(ps, lr=0.1), granularity="vocab", names=pairs)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "global", "coordinate", "head"])
+def test_row_block_applies_to_vocab_only(granularity):
+    model = Plain()
+    with pytest.raises(GraftlabError, match=r"row_block applies only to granularity=vocab") as err:
+        Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1),
+              granularity=granularity, names=model, row_block=4)
+    assert set(err.value.params) == {"row_block", "granularity"}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "global", "coordinate"])
+def test_heads_apply_to_head_and_vocab_only(granularity):
+    model = Plain()
+    with pytest.raises(GraftlabError, match=r"heads applies only to granularity=head or granularity=vocab"):
+        Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1),
+              granularity=granularity, names=model, heads=2)
