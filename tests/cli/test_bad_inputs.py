@@ -331,7 +331,7 @@ SAYS: dict[str, tuple[str, ...]] = {
     "a foreign table with a negative step": ("negstep.parquet: step -4 is negative",),
     "unknown rounding": ("--round 'nope' is not a rounding", "!bad rounding"),
     "Dabc": ("--round 'Dabc': D<beta> needs a positive finite beta, e.g. D500", "!DA"),
-    "even filter": ("--filter must be a positive odd integer", "got 4"),
+    "even filter": ("--filter must be an odd median-filter width (0 or 1 turns it off)", "got 4"),
     "output folder missing": ("--out 'NEW/dir/c.json'", "'NEW/dir' does not exist"),
     "unknown option": ("No such option: --nope", "!Possible options"),
     "unknown option, close to one": ("No such option: --steps (did you mean --start?)",),

@@ -27,3 +27,42 @@ def test_row_block_outside_vocab_is_refused_naming_both_flags(tmp_path, capsys, 
     refused(capsys, f"record -o {tmp_path / 't'} {RUN} --granularity {granularity} --row-block 4",
             "--row-block", f"--granularity vocab", f"--granularity {granularity}")
     assert not (tmp_path / "t").exists()
+
+
+# -- a median filter's width: one rule in distill --filter and plot --width ----------------------------
+@pytest.fixture
+def a_trace(tmp_path):
+    from tests.cli.test_bad_inputs import make_trace
+
+    return make_trace(tmp_path / "T")
+
+
+@pytest.mark.parametrize("cmd,flag", [("distill {t} --window 10 -o {o}/c.json", "--filter"),
+                                      ("plot {t} --figure 5 --steps 40 -o {o}/f.png", "--width")])
+@pytest.mark.parametrize("bad", ["2", "-1", "-3", "100003"])
+def test_a_filter_width_follows_one_rule_in_every_command(a_trace, tmp_path, capsys, cmd, flag, bad):
+    line = refused(capsys, cmd.format(t=a_trace, o=tmp_path) + f" {flag} {bad}", flag, f"got {bad}")
+    assert "0 or 1" in line or "at most" in line  # says what is accepted
+    assert not list(tmp_path.glob("c.json")) and not list(tmp_path.glob("f.png"))
+
+
+@pytest.mark.parametrize("cmd,flag,made", [("distill {t} --window 10 -o {o}/c.json", "--filter", "c.json"),
+                                           ("plot {t} --figure 5 --steps 40 -o {o}/f.png", "--width", "f.png")])
+@pytest.mark.parametrize("off", ["0", "1"])
+def test_zero_and_one_turn_the_filter_off_in_every_command(a_trace, tmp_path, capsys, cmd, flag, made, off):
+    assert run(shlex.split(cmd.format(t=a_trace, o=tmp_path) + f" {flag} {off}")) == 0, capsys.readouterr().err
+    assert (tmp_path / made).exists()
+
+
+@pytest.mark.parametrize("cmd,flag", [("distill", "--filter"), ("plot", "--width")])
+def test_the_help_says_what_turns_the_filter_off(capsys, cmd, flag):
+    import re
+
+    from typer.testing import CliRunner
+
+    from graftlab.cli.app import app
+
+    res = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    text = re.sub(r"[\s│]+", " ", res.output)
+    option = next(part for part in text.split(" --") if part.startswith(flag[2:] + " "))
+    assert "odd" in option and "0 or 1 turns it off" in option, option
