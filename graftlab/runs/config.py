@@ -195,7 +195,7 @@ class TrainConfig(RunConfig):
 
     optimizer: Optional[str] = setting(None, "The optimizer.", choices=OPTIMIZERS,
                                        default_text="D's optimizer of --corrections, else adam")
-    lr: Optional[float] = setting(None, "Peak learning rate.", ge=0, default_text="D's recorded lr with "
+    lr: Optional[float] = setting(None, "Peak learning rate.", gt=0, default_text="D's recorded lr with "
                                   "--corrections, else the task's default for the optimizer")
     hparams: dict = setting(default_factory=dict, help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. "
                             "momentum=0.9, betas=0.9,0.98).", flag="--hparam", repeat=True,
@@ -219,8 +219,8 @@ class RecordConfig(RunConfig):
     magnitude: str = setting("adam", "M, the step size.", aliases=("-m",), choices=OPTIMIZERS)
     direction: str = setting("sgd", "D, the direction.", aliases=("-d",), choices=OPTIMIZERS)
     magnitude_lr: Optional[float] = setting(None, "M's peak learning rate, the step size.", aliases=("--lr",),
-                                            ge=0, default_text="the task's for M")
-    direction_lr: Optional[float] = setting(None, "D's learning rate.", ge=0, default_text="the task's for D")
+                                            gt=0, default_text="the task's for M")
+    direction_lr: Optional[float] = setting(None, "D's learning rate.", gt=0, default_text="the task's for D")
     m_hparams: dict = setting(default_factory=dict, help="M hyperparameter NAME=VALUE, repeatable, e.g. "
                               "betas=0.9,0.98.", flag="--m-hparam", repeat=True, default_text="the task's for M",
                               metavar="NAME=VALUE")

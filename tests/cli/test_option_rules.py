@@ -66,3 +66,42 @@ def test_the_help_says_what_turns_the_filter_off(capsys, cmd, flag):
     text = re.sub(r"[\s│]+", " ", res.output)
     option = next(part for part in text.split(" --") if part.startswith(flag[2:] + " "))
     assert "odd" in option and "0 or 1 turns it off" in option, option
+
+
+# -- learning rates: > 0 and finite in every command ------------------------------------------------
+LR_FLAGS = [("train", "--lr"), ("record", "--magnitude-lr"), ("record", "--lr"), ("record", "--direction-lr"),
+            ("demo", "--magnitude-lr"), ("demo", "--direction-lr")]
+
+
+def _cmd(cmd: str, tmp_path) -> str:
+    if cmd == "record":
+        return f"record -o {tmp_path / 't'} {RUN}"
+    if cmd == "train":
+        return f"train {RUN}"
+    return f"demo --quick --device cpu --quiet --jobs 1 -o {tmp_path / 'demo'}"
+
+
+@pytest.mark.parametrize("cmd,flag", LR_FLAGS)
+@pytest.mark.parametrize("bad", ["0", "-0.1", "nan", "inf"])
+def test_every_learning_rate_must_be_positive_and_finite(tmp_path, capsys, cmd, flag, bad):
+    said = flag if flag != "--lr" or cmd == "train" else "--magnitude-lr"  # record's --lr is M's lr
+    refused(capsys, f"{_cmd(cmd, tmp_path)} {flag} {bad}", said, bad)
+    assert not list(tmp_path.iterdir())
+
+
+# -- --threads: one rule in every command that trains ------------------------------------------------
+@pytest.mark.parametrize("cmd", ["train", "record", "demo"])
+@pytest.mark.parametrize("bad", ["0", "-1"])
+def test_threads_follow_one_rule_in_every_command(tmp_path, capsys, cmd, bad):
+    refused(capsys, f"{_cmd(cmd, tmp_path)} --threads {bad}", "--threads", ">= 1", f"got {bad}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd", ["train", "record", "demo"])
+def test_the_threads_help_says_the_same_in_every_command(cmd):
+    from typer.main import get_command
+
+    from graftlab.cli.app import app
+
+    option = next(p for p in get_command(app).commands[cmd].params if p.name == "threads")
+    assert "0 takes" not in option.help and "PyTorch" in option.help
