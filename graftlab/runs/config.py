@@ -18,7 +18,7 @@ from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, se
 from graftlab.runs.resume_check import check_resumable
 from graftlab.graft.schedules import SCHEDULES, make_schedule
 from graftlab.trace import is_trace
-from graftlab.trace.outputs import check_output
+from graftlab.trace.outputs import check_output, check_stray_parts
 
 if TYPE_CHECKING:
     from graftlab.tasks import Task
@@ -260,6 +260,7 @@ class RecordConfig(RunConfig):
                                 "another path (a new or empty folder)", param="out")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
+        check_stray_parts(path, "{out}")  # before the run trains, not when its trace is read at the end
         from graftlab.trace.lock import check_unlocked
 
         check_unlocked(path)
