@@ -359,9 +359,9 @@ case("record: warmup from TOML longer than training", record("--config cfg/warmu
 case("record: --warmup over the TOML's, longer than training", record("--config cfg/warmup50.toml --warmup 60 --steps 10"),
      "--warmup (60 steps) must be shorter than training", "!config key")
 case("record: magnitude_lr negative in YAML", record("--config cfg/m_lr_neg.yaml"),
-     "config file 'cfg/m_lr_neg.yaml': config key 'magnitude_lr' must be >= 0, got -1", "!--magnitude-lr")
+     "config file 'cfg/m_lr_neg.yaml': config key 'magnitude_lr' must be > 0, got -1", "!--magnitude-lr")
 case("record: --magnitude-lr over the YAML's, negative", record("--config cfg/m_lr_neg.yaml --magnitude-lr -2"),
-     "--magnitude-lr must be >= 0, got -2", "!config key")
+     "--magnitude-lr must be > 0, got -2", "!config key")
 # values checked against their field's schema (strict types, bounds), one line each
 case("record: steps: true in YAML", record("--config cfg/steps_true.yaml", defaults=False) + " -o NEW/t --quiet",
      "config key 'steps' must be a whole number, got True")
