@@ -306,19 +306,25 @@ def classify_names(
 _BLOCK_PART = re.compile(r"(?:^|\.)(?:" + "|".join(sorted(BLOCK_CONTAINERS)) + r")\.(\d+)\.", re.IGNORECASE)
 
 
+# the numbers inside a name's closing "[...]": a slice's index, which no rule reads
+_INDEX_IN_SLICE = re.compile(r"\d+(?=[^\[\]]*\]$)")
+
+
 def _classify_many(names: Iterable[str]) -> dict[str, GroupKind]:
     """:func:`classify` of many names (no modules), each distinct shape of name classified once.
 
     A name's block index is the one part no rule reads other than as the block (no name set holds
     a bare number, and a number that follows a block container is never a ``downsample``/``shortcut``
     child), so names that differ only there share one classification: the 24 blocks of a model, or
-    the 10^5 to 10^6 groups of finer partitions, cost a few hundred calls of :func:`classify`.
+    the 10^5 to 10^6 groups of finer partitions, cost a few hundred calls of :func:`classify`. The
+    numbers inside a trailing ``[...]`` (which head, which rows) are never read either.
     """
     names = list(names)
     shapes: dict[str, GroupKind] = {}
     made: dict[tuple, GroupKind] = {}
     out: dict[str, GroupKind] = {}
     search = _BLOCK_PART.search
+    index = _INDEX_IN_SLICE.sub
     for n in names:
         m = search(n)
         if m is None:
@@ -326,6 +332,8 @@ def _classify_many(names: Iterable[str]) -> dict[str, GroupKind]:
         else:
             a, b = m.span(1)
             key, block = n[:a] + "0" + n[b:], int(m.group(1))
+        if key[-1:] == "]":  # slices of one tensor ("[head 3]", "[rows 0-99]", "[17]") share its kind
+            key = index("0", key)
         kind = shapes.get(key)
         if kind is None:
             kind = shapes[key] = classify(key)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from graftlab.corrections.applying import Applied, apply
 from graftlab.corrections.compare import compare
-from graftlab.corrections.files import FORMAT, GLOBAL, Corrections, GroupSource, load_corrections, save
+from graftlab.corrections.files import FORMAT, GLOBAL, Corrections, load_corrections, save
+from graftlab.corrections.group_sources import GroupSource
 
 __all__ = ["FORMAT", "GLOBAL", "Applied", "Corrections", "GroupSource", "apply", "compare", "load_corrections",
            "save"]

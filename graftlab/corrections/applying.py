@@ -233,7 +233,8 @@ def _targets(corrections: Corrections, names: list[str], params: Optional[list[A
     ``<name>[<label>]`` its fused parameter."""
     index = {n: i for i, n in enumerate(names)}
     heads = head_counts(corrections.groups)
-    members = {g: d.members for g, d in corrections.group_sources.items() if d.members and d.members != [g]}
+    members = {g: r["members"] for g, r in corrections.group_sources.records.items()
+               if r.get("members") and r["members"] != [g]}
     out = {}
     for g in corrections.groups:
         if g == GLOBAL and GLOBAL not in index:

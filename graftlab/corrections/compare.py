@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from graftlab.corrections.files import Corrections, GroupSource, load_corrections
+from graftlab.corrections.files import Corrections, load_corrections
+from graftlab.corrections.group_sources import GroupSource
 from graftlab.errors import GraftlabError
 
 Source = Union[Corrections, str, os.PathLike]

@@ -1,5 +1,6 @@
-"""The corrections file: its types (:class:`Corrections`, :class:`GroupSource`), validation, and
-JSON/CSV I/O (:func:`save`, :func:`load_corrections`). The format is in :mod:`graftlab.corrections`."""
+"""The corrections file: :class:`Corrections`, its validation, and JSON/CSV I/O (:func:`save`,
+:func:`load_corrections`). The format is in :mod:`graftlab.corrections`; the per-group records of
+``source["groups"]`` in :mod:`graftlab.corrections.group_sources`."""
 from __future__ import annotations
 
 import csv
@@ -8,13 +9,15 @@ import json
 import math
 import sys
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import pandas as pd
 
 from graftlab.io.fsutil import check_regular
+from graftlab.corrections.group_sources import GroupSources, group_sources, short_repr
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
 from graftlab.io.outputs import write_text
@@ -24,94 +27,6 @@ FORMAT = "graftlab.corrections/1"
 GLOBAL = "global"
 
 PathLike = Union[str, os.PathLike]
-
-
-@dataclass
-class GroupSource:
-    """How one group's factor was found: ``source["groups"][name]`` of a corrections file.
-
-    :func:`graftlab.distill.pipeline.distill` writes every field but ``stand_in`` (flagged groups only),
-    ``evidence`` (degenerate groups only) and ``members`` (custom partitions only); a file from elsewhere may leave any of them out (a
-    hand-written one for a custom partition may give only ``members``).
-    """
-
-    kind: str = "other"  # layer kind from the trace metadata (see graftlab.kinds)
-    block: Optional[int] = None  # transformer block index; None outside the blocks
-    tied: bool = False  # D_beta ties the group to beta (Section 5)
-    median: Optional[float] = None  # median ratio over the first window; None: no finite ratio there
-    factor: Optional[float] = None  # the group's (first) factor, after stand-in and rounding
-    n_finite: Optional[int] = None  # ratios the median used
-    n_nonfinite: Optional[int] = None  # non-finite ratios skipped (D's step was zero)
-    later_median: Optional[float] = None  # median over the trace's last window
-    drift: Optional[float] = None  # later_median / median
-    flags: str = ""  # why the group's own median is not used ("" when it is)
-    stand_in: Optional[float] = None  # the median used instead, for a flagged group
-    members: Optional[list[str]] = None  # parameter names of a custom-partition group
-    grad_share: Optional[float] = None  # median of norm_g / the model's gradient norm; None: not recorded
-    evidence: Optional[dict[str, Any]] = None  # why a degenerate group is one (graftlab.distill.degenerate.Evidence)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for key in _FIELDS:
-            v = getattr(self, key)
-            if v is None and key in ("stand_in", "members", "evidence"):
-                continue
-            # plain values as they are (10^5 groups and more per file); anything else made strict JSON
-            kind = type(v)
-            out[key] = (v if v is None or kind in (str, bool, int) or (kind is float and math.isfinite(v))
-                        else jsonable(v))
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> "GroupSource":
-        """Validate a record read from JSON; unknown keys are left for newer writers."""
-        if not isinstance(data, dict):
-            raise GraftlabError(f"{where} must be an object, got {data!r}")
-        values = {}
-        for name in _FIELDS:
-            v = data.get(name)
-            if v is not None:
-                values[name] = _typed(name, v, where)
-        return cls(**values)
-
-
-_FIELDS = tuple(f.name for f in fields(GroupSource))
-
-# The JSON type of each GroupSource field (float for the rest); null is allowed for every field.
-_FIELD_TYPES = {"kind": str, "flags": str, "tied": bool, "block": int, "n_finite": int, "n_nonfinite": int,
-                "members": list, "evidence": dict}
-_WANT = {float: "a finite number", int: "a whole number >= 0", list: "a list of parameter names", str: "a string",
-         bool: "true or false", dict: "an object"}
-
-
-def _typed(name: str, v: Any, where: str) -> Any:
-    kind = _FIELD_TYPES.get(name, float)
-    t = type(v)  # the usual case first: a value of the field's own type (10^5 records a file and more)
-    if t is kind and (kind is str or kind is bool or (kind is float and math.isfinite(v)) or (kind is int and v >= 0)):
-        return v
-    try:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    except OverflowError:  # an int beyond float range
-        number = False
-    if kind is float:
-        ok = number
-    elif kind is int:
-        ok = number and v == int(v) and v >= 0
-    elif kind is list:
-        ok = isinstance(v, list) and all(isinstance(m, str) for m in v)
-    else:
-        ok = isinstance(v, kind)
-    if not ok:
-        raise GraftlabError(f"{where}.{name} must be {_WANT[kind]} or null, got {_short(v)}")
-    return kind(v) if kind in (float, int) else v
-
-
-def _group_sources(source: dict[str, Any]) -> dict[str, GroupSource]:
-    # read as saved: numpy numbers become Python ones, NaN (a median that is undefined) null
-    info = jsonable(source.get("groups") or {})
-    if not isinstance(info, dict):
-        raise GraftlabError(f"source.groups must be an object of group -> record, got {type(info).__name__}")
-    return {str(g): GroupSource.from_dict(d, f"source.groups[{g!r}]") for g, d in info.items()}
 
 
 @dataclass
@@ -155,33 +70,36 @@ class Corrections:
         return list(dict.fromkeys(list(self.multipliers) + list(self.schedule)))
 
     @property
-    def group_sources(self) -> dict[str, GroupSource]:
-        """``source["groups"]`` as typed records, by group name (GraftlabError if malformed)."""
-        return _group_sources(self.source)
+    def group_sources(self) -> GroupSources:
+        """``source["groups"]`` checked, as a mapping of group name -> :class:`GroupSource` (typed on
+        lookup). Raises :class:`~graftlab.errors.GraftlabError` naming a malformed record."""
+        return group_sources(self.source)
 
     def summary(self) -> pd.DataFrame:
         """One row per group: kind, median, factor, counts, drift, flags (from ``source``)."""
-        info = self.group_sources
-        rows = []
-        for g in self.groups:
-            d = info.get(g) or GroupSource()
-            rows.append(
-                {
-                    "group": g,
-                    "kind": d.kind,
-                    "median": math.nan if d.median is None else d.median,
-                    "factor": self.multipliers.get(g, math.nan),
-                    "n_finite": d.n_finite,
-                    "n_nonfinite": d.n_nonfinite,
-                    "drift": math.nan if d.drift is None else d.drift,
-                    "flags": d.flags,
-                    "pieces": len(self.schedule.get(g, [])),
-                }
-            )
-        return pd.DataFrame(rows)
+        records = self.group_sources.records
+        groups = self.groups
+        empty: dict[str, Any] = {}
+        rec = [records.get(g) or empty for g in groups]
+
+        def column(name: str, default: Any = None) -> list:
+            return [default if r.get(name) is None else r[name] for r in rec]
+
+        return pd.DataFrame({
+            "group": groups,
+            "kind": column("kind", "other"),
+            "median": np.array(column("median", math.nan), dtype=np.float64),
+            "factor": np.array([self.multipliers.get(g, math.nan) for g in groups], dtype=np.float64),
+            "n_finite": column("n_finite"),
+            "n_nonfinite": column("n_nonfinite"),
+            "drift": np.array(column("drift", math.nan), dtype=np.float64),
+            "flags": column("flags", ""),
+            "pieces": [len(self.schedule.get(g, [])) for g in groups],
+        })
 
     def kind(self, group: str) -> str:
-        return (self.group_sources.get(group) or GroupSource()).kind
+        record = self.group_sources.records.get(group) or {}
+        return record.get("kind") or "other"
 
     _SHOWN = 8  # groups a repr lists; the whole table is summary()
 
@@ -228,7 +146,7 @@ def csv_cell(text: str) -> str:
 
 
 def _csv_text(c: Corrections) -> str:
-    kinds = {csv_cell(g): csv_cell(d.kind) for g, d in c.group_sources.items()}
+    kinds = {csv_cell(g): csv_cell(r.get("kind") or "other") for g, r in c.group_sources.records.items()}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if c.schedule:
@@ -254,13 +172,23 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     path = Path(path)
     if format not in ("json", "csv"):
         raise GraftlabError(f"unknown corrections format {format!r}: expected json or csv")
-    _validate(corrections.to_dict(), path)
+    data = corrections.to_dict()
+    sources = _check(data, path)[1]
     check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
-    text = _json_text(jsonable(corrections.to_dict())) if format == "json" else _csv_text(corrections)
+    text = _json_text(_strict(data, sources)) if format == "json" else _csv_text(corrections)
     # a hidden temporary file renamed into place; one that appeared meanwhile is still not replaced
     return write_text(path, text, overwrite=overwrite, what="corrections file")
+
+
+def _strict(data: dict[str, Any], sources: GroupSources) -> dict[str, Any]:
+    """``data`` as strict JSON; the group records as they are when already plain (no copy of 10^6 records)."""
+    if not sources.plain:
+        return jsonable(data)
+    out = jsonable({k: v for k, v in data.items() if k != "source"})
+    out["source"] = {str(k): (sources.records if k == "groups" else jsonable(v)) for k, v in data["source"].items()}
+    return out
 
 
 _ONE_LINE = 50  # objects with more entries than this (one per group) get one compact line per entry
@@ -282,12 +210,6 @@ def _json_text(data: Any, indent: str = "") -> str:
     return "{\n" + body + "\n" + indent + "}" + ("\n" if not indent else "")
 
 
-def _short(v: Any, limit: int = 40) -> str:
-    """``repr(v)``, cut to fit an error line (a 400-digit number, a long list)."""
-    text = repr(v)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _finite(v: Any) -> bool:
     """A finite JSON number (an integer beyond float range, like 1e400 written out, is not)."""
     try:
@@ -298,16 +220,31 @@ def _finite(v: Any) -> bool:
 
 def _factor(v: Any, where: str, path: Path) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise GraftlabError(f"{path}: {where} is {_short(v)}, not a number")
+        raise GraftlabError(f"{path}: {where} is {short_repr(v)}, not a number")
     if not _finite(v) or v <= 0:
-        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be finite and positive")
+        raise GraftlabError(f"{path}: {where} is {short_repr(v)}; factors must be finite and positive")
     if float(v) < sys.float_info.min:  # subnormal: 1e-320 x lr is 0 or noise in any float format
-        raise GraftlabError(f"{path}: {where} is {_short(v)}; factors must be normal numbers "
+        raise GraftlabError(f"{path}: {where} is {short_repr(v)}; factors must be normal numbers "
                             f"(>= {sys.float_info.min:.3g}), not subnormal")
     return float(v)
 
 
+def _factors(mult: dict, path: Path) -> dict[str, float]:
+    """Validated static factors: checked as one array when all are plain floats (10^6 groups), else
+    one by one (which names the first bad one)."""
+    values = list(mult.values())
+    if all(type(g) is str for g in mult) and set(map(type, values)) <= {float}:
+        a = np.array(values, dtype=np.float64)
+        if (np.isfinite(a) & (a >= sys.float_info.min)).all():
+            return dict(mult)
+    return {str(g): _factor(v, f"multiplier of {g}", path) for g, v in mult.items()}
+
+
 def _validate(data: Any, path: Path) -> Corrections:
+    return _check(data, path)[0]
+
+
+def _check(data: Any, path: Path) -> tuple[Corrections, GroupSources]:
     if not isinstance(data, dict):
         raise GraftlabError(f"{path}: not a corrections file (expected a JSON object)")
     fmt = data.get("format")
@@ -333,13 +270,13 @@ def _validate(data: Any, path: Path) -> Corrections:
         raise GraftlabError(f"{path}: a factor is given for the group '' (a group needs a name)")
     if not mult and not sched:
         raise GraftlabError(f"{path}: corrections file has neither multipliers nor a schedule")
-    multipliers = {str(g): _factor(v, f"multiplier of {g}", path) for g, v in mult.items()}
+    multipliers = _factors(mult, path)
     schedule = {str(g): _pieces(g, pieces, path) for g, pieces in sched.items()}
     try:
-        _group_sources(source)
+        sources = group_sources(source)
     except GraftlabError as err:
         raise GraftlabError(f"{path}: {err}") from None
-    return Corrections(multipliers, schedule, source)
+    return Corrections(multipliers, schedule, source), sources
 
 
 def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
@@ -349,10 +286,10 @@ def _pieces(g: str, pieces: Any, path: Path) -> list[list]:
     out: list[list] = []
     for i, piece in enumerate(pieces):
         if not isinstance(piece, (list, tuple)) or len(piece) != 2:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {_short(piece)}")
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: expected [start, factor], got {short_repr(piece)}")
         s, f = piece
         if not _finite(s) or s != int(s) or s < 0:
-            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {_short(s)} is not a step number")
+            raise GraftlabError(f"{path}: schedule of {g}, entry {i}: start {short_repr(s)} is not a step number")
         s = int(s)
         if not out and s != 0:
             raise GraftlabError(f"{path}: schedule of {g} must start at step 0, not {s}")

@@ -218,6 +218,41 @@ def gradient_shares(df: pd.DataFrame) -> Optional[pd.Series]:
     return med.reindex(order)
 
 
+class Assessment(Mapping[str, Evidence]):
+    """:func:`assess`'s verdicts for every group, held as columns (10^5 to 10^6 groups at a time);
+    ``assessment[group]`` builds that group's :class:`Evidence`.
+
+    ``frame``: one row per group (index: group names) with the columns ``degenerate`` (bool), ``basis``,
+    ``grad_share``, ``structure``, ``sibling``, ``sibling_factor``, ``outlier_factor``, ``noise_share``
+    (NaN or None where a value does not apply); ``precision`` as given to :func:`assess`.
+    """
+
+    def __init__(self, frame: pd.DataFrame, precision: Optional[str] = None):
+        self.frame = frame
+        self.precision = precision
+        self._row = {g: i for i, g in enumerate(frame.index)}
+
+    def __getitem__(self, group: str) -> Evidence:
+        i = self._row[group]
+        f = self.frame
+        col = {c: f[c].iat[i] for c in ("basis", "grad_share", "structure", "sibling", "sibling_factor",
+                                        "outlier_factor", "noise_share")}
+        return Evidence(group, bool(f["degenerate"].iat[i]), col["basis"], _finite(col["grad_share"]),
+                        col["structure"], col["sibling"], _finite(col["sibling_factor"]),
+                        _finite(col["outlier_factor"]), float(col["noise_share"]), self.precision)
+
+    def __iter__(self):
+        return iter(self.frame.index)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def degenerate(self) -> list[str]:
+        """The groups judged degenerate, in order."""
+        return self.frame.index[self.frame["degenerate"].to_numpy()].tolist()
+
+
 def assess(
     medians: pd.Series,
     kinds: Mapping[str, str],
@@ -225,50 +260,59 @@ def assess(
     shares: Optional[pd.Series] = None,
     outlier: Optional[float] = None,
     precision: Optional[str] = None,
-) -> dict[str, Evidence]:
+) -> Assessment:
     """The evidence and verdict for every group of ``medians`` (see the module doc for the rules).
 
     ``medians``: median ratio per group (NaN where none); ``kinds``: group -> kind (``graftlab.kinds``);
     ``shares``: :func:`gradient_shares` of the same steps, or None; ``outlier``: the opt-in rule's
     factor (None or 0: off); ``precision``: the dtype of the run's gradients (trace metadata
-    ``precision``; None: float32), which sets :func:`noise_share`. Groups without a finite positive median are never called degenerate
-    here (they are flagged for that by :func:`flag_groups`).
+    ``precision``; None: float32), which sets :func:`noise_share`. Groups without a finite positive
+    median are never called degenerate here (they are flagged for that by :func:`flag_groups`).
+    Returns an :class:`Assessment`, a mapping of group -> :class:`Evidence`.
     """
     med = pd.Series(medians, dtype=np.float64)
-    names = [str(g) for g in med.index]
-    values = med.to_numpy()
-    usable = values[np.isfinite(values) & (values > 0)]
-    ref = float(np.median(usable)) if outlier and len(usable) >= 3 else None
-    # plain dicts of Python floats: the loop below runs once per group (10^5 to 10^6 of them)
-    by_name = dict(zip(names, values.tolist()))
-    kind_of = dict(zip(kinds.index, kinds.tolist())) if isinstance(kinds, pd.Series) else kinds
-    share_of = ({} if shares is None else
-                dict(zip([str(g) for g in shares.index], shares.to_numpy(np.float64).tolist())))
-    isfinite = math.isfinite
-    out: dict[str, Evidence] = {}
-    for g in names:
-        m = by_name[g]
-        share = share_of.get(g)
-        if share is not None and not isfinite(share):
-            share = None
-        structure = gradient_free(g, kind_of.get(g))
-        sib = sibling(g, by_name)
-        sib_factor = None
-        if sib is not None and isfinite(by_name[sib]) and by_name[sib] > 0 and isfinite(m):
-            sib_factor = float(m / by_name[sib])
-        outlier_factor = float(m / ref) if ref and isfinite(m) else None
-        basis = None
-        bound = noise_share(precision, structure)
-        if isfinite(m) and m > 0:
-            if share is not None:
-                basis = BASIS_GRADIENT if share < bound else None
-            elif structure and sib_factor is not None and sib_factor >= SIBLING_FACTOR:
-                basis = BASIS_STRUCTURE
-            if basis is None and outlier_factor is not None and outlier_factor > outlier:
-                basis = BASIS_OUTLIER
-        out[g] = Evidence(g, basis is not None, basis, share, structure, sib, sib_factor, outlier_factor, bound,
-                          precision)
-    return out
+    index = pd.Index([str(g) for g in med.index], dtype=object)
+    m = med.to_numpy()
+    n = len(m)
+    finite = np.isfinite(m)
+    usable = finite & (m > 0)
+    ref = float(np.median(m[usable])) if outlier and usable.sum() >= 3 else None
+    kind = pd.Series(kinds if isinstance(kinds, pd.Series) else dict(kinds), dtype=object)
+    kind.index = kind.index.map(str)
+    kind = kind[~kind.index.duplicated()].reindex(index).to_numpy()
+    share = (np.full(n, np.nan) if shares is None else
+             pd.Series(shares.to_numpy(np.float64), index=shares.index.map(str)).reindex(index).to_numpy())
+    # only attention key biases are gradient-free by construction: the per-name test runs on kind K alone
+    structure = np.full(n, None, dtype=object)
+    for i in np.flatnonzero(kind == "K"):
+        structure[i] = gradient_free(index[i], "K")
+    # a bias's sibling is the weight of the same projection, when the trace holds it
+    names = pd.Series(index, dtype=object)
+    biases = np.flatnonzero(names.str.endswith(".bias").to_numpy(bool)
+                            & (names.str.len() > len(".bias")).to_numpy(bool))
+    at = (index.get_indexer(names.iloc[biases].str.slice(0, -len("bias")) + "weight") if len(biases)
+          else np.zeros(0, dtype=np.intp))
+    sibling = np.full(n, None, dtype=object)
+    sibling_factor = np.full(n, np.nan)
+    has, at = biases[at >= 0], at[at >= 0]
+    sibling[has] = index[at].to_numpy()
+    ok = np.isfinite(m[at]) & (m[at] > 0) & finite[has]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sibling_factor[has[ok]] = m[has[ok]] / m[at[ok]]
+        outlier_factor = m / ref if ref else np.full(n, np.nan)
+    is_structural = np.array([s is not None for s in structure], dtype=bool)
+    bound = np.where(is_structural, noise_share(precision, _KEY_BIAS), noise_share(precision))
+    has_share = np.isfinite(share)
+    basis = np.full(n, None, dtype=object)
+    basis[usable & has_share & (share < bound)] = BASIS_GRADIENT
+    basis[usable & ~has_share & is_structural & (sibling_factor >= SIBLING_FACTOR)] = BASIS_STRUCTURE
+    if ref:
+        basis[usable & (basis == None) & (outlier_factor > outlier)] = BASIS_OUTLIER  # noqa: E711
+    text = {"basis": basis, "structure": structure, "sibling": sibling}  # None where absent, never NaN
+    frame = pd.DataFrame({"degenerate": basis != None, "grad_share": share,  # noqa: E711
+                          "sibling_factor": sibling_factor, "outlier_factor": outlier_factor, "noise_share": bound,
+                          **{k: pd.Series(v, index=index, dtype=object) for k, v in text.items()}}, index=index)
+    return Assessment(frame, precision)
 
 
 def method(shares: Optional[pd.Series], outlier: Optional[float] = None,
@@ -294,13 +338,13 @@ def flag_window(
     kinds: Mapping[str, str],
     outlier: Optional[float] = None,
     precision: Optional[str] = None,
-) -> tuple[pd.Series, dict[str, Evidence], dict[str, Any]]:
+) -> tuple[pd.Series, Assessment, dict[str, Any]]:
     """Flags (:func:`flag_groups`), evidence per group and the method, for the
     window whose trace rows are ``rows`` and whose per-group medians are ``medians``;
     ``precision`` is the trace metadata's (None: float32)."""
     shares = gradient_shares(rows)
     evidence = assess(medians, kinds, shares=shares, outlier=outlier, precision=precision)
-    flags = flag_groups(medians, degenerate=[g for g, e in evidence.items() if e.degenerate])
+    flags = flag_groups(medians, degenerate=evidence.degenerate)
     return flags, evidence, method(shares, outlier, precision)
 
 

@@ -175,7 +175,7 @@ def distill(
         "fallback": FALLBACK,
         "direction_lr": _direction_lr(meta),
         "metadata": {k: v for k, v in meta.items() if k != "groups"},
-        "groups": {g: r.to_dict() for g, r in records.items()},
+        "groups": records,
     }
     if late:
         source["divergence"] = {**marks.to_dict(), "first": marks.first, "windows": [list(w) for w in late]}

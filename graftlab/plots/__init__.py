@@ -11,7 +11,9 @@ optional Axes or Figure, and returns the matplotlib Figure::
 (the traces in ``sample_traces/``: layer-wise Adam#SGD on ``bert`` at batch sizes 16 and 64, and global
 SGD#AdaGrad on ``resnet``). Ratios are drawn on log axes labelled in decades and coloured by layer
 kind (:data:`graftlab.kinds.KIND_LABELS`); each figure is titled with its number and what it shows
-(filtered or not, which iterations).
+(filtered or not, which iterations). Past :data:`graftlab.plots.lines.MANY_GROUPS` groups the per-layer
+figures draw each kind's median over its groups and a 10-90% band instead of one line per group,
+and say so in their titles.
 """
 from graftlab.plots.common import KIND_LABELS, LABEL_COLORS, LABEL_ORDER, MEDIAN_WIDTH, kind_color
 from graftlab.plots.layers import figure5, figure6, figure7, ratios

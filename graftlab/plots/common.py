@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from graftlab.errors import GraftlabError
 from graftlab.kinds import KIND_LABELS, KINDS
-from graftlab.trace import PathLike, group_table, read_trace
+from graftlab.trace import PathLike, read_trace
 
 Trace = Union[pd.DataFrame, PathLike]
 
@@ -88,17 +88,39 @@ def first_steps(trace: Trace, n: Optional[int]) -> pd.DataFrame:
     return load(trace, steps=None if n is None else (None, n))
 
 
+def group_names(df: pd.DataFrame) -> pd.Index:
+    """The groups of a long trace in order of first appearance, as an Index of str named ``group``."""
+    col = df["group"]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        # the categories seen, in the order rows first use them: no pass over the rows' strings
+        codes = col.cat.codes.to_numpy()
+        names = np.asarray(col.cat.categories, dtype=object)[pd.unique(codes[codes >= 0])]
+    else:
+        names = pd.unique(col.to_numpy())
+    return pd.Index([str(n) for n in names], dtype=object, name="group")
+
+
 def kinds_of(df: pd.DataFrame) -> pd.DataFrame:
     """Per group: ``kind``, ``ffn``, ``block``, ``numel`` from the metadata; unknown groups are ``other``."""
     meta = df.attrs.get("graftlab", {})
-    table = group_table(meta)
-    names = pd.unique(df["group"])
-    out = pd.DataFrame(index=pd.Index(names, name="group"))
+    groups = meta.get("groups") or []
+    names = group_names(df)
+    out = pd.DataFrame(index=names)
+    # each group's row of the metadata, found by one hash lookup of all names (the first of a repeated name)
+    known = pd.Index([str(g.get("name")) for g in groups], dtype=object)
+    first = ~known.duplicated()
+    at = known[first].get_indexer(names)  # -1: a group the metadata does not list
+    pos = np.where(at >= 0, np.flatnonzero(first)[np.maximum(at, 0)], -1) if first.any() else np.full(len(names), -1)
     for col, default in (("kind", "other"), ("ffn", None), ("block", None), ("numel", np.nan)):
-        out[col] = table[col].reindex(names).to_numpy() if col in table else default
-        out[col] = out[col].where(out[col].notna(), default)
-    out["kind"] = [k if k in KINDS else "other" for k in out["kind"]]
-    out["label"] = [KIND_LABELS[k] for k in out["kind"]]
+        if any(col in g for g in groups):
+            values = pd.Series([g.get(col) for g in groups])  # the dtype a DataFrame of the groups would give
+            column = values.reindex(pos).set_axis(names)  # -1 is no row: NaN
+        else:
+            column = pd.Series(default, index=names, dtype=np.float64 if default is np.nan else object)
+        out[col] = column.where(column.notna(), default)
+    kind = out["kind"]
+    out["kind"] = kind.where(kind.isin(KINDS), "other")
+    out["label"] = out["kind"].map(KIND_LABELS)
     return out
 
 
@@ -202,7 +224,8 @@ def filter_text(width: Optional[int]) -> str:
 
 
 def span_text(df: pd.DataFrame, steps: Optional[int]) -> str:
-    """Which iterations a panel shows: ``first 2000 iterations``, ``all 600 iterations`` or ``iterations 500-999``.
+    """Which iterations a panel shows: ``first 2000 iterations``, ``all 600 iterations``, ``iterations 500-999``
+    or ``iteration 0 only``.
 
     ``steps`` is the count that was asked for (None: all); the text says what the trace held.
     """
@@ -210,6 +233,8 @@ def span_text(df: pd.DataFrame, steps: Optional[int]) -> str:
     if step.size == 0:
         return "no iterations"
     first, last = int(step.min()), int(step.max())
+    if first == last:
+        return f"iteration {first} only"
     if first != 0:
         return f"iterations {first}-{last}"
     return f"{'all' if steps is None else 'first'} {last + 1} iterations"
@@ -316,84 +341,3 @@ def kind_legend(ax_or_fig, labels: Sequence[str], **kwargs):
 
 
 DEGENERATE_LABEL = "degenerate (zero true gradient; not a correction)"
-# LayerNorms and other small groups are drawn above the many block lines that would hide them
-_ON_TOP = {KIND_LABELS["norm"]: 3.0}
-
-
-def degenerate_groups(df: pd.DataFrame, kinds: pd.DataFrame) -> set[str]:
-    """The groups whose D step is float noise over the steps of ``df`` (the attention K biases of a
-    BERT: their true gradient is zero), decided as ``distill`` decides them
-    (:mod:`graftlab.distill.degenerate`): drawn with a mark of their own, since their ratio is
-    an artifact, not a correction."""
-    from graftlab.distill import degenerate
-
-    r = df["ratio"].to_numpy(dtype=np.float64)
-    ok = np.isfinite(r) & (r > 0)
-    med = pd.Series(r[ok]).groupby(df["group"].astype(str).to_numpy()[ok]).median()
-    shares = degenerate.gradient_shares(df)
-    evidence = degenerate.assess(med, kinds["kind"].to_dict(), shares=shares,
-                                 precision=metadata(df).get("precision"))
-    return {g for g, e in evidence.items() if e.degenerate}
-
-
-def plot_groups(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float = 0.8, alpha: float = 0.8,
-                degenerate: Sequence[str] = ()) -> list[str]:
-    """One line per group (NaNs dropped), coloured by kind, gid = group name; returns the labels drawn.
-
-    LayerNorm lines are drawn above the others; ``degenerate`` groups dotted and faint, with
-    :data:`DEGENERATE_LABEL` among the labels returned (see :func:`kind_handles`). Past
-    :data:`MANY_LINES` groups, the others are joined into a few paths per kind (gid = the kind)."""
-    if wide.shape[1] > MANY_LINES:
-        odd = [g for g in wide.columns if g in set(degenerate)]
-        rest = wide.drop(columns=odd) if odd else wide
-        drawn = _line_collections(ax, rest, kinds, lw=lw, alpha=alpha)
-        if odd:
-            return drawn + plot_groups(ax, wide[odd], kinds, lw=lw, alpha=alpha, degenerate=odd)
-        return drawn
-    drawn = []
-    for group in wide.columns:
-        col = wide[group].dropna()
-        if col.empty:
-            continue
-        label = kinds.at[group, "label"]
-        odd = group in set(degenerate)
-        ax.plot(col.index.to_numpy(), col.to_numpy(), color=LABEL_COLORS[label], lw=lw,
-                alpha=0.45 if odd else alpha, ls=":" if odd else "-", zorder=_ON_TOP.get(label, 2.0),
-                gid=str(group))
-        drawn.append(DEGENERATE_LABEL if odd else label)
-        if odd:
-            drawn.append(label)
-    return drawn
-
-
-_PER_PATH = 200  # groups joined into one path
-MANY_LINES = 2000  # past this many groups, one path per kind (one Line2D each costs ~1 ms to draw)
-
-
-def _line_collections(ax: Axes, wide: pd.DataFrame, kinds: pd.DataFrame, *, lw: float, alpha: float) -> list[str]:
-    """:func:`plot_groups` for many groups: the same lines (NaNs dropped), joined into one path per
-    kind label (NaN between groups breaks it there; gid = the label), thinner as they crowd. A path
-    is transformed to the log axis in one numpy call, where 10^5 separate lines take 10^5."""
-    x = wide.index.to_numpy(dtype=np.float64)
-    values = wide.to_numpy(dtype=np.float64).T  # (groups, steps)
-    labels = kinds["label"].reindex(wide.columns).to_numpy(dtype=object)
-    finite = ~np.isnan(values)
-    drawn: list[str] = []
-    for label in pd.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        ok = finite[rows]
-        counts = ok.sum(axis=1)
-        counts = counts[counts > 0]
-        if not len(counts):
-            continue
-        ys = values[rows][ok]  # each group's finite values, group after group
-        xs = np.broadcast_to(x, ok.shape)[ok]
-        ends = np.cumsum(counts)
-        for lo in range(0, len(counts), _PER_PATH):  # paths of bounded length: Agg strokes each whole
-            a = ends[lo - 1] if lo else 0
-            cut = ends[lo:lo + _PER_PATH][:-1] - a
-            b = ends[min(lo + _PER_PATH, len(counts)) - 1]
-            ax.plot(np.insert(xs[a:b], cut, np.nan), np.insert(ys[a:b], cut, np.nan), color=LABEL_COLORS[label],
-                    lw=lw / 2, alpha=alpha / 2, antialiased=False, gid=str(label))
-        drawn += [label] * len(counts)
-    return drawn

@@ -23,7 +23,6 @@ from graftlab.errors import GraftlabError
 from graftlab.plots.common import (
     MEDIAN_WIDTH,
     Trace,
-    degenerate_groups,
     figure_title,
     filter_text,
     first_steps,
@@ -32,13 +31,13 @@ from graftlab.plots.common import (
     log_ratio_axis,
     new_axes,
     new_grid,
-    plot_groups,
     ratio_table,
     run_label,
     smooth,
     span_text,
     style,
 )
+from graftlab.plots.lines import aggregated, band_text, degenerate_groups, plot_groups, x_span
 
 Steps = Union[int, None, Sequence[Optional[int]]]
 
@@ -68,16 +67,20 @@ def ratios(trace: Trace, *, steps: Optional[int] = None, width: Optional[int] = 
     return smooth(ratio_table(df), width), kinds_of(df)
 
 
-def _draw_layers(ax: Axes, df: pd.DataFrame, *, width: Optional[int], title: Optional[str], legend: bool) -> list[str]:
+def _draw_layers(ax: Axes, df: pd.DataFrame, *, width: Optional[int], title: Optional[str],
+                 legend: bool) -> tuple[list[str], Optional[str]]:
+    """Draw a trace's lines on ``ax``: (the labels drawn, the note saying the groups were
+    aggregated into per-kind bands, or None)."""
     wide, kinds = ratios(df, width=width)
     drawn = plot_groups(ax, wide, kinds, degenerate=degenerate_groups(df, kinds))
-    ax.set_xlim(wide.index.min(), wide.index.max())
+    x_span(ax, wide.index)
     log_ratio_axis(ax)
+    note = band_text(wide.shape[1]) if aggregated(wide.shape[1]) else None
     if title:
-        ax.set_title(title)
+        ax.set_title(title if note is None else f"{title}\n{note}")
     if legend:
         kind_legend(ax, drawn, loc="upper right")
-    return drawn
+    return drawn, note
 
 
 def figure5(trace: Trace, *, steps: Optional[int] = 2000, width: Optional[int] = None,
@@ -96,9 +99,9 @@ def figure5(trace: Trace, *, steps: Optional[int] = 2000, width: Optional[int] =
         df = first_steps(trace, steps)
         what = f"Figure 5: per-layer learning-rate corrections, {filter_text(width)}"
         panel = f"{run_label(df)}: {span_text(df, steps)}"
-        drawn = _draw_layers(ax, df, width=width, title=None if own else f"{what}\n{panel}", legend=not own)
+        drawn, note = _draw_layers(ax, df, width=width, title=None if own else f"{what}\n{panel}", legend=not own)
         if own:  # the paper's layout: the kinds listed under the plot; both title lines centred on the figure
-            figure_title(fig, f"{what}\n{panel}")
+            figure_title(fig, f"{what}\n{panel}" + ("" if note is None else f"\n{note}"))
             kind_legend(fig, drawn, loc="outside lower center", ncol=4)
     return fig
 
@@ -113,7 +116,7 @@ def _side_by_side(traces: list[Trace], *, steps: list[Optional[int]], width: Opt
             df = first_steps(trace, n)
             prefix = f"({'ab'[i]}) " if len(traces) > 1 else ""
             labels += _draw_layers(ax, df, width=width, title=f"{prefix}{run_label(df)}: {span_text(df, n)}",
-                                   legend=False)
+                                   legend=False)[0]
         for ax in axes[0][1:]:
             ax.set_ylabel("")  # the shared axis is labelled once, on the left
         figure_title(fig, title)

@@ -35,6 +35,7 @@ from graftlab.plots.common import (
     style,
 )
 from graftlab.plots.layers import Steps, _per_trace, _traces, ratios
+from graftlab.plots.lines import aggregated, band_text, plot_bands, x_span
 
 # Figure 8's panels: (title, kind, ffn position); one line per transformer block in the first six.
 # The paper titles the feed-forward panels "Attention FC1/FC2" (after the BERT layer that holds them);
@@ -51,6 +52,7 @@ PANELS = (
 )
 _BLOCK_PANELS = 6
 _MAX_BLOCK_ENTRIES = 8  # a deeper model's block legend lists evenly spaced blocks only
+_MAX_EMBEDDING_ENTRIES = 8  # more embedding lines than this: their count in the title, no legend
 
 
 def _block(value) -> Optional[int]:
@@ -66,8 +68,9 @@ def panel_groups(kinds: pd.DataFrame) -> dict[str, list[tuple[str, Optional[int]
     """
     out: dict[str, list[tuple[str, Optional[int]]]] = {title: [] for title, _, _ in PANELS}
     placed: set[str] = set()
+    in_block = kinds["block"].notna()
     for title, kind, ffn in PANELS[:_BLOCK_PANELS]:
-        sel = kinds[(kinds["kind"] == kind) & kinds["block"].map(lambda b: _block(b) is not None)]
+        sel = kinds[(kinds["kind"] == kind) & in_block]
         if ffn is not None:
             sel = sel[sel["ffn"] == ffn]
         numel = pd.to_numeric(sel["numel"], errors="coerce").fillna(0)
@@ -76,11 +79,12 @@ def panel_groups(kinds: pd.DataFrame) -> dict[str, list[tuple[str, Optional[int]
             out[title].append((group, block))
             placed.add(group)
         out[title].sort(key=lambda item: item[1])
-    for group in kinds.index:
-        if group in placed:
-            continue
-        key = "Embeddings" if kinds.at[group, "kind"] == "embedding" else "Others"
-        out[key].append((group, _block(kinds.at[group, "block"])))
+    # the rest in one pass of whole columns: a model of 10^5 groups puts nearly all of them here
+    rest = kinds[~kinds.index.isin(list(placed))]
+    blocks = [_block(b) for b in rest["block"].tolist()]
+    embedding = (rest["kind"] == "embedding").to_numpy()
+    for key, mask in (("Embeddings", embedding), ("Others", ~embedding)):
+        out[key] = [(g, b) for g, b, m in zip(rest.index, blocks, mask) if m]
     return out
 
 
@@ -96,8 +100,18 @@ def _draw_run(sub, df: pd.DataFrame, *, width: Optional[int]) -> None:
     shades = dict(zip(blocks, sns.color_palette("viridis", max(len(blocks), 1))))
     axes = sub.subplots(2, 4, squeeze=False)
     other_labels: list[str] = []
+    has_values = set(wide.columns[wide.notna().any(axis=0).to_numpy()])
     for ax, (title, kind, _) in zip(axes.flat, PANELS):
-        items = [(g, b) for g, b in panels[title] if wide[g].notna().any()]
+        items = [(g, b) for g, b in panels[title] if g in has_values]
+        if aggregated(len(items)):  # a panel of more lines than a reader can tell apart: bands per kind
+            drawn = plot_bands(ax, wide[[g for g, _ in items]], kinds)
+            if kind is None:
+                other_labels += drawn
+            note = band_text(len(items), sep="\n")  # two short lines: a panel is a quarter of the figure wide
+            ax.set_title(f"{title}: {note}", fontsize="medium")
+            x_span(ax, wide.index)
+            decade_axis(ax)
+            continue
         distinct = sns.color_palette("Dark2", max(len(items), 1))
         # "Others": the kinds with the fewest lines on top, so a kind of two or three lines (the
         # attention-out biases) is not buried under a dozen LayerNorm and output lines
@@ -115,11 +129,12 @@ def _draw_run(sub, df: pd.DataFrame, *, width: Optional[int]) -> None:
                 z = 2.0 + 1.0 / count[kinds.at[group, "kind"]]
             ax.plot(col.index.to_numpy(), col.to_numpy(), color=color, lw=1.1, label=label, gid=str(group),
                     zorder=z)
-        ax.set_title(title, fontsize="medium")
-        ax.set_xlim(wide.index.min(), wide.index.max())
+        many = kind == "embedding" and len(items) > _MAX_EMBEDDING_ENTRIES  # a legend taller than the panel
+        ax.set_title(f"{title} ({len(items):,} groups)" if many else title, fontsize="medium")
+        x_span(ax, wide.index)
         if items:
             decade_axis(ax)
-        if kind == "embedding" and items:
+        if kind == "embedding" and items and not many:
             ax.legend(fontsize="small", loc="best")
     for ax in axes[:, 0]:
         ax.set_ylabel(RATIO_LABEL, fontsize="small")

@@ -317,3 +317,69 @@ def test_noise_share_follows_the_precision():
     assert degenerate.noise_share("float16", kb) == pytest.approx(torch.finfo(torch.float16).eps / 128)
     assert degenerate.noise_share("bfloat16", None) == 2.0 ** -23  # a group with a real gradient
     assert degenerate.noise_share("int8", kb) == 2.0 ** -23  # unknown: float32's
+
+
+def _assess_one_by_one(med, kinds, shares=None, outlier=None, precision=None):
+    """The rules of the module doc applied group by group: the reference for the array version."""
+    import math
+
+    by_name = {str(g): float(v) for g, v in med.items()}
+    usable = [v for v in by_name.values() if math.isfinite(v) and v > 0]
+    ref = float(np.median(usable)) if outlier and len(usable) >= 3 else None
+    out = {}
+    for g, m in by_name.items():
+        share = None if shares is None else float(shares.get(g, np.nan))
+        share = share if share is not None and math.isfinite(share) else None
+        structure = degenerate.gradient_free(g, kinds.get(g))
+        sib = degenerate.sibling(g, by_name)
+        sib_factor = (m / by_name[sib] if sib is not None and math.isfinite(by_name[sib]) and by_name[sib] > 0
+                      and math.isfinite(m) else None)
+        outlier_factor = m / ref if ref and math.isfinite(m) else None
+        bound = degenerate.noise_share(precision, structure)
+        basis = None
+        if math.isfinite(m) and m > 0:
+            if share is not None:
+                basis = "gradient" if share < bound else None
+            elif structure and sib_factor is not None and sib_factor >= degenerate.SIBLING_FACTOR:
+                basis = "structure"
+            if basis is None and outlier_factor is not None and outlier_factor > outlier:
+                basis = "outlier"
+        out[g] = degenerate.Evidence(g, basis is not None, basis, share, structure, sib, sib_factor,
+                                     outlier_factor, bound, precision)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_shares, outlier, precision", [(False, None, None), (True, None, "bfloat16"),
+                                                             (False, 50.0, None), (True, 50.0, "float16")])
+def test_assess_over_many_groups_is_the_rules_group_by_group(seed, with_shares, outlier, precision):
+    rng = np.random.default_rng(seed)
+    names = []
+    for layer in range(40):
+        for proj in ("query", "key", "value"):
+            names += [f"l.{layer}.attention.self.{proj}.weight", f"l.{layer}.attention.self.{proj}.bias",
+                      f"l.{layer}.attention.self.{proj}.bias[head 1]"]
+    names += ["solo.key.bias", ".bias", "bias", "emb.weight"]
+    names = [n for n in names if rng.random() > 0.15]  # some weights missing: biases without a sibling
+    values = rng.lognormal(2, 3, len(names))
+    values[rng.random(len(names)) < 0.1] = np.nan
+    values[rng.random(len(names)) < 0.05] = 0.0
+    med = pd.Series(values, index=names)
+    kinds = {n: ("K" if ".key." in n else "Q" if "query" in n else "V" if "value" in n else "other") for n in names}
+    shares = None
+    if with_shares:
+        s = 10.0 ** rng.uniform(-12, -2, len(names))
+        s[rng.random(len(names)) < 0.1] = np.nan
+        shares = pd.Series(s, index=names).iloc[: len(names) - 3]  # a few groups without a share
+    got = degenerate.assess(med, kinds, shares=shares, outlier=outlier, precision=precision)
+    want = _assess_one_by_one(med, kinds, shares, outlier, precision)
+    assert list(got) == list(want) and len(got) == len(want)
+    for g in want:
+        a, b = got[g], want[g]
+        assert (a.degenerate, a.basis, a.structure, a.sibling, a.precision) == \
+            (b.degenerate, b.basis, b.structure, b.sibling, b.precision), g
+        for f in ("grad_share", "sibling_factor", "outlier_factor", "noise_share"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-12), (g, f)
+    assert got.degenerate == [g for g in want if want[g].degenerate]
+    assert any(e.degenerate for e in want.values())  # the draw exercises the verdicts

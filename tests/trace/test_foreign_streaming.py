@@ -121,7 +121,11 @@ def table_filter(lo, hi):
 def test_fast_kinds_are_the_rules_for_every_name():
     names = [f"{b}[{r}]" for r in range(3) for b in NAMES] + NAMES + [
         "h.3.mlp.c_proj.bias", "layers.3.weight", "layer.3", "layer.3[q]", "blocks.2.downsample.1.weight",
-        "Layers.12.self_attn.q_proj.weight", "transformer.h.0.attn.c_attn.weight[k]", "layer.01.attention.self.key.bias"]
+        "Layers.12.self_attn.q_proj.weight", "transformer.h.0.attn.c_attn.weight[k]", "layer.01.attention.self.key.bias",
+        "transformer.h.1.attn.c_attn.weight[k head 12]", "transformer.h.1.attn.c_attn.weight[v head 2]",
+        "bert.encoder.layer.3.attention.self.query.bias[head 11]", "decoder.weight[rows 100-199]",
+        "embeddings.word_embeddings.weight[row 7]", "layer2.0.downsample.1.weight[rows 0-3]", "bn1.weight[2]",
+        "ln_1[3]", "ln_12.weight", "ln_1.weight", "downsample.1", "downsample.0", "x[q head 3]"]
     fast = classify_names(names)
     assert all(fast[n] == classify(n) for n in names)
 
