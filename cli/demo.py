@@ -6,6 +6,11 @@ from typing import Optional
 
 import typer
 
+from graftlab.runs.config import RunConfig
+from graftlab.runs.fields import settings
+
+THREADS_HELP = settings(RunConfig)["threads"].help  # one option, one help, in every command that trains
+
 
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A sub-minute version (40 steps, batch 8)."),
@@ -19,7 +24,7 @@ def demo(
     direction_lr: Optional[float] = typer.Option(None, "--direction-lr", help="SGD's lr [default: 0.1, tuned for gpt at batch 256]."),
     jobs: int = typer.Option(2, "--jobs", help="Runs at once, each in its own process; 1 runs them one after another."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (a GPU when there is one)."),
-    threads: int = typer.Option(1, "--threads", help="CPU threads for PyTorch; 1 ran the quick demo 5x faster than 2 on a loaded 2-core machine, 0 takes PyTorch's own count."),
+    threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for init, data order and masking."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="New folder to write [default: runs/demo-<timestamp>]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -30,7 +35,7 @@ def demo(
     given = {k: v for k, v in dict(task=task, steps=steps, batch_size=batch_size, window=window, round=round,
                                    momentum=momentum, magnitude_lr=magnitude_lr,
                                    direction_lr=direction_lr).items() if v is not None}
-    common = dict(device=device, threads=threads or None, seed=seed, jobs=jobs,
+    common = dict(device=device, threads=threads, seed=seed, jobs=jobs,
                   out=str(out) if out is not None else None)
     cfg = DemoConfig.quick(**given, **common) if quick else DemoConfig(**given, **common)
     res = run_demo(cfg, progress=not quiet, echo=typer.echo)

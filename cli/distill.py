@@ -34,7 +34,7 @@ def distill(
     round: str = typer.Option("none", "--round", "-r", help=ROUND_HELP),
     output: Optional[Path] = typer.Option(None, "--out", "--output", "-o", help="Corrections file [default: <TRACE>.corrections.<format> beside the trace]."),
     schedule: Optional[bool] = typer.Option(None, "--schedule/--static", help="Windowed schedule over the whole run, or static first-window multipliers [default: schedule for global traces]."),
-    filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first; the paper's figures use 51 [default: no filter]."),
+    filter: Optional[int] = typer.Option(None, "--filter", help="Median-filter each group's ratios with this odd width first (at most 100001; 0 or 1 turns it off); the paper's figures use 51 [default: no filter]."),
     tie: Optional[str] = typer.Option(None, "--tie", help="Regex of group names that D<beta> ties to beta [default: groups inside transformer blocks]."),
     start: int = typer.Option(0, "--start", help="First step of the window."),
     outlier: float = typer.Option(0.0, "--outlier", help="Also flag groups whose median exceeds this many times the median over groups (0: off; degenerate groups are found from their gradients without it)."),

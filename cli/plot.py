@@ -17,7 +17,7 @@ def plot(
     steps: Optional[List[int]] = typer.Option(
         None, "--steps", help="First N iterations for figures 5, 6, 8 (repeat once per trace) [default: 2000]."),
     width: Optional[int] = typer.Option(
-        None, "--width", help="Median filter width (odd, at most 100001; 1 turns it off) [default: 51 for figures 4, 6, 8]."),
+        None, "--width", help="Median filter width (odd, at most 100001; 0 or 1 turns it off) [default: 51 for figures 4, 6, 8]."),
     window: Optional[int] = typer.Option(None, "--window", help="Corrections chart: median over the first WINDOW steps, as `graftlab distill` [default: 2000, capped to the first quarter of the trace]."),
     round: str = typer.Option("none", "--round", help=ROUND_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),

@@ -81,6 +81,12 @@ class OutputExistsError(GraftlabError):
                          param=("overwrite", *placeholders(what)))
 
 
+class ClosedError(GraftlabError, RuntimeError):
+    """An object was used after its ``close()`` (a :class:`graftlab.Recorder` given values to log):
+    a call at the wrong time, as ``ValueError: I/O operation on closed file`` is, and also a
+    ``RuntimeError`` for code that catches that."""
+
+
 class DivergedError(GraftlabError):
     """A run stopped because its loss, gradients or step norms stopped being finite (see
     ``graftlab.runs.FitResult.raise_if_diverged``). The CLI exits with :attr:`exit_code` 3, apart

@@ -50,6 +50,23 @@ def check_width(width: Any, name: str = "median filter width") -> int:
     return int(width)
 
 
+def filter_width(width: Any, name: str) -> Optional[int]:
+    """A median filter's width as every command and function that filters takes it (``distill
+    --filter``, ``plot --width``, the figures' ``width``): an odd whole number up to
+    :data:`MAX_WIDTH`, with None, 0 and 1 meaning no filter (a width-1 median is the value itself).
+    Returns None for no filter, else the width.
+
+    Raises:
+        GraftlabError (``param=name``): a bool, a float, a negative or even number, or one past
+            :data:`MAX_WIDTH`."""
+    if width is None or (not isinstance(width, bool) and isinstance(width, (int, np.integer)) and width in (0, 1)):
+        return None
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1 or width % 2 == 0:
+        raise GraftlabError(f"{{{name}}} must be an odd median-filter width (0 or 1 turns it off), got {width!r}",
+                            param=name)
+    return check_width(width, name)
+
+
 def running_median(values: np.ndarray, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Centred running median of odd ``width`` along the last axis, skipping NaN, shrinking at the ends.
 

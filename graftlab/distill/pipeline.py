@@ -70,7 +70,7 @@ def distill(
     ``"none"``, ``"pow10"`` (down to a power of ten) or ``"D<beta>"`` (the paper's D_beta of Table
     6b: groups inside transformer blocks, or those matching the ``tie`` regex, become beta; the rest
     go down to a power of ten within {0.1, 1, 10, 100}). ``filter`` is an odd median-filter width
-    applied to each group's series first (the figures use 51); ``outlier`` an opt-in ratio
+    applied to each group's series first (the figures use 51; None, 0 or 1: none); ``outlier`` an opt-in ratio
     threshold that also flags groups degenerate (None: off; :mod:`graftlab.distill.degenerate` decides from
     what D's steps are made of, and its evidence goes into each flagged group's record). ``schedule=True`` gives
     piecewise-constant schedules from consecutive windows over the whole trace (Figure 4) instead of
@@ -238,8 +238,7 @@ def check_settings(window: Any, start: Any, round: str, filter: Optional[int], o
         raise GraftlabError(f"{{window}} must be a positive number of steps, got {window!r}", param="window")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise GraftlabError(f"{{start}} must be a step number >= 0, got {start!r}", param="start")
-    if filter is not None and filter != 0:
-        medians.check_width(filter, "filter")
+    medians.filter_width(filter, "filter")
 
 
 def _names(groups: Any, limit: int = 5) -> str:

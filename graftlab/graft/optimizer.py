@@ -13,7 +13,7 @@ from graftlab.graft import build, child_steps, state as graft_state
 from graftlab.errors import GraftlabError, check_choice, check_flag
 from graftlab.graft.norms import PlainNorms
 from graftlab.graft.partition import GRANULARITIES, SPLITS, Granularity, Names, TensorNames
-from graftlab.graft.slicing import slicing_for
+from graftlab.graft.slicing import slicing_of
 
 PATHS = ("auto", "direct", "generic")
 
@@ -181,7 +181,7 @@ class Graft(Optimizer):
         self._fused_choice = bool(fused)
         self._names = TensorNames(names)
         # head counts and Conv1D layouts come from the module: kept, as the names are
-        self._slicing = slicing_for(names, heads, row_block) if granularity in ("head", "vocab") else None
+        self._slicing = slicing_of(names, granularity, heads, row_block)
         # a CPU tensor, not an int: torch.compile (2.13) drops Python attribute updates on optimizers
         self._step_count = torch.zeros((), dtype=torch.int64)
         self._zero_grad_calls = 0  # the Recorder tells a skipped step from an accumulating micro-batch by it

@@ -26,7 +26,7 @@ from torch import nn
 
 from graftlab import names as wrappers
 from graftlab.errors import GraftlabError
-from graftlab.graft.slicing import Slicing, fused_layout, units_of, vocab_rows
+from graftlab.graft.slicing import Slicing, fused_layout, units_of, vocab_kinds
 
 GRANULARITIES = ("global", "layer", "head", "vocab", "coordinate")
 SPLITS = ("fused", None)
@@ -206,10 +206,9 @@ def _sliced(names: tuple[str, ...], shapes: Sequence[Sequence[int]], granularity
         raise GraftlabError(f"parameter names must be unique for granularity={granularity!r}")
     slicing = slicing or Slicing()
     kinds = [classify(n).kind for n in names]
-    vocab = vocab_rows(names, shapes, kinds) if granularity == "vocab" else None
-    if granularity == "vocab" and vocab is None:
-        raise GraftlabError("granularity='vocab' found no word embedding (a 2-D tensor of kind embedding) to "
-                            "split into rows; use granularity='head'")
+    vocab = None
+    if granularity == "vocab":
+        kinds, vocab = vocab_kinds(names, shapes, kinds, slicing)
     unit_names, unit_tensor, slices = [], [], []
     for i, (n, shape, kind) in enumerate(zip(names, shapes, kinds)):
         units = units_of(n, tuple(shape), kind, granularity, slicing, vocab)

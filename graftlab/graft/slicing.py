@@ -10,7 +10,9 @@ implicit correction (the paper's Section 3.1 partitions, one level finer) exactl
   ``in_proj_weight`` within each Q/K/V third), the attention output weight per head (its input
   columns; rows of a ``Conv1D`` ``c_proj``); every other tensor whole.
 - ``"vocab"``: as ``"head"``, plus the word embedding and the output layer (weight and bias) per
-  vocabulary row, ``row_block`` rows to a group.
+  vocabulary row, ``row_block`` rows to a group. The embedding is found by its module type
+  (``nn.Embedding``) or its name, the output layer by its name or as the last ``nn.Linear`` onto
+  the vocabulary outside the blocks (:func:`vocab_kinds`).
 
 Group names show the slice: ``blocks.0.attn.query.weight[head 3]``,
 ``transformer.h.0.attn.c_attn.weight[q head 3]``, ``head.decoder.weight[rows 0-99]``
@@ -60,7 +62,8 @@ class Slicing:
     ``kv_heads``: parameter name -> number of K/V heads where it differs (grouped-query attention);
     ``conv1d``: names of Hugging Face ``Conv1D`` weights (stored ``(in, out)``, transposed against
     ``nn.Linear``); ``attn_out``: ``nn.MultiheadAttention`` output weights; ``default_heads``: the count for attention tensors not in ``heads``;
-    ``row_block``: vocabulary rows per group (``"vocab"``).
+    ``row_block``: vocabulary rows per group (``"vocab"``); ``embeddings``, ``linears``: what
+    :func:`vocab_kinds` needs of the module's types.
     """
 
     heads: dict[str, int] = field(default_factory=dict)
@@ -69,6 +72,11 @@ class Slicing:
     attn_out: frozenset = frozenset()  # output projections known from their module, whatever their name
     default_heads: Optional[int] = None
     row_block: int = 1
+    # from the module's types, whatever the names (``"vocab"``): weights of nn.Embedding modules, and
+    # (weight, bias or None, out_features) of nn.Linear modules in module order; ``typed``: a module was seen
+    embeddings: frozenset = frozenset()
+    linears: tuple = ()
+    typed: bool = False
 
 
 def _count(obj: Any, attrs: Sequence[str]) -> Optional[int]:
@@ -102,9 +110,14 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
     if not isinstance(names, nn.Module):
         return out
     found: dict[str, tuple[Optional[int], Optional[int]]] = {}
-    conv, outs = set(), set()
+    conv, outs, embeddings, linears = set(), set(), set(), []
     for mname, module in wrappers.named_modules(names):
         found[mname] = (_count(module, HEAD_ATTRS), _count(module, KV_ATTRS))
+        own = f"{mname}." if mname else ""
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            embeddings.add(f"{own}weight")
+        elif isinstance(module, nn.Linear):
+            linears.append((f"{own}weight", f"{own}bias" if module.bias is not None else None, module.out_features))
         if type(module).__name__ == "Conv1D":
             conv.add(f"{mname}.weight" if mname else "weight")
         if isinstance(module, nn.MultiheadAttention):
@@ -124,7 +137,23 @@ def slicing_for(names: Any, heads: Heads = None, row_block: int = 1) -> Slicing:
         if (kv or root_kv) is not None:
             out.kv_heads[pname] = kv or root_kv
     out.conv1d, out.attn_out = frozenset(conv), frozenset(outs)
+    out.embeddings, out.linears, out.typed = frozenset(embeddings), tuple(linears), True
     return out
+
+
+def slicing_of(names: Any, granularity: Any, heads: Heads, row_block: int) -> Optional[Slicing]:
+    """:func:`slicing_for` at ``"head"`` and ``"vocab"``, None at other granularities, where
+    ``heads`` and a ``row_block`` other than 1 are refused: they would change nothing."""
+    said = f"{{granularity={granularity}}}" if isinstance(granularity, str) else "a custom granularity"
+    if row_block != 1 and granularity != "vocab":
+        raise GraftlabError(f"{{row_block}} applies only to {{granularity=vocab}} (vocabulary rows per group), "
+                            f"not to {said}", param=("row_block", "granularity"))
+    if granularity not in ("head", "vocab"):
+        if heads is not None:
+            raise GraftlabError(f"{{heads}} applies only to {{granularity=head}} or {{granularity=vocab}} "
+                                f"(attention heads per group), not to {said}", param=("heads", "granularity"))
+        return None
+    return slicing_for(names, heads, row_block)
 
 
 def _check_heads(v: Any) -> int:
@@ -147,6 +176,31 @@ def vocab_rows(names: Sequence[str], shapes: Sequence[Sequence[int]], kinds: Seq
     the position and token-type ones), None without one."""
     rows = [s[0] for s, k in zip(shapes, kinds) if k == "embedding" and len(s) == 2]
     return max(rows) if rows else None
+
+
+def vocab_kinds(names: Sequence[str], shapes: Sequence[Sequence[int]], kinds: Sequence[str],
+                slicing: Slicing) -> tuple[list[str], int]:
+    """``kinds`` (by name, :func:`graftlab.kinds.classify`) with the module's types applied, and the
+    vocabulary size, for ``granularity="vocab"``. An ``nn.Embedding`` weight is an embedding whatever
+    its name; when no tensor named as an output layer has the vocabulary's rows, the last
+    ``nn.Linear`` onto the vocabulary outside the blocks (kind ``other``) is the output layer.
+
+    Raises GraftlabError when there is no 2-D embedding, saying what was looked for."""
+    kinds = ["embedding" if n in slicing.embeddings else k for n, k in zip(names, kinds)]
+    vocab = vocab_rows(names, shapes, kinds)
+    if vocab is None:
+        typed = ("nn.Embedding modules" if slicing.typed else
+                 "nn.Embedding modules (names= gave (name, tensor) pairs, which carry no module types: "
+                 "pass the model's nn.Module as names=)")
+        raise GraftlabError(f"granularity='vocab' found no word embedding to split into rows: looked for {typed} "
+                            "and 2-D parameters named like one ('embed', 'wte', 'wpe'); use granularity='head'")
+    index = {n: i for i, n in enumerate(names)}
+    if not any(k == "output" and s[0] == vocab for s, k in zip(shapes, kinds) if len(s)):
+        onto = [[n for n in (w, b) if n in index] for w, b, out in slicing.linears if out == vocab]
+        onto = [own for own in onto if own and all(kinds[index[n]] == "other" for n in own)]  # a tied weight
+        for name in onto[-1] if onto else ():  # is the embedding's tensor, named once, as the embedding
+            kinds[index[name]] = "output"
+    return kinds, vocab
 
 
 def units_of(name: str, shape: Sequence[int], kind: str, granularity: str, slicing: Slicing,

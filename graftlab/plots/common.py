@@ -148,10 +148,13 @@ def ratio_table(df: pd.DataFrame, column: str = "ratio") -> pd.DataFrame:
 
 
 def smooth(wide: pd.DataFrame, width: Optional[int]) -> pd.DataFrame:
-    """Each column median-filtered with window ``width`` (the recorded samples; None: unchanged)."""
-    if width is None or width <= 1:
+    """Each column median-filtered with window ``width`` (the recorded samples; None, 0 or 1:
+    unchanged; anything but an odd width is a GraftlabError, :func:`graftlab.distill.medians.filter_width`)."""
+    from graftlab.distill.medians import filter_width, running_median
+
+    width = filter_width(width, "width")
+    if width is None:
         return wide
-    from graftlab.distill.medians import running_median
 
     values = wide.to_numpy(dtype=np.float64).T.copy()  # (groups, steps): every column in one call
     values[~np.isfinite(values)] = np.nan

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from graftlab.distill.medians import check_width
+from graftlab.distill.medians import filter_width
 from graftlab.errors import GraftlabError
 from graftlab.plots.common import PathLike
 from graftlab.trace import read_metadata
@@ -41,8 +41,7 @@ def _steps(steps: Optional[Sequence[int]], n: int, default: int = 2000):
 
 
 def _check_width(width: Optional[int]) -> None:
-    if width is not None:
-        check_width(width, "width")
+    filter_width(width, "width")
 
 
 def _check_drawable(trace: PathLike, steps: Optional[int]) -> None:

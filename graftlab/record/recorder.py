@@ -30,7 +30,7 @@ from graftlab import trace
 
 from graftlab.io import termination
 from graftlab.distributed.checkpoints import before_checkpoint
-from graftlab.errors import GraftlabError
+from graftlab.errors import ClosedError, GraftlabError
 from graftlab.record.arguments import MAX_FLUSH_EVERY, check_arguments  # noqa: F401 - MAX_FLUSH_EVERY: its name here too
 from graftlab.graft.optimizer import Graft
 from graftlab.record.grad_norms import GradNorms, precision_of
@@ -334,11 +334,14 @@ class Recorder:
         first nonzero one on, so log it only with that meaning.
 
         Raises:
+            ClosedError: the Recorder is closed (a GraftlabError and a RuntimeError).
             GraftlabError: the key is a trace column (``step``, ``group``, ``norm_m``, ``norm_d``,
                 ``ratio``, or ``norm_g``, the per-group gradient norm), is not valid UTF-8 text
                 (a Parquet column name), or is ``lr`` while ``record_lr`` records it; the value is
                 not a number or a one-element tensor.
         """
+        if self._closed:  # on every rank: the value would be dropped without a word
+            raise ClosedError(f"{self.path}: the Recorder is closed; call log() before close()")
         for key in scalars:  # checked on every rank, so that every rank fails alike
             problem = scalar_name_problem(key)
             if problem:
@@ -348,7 +351,7 @@ class Recorder:
                     "cannot log 'lr': the recorder writes the lr each step used (record_lr=True); "
                     "log it under another name or create the Recorder with record_lr=False")
         values = {key: scalar(key, value) for key, value in scalars.items()}
-        if not self.active or self._closed:
+        if not self.active:
             return
         placed = self._steps.place(values)
         if self._steps.row is not None:
@@ -401,7 +404,7 @@ class Recorder:
 
     def close(self) -> None:
         """Flush, wait for the writer, release the trace, and detach from the optimizer. Safe to
-        call twice. A Recorder closed before it recorded a step leaves no trace: the folder it
+        call twice; :meth:`flush` and :meth:`sync` do nothing after it, :meth:`log` raises. A Recorder closed before it recorded a step leaves no trace: the folder it
         created is removed (an existing folder is kept, without the trace's files)."""
         if self._closed:
             return

@@ -8,6 +8,8 @@ What it refuses, before anything in ``path`` changes:
 
 - ``path`` is a file (a trace is a folder: a user's file never becomes one), lies inside another
   trace folder, is a folder of other files, or exists without ``overwrite``/``resume``;
+- ``path`` holds a user's entry named like a part (a copy, a folder, a link:
+  :func:`~graftlab.trace.outputs.check_stray_parts`), which would stay beside the new parts;
 - another process is writing ``path`` (:class:`~graftlab.trace.lock.TraceLock`);
 - ``resume`` would drop every recorded step (a fresh optimizer at step 0: load its checkpoint
   first), would leave a gap (the trace ends before the step the run resumes at), or continues a
@@ -22,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from graftlab import trace
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.trace.outputs import trace_folder_of
+from graftlab.trace.outputs import check_stray_parts, trace_folder_of
 from graftlab.trace import replacing
 from graftlab.trace.lock import LOCK_NAME, TraceLock
 
@@ -122,6 +124,7 @@ def _check_folder(path: Path, overwrite: bool, resume: bool) -> None:
                             f"{'resuming' if resume else 'replacing'} it")
     if not (overwrite or resume):
         raise OutputExistsError(path, "trace")
+    check_stray_parts(path)  # a user's file would stay beside the new parts: said before any step
 
 
 def _prepare(path: Path, meta: dict[str, Any], group_names: Sequence[str], start: int, every: int,

@@ -18,7 +18,7 @@ from graftlab.runs.fields import MAX_COUNT, MAX_STEPS, check_value, settings, se
 from graftlab.runs.resume_check import check_resumable
 from graftlab.graft.schedules import SCHEDULES, make_schedule
 from graftlab.trace import is_trace
-from graftlab.trace.outputs import check_output
+from graftlab.trace.outputs import check_output, check_stray_parts
 
 if TYPE_CHECKING:
     from graftlab.tasks import Task
@@ -195,7 +195,7 @@ class TrainConfig(RunConfig):
 
     optimizer: Optional[str] = setting(None, "The optimizer.", choices=OPTIMIZERS,
                                        default_text="D's optimizer of --corrections, else adam")
-    lr: Optional[float] = setting(None, "Peak learning rate.", ge=0, default_text="D's recorded lr with "
+    lr: Optional[float] = setting(None, "Peak learning rate.", gt=0, default_text="D's recorded lr with "
                                   "--corrections, else the task's default for the optimizer")
     hparams: dict = setting(default_factory=dict, help="Optimizer hyperparameter NAME=VALUE, repeatable (e.g. "
                             "momentum=0.9, betas=0.9,0.98).", flag="--hparam", repeat=True,
@@ -219,8 +219,8 @@ class RecordConfig(RunConfig):
     magnitude: str = setting("adam", "M, the step size.", aliases=("-m",), choices=OPTIMIZERS)
     direction: str = setting("sgd", "D, the direction.", aliases=("-d",), choices=OPTIMIZERS)
     magnitude_lr: Optional[float] = setting(None, "M's peak learning rate, the step size.", aliases=("--lr",),
-                                            ge=0, default_text="the task's for M")
-    direction_lr: Optional[float] = setting(None, "D's learning rate.", ge=0, default_text="the task's for D")
+                                            gt=0, default_text="the task's for M")
+    direction_lr: Optional[float] = setting(None, "D's learning rate.", gt=0, default_text="the task's for D")
     m_hparams: dict = setting(default_factory=dict, help="M hyperparameter NAME=VALUE, repeatable, e.g. "
                               "betas=0.9,0.98.", flag="--m-hparam", repeat=True, default_text="the task's for M",
                               metavar="NAME=VALUE")
@@ -240,6 +240,9 @@ class RecordConfig(RunConfig):
     def _validate_optimizers(self) -> None:
         _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr", "m_hparams")
         _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr", "d_hparams")
+        if self.row_block != 1 and self.granularity != "vocab":  # said, not ignored
+            raise GraftlabError(f"{{row_block}} applies only to {{granularity=vocab}} (vocabulary rows per group), "
+                                f"not to {{granularity={self.granularity}}}", param=("row_block", "granularity"))
         if self.steps is not None and self.every > self.steps:
             raise GraftlabError(f"{{every={self.every}}} is more than {{steps={self.steps}}}: the trace would hold "
                                 "step 0 only; choose {every} <= {steps}", param=("every", "steps"))
@@ -257,6 +260,7 @@ class RecordConfig(RunConfig):
                                 "another path (a new or empty folder)", param="out")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
+        check_stray_parts(path, "{out}")  # before the run trains, not when its trace is read at the end
         from graftlab.trace.lock import check_unlocked
 
         check_unlocked(path)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from graftlab.errors import GraftlabError
 from graftlab.trace import tables
 from graftlab.trace.layout import FORMAT, METADATA_KEY, SIDECAR, frame_metadata
+from graftlab.trace.selection import check_group_names, check_known, check_steps
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,6 +131,14 @@ def _ratio(path: Path, m: Any, d: Any) -> Any:
             raise GraftlabError(f"{path}: columns norm_m and norm_d must hold numbers, not "
                                 f"{m.type} and {d.type}") from None
     return pc.divide(m, d)
+
+
+def _floats(path: Path, col: Any, name: str) -> np.ndarray:
+    """A float column as float64 numpy (empty values NaN: unknown); GraftlabError if not numbers."""
+    try:
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise GraftlabError(f"{path}: column {name} must hold numbers, not {col.type}") from None
 
 
 def _check_unique(path: Path, step: np.ndarray, rank: np.ndarray, group: Any) -> None:
@@ -244,16 +253,20 @@ def read(
     trace's). ``norm_m``/``norm_d`` that the table lacks are NaN (unknown); a ``ratio`` it lacks is
     ``norm_m / norm_d`` (:func:`_ratio`). Float columns come as float64, ``step`` as int64. Only the
     columns asked for are read, and of a Parquet table only the row groups that can hold ``steps``;
-    a CSV file is parsed block by block, keeping the rows in ``steps``.
+    a CSV file is parsed block by block, keeping the rows in ``steps``. A table that stores
+    ``ratio`` beside both norms keeps its ``ratio``, with one ``UserWarning`` counting the rows
+    where it disagrees with ``norm_m / norm_d`` (:class:`graftlab.trace.tables.RatioCheck`).
     """
+    steps, groups = check_steps(steps), check_group_names(groups)
     path = Path(path)
     table = _open(path)
     names = table.names
     wanted = _wanted(path, names, columns)
     meta = metadata(path)
     order = tables.NameOrder([g["name"] for g in meta["groups"]])
+    check_known(groups, order.names, path)
     stored = [c for c in wanted if c in names]
-    keep = None if groups is None else pa.array([str(g) for g in groups], pa.string())
+    keep = None if groups is None else pa.array(groups, pa.string())
     parts: dict[str, list] = {c: [] for c in stored}
     codes = []
     for batch in table.batches(stored, steps):
@@ -292,6 +305,10 @@ def read(
             out[c] = col.to_numpy()[idx]  # nulls become NaN: unknown
         else:
             out[c] = col.to_pandas().to_numpy()[idx]
+    if all(c in stored for c in ("ratio", *OPTIONAL)):  # all three read anyway: are they one thing?
+        check = tables.RatioCheck()
+        check.add(out["ratio"], out["norm_m"], out["norm_d"], step, lambda i: categories[code[i]])
+        check.warn(path)
     df = pd.DataFrame(out)
     if groups is not None:
         df["group"] = df["group"].cat.remove_unused_categories()
@@ -334,6 +351,7 @@ def scan_ratios(path: PathLike, *, steps: Optional[tuple[Optional[int], Optional
     the batches ``(step int64, group position int32, ratio)`` numpy arrays in row order, ``codes.names``
     the groups in order of first appearance. Only ``step``, ``group`` and the ratio (or the norms
     it is computed from) are read."""
+    steps = check_steps(steps)
     path = Path(path)
     table = _open(path)
     meta = metadata(path)
@@ -361,6 +379,7 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
     """:func:`graftlab.trace.scanning.scan_batches` for a foreign trace: ``(batches, metadata)``.
     Norm columns the table lacks are left out of the batches (unknown, not NaN); ``ratio`` is
     computed per batch where the table has the norms only."""
+    steps = check_steps(steps)
     path = Path(path)
     table = _open(path)
     meta = metadata(path)
@@ -371,6 +390,8 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
         cols += [c for c in OPTIONAL if c not in cols]
     cols += [c for c in optional if c in table.names and c not in cols]
 
+    check = tables.RatioCheck() if all(c in cols for c in ("ratio", *OPTIONAL)) else None
+
     def batches():
         for batch in table.batches(cols, steps):
             names = list(batch.schema.names)
@@ -378,6 +399,11 @@ def scan_batches(path: PathLike, required: Iterable[str], optional: Iterable[str
             if "ratio" in required and computed:
                 arrays.append(_ratio(path, batch.column("norm_m"), batch.column("norm_d")))
                 names.append("ratio")
+            if check is not None:
+                floats = [_floats(path, batch.column(c), c) for c in ("ratio", *OPTIONAL)]
+                check.add(*floats, arrays[names.index("step")], lambda i, g=batch.column("group"): g[i].as_py())
             yield pa.RecordBatch.from_arrays(arrays, names)
+        if check is not None:
+            check.warn(path, stacklevel=2)
 
     return batches(), meta

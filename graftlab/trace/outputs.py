@@ -14,6 +14,7 @@ themselves are :mod:`graftlab.io.outputs`'.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Iterable, Optional, Union
 
 from graftlab.errors import GraftlabError, OutputExistsError, placeholders
 from graftlab.io.fsutil import describe_os_error, file_kind
-from graftlab.trace.layout import is_trace
+from graftlab.trace.layout import PART_GLOB, PART_NAME, is_trace
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,6 +66,35 @@ def _error(what: str, message: str) -> GraftlabError:
     """An error about output ``what``: a parameter placeholder (``"{out}"``) makes it the error's
     parameter, said as its flag on the command line."""
     return GraftlabError(message, param=placeholders(what))
+
+
+def check_stray_parts(path: PathLike, what: Optional[str] = None) -> None:
+    """GraftlabError if the trace folder ``path``, which a recording is about to replace or extend,
+    holds an entry named like a part (:data:`~graftlab.trace.layout.PART_GLOB`) that graftlab did
+    not write: a copy (``part-000000000000 (1).parquet``), a renamed file, a folder or a link.
+    Replacing a trace moves only its own files, so such an entry would stay, and every reader
+    (graftlab, ``pandas.read_parquet``) would meet it beside the new parts; it is the user's, so it
+    is never moved nor deleted: the recording stops before it starts. ``what`` names ``path`` in
+    the message (``"{out}"``: the parameter that gave it)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return
+    stray = []
+    for name in sorted(os.listdir(p)):
+        if not fnmatch.fnmatchcase(name, PART_GLOB):
+            continue
+        mode = os.lstat(p / name).st_mode
+        if PART_NAME.fullmatch(name) is None:
+            stray.append((name, "a part name graftlab writes"))
+        elif not stat.S_ISREG(mode):
+            stray.append((name, f"a regular file ({file_kind(mode)})"))
+    if stray:
+        name, why = stray[0]
+        more = f" ({len(stray)} such entries)" if len(stray) > 1 else ""
+        said = f"{what} {str(p)!r}" if what else str(p)
+        raise GraftlabError(f"{said} holds {name!r}, which looks like a part of the trace but is not {why}{more}; "
+                            "move it out of the folder before recording there (it is not graftlab's to move "
+                            "or delete)", param=placeholders(what or ""))
 
 
 def check_parents(path: PathLike, what: str) -> None:

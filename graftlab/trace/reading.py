@@ -12,6 +12,7 @@ from graftlab.errors import GraftlabError
 from graftlab.trace.gaps import describe as describe_gaps
 from graftlab.trace.layout import FORMAT_1, REQUIRED, PathLike, frame_metadata, trace_files
 from graftlab.trace.parts import READ_ERRORS, check_part, describe, open_part, step_bounds, trace_metadata
+from graftlab.trace.selection import check_group_names, check_known, check_steps
 from graftlab.trace.scanning import (
     _in_order, _indices, _scanner, _stream_to_pandas, _to_pandas, open_parts, scan_ratios,
 )
@@ -64,7 +65,7 @@ def read_table(
     then group order. ``required`` narrows the required columns returned (``("step", "group",
     "ratio")`` reads a ``/1`` trace's norms not at all). Same arguments and errors as :func:`read_trace`.
     """
-    table, scan = _table(Path(path), steps, groups, columns, list(required))
+    table, scan = _table(Path(path), check_steps(steps), check_group_names(groups), columns, list(required))
     return table, scan.meta
 
 
@@ -80,6 +81,7 @@ def _table(path: Path, steps, groups, columns, required: list[str]) -> tuple[pa.
         keep = set(groups)
         group = table.column("group")
         dictionary = group.chunk(0).dictionary.to_pylist() if group.num_chunks else []
+        check_known(groups, dict.fromkeys(scan.names + dictionary), path)
         codes = pa.array([i for i, g in enumerate(dictionary) if g in keep], pa.int32())
         table = table.filter(pc.is_in(_indices(group), value_set=codes))
     if "ratio" in required:
@@ -109,8 +111,10 @@ def read_trace(
     (see :mod:`graftlab.trace`) is in ``df.attrs["graftlab"]``.
 
     ``steps=(start, stop)`` keeps ``start <= step < stop`` (either end may be None) and reads only
-    the part files and row groups that can hold those steps. ``groups`` (names) and ``columns``
-    (extra columns; the required ones always come) narrow the read the same way.
+    the part files and row groups that can hold those steps. ``groups`` (a list of names) and
+    ``columns`` (extra columns; the required ones always come) narrow the read the same way.
+    A range past the recorded steps gives no rows; an empty or reversed one (``start >= stop``)
+    and a group name the trace does not hold are errors (:mod:`graftlab.trace.selection`).
 
     Raises :class:`~graftlab.errors.GraftlabError` when ``path`` does not exist, holds no part files
     or a stray copy of one, is not readable Parquet (a damaged footer, or a data page whose checksum
@@ -124,6 +128,7 @@ def read_trace(
     """
     from graftlab.trace import foreign
 
+    steps, groups = check_steps(steps), check_group_names(groups)
     if foreign.is_foreign(path):
         return foreign.read(path, steps=steps, groups=groups, columns=columns)
     path = Path(path)

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from graftlab.errors import GraftlabError
 from graftlab.trace import gaps
 from graftlab.trace.layout import REQUIRED, STORED, PathLike, part_first_step, trace_files
+from graftlab.trace.selection import check_steps
 from graftlab.trace.parts import (
     READ_ERRORS, Part, check_part, check_sequence, describe, open_part, parquet_format, trace_metadata,
 )
@@ -158,6 +159,7 @@ def scan_ratios(
     """
     from graftlab.trace import foreign
 
+    steps = check_steps(steps)
     if foreign.is_foreign(path):
         return foreign.scan_ratios(path, steps=steps)
     path = Path(path)
@@ -194,6 +196,7 @@ def scan_batches(
     Returns ``(batches, metadata)``."""
     from graftlab.trace import foreign
 
+    steps = check_steps(steps)
     if foreign.is_foreign(path):  # norm columns the table lacks are left out of its batches
         return foreign.scan_batches(path, required, optional, steps=steps)
     path = Path(path)

@@ -305,3 +305,46 @@ def distinct_steps(path: Path) -> int:
     for batch in Table(path).batches(["step"]):
         distinct = _distinct(distinct, np.asarray(steps_column(path, batch.column("step"))))
     return len(np.unique(np.concatenate(distinct))) if distinct else 0
+
+
+# --------------------------------------------------------------------------- ratio beside the norms
+
+RATIO_RTOL = 1e-3  # relative: far above float32 rounding (6e-8), far below any real disagreement
+_CHECK_ROWS = 1 << 20  # rows compared at a time: bounded temporaries on a 40M-row table
+
+
+class RatioCheck:
+    """Rows of a table whose stored ``ratio`` disagrees with ``norm_m / norm_d`` (its definition)
+    by more than :data:`RATIO_RTOL` relative, counted over the batches a read takes anyway (no
+    pass of its own) and said in one warning by :meth:`warn`. Non-finite ratios agree when the
+    quotient is the same (inf where D's step was zero); rows whose norms are unknown (NaN, empty)
+    are not compared."""
+
+    def __init__(self) -> None:
+        self.rows = self.bad = 0
+        self.first: Optional[tuple[int, str, float, float]] = None  # step, group, ratio, quotient
+
+    def add(self, ratio: np.ndarray, m: np.ndarray, d: np.ndarray, step: np.ndarray, group) -> None:
+        """Compare one batch (float arrays of one length); ``group(i)`` names the group of row ``i``."""
+        self.rows += len(ratio)
+        for lo in range(0, len(ratio), _CHECK_ROWS):
+            r, mm, dd = (np.asarray(a[lo:lo + _CHECK_ROWS], np.float64) for a in (ratio, m, d))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = mm / dd
+            bad = np.isfinite(mm) & np.isfinite(dd) & ~np.isclose(r, q, rtol=RATIO_RTOL, atol=0, equal_nan=True)
+            n = int(np.count_nonzero(bad))
+            if n and self.first is None:
+                i = int(np.argmax(bad))
+                self.first = (int(step[lo + i]), str(group(lo + i)), float(r[i]), float(q[i]))
+            self.bad += n
+
+    def warn(self, path: Path, stacklevel: int = 4) -> None:
+        if not self.bad:
+            return
+        import warnings
+
+        step, group, r, q = self.first
+        warnings.warn(f"{path}: column ratio disagrees with norm_m / norm_d (its definition) by more than "
+                      f"{RATIO_RTOL:g} relative in {self.bad} of {self.rows} rows (first: step {step}, group "
+                      f"{group!r}, ratio {r:.6g} against {q:.6g}); the table's column ratio is used (leave it "
+                      "out of the table to use the norms' quotient)", UserWarning, stacklevel=stacklevel)

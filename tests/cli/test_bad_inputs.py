@@ -331,7 +331,7 @@ SAYS: dict[str, tuple[str, ...]] = {
     "a foreign table with a negative step": ("negstep.parquet: step -4 is negative",),
     "unknown rounding": ("--round 'nope' is not a rounding", "!bad rounding"),
     "Dabc": ("--round 'Dabc': D<beta> needs a positive finite beta, e.g. D500", "!DA"),
-    "even filter": ("--filter must be a positive odd integer", "got 4"),
+    "even filter": ("--filter must be an odd median-filter width (0 or 1 turns it off)", "got 4"),
     "output folder missing": ("--out 'NEW/dir/c.json'", "'NEW/dir' does not exist"),
     "unknown option": ("No such option: --nope", "!Possible options"),
     "unknown option, close to one": ("No such option: --steps (did you mean --start?)",),
@@ -359,9 +359,9 @@ case("record: warmup from TOML longer than training", record("--config cfg/warmu
 case("record: --warmup over the TOML's, longer than training", record("--config cfg/warmup50.toml --warmup 60 --steps 10"),
      "--warmup (60 steps) must be shorter than training", "!config key")
 case("record: magnitude_lr negative in YAML", record("--config cfg/m_lr_neg.yaml"),
-     "config file 'cfg/m_lr_neg.yaml': config key 'magnitude_lr' must be >= 0, got -1", "!--magnitude-lr")
+     "config file 'cfg/m_lr_neg.yaml': config key 'magnitude_lr' must be > 0, got -1", "!--magnitude-lr")
 case("record: --magnitude-lr over the YAML's, negative", record("--config cfg/m_lr_neg.yaml --magnitude-lr -2"),
-     "--magnitude-lr must be >= 0, got -2", "!config key")
+     "--magnitude-lr must be > 0, got -2", "!config key")
 # values checked against their field's schema (strict types, bounds), one line each
 case("record: steps: true in YAML", record("--config cfg/steps_true.yaml", defaults=False) + " -o NEW/t --quiet",
      "config key 'steps' must be a whole number, got True")

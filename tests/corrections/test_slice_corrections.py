@@ -20,7 +20,7 @@ def groups_of(model, granularity, row_block=10):
     from graftlab import Graft
 
     return Graft(torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1),
-                 granularity=granularity, row_block=row_block, names=model).group_names
+                 granularity=granularity, row_block=row_block if granularity == "vocab" else 1, names=model).group_names
 
 
 def backward(model, seed=0):

@@ -23,7 +23,7 @@ def gpt(seed=0):
 def record(path, granularity, steps=12):
     model = gpt()
     opt = Graft(torch.optim.Adam(model.parameters(), lr=1e-3), torch.optim.SGD(model.parameters(), lr=0.1),
-                granularity=granularity, row_block=10, names=model)
+                granularity=granularity, row_block=10 if granularity == "vocab" else 1, names=model)
     with Recorder(opt, path, model=model, flush_every=5):
         for s in range(steps):
             g = torch.Generator().manual_seed(s)

@@ -127,3 +127,26 @@ def test_read_grid_streams_the_same_grid_as_the_frame(tmp_path, kind):
     assert (got.recorded is None) == kind.startswith("batches")
     if got.recorded is not None:
         assert np.array_equal(got.recorded, want.recorded)
+
+
+@pytest.mark.parametrize("width,want", [(None, None), (0, None), (1, None), (3, 3), (51, 51)])
+def test_filter_width_zero_and_one_are_off(width, want):
+    assert medians.filter_width(width, "filter") == want
+
+
+@pytest.mark.parametrize("width", [2, -1, -3, 1.0, True, medians.MAX_WIDTH + 2])
+def test_filter_width_refuses_the_rest_naming_the_parameter(width):
+    with pytest.raises(GraftlabError, match=r"^width must be") as err:
+        medians.filter_width(width, "width")
+    assert err.value.params == ("width",)
+
+
+def test_figures_refuse_a_negative_width_instead_of_drawing_unfiltered():
+    import pandas as pd
+
+    from graftlab.plots.common import smooth
+
+    wide = pd.DataFrame({"a": [1.0, 5.0, 2.0]})
+    assert smooth(wide, 0) is wide and smooth(wide, 1) is wide
+    with pytest.raises(GraftlabError, match="width"):
+        smooth(wide, -5)

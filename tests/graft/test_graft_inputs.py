@@ -10,7 +10,6 @@ from torch import nn
 
 from graftlab import Graft, GraftlabError
 
-from graftlab.graft import rules as updates
 from tests.models import batches, loss_fn, make
 from tests.graft.test_graft import flat
 
@@ -139,23 +138,44 @@ def test_complex_coordinate_sgd_graft_adagrad_is_sgd(path):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "adagrad", "rmsprop", "sgd"])
-def test_direct_rules_on_complex_tensors_equal_torch(name):
+@pytest.mark.parametrize("name", COMPLEX)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("how", [{"path": "direct"}, {"path": "generic"}, {"fused": True}], ids=["direct", "generic", "fused"])
+def test_complex_a_graft_a_steps_and_keeps_the_state_torch_keeps(name, dtype, how):
+    """Through the public API, on every path: A#A' on a complex tensor steps as torch.optim's A (real
+    and imaginary parts as separate reals), and the magnitude child's state holds what torch's A
+    holds, in its dtypes (complex moments, a real ``step``), so a run can go on with either."""
     torch.manual_seed(0)
-    w, grad = torch.randn(6, dtype=torch.complex64), torch.randn(6, dtype=torch.complex64)
+    w = torch.randn(4, 3, dtype=dtype)
+    grads = [torch.randn(4, 3, dtype=dtype) for _ in range(3)]
     q = nn.Parameter(w.clone())
-    opt = COMPLEX[name]([q])
-    rule = updates.rule_for(opt)
-    state = [{}]
-    for _ in range(3):
-        q.grad = grad.clone()
-        before = q.detach().clone()
-        opt.step()
-        out = [torch.empty_like(w)]
-        rule(opt.param_groups[0], [before], [grad.clone()], state, out, lambda: [torch.empty_like(w)])
-        torch.testing.assert_close(out[0], q.detach() - before, rtol=1e-5, atol=1e-7)
-    for key, value in opt.state[q].items():
-        assert state[0][key].dtype == value.dtype, key  # the state keeps torch's dtypes (complex moments)
+    ref = COMPLEX[name]([q])
+    p = nn.Parameter(w.clone())
+    g = Graft(COMPLEX[name]([p]), COMPLEX[name]([p], lr=0.3), names=[("w", p)], **how)
+    for grad in grads:
+        q.grad, p.grad = grad.clone(), grad.clone()
+        ref.step()
+        g.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.complex64 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.detach(), q.detach(), **tol)
+    assert g.last_stats.dtype == w.real.dtype and torch.isfinite(g.last_stats).all()
+    mine, theirs = g.magnitude.state[p], ref.state[q]
+    assert set(mine) == set(theirs)
+    for key, value in theirs.items():
+        assert mine[key].dtype == value.dtype, key
+        torch.testing.assert_close(mine[key], value, **tol)
+
+
+def test_sgd_graft_sgd_steps_a_complex64_parameter():
+    """The plain case: a complex64 parameter, default path, SGD#SGD is SGD."""
+    p = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    w = p.detach().clone()
+    g = Graft(torch.optim.SGD([p], lr=0.1), torch.optim.SGD([p], lr=0.1), names=[("p", p)])
+    p.abs().sum().backward()
+    grad = p.grad.clone()
+    g.step()
+    torch.testing.assert_close(p.detach(), w - 0.1 * grad)
+    torch.testing.assert_close(g.last_stats[2], torch.ones(1))  # ratio 1: the same step
 
 
 # -- sparse gradients -----------------------------------------------------------------------------

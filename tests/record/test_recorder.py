@@ -423,3 +423,22 @@ def test_wrong_argument_types_are_one_error_each_and_nothing_is_written(tmp_path
     assert message in str(err.value) and "\n" not in str(err.value)
     assert err.value.params == (param,)
     assert not (tmp_path / "t").exists()
+
+
+# -- after close ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_log_after_close_is_an_error_and_closing_twice_is_not(tmp_path, monkeypatch, rank):
+    monkeypatch.setenv("RANK", rank)  # every rank fails alike
+    model, opt = setup()
+    (x, y), (x2, y2) = batches(2)
+    rec = Recorder(opt, tmp_path / "t", model=model)
+    rec.log(loss=step(model, opt, x, y))
+    rec.close()
+    with pytest.raises(GraftlabError, match=r"the Recorder is closed.*log\(\) before close\(\)") as err:
+        rec.log(loss=step(model, opt, x2, y2))
+    assert isinstance(err.value, RuntimeError)  # a call at the wrong time, as on a closed file
+    rec.close()  # closing twice stays fine
+    rec.flush(), rec.sync()  # nothing is buffered after close: nothing to lose
+    if rank == "0":
+        df = graftlab.read_trace(tmp_path / "t")
+        assert sorted(df["step"].unique()) == [0] and df["loss"].notna().all()

@@ -1,0 +1,76 @@
+"""Every check on a recording's output folder happens before the run trains: a user's file there
+that looks like a part of the trace (a copy, a link, a folder) is refused up front, and kept."""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import graftlab
+from graftlab.cli.app import run
+from graftlab.errors import GraftlabError
+from graftlab.record.recorder import Recorder
+from tests import models
+
+STRAYS = {
+    "copy": lambda d: (d / "part-000000000000 (1).parquet").write_bytes(b"my copy"),
+    "renamed": lambda d: (d / "part-final.parquet").write_text("notes"),
+    "folder": lambda d: (d / "part-000000000099.parquet").mkdir(),
+    "link": lambda d: os.symlink(d.parent / "elsewhere.parquet", d / "part-000000000099.parquet"),
+}
+
+
+def setup():
+    torch.set_num_threads(1)
+    model = models.make("block", dtype=torch.float32)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, graftlab.Graft(adam, sgd, names=model)
+
+
+def recorded(path: Path) -> Path:
+    model, opt = setup()
+    with Recorder(opt, path, flush_every=2) as rec:
+        for x, y in models.batches("block", 4, dtype=torch.float32):
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=1.0)
+    return path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = ("link" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes().hex())
+    return out
+
+
+@pytest.mark.parametrize("stray", list(STRAYS))
+@pytest.mark.parametrize("mode", ["overwrite", "resume"])
+def test_recorder_refuses_a_stray_part_before_anything_changes(tmp_path, stray, mode):
+    t = recorded(tmp_path / "t")
+    STRAYS[stray](t)
+    before = snapshot(tmp_path)
+    model, opt = setup()
+    with pytest.raises(GraftlabError, match=r"looks like a part of the trace.*move it out") as err:
+        Recorder(opt, t, **{mode: True}, start_step=4 if mode == "resume" else 0)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before  # the user's file and the old trace, as they were
+
+
+@pytest.mark.parametrize("stray", ["copy", "folder"])
+def test_record_command_refuses_before_training(tmp_path, capsys, stray):
+    t = recorded(tmp_path / "t")
+    STRAYS[stray](t)
+    before = snapshot(tmp_path)
+    metrics = tmp_path / "m.parquet"
+    code = run(shlex.split(f"record -o {t} --overwrite --steps 3 --batch-size 2 --device cpu --eval-every 0 "
+                           f"--quiet --metrics {metrics}"))
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: --out ") and len(err.strip().splitlines()) == 1, err
+    assert "looks like a part of the trace" in err
+    assert snapshot(tmp_path) == before and not metrics.exists()  # nothing trained, nothing written
