@@ -12,8 +12,10 @@ table counts them: ``pytest tests/trace/test_hardening.py -q`` prints the counts
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +36,7 @@ from graftlab.io.outputs import write_text
 from graftlab.record.recorder import Recorder
 from graftlab.record.target import open_trace
 from graftlab.trace import replacing
-from graftlab.trace.layout import PART_NAME
+from graftlab.trace.layout import PART_GLOB, PART_NAME
 from graftlab.trace.lock import LOCK_NAME, TraceLock
 from graftlab.trace.outputs import check_output
 from tests import models, trace_builder
@@ -153,7 +155,12 @@ def _fail(mode: str, path: Path) -> None:
 def test_a_failed_replacement_leaves_every_byte(tmp_path, mode, kind):
     path = old_trace(tmp_path, kind)
     before = tree(tmp_path)
-    _fail(mode, path)
+    if kind == "user" and mode in ("closed before a step", "error in the first step", "killed before the first part"):
+        model, opt = setup()  # the user's part-like files stop the recording before it starts
+        with pytest.raises(GraftlabError, match="looks like a part of the trace"):
+            Recorder(opt, path, overwrite=True, model=model)
+    else:
+        _fail(mode, path)
     after = tree(tmp_path)
     if "killed" in mode:  # a SIGKILLed writer's hidden lock file (its pid, no data) stays: trace/lock.py
         after.pop(f"T/{LOCK_NAME}", None)
@@ -167,6 +174,12 @@ def test_overwrite_deletes_only_graftlabs_own_names(tmp_path, name, kind):
     path = old_trace(tmp_path, kind)
     (path / name).write_text("mine")
     model, opt = setup()
+    if fnmatch.fnmatchcase(name, PART_GLOB):  # a reader would take it for a part: refused before any change
+        before = tree(tmp_path)
+        with pytest.raises(GraftlabError, match=f"holds '{re.escape(name)}', which looks like a part"):
+            Recorder(opt, path, overwrite=True, model=model)
+        assert tree(tmp_path) == before
+        return
     with Recorder(opt, path, overwrite=True, flush_every=2, flush_seconds=None, model=model) as rec:
         run(model, opt, rec, 4, seed=5)
     assert (path / name).read_text() == "mine"
