@@ -87,12 +87,19 @@ def results_dir() -> Path:
     return Path(os.environ.get("GRAFTLAB_BENCH_RESULTS") or RESULTS)
 
 
+def command() -> str:
+    """The command line that ran, the script named from the repository root (as the tables quote it)."""
+    script = Path(sys.argv[0]).resolve()
+    first = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+    return " ".join([first, *sys.argv[1:]])
+
+
 def write_result(name: str, payload: dict, quick: bool) -> Path:
     """Write ``<results>/<name>.json`` (``<name>.quick.json`` for --quick runs)."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}{'.quick' if quick else ''}.json"
-    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": " ".join(sys.argv),
+    payload = {"benchmark": name, "quick": quick, "machine": machine(), "command": command(),
                "written": time.strftime("%Y-%m-%d %H:%M"), **payload}
     path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path
