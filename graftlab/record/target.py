@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from graftlab import trace
 from graftlab.errors import GraftlabError, OutputExistsError
-from graftlab.trace.outputs import check_stray_parts, trace_folder_of
+from graftlab.trace.outputs import check_kind, check_stray_parts, trace_folder_of
 from graftlab.trace import replacing
 from graftlab.trace.lock import LOCK_NAME, TraceLock
 
@@ -46,9 +46,7 @@ def open_trace(
     metadata every part gets (a resumed trace keeps its own). Raises :class:`GraftlabError`
     (:class:`OutputExistsError` for an existing trace without ``overwrite``/``resume``)."""
     path = Path(path)
-    if path.is_symlink():  # replacing or resuming through it would change the trace it points to
-        raise GraftlabError(f"{path} is a symbolic link; not recording through it: give the trace folder it points "
-                            "to, or another path")
+    check_kind(path, "trace")  # a link: replacing or resuming through it would change the trace it points to
     if path.exists() and not path.is_dir():
         raise GraftlabError(f"{path} exists and is a file, not a trace folder; choose another path")
     outer = trace_folder_of(path.parent)

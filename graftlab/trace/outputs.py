@@ -132,7 +132,7 @@ def check_output(
         return None
     p = Path(path).expanduser()
     try:
-        _check_kind(p, what, folder and not (trace or overwrite))
+        check_kind(p, what, folder and not (trace or overwrite))
         check_parents(p, what)
         return _check_output(p, what, overwrite=overwrite, folder=folder, inputs=inputs, new_traces=new_traces,
                              may_exist=may_exist, trace=trace)
@@ -142,12 +142,14 @@ def check_output(
         raise _error(what, f"{what} {str(p)!r}: {describe_os_error(err)}") from None
 
 
-def _check_kind(p: Path, what: str, folder: bool) -> None:
-    """An output is a regular file or a folder, or does not exist yet: a FIFO, a device or a
-    socket is never replaced by a file (``-o /dev/null --overwrite``), and a symbolic link (dangling,
-    a loop, or one to a file elsewhere) is not written through nor replaced. ``folder`` is True only
-    for a folder output that is added to (not a trace, nothing overwritten): that one may be a link. Names with a NUL byte
-    are refused here, before any call that would raise ValueError."""
+def check_kind(p: Path, what: str, folder: bool = False) -> None:
+    """The one rule on what an output path ``p`` may be, for the CLI's checks and the Recorder alike:
+    a regular file or a folder, or nothing yet. A FIFO, a device or a socket is never replaced by a
+    file (``-o /dev/null --overwrite``), and a symbolic link (dangling, a loop, or one to a file or
+    trace elsewhere) is not written through nor replaced. ``folder`` is True only for a folder output
+    that is added to (not a trace, nothing overwritten): that one may be a link. Names with a NUL byte
+    are refused here, before any call that would raise ValueError. Raises GraftlabError naming
+    ``what`` (a ``"{out}"`` placeholder names the flag)."""
     if "\x00" in str(p):
         raise _error(what, f"{what} {str(p)!r}: a path cannot hold a NUL byte")
     try:
