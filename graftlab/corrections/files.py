@@ -11,7 +11,7 @@ import sys
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from graftlab.io.fsutil import check_regular
 from graftlab.corrections.group_sources import GroupSources, group_sources, short_repr
 from graftlab.errors import GraftlabError
 from graftlab.io.jsonable import jsonable
-from graftlab.io.outputs import write_text
+from graftlab.io.outputs import write_atomic, write_text
 from graftlab.trace.outputs import check_output
 
 FORMAT = "graftlab.corrections/1"
@@ -177,9 +177,16 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
-    text = _json_text(_strict(data, sources)) if format == "json" else _csv_text(corrections)
     # a hidden temporary file renamed into place; one that appeared meanwhile is still not replaced
-    return write_text(path, text, overwrite=overwrite, what="corrections file")
+    if format == "csv":
+        return write_text(path, _csv_text(corrections), overwrite=overwrite, what="corrections file")
+    chunks = _json_chunks(_strict(data, sources))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(chunks)
+
+    return write_atomic(path, write, overwrite=overwrite, what="corrections file")
 
 
 def _strict(data: dict[str, Any], sources: GroupSources) -> dict[str, Any]:
@@ -194,20 +201,27 @@ def _strict(data: dict[str, Any], sources: GroupSources) -> dict[str, Any]:
 _ONE_LINE = 50  # objects with more entries than this (one per group) get one compact line per entry
 
 
-def _json_text(data: Any, indent: str = "") -> str:
-    """``data`` as indented JSON, except that an object of many entries (a record per group) puts
+def _json_chunks(data: Any, indent: str = "") -> Iterator[str]:
+    """``data`` as indented JSON, in pieces written one after the other (a file of 10^6 groups is
+    never one string in memory), except that an object of many entries (a record per group) puts
     each entry on one compact line: json's indenting encoder is pure Python, 20 s for 10^5 groups,
     where the compact one is C. Strict JSON (no NaN)."""
+    end = "" if indent else "\n"
     if not isinstance(data, dict) or not data:
-        return json.dumps(data, allow_nan=False) + ("\n" if not indent else "")
+        yield json.dumps(data, allow_nan=False) + end
+        return
     inner = indent + " "
-    if len(data) > _ONE_LINE:
-        encode = json.JSONEncoder(allow_nan=False).encode  # one encoder for every entry
-        body = ",\n".join(f"{inner}{encode(k)}: {encode(v)}" for k, v in data.items())
-    else:
-        body = ",\n".join(f"{inner}{json.dumps(k)}: {_json_text(v, inner) if isinstance(v, dict) else json.dumps(v, indent=1, allow_nan=False).replace(chr(10), chr(10) + inner)}"
-                           for k, v in data.items())
-    return "{\n" + body + "\n" + indent + "}" + ("\n" if not indent else "")
+    encode = json.JSONEncoder(allow_nan=False).encode  # one encoder for every entry
+    yield "{"
+    for i, (k, v) in enumerate(data.items()):
+        yield f"{',' if i else ''}\n{inner}{encode(k)}: "
+        if len(data) > _ONE_LINE:
+            yield encode(v)
+        elif isinstance(v, dict):
+            yield from _json_chunks(v, inner)
+        else:
+            yield json.dumps(v, indent=1, allow_nan=False).replace("\n", "\n" + inner)
+    yield f"\n{indent}}}{end}"
 
 
 def _finite(v: Any) -> bool:
