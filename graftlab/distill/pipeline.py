@@ -270,12 +270,19 @@ def _length(meta: dict[str, Any], extent: tuple[int, int]) -> int:
 
 def _read(path: Path, start: int, stop: Optional[int], filter: Optional[int],
           idle_seen: Optional[list] = None) -> pd.DataFrame:
-    df = read_trace(path, steps=(start, stop))
+    """The rows of steps ``start`` to ``stop`` (exclusive; None: the end), lr-0 steps left out and
+    median-filtered by ``filter``. The filter sees the half width past ``stop`` too, as it does in
+    the whole-trace grid: the window's last steps get the same neighbours as in a schedule."""
+    reach = stop + filter // 2 if filter and stop is not None else stop
+    df = read_trace(path, steps=(start, reach))
     df.attrs = {}  # pandas deep-copies attrs on every operation; the metadata is read separately
     df, steps = idle.without_idle(df)  # before the filter, which would spread their zeros
     if idle_seen is not None:
-        idle_seen.extend(steps.tolist())
-    return analysis.filter_groups(df, filter) if filter else df
+        idle_seen.extend(s for s in steps.tolist() if stop is None or s < stop)
+    if not filter:
+        return df
+    df = analysis.filter_groups(df, filter)
+    return df if reach == stop else df[df["step"].to_numpy() < stop].reset_index(drop=True)
 
 
 def _prefix_marks(path: Path, start: int, foreign: bool) -> divergence.Marks:

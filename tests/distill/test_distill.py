@@ -194,10 +194,22 @@ def test_filter_option_changes_values_not_counts(tmp_path):
     assert filt.source["filter"] == 51
     assert filt.group_sources["a"].n_nonfinite == 1
     from graftlab.distill.analysis import median_filter
-    want = np.median(median_filter(np.where(np.isfinite(ratios[:100, 0]), ratios[:100, 0], np.nan), 51)[
-        np.isfinite(ratios[:100, 0])])
+    # the filter runs over the series (the half width past the window included), then the window's median
+    series = np.where(np.isfinite(ratios[:125, 0]), ratios[:125, 0], np.nan)
+    want = np.median(median_filter(series, 51)[:100][np.isfinite(ratios[:100, 0])])
     assert filt.multipliers["a"] == pytest.approx(want, rel=1e-6)
     assert filt.multipliers["a"] != plain.multipliers["a"]
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_filtered_static_factor_is_the_schedules_first_piece(tmp_path, start):
+    trace = tmp_path / "t.trace"
+    ratios = np.random.default_rng(1).lognormal(size=(300, 2))
+    write_trace(trace, metadata([{"name": "a"}, {"name": "b"}]), np.arange(300), ratios, part_steps=100)
+    static = distill(trace, window=60, filter=21, start=start, schedule=False)
+    sched = distill(trace, window=60, filter=21, start=start, schedule=True)
+    for g in ("a", "b"):
+        assert static.multipliers[g] == pytest.approx(sched.schedule[g][0][1], rel=1e-12)
 
 
 def test_global_trace_gives_a_schedule(tmp_path):
