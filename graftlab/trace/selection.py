@@ -14,13 +14,15 @@ from graftlab.errors import GraftlabError
 
 Steps = Optional[tuple[Optional[int], Optional[int]]]
 _SHOWN = 5  # names quoted in an error; the rest are counted
+_INT64_MAX = 2 ** 63 - 1
 
 
 def check_steps(steps: object) -> Steps:
     """``steps`` as ``(start, stop)`` (``start <= step < stop``, either end None), or None.
 
     Raises GraftlabError (``param="steps"``) for anything but a pair of whole numbers or None, and
-    for ``start >= stop``: a range that holds no step whatever the trace holds."""
+    for ``start >= stop``: a range that holds no step whatever the trace holds. Ends beyond int64
+    (the steps' type) are clamped: ``(0, 10**30)`` reads every step from 0."""
     if steps is None:
         return None
     said = "{steps} must be (start, stop) with whole-number ends (either may be None) and start < stop"
@@ -32,6 +34,15 @@ def check_steps(steps: object) -> Steps:
             raise GraftlabError(f"{said}, got {tuple(steps)!r}", param="steps")
         ends.append(None if end is None else int(end))
     start, stop = ends
+    # steps are int64 in every trace: a bound past that range bounds nothing on its side
+    if stop is not None and stop > _INT64_MAX:
+        stop = None
+    if start is not None and start < -_INT64_MAX:
+        start = None
+    if start is not None and start > _INT64_MAX:
+        start = _INT64_MAX  # past every step: the read is empty, as for any range past the end
+    if stop is not None and stop < -_INT64_MAX:
+        stop = -_INT64_MAX
     if start is not None and stop is not None and start >= stop:
         what = "empty" if start == stop else "reversed"
         raise GraftlabError(f"{said}, got {(start, stop)!r}: the range is {what}", param="steps")

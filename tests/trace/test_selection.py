@@ -75,3 +75,11 @@ def test_known_groups_still_filter(any_trace):
 def test_a_single_string_is_not_taken_for_its_letters(any_trace):
     with pytest.raises(GraftlabError, match="^groups .*list of group names.*'a.weight'"):
         read_trace(any_trace, groups="a.weight")
+
+
+def test_step_bounds_beyond_int64_bound_nothing_on_their_side(any_trace):
+    everything = read_trace(any_trace)
+    assert len(read_trace(any_trace, steps=(0, 10 ** 30))) == len(everything) > 0
+    assert len(read_trace(any_trace, steps=(-10 ** 30, 10))) == (everything["step"] < 10).sum()
+    assert read_trace(any_trace, steps=(10 ** 30, None)).empty  # past every step: empty, as any range past the end
+    assert read_trace(any_trace, steps=(10 ** 30, 10 ** 31)).empty
