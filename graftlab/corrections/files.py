@@ -56,11 +56,11 @@ class Corrections:
     def direction_optimizer(self) -> Optional[str]:
         """The name (``sgd``, ``adagrad``, ...) of D's optimizer in the recorded run, or None when the
         file does not say: the optimizer the factors were distilled for."""
-        meta = self.source.get("metadata") or {}
-        name = (meta.get("config") or {}).get("direction")
+        meta = _object(self.source.get("metadata"))  # a hand-edited file may hold anything there
+        name = _object(meta.get("config")).get("direction")
         if isinstance(name, str) and name:
             return name.lower()
-        cls = (meta.get("direction") or {}).get("class")
+        cls = _object(meta.get("direction")).get("class")
         if isinstance(cls, str) and cls:  # "torch.optim.sgd.SGD" -> "sgd"
             return cls.rsplit(".", 1)[-1].lower()
         return None
@@ -130,6 +130,11 @@ class Corrections:
         if len(groups) > self._SHOWN:
             lines.append(f"  ... {len(groups) - self._SHOWN} more (corrections.summary() lists every group)")
         return "\n".join(lines)
+
+
+def _object(value: Any) -> dict:
+    """``value`` when it is a JSON object, else an empty one: the file does not say."""
+    return value if isinstance(value, dict) else {}
 
 
 # --------------------------------------------------------------------------- save / load

@@ -115,7 +115,7 @@ class RunConfig:
         """
         self.validate_loop()
         self._validate_task()
-        self._validate_optimizers()
+        self.validate_optimizers()
         if outputs:
             self._validate_outputs(overwrite, [("data", self.data), *inputs])
 
@@ -163,7 +163,7 @@ class RunConfig:
 
         resolve_device(self.device)
 
-    def _validate_optimizers(self) -> None:
+    def validate_optimizers(self) -> None:
         """Subclasses check their optimizer names, learning rates and hyperparameters."""
 
     def _validate_outputs(self, overwrite: bool, inputs: list) -> None:
@@ -201,7 +201,7 @@ class TrainConfig(RunConfig):
                             "momentum=0.9, betas=0.9,0.98).", flag="--hparam", repeat=True,
                             default_text="the task's for the optimizer", metavar="NAME=VALUE")
 
-    def _validate_optimizers(self) -> None:
+    def validate_optimizers(self) -> None:
         _check_optimizer(self.optimizer or "adam", self.lr, self.hparams, "lr", "hparams")
 
     def resolve(self, task: Task) -> "TrainConfig":
@@ -237,7 +237,7 @@ class RecordConfig(RunConfig):
     flush_every: int = setting(DEFAULT_FLUSH_EVERY, "Recorded steps per part file; at most this many are lost "
                                "if the run dies.", ge=1, le=MAX_FLUSH)
 
-    def _validate_optimizers(self) -> None:
+    def validate_optimizers(self) -> None:
         _check_optimizer(self.magnitude, self.magnitude_lr, self.m_hparams, "magnitude_lr", "m_hparams")
         _check_optimizer(self.direction, self.direction_lr, self.d_hparams, "direction_lr", "d_hparams")
         if self.row_block != 1 and self.granularity != "vocab":  # said, not ignored

@@ -239,19 +239,35 @@ def _for_corrections(config: TrainConfig, loaded: Any, source: str | os.PathLike
     if d_opt is None:
         return config
     if config.optimizer is None:
-        recorded = ((loaded.source.get("metadata") or {}).get("config") or {})
+        meta = loaded.source.get("metadata")
+        recorded = meta.get("config") if isinstance(meta, dict) else None
+        recorded = recorded if isinstance(recorded, dict) else {}
         changes: dict[str, Any] = {"optimizer": d_opt}
         if config.lr is None and loaded.direction_lr is not None:
             changes["lr"] = loaded.direction_lr
         if not config.hparams and isinstance(recorded.get("d_hparams"), dict):
             changes["hparams"] = dict(recorded["d_hparams"])
-        return dataclasses.replace(config, **changes)
+        out = dataclasses.replace(config, **changes)
+        try:
+            out.check_fields()
+            out.validate_optimizers()
+            return out
+        except GraftlabError as err:  # a value the user did not pass: say which key of the file gave it
+            said = err.say(lambda param, value: _FILE_KEYS.get(param, param))
+            raise GraftlabError(f"{source}: the corrections file's recorded run does not fit this trainer: {said}; "
+                                f"pass {{optimizer}} (and {{lr}}, {{hparams}}) to choose D yourself",
+                                param=("optimizer", "lr", "hparams")) from None
     if config.optimizer.lower() != d_opt and not allow_other:
         raise GraftlabError(
             f"{source}: the corrections were distilled for D={d_opt}, not {{optimizer={config.optimizer}}}; "
             f"leave {{optimizer}} unset to train {d_opt}, or pass {{allow_other_optimizer=True}}",
             param=("optimizer", "allow_other_optimizer"))
     return config
+
+
+# where in a corrections file _for_corrections takes each setting it fills in
+_FILE_KEYS = {"optimizer": "source.metadata.config.direction", "lr": "source.direction_lr",
+              "hparams": "source.metadata.config.d_hparams"}
 
 
 def _warn(message: str) -> None:

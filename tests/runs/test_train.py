@@ -410,6 +410,33 @@ def test_corrections_choose_ds_optimizer_and_refuse_another(tmp_path, capfd):
     assert "distilled for D=sgd; this run trains adam" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("metadata", [{"config": "sgd"}, {"direction": "sgd"}, {"config": {"direction": 3}}, "sgd"])
+def test_a_file_whose_recorded_run_is_not_objects_does_not_say_ds_optimizer(tmp_path, metadata):
+    from graftlab.corrections import load_corrections
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": "graftlab.corrections/1", "multipliers": {"conv1.weight": 2.0},
+                                "source": {"metadata": metadata} if isinstance(metadata, dict) else {}}))
+    assert load_corrections(path).direction_optimizer is None
+    result = train(small_train_config(), corrections=path, allow_missing=True, progress=False)
+    assert isinstance(result.optimizer, torch.optim.SGD)
+
+
+@pytest.mark.parametrize("config, key", [({"direction": "lion"}, "source.metadata.config.direction must be one of"),
+                                         ({"direction": "sgd", "d_hparams": {"momentum": "lots"}},
+                                          "source.metadata.config.d_hparams: sgd hyperparameter momentum")])
+def test_a_recorded_run_this_trainer_cannot_run_names_the_files_key(tmp_path, config, key):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": "graftlab.corrections/1", "multipliers": {"conv1.weight": 2.0},
+                                "source": {"metadata": {"config": config}}}))
+    with pytest.raises(GraftlabError, match=f"{path}: the corrections file's recorded run does not fit") as err:
+        train(small_train_config(optimizer=None, lr=None), corrections=path, allow_missing=True, progress=False)
+    assert key in str(err.value) and "pass optimizer" in str(err.value)
+    res = CliRunner().invoke(app, ["train", "--task", "resnet", "--corrections", str(path), "--allow-missing",
+                                   "--steps", "1", "--threads", "1"])
+    assert res.exit_code != 0 and key in str(res.exception) and "pass --optimizer" in str(res.exception)
+
+
 def test_train_cli_says_the_other_optimizer_flag(tmp_path):
     names = [n for n, _ in get_task("resnet", batch_size=8, device="cpu", eval_size=16).model.named_parameters()]
     path = tmp_path / "c.json"
