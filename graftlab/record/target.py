@@ -120,9 +120,9 @@ def _check_folder(path: Path, overwrite: bool, resume: bool) -> None:
     if entries and not trace.is_trace(path):
         raise GraftlabError(f"{path} is a directory that does not hold a graftlab trace; not "
                             f"{'resuming' if resume else 'replacing'} it")
+    check_stray_parts(path)  # a user's file would stay beside the new parts: said before any step (and overwrite)
     if not (overwrite or resume):
         raise OutputExistsError(path, "trace")
-    check_stray_parts(path)  # a user's file would stay beside the new parts: said before any step
 
 
 def _prepare(path: Path, meta: dict[str, Any], group_names: Sequence[str], start: int, every: int,

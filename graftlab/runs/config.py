@@ -258,9 +258,11 @@ class RecordConfig(RunConfig):
         if not is_trace(path):  # whatever overwrite says: only a trace is ever replaced
             raise GraftlabError(f"{{out}} {str(path)!r} is a folder that does not hold a graftlab trace: choose "
                                 "another path (a new or empty folder)", param="out")
+        # before the run trains, not when its trace is read at the end; and before pointing to
+        # --overwrite, which could not replace the user's file either
+        check_stray_parts(path, "{out}")
         if not (overwrite or self.resume):
             raise OutputExistsError(path, "trace")
-        check_stray_parts(path, "{out}")  # before the run trains, not when its trace is read at the end
         from graftlab.trace.lock import check_unlocked
 
         check_unlocked(path)

@@ -62,6 +62,23 @@ def test_recorder_refuses_a_stray_part_before_anything_changes(tmp_path, stray, 
     assert snapshot(tmp_path) == before  # the user's file and the old trace, as they were
 
 
+@pytest.mark.parametrize("trace_there", [False, True])
+@pytest.mark.parametrize("overwrite", ["", " --overwrite"])
+def test_a_stray_part_is_named_first_not_the_overwrite_that_cannot_help(tmp_path, capsys, trace_there, overwrite):
+    t = recorded(tmp_path / "t") if trace_there else tmp_path / "t"
+    t.mkdir(exist_ok=True)
+    (t / "part-notes.parquet").write_text("my notes")
+    before = snapshot(tmp_path)
+    code = run(shlex.split(f"record -o {t}{overwrite} --steps 1 --batch-size 2 --device cpu --eval-every 0 --quiet"))
+    err = capsys.readouterr().err
+    assert code == 2 and "holds 'part-notes.parquet', which looks like a part" in err and "--overwrite" not in err
+    assert snapshot(tmp_path) == before
+    model, opt = setup()
+    with pytest.raises(GraftlabError, match="holds 'part-notes.parquet'"):
+        Recorder(opt, t, overwrite=bool(overwrite))
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("stray", ["copy", "folder"])
 def test_record_command_refuses_before_training(tmp_path, capsys, stray):
     t = recorded(tmp_path / "t")
