@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-SHOWN = 50  # groups printed by default: a table of 10^5 groups helps nobody on a terminal
+from graftlab.cli import options
 
 
 # one rounding help for every command that distills (distill, plot's corrections chart)
@@ -41,7 +41,7 @@ def distill(
     format: str = typer.Option("json", "--format", help="json (what `graftlab train` reads) or csv (group, kind, factor)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Distill windows that follow a divergence (non-finite norms or restart marks) instead of refusing them."),
-    max_groups: int = typer.Option(SHOWN, "--max-groups", help="Print at most this many groups (and flagged groups), saying how many are left out (0: all); the file holds every group."),
+    max_groups: options.MaxGroups = options.SHOWN,
 ) -> None:
     """Distill per-group learning-rate corrections from a grafting trace."""
     from rich.console import Console
@@ -54,8 +54,7 @@ def distill(
     from graftlab.trace.foreign import note as foreign_note
     from graftlab.trace.outputs import check_output
 
-    if max_groups < 0:
-        raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
+    options.check_max_groups(max_groups)
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     if not (math.isfinite(outlier) and outlier >= 0):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-SHOWN = 50  # groups listed by default: a table of 10^5 groups helps nobody on a terminal
+from graftlab.cli import options
 
 
 def _fmt(value) -> str:
@@ -26,7 +26,7 @@ def _files(trace: Path, n: int, foreign: dict) -> str:
 def info(
     trace: Path = typer.Argument(..., help="Trace directory (or Parquet file) written by `graftlab record`, or a Parquet/CSV table of step, group, ratio from another tool."),
     groups: bool = typer.Option(True, "--groups/--no-groups", help="List the groups with their kinds."),
-    max_groups: int = typer.Option(SHOWN, "--max-groups", help="List at most this many groups, saying how many are left out (0: all)."),
+    max_groups: options.MaxGroups = options.SHOWN,
 ) -> None:
     """Describe a grafting trace without reading its data."""
     from rich.console import Console
@@ -37,6 +37,7 @@ def info(
     from graftlab.trace import trace_info
     from graftlab.trace.lock import writer
 
+    options.check_max_groups(max_groups)
     live = writer(trace) if trace.is_dir() else None
     by = f"being written by {f'pid {live}' if live else 'another process'}"
     try:
@@ -75,11 +76,9 @@ def info(
         console.print(f"{by}: the steps above are the complete parts so far", soft_wrap=True)
     if note(meta):
         console.print(note(meta), soft_wrap=True)
-    if max_groups < 0:
-        raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
     if groups:
         every = meta.get("groups") or []
-        shown = every if max_groups == 0 else every[:max_groups]
+        shown = options.first_groups(every, max_groups)
         table = Table(title=f"{len(every)} groups" + (f" (the first {len(shown)})" if len(shown) < len(every) else ""))
         for col in ("group", "kind", "ffn", "block", "shape", "numel"):
             # a group name is one token to copy: never wrapped, the table widens instead

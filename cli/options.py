@@ -1,4 +1,5 @@
-"""The options of ``graftlab record`` and ``graftlab train``, built from the run config's fields.
+"""The options several commands share (``--max-groups``, ``--overwrite``, ...), and those of
+``graftlab record`` and ``graftlab train``, built from the run config's fields.
 
 Each field of :class:`graftlab.runs.RecordConfig` / :class:`graftlab.runs.TrainConfig` declared
 with :func:`graftlab.runs.fields.setting` carries its help, choices, bounds and flag; :func:`run_options`
@@ -26,6 +27,24 @@ Config = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML f
                                                 "the options, with underscores); command-line options override it [default: none].")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+SHOWN = 50  # groups a command lists by default: a table of 10^5 groups helps nobody on a terminal
+MaxGroups = Annotated[int, typer.Option("--max-groups", help="List at most this many groups, saying how many are "
+                                        "left out (0: all); files keep every group.")]
+
+
+def check_max_groups(max_groups: int) -> None:
+    """GraftlabError for a negative ``--max-groups`` (said before a command prints anything)."""
+    from graftlab.errors import GraftlabError
+
+    if max_groups < 0:
+        raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
+
+
+def first_groups(items: list, max_groups: int) -> list:
+    """The first ``max_groups`` of ``items`` (0: all)."""
+    check_max_groups(max_groups)
+    return items if max_groups == 0 else items[:max_groups]
 
 
 def default_text(field: dataclasses.Field, s: Setting) -> Optional[str]:

@@ -7,6 +7,8 @@ from typing import List
 
 import typer
 
+from graftlab.cli import options
+
 # files past the first few get letters too; a table of three files or more may pass 100 columns
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 WIDTH = 100  # the kind table of two files fits this many columns
@@ -15,6 +17,7 @@ WIDTH = 100  # the kind table of two files fits this many columns
 def show(
     files: List[Path] = typer.Argument(..., help="Corrections files written by `graftlab distill` (JSON)."),
     by: str = typer.Option("group", "--by", help="group (one row per group) or kind (medians over each kind's unflagged groups)."),
+    max_groups: options.MaxGroups = options.SHOWN,
 ) -> None:
     """Show corrections files side by side: factors per group (or kind), medians and drift."""
     from rich.console import Console
@@ -23,6 +26,7 @@ def show(
     from graftlab.corrections import compare, load_corrections
     from graftlab.errors import GraftlabError
 
+    options.check_max_groups(max_groups)
     if len(files) > len(_LETTERS):
         raise GraftlabError(f"show takes at most {len(_LETTERS)} corrections files, got {len(files)}")
     # one letter per file in the headers (the legend names the files): a file name would not fit
@@ -35,12 +39,15 @@ def show(
     table.add_column(df.index.name or by, no_wrap=True)
     for col in df.columns:
         table.add_column(_header(col, len(files)), justify="left" if col == "kind" else "right")
-    for name, row in df.iterrows():
+    rows = df if by == "kind" else df.iloc[:len(options.first_groups(df.index, max_groups))]
+    for name, row in rows.iterrows():
         table.add_row(str(name), *(_cell(col, v) for col, v in row.items()))
-    longest = max((len(str(n)) for n in df.index), default=10)
+    longest = max((len(str(n)) for n in rows.index), default=10)
     console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     need = WIDTH if by == "kind" else longest + 12 * len(df.columns)
     Console(width=max(console.width, need), markup=False).print(table)
+    if len(rows) < len(df):
+        console.print(f"{len(df) - len(rows)} more groups not listed (--max-groups 0 lists all)", soft_wrap=True)
     if len(files) > 1:
         legend = ", ".join(f"{k} = {f}" for k, f in zip(letters, files))
         console.print(legend + ("; ratio B/A = factor B / factor A" if len(files) == 2 else ""), soft_wrap=True)

@@ -105,3 +105,32 @@ def test_the_threads_help_says_the_same_in_every_command(cmd):
 
     option = next(p for p in get_command(app).commands[cmd].params if p.name == "threads")
     assert "0 takes" not in option.help and "PyTorch" in option.help
+
+
+def _corrections(path, n):
+    import json
+
+    path.write_text(json.dumps({"format": "graftlab.corrections/1",
+                                "multipliers": {f"blocks.{i % 4}.attn.query.weight[rows {i}]": 1.0 + i for i in range(n)}}))
+    return path
+
+
+@pytest.mark.parametrize("command", ["info {trace}", "distill {trace} -o {tmp}/c.json", "show {corr}"])
+def test_max_groups_is_one_option_of_every_command_that_lists_groups(tmp_path, capsys, command):
+    from tests.trace_builder import metadata, write_trace
+
+    import numpy as np
+
+    names = [f"blocks.{i % 4}.attn.query.weight[rows {i}]" for i in range(120)]
+    trace = write_trace(tmp_path / "t", metadata([{"name": n} for n in names]), np.arange(8),
+                        np.random.default_rng(0).lognormal(size=(8, len(names))))
+    argv = command.format(trace=trace, tmp=tmp_path, corr=_corrections(tmp_path / "k.json", 120))
+    refused(capsys, f"{argv} --max-groups -1", "--max-groups must be 0 (all) or a positive number, got -1")
+    for limit, listed in ((None, 50), (7, 7), (0, 120)):
+        code = run(shlex.split(argv + ("" if limit is None else f" --max-groups {limit}") + " --overwrite"
+                               * ("distill" in argv)))
+        out = capsys.readouterr().out
+        assert code == 0
+        shown = sum(1 for n in names if f"{n} " in out or f"{n}│" in out)
+        assert shown == listed, (limit, shown)
+        assert (f"{120 - listed} more groups not listed" in out) == (listed < 120)
