@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from graftlab.errors import GraftlabError
 from graftlab.kinds import KIND_LABELS, KINDS
 from graftlab.plots.common import LABEL_COLORS, Trace, kind_legend, style
+from graftlab.plots.lines import BAND, aggregated, band_text
 
 Source = Union[Trace, "Corrections"]  # noqa: F821
 
@@ -75,14 +76,18 @@ def corrections_bars(source: Source, *, window: Optional[int] = None, round: str
     """
     corr = _corrections(source, window=window, round=round, filter=filter)
     table = _table(corr)
-    n = len(table)
-    if n == 0:
+    if table.empty:
         raise GraftlabError("no groups to chart")
+    many = aggregated(len(table))
+    if many:  # a bar per group past a thousand is a wall of ticks: one bar per kind, with its range
+        title_groups = len(table)
+        table = per_kind(table)
+    n = len(table)
     with style():
         if ax is None:
             import matplotlib.pyplot as plt
 
-            fig = fig or plt.figure(figsize=(8, 1.2 + 0.24 * n), layout="constrained")
+            fig = fig or plt.figure(figsize=(8, (1.6 if many else 1.2) + 0.24 * n), layout="constrained")
             ax = fig.add_subplot()
         fig = ax.figure
         y = np.arange(n)[::-1].astype(float)  # first group at the top
@@ -100,6 +105,12 @@ def corrections_bars(source: Source, *, window: Optional[int] = None, round: str
         factor_label = "rounded factor" if rounded else "factor (the median, not rounded)"
         ax.barh(y - 0.2, np.nan_to_num(fac, nan=lo) - lo, height=0.4, left=lo, color="0.15", gid="factor",
                 label=factor_label)
+        if many:  # the middle of each kind's groups
+            for col, dy in (("median", 0.2), ("factor", -0.2)):
+                v, a, b = (table[c].to_numpy() for c in (col, f"{col}_lo", f"{col}_hi"))
+                ok = np.isfinite(v) & np.isfinite(a) & np.isfinite(b)
+                ax.errorbar(v[ok], y[ok] + dy, xerr=[v[ok] - a[ok], b[ok] - v[ok]], fmt="none", ecolor="0.45",
+                            elinewidth=1, capsize=2, gid=f"{col} range")
         labels = [g + (f"  [{f}]" if f else "") for g, f in zip(table["group"], table["flags"])]
         ax.set_yticks(y, labels, fontsize="x-small")
         ax.set_ylim(-0.7, n - 0.3)
@@ -111,8 +122,31 @@ def corrections_bars(source: Source, *, window: Optional[int] = None, round: str
 
         ax.figure.legend([Patch(color="0.6"), Patch(color="0.15")], ["median (colour: layer kind)", factor_label],
                          loc="outside upper right", fontsize="x-small", ncol=2)
-        ax.set_title(chart_title(corr.source), fontsize="small", loc="center")
+        title = chart_title(corr.source)
+        ax.set_title(title + (f"\n{band_text(title_groups, ' as ')} (bars: medians over groups)" if many else ""),
+                     fontsize="small", loc="center")
     return fig
+
+
+def per_kind(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`corrections_table` rows summarised per layer kind: ``median`` (over the kind's unflagged
+    groups with a finite median) and ``factor`` (over all its groups), each with ``_lo``/``_hi`` at
+    the :data:`~graftlab.plots.lines.BAND` quantiles; ``group`` names the kind and its counts."""
+    rows = []
+    for kind in [k for k in KINDS if k in set(table["kind"])]:
+        t = table[table["kind"] == kind]
+        ok = t["median"].to_numpy()[(t["flags"] == "").to_numpy()]
+        ok = ok[np.isfinite(ok) & (ok > 0)]
+        fac = t["factor"].to_numpy()
+        fac = fac[np.isfinite(fac) & (fac > 0)]
+        flagged = int((t["flags"] != "").sum())
+        row = {"group": f"{KIND_LABELS[kind]} ({len(t):,} groups{f', {flagged:,} flagged' if flagged else ''})",
+               "kind": kind, "flags": ""}
+        for col, v in (("median", ok), ("factor", fac)):
+            q = np.quantile(v, [0.5, *BAND]) if v.size else [math.nan] * 3
+            row.update({col: float(q[0]), f"{col}_lo": float(q[1]), f"{col}_hi": float(q[2])})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def chart_title(src: dict) -> str:

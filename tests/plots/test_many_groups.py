@@ -191,3 +191,42 @@ def test_kinds_of_groups_the_metadata_lacks_or_repeats():
     assert k.at["a.weight", "block"] == 3 and k.at["a.weight", "numel"] == 7
     assert k.at["b.weight", "ffn"] == "fc1" and np.isnan(k.at["c.bias", "numel"])
     assert DEGENERATE_LABEL not in set(k["label"])
+
+
+def _corrections_of(n):
+    from graftlab.corrections import Corrections
+
+    rng = np.random.default_rng(3)
+    kinds = ["Q", "K", "ffn"]
+    names = [f"encoder.layer.{i % 12}.x{i}" for i in range(n)]
+    med = rng.lognormal(np.arange(n) % 3, 0.5)
+    groups = {g: {"kind": kinds[i % 3], "median": float(m), "flags": "degenerate" if i == 5 else ""}
+              for i, (g, m) in enumerate(zip(names, med))}
+    return Corrections(multipliers={g: float(m) for g, m in zip(names, med)}, source={"groups": groups}), med
+
+
+def test_a_corrections_chart_of_many_groups_is_one_bar_pair_per_kind_with_its_range():
+    from graftlab.plots.corrections import corrections_bars
+
+    corr, med = _corrections_of(lines.MANY_GROUPS + 200)
+    ax = corrections_bars(corr).axes[0]
+    medians = [p for p in ax.patches if p.get_gid() == "median"]
+    assert len(medians) == 3 and len([p for p in ax.patches if p.get_gid() == "factor"]) == 3
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["self-attention Q (400 groups)", "self-attention K (400 groups)",
+                      "feedforward (400 groups, 1 flagged)"]  # in the order of kinds, the first at the top
+    top = max(medians, key=lambda p: p.get_y())  # Q's bar: its right end is the median over Q's groups
+    assert top.get_x() + top.get_width() == pytest.approx(np.median(med[0::3]), rel=1e-9)
+    ffn = min(medians, key=lambda p: p.get_y())  # the flagged group (5, a feedforward one) is left out
+    assert ffn.get_x() + ffn.get_width() == pytest.approx(np.median(np.delete(med[2::3], 1)), rel=1e-9)
+    assert "1,200 groups as per-kind median, 10-90% band" in ax.get_title()
+    assert sum(1 for c in ax.collections if c.get_gid() == "median range") == 1  # the errorbars
+
+
+def test_a_corrections_chart_at_the_paper_sizes_keeps_a_bar_per_group():
+    from graftlab.plots.corrections import corrections_bars
+
+    corr, _ = _corrections_of(60)
+    ax = corrections_bars(corr).axes[0]
+    assert len([p for p in ax.patches if p.get_gid() == "median"]) == 60
+    assert "per-kind" not in ax.get_title()
