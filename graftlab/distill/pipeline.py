@@ -379,9 +379,13 @@ def _schedules(windowed: pd.DataFrame, groups: list[str], rule: _Rule,
     """Per-group piecewise-constant schedules from consecutive windows' medians (``windowed``, long:
     :func:`graftlab.distill.analysis.windowed_medians`; Figure 4)."""
     rows = []
-    for s, part in windowed.groupby("start", sort=True):
+    # The first window's flags are its own (a group with no finite ratio there gets the stand-in, as
+    # the static factor does); later windows keep only the degenerate verdict, which is about the
+    # group, and a group's own median counts wherever it has one.
+    later = dataclasses.replace(rule, flags=rule.flags.where(rule.flags == degenerate.FLAG_DEGENERATE, ""))
+    for i, (s, part) in enumerate(windowed.groupby("start", sort=True)):
         # a window where a group has no finite ratio keeps the previous factor (piecewise)
-        f = rule.factors(part.set_index("group")["median"].reindex(groups))
+        f = (rule if i == 0 else later).factors(part.set_index("group")["median"].reindex(groups))
         rows.append(pd.DataFrame({"start": s, "group": groups, "factor": f.to_numpy()}))
     sched = analysis.piecewise(pd.concat(rows, ignore_index=True), "factor")
     fallback = rule.factors(first_medians)

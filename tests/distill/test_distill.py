@@ -407,3 +407,19 @@ def test_a_trace_that_starts_late_says_where_it_starts_and_sizes_the_default_win
     assert err.value.params == ("start",)
     corr = distill(tmp_path / "t", start=1000)
     assert corr.source["window"] == 10 and corr.source["start"] == 1000  # a quarter of the 40 steps held
+
+
+def test_a_schedule_follows_a_groups_own_medians_after_a_first_window_without_one(tmp_path):
+    """A group with no finite ratio in the first window (frozen at first) takes the stand-in there,
+    as the static factor does, and its own medians in the windows where it has them."""
+    rows = []
+    for s in range(8):
+        rows += [(s, "encoder.layer.0.attention.self.query.weight", 50.0),
+                 (s, "encoder.layer.1.attention.self.query.weight", np.nan if s < 4 else 3.0)]
+    path = tmp_path / "t.parquet"
+    pd.DataFrame(rows, columns=["step", "group", "ratio"]).to_parquet(path)
+    corr = distill(path, window=4, schedule=True)
+    assert corr.schedule["encoder.layer.1.attention.self.query.weight"] == [[0, 50.0], [4, 3.0]]
+    assert corr.source["flagged"] == {"encoder.layer.1.attention.self.query.weight": "no finite ratio"}
+    static = distill(path, window=4, schedule=False)
+    assert static.multipliers["encoder.layer.1.attention.self.query.weight"] == 50.0
