@@ -303,6 +303,8 @@ def apply(
     elif not isinstance(corrections, Corrections):
         raise GraftlabError(f"corrections must be a Corrections or the path of a corrections file, got "
                             f"{type(corrections).__name__}", param="corrections")
+    else:  # built in Python: the checks a file gets when loaded (a NaN factor would make the weights NaN)
+        corrections.validate()
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
         raise GraftlabError(f"base learning rate must be positive and finite, got {base_lr!r}")
     names, params = _named(_own_names(named_params))

@@ -46,6 +46,12 @@ class Corrections:
         out["source"] = self.source
         return out
 
+    def validate(self) -> None:
+        """The checks :func:`load_corrections` makes of a file, for corrections built in Python:
+        every factor finite and positive, every schedule from step 0 with increasing starts, the
+        ``source`` records typed. Raises :class:`~graftlab.errors.GraftlabError` naming the first fault."""
+        _check(self.to_dict(), Path("corrections"))
+
     @property
     def direction_lr(self) -> Optional[float]:
         """D's learning rate when the trace was recorded: the base the factors are relative to."""

@@ -119,3 +119,20 @@ def test_many_static_factors_are_checked_as_one_array(tmp_path):
         p.write_text(json.dumps({"format": FORMAT, "multipliers": groups}))
         with pytest.raises(GraftlabError, match=f"multiplier of g1500 is .*{msg}"):
             load_corrections(p)
+
+
+@pytest.mark.parametrize("bad, says", [({"multipliers": {"weight": float("nan")}}, "multiplier of weight is nan"),
+                                       ({"multipliers": {"weight": -1.0}}, "multiplier of weight is -1.0"),
+                                       ({"schedule": {"weight": [[5, 1.0]]}}, "must start at step 0, not 5"),
+                                       ({"multipliers": {"weight": 1.0}, "source": {"groups": {"weight": {"median": "x"}}}},
+                                        r"source.groups\['weight'\].median must be a finite number")])
+def test_corrections_built_in_python_are_checked_as_a_file_is_before_applying(bad, says):
+    import torch
+
+    from graftlab.corrections import apply
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(GraftlabError, match=says):
+        apply(Corrections(**bad), model.named_parameters(), 0.1, allow_missing=True)
+    with pytest.raises(GraftlabError, match=says):
+        Corrections(**bad).validate()
