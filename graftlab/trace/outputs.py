@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Union
 
 from graftlab.errors import GraftlabError, OutputExistsError, placeholders
 from graftlab.io.fsutil import describe_os_error, file_kind
-from graftlab.trace.layout import PART_GLOB, PART_NAME, is_trace
+from graftlab.trace.layout import PART_GLOB, PART_NAME, SIDECAR, is_trace, part_files
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,16 +50,25 @@ def _is_trace_file(path: Path) -> bool:
 
 
 def trace_folder_of(path: PathLike) -> Optional[Path]:
-    """The trace directory ``path`` is, or lies inside (its nearest existing folders), or None."""
+    """The trace directory ``path`` is, or lies inside (its nearest existing folders), or None.
+
+    A trace directory here is one graftlab wrote: it holds the sidecar or a part under a name
+    graftlab gives (:data:`~graftlab.trace.layout.PART_NAME`). A user's folder that only holds a
+    copied part (``part-000000000000 (1).parquet``) among their own files is not one: outputs may go
+    inside it."""
     p = Path(path).expanduser()
     for folder in (p, *p.parents):
         if folder.is_dir():
             try:
-                if is_trace(folder):
+                if is_trace(folder) and _written_by_graftlab(folder):
                     return folder
             except OSError:
                 return None
     return None
+
+
+def _written_by_graftlab(folder: Path) -> bool:
+    return (folder / SIDECAR).exists() or any(PART_NAME.fullmatch(p.name) for p in part_files(folder))
 
 
 def _error(what: str, message: str) -> GraftlabError:

@@ -91,3 +91,22 @@ def test_record_command_refuses_before_training(tmp_path, capsys, stray):
     assert code == 2 and err.startswith("error: --out ") and len(err.strip().splitlines()) == 1, err
     assert "looks like a part of the trace" in err
     assert snapshot(tmp_path) == before and not metrics.exists()  # nothing trained, nothing written
+
+
+def test_a_users_folder_holding_a_copied_part_is_not_a_trace_folder(tmp_path):
+    from graftlab.trace.outputs import check_output, trace_folder_of
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    (work / "part-000000000000 (1).parquet").write_bytes(b"a copy")
+    assert trace_folder_of(work / "run1") is None
+    check_output(work / "c.json", "corrections file")  # an output beside the user's files
+    model, opt = setup()
+    with Recorder(opt, work / "run1", flush_every=2) as rec:
+        rec.log(loss=1.0)
+    assert (work / "notes.txt").read_text() == "mine" and (work / "part-000000000000 (1).parquet").read_bytes() == b"a copy"
+    t = recorded(tmp_path / "t")  # a trace graftlab wrote still holds nothing but its own files
+    assert trace_folder_of(t / "x.json") == t
+    with pytest.raises(GraftlabError, match="inside the trace folder"):
+        check_output(t / "c.json", "corrections file")
