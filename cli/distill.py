@@ -54,7 +54,7 @@ def distill(
     from graftlab.trace.foreign import note as foreign_note
     from graftlab.trace.outputs import check_output
 
-    options.check_max_groups(max_groups)
+    max_groups = options.check_max_groups(max_groups)
     if format not in ("json", "csv"):
         raise GraftlabError(f"--format must be json or csv, not {format!r}")
     if not (math.isfinite(outlier) and outlier >= 0):

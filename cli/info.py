@@ -37,7 +37,7 @@ def info(
     from graftlab.trace import trace_info
     from graftlab.trace.lock import writer
 
-    options.check_max_groups(max_groups)
+    max_groups = options.check_max_groups(max_groups)
     live = writer(trace) if trace.is_dir() else None
     by = f"being written by {f'pid {live}' if live else 'another process'}"
     try:

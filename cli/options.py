@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -33,17 +34,19 @@ MaxGroups = Annotated[int, typer.Option("--max-groups", help="List at most this 
                                         "left out (0: all); files keep every group.")]
 
 
-def check_max_groups(max_groups: int) -> None:
-    """GraftlabError for a negative ``--max-groups`` (said before a command prints anything)."""
+def check_max_groups(max_groups: int) -> int:
+    """``--max-groups`` as a count to slice by (0: all; one past any list's length: all too);
+    GraftlabError for a negative one, said before a command prints anything."""
     from graftlab.errors import GraftlabError
 
     if max_groups < 0:
         raise GraftlabError(f"--max-groups must be 0 (all) or a positive number, got {max_groups}")
+    return 0 if max_groups >= sys.maxsize else max_groups
 
 
 def first_groups(items: list, max_groups: int) -> list:
     """The first ``max_groups`` of ``items`` (0: all)."""
-    check_max_groups(max_groups)
+    max_groups = check_max_groups(max_groups)
     return items if max_groups == 0 else items[:max_groups]
 
 

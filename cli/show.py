@@ -26,7 +26,7 @@ def show(
     from graftlab.corrections import compare, load_corrections
     from graftlab.errors import GraftlabError
 
-    options.check_max_groups(max_groups)
+    max_groups = options.check_max_groups(max_groups)
     if len(files) > len(_LETTERS):
         raise GraftlabError(f"show takes at most {len(_LETTERS)} corrections files, got {len(files)}")
     # one letter per file in the headers (the legend names the files): a file name would not fit

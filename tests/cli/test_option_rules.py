@@ -126,7 +126,7 @@ def test_max_groups_is_one_option_of_every_command_that_lists_groups(tmp_path, c
                         np.random.default_rng(0).lognormal(size=(8, len(names))))
     argv = command.format(trace=trace, tmp=tmp_path, corr=_corrections(tmp_path / "k.json", 120))
     refused(capsys, f"{argv} --max-groups -1", "--max-groups must be 0 (all) or a positive number, got -1")
-    for limit, listed in ((None, 50), (7, 7), (0, 120)):
+    for limit, listed in ((None, 50), (7, 7), (0, 120), (10 ** 20, 120)):
         code = run(shlex.split(argv + ("" if limit is None else f" --max-groups {limit}") + " --overwrite"
                                * ("distill" in argv)))
         out = capsys.readouterr().out
