@@ -17,6 +17,7 @@ import typer
 
 import graftlab
 from graftlab.cli import demo, distill, experiment, info, plot, record, show, train
+from graftlab.cli.text import printable
 from graftlab.errors import GraftlabError, python_name
 
 app = typer.Typer(
@@ -115,7 +116,8 @@ for _module in (record, info, distill, show, train, plot, demo, experiment):
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One line, any control character a name in it brought written as its escape."""
+    return printable(" ".join(str(text).split()), limit=10_000)
 
 
 def _similar_options(typed: str, params: Sequence[Any]) -> list[str]:

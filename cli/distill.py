@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from graftlab.cli import options
+from graftlab.cli.text import printable
 
 
 # one rounding help for every command that distills (distill, plot's corrections chart)
@@ -92,9 +93,9 @@ def distill(
         factor = _num(d.factor, "{:g}")
         if mode == "schedule" and len(corr.schedule.get(g, [])) > 1:
             factor += f" .. {corr.schedule[g][-1][1]:g} ({len(corr.schedule[g])} pieces)"
-        table.add_row(g, d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
+        table.add_row(printable(g), d.kind, _num(d.median), factor, f"{d.n_finite}/{total}", _num(d.drift, "{:.3g}x"),
                       ", ".join(f for f in (_flag(d), "tied" if d.tied and round.upper().startswith("D") else "") if f))
-    longest = max((len(g) for g, _ in shown), default=10)
+    longest = max((len(printable(g)) for g, _ in shown), default=10)
     console = Console(width=max(Console().width, longest + 80), markup=False)
     console.print(table)
     if len(shown) < len(records):
@@ -106,7 +107,7 @@ def distill(
     flagged = list(src["flagged"].items())
     for g, flag in (flagged if max_groups == 0 else flagged[:max_groups]):
         why = (records[g].evidence or {}).get("reason")
-        console.print(f"flagged {g} ({flag}{': ' + why if why else ''}): uses the stand-in median "
+        console.print(f"flagged {printable(g)} ({flag}{': ' + why if why else ''}): uses the stand-in median "
                       f"{_num(records[g].stand_in)} ({src['fallback']}) before rounding")
     if 0 < max_groups < len(flagged):
         console.print(f"{len(flagged) - max_groups} more flagged groups not listed (each uses the stand-in median; "

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from graftlab.cli import options
+from graftlab.cli.text import printable
 
 
 def _fmt(value) -> str:
@@ -85,9 +86,9 @@ def info(
             table.add_column(col, justify="right" if col in ("block", "numel") else "left",
                              overflow="fold", no_wrap=col == "group")
         for g in shown:
-            table.add_row(g["name"], _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
+            table.add_row(printable(g["name"]), _fmt(g.get("kind")), _fmt(g.get("ffn")), _fmt(g.get("block")),
                           _fmt(g.get("shape")), _fmt(g.get("numel")))
-        longest = max((len(g["name"]) for g in shown), default=10)
+        longest = max((len(printable(g["name"])) for g in shown), default=10)
         Console(width=max(console.width, longest + 60), markup=False).print(table)
         if len(shown) < len(every):
             console.print(f"{len(every) - len(shown)} more groups not listed (--max-groups 0 lists all)", soft_wrap=True)

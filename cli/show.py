@@ -8,6 +8,7 @@ from typing import List
 import typer
 
 from graftlab.cli import options
+from graftlab.cli.text import printable
 
 # files past the first few get letters too; a table of three files or more may pass 100 columns
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -41,8 +42,8 @@ def show(
         table.add_column(_header(col, len(files)), justify="left" if col == "kind" else "right")
     rows = df if by == "kind" else df.iloc[:len(options.first_groups(df.index, max_groups))]
     for name, row in rows.iterrows():
-        table.add_row(str(name), *(_cell(col, v) for col, v in row.items()))
-    longest = max((len(str(n)) for n in rows.index), default=10)
+        table.add_row(printable(name), *(_cell(col, v) for col, v in row.items()))
+    longest = max((len(printable(n)) for n in rows.index), default=10)
     console = Console(markup=False)  # group names hold brackets: "key.bias[head 3]"
     need = WIDTH if by == "kind" else longest + 12 * len(df.columns)
     Console(width=max(console.width, need), markup=False).print(table)
