@@ -319,6 +319,11 @@ def apply(
             names, targets, unknown = inner, inner_targets, []
     if unknown and not allow_missing:
         raise GraftlabError(_unmatched(unknown, names, corrections.groups), param="allow_missing")
+    if unknown and len(unknown) == len(corrections.groups):  # allow_missing keeps some, never all, at factor 1
+        said = _unmatched(unknown, names, corrections.groups).split("; pass {allow_missing=True}")[0]
+        raise GraftlabError(f"{said}; nothing in the file applies to this model, so a run with it would be a "
+                            f"plain one ({{allow_missing=True}} applies the groups that match, when some do)",
+                            param="allow_missing")
     heads = head_counts(corrections.groups)
     slices = {g: slice_of(g, names, params, heads) for g in corrections.groups if g not in names}
     slices = {g: v for g, v in slices.items() if v is not None and targets[g]}
@@ -330,11 +335,9 @@ def apply(
             "pass {allow_missing=True} to keep factor 1 for them", param="allow_missing")
 
     if missing or unknown:
-        matched = len(corrections.groups) - len(unknown)
         warnings.warn(
             f"corrections: {len(missing)} of {len(names)} parameter tensors have no factor and keep factor 1; "
-            f"{len(unknown)} of {len(corrections.groups)} file group(s) match no parameter"
-            + (" (nothing in the file applies to this model)" if matched == 0 else ""),
+            f"{len(unknown)} of {len(corrections.groups)} file group(s) match no parameter",
             stacklevel=2,
         )
 

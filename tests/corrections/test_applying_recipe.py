@@ -81,11 +81,18 @@ def test_a_trace_recorded_without_names_is_explained():
         apply(unnamed, model(), 0.1)
 
 
-def test_allow_missing_that_matches_nothing_warns_with_counts():
+def test_allow_missing_that_matches_nothing_is_refused_and_partial_matches_warn_with_counts():
     unnamed = Corrections(multipliers={f"param.{i}": 2.0 for i in range(4)}, source={"direction_lr": 0.1})
-    with pytest.warns(UserWarning, match="4 of 4 parameter tensors.*4 of 4 file group.*nothing in the file applies"):
-        applied = apply(unnamed, model(), 0.1, allow_missing=True)
-    assert [g["factor"] for g in applied.param_groups] == [1.0] * 4
+    with pytest.raises(GraftlabError, match=r"4 of 4 group\(s\).*without names=.*nothing in the file applies"):
+        apply(unnamed, model(), 0.1, allow_missing=True)
+    other = Corrections(multipliers={"encoder.q.weight": 2.0}, source={"direction_lr": 0.1})
+    with pytest.raises(GraftlabError, match=r"another model\?.*encoder.q.weight; nothing in the file applies"):
+        apply(other, model(), 0.1, allow_missing=True)
+    names = [n for n, _ in model().named_parameters()]
+    partial = Corrections(multipliers={names[0]: 2.0, "encoder.q.weight": 3.0}, source={"direction_lr": 0.1})
+    with pytest.warns(UserWarning, match=f"{len(names) - 1} of {len(names)} parameter tensors.*1 of 2 file group"):
+        applied = apply(partial, model(), 0.1, allow_missing=True)
+    assert [g["factor"] for g in applied.param_groups] == [2.0] + [1.0] * (len(names) - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a file that matches whole says nothing
         apply(files()["static"], model(), 0.1)
