@@ -29,7 +29,8 @@ def token_frequency(meta: dict) -> np.ndarray:
     cfg = meta.get("config") or {}
     if task_name not in ("gpt", "bert"):
         raise GraftlabError(f"token frequencies are known for the gpt and bert tasks only (this trace: "
-                            f"{task_name!r}): pass frequency= (counts per token id)")
+                            f"{task_name!r}), which `graftlab plot --figure rows` needs; for another model's "
+                            f"trace call graftlab.plots.rows_figure(trace, frequency=counts) with its counts per token id")
     import torch
 
     from graftlab.tasks import get_task
