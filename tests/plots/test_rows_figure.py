@@ -35,3 +35,11 @@ def test_rows_figure_from_a_vocab_trace(tmp_path):
     assert sorted(set(points[:, 0] - 1.0)) == pytest.approx([2.0, 7.0, 12.0, 17.0, 21.0])  # mean counts per block
     with pytest.raises(GraftlabError, match="frequency holds"):
         rows_figure(tmp_path / "t", frequency=np.ones(10))
+
+
+def test_token_counts_of_another_task_are_asked_for_by_the_call_that_takes_them():
+    from graftlab.plots.rows import token_frequency
+
+    with pytest.raises(GraftlabError, match=r"known for the gpt and bert tasks only \(this trace: None\).*"
+                                            r"graftlab.plots.rows_figure\(trace, frequency=counts\)"):
+        token_frequency({"task": None})
