@@ -136,26 +136,34 @@ def windows_frame(grid: engine.Grid, window: int, start: int = 0) -> pd.DataFram
 
 
 def piecewise(table: pd.DataFrame, value: str = "median") -> dict[str, list[list]]:
-    """Per-group piecewise-constant schedules ``[[start, factor], ...]`` from a windowed table.
+    """Per-group piecewise-constant schedules ``[[start, factor], ...]`` from a windowed table
+    (columns ``group``, ``start`` and ``value``; one row per group and window).
 
     Windows without a value (no finite ratio) keep the previous factor (the first defined factor
     for leading ones); consecutive equal factors are merged. The first start is always 0 so the
-    schedule covers the whole run. Groups with no value in any window are left out.
+    schedule covers the whole run. Groups with no value in any window are left out. Worked as one
+    (groups, windows) grid: 10^5 groups cost what building their lists costs.
     """
+    if table.empty:
+        return {}
+    codes, names = pd.factorize(table["group"], sort=False)  # groups in order of first appearance
+    at, starts = pd.factorize(table["start"], sort=True)
+    grid = np.full((len(names), len(starts)), np.nan)
+    grid[codes, at] = table[value].to_numpy(dtype=np.float64)
+    grid[~np.isfinite(grid)] = np.nan
+    kept = ~np.isnan(grid).all(axis=1)
+    filled = pd.DataFrame(grid).ffill(axis=1).bfill(axis=1).to_numpy()
+    new = np.ones(filled.shape, dtype=bool)
+    new[:, 1:] = filled[:, 1:] != filled[:, :-1]  # a piece starts where the factor changes
+    new[~kept] = False
+    rows, cols = np.nonzero(new)  # row by row, windows in order
+    first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    begin = np.asarray(starts, dtype=np.int64)[cols]
+    begin[first] = 0
+    begin, factor = begin.tolist(), filled[rows, cols].tolist()
     out: dict[str, list[list]] = {}
-    for name, part in table.groupby("group", sort=False):
-        part = part.sort_values("start")
-        vals = part[value].to_numpy(dtype=np.float64)
-        ok = np.isfinite(vals)
-        if not ok.any():
-            continue
-        filled = pd.Series(np.where(ok, vals, np.nan)).ffill().bfill().to_numpy()
-        pieces: list[list] = []
-        for s, f in zip(part["start"].to_numpy(), filled):
-            if not pieces or f != pieces[-1][1]:
-                pieces.append([int(s), float(f)])
-        pieces[0][0] = 0
-        out[str(name)] = pieces
+    for a, b in zip(first.tolist(), first[1:].tolist() + [len(rows)]):
+        out[str(names[rows[a]])] = [[s, f] for s, f in zip(begin[a:b], factor[a:b])]
     return out
 
 

@@ -175,3 +175,37 @@ def test_flag_groups_and_fallback():
     kinds = pd.Series({"q": "Q", "k": "K", "v": "V", "ln": "norm", "kb": "K", "dead": "norm", "still": "other"})
     fb = degenerate.fallback_factors(med, kinds, flags)
     assert fb.to_dict() == {"q": 8.0, "k": 6.0, "v": 0.8, "ln": 0.09, "kb": 6.0, "dead": 0.09, "still": 1.0}
+
+
+def _piecewise_one_by_one(table, value="median"):
+    """The rule of analysis.piecewise applied group by group: the reference for the grid version."""
+    out = {}
+    for name, part in table.groupby("group", sort=False):
+        part = part.sort_values("start")
+        vals = part[value].to_numpy(dtype=np.float64)
+        ok = np.isfinite(vals)
+        if not ok.any():
+            continue
+        filled = pd.Series(np.where(ok, vals, np.nan)).ffill().bfill().to_numpy()
+        pieces = []
+        for s, f in zip(part["start"].to_numpy(), filled):
+            if not pieces or f != pieces[-1][1]:
+                pieces.append([int(s), float(f)])
+        pieces[0][0] = 0
+        out[str(name)] = pieces
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_piecewise_is_the_rule_group_by_group(seed):
+    from graftlab.distill.analysis import piecewise
+
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        names = [f"g{i}" for i in rng.permutation(int(rng.integers(1, 30)))]
+        starts = np.sort(rng.choice(10_000, int(rng.integers(1, 12)), replace=False))
+        rows = [(g, s, rng.choice([1.0, 2.0, np.nan, np.inf, -np.inf, rng.lognormal()])) for s in starts for g in names]
+        table = pd.DataFrame(rows, columns=["group", "start", "median"]).sample(frac=1, random_state=trial)
+        got, want = piecewise(table), _piecewise_one_by_one(table)
+        assert got == want and list(got) == list(want)
+    assert piecewise(pd.DataFrame(columns=["group", "start", "median"])) == {}
