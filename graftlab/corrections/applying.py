@@ -175,6 +175,32 @@ def _unmatched(unknown: list[str], names: list[str], groups: Sequence[str]) -> s
             "the groups that do match")
 
 
+def _uncovered(slices: dict[str, tuple], names: list[str], params: Optional[list[Any]]) -> dict[str, str]:
+    """Per sliced parameter, the rows (columns) none of its slices covers, said as ranges.
+    Raises GraftlabError where two slices overlap: a row would get two factors."""
+    along: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+    for g, (i, dim, start, stop) in slices.items():
+        along.setdefault((i, dim), []).append((start, stop, g))
+    out = {}
+    for (i, dim), parts in along.items():
+        parts.sort()
+        end, last, holes = 0, None, []
+        for start, stop, g in parts:
+            if start < end:
+                raise GraftlabError(f"the corrections give {names[i]} two factors where the slices {last!r} and "
+                                    f"{g!r} overlap; give each row (or head) one group")
+            if start > end:
+                holes.append((end, start))
+            end, last = stop, g
+        size = params[i].shape[dim] if params is not None else end
+        if end < size:
+            holes.append((end, size))
+        if holes:
+            unit = "rows" if dim == 0 else "columns"
+            out[names[i]] = f"{unit} " + ", ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in holes)
+    return out
+
+
 def _prefix(short: Sequence[str], long: Sequence[str]) -> str:
     """The prefix that, put before names in ``short``, gives names in ``long`` for most of them
     (``"net."`` for a model wrapped in a parent module), or "" when none does for half of them."""
@@ -340,6 +366,17 @@ def apply(
             f"{len(unknown)} of {len(corrections.groups)} file group(s) match no parameter",
             stacklevel=2,
         )
+
+    uncovered = _uncovered(slices, names, params)
+    if uncovered:
+        said = "; ".join(f"{n} {holes}" for n, holes in list(uncovered.items())[:3]) + (
+            f"; ... ({len(uncovered)} in all)" if len(uncovered) > 3 else "")
+        if not allow_missing:
+            raise GraftlabError(f"the corrections cover part of a sliced parameter only: {said} have no factor; "
+                                "give every slice one, or pass {allow_missing=True} to keep factor 1 there",
+                                param="allow_missing")
+        warnings.warn(f"corrections: parts of {len(uncovered)} sliced parameter(s) have no factor and keep "
+                      f"factor 1: {said}", stacklevel=2)
 
     mult = [1.0] * len(names)
     scale: dict[int, Any] = {}

@@ -110,3 +110,33 @@ def test_resumed_run_starts_the_slice_schedule_at_its_step():
     backward(model)
     sgd.step()
     torch.testing.assert_close(dec.detach()[:10], before[:10] - 0.1 * 0.25 * dec.grad[:10])
+
+
+def _row_file(model, rows):
+    whole = {n: 2.0 for n, _ in model.named_parameters() if n != "embeddings.word.weight"}
+    return Corrections(multipliers={**whole, **{f"embeddings.word.weight[{r}]": f for r, f in rows.items()}})
+
+
+def test_overlapping_slices_are_refused_naming_both():
+    from graftlab.errors import GraftlabError
+
+    model = gpt()
+    with pytest.raises(GraftlabError, match=r"embeddings.word.weight two factors where the slices "
+                                            r"'embeddings.word.weight\[rows 0-9\]' and 'embeddings.word.weight\[row 5\]' overlap"):
+        apply(_row_file(model, {"rows 0-9": 3.0, "row 5": 2.0}), model.named_parameters(), 0.1)
+
+
+def test_rows_no_slice_covers_are_missing_unless_allowed():
+    from graftlab.errors import GraftlabError
+
+    model = gpt()
+    vocab = model.embeddings.word.weight.shape[0]
+    corr = _row_file(model, {"rows 0-4": 3.0, "rows 10-14": 4.0})
+    with pytest.raises(GraftlabError, match=rf"embeddings.word.weight rows 5-9, 15-{vocab - 1} have no factor"):
+        apply(corr, model.named_parameters(), 0.1)
+    with pytest.warns(UserWarning, match=rf"parts of 1 sliced parameter\(s\) have no factor.*rows 5-9, 15-{vocab - 1}"):
+        applied = apply(corr, model.named_parameters(), 0.1, allow_missing=True)
+    scale = next(g["lr_scale"] for g in applied.param_groups if g["name"] == "embeddings.word.weight").flatten()
+    assert scale[:5].tolist() == [3.0] * 5 and scale[5:10].tolist() == [1.0] * 5 and scale[12].item() == 4.0
+    whole = _row_file(model, {f"rows 0-{vocab - 1}": 3.0})  # one slice over every row: nothing missing
+    apply(whole, model.named_parameters(), 0.1)
