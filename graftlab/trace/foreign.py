@@ -118,7 +118,24 @@ def _check_columns(path: Path, names: list[str]) -> None:
 def _open(path: Path) -> tables.Table:
     table = tables.Table(path)
     _check_columns(path, table.names)
+    if table.fmt == "parquet":
+        _check_types(path, table.dataset.schema)
     return table
+
+
+def _check_types(path: Path, schema: pa.Schema) -> None:
+    """GraftlabError, before any row is read, for a ``group`` column that cannot hold names (a
+    struct, a list, floats) and a number column that does not hold numbers (text, true/false)."""
+    t = schema.field("group").type
+    value = t.value_type if pa.types.is_dictionary(t) else t
+    if not (pa.types.is_string(value) or pa.types.is_large_string(value) or pa.types.is_binary(value)
+            or pa.types.is_large_binary(value) or pa.types.is_integer(value)):
+        raise GraftlabError(f"{path}: column group must hold group names (text), not {t}")
+    for name in ("ratio", *OPTIONAL):
+        if name in schema.names:
+            t = schema.field(name).type
+            if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):
+                raise GraftlabError(f"{path}: column {name} must hold numbers, not {t}")
 
 
 def _ratio(path: Path, m: Any, d: Any) -> Any:

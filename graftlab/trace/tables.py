@@ -163,7 +163,10 @@ def as_dictionary(col: pa.Array) -> pa.DictionaryArray:
     if not pa.types.is_dictionary(col.type):
         col = col.dictionary_encode()
     if not pa.types.is_string(col.dictionary.type):
-        col = pa.DictionaryArray.from_arrays(col.indices, col.dictionary.cast(pa.string()))
+        try:
+            col = pa.DictionaryArray.from_arrays(col.indices, col.dictionary.cast(pa.string()))
+        except pa.ArrowInvalid:  # bytes that are not UTF-8: no name a model or a file can hold
+            raise GraftlabError("column group holds bytes that are not UTF-8 text; group names must be text") from None
     return col
 
 
