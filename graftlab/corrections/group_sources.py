@@ -114,11 +114,6 @@ class GroupSources(Mapping[str, GroupSource]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
-
-    __hash__ = None  # type: ignore[assignment]
-
 
 def group_sources(source: Mapping[str, Any]) -> GroupSources:
     """``source["groups"]`` checked: every record an object whose fields hold their JSON type or null.
