@@ -97,6 +97,8 @@ def check_stray_parts(path: PathLike, what: Optional[str] = None) -> None:
             stray.append((name, "a part name graftlab writes"))
         elif not stat.S_ISREG(mode):
             stray.append((name, f"a regular file ({file_kind(mode)})"))
+        elif not _parquet(p / name):
+            stray.append((name, "a Parquet file (a user's file under a part's name)"))
     if stray:
         name, why = stray[0]
         more = f" ({len(stray)} such entries)" if len(stray) > 1 else ""
@@ -104,6 +106,18 @@ def check_stray_parts(path: PathLike, what: Optional[str] = None) -> None:
         raise GraftlabError(f"{said} holds {name!r}, which looks like a part of the trace but is not {why}{more}; "
                             "move it out of the folder before recording there (it is not graftlab's to move "
                             "or delete)", param=placeholders(what or ""))
+
+
+def _parquet(path: Path) -> bool:
+    """Whether ``path`` begins and ends with Parquet's magic bytes (a part graftlab wrote does; a
+    text or a zero-byte file a user saved under a part's name does not). Read: 8 bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            return head == b"PAR1" and f.read(4) == b"PAR1"
+    except OSError:  # shorter than 4 bytes (seek before the start), or unreadable
+        return False
 
 
 def check_parents(path: PathLike, what: str) -> None:

@@ -20,6 +20,8 @@ STRAYS = {
     "renamed": lambda d: (d / "part-final.parquet").write_text("notes"),
     "folder": lambda d: (d / "part-000000000099.parquet").mkdir(),
     "link": lambda d: os.symlink(d.parent / "elsewhere.parquet", d / "part-000000000099.parquet"),
+    "text under a part's name": lambda d: (d / "part-999999999999.parquet").write_text("my notes"),
+    "empty under a part's name": lambda d: (d / "part-000000000099.parquet").write_bytes(b""),
 }
 
 
