@@ -322,6 +322,9 @@ def _correction_notes(corrections: Any, config: TrainConfig) -> list[str]:
     d_opt = corrections.direction_optimizer
     if d_opt is not None and config.optimizer != d_opt:
         notes.append(f"the factors were distilled for D={d_opt}; this run trains {config.optimizer}")
+    elif d_opt is None and config.optimizer is not None:
+        notes.append(f"the file does not say which optimizer D was; this run trains {config.optimizer} "
+                     "(choose it with the optimizer setting: --optimizer on the command line)")
     base = corrections.direction_lr
     if base is not None and not math.isclose(base, config.lr, rel_tol=1e-9):
         notes.append(f"factors are relative to lr {base:g} (D's lr when recorded); this run's base lr is {config.lr:g}")

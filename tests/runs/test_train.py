@@ -422,6 +422,13 @@ def test_a_file_whose_recorded_run_is_not_objects_does_not_say_ds_optimizer(tmp_
     assert isinstance(result.optimizer, torch.optim.SGD)
 
 
+def test_a_file_that_does_not_say_ds_optimizer_says_so_and_which_one_runs(tmp_path, capfd):
+    path = corrections_file(tmp_path / "c.json", multipliers={"conv1.weight": 2.0})
+    capfd.readouterr()
+    train(small_train_config(optimizer=None, lr=None), corrections=path, allow_missing=True, progress=False)
+    assert "the file does not say which optimizer D was; this run trains adam" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("config, key", [({"direction": "lion"}, "source.metadata.config.direction must be one of"),
                                          ({"direction": "sgd", "d_hparams": {"momentum": "lots"}},
                                           "source.metadata.config.d_hparams: sgd hyperparameter momentum")])
