@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import sys
 import os
 from dataclasses import dataclass, field
@@ -50,7 +51,11 @@ class Corrections:
         """The checks :func:`load_corrections` makes of a file, for corrections built in Python:
         every factor finite and positive, every schedule from step 0 with increasing starts, the
         ``source`` records typed. Raises :class:`~graftlab.errors.GraftlabError` naming the first fault."""
-        _check(self.to_dict(), Path("corrections"))
+        _check(self._as_given(), Path("corrections"))
+
+    def _as_given(self) -> dict[str, Any]:
+        """The file's fields as they stand, unconverted (``to_dict`` would make True and "3" numbers)."""
+        return {"format": FORMAT, "multipliers": self.multipliers, "schedule": self.schedule, "source": self.source}
 
     @property
     def direction_lr(self) -> Optional[float]:
@@ -183,8 +188,8 @@ def save(corrections: Corrections, path: PathLike, *, format: str = "json", over
     path = Path(path)
     if format not in ("json", "csv"):
         raise GraftlabError(f"unknown corrections format {format!r}: expected json or csv")
+    sources = _check(corrections._as_given(), path)[1]
     data = corrections.to_dict()
-    sources = _check(data, path)[1]
     check_output(path, "corrections file", overwrite=overwrite)  # not a folder, nor inside or over a trace
     if not path.parent.exists():
         raise GraftlabError(f"{path.parent}: no such directory")
@@ -238,13 +243,13 @@ def _json_chunks(data: Any, indent: str = "") -> Iterator[str]:
 def _finite(v: Any) -> bool:
     """A finite JSON number (an integer beyond float range, like 1e400 written out, is not)."""
     try:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
     except OverflowError:
         return False
 
 
 def _factor(v: Any, where: str, path: Path) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy numbers are Real too
         raise GraftlabError(f"{path}: {where} is {short_repr(v)}, not a number")
     if not _finite(v) or v <= 0:
         raise GraftlabError(f"{path}: {where} is {short_repr(v)}; factors must be finite and positive")

@@ -122,6 +122,9 @@ def test_many_static_factors_are_checked_as_one_array(tmp_path):
 
 
 @pytest.mark.parametrize("bad, says", [({"multipliers": {"weight": float("nan")}}, "multiplier of weight is nan"),
+                                       ({"multipliers": {"weight": True}}, "multiplier of weight is True, not a number"),
+                                       ({"multipliers": {"weight": "3"}}, "multiplier of weight is '3', not a number"),
+                                       ({"multipliers": {"weight": None}}, "multiplier of weight is None, not a number"),
                                        ({"multipliers": {"weight": -1.0}}, "multiplier of weight is -1.0"),
                                        ({"schedule": {"weight": [[5, 1.0]]}}, "must start at step 0, not 5"),
                                        ({"multipliers": {"weight": 1.0}, "source": {"groups": {"weight": {"median": "x"}}}},
@@ -136,3 +139,15 @@ def test_corrections_built_in_python_are_checked_as_a_file_is_before_applying(ba
         apply(Corrections(**bad), model.named_parameters(), 0.1, allow_missing=True)
     with pytest.raises(GraftlabError, match=says):
         Corrections(**bad).validate()
+
+
+def test_numpy_factors_built_in_python_are_numbers(tmp_path):
+    import torch
+
+    from graftlab.corrections import apply
+
+    model = torch.nn.Linear(2, 2)
+    corr = Corrections(multipliers={"weight": np.float32(2.0)}, schedule={"bias": [[np.int64(0), np.float64(3.0)]]})
+    applied = apply(corr, model.named_parameters(), 0.1)
+    assert applied.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert load_corrections(save(corr, tmp_path / "c.json")).multipliers == {"weight": 2.0}
