@@ -117,7 +117,7 @@ for _module in (record, info, distill, show, train, plot, demo, experiment):
 
 def _one_line(text: str) -> str:
     """One line, any control character a name in it brought written as its escape."""
-    return printable(" ".join(str(text).split()), limit=10_000)
+    return printable(" ".join(str(text).split()), limit=2_000)
 
 
 def _similar_options(typed: str, params: Sequence[Any]) -> list[str]:

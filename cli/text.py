@@ -8,8 +8,9 @@ import re
 
 LONGEST = 200  # characters of a name a table shows; the rest is counted
 
-# C0 and C1 control characters and DEL: what a terminal acts on instead of printing
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters and DEL (what a terminal acts on instead of printing), and the
+# invisible and direction-changing characters that make a name display as another one
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 def printable(name: object, limit: int = LONGEST) -> str:

@@ -52,8 +52,8 @@ def _is_trace_file(path: Path) -> bool:
 def trace_folder_of(path: PathLike) -> Optional[Path]:
     """The trace directory ``path`` is, or lies inside (its nearest existing folders), or None.
 
-    A trace directory here is one graftlab wrote: it holds the sidecar or a part under a name
-    graftlab gives (:data:`~graftlab.trace.layout.PART_NAME`). A user's folder that only holds a
+    A trace directory here is one graftlab wrote: it holds the sidecar or a Parquet part under a
+    name graftlab gives (:data:`~graftlab.trace.layout.PART_NAME`). A user's folder that only holds a
     copied part (``part-000000000000 (1).parquet``) among their own files is not one: outputs may go
     inside it."""
     p = Path(path).expanduser()
@@ -68,7 +68,7 @@ def trace_folder_of(path: PathLike) -> Optional[Path]:
 
 
 def _written_by_graftlab(folder: Path) -> bool:
-    return (folder / SIDECAR).exists() or any(PART_NAME.fullmatch(p.name) for p in part_files(folder))
+    return (folder / SIDECAR).exists() or any(PART_NAME.fullmatch(p.name) and _parquet(p) for p in part_files(folder))
 
 
 def _error(what: str, message: str) -> GraftlabError:

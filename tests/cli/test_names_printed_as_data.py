@@ -17,6 +17,7 @@ NAMES = ["esc\x1b[31mred\x1b]0;title\x07.weight", "nul\x00byte.weight", "line\nb
 def test_printable_escapes_control_characters_and_cuts_long_names():
     assert printable("a\x1b[31mb\x00\n\x7f") == "a\\x1b[31mb\\x00\\n\\x7f"
     assert printable("é漢 ok") == "é漢 ok"
+    assert printable("abc\u202edcba\u200b") == "abc\\u202edcba\\u200b"  # no name displays as another
     assert printable("x" * 300) == "x" * 200 + "... (100 more characters)"
 
 

@@ -108,6 +108,8 @@ def test_a_users_folder_holding_a_copied_part_is_not_a_trace_folder(tmp_path):
     with Recorder(opt, work / "run1", flush_every=2) as rec:
         rec.log(loss=1.0)
     assert (work / "notes.txt").read_text() == "mine" and (work / "part-000000000000 (1).parquet").read_bytes() == b"a copy"
+    (work / "part-000000000000.parquet").write_text("a text under a part's name: no part graftlab wrote")
+    assert trace_folder_of(work / "run2") is None
     t = recorded(tmp_path / "t")  # a trace graftlab wrote still holds nothing but its own files
     assert trace_folder_of(t / "x.json") == t
     with pytest.raises(GraftlabError, match="inside the trace folder"):
