@@ -367,7 +367,9 @@ def apply(
             stacklevel=2,
         )
 
-    uncovered = _uncovered(slices, names, params)
+    # rows no slice covers keep the tensor's own factor: missing only where the file gives it none
+    whole = {i for g in corrections.groups if g not in slices for i in targets[g]}
+    uncovered = _uncovered({g: v for g, v in slices.items() if v[0] not in whole}, names, params)
     if uncovered:
         said = "; ".join(f"{n} {holes}" for n, holes in list(uncovered.items())[:3]) + (
             f"; ... ({len(uncovered)} in all)" if len(uncovered) > 3 else "")

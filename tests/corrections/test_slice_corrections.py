@@ -140,3 +140,17 @@ def test_rows_no_slice_covers_are_missing_unless_allowed():
     assert scale[:5].tolist() == [3.0] * 5 and scale[5:10].tolist() == [1.0] * 5 and scale[12].item() == 4.0
     whole = _row_file(model, {f"rows 0-{vocab - 1}": 3.0})  # one slice over every row: nothing missing
     apply(whole, model.named_parameters(), 0.1)
+
+
+def test_rows_no_slice_covers_keep_a_whole_tensor_factor_the_file_gives():
+    import warnings
+
+    model = gpt()
+    corr = _row_file(model, {"rows 0-4": 3.0})
+    corr.multipliers["embeddings.word.weight"] = 5.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is missing: the tensor has its own factor
+        applied = apply(corr, model.named_parameters(), 0.1)
+    group = next(g for g in applied.param_groups if g["name"] == "embeddings.word.weight")
+    lr = group["lr"] * group["lr_scale"].flatten()
+    assert lr[:5].tolist() == pytest.approx([0.1 * 5 * 3] * 5) and lr[5:].tolist() == pytest.approx([0.5] * (V - 5))
