@@ -12,6 +12,7 @@ from graftlab.corrections.files import GLOBAL, Corrections, load_corrections
 from graftlab.corrections.slices import SliceSchedule, head_counts, slice_of
 from graftlab.errors import GraftlabError
 from graftlab.graft.schedules import Piecewise, Product
+from graftlab.kinds import whole_name
 
 
 @dataclass
@@ -163,6 +164,10 @@ def _unmatched(unknown: list[str], names: list[str], groups: Sequence[str]) -> s
         return (f"{head} ({_listing(unknown)}): the trace was recorded by a Graft built without names=, "
                 "so its groups are param.0, param.1, ... and carry no layer names; record again with "
                 "Graft(..., names=model)")
+    misfit = [g for g in unknown if whole_name(g) != g and whole_name(g) in names]
+    if misfit:  # the tensor is there, the slice is not: rows past its end, a reversed range, other heads
+        return (f"{head}: {_listing(misfit)} name slices their tensors do not have (rows past the end, a "
+                "reversed range, or heads the tensor was not split into); check them against the model's shapes")
     ours, theirs = _prefix(unknown, names), _prefix(names, unknown)
     if ours:  # the model's names carry a wrapper prefix the recorded model did not have
         return (f"{head}: the model's names start with {ours!r} and the file's do not ({unknown[0]!r} is "

@@ -154,3 +154,14 @@ def test_rows_no_slice_covers_keep_a_whole_tensor_factor_the_file_gives():
     group = next(g for g in applied.param_groups if g["name"] == "embeddings.word.weight")
     lr = group["lr"] * group["lr_scale"].flatten()
     assert lr[:5].tolist() == pytest.approx([0.1 * 5 * 3] * 5) and lr[5:].tolist() == pytest.approx([0.5] * (V - 5))
+
+
+@pytest.mark.parametrize("rows", ["rows 15-40", "rows 9-0"])
+def test_a_slice_its_tensor_does_not_have_is_said_so(rows):
+    from graftlab.errors import GraftlabError
+
+    model = gpt()
+    with pytest.raises(GraftlabError, match=rf"embeddings.word.weight\[{rows}\] name slices their tensors do not "
+                                            r"have \(rows past the end, a reversed range"):
+        apply(_row_file(model, {"rows 0-14": 2.0, rows: 3.0} if rows == "rows 15-40" else {rows: 3.0}),
+              model.named_parameters(), 0.1)
