@@ -28,6 +28,7 @@ import pytest
 from graftlab import trace
 from graftlab.trace.lock import TraceLock
 from tests import results
+from tests.cli import error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -659,22 +660,16 @@ def test_case_count():
 
 @pytest.mark.parametrize("argv,says", [(a, s) for _, a, s in CASES], ids=[c for c, *_ in CASES])
 def test_bad_input(argv, says, sandbox, capsys):
-    from graftlab.cli.app import run
-
     if " RO/" in argv and not (sandbox / "RO").exists() or (" RO/" in argv and not _immutable(sandbox / "RO")):
         pytest.skip("chattr +i is not available here: no read-only folder root cannot write into")
     before = snapshot(sandbox)
-    code = run(shlex.split(argv))
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line, out = error_line(capsys, argv)
     for words in says:
         if words.startswith("!"):
-            assert words[1:] not in lines[0], lines[0]
+            assert words[1:] not in line, line
         else:
-            assert words in lines[0], lines[0]
-    assert "None" not in lines[0] or "None" in argv, lines[0]  # a default's None is no message
+            assert words in line, line
+    assert "None" not in line or "None" in argv, line  # a default's None is no message
     assert out == "", out
     after = snapshot(sandbox)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -7,19 +7,16 @@ import shlex
 import pytest
 
 from graftlab.cli.app import run
+from tests.cli import error_line
 
 RUN = "--steps 3 --batch-size 2 --device cpu --eval-every 0 --quiet"
 
 
 def refused(capsys, argv: str, *says: str) -> str:
-    code = run(shlex.split(argv))
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = error_line(capsys, argv)[0]
     for words in says:
-        assert words in lines[0], lines[0]
-    return lines[0]
+        assert words in line, line
+    return line
 
 
 @pytest.mark.parametrize("granularity", ["layer", "global", "head", "coordinate"])
